@@ -1,0 +1,164 @@
+"""The affinity table: which backend each masked client address is pinned to.
+
+Theory of operation
+-------------------
+This is the userspace form of an LVS persistence template. One table serves one mark group,
+so a client pinned through any port of the group is pinned for all of them.
+
+An entry is *active* while at least one connection under it is open or being dialed, and
+*idle* otherwise. The two live in two containers:
+
+- `_active` (a dict): entries with `refs > 0`. They never expire and are never evicted: a
+  client with an open connection keeps its pin however long the connection lasts (IPVS does the
+  same with `n_control`, but re-arms 60 s steps; we simply hold the entry).
+- `_idle` (an OrderedDict in the order entries became idle): entries with `refs == 0`. An
+  entry's expiry is set when its last connection closes, to `now + timeout`. Because the
+  timeout is the same for the whole table, the idle order *is* the expiry order, so expiring is
+  popping from the front until an unexpired entry shows up, and evicting "the oldest idle
+  entry" is the same pop.
+
+So an entry expires `timeout` after the later of the last connection opened under it and the
+last one closed: while one is open it cannot expire, and the last close always comes after the
+last open. cachetools' TTLCache fixes expiry at write time and cannot tell a busy entry from an
+idle one, hence the two containers.
+
+The table is bounded by `max_entries` over both containers. A new client when the table is full
+evicts the oldest idle entry; when every entry is active the connection goes unpinned
+(`acquire` returns None) and `overflows` counts it.
+
+The table does not judge backends: the router decides whether the pinned backend may still be
+used, and re-pins by assigning `entry.backend`. The clock is injected, so tests use a fake one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+B = TypeVar("B")
+
+
+class Entry(Generic[B]):
+    __slots__ = ("backend", "expires", "key", "refs")
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+        self.backend: B | None = None
+        self.refs = 0
+        self.expires = 0.0  # meaningful only while idle
+
+
+class AffinityTable(Generic[B]):
+    def __init__(self, timeout: float, max_entries: int, clock: Callable[[], float]) -> None:
+        if timeout <= 0:
+            raise ValueError("an affinity table needs a positive timeout")
+        self.timeout = timeout
+        self.max_entries = max_entries
+        self.clock = clock
+        self._active: dict[int, Entry[B]] = {}
+        self._idle: OrderedDict[int, Entry[B]] = OrderedDict()
+        # Plain counters, read by whoever reports them.
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.expirations = 0
+        self.overflows = 0
+
+    def __len__(self) -> int:
+        return len(self._active) + len(self._idle)
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def acquire(self, key: int) -> Entry[B] | None:
+        """Take a reference on `key`'s entry for a new connection, creating it if needed.
+
+        A new entry has `backend` None: the caller pins it. None is returned only when the table
+        is full of active entries.
+        """
+        entry = self._active.get(key)
+        if entry is not None:
+            entry.refs += 1
+            self.hits += 1
+            return entry
+        idle = self._idle
+        if idle:
+            now = self.clock()
+            self._expire(now)
+            entry = idle.pop(key, None)
+            if entry is not None:
+                entry.refs = 1
+                self._active[key] = entry
+                self.hits += 1
+                return entry
+        self.misses += 1
+        if len(self._active) + len(idle) >= self.max_entries:
+            if not idle:
+                self.overflows += 1
+                return None
+            idle.popitem(last=False)
+            self.evictions += 1
+        entry = Entry(key)
+        entry.refs = 1
+        self._active[key] = entry
+        return entry
+
+    def release(self, entry: Entry[B]) -> None:
+        """Drop a connection's reference; the last one starts the entry's timeout."""
+        entry.refs -= 1
+        if entry.refs > 0:
+            return
+        del self._active[entry.key]
+        if entry.backend is None:  # never pinned (every dial failed): nothing to remember
+            return
+        entry.expires = self.clock() + self.timeout
+        self._idle[entry.key] = entry
+
+    def expire(self) -> int:
+        """Drop every idle entry whose time is up; returns how many went."""
+        return self._expire(self.clock())
+
+    def _expire(self, now: float) -> int:
+        idle = self._idle
+        n = 0
+        while idle:
+            first = next(iter(idle.values()))
+            if first.expires > now:
+                break
+            idle.popitem(last=False)
+            n += 1
+        self.expirations += n
+        return n
+
+    def get(self, key: int) -> Entry[B] | None:
+        """Look without taking a reference (for inspection, not for routing)."""
+        entry = self._active.get(key)
+        if entry is not None:
+            return entry
+        entry = self._idle.get(key)
+        if entry is not None and entry.expires > self.clock():
+            return entry
+        return None
+
+    def entries(self) -> Iterator[Entry[B]]:
+        """Every live entry, active first; expired idle entries are skipped."""
+        yield from self._active.values()
+        now = self.clock()
+        for entry in self._idle.values():
+            if entry.expires > now:
+                yield entry
+
+    def forget(self, key: int) -> bool:
+        """Flush one client's pin. An active entry stays (its connections are open) but is
+        unpinned, so the client's next connection is scheduled afresh."""
+        entry = self._active.get(key)
+        if entry is not None:
+            entry.backend = None
+            return True
+        return self._idle.pop(key, None) is not None

@@ -1,0 +1,118 @@
+"""The command line: `l4lb run`, `l4lb check`, `l4lb version`. Exit codes: 0 ok, 1 bad config
+or failed start, 2 bad usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+from .server import Server, StartupError
+
+log = logging.getLogger("l4lb")
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """uvloop when it can be imported, the standard loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("uvloop is not installed; using the standard asyncio loop (slower)")
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def _serve(config: Config, demo: bool) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("received %s: shutting down", sig.name)
+            stop.set()
+        else:
+            log.warning("received %s again: exiting now", sig.name)
+            raise SystemExit(1)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    server = Server(config)
+    demo_servers: list[asyncio.AbstractServer] = []
+    try:
+        if demo:
+            from .demo import print_hints, start_demo_backends
+
+            demo_servers = await start_demo_backends(config)
+        await server.start()
+        if demo:
+            print_hints(config)
+        await stop.wait()
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        await server.shutdown()
+        for srv in demo_servers:
+            srv.close()
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="l4lb", description=__doc__)
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe events to log on stderr (default: info)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the balancer")
+    run.add_argument("-c", "--config", required=True, help="the YAML configuration file")
+    run.add_argument(
+        "--demo",
+        action="store_true",
+        help="also start demo HTTP/HTTPS servers for the loopback backends of the config",
+    )
+    check = sub.add_parser("check", help="validate a configuration file and exit")
+    check.add_argument("-c", "--config", required=True, help="the YAML configuration file")
+    sub.add_parser("version", help="print the version")
+    for p in (run, check):
+        p.add_argument(
+            "--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"]
+        )
+    args = parser.parse_args(argv)
+
+    if args.command == "version":
+        print(f"l4lb {__version__}")
+        return 0
+    _setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        return 1
+    for line in config.warnings:
+        print(line, file=sys.stderr)
+    if args.command == "check":
+        n = sum(len(g.backends) for g in config.groups)
+        print(f"{args.config}: ok ({len(config.groups)} groups, {n} backends)")
+        return 0
+    return _run_loop(_serve(config, args.demo))

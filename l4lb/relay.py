@@ -1,0 +1,228 @@
+"""The relay: a pair of `asyncio.Protocol`s, one on the client's socket, one on the backend's.
+
+Each side writes what it receives straight into the other side's transport; flow control is the
+transports' own: when one side's write buffer passes the high-water mark, its `pause_writing`
+pauses reading on the other side, and `resume_writing` resumes it below the low-water mark.
+Memory per connection is therefore bounded by two write buffers plus one read chunk each way,
+whatever the peers do. The limits are set explicitly: uvloop's default low-water mark is 16
+bytes, which makes a paused relay stall stop-and-go.
+
+Both sides start paused and buffer what arrives until they are paired (uvloop delivers one
+`data_received` even after `pause_reading()` in `connection_made`, so the buffer is one read
+chunk at most). A FIN from one side is passed on as `write_eof()` while the other direction
+keeps flowing; once both sides have sent FIN, both transports close. A reset or error on one side
+resets the other (SO_LINGER 0, then abort), so the far end learns of it as it would without us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from typing import TYPE_CHECKING, cast
+
+from .dialer import dial
+from .routing import Route, Router
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("l4lb.relay")
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Close with an RST rather than a FIN."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
+class Half(asyncio.Protocol):
+    """One socket of a relayed connection."""
+
+    transport: asyncio.Transport
+
+    def __init__(self) -> None:
+        self.peer: Half | None = None
+        self.pending: list[bytes] | None = None  # bytes that arrived before pairing
+        self.eof = False  # this side has sent its FIN
+        self.lost = False
+        self.seen = False  # traffic since the idle sweeper last looked
+        self.nbytes = 0  # bytes received on this side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = cast(asyncio.Transport, transport)
+        t.pause_reading()
+        t.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        self.transport = t
+
+    def data_received(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        self.seen = True
+        peer = self.peer
+        if peer is not None:
+            peer.transport.write(data)
+        elif self.pending is None:
+            self.pending = [data]
+        else:
+            self.pending.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is not None and not peer.lost:
+            if peer.eof:  # both directions are finished
+                self.transport.close()
+                peer.transport.close()
+            else:
+                peer.transport.write_eof()
+        return True  # keep the other direction flowing
+
+    def pause_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and not peer.eof:
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and not peer.eof:
+            peer.transport.resume_reading()
+
+    def _pass_on_loss(self, exc: Exception | None) -> None:
+        self.lost = True
+        peer = self.peer
+        if peer is not None and not peer.lost:
+            if exc is None:
+                peer.transport.close()
+            else:
+                reset(peer.transport)
+
+
+def pair(a: Half, b: Half) -> None:
+    """Join two halves: resume reading, then hand over what each buffered (in that order, so
+    a flush that fills a write buffer pauses the reader it should)."""
+    a.peer, b.peer = b, a
+    for src in (a, b):
+        if not src.eof:
+            src.transport.resume_reading()
+    for src, dst in ((a, b), (b, a)):
+        if src.pending:
+            for chunk in src.pending:
+                dst.transport.write(chunk)
+            src.pending = None
+        if src.eof:
+            if dst.eof:
+                a.transport.close()
+                b.transport.close()
+                return
+            dst.transport.write_eof()
+
+
+class BackendSide(Half):
+    def __init__(self, client: ClientSide) -> None:
+        super().__init__()
+        self.client = client
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pass_on_loss(exc)
+        if self.client.lost:
+            self.client.finish()
+
+
+class ClientSide(Half):
+    """The accepted socket; owns the connection's route and its dial."""
+
+    def __init__(self, server: Server, router: Router, service_port: int) -> None:
+        super().__init__()
+        self.server = server
+        self.router = router
+        self.service_port = service_port
+        self.route: Route | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        try:
+            key = self.router.keyer(peer[0])
+        except (TypeError, ValueError, OSError):
+            self.router.stats.rejected += 1
+            log.warning(
+                "group %s: rejected a client with an unusable address %r", self.router.name, peer
+            )
+            self.transport.abort()
+            return
+        self.route = self.router.begin(key)
+        self.server.track(self)
+        self.task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        route = self.route
+        assert route is not None
+        router = self.router
+        try:
+            result = await dial(
+                router,
+                route,
+                self.service_port,
+                lambda: BackendSide(self),
+                router.spec.connect_timeout,
+            )
+        except asyncio.CancelledError:  # the client left while we dialed
+            self.finish()
+            raise
+        except Exception:
+            log.exception("group %s: dial failed unexpectedly", router.name)
+            result = None
+        if result is None:
+            log.warning(
+                "group %s: no backend accepted a connection on port %d; closing it",
+                router.name,
+                self.service_port,
+            )
+            router.give_up(route)
+            self.route = None
+            self.server.forget(self)
+            self.transport.close()
+            return
+        _backend, _transport, protocol = result
+        if self.lost:  # cannot happen without an await in between, but cheap to be sure
+            protocol.transport.close()
+            return
+        pair(self, protocol)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pass_on_loss(exc)
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()  # its CancelledError handler finishes
+        elif self.peer is None or self.peer.lost:
+            self.finish()
+
+    def finish(self) -> None:
+        route = self.route
+        if route is None:
+            return
+        self.route = None
+        backend = route.backend
+        if backend is not None:
+            backend.bytes_in += self.nbytes
+            if self.peer is not None:
+                backend.bytes_out += self.peer.nbytes
+        self.router.finish(route)
+        self.server.forget(self)
+
+    def close_idle(self) -> None:
+        log.debug("group %s: closing an idle connection", self.router.name)
+        self.transport.close()
+        if self.peer is not None and not self.peer.lost:
+            self.peer.transport.close()
