@@ -41,18 +41,26 @@ class Server:
         self.listening: list[ListenSpec] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
-        self._drained: asyncio.Event | None = None
+        self._quiet: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ connection tracking
 
     def track(self, conn: ClientSide) -> None:
-        conn.idle_since = self.clock()
+        conn.idle_since = asyncio.get_running_loop().time()
         self.live.add(conn)
 
     def forget(self, conn: ClientSide) -> None:
         self.live.discard(conn)
-        if self._drained is not None and not self.live:
-            self._drained.set()
+        if self._quiet is not None and not self.live:
+            self._quiet.set()
+            self._quiet = None
+
+    async def wait_quiet(self) -> None:
+        """Return once no connection is open or being dialed."""
+        if self.live:
+            if self._quiet is None:
+                self._quiet = asyncio.Event()
+            await self._quiet.wait()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -119,10 +127,9 @@ class Server:
             log.info(
                 "stopped accepting; waiting up to %gs for %d connections", grace, len(self.live)
             )
-            self._drained = asyncio.Event()
             try:
                 async with asyncio.timeout(grace):
-                    await self._drained.wait()
+                    await self.wait_quiet()
             except TimeoutError:
                 log.info("closing %d connections still open after %gs", len(self.live), grace)
                 for conn in list(self.live):
@@ -147,9 +154,10 @@ class Server:
         if not timeouts:
             return
         tick = min(1.0, max(0.02, min(timeouts) / 10))
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(tick)
-            now = self.clock()
+            now = loop.time()
             for conn in list(self.live):
                 peer = conn.peer
                 if conn.seen or (peer is not None and peer.seen):

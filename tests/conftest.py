@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import uvloop
+
+from tests.helpers import NamedBackend
+
+
+@pytest_asyncio.fixture
+async def backends() -> AsyncIterator[Callable[..., Awaitable[list[NamedBackend]]]]:
+    """`await backends(n, service_ports)`: n named echo backends, stopped after the test
+    whether it passed or not (a server left open would hang the loop's close)."""
+    started: list[NamedBackend] = []
+
+    async def make(
+        n: int, service_ports: list[int], prefix: str = "b", **kw: object
+    ) -> list[NamedBackend]:
+        new = [
+            await NamedBackend(f"{prefix}{len(started) + i}", **kw).start(service_ports)
+            for i in range(n)
+        ]  # type: ignore[arg-type]
+        started.extend(new)
+        return new
+
+    yield make
+    for b in started:
+        await b.stop()
+
+
+@pytest_asyncio.fixture
+async def cleanup() -> AsyncIterator[Callable[[Any], Any]]:
+    """`cleanup(x)` closes x (a socket, a server, a NamedBackend) after the test, pass or fail."""
+    things: list[Any] = []
+
+    def register(x: Any) -> Any:
+        things.append(x)
+        return x
+
+    yield register
+    for x in reversed(things):
+        if isinstance(x, NamedBackend):
+            await x.stop()
+        elif isinstance(x, asyncio.AbstractServer):
+            x.close()
+            await x.wait_closed()
+        else:
+            x.close()
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """Every async test runs on uvloop (production) and on the standard loop (the fallback)."""
+    return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}

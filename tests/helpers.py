@@ -1,0 +1,146 @@
+"""Shared test helpers: free ports, real backends on loopback, a balancer in the test's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from l4lb.config import Config, load_config_text
+from l4lb.server import Server
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports that were free a moment ago (all bound at once, then released)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks = [socket.socket(family, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class NamedBackend:
+    """A real TCP server that greets each connection with its name, then echoes.
+
+    It listens on one port per service port (`ports`), like a backend with a port map."""
+
+    name: str
+    host: str = "127.0.0.1"
+    ports: dict[int, int] = field(default_factory=dict)  # service port -> bound port
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    connections: int = 0
+
+    async def start(self, service_ports: list[int], same_port: bool = False) -> NamedBackend:
+        for sp in service_ports:
+            srv = await asyncio.start_server(self._handle, self.host, sp if same_port else 0)
+            self.servers.append(srv)
+            self.ports[sp] = srv.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            w.write(f"{self.name}\n".encode())
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await w.wait_closed()
+
+    async def stop(self) -> None:
+        for srv in self.servers:
+            srv.close()
+            with contextlib.suppress(Exception):
+                srv.close_clients()  # type: ignore[attr-defined]
+        for srv in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 2)
+        self.servers.clear()
+
+    def yaml(self, weight: int = 1) -> str:
+        pm = ", ".join(f"{k}: {v}" for k, v in self.ports.items())
+        return f"- {{name: {self.name}, address: '{self.host}', weight: {weight}, ports: {{{pm}}}}}"
+
+
+def group_yaml(
+    name: str,
+    ports: list[int],
+    backends: list[str],
+    *,
+    listen: str = '["127.0.0.1"]',
+    scheduler: str = "rr",
+    timeout: str = "60s",
+    netmask: str = "/32",
+    extra: str = "",
+    persistence_extra: str = "",
+) -> str:
+    lines = [
+        f"  {name}:",
+        f"    listen: {listen}",
+        f"    ports: [{', '.join(map(str, ports))}]",
+        f"    scheduler: {scheduler}",
+        f"    persistence: {{timeout: {timeout}, netmask: '{netmask}'{persistence_extra}}}",
+        "    connect_timeout: 1s",
+    ]
+    lines += [f"    {x}" for x in extra.splitlines() if x.strip()]
+    lines.append("    backends:")
+    lines += [f"      {b}" for b in backends]
+    return "\n".join(lines)
+
+
+def config_of(*groups: str, top: str = "") -> Config:
+    text = "groups:\n" + "\n".join(groups) + "\n" + textwrap.dedent(top)
+    return load_config_text(text, "test.yaml")
+
+
+@contextlib.asynccontextmanager
+async def running(
+    config: Config, clock: Callable[[], float] | None = None
+) -> AsyncIterator[Server]:
+    server = Server(config, clock=clock) if clock is not None else Server(config)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown(grace=1.0)
+
+
+async def greet(
+    port: int, src: str = "127.0.0.1", host: str = "127.0.0.1"
+) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect from `src` and read the backend's name; the connection stays open."""
+    r, w = await asyncio.open_connection(host, port, local_addr=(src, 0))
+    line = await asyncio.wait_for(r.readline(), 5)
+    return line.decode().strip(), r, w
+
+
+async def hello(port: int, src: str = "127.0.0.1", host: str = "127.0.0.1") -> str:
+    """Connect, read the backend's name, close."""
+    name, _r, w = await greet(port, src, host)
+    w.close()
+    with contextlib.suppress(ConnectionError, OSError):
+        await w.wait_closed()
+    return name

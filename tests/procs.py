@@ -1,0 +1,115 @@
+"""Real processes for end-to-end tests: backends and l4lb itself, ended by their PID."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+_readers: dict[tuple[int, str], tuple[queue.Queue[str | None], threading.Thread]] = {}
+
+
+def _lines(proc: subprocess.Popen[str], stream: str) -> queue.Queue[str | None]:
+    """A queue fed by a thread reading `stream` of `proc` line by line (None at EOF), so waiting
+    for a line can time out; select() on a buffered pipe cannot be trusted."""
+    key = (proc.pid, stream)
+    if key not in _readers:
+        q: queue.Queue[str | None] = queue.Queue()
+        pipe = getattr(proc, stream)
+
+        def pump() -> None:
+            with pipe:
+                for line in pipe:
+                    q.put(line.rstrip("\n"))
+            q.put(None)
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        _readers[key] = (q, t)
+    return _readers[key][0]
+
+
+def wait_for_line(
+    proc: subprocess.Popen[str], stream: str, needle: str, timeout: float = 15
+) -> list[str]:
+    """Read `stream` of `proc` until a line contains `needle`; the lines read so far."""
+    q = _lines(proc, stream)
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = q.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError(
+                f"no {needle!r} from pid {proc.pid} in {timeout}s: {lines}"
+            ) from None
+        if line is None:
+            q.put(None)  # stay at EOF for later callers
+            raise RuntimeError(f"pid {proc.pid} exited ({proc.wait()}) before {needle!r}: {lines}")
+        lines.append(line)
+        if needle in line:
+            return lines
+
+
+def start_backend(name: str, **ports: str) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "tests.backend_server", "--name", name]
+    for kind, address in ports.items():
+        argv += [f"--{kind}", address]
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    wait_for_line(proc, "stdout", "ready")
+    return proc
+
+
+def start_l4lb(config: Path, *extra: str, groups: int = 1) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "l4lb", "run", "-c", str(config), *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    for _ in range(groups):
+        wait_for_line(proc, "stderr", "listening on")
+    return proc
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 10) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+@contextlib.contextmanager
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Collects processes and ends every one of them, by PID, whatever happens."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            stop(p)
+            if p.stdin is not None:
+                p.stdin.close()
+            for stream in ("stdout", "stderr"):
+                reader = _readers.pop((p.pid, stream), None)
+                if reader is not None:
+                    reader[1].join(10)  # the pump closes the pipe at EOF
+                elif getattr(p, stream) is not None:
+                    getattr(p, stream).close()

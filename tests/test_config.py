@@ -1,0 +1,289 @@
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from l4lb.config import ConfigError, load_config, load_config_text, parse_duration, parse_netmask
+
+ISSUE_EXAMPLE = """\
+groups:
+  web:                       # a mark group: one virtual service, one affinity table
+    mark: 1                  # optional integer id (defaults to the order in the file)
+    listen: ["0.0.0.0"]      # addresses to bind; default ["0.0.0.0"]; "::" for IPv6
+    ports: [80, 443]         # listener ports that share the group's persistence
+    scheduler: wlc           # rr | wrr | lc | wlc | sh | mh | p2c | fo
+    persistence:
+      timeout: 360s          # "0" turns persistence off; plain numbers are seconds; "5m" works
+      netmask: 255.255.255.0 # or "/24"; default /32
+      ipv6_prefix: 64        # default 128
+    connect_timeout: 2s
+    idle_timeout: 15m
+    backends:
+      - name: web1           # stable identity (affinity survives reordering and edits)
+        address: 10.0.0.11   # connections go to the same port the client used
+        weight: 1
+      - name: web2
+        address: 127.0.0.1
+        ports: {80: 18081, 443: 18444}   # service port -> backend port, for backends on other ports
+        weight: 2
+"""
+
+
+def test_the_contract_example_loads() -> None:
+    c = load_config_text(ISSUE_EXAMPLE)
+    (g,) = c.groups
+    assert (g.name, g.mark, g.listen, g.ports, g.scheduler) == (
+        "web",
+        1,
+        ("0.0.0.0",),
+        (80, 443),
+        "wlc",
+    )
+    assert g.persistence.timeout == 360 and g.persistence.netmask == 0xFFFFFF00
+    assert g.persistence.ipv6_prefix == 64 and g.persistence.max_entries == 1_000_000
+    assert (g.connect_timeout, g.idle_timeout) == (2, 900)
+    web1, web2 = g.backends
+    assert web1.port_for(443) == 443 and web2.port_for(443) == 18444 and web2.weight == 2
+
+
+def test_defaults() -> None:
+    c = load_config_text(
+        "groups:\n  a:\n    ports: [1]\n    backends: [{name: x, address: '::1'}]\n  b:\n    ports: [2]\n    backends: [{name: x, address: 127.0.0.1}]\n"
+    )
+    a, b = c.groups
+    assert (a.mark, b.mark) == (1, 2)
+    assert a.listen == ("0.0.0.0",) and a.scheduler == "wlc"
+    assert a.persistence.timeout == 360 and a.persistence.netmask == 0xFFFFFFFF
+    assert a.persistence.ipv6_prefix == 128 and a.backends[0].weight == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("360s", 360),
+        ("5m", 300),
+        ("1.5h", 5400),
+        ("250ms", 0.25),
+        (30, 30),
+        ("30", 30),
+        ("0", 0),
+        ("1d", 86400),
+    ],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "mask"),
+    [("/24", 0xFFFFFF00), (16, 0xFFFF0000), ("255.0.255.0", 0xFF00FF00), ("/0", 0)],
+)
+def test_netmasks(text: object, mask: int) -> None:
+    assert parse_netmask(text) == mask
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        load_config_text(textwrap.dedent(text), "f.yaml")
+    return exc.value.lines
+
+
+GOOD_GROUP = """\
+groups:
+  web:
+    ports: [80, 443]
+    backends:
+      - {name: a, address: 10.0.0.1}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            GOOD_GROUP.replace("ports: [80, 443]", "ports: [80, 443]\n    colour: red"),
+            "f.yaml:4: groups.web.colour: unknown key",
+        ),
+        (
+            GOOD_GROUP.replace("address: 10.0.0.1}", "address: 10.0.0.1, weight: two}"),
+            "f.yaml:5: groups.web.backends[0].weight: expected an integer from 0 to 65535, got 'two'",
+        ),
+        (
+            GOOD_GROUP.replace("address: 10.0.0.1}", "address: 10.0.0.1, weight: -1}"),
+            "f.yaml:5: groups.web.backends[0].weight: must be from 0 to 65535, got -1",
+        ),
+        (
+            GOOD_GROUP.replace("address: 10.0.0.1", "address: web.example"),
+            "f.yaml:5: groups.web.backends[0].address: expected an IP address",
+        ),
+        (
+            GOOD_GROUP.replace("{name: a, ", "{"),
+            "f.yaml:5: groups.web.backends[0]: missing required key 'name'",
+        ),
+        (
+            GOOD_GROUP.replace("ports: [80, 443]", "ports: [80, 70000]"),
+            "f.yaml:3: groups.web.ports[1]: must be from 1 to 65535, got 70000",
+        ),
+        (
+            GOOD_GROUP.replace("ports: [80, 443]", "ports: [80, 80]"),
+            "f.yaml:3: groups.web.ports[1]: port 80 is listed twice",
+        ),
+        (
+            GOOD_GROUP.replace("ports: [80, 443]", "ports: []"),
+            "f.yaml:3: groups.web.ports: must list at least one port",
+        ),
+        (
+            GOOD_GROUP.replace("ports: [80, 443]", "ports: 80"),
+            "f.yaml:3: groups.web.ports: expected a list",
+        ),
+        (
+            GOOD_GROUP.replace("    ports: [80, 443]\n", ""),
+            "f.yaml:3: groups.web: missing required key 'ports'",
+        ),
+        (
+            GOOD_GROUP.replace("ports: [80, 443]", "ports: [80, 443]\n    scheduler: fastest"),
+            "f.yaml:4: groups.web.scheduler: expected one of rr, wrr, lc, wlc, sh, mh, p2c, fo",
+        ),
+        (
+            GOOD_GROUP.replace(
+                "ports: [80, 443]", "ports: [80, 443]\n    persistence: {timeout: forever}"
+            ),
+            "f.yaml:4: groups.web.persistence.timeout: expected a duration",
+        ),
+        (
+            GOOD_GROUP.replace(
+                "ports: [80, 443]", "ports: [80, 443]\n    persistence: {netmask: 255.255.0}"
+            ),
+            "f.yaml:4: groups.web.persistence.netmask: expected a netmask",
+        ),
+        (
+            GOOD_GROUP.replace(
+                "ports: [80, 443]", "ports: [80, 443]\n    persistence: {ipv6_prefix: 129}"
+            ),
+            "f.yaml:4: groups.web.persistence.ipv6_prefix: must be from 0 to 128, got 129",
+        ),
+        (
+            GOOD_GROUP.replace(
+                "ports: [80, 443]", "ports: [80, 443]\n    persistence: {max_entries: 0}"
+            ),
+            "f.yaml:4: groups.web.persistence.max_entries: must be from 1",
+        ),
+        (
+            GOOD_GROUP.replace("ports: [80, 443]", "ports: [80, 443]\n    connect_timeout: 0"),
+            "f.yaml:4: groups.web.connect_timeout: must be greater than 0",
+        ),
+        (
+            GOOD_GROUP.replace(
+                "ports: [80, 443]", "ports: [80, 443]\n    listen: [0.0.0.0, 0.0.0.0]"
+            ),
+            "f.yaml:4: groups.web.listen[1]: 0.0.0.0 is listed twice",
+        ),
+        (
+            GOOD_GROUP.replace("ports: [80, 443]", "ports: [80, 443]\n    mark: 0"),
+            "f.yaml:4: groups.web.mark: must be from 1",
+        ),
+        (
+            GOOD_GROUP.replace("address: 10.0.0.1}", "address: 10.0.0.1, ports: {8080: 1}}"),
+            "f.yaml:5: groups.web.backends[0].ports.8080: 8080 is not one of the group's ports [80, 443]",
+        ),
+        (
+            GOOD_GROUP.replace(
+                "address: 10.0.0.1}", "address: 10.0.0.1}\n      - {name: a, address: 10.0.0.2}"
+            ),
+            "f.yaml:6: groups.web.backends[1].name: backend name 'a' is used twice",
+        ),
+        (
+            GOOD_GROUP.replace(
+                "  web:", "  web:\n    mark: 1\n    ports: [1]\n    backends: []\n  web:"
+            ),
+            "duplicate key",
+        ),
+        (
+            GOOD_GROUP
+            + "  api:\n    mark: 1\n    ports: [8080]\n    backends: [{name: a, address: 10.0.0.1}]\n",
+            "f.yaml:7: groups.api.mark: mark 1 is also used by group 'web'",
+        ),
+        (
+            GOOD_GROUP
+            + "  api:\n    listen: [127.0.0.1]\n    ports: [443]\n    backends: [{name: a, address: 10.0.0.1}]\n",
+            "f.yaml:7: groups.api.ports: 127.0.0.1 port 443 is also bound by group 'web'",
+        ),
+        ("groups: {}\n", "f.yaml:1: groups: must define at least one group"),
+        ("listeners: []\n", "f.yaml:1: listeners: unknown key"),
+        ("groups:\n  web: [1\n", "f.yaml:3: invalid YAML"),
+        ("", "f.yaml:1: the file is empty"),
+        ("- 1\n", "f.yaml:1: expected a mapping"),
+    ],
+)
+def test_each_error_is_one_line_with_file_line_and_path(text: str, expected: str) -> None:
+    lines = errors_of(text)
+    assert any(expected in line for line in lines), lines
+    assert all(line.startswith("f.yaml:") and "\n" not in line for line in lines)
+
+
+def test_all_errors_are_reported_at_once() -> None:
+    lines = errors_of(
+        GOOD_GROUP.replace(
+            "ports: [80, 443]", "ports: [80, 443]\n    scheduler: x\n    idle_timeout: y"
+        )
+    )
+    assert len(lines) == 2
+
+
+def test_multi_port_group_without_persistence_warns() -> None:
+    c = load_config_text(
+        GOOD_GROUP.replace("ports: [80, 443]", "ports: [80, 443]\n    persistence: {timeout: 0}"),
+        "f.yaml",
+    )
+    assert c.groups[0].persistence.enabled is False
+    assert len(c.warnings) == 1 and "warning" in c.warnings[0] and "f.yaml:3:" in c.warnings[0]
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config("/nonexistent/l4lb.yaml")
+    assert exc.value.lines == [
+        "/nonexistent/l4lb.yaml: cannot read the file: No such file or directory"
+    ]
+
+
+def l4lb(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "l4lb", *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_check_command(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(ISSUE_EXAMPLE)
+    r = l4lb("check", "-c", str(good))
+    assert r.returncode == 0 and "ok" in r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(ISSUE_EXAMPLE.replace("weight: 2", "weight: heavy"))
+    for cmd in ("check", "run"):
+        r = l4lb(cmd, "-c", str(bad))
+        assert r.returncode == 1
+        assert (
+            r.stderr.strip()
+            == f"{bad}:20: groups.web.backends[1].weight: expected an integer from 0 to 65535, got 'heavy'"
+        )
+        assert "Traceback" not in r.stderr
+
+
+def test_run_refuses_a_port_it_cannot_bind(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(
+            f"groups:\n  web:\n    listen: [127.0.0.1]\n    ports: [{port}]\n    backends: [{{name: a, address: 127.0.0.1, ports: {{{port}: 1}}}}]\n"
+        )
+        r = l4lb("run", "-c", str(cfg))
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} for group 'web': Address already in use" in r.stderr
+    assert "Traceback" not in r.stderr
