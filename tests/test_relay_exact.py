@@ -56,8 +56,8 @@ async def scenario(
     )
     server = Server(cfg)
     await server.start()
+    r, w = await asyncio.open_connection("127.0.0.1", port)
     try:
-        r, w = await asyncio.open_connection("127.0.0.1", port)
 
         async def client_send() -> None:
             for c in chunks(up, up_sizes):
@@ -73,8 +73,8 @@ async def scenario(
             got_down = await r.read()
         assert got_down == down
         assert await asyncio.wait_for(got_up, 10) == up
-        w.close()
     finally:
+        w.close()
         await server.shutdown(grace=0)
         srv.close()
 
