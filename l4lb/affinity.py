@@ -15,7 +15,9 @@ An entry is *active* while at least one connection under it is open or being dia
   entry's expiry is set when its last connection closes, to `now + timeout`. Because the
   timeout is the same for the whole table, the idle order *is* the expiry order, so expiring is
   popping from the front until an unexpired entry shows up, and evicting "the oldest idle
-  entry" is the same pop.
+  entry" is the same pop. A hit checks its own entry's expiry, so the sweep from the front need
+  not run on every lookup: it runs at most once per `SWEEP_INTERVAL` of the clock, which keeps
+  the lookup-and-refresh path to a dict miss, one pop, one clock read and one insert.
 
 So an entry expires `timeout` after the later of the last connection opened under it and the
 last one closed: while one is open it cannot expire, and the last close always comes after the
@@ -50,6 +52,8 @@ class Entry(Generic[B]):
 
 
 class AffinityTable(Generic[B]):
+    SWEEP_INTERVAL = 1.0  # seconds between sweeps of expired idle entries
+
     def __init__(self, timeout: float, max_entries: int, clock: Callable[[], float]) -> None:
         if timeout <= 0:
             raise ValueError("an affinity table needs a positive timeout")
@@ -58,6 +62,7 @@ class AffinityTable(Generic[B]):
         self.clock = clock
         self._active: dict[int, Entry[B]] = {}
         self._idle: OrderedDict[int, Entry[B]] = OrderedDict()
+        self._sweep_at = 0.0
         # Plain counters, read by whoever reports them.
         self.hits = 0
         self.misses = 0
@@ -90,13 +95,16 @@ class AffinityTable(Generic[B]):
         idle = self._idle
         if idle:
             now = self.clock()
-            self._expire(now)
+            if now >= self._sweep_at:
+                self._expire(now)
             entry = idle.pop(key, None)
             if entry is not None:
-                entry.refs = 1
-                self._active[key] = entry
-                self.hits += 1
-                return entry
+                if entry.expires > now:
+                    entry.refs = 1
+                    self._active[key] = entry
+                    self.hits += 1
+                    return entry
+                self.expirations += 1
         self.misses += 1
         if len(self._active) + len(idle) >= self.max_entries:
             if not idle:
@@ -125,6 +133,7 @@ class AffinityTable(Generic[B]):
         return self._expire(self.clock())
 
     def _expire(self, now: float) -> int:
+        self._sweep_at = now + self.SWEEP_INTERVAL
         idle = self._idle
         n = 0
         while idle:

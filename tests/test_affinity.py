@@ -105,3 +105,14 @@ def test_forget() -> None:
 def test_zero_timeout_is_refused() -> None:
     with pytest.raises(ValueError):
         AffinityTable(0, 10, FakeClock())
+
+
+def test_an_expired_entry_is_a_miss_even_between_sweeps() -> None:
+    t, clock = table(timeout=0.5)
+    pin(t, 1, "a")
+    clock.advance(0.1)
+    pin(t, 2, "b")  # this lookup sweeps; the next sweep is a second away
+    clock.advance(0.45)  # key 1 expired 0.05 s ago, before any new sweep
+    e = t.acquire(1)
+    assert e is not None and e.backend is None
+    assert t.expirations == 1 and t.misses == 3
