@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     rnd = random.Random(1)
     keyer = make_keyer(0xFFFFFF00, 64)
-    hosts4 = [f"10.{rnd.randrange(256)}.{rnd.randrange(256)}.{rnd.randrange(256)}" for _ in range(1000)]
+    hosts4 = [".".join(str(rnd.randrange(256)) for _ in range(4)) for _ in range(1000)]
     hosts6 = [f"2001:db8:{rnd.randrange(65536):x}::{rnd.randrange(65536):x}" for _ in range(1000)]
 
     def key4(n: int) -> None:
@@ -62,8 +62,7 @@ def main() -> None:
 
     sizes = [10**e for e in range(3, 7) if 10**e <= args.max]
     for size in sizes:
-        clock = [0.0]
-        table: AffinityTable[Backend] = AffinityTable(360.0, size * 2, lambda: clock[0])
+        table: AffinityTable[Backend] = AffinityTable(360.0, size * 2, time.monotonic)
         keys = [rnd.getrandbits(32) for _ in range(size)]
         for k in keys:
             e = table.acquire(k)
@@ -72,7 +71,7 @@ def main() -> None:
             table.release(e)
         probe = [keys[rnd.randrange(size)] for _ in range(100_000)]
 
-        def hit(n: int) -> None:
+        def hit(n: int, table: AffinityTable[Backend] = table, probe: list[int] = probe) -> None:
             acquire, release = table.acquire, table.release
             for i in range(n):
                 e = acquire(probe[i % 100_000])

@@ -48,6 +48,7 @@ def reset(transport: asyncio.Transport) -> None:
 class Half(asyncio.Protocol):
     """One socket of a relayed connection."""
 
+    __slots__ = ("eof", "lost", "nbytes", "peer", "pending", "seen", "transport")
     transport: asyncio.Transport
 
     def __init__(self) -> None:
@@ -127,6 +128,8 @@ def pair(a: Half, b: Half) -> None:
 
 
 class BackendSide(Half):
+    __slots__ = ("client",)
+
     def __init__(self, client: ClientSide) -> None:
         super().__init__()
         self.client = client
@@ -139,6 +142,8 @@ class BackendSide(Half):
 
 class ClientSide(Half):
     """The accepted socket; owns the connection's route and its dial."""
+
+    __slots__ = ("idle_since", "route", "router", "server", "service_port", "task")
 
     def __init__(self, server: Server, router: Router, service_port: int) -> None:
         super().__init__()
