@@ -42,11 +42,12 @@ B = TypeVar("B")
 
 
 class Entry(Generic[B]):
-    __slots__ = ("backend", "expires", "key", "refs")
+    __slots__ = ("backend", "expires", "home", "key", "refs")
 
     def __init__(self, key: int) -> None:
         self.key = key
         self.backend: B | None = None
+        self.home: B | None = None  # where the client was before its backend failed
         self.refs = 0
         self.expires = 0.0  # meaningful only while idle
 

@@ -1,10 +1,14 @@
 """Backends as the balancer sees them at run time: identity, weight, state and live counters.
 
-Pure data: no sockets, no loop. The two flags the hot path reads are stored, not computed, and
-are kept right by `set_state` and `set_weight`:
-- `schedulable`: the scheduler may send a new client here (state up, weight > 0);
-- `accepts_pinned`: a client already pinned here may keep coming (up, or drain: weight 0 keeps
-  pins, as LVS quiescence and HAProxy drain do).
+Pure data: no sockets, no loop. A backend's state combines the operator's word (`admin`: up,
+drain or disabled) with the health checks' verdict (`healthy`); the effective state is the worst
+of the two: disabled, then down, then drain (also weight 0), then up.
+
+The two flags the hot path reads are stored, not computed, and are kept right by every setter:
+- `schedulable`: the scheduler may send a new client here (up, weight > 0, not full);
+- `accepts_pinned`: a client already pinned here may keep coming: up or draining (weight 0
+  keeps pins, as LVS quiescence and HAProxy drain do), or failed with `inhibit_on_failure`
+  (keepalived's weight-0 instead of removal, pins included).
 """
 
 from __future__ import annotations
@@ -17,11 +21,8 @@ from .config import BackendSpec
 class State(StrEnum):
     UP = "up"
     DOWN = "down"  # failed checks: no new clients, pins move on the next connection
-    DRAIN = "drain"  # operator: no new clients, pinned clients keep coming
+    DRAIN = "drain"  # operator or weight 0: no new clients, pinned clients keep coming
     DISABLED = "disabled"  # operator maintenance: like down
-
-
-_PINNABLE = (State.UP, State.DRAIN)
 
 
 class Backend:
@@ -29,16 +30,21 @@ class Backend:
         "accepts_pinned",
         "active",
         "address",
+        "admin",
         "bytes_in",
         "bytes_out",
         "connect_failures",
         "connections",
+        "failures_in_row",
+        "healthy",
         "index",
+        "inhibit",
+        "max_conns",
         "name",
         "ports",
         "removed",
         "schedulable",
-        "state",
+        "waiting",
         "weight",
     )
 
@@ -47,23 +53,48 @@ class Backend:
         self.address = spec.address
         self.ports = dict(spec.ports)
         self.weight = spec.weight
+        self.max_conns = spec.max_conns
+        self.inhibit = spec.inhibit_on_failure
         self.index = index  # position in the group's list; schedulers use it for ties
-        self.state = State.UP
+        self.admin = State(spec.state)
+        self.healthy = True
         self.removed = False
         self.active = 0  # open or dialing connections
+        self.waiting = 0  # pinned clients queued for a free slot
         self.connections = 0  # connections established, ever
         self.connect_failures = 0
+        self.failures_in_row = 0  # consecutive connect failures (passive checks)
         self.bytes_in = 0  # client -> backend
         self.bytes_out = 0  # backend -> client
         self.schedulable = False
         self.accepts_pinned = False
         self._refresh()
 
+    @property
+    def state(self) -> State:
+        if self.admin is State.DISABLED:
+            return State.DISABLED
+        if not self.healthy:
+            return State.DOWN
+        if self.admin is State.DRAIN or self.weight == 0:
+            return State.DRAIN
+        return State.UP
+
+    @property
+    def full(self) -> bool:
+        return 0 < self.max_conns <= self.active
+
     def port_for(self, service_port: int) -> int:
         return self.ports.get(service_port, service_port)
 
-    def set_state(self, state: State) -> None:
-        self.state = state
+    def set_admin(self, state: State) -> None:
+        if state is State.DOWN:
+            raise ValueError("'down' is the health checks' verdict, not an operator state")
+        self.admin = state
+        self._refresh()
+
+    def set_healthy(self, healthy: bool) -> None:
+        self.healthy = healthy
         self._refresh()
 
     def set_weight(self, weight: int) -> None:
@@ -75,10 +106,22 @@ class Backend:
         self.removed = True
         self._refresh()
 
+    def take_slot(self) -> None:
+        self.active += 1
+        if self.max_conns and self.active >= self.max_conns:
+            self._refresh()
+
+    def free_slot(self) -> None:
+        self.active -= 1
+        if self.max_conns and self.active == self.max_conns - 1:
+            self._refresh()
+
     def _refresh(self) -> None:
-        alive = not self.removed
-        self.schedulable = alive and self.state is State.UP and self.weight > 0
-        self.accepts_pinned = alive and self.state in _PINNABLE
+        alive = not self.removed and self.admin is not State.DISABLED
+        self.schedulable = (
+            alive and self.healthy and self.admin is State.UP and self.weight > 0 and not self.full
+        )
+        self.accepts_pinned = alive and (self.healthy or self.inhibit)
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r}, {self.address}, w={self.weight}, {self.state.value})"

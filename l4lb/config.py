@@ -31,12 +31,38 @@ class ConfigError(Exception):
         self.lines = lines
 
 
+SORRY_SERVER = "sorry_server"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckSpec:
+    type: str  # tcp | http | tls | exec
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2  # consecutive passes that bring a down backend up
+    fall: int = 3  # consecutive failures that take an up backend down
+    port: int | None = None  # a service port of the group, mapped; default: the first
+    path: str | None = None  # http (default "/"); tls: then GET this path
+    status: tuple[int, ...] = (200,)
+    body: str | None = None  # a substring the answer's body must contain
+    host: str | None = None  # the Host header (default: the backend's address)
+    send: str | None = None  # tcp: bytes to send once connected
+    expect: str | None = None  # tcp: a regex the first reply must match
+    command: tuple[str, ...] = ()  # exec: argv
+    verify: bool = False  # tls: verify the server certificate
+    server_name: str | None = None  # tls: SNI (and the name verified)
+
+
 @dataclass(frozen=True, slots=True)
 class BackendSpec:
     name: str
     address: str  # a normalised IP literal
     weight: int = 1
     ports: Mapping[int, int] = field(default_factory=dict)  # service port -> backend port
+    max_conns: int = 0  # 0: unlimited
+    inhibit_on_failure: bool = False
+    health_check: HealthCheckSpec | None = None  # replaces the group's check for this backend
+    state: str = "up"  # the operator's state at start: up | drain | disabled
 
     def port_for(self, service_port: int) -> int:
         return self.ports.get(service_port, service_port)
@@ -65,6 +91,15 @@ class GroupSpec:
     persistence: PersistenceSpec = field(default_factory=PersistenceSpec)
     connect_timeout: float = 2.0
     idle_timeout: float = 900.0
+    health_check: HealthCheckSpec | None = None
+    passive_failures: int = 3  # consecutive connect failures that mark a backend down; 0: off
+    sorry_server: BackendSpec | None = None
+    quorum: int = 1  # fewer backends up than this (with hysteresis): the sorry server serves
+    hysteresis: int = 0
+    on_down: str = "keep"  # keep | close the open connections of a backend that goes down
+    on_up: str = "stay"  # stay | return: re-pinned clients move back when a backend returns
+    queue_timeout: float = 0.0  # how long a pinned client waits for a full backend
+    notify: tuple[str, ...] = ()  # argv run on every state change
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,9 +286,136 @@ _GROUP_KEYS = (
     "connect_timeout",
     "idle_timeout",
     "backends",
+    "health_check",
+    "passive",
+    "sorry_server",
+    "quorum",
+    "hysteresis",
+    "on_down",
+    "on_up",
+    "queue_timeout",
+    "notify",
 )
 _PERSIST_KEYS = ("timeout", "netmask", "ipv6_prefix", "max_entries")
-_BACKEND_KEYS = ("name", "address", "weight", "ports")
+_BACKEND_KEYS = (
+    "name",
+    "address",
+    "weight",
+    "ports",
+    "max_conns",
+    "inhibit_on_failure",
+    "health_check",
+    "state",
+)
+_CHECK_COMMON = ("type", "interval", "timeout", "rise", "fall", "port")
+_CHECK_KEYS = {
+    "tcp": ("send", "expect"),
+    "http": ("path", "status", "body", "host"),
+    "tls": ("verify", "server_name", "path", "status", "body", "host"),
+    "exec": ("command",),
+}
+
+
+def _scalars(
+    v: _Validator,
+    m: dict[str, tuple[yaml.Node, yaml.Node]],
+    path: str,
+    checks: dict[str, Callable[[Any], Any]],
+    kw: dict[str, Any],
+) -> bool:
+    """Check each present key of `checks` into `kw`; False if any was invalid."""
+    ok = True
+    for key, check in checks.items():
+        if key in m:
+            value = v.field(m[key][1], f"{path}.{key}", check)
+            if value is None:
+                ok = False
+            else:
+                kw[key] = value
+    return ok
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def check(x: Any) -> str:
+        if x not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {x!r}")
+        return str(x)
+
+    return check
+
+
+def _bool(x: Any) -> bool:
+    if not isinstance(x, bool):
+        raise ValueError(f"expected true or false, got {x!r}")
+    return x
+
+
+def _text(x: Any) -> str:
+    if not isinstance(x, str) or not x:
+        raise ValueError(f"expected a non-empty string, got {x!r}")
+    return x
+
+
+def _url_path(x: Any) -> str:
+    if not isinstance(x, str) or not x.startswith("/") or any(c in x for c in " \r\n"):
+        raise ValueError(f"expected a path starting with '/' and without spaces, got {x!r}")
+    return x
+
+
+def _regex(x: Any) -> str:
+    text = _text(x)
+    try:
+        re.compile(text.encode())
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return text
+
+
+def _list_of(
+    v: _Validator, node: yaml.Node, path: str, check: Callable[[Any], T]
+) -> list[T] | None:
+    """A list (or a single value, taken as a list of one) checked item by item."""
+    if isinstance(node, yaml.ScalarNode):
+        one = v.field(node, path, check)
+        return None if one is None else [one]
+    items = v.sequence(node, path)
+    if items is None:
+        return None
+    out = []
+    for i, item in enumerate(items):
+        value = v.field(item, f"{path}[{i}]", check)
+        if value is None:
+            return None
+        out.append(value)
+    if not out:
+        v.error(node, path, "must not be empty")
+        return None
+    return out
+
+
+def _port_map(
+    v: _Validator, node: yaml.Node, path: str, ports: tuple[int, ...]
+) -> dict[int, int] | None:
+    if not isinstance(node, yaml.MappingNode):
+        v.error(node, path, "expected a mapping of service port to backend port")
+        return None
+    ok = True
+    out: dict[int, int] = {}
+    for knode, vnode in node.value:
+        kpath = f"{path}.{getattr(knode, 'value', '?')}"
+        sport = v.field(knode, kpath, _port)
+        bport = v.field(vnode, kpath, _port)
+        if sport is None or bport is None:
+            ok = False
+        elif sport in out:
+            v.error(knode, kpath, "duplicate service port")
+            ok = False
+        elif sport not in ports:
+            v.error(knode, kpath, f"{sport} is not one of the group's ports {list(ports)}")
+            ok = False
+        else:
+            out[sport] = bport
+    return out if ok else None
 
 
 def _persistence(v: _Validator, node: yaml.Node, path: str) -> PersistenceSpec:
@@ -267,12 +429,65 @@ def _persistence(v: _Validator, node: yaml.Node, path: str) -> PersistenceSpec:
         "ipv6_prefix": _int_in(0, 128),
         "max_entries": _int_in(1, 100_000_000),
     }
-    for key, check in checks.items():
-        if key in m:
-            value = v.field(m[key][1], f"{path}.{key}", check)
-            if value is not None:
-                kw[key] = value
+    _scalars(v, m, path, checks, kw)
     return PersistenceSpec(**kw)
+
+
+def _health_check(
+    v: _Validator, node: yaml.Node, path: str, ports: tuple[int, ...]
+) -> HealthCheckSpec | None:
+    every = _CHECK_COMMON + tuple(k for keys in _CHECK_KEYS.values() for k in keys)
+    m = v.mapping(node, path, tuple(dict.fromkeys(every)))
+    if m is None:
+        return None
+    if "type" not in m:
+        v.error(node, path, f"missing required key 'type' ({' | '.join(_CHECK_KEYS)})")
+        return None
+    kind = v.field(m["type"][1], f"{path}.type", _choice(*_CHECK_KEYS))
+    if kind is None:
+        return None
+    ok = True
+    for key, (knode, _) in m.items():
+        if key not in _CHECK_COMMON and key not in _CHECK_KEYS[kind]:
+            v.error(knode, f"{path}.{key}", f"not used by a {kind} check")
+            ok = False
+
+    def group_port(x: Any) -> int:
+        p = _port(x)
+        if p not in ports:
+            raise ValueError(f"{p} is not one of the group's ports {list(ports)}")
+        return p
+
+    kw: dict[str, Any] = {"type": kind}
+    checks: dict[str, Callable[[Any], Any]] = {
+        "interval": _positive_duration,
+        "timeout": _positive_duration,
+        "rise": _int_in(1, 1000),
+        "fall": _int_in(1, 1000),
+        "port": group_port,
+        "send": _text,
+        "expect": _regex,
+        "path": _url_path,
+        "body": _text,
+        "host": _text,
+        "verify": _bool,
+        "server_name": _text,
+    }
+    ok = _scalars(v, m, path, checks, kw) and ok
+    if "status" in m:
+        status = _list_of(v, m["status"][1], f"{path}.status", _int_in(100, 599, "an HTTP status"))
+        ok = ok and status is not None
+        kw["status"] = tuple(status or ())
+    if kind == "exec":
+        if "command" not in m:
+            v.error(node, path, "an exec check needs 'command' (a list: program and arguments)")
+            return None
+        command = _list_of(v, m["command"][1], f"{path}.command", _text)
+        ok = ok and command is not None
+        kw["command"] = tuple(command or ())
+    if kind == "http" and "path" not in kw:
+        kw["path"] = "/"
+    return HealthCheckSpec(**kw) if ok else None
 
 
 def _backend(
@@ -286,37 +501,121 @@ def _backend(
         if required not in m:
             v.error(node, path, f"missing required key {required!r}")
             ok = False
-    name = v.field(m["name"][1], f"{path}.name", _name) if "name" in m else None
-    address = v.field(m["address"][1], f"{path}.address", _ip) if "address" in m else None
-    weight = 1
-    if "weight" in m:
-        w = v.field(m["weight"][1], f"{path}.weight", _int_in(0, MAX_WEIGHT))
-        ok = ok and w is not None
-        weight = w if w is not None else 1
-    port_map: dict[int, int] = {}
+    kw: dict[str, Any] = {}
+    checks: dict[str, Callable[[Any], Any]] = {
+        "name": _name,
+        "address": _ip,
+        "weight": _int_in(0, MAX_WEIGHT),
+        "max_conns": _int_in(0, 10_000_000),
+        "inhibit_on_failure": _bool,
+        "state": _choice("up", "drain", "disabled"),
+    }
+    ok = _scalars(v, m, path, checks, kw) and ok
     if "ports" in m:
-        pm = m["ports"][1]
-        if not isinstance(pm, yaml.MappingNode):
-            v.error(pm, f"{path}.ports", "expected a mapping of service port to backend port")
+        pm = _port_map(v, m["ports"][1], f"{path}.ports", ports)
+        ok = ok and pm is not None
+        kw["ports"] = pm or {}
+    if "health_check" in m:
+        hc = _health_check(v, m["health_check"][1], f"{path}.health_check", ports)
+        ok = ok and hc is not None
+        kw["health_check"] = hc
+    if not ok:
+        return None
+    return BackendSpec(**kw)
+
+
+def _sorry_server(
+    v: _Validator, node: yaml.Node, path: str, ports: tuple[int, ...]
+) -> BackendSpec | None:
+    m = v.mapping(node, path, ("address", "ports"))
+    if m is None:
+        return None
+    if "address" not in m:
+        v.error(node, path, "missing required key 'address'")
+        return None
+    address = v.field(m["address"][1], f"{path}.address", _ip)
+    port_map: dict[int, int] | None = {}
+    if "ports" in m:
+        port_map = _port_map(v, m["ports"][1], f"{path}.ports", ports)
+    if address is None or port_map is None:
+        return None
+    return BackendSpec(name=SORRY_SERVER, address=address, ports=port_map)
+
+
+def _passive(v: _Validator, node: yaml.Node, path: str) -> int | None:
+    m = v.mapping(node, path, ("failures",))
+    if m is None:
+        return None
+    if "failures" not in m:
+        return 3
+    return v.field(m["failures"][1], f"{path}.failures", _int_in(0, 1000))
+
+
+def _addresses(v: _Validator, node: yaml.Node, path: str) -> tuple[str, ...] | None:
+    items = v.sequence(node, path)
+    if items is None:
+        return None
+    listen: list[str] = []
+    ok = True
+    for i, item in enumerate(items):
+        addr = v.field(item, f"{path}[{i}]", _ip)
+        if addr is None:
+            ok = False
+        elif addr in listen:
+            v.error(item, f"{path}[{i}]", f"{addr} is listed twice")
             ok = False
         else:
-            for knode, vnode in pm.value:
-                kpath = f"{path}.ports.{getattr(knode, 'value', '?')}"
-                sport = v.field(knode, kpath, _port)
-                bport = v.field(vnode, kpath, _port)
-                if sport is None or bport is None:
-                    ok = False
-                    continue
-                if sport in port_map:
-                    v.error(knode, kpath, "duplicate service port")
-                    ok = False
-                elif sport not in ports:
-                    v.error(knode, kpath, f"{sport} is not one of the group's ports {list(ports)}")
-                    ok = False
-                port_map[sport] = bport
-    if not ok or name is None or address is None:
+            listen.append(addr)
+    if not items:
+        v.error(node, path, "must list at least one address")
+        ok = False
+    return tuple(listen) if ok else None
+
+
+def _ports(v: _Validator, node: yaml.Node, path: str) -> tuple[int, ...] | None:
+    items = v.sequence(node, path)
+    if items is None:
         return None
-    return BackendSpec(name=name, address=address, weight=weight, ports=port_map)
+    ports: list[int] = []
+    ok = True
+    for i, item in enumerate(items):
+        port = v.field(item, f"{path}[{i}]", _port)
+        if port is None:
+            ok = False
+        elif port in ports:
+            v.error(item, f"{path}[{i}]", f"port {port} is listed twice")
+            ok = False
+        else:
+            ports.append(port)
+    if not items:
+        v.error(node, path, "must list at least one port")
+        ok = False
+    return tuple(ports) if ok else None
+
+
+def _backends(
+    v: _Validator, node: yaml.Node, path: str, ports: tuple[int, ...]
+) -> tuple[BackendSpec, ...] | None:
+    items = v.sequence(node, path)
+    if items is None:
+        return None
+    ok = True
+    backends: list[BackendSpec] = []
+    names: set[str] = set()
+    for i, item in enumerate(items):
+        b = _backend(v, item, f"{path}[{i}]", ports)
+        if b is None:
+            ok = False
+        elif b.name in names:
+            v.error(item, f"{path}[{i}].name", f"backend name {b.name!r} is used twice")
+            ok = False
+        else:
+            names.add(b.name)
+            backends.append(b)
+    if not items:
+        v.error(node, path, "must list at least one backend")
+        ok = False
+    return tuple(backends) if ok else None
 
 
 def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec | None:
@@ -325,80 +624,55 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
     if m is None:
         return None
     ok = True
-    kw: dict[str, Any] = {}
-    if "mark" in m:
-        mark = v.field(m["mark"][1], f"{path}.mark", _int_in(1, 2**32 - 1))
-        ok = ok and mark is not None
-        kw["mark"] = mark
-    else:
-        kw["mark"] = index + 1
-    if "listen" in m:
-        items = v.sequence(m["listen"][1], f"{path}.listen")
-        listen: list[str] = []
-        for i, item in enumerate(items or []):
-            addr = v.field(item, f"{path}.listen[{i}]", _ip)
-            if addr is None:
-                ok = False
-            elif addr in listen:
-                v.error(item, f"{path}.listen[{i}]", f"{addr} is listed twice")
-                ok = False
-            else:
-                listen.append(addr)
-        if items is not None and not items:
-            v.error(m["listen"][1], f"{path}.listen", "must list at least one address")
-        ok = ok and items is not None and bool(listen)
-        kw["listen"] = tuple(listen)
-    ports: list[int] = []
-    if "ports" not in m:
-        v.error(node, path, "missing required key 'ports'")
-        ok = False
-    else:
-        items = v.sequence(m["ports"][1], f"{path}.ports")
-        for i, item in enumerate(items or []):
-            port = v.field(item, f"{path}.ports[{i}]", _port)
-            if port is None:
-                ok = False
-            elif port in ports:
-                v.error(item, f"{path}.ports[{i}]", f"port {port} is listed twice")
-                ok = False
-            else:
-                ports.append(port)
-        if items is not None and not items:
-            v.error(m["ports"][1], f"{path}.ports", "must list at least one port")
+    kw: dict[str, Any] = {"mark": index + 1}
+    for required in ("ports", "backends"):
+        if required not in m:
+            v.error(node, path, f"missing required key {required!r}")
             ok = False
-    kw["ports"] = tuple(ports)
-    if "scheduler" in m:
-        kw["scheduler"] = v.field(m["scheduler"][1], f"{path}.scheduler", _scheduler)
-        ok = ok and kw["scheduler"] is not None
+    checks: dict[str, Callable[[Any], Any]] = {
+        "mark": _int_in(1, 2**32 - 1),
+        "scheduler": _scheduler,
+        "connect_timeout": _positive_duration,
+        "idle_timeout": _duration,
+        "quorum": _int_in(1, 100_000),
+        "hysteresis": _int_in(0, 100_000),
+        "on_down": _choice("keep", "close"),
+        "on_up": _choice("stay", "return"),
+        "queue_timeout": _duration,
+    }
+    ok = _scalars(v, m, path, checks, kw) and ok
+    if "listen" in m:
+        listen = _addresses(v, m["listen"][1], f"{path}.listen")
+        ok = ok and listen is not None
+        kw["listen"] = listen
+    ports: tuple[int, ...] = ()
+    if "ports" in m:
+        got = _ports(v, m["ports"][1], f"{path}.ports")
+        ok = ok and got is not None
+        ports = got or ()
+    kw["ports"] = ports
     if "persistence" in m:
         kw["persistence"] = _persistence(v, m["persistence"][1], f"{path}.persistence")
-    for key, check in (("connect_timeout", _positive_duration), ("idle_timeout", _duration)):
-        if key in m:
-            kw[key] = v.field(m[key][1], f"{path}.{key}", check)
-            ok = ok and kw[key] is not None
-    backends: list[BackendSpec] = []
-    if "backends" not in m:
-        v.error(node, path, "missing required key 'backends'")
-        ok = False
-    else:
-        items = v.sequence(m["backends"][1], f"{path}.backends")
-        names: set[str] = set()
-        for i, item in enumerate(items or []):
-            b = _backend(v, item, f"{path}.backends[{i}]", tuple(ports))
-            if b is None:
-                ok = False
-            elif b.name in names:
-                v.error(
-                    item, f"{path}.backends[{i}].name", f"backend name {b.name!r} is used twice"
-                )
-                ok = False
-            else:
-                names.add(b.name)
-                backends.append(b)
-        if items is not None and not items:
-            v.error(m["backends"][1], f"{path}.backends", "must list at least one backend")
-            ok = False
-    kw["backends"] = tuple(backends)
+    if "backends" in m:
+        backends = _backends(v, m["backends"][1], f"{path}.backends", ports)
+        ok = ok and backends is not None
+        kw["backends"] = backends
+    if "health_check" in m:
+        hc = _health_check(v, m["health_check"][1], f"{path}.health_check", ports)
+        ok = ok and hc is not None
+        kw["health_check"] = hc
+    if "passive" in m:
+        failures = _passive(v, m["passive"][1], f"{path}.passive")
+        ok = ok and failures is not None
+        kw["passive_failures"] = failures
+    if "sorry_server" in m:
+        sorry = _sorry_server(v, m["sorry_server"][1], f"{path}.sorry_server", ports)
+        ok = ok and sorry is not None
+        kw["sorry_server"] = sorry
+    if "notify" in m:
+        notify = _list_of(v, m["notify"][1], f"{path}.notify", _text)
+        ok = ok and notify is not None
+        kw["notify"] = tuple(notify or ())
     if not ok:
         return None
     group = GroupSpec(name=name, **kw)
@@ -409,6 +683,8 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
             "persistence is off, so one client's connections to these ports may reach"
             " different backends",
         )
+    if "quorum" in m and group.sorry_server is None:
+        v.warn(m["quorum"][1], f"{path}.quorum", "has no effect without a sorry_server")
     return group
 
 

@@ -1,10 +1,12 @@
 """Dialing a backend for one client: the pinned or scheduled backend first, the next on refusal
-or timeout, until one accepts or the router has none left."""
+or timeout, until one accepts or the router has none left. A pinned client whose backend is full
+may wait in a bounded queue for a free slot (`queue_timeout`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -15,16 +17,64 @@ log = logging.getLogger("l4lb.dialer")
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
+class SlotQueue:
+    """Pinned clients waiting for a slot on a full backend, first come first served. A backend's
+    queue holds at most `max_conns` clients; beyond that a client is rescheduled at once."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[Backend, deque[asyncio.Future[None]]] = {}
+
+    async def wait(self, backend: Backend, patience: float) -> bool:
+        """True when a slot came free within `patience` seconds."""
+        if backend.waiting >= max(backend.max_conns, 1):
+            return False
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._waiters.setdefault(backend, deque())
+        queue.append(fut)
+        backend.waiting += 1
+        try:
+            async with asyncio.timeout(patience):
+                await fut
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            backend.waiting -= 1
+            if not fut.done():
+                fut.cancel()
+            with_queue = self._waiters.get(backend)
+            if with_queue is not None and fut in with_queue:
+                with_queue.remove(fut)
+
+    def wake(self, backend: Backend) -> None:
+        """A slot came free on `backend`: the longest waiter may take it."""
+        queue = self._waiters.get(backend)
+        while queue:
+            fut = queue.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+
 async def dial(
     router: Router,
     route: Route,
     service_port: int,
     factory: Callable[[], P],
     connect_timeout: float,
+    slots: SlotQueue,
 ) -> tuple[Backend, asyncio.Transport, P] | None:
     """Connect to a backend for `route`; None when every backend the router offers failed."""
     loop = asyncio.get_running_loop()
-    while (backend := router.next_backend(route)) is not None:
+    while True:
+        backend = router.next_backend(route)
+        if backend is None:
+            full = route.wait_for
+            if full is None:
+                return None
+            route.queued = True
+            await slots.wait(full, router.spec.queue_timeout)
+            continue
         port = backend.port_for(service_port)
         try:
             async with asyncio.timeout(connect_timeout):
@@ -39,7 +89,8 @@ async def dial(
                 port,
                 exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__,
             )
+            if backend.waiting:
+                slots.wake(backend)
             continue
         router.connected(route, backend)
         return backend, transport, protocol
-    return None

@@ -181,6 +181,7 @@ class ClientSide(Half):
                 self.service_port,
                 lambda: BackendSide(self),
                 router.spec.connect_timeout,
+                self.server.slots,
             )
         except asyncio.CancelledError:  # the client left while we dialed
             self.finish()
@@ -224,6 +225,8 @@ class ClientSide(Half):
             if self.peer is not None:
                 backend.bytes_out += self.peer.nbytes
         self.router.finish(route)
+        if backend is not None and backend.waiting:
+            self.server.slots.wake(backend)
         self.server.forget(self)
 
     def close_idle(self) -> None:

@@ -6,30 +6,39 @@ A connection's life, as the router sees it:
 
 1. `begin(key)` takes a reference on the key's affinity entry (or none, when persistence is off
    or the table is full of busy entries) and remembers the backend it was pinned to.
-2. `next_backend(route)` gives the backend to dial. The pinned backend comes first if it still
-   accepts pinned clients (up or draining); otherwise, or once it has failed, the scheduler
-   picks among the backends not yet tried. A new entry is pinned to the first pick right
-   away, so a second connection of the same client arriving mid-dial follows it.
+2. `next_backend(route)` gives the backend to dial:
+   - while the group has lost its quorum and has a sorry server: the sorry server, never pinned;
+   - the pinned backend, if it still accepts pinned clients (up, draining, or inhibited) and
+     has a free slot. If it is full and the group has a `queue_timeout`, it returns None with
+     `route.wait_for` set: the caller waits for a slot, then asks again (once);
+   - with `on_up: return`, a client moved away from a failed backend goes back to it once it is
+     up again;
+   - otherwise the scheduler's pick among the backends not yet tried. A new entry is pinned to
+     it right away, so a second connection of the same client arriving mid-dial follows it.
    After as many attempts as there are backends, it gives None: the client is closed.
 3. `connected(route, backend)` confirms the pin. If the entry pointed elsewhere before this
-   connection (its backend died, drained out or was removed), that is a re-pin and is counted.
-4. `failed(route, backend)` records a refused or timed-out dial; the next call to
-   `next_backend` skips that backend.
+   connection, that is a re-pin, counted by its reason.
+4. `failed(route, backend)` records a refused or timed-out dial; `passive_failures` of them in a
+   row mark the backend down at once (the passive check).
 5. `finish(route)` releases the entry (starting its timeout when it was the last connection)
-   and the backend's connection count.
+   and the backend's slot.
 
 A pinned backend that is unavailable is never waited on: the connection is rescheduled at
-once and the entry re-pinned to whichever backend accepts it. Pure logic, no I/O.
+once and the entry re-pinned to whichever backend accepts it. State changes (health verdicts,
+operator states, quorum) go through `set_health` / `set_admin`, which emit `Event`s to
+`listener`. Pure logic, no I/O.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 
 from .affinity import AffinityTable, Entry
-from .backends import Backend
+from .backends import Backend, State
 from .config import GroupSpec
+from .health import Event, Quorum
 from .keys import Keyer, make_keyer
 from .schedulers import Scheduler, make_scheduler
 
@@ -37,19 +46,36 @@ from .schedulers import Scheduler, make_scheduler
 class GroupStats:
     """Plain counters for one group, read at scrape time (never labelled per connection)."""
 
-    __slots__ = ("accepted", "connect_failures", "no_backend", "rejected", "repins", "unpinned")
+    __slots__ = (
+        "accepted",
+        "connect_failures",
+        "no_backend",
+        "rejected",
+        "repins_failed",
+        "repins_returned",
+        "repins_unavailable",
+        "sorry",
+        "unpinned",
+    )
 
     def __init__(self) -> None:
         self.accepted = 0
         self.rejected = 0  # clients refused before routing (an address we could not key)
         self.no_backend = 0  # connections closed because no backend accepted them
         self.connect_failures = 0  # single dial attempts that were refused or timed out
-        self.repins = 0
+        self.repins_unavailable = 0  # the pinned backend was down, disabled or removed
+        self.repins_failed = 0  # the pinned backend refused or timed out
+        self.repins_returned = 0  # on_up: return brought a client back
         self.unpinned = 0  # connections routed without a pin because the table was full
+        self.sorry = 0  # connections sent to the sorry server
+
+    @property
+    def repins(self) -> int:
+        return self.repins_unavailable + self.repins_failed + self.repins_returned
 
 
 class Route:
-    __slots__ = ("backend", "entry", "key", "pinned", "tried")
+    __slots__ = ("backend", "entry", "key", "pinned", "queued", "reason", "tried", "wait_for")
 
     def __init__(self, key: int, entry: Entry[Backend] | None, pinned: Backend | None) -> None:
         self.key = key
@@ -57,6 +83,9 @@ class Route:
         self.pinned = pinned  # the backend the entry held when this connection arrived
         self.backend: Backend | None = None  # the backend being dialed, then connected
         self.tried: list[Backend] = []
+        self.reason = ""  # why the pin moves, if it does
+        self.wait_for: Backend | None = None  # a full pinned backend worth waiting for
+        self.queued = False
 
 
 class Router:
@@ -70,13 +99,20 @@ class Router:
         self.name = spec.name
         self.backends = [Backend(b, i) for i, b in enumerate(spec.backends)]
         self.by_name = {b.name: b for b in self.backends}
+        self.sorry = Backend(spec.sorry_server) if spec.sorry_server is not None else None
         self.scheduler: Scheduler = make_scheduler(spec.scheduler, self.backends, rng)
         p = spec.persistence
         self.keyer: Keyer = make_keyer(p.netmask, p.ipv6_prefix)
         self.table: AffinityTable[Backend] | None = (
             AffinityTable(p.timeout, p.max_entries, clock) if p.enabled else None
         )
+        self.quorum = Quorum(spec.quorum, spec.hysteresis, self.up_count())
         self.stats = GroupStats()
+        self.listener: Callable[[Event], None] | None = None
+        self._return = spec.on_up == "return"
+        self._wall = time.time
+
+    # ------------------------------------------------------------------ routing
 
     def begin(self, key: int) -> Route:
         self.stats.accepted += 1
@@ -91,35 +127,78 @@ class Router:
 
     def next_backend(self, route: Route) -> Backend | None:
         tried = route.tried
-        if len(tried) >= len(self.backends):
+        route.wait_for = None
+        sorry = self.sorry
+        if sorry is not None and self.quorum.lost:
+            choice = None if sorry in tried else sorry
+        elif len(tried) >= len(self.backends):
             return None
-        entry = route.entry
-        pinned = entry.backend if entry is not None else None
-        if pinned is not None and pinned.accepts_pinned and pinned not in tried:
-            choice: Backend | None = pinned
         else:
-            choice = self.scheduler.pick(route.key, tried)
-            if choice is not None and entry is not None:
-                entry.backend = choice  # tentative pin, confirmed by `connected`
+            choice = self._choose(route)
+            if choice is None:
+                return None
         if choice is not None:
             tried.append(choice)
-            choice.active += 1
+            choice.take_slot()
         route.backend = choice
         return choice
 
+    def _choose(self, route: Route) -> Backend | None:
+        entry = route.entry
+        tried = route.tried
+        pinned = entry.backend if entry is not None else None
+        if pinned is not None and pinned not in tried:
+            home = entry.home if entry is not None else None
+            if self._return and home is not None and home.schedulable and home not in tried:
+                route.reason = "returned"
+                if entry is not None:
+                    entry.backend = home
+                return home
+            if pinned.accepts_pinned:
+                if not pinned.full:
+                    return pinned
+                if self.spec.queue_timeout > 0 and not route.queued:
+                    route.wait_for = pinned
+                    return None
+            elif not route.reason:
+                route.reason = "unavailable"
+        elif pinned is not None and not route.reason:
+            route.reason = "failed"
+        choice = self.scheduler.pick(route.key, tried)
+        if choice is not None and entry is not None:
+            if pinned is not None and entry.home is None and not pinned.accepts_pinned:
+                entry.home = pinned
+            entry.backend = choice  # tentative pin, confirmed by `connected`
+        return choice
+
     def failed(self, route: Route, backend: Backend) -> None:
-        backend.active -= 1
+        backend.free_slot()
         backend.connect_failures += 1
+        backend.failures_in_row += 1
         self.stats.connect_failures += 1
         route.backend = None
+        n = self.spec.passive_failures
+        if n and backend.failures_in_row >= n and backend.healthy and backend is not self.sorry:
+            self.set_health(backend, False, f"{backend.failures_in_row} connect failures in a row")
 
     def connected(self, route: Route, backend: Backend) -> None:
         backend.connections += 1
+        backend.failures_in_row = 0
+        if backend is self.sorry:
+            self.stats.sorry += 1
+            return
         entry = route.entry
         if entry is None:
             return
         if route.pinned is not None and route.pinned is not backend:
-            self.stats.repins += 1
+            stats = self.stats
+            if route.reason == "returned":
+                stats.repins_returned += 1
+                entry.home = None
+            elif route.reason == "unavailable":
+                stats.repins_unavailable += 1
+            else:
+                stats.repins_failed += 1
             route.pinned = backend
         entry.backend = backend
 
@@ -132,8 +211,9 @@ class Router:
         self.finish(route)
 
     def finish(self, route: Route) -> None:
-        if route.backend is not None:
-            route.backend.active -= 1
+        backend = route.backend
+        if backend is not None:
+            backend.free_slot()
             route.backend = None
         entry = route.entry
         if entry is not None and self.table is not None:
@@ -141,3 +221,49 @@ class Router:
             if entry.backend is not None and not entry.backend.accepts_pinned and entry.refs == 1:
                 entry.backend = None  # a pin to a dead backend is not worth remembering
             self.table.release(entry)
+
+    # ------------------------------------------------------------------ state changes
+
+    def up_count(self) -> int:
+        """Backends that can take new clients, fullness aside (what the quorum counts)."""
+        return sum(
+            1
+            for b in self.backends
+            if b.healthy and b.admin is State.UP and b.weight > 0 and not b.removed
+        )
+
+    def set_health(self, backend: Backend, healthy: bool, reason: str) -> None:
+        if backend.healthy == healthy:
+            return
+        self._change(backend, lambda: backend.set_healthy(healthy), reason)
+
+    def set_admin(self, backend: Backend, state: State, reason: str = "operator") -> None:
+        self._change(backend, lambda: backend.set_admin(state), reason)
+
+    def set_weight(self, backend: Backend, weight: int, reason: str = "operator") -> None:
+        def apply() -> None:
+            backend.set_weight(weight)
+            self.scheduler.rebuild()
+
+        self._change(backend, apply, reason)
+
+    def _change(self, backend: Backend, apply: Callable[[], None], reason: str) -> None:
+        old = backend.state
+        apply()
+        if backend.state is not old:
+            self._emit(backend.name, old.value, backend.state.value, reason)
+        lost = self.quorum.update(self.up_count())
+        if lost is not None and self.sorry is not None:
+            up = self.up_count()
+            if lost:
+                self._emit(
+                    None, "standby", "serving", f"{up} backends up, quorum {self.spec.quorum}"
+                )
+            else:
+                self._emit(
+                    None, "serving", "standby", f"{up} backends up, quorum {self.spec.quorum}"
+                )
+
+    def _emit(self, backend: str | None, old: str, new: str, reason: str) -> None:
+        if self.listener is not None:
+            self.listener(Event(self._wall(), self.name, backend, old, new, reason))

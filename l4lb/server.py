@@ -14,9 +14,12 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
+from .backends import Backend
 from .config import Config
+from .dialer import SlotQueue
 from .keys import mask_prefix_len
 from .listeners import BACKLOG, ListenSpec, bind, close_all, listen_specs
+from .monitor import HealthMonitor
 from .relay import ClientSide, reset
 from .routing import Router
 
@@ -38,6 +41,8 @@ class Server:
         self.clock = clock
         self.routers = {g.name: Router(g, clock, rng) for g in config.groups}
         self.live: set[ClientSide] = set()
+        self.slots = SlotQueue()
+        self.monitor = HealthMonitor(self.routers, self.close_connections, rng)
         self.listening: list[ListenSpec] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -106,6 +111,18 @@ class Server:
                 persist,
             )
         self._sweeper = loop.create_task(self._sweep())
+        self.monitor.start()
+
+    def close_connections(self, router: Router, backend: Backend) -> int:
+        """Close every open connection of `backend` in `router`'s group; how many."""
+        doomed = [
+            c
+            for c in self.live
+            if c.router is router and c.route is not None and c.route.backend is backend
+        ]
+        for conn in doomed:
+            conn.close_idle()
+        return len(doomed)
 
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]]) -> None:
         await self.start()
@@ -123,6 +140,7 @@ class Server:
             srv.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        await self.monitor.stop()
         if self.live:
             log.info(
                 "stopped accepting; waiting up to %gs for %d connections", grace, len(self.live)

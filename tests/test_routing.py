@@ -57,7 +57,7 @@ def test_refusing_pinned_backend_is_repinned_and_counted() -> None:
 def test_down_backend_is_not_even_dialed() -> None:
     r, _ = router()
     first = connect(r, 1)
-    r.by_name[first].set_state(State.DOWN)  # type: ignore[index]
+    r.by_name[first].set_healthy(False)  # type: ignore[index]
     assert connect(r, 1) != first
     assert r.stats.connect_failures == 0 and r.stats.repins == 1
 
@@ -65,7 +65,7 @@ def test_down_backend_is_not_even_dialed() -> None:
 def test_drained_backend_keeps_its_pins_but_takes_no_new_clients() -> None:
     r, _ = router()
     first = connect(r, 1)
-    r.by_name[first].set_state(State.DRAIN)  # type: ignore[index]
+    r.by_name[first].set_admin(State.DRAIN)  # type: ignore[index]
     assert connect(r, 1) == first
     assert all(connect(r, k) != first for k in range(2, 9))
 

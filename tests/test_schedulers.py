@@ -25,14 +25,14 @@ def share(name: str, bs: list[Backend], n: int = 6000, keys: bool = True) -> Cou
 @pytest.mark.parametrize("name", sorted(SCHEDULER_CLASSES))
 def test_every_scheduler_skips_unavailable_weight_zero_and_excluded(name: str) -> None:
     bs = pool(1, 1, 0, 1, 1)
-    bs[0].set_state(State.DOWN)
-    bs[1].set_state(State.DRAIN)
+    bs[0].set_healthy(False)
+    bs[1].set_admin(State.DRAIN)
     bs[3].remove()
     s = make_scheduler(name, bs, random.Random(2))
     for k in range(500):
         assert s.pick(k) is bs[4]
     assert s.pick(1, [bs[4]]) is None
-    bs[4].set_state(State.DISABLED)
+    bs[4].set_admin(State.DISABLED)
     assert s.pick(3) is None
 
 
@@ -83,7 +83,7 @@ def test_sh_is_deterministic_weighted_and_falls_back() -> None:
     s1, s2 = make_scheduler("sh", bs, random.Random(1)), make_scheduler("sh", pool(1, 1, 2))
     assert all(s1.pick(k).name == s2.pick(k).name for k in range(300))  # type: ignore[union-attr]
     before = {k: s1.pick(k) for k in range(3000)}
-    bs[0].set_state(State.DOWN)
+    bs[0].set_healthy(False)
     moved = [k for k in range(3000) if s1.pick(k) is not before[k]]
     assert all(before[k] is bs[0] for k in moved)  # only the failed backend's clients move
 
@@ -95,7 +95,7 @@ def test_mh_balances_and_disrupts_minimally() -> None:
         assert abs(n / 20000 - 0.25) < 0.03
     s = make_scheduler("mh", bs)
     before = {k: s.pick(k) for k in range(20000)}
-    bs[2].set_state(State.DOWN)  # a failure: the table stays, the slot is skipped
+    bs[2].set_healthy(False)  # a failure: the table stays, the slot is skipped
     moved = [k for k in before if s.pick(k) is not before[k]]
     assert all(before[k] is bs[2] for k in moved)
     assert 0.2 < len(moved) / 20000 < 0.3
@@ -129,8 +129,8 @@ def test_fo_takes_the_highest_weight_then_fails_over() -> None:
     bs = pool(5, 10, 10, 1)
     s = make_scheduler("fo", bs)
     assert s.pick(0) is bs[1]
-    bs[1].set_state(State.DOWN)
+    bs[1].set_healthy(False)
     assert s.pick(0) is bs[2]
-    bs[2].set_state(State.DOWN)
+    bs[2].set_healthy(False)
     assert s.pick(0) is bs[0]
     assert s.pick(0, [bs[0]]) is bs[3]
