@@ -35,8 +35,8 @@ async def probe(spec: HealthCheckSpec, address: str, port: int, name: str) -> tu
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()  # the same words on uvloop and asyncio
     return str(exc) or type(exc).__name__
 
 

@@ -54,6 +54,7 @@ class HealthMonitor:
         self.results: dict[tuple[str, str], CheckResult] = {}
         self._checks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._notifies: set[asyncio.Task[None]] = set()
+        self._waiters: list[tuple[Callable[[Event], bool], asyncio.Future[Event]]] = []
 
     def start(self) -> None:
         for router in self.routers.values():
@@ -108,8 +109,25 @@ class HealthMonitor:
                 return
             await asyncio.sleep(check.interval * self.rng.uniform(0.9, 1.1))
 
+    async def wait_event(self, match: Callable[[Event], bool]) -> Event:
+        """The next event for which `match` is true."""
+        fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        waiter = (match, fut)
+        self._waiters.append(waiter)
+        try:
+            return await fut
+        finally:
+            self._waiters.remove(waiter)
+
+    async def notified(self) -> None:
+        """Until every notify command started so far has finished."""
+        await asyncio.gather(*self._notifies, return_exceptions=True)
+
     def on_event(self, event: Event) -> None:
         self.events.append(event)
+        for match, fut in self._waiters:
+            if not fut.done() and match(event):
+                fut.set_result(event)
         bad = event.new in (State.DOWN, State.DISABLED, "serving")
         log.log(logging.WARNING if bad else logging.INFO, "%s", event.describe())
         router = self.routers.get(event.group)

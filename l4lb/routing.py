@@ -10,7 +10,8 @@ A connection's life, as the router sees it:
    - while the group has lost its quorum and has a sorry server: the sorry server, never pinned;
    - the pinned backend, if it still accepts pinned clients (up, draining, or inhibited) and
      has a free slot. If it is full and the group has a `queue_timeout`, it returns None with
-     `route.wait_for` set: the caller waits for a slot, then asks again (once);
+     `route.wait_for` set: the caller waits for a slot, then asks again (once). A connection
+     that finds its backend still full goes to the scheduler's pick, but the pin stays;
    - with `on_up: return`, a client moved away from a failed backend goes back to it once it is
      up again;
    - otherwise the scheduler's pick among the backends not yet tried. A new entry is pinned to
@@ -160,6 +161,9 @@ class Router:
                 if self.spec.queue_timeout > 0 and not route.queued:
                     route.wait_for = pinned
                     return None
+                # Full for now: this connection goes elsewhere, the pin stays.
+                route.reason = "full"
+                return self.scheduler.pick(route.key, tried)
             elif not route.reason:
                 route.reason = "unavailable"
         elif pinned is not None and not route.reason:
@@ -188,7 +192,7 @@ class Router:
             self.stats.sorry += 1
             return
         entry = route.entry
-        if entry is None:
+        if entry is None or route.reason == "full":
             return
         if route.pinned is not None and route.pinned is not backend:
             stats = self.stats

@@ -56,6 +56,11 @@ class NamedBackend:
             self.ports[sp] = srv.sockets[0].getsockname()[1]
         return self
 
+    async def restart(self) -> None:
+        """Listen again on the same ports, after `stop`."""
+        for bound in self.ports.values():
+            self.servers.append(await asyncio.start_server(self._handle, self.host, bound))
+
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
