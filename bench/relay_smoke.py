@@ -113,8 +113,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--idle", type=int, default=5000)
+    ap.add_argument(
+        "--checked-backends",
+        type=int,
+        default=0,
+        help="also run a group of N backends with 1 s TCP health checks (their cost on the relay)",
+    )
     args = ap.parse_args()
-    ports = dict(zip(("echo", "sink", "lb_echo", "lb_sink"), free_ports(4), strict=True))
+    ports = dict(
+        zip(("echo", "sink", "lb_echo", "lb_sink", "lb_checked"), free_ports(5), strict=True)
+    )
     with processes() as procs, tempfile.TemporaryDirectory() as tmp:
         be = subprocess.Popen(
             [sys.executable, "-c", BACKEND, str(ports["echo"]), str(ports["sink"])],
@@ -134,7 +142,19 @@ def main() -> None:
             "    persistence: {timeout: 5m, netmask: /24}\n    backends:\n"
             f"      - {{name: b1, address: 127.0.0.1, ports: {maps}}}\n"
         )
-        lb = start_l4lb(cfg)
+        if args.checked_backends:
+            with cfg.open("a") as f:
+                f.write(
+                    "  checked:\n"
+                    f"    listen: [127.0.0.1]\n    ports: [{ports['lb_checked']}]\n"
+                    "    health_check: {type: tcp, interval: 1s, timeout: 500ms}\n    backends:\n"
+                )
+                for i in range(args.checked_backends):
+                    f.write(
+                        f"      - {{name: c{i}, address: 127.0.0.1, "
+                        f"ports: {{{ports['lb_checked']}: {ports['echo']}}}}}\n"
+                    )
+        lb = start_l4lb(cfg, groups=2 if args.checked_backends else 1)
         procs.append(lb)
         uvloop.run(measure(args, ports, lb.pid))
 

@@ -25,6 +25,8 @@ async def probe(spec: HealthCheckSpec, address: str, port: int, name: str) -> tu
         async with asyncio.timeout(spec.timeout):
             if spec.type == "exec":
                 return await _exec(spec, address, port, name)
+            if spec.type == "tcp" and spec.send is None and spec.expect is None:
+                return await _connect_only(address, port)
             return await _connect_and_talk(spec, address, port)
     except TimeoutError:
         return False, f"timed out after {spec.timeout:g}s"
@@ -38,6 +40,15 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno).lower()  # the same words on uvloop and asyncio
     return str(exc) or type(exc).__name__
+
+
+async def _connect_only(address: str, port: int) -> tuple[bool, str]:
+    """The cheapest check: a bare protocol, no streams (hundreds of these run every second)."""
+    transport, _ = await asyncio.get_running_loop().create_connection(
+        asyncio.Protocol, address, port
+    )
+    transport.close()
+    return True, "connected"
 
 
 async def _connect_and_talk(spec: HealthCheckSpec, address: str, port: int) -> tuple[bool, str]:
