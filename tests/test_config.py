@@ -287,3 +287,13 @@ def test_run_refuses_a_port_it_cannot_bind(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port} for group 'web': Address already in use" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_the_readme_reference_config_is_valid() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Configuration reference", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = load_config_text(block, "README.md")
+    (g,) = config.groups
+    assert g.health_check is not None and g.health_check.path == "/healthz"
+    assert g.sorry_server is not None and g.backends[0].max_conns == 1000
