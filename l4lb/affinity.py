@@ -164,6 +164,36 @@ class AffinityTable(Generic[B]):
             if entry.expires > now:
                 yield entry
 
+    def snapshot(self) -> list[tuple[int, B, float]]:
+        """(key, backend, seconds left) of every pinned entry; an active entry counts as just
+        released, with the whole timeout left."""
+        now = self.clock()
+        out: list[tuple[int, B, float]] = []
+        for e in self.entries():
+            if e.backend is not None:
+                out.append((e.key, e.backend, self.timeout if e.refs else e.expires - now))
+        return out
+
+    def restore(self, items: list[tuple[int, B, float]]) -> int:
+        """Load idle entries (key, backend, seconds left), as a snapshot gave them; keys already
+        present are left alone. Returns how many were loaded."""
+        now = self.clock()
+        n = 0
+        for key, backend, left in sorted(items, key=lambda item: item[2]):
+            if (
+                left <= 0
+                or key in self._active
+                or key in self._idle
+                or len(self) >= self.max_entries
+            ):
+                continue
+            entry: Entry[B] = Entry(key)
+            entry.backend = backend
+            entry.expires = now + min(left, self.timeout)
+            self._idle[key] = entry
+            n += 1
+        return n
+
     def forget(self, key: int) -> bool:
         """Flush one client's pin. An active entry stays (its connections are open) but is
         unpinned, so the client's next connection is scheduled afresh."""

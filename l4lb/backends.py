@@ -68,7 +68,7 @@ class Backend:
         self.bytes_out = 0  # backend -> client
         self.schedulable = False
         self.accepts_pinned = False
-        self._refresh()
+        self.refresh()
 
     @property
     def state(self) -> State:
@@ -91,32 +91,46 @@ class Backend:
         if state is State.DOWN:
             raise ValueError("'down' is the health checks' verdict, not an operator state")
         self.admin = state
-        self._refresh()
+        self.refresh()
 
     def set_healthy(self, healthy: bool) -> None:
         self.healthy = healthy
-        self._refresh()
+        self.refresh()
 
     def set_weight(self, weight: int) -> None:
         self.weight = weight
-        self._refresh()
+        self.refresh()
 
     def remove(self) -> None:
         """Taken out of the configuration: never chosen, and its pins move on."""
         self.removed = True
-        self._refresh()
+        self.refresh()
 
     def take_slot(self) -> None:
         self.active += 1
         if self.max_conns and self.active >= self.max_conns:
-            self._refresh()
+            self.refresh()
 
     def free_slot(self) -> None:
         self.active -= 1
         if self.max_conns and self.active == self.max_conns - 1:
-            self._refresh()
+            self.refresh()
 
-    def _refresh(self) -> None:
+    def update(self, spec: BackendSpec, previous: BackendSpec, index: int) -> None:
+        """Apply a reloaded spec. Weight and operator state change only when the file changed
+        them, so that a reload does not undo what an operator set at run time."""
+        self.address = spec.address
+        self.ports = dict(spec.ports)
+        self.max_conns = spec.max_conns
+        self.inhibit = spec.inhibit_on_failure
+        self.index = index
+        if spec.weight != previous.weight:
+            self.weight = spec.weight
+        if spec.state != previous.state:
+            self.admin = State(spec.state)
+        self.refresh()
+
+    def refresh(self) -> None:
         alive = not self.removed and self.admin is not State.DISABLED
         self.schedulable = (
             alive and self.healthy and self.admin is State.UP and self.weight > 0 and not self.full

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load_config
-from .server import Server, StartupError
+from .server import ReloadError, Server, StartupError
 
 log = logging.getLogger("l4lb")
 
@@ -43,9 +43,18 @@ async def _serve(config: Config, demo: bool) -> int:
             log.warning("received %s again: exiting now", sig.name)
             raise SystemExit(1)
 
+    server = Server(config)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_hangup() -> None:
+        log.info("received SIGHUP: reloading %s", config.source)
+        task: asyncio.Task[object] = loop.create_task(_reload(server))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    server = Server(config)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     demo_servers: list[asyncio.AbstractServer] = []
     try:
         if demo:
@@ -64,6 +73,13 @@ async def _serve(config: Config, demo: bool) -> int:
         for srv in demo_servers:
             srv.close()
     return 0
+
+
+async def _reload(server: Server) -> object:
+    try:
+        return await server.reload_from_file()
+    except ReloadError:
+        return None  # logged by the server, line by line; the running configuration stays
 
 
 def _setup_logging(level: str) -> None:
@@ -93,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a configuration file and exit")
     check.add_argument("-c", "--config", required=True, help="the YAML configuration file")
     sub.add_parser("version", help="print the version")
+    from .ctl import add_parser as add_ctl
+
+    add_ctl(sub)
     for p in (run, check):
         p.add_argument(
             "--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"]
@@ -102,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"l4lb {__version__}")
         return 0
+    if args.command == "ctl":
+        from .ctl import run as run_ctl
+
+        return run_ctl(args)
     _setup_logging(args.log_level)
     try:
         config = load_config(args.config)

@@ -103,9 +103,26 @@ class GroupSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSpec:
+    host: str = "127.0.0.1"
+    port: int = 9090
+    token_file: str | None = None  # a bearer token for mutating calls; without one they are refused
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if self.host == "0.0.0.0" else "[::1]"
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     groups: tuple[GroupSpec, ...]
     shutdown_timeout: float = 10.0
+    admin: AdminSpec | None = None
+    state_file: str | None = None
+    state_interval: float = 30.0
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()
 
@@ -276,7 +293,7 @@ def _scheduler(v: Any) -> str:
 
 # --------------------------------------------------------------------------- sections
 
-_TOP_KEYS = ("groups", "shutdown_timeout")
+_TOP_KEYS = ("groups", "shutdown_timeout", "admin", "state_file", "state_interval")
 _GROUP_KEYS = (
     "mark",
     "listen",
@@ -688,6 +705,48 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
     return group
 
 
+def _beside(source: str, path: str) -> str:
+    """A relative path in a file means relative to that file's folder."""
+    if source.startswith("<") or Path(path).is_absolute():
+        return path
+    return str(Path(source).parent / path)
+
+
+def _host_port(x: Any) -> tuple[str, int]:
+    if not isinstance(x, str) or ":" not in x:
+        raise ValueError(f"expected host:port such as 127.0.0.1:9090, got {x!r}")
+    host, _, port = x.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    return _ip(host), _port(int(port) if port.isdigit() else port)
+
+
+def _admin(v: _Validator, node: yaml.Node, path: str) -> AdminSpec | None:
+    m = v.mapping(node, path, ("listen", "token_file"))
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    if "listen" in m:
+        hp = v.field(m["listen"][1], f"{path}.listen", _host_port)
+        if hp is None:
+            return None
+        kw["host"], kw["port"] = hp
+    if "token_file" in m:
+        tf = v.field(m["token_file"][1], f"{path}.token_file", _text)
+        if tf is None:
+            return None
+        tf = _beside(v.source, tf)
+        try:
+            if not Path(tf).read_text(encoding="utf-8").strip():
+                v.error(m["token_file"][1], f"{path}.token_file", f"{tf} is empty")
+                return None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            v.error(m["token_file"][1], f"{path}.token_file", f"cannot read {tf}: {reason}")
+            return None
+        kw["token_file"] = tf
+    return AdminSpec(**kw)
+
+
 def _listen_overlaps(a: GroupSpec, b: GroupSpec) -> Iterator[tuple[str, int]]:
     """(address, port) pairs that two groups would both bind."""
     for port in set(a.ports) & set(b.ports):
@@ -705,8 +764,16 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
     if m is None:
         return None
     kw: dict[str, Any] = {}
-    if "shutdown_timeout" in m:
-        kw["shutdown_timeout"] = v.field(m["shutdown_timeout"][1], "shutdown_timeout", _duration)
+    checks: dict[str, Callable[[Any], Any]] = {
+        "shutdown_timeout": _duration,
+        "state_file": _text,
+        "state_interval": _positive_duration,
+    }
+    _scalars(v, m, "", checks, kw)
+    if "state_file" in kw:
+        kw["state_file"] = _beside(v.source, kw["state_file"])
+    if "admin" in m:
+        kw["admin"] = _admin(v, m["admin"][1], "admin")
     if "groups" not in m:
         v.error(root, "", "missing required key 'groups'")
         return None
@@ -764,6 +831,20 @@ def load_config_text(text: str, source: str = "<memory>") -> Config:
     if config is None:
         raise ConfigError(v.errors or [f"{source}:1: invalid configuration"])
     return config
+
+
+def load_admin_section(path: str | Path) -> AdminSpec | None:
+    """Only the `admin` section of a file, validated as `load_config` would."""
+    try:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
+    v = _Validator(str(path))
+    m = v.mapping(root, "", ()) if root is not None else None
+    admin = _admin(v, m["admin"][1], "admin") if m and "admin" in m else None
+    if v.errors:
+        raise ConfigError(v.errors)
+    return admin
 
 
 def load_config(path: str | Path) -> Config:

@@ -76,11 +76,19 @@ async def dial(
             await slots.wait(full, router.spec.queue_timeout)
             continue
         port = backend.port_for(service_port)
+        t0 = loop.time()
         try:
             async with asyncio.timeout(connect_timeout):
                 transport, protocol = await loop.create_connection(factory, backend.address, port)
         except (OSError, TimeoutError) as exc:
-            router.failed(route, backend)
+            reason = (
+                "timeout"
+                if isinstance(exc, TimeoutError)
+                else "refused"
+                if isinstance(exc, ConnectionRefusedError)
+                else "error"
+            )
+            router.failed(route, backend, reason)
             log.debug(
                 "group %s: backend %s (%s:%d) failed: %s",
                 router.name,
@@ -92,5 +100,6 @@ async def dial(
             if backend.waiting:
                 slots.wake(backend)
             continue
+        router.stats.observe_connect(loop.time() - t0)
         router.connected(route, backend)
         return backend, transport, protocol

@@ -46,6 +46,12 @@ def mask_prefix_len(netmask: int) -> int | None:
     return 32 - inverted.bit_length()
 
 
+def format_netmask(netmask: int) -> str:
+    """'/24' for a contiguous mask, the dotted form otherwise."""
+    plen = mask_prefix_len(netmask)
+    return f"/{plen}" if plen is not None else inet_ntop(AF_INET, netmask.to_bytes(4, "big"))
+
+
 def format_key(key: int, netmask: int = 0xFFFFFFFF, ipv6_prefix: int = 128) -> str:
     """'203.0.113.0/24' or '2001:db8::/64': the client network a key stands for."""
     if key & V6_TAG:

@@ -51,7 +51,8 @@ class HealthMonitor:
         self.close_connections = close_connections
         self.rng = rng or random.Random()
         self.events: deque[Event] = deque(maxlen=1000)
-        self.results: dict[tuple[str, str], CheckResult] = {}
+        self.results: dict[tuple[str, str], CheckResult] = {}  # the last result of each check
+        self.counts: dict[tuple[str, str], list[int]] = {}  # [passed, failed], ever
         self._checks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._notifies: set[asyncio.Task[None]] = set()
         self._waiters: list[tuple[Callable[[Event], bool], asyncio.Future[Event]]] = []
@@ -63,6 +64,15 @@ class HealthMonitor:
                 check = spec.health_check or router.spec.health_check
                 if check is not None:
                     self._start(router, backend, check, until_up=False)
+
+    async def restart(self) -> None:
+        """After a reload: the checks of the new configuration, with verdicts kept."""
+        checks = list(self._checks.values())
+        for t in checks:
+            t.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
+        self._checks.clear()
+        self.start()
 
     async def stop(self) -> None:
         tasks = [*self._checks.values(), *self._notifies]
@@ -92,9 +102,9 @@ class HealthMonitor:
         while True:
             t0 = loop.time()
             ok, detail = await probe(check, backend.address, port, backend.name)
-            self.results[(router.name, backend.name)] = CheckResult(
-                ok, detail, loop.time() - t0, time.time()
-            )
+            key = (router.name, backend.name)
+            self.results[key] = CheckResult(ok, detail, loop.time() - t0, time.time())
+            self.counts.setdefault(key, [0, 0])[0 if ok else 1] += 1
             if verdict.healthy != backend.healthy:  # the passive check or an operator moved it
                 verdict.force(backend.healthy)
             change = verdict.record(ok)

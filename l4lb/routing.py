@@ -43,13 +43,20 @@ from .health import Event, Quorum
 from .keys import Keyer, make_keyer
 from .schedulers import Scheduler, make_scheduler
 
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
 
 class GroupStats:
     """Plain counters for one group, read at scrape time (never labelled per connection)."""
 
     __slots__ = (
         "accepted",
+        "connect_buckets",
+        "connect_count",
         "connect_failures",
+        "connect_sum",
+        "failed_refused",
+        "failed_timeout",
         "no_backend",
         "rejected",
         "repins_failed",
@@ -64,6 +71,11 @@ class GroupStats:
         self.rejected = 0  # clients refused before routing (an address we could not key)
         self.no_backend = 0  # connections closed because no backend accepted them
         self.connect_failures = 0  # single dial attempts that were refused or timed out
+        self.failed_refused = 0
+        self.failed_timeout = 0  # the rest of connect_failures are other socket errors
+        self.connect_buckets = [0] * (len(CONNECT_BUCKETS) + 1)  # the last one is +Inf
+        self.connect_sum = 0.0
+        self.connect_count = 0
         self.repins_unavailable = 0  # the pinned backend was down, disabled or removed
         self.repins_failed = 0  # the pinned backend refused or timed out
         self.repins_returned = 0  # on_up: return brought a client back
@@ -73,6 +85,16 @@ class GroupStats:
     @property
     def repins(self) -> int:
         return self.repins_unavailable + self.repins_failed + self.repins_returned
+
+    def observe_connect(self, seconds: float) -> None:
+        i = 0
+        for bound in CONNECT_BUCKETS:
+            if seconds <= bound:
+                break
+            i += 1
+        self.connect_buckets[i] += 1
+        self.connect_sum += seconds
+        self.connect_count += 1
 
 
 class Route:
@@ -175,11 +197,17 @@ class Router:
             entry.backend = choice  # tentative pin, confirmed by `connected`
         return choice
 
-    def failed(self, route: Route, backend: Backend) -> None:
+    def failed(self, route: Route, backend: Backend, reason: str = "refused") -> None:
+        """A dial failed; `reason` is refused, timeout or error."""
         backend.free_slot()
         backend.connect_failures += 1
         backend.failures_in_row += 1
-        self.stats.connect_failures += 1
+        stats = self.stats
+        stats.connect_failures += 1
+        if reason == "refused":
+            stats.failed_refused += 1
+        elif reason == "timeout":
+            stats.failed_timeout += 1
         route.backend = None
         n = self.spec.passive_failures
         if n and backend.failures_in_row >= n and backend.healthy and backend is not self.sorry:
@@ -225,6 +253,58 @@ class Router:
             if entry.backend is not None and not entry.backend.accepts_pinned and entry.refs == 1:
                 entry.backend = None  # a pin to a dead backend is not worth remembering
             self.table.release(entry)
+
+    def all_backends(self) -> list[Backend]:
+        return [*self.backends, self.sorry] if self.sorry is not None else list(self.backends)
+
+    def reconfigure(
+        self, spec: GroupSpec, clock: Callable[[], float], rng: random.Random | None
+    ) -> list[str]:
+        """Apply a reloaded group. Backends are matched by name, so pins to the ones that remain
+        stay; removed ones are marked so that their pins move on. Returns what changed."""
+        old = self.spec
+        previous = {b.name: b for b in old.backends}
+        changes: list[str] = []
+        backends: list[Backend] = []
+        for i, bs in enumerate(spec.backends):
+            b = self.by_name.get(bs.name)
+            if b is None:
+                b = Backend(bs, i)
+                changes.append(f"backend {bs.name} added")
+            else:
+                if bs != previous[bs.name]:
+                    changes.append(f"backend {bs.name} changed")
+                b.update(bs, previous[bs.name], i)
+            backends.append(b)
+        names = {b.name for b in backends}
+        for b in self.backends:
+            if b.name not in names:
+                b.remove()
+                changes.append(f"backend {b.name} removed")
+        self.backends = backends
+        self.by_name = {b.name: b for b in backends}
+        if spec.sorry_server != old.sorry_server:
+            self.sorry = Backend(spec.sorry_server) if spec.sorry_server is not None else None
+        if spec.scheduler != old.scheduler or [b.name for b in backends] != [
+            b.name for b in old.backends
+        ]:
+            self.scheduler = make_scheduler(spec.scheduler, backends, rng)
+        else:
+            self.scheduler.backends = backends  # type: ignore[attr-defined]
+            self.scheduler.rebuild()
+        p = spec.persistence
+        self.keyer = make_keyer(p.netmask, p.ipv6_prefix)
+        if not p.enabled:
+            self.table = None
+        elif self.table is None:
+            self.table = AffinityTable(p.timeout, p.max_entries, clock)
+        else:
+            self.table.timeout = p.timeout
+            self.table.max_entries = p.max_entries
+        self.quorum = Quorum(spec.quorum, spec.hysteresis, self.up_count())
+        self._return = spec.on_up == "return"
+        self.spec = spec
+        return changes
 
     # ------------------------------------------------------------------ state changes
 

@@ -1,8 +1,13 @@
-"""The balancer's lifecycle: start listeners, serve until told to stop, then drain and close.
+"""The balancer's lifecycle: start listeners, serve until told to stop, then drain and close; and
+reload a new configuration in place.
 
 `Server.serve(shutdown_trigger)` takes an awaitable to wait on instead of installing signal
 handlers itself (the CLI wires SIGTERM/SIGINT to it; tests pass an Event), after hypercorn.
 Live connections are tracked in a set, since uvloop's server cannot close its clients.
+
+Listeners are keyed by (address, port) and each accept looks up the group and service port it
+serves in `_bindings`, so a reload that keeps a port keeps its socket open and never refuses a
+connection; only new ports are bound (before anything else changes) and removed ones closed.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ import logging
 import random
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
+from . import statefile
 from .backends import Backend
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .dialer import SlotQueue
-from .keys import mask_prefix_len
+from .keys import format_netmask
 from .listeners import BACKLOG, ListenSpec, bind, close_all, listen_specs
 from .monitor import HealthMonitor
 from .relay import ClientSide, reset
@@ -25,9 +32,20 @@ from .routing import Router
 
 log = logging.getLogger("l4lb.server")
 
+HISTORY_PERIOD = 5.0  # seconds between samples of the affinity table sizes
+HISTORY_LENGTH = 720  # one hour of samples
+
 
 class StartupError(Exception):
     """The balancer cannot start (a port it cannot bind, say); the message is one line."""
+
+
+class ReloadError(Exception):
+    """A reload was refused and nothing changed; `lines` say why."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
 
 
 class Server:
@@ -39,14 +57,24 @@ class Server:
     ) -> None:
         self.config = config
         self.clock = clock
+        self.rng = rng
         self.routers = {g.name: Router(g, clock, rng) for g in config.groups}
         self.live: set[ClientSide] = set()
         self.slots = SlotQueue()
         self.monitor = HealthMonitor(self.routers, self.close_connections, rng)
         self.listening: list[ListenSpec] = []
-        self._servers: list[asyncio.AbstractServer] = []
-        self._sweeper: asyncio.Task[None] | None = None
+        self.ready = False
+        self.started_at = time.time()
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.admin_refused: dict[str, int] = {}
+        self.history: deque[tuple[float, dict[str, int]]] = deque(maxlen=HISTORY_LENGTH)
+        self._bindings: dict[tuple[str, int], tuple[Router, int]] = {}
+        self._listeners: dict[tuple[str, int], tuple[ListenSpec, asyncio.AbstractServer]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
         self._quiet: asyncio.Event | None = None
+        self._reload_lock = asyncio.Lock()
+        self._admin: object | None = None
 
     # ------------------------------------------------------------------ connection tracking
 
@@ -67,52 +95,6 @@ class Server:
                 self._quiet = asyncio.Event()
             await self._quiet.wait()
 
-    # ------------------------------------------------------------------ lifecycle
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        bound: list[tuple[ListenSpec, socket.socket]] = []
-        for spec in listen_specs(self.config):
-            try:
-                bound.append((spec, bind(spec)))
-            except OSError as exc:
-                close_all(s for _, s in bound)
-                raise StartupError(
-                    f"cannot listen on {spec} for group {spec.group!r}: {exc.strerror or exc}"
-                ) from None
-        for spec, sock in bound:
-            router = self.routers[spec.group]
-
-            def factory(router: Router = router, port: int = spec.port) -> ClientSide:
-                return ClientSide(self, router, port)
-
-            self._servers.append(await loop.create_server(factory, sock=sock, backlog=BACKLOG))
-            self.listening.append(spec)
-        for g in self.config.groups:
-            p = g.persistence
-            if p.enabled:
-                plen = mask_prefix_len(p.netmask)
-                mask = (
-                    f"/{plen}"
-                    if plen is not None
-                    else socket.inet_ntoa(p.netmask.to_bytes(4, "big"))
-                )
-                persist = f"persistence {p.timeout:g}s per {mask} (IPv6 /{p.ipv6_prefix})"
-            else:
-                persist = "persistence off"
-            where = ", ".join(str(s) for s in self.listening if s.group == g.name)
-            log.info(
-                "group %s (mark %d): listening on %s; %s backends, scheduler %s, %s",
-                g.name,
-                g.mark,
-                where,
-                len(g.backends),
-                g.scheduler,
-                persist,
-            )
-        self._sweeper = loop.create_task(self._sweep())
-        self.monitor.start()
-
     def close_connections(self, router: Router, backend: Backend) -> int:
         """Close every open connection of `backend` in `router`'s group; how many."""
         doomed = [
@@ -123,6 +105,91 @@ class Server:
         for conn in doomed:
             conn.close_idle()
         return len(doomed)
+
+    # ------------------------------------------------------------------ listeners
+
+    def _bind_new(self, specs: list[ListenSpec]) -> list[tuple[ListenSpec, socket.socket]]:
+        """Bind every spec not bound yet; all or nothing."""
+        bound: list[tuple[ListenSpec, socket.socket]] = []
+        for spec in specs:
+            current = self._listeners.get((spec.host, spec.port))
+            if current is not None and current[0].v6only == spec.v6only:
+                continue
+            try:
+                bound.append((spec, bind(spec)))
+            except OSError as exc:
+                close_all(s for _, s in bound)
+                raise StartupError(
+                    f"cannot listen on {spec} for group {spec.group!r}: {exc.strerror or exc}"
+                ) from None
+        return bound
+
+    async def _serve_sockets(self, bound: list[tuple[ListenSpec, socket.socket]]) -> None:
+        loop = asyncio.get_running_loop()
+        bindings = self._bindings
+        for spec, sock in bound:
+            where = (spec.host, spec.port)
+
+            def factory(where: tuple[str, int] = where) -> ClientSide:
+                router, service_port = bindings[where]
+                return ClientSide(self, router, service_port)
+
+            srv = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+            self._listeners[where] = (spec, srv)
+
+    def _set_bindings(self, specs: list[ListenSpec]) -> None:
+        self._bindings.clear()
+        for spec in specs:
+            self._bindings[(spec.host, spec.port)] = (self.routers[spec.group], spec.port)
+        self.listening = specs
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        specs = listen_specs(self.config)
+        bound = self._bind_new(specs)
+        self._set_bindings(specs)
+        await self._serve_sockets(bound)
+        self._load_state()
+        self.monitor.start()
+        self._tasks = [loop.create_task(self._sweep()), loop.create_task(self._sample())]
+        if self.config.state_file:
+            self._tasks.append(loop.create_task(self._save_periodically()))
+        await self._start_admin()
+        self.ready = True
+        for g in self.config.groups:  # last, so that these lines mean "fully started"
+            log.info("%s", self._describe(g.name))
+
+    async def _start_admin(self) -> None:
+        if self.config.admin is None:
+            return
+        from .admin import AdminServer  # aiohttp loads only when the admin API is configured
+
+        admin = AdminServer(self, self.config.admin)
+        try:
+            await admin.start()
+        except OSError as exc:
+            where = f"{self.config.admin.host}:{self.config.admin.port}"
+            raise StartupError(
+                f"cannot listen on {where} for the admin API: {exc.strerror or exc}"
+            ) from None
+        self._admin = admin
+        log.info("admin API on %s", self.config.admin.url)
+
+    def _describe(self, group: str) -> str:
+        g = self.routers[group].spec
+        p = g.persistence
+        if p.enabled:
+            mask = format_netmask(p.netmask)
+            persist = f"persistence {p.timeout:g}s per {mask} (IPv6 /{p.ipv6_prefix})"
+        else:
+            persist = "persistence off"
+        where = ", ".join(str(s) for s in self.listening if s.group == g.name)
+        return (
+            f"group {g.name} (mark {g.mark}): listening on {where}; {len(g.backends)} backends, "
+            f"scheduler {g.scheduler}, {persist}"
+        )
 
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]]) -> None:
         await self.start()
@@ -136,10 +203,11 @@ class Server:
         shutdown_timeout by default), then reset what is left."""
         if grace is None:
             grace = self.config.shutdown_timeout
-        for srv in self._servers:
+        self.ready = False
+        for _, srv in self._listeners.values():
             srv.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.monitor.stop()
         if self.live:
             log.info(
@@ -155,12 +223,123 @@ class Server:
                         reset(conn.transport)
                     if conn.peer is not None and not conn.peer.lost:
                         reset(conn.peer.transport)
-        for srv in self._servers:
+        for _, srv in self._listeners.values():
             await srv.wait_closed()
-        self._servers.clear()
+        self._listeners.clear()
+        if self.config.state_file:
+            await self._save_state()
+        if self._admin is not None:
+            await self._admin.stop()  # type: ignore[attr-defined]
+            self._admin = None
         log.info("stopped")
 
-    # ------------------------------------------------------------------ idle timeout
+    # ------------------------------------------------------------------ reload
+
+    async def reload_from_file(self) -> list[str]:
+        """Re-read the configuration file and apply it; raises ReloadError."""
+        try:
+            config = load_config(self.config.source)
+        except ConfigError as exc:
+            self.reloads_failed += 1
+            for line in exc.lines:
+                log.error("reload refused: %s", line)
+            raise ReloadError(exc.lines) from None
+        return await self.apply(config)
+
+    async def apply(self, new: Config) -> list[str]:
+        """Apply a validated configuration without dropping a connection: kept ports keep their
+        sockets, backends are matched by name. All or nothing: on a port that cannot be bound,
+        nothing changes. Returns what changed."""
+        async with self._reload_lock:
+            try:
+                return await self._apply(new)
+            except StartupError as exc:
+                self.reloads_failed += 1
+                log.error("reload refused: %s", exc)
+                raise ReloadError([str(exc)]) from None
+
+    async def _apply(self, new: Config) -> list[str]:
+        specs = listen_specs(new)
+        wanted = {(s.host, s.port): s for s in specs}
+        # v6-only flips need the old socket gone first: the one change that cannot be seamless.
+        for where, (spec, srv) in list(self._listeners.items()):
+            if where in wanted and wanted[where].v6only != spec.v6only:
+                srv.close()
+                del self._listeners[where]
+        bound = self._bind_new(specs)
+        changes: list[str] = []
+        for g in new.groups:
+            router = self.routers.get(g.name)
+            if router is None:
+                self.routers[g.name] = Router(g, self.clock, self.rng)
+                changes.append(f"group {g.name} added")
+            else:
+                changes += [
+                    f"group {g.name}: {c}" for c in router.reconfigure(g, self.clock, self.rng)
+                ]
+        for name in [n for n in self.routers if n not in {g.name for g in new.groups}]:
+            del self.routers[name]  # its open connections keep their router and finish
+            changes.append(f"group {name} removed")
+        self._set_bindings(specs)
+        await self._serve_sockets(bound)
+        for where, (_spec, srv) in list(self._listeners.items()):
+            if where not in wanted:
+                srv.close()  # stops accepting; its connections carry on
+                del self._listeners[where]
+                changes.append(f"stopped listening on {_spec}")
+        changes += [f"listening on {spec}" for spec, _ in bound]
+        if new.admin != self.config.admin:
+            changes.append("admin settings changed: they take effect at the next restart")
+        self.config = new
+        await self.monitor.restart()
+        self.reloads_ok += 1
+        log.info("reloaded %s: %s", new.source, "; ".join(changes) or "no changes")
+        return changes
+
+    # ------------------------------------------------------------------ state file
+
+    def _load_state(self) -> None:
+        path = self.config.state_file
+        if not path:
+            return
+        try:
+            data = statefile.read(path)
+            if data is None:
+                log.info("state file %s does not exist yet", path)
+                return
+            loaded, dropped = statefile.restore(self.routers, data)
+        except statefile.StateFileError as exc:
+            log.warning("ignoring the state file: %s", exc)
+            return
+        log.info("state file %s: restored %d pins, dropped %d", path, loaded, dropped)
+
+    async def _save_state(self) -> None:
+        path = self.config.state_file
+        if not path:
+            return
+        data = statefile.snapshot(self.routers)
+        try:
+            await asyncio.to_thread(statefile.write, path, data)
+        except OSError as exc:
+            log.warning("cannot write the state file %s: %s", path, exc.strerror or exc)
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.state_interval)
+            await self._save_state()
+
+    # ------------------------------------------------------------------ background
+
+    async def _sample(self) -> None:
+        """The affinity table sizes over time, for the status page."""
+        while True:
+            sizes = {}
+            for name, router in self.routers.items():
+                if router.table is not None:
+                    router.table.expire()
+                    sizes[name] = len(router.table)
+            self.history.append((time.time(), sizes))
+            await asyncio.sleep(HISTORY_PERIOD)
 
     async def _sweep(self) -> None:
         """Close connections with no traffic for their group's idle_timeout.
@@ -168,12 +347,10 @@ class Server:
         The relay only sets a flag per read; this loop turns flags into timestamps, so the hot
         path never touches a timer. Precision is one tick.
         """
-        timeouts = [g.idle_timeout for g in self.config.groups if g.idle_timeout > 0]
-        if not timeouts:
-            return
-        tick = min(1.0, max(0.02, min(timeouts) / 10))
         loop = asyncio.get_running_loop()
         while True:
+            timeouts = [g.idle_timeout for g in self.config.groups if g.idle_timeout > 0]
+            tick = min(1.0, max(0.02, min(timeouts) / 10)) if timeouts else 1.0
             await asyncio.sleep(tick)
             now = loop.time()
             for conn in list(self.live):

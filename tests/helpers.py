@@ -85,8 +85,8 @@ class NamedBackend:
                 await asyncio.wait_for(srv.wait_closed(), 2)
         self.servers.clear()
 
-    def yaml(self, weight: int = 1) -> str:
-        pm = ", ".join(f"{k}: {v}" for k, v in self.ports.items())
+    def yaml(self, weight: int = 1, only: list[int] | None = None) -> str:
+        pm = ", ".join(f"{k}: {v}" for k, v in self.ports.items() if only is None or k in only)
         return f"- {{name: {self.name}, address: '{self.host}', weight: {weight}, ports: {{{pm}}}}}"
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+STARTUP: dict[int, list[str]] = {}  # pid -> the log lines l4lb wrote while starting
 _readers: dict[tuple[int, str], tuple[queue.Queue[str | None], threading.Thread]] = {}
 
 
@@ -81,8 +82,10 @@ def start_l4lb(config: Path, *extra: str, groups: int = 1) -> subprocess.Popen[s
         text=True,
         env=env,
     )
+    lines: list[str] = []
     for _ in range(groups):
-        wait_for_line(proc, "stderr", "listening on")
+        lines += wait_for_line(proc, "stderr", "listening on")
+    STARTUP[proc.pid] = lines
     return proc
 
 

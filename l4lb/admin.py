@@ -1,0 +1,367 @@
+"""The admin HTTP API, the status page and /metrics, on their own listener (aiohttp).
+
+Reads are open to whoever can reach the listener (loopback by default); calls that change
+anything need `Authorization: Bearer <token>` with the token in `admin.token_file`, and are
+refused with 403 when no token file is configured. A refused or malformed request gets a JSON
+error, is counted, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .backends import Backend, State
+from .config import MAX_WEIGHT, AdminSpec
+from .keys import V6_TAG, format_key, format_netmask
+from .metrics import make_registry
+from .routing import Router
+from .server import ReloadError
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("l4lb.admin")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_LIST = 100_000  # affinity entries in one answer, at most
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, reason: str = "bad_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+def backend_json(
+    group: str, b: Backend, last_check: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "group": group,
+        "name": b.name,
+        "address": b.address,
+        "ports": {str(k): v for k, v in b.ports.items()},
+        "state": b.state.value,
+        "admin_state": b.admin.value,
+        "healthy": b.healthy,
+        "weight": b.weight,
+        "max_conns": b.max_conns,
+        "active": b.active,
+        "connections": b.connections,
+        "connect_failures": b.connect_failures,
+        "bytes_in": b.bytes_in,
+        "bytes_out": b.bytes_out,
+        "last_check": last_check,
+    }
+
+
+class AdminServer:
+    def __init__(self, server: Server, spec: AdminSpec) -> None:
+        self.server = server
+        self.spec = spec
+        self.registry = make_registry(server)
+        self.runner: web.AppRunner | None = None
+        self._status_page = resources.files("l4lb").joinpath("static/status.html").read_bytes()
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
+        app.add_routes(
+            [
+                web.get("/", self.status_page),
+                web.get("/metrics", self.metrics),
+                web.get("/healthz", self.healthz),
+                web.get("/readyz", self.readyz),
+                web.get("/api/v1/groups", self.groups),
+                web.get("/api/v1/backends", self.backends),
+                web.post("/api/v1/backends/{group}/{name}", self.update_backend),
+                web.get("/api/v1/affinity", self.affinity),
+                web.delete("/api/v1/affinity", self.flush_affinity),
+                web.get("/api/v1/events", self.events),
+                web.get("/api/v1/history", self.history),
+                web.post("/api/v1/reload", self.reload),
+            ]
+        )
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(
+            self.runner, self.spec.host, self.spec.port, backlog=128, reuse_address=True
+        )
+        try:
+            await site.start()
+        except OSError:
+            await self.runner.cleanup()
+            raise
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _refuse(self, reason: str) -> None:
+        counts = self.server.admin_refused
+        counts[reason] = counts.get(reason, 0) + 1
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            if request.method not in ("GET", "HEAD"):
+                self._authorize(request)
+            return await handler(request)
+        except ApiError as exc:
+            self._refuse(exc.reason)
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                self._refuse("not_found" if exc.status == 404 else "bad_request")
+                return web.json_response({"error": exc.reason}, status=exc.status)
+            raise
+
+    def _authorize(self, request: web.Request) -> None:
+        if self.spec.token_file is None:
+            raise ApiError(
+                403, "changes are disabled: set admin.token_file in the configuration", "forbidden"
+            )
+        try:
+            token = Path(self.spec.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ApiError(
+                403, f"cannot read the token file: {exc.strerror}", "forbidden"
+            ) from None
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if (
+            scheme.lower() != "bearer"
+            or not token
+            or not hmac.compare_digest(value.strip().encode(), token.encode())
+        ):
+            raise ApiError(
+                401, "a valid 'Authorization: Bearer <token>' header is required", "unauthorized"
+            )
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def _router(self, name: str) -> Router:
+        router = self.server.routers.get(name)
+        if router is None:
+            raise ApiError(404, f"no group {name!r}", "not_found")
+        return router
+
+    # ------------------------------------------------------------------ pages
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._status_page, content_type="text/html", charset="utf-8")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready = self.server.ready
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    # ------------------------------------------------------------------ groups and backends
+
+    async def groups(self, request: web.Request) -> web.Response:
+        out = []
+        for name, router in self.server.routers.items():
+            g = router.spec
+            st = router.stats
+            table = router.table
+            out.append(
+                {
+                    "name": name,
+                    "mark": g.mark,
+                    "listen": list(g.listen),
+                    "ports": list(g.ports),
+                    "scheduler": g.scheduler,
+                    "persistence": {
+                        "timeout": g.persistence.timeout,
+                        "netmask": format_netmask(g.persistence.netmask),
+                        "ipv6_prefix": g.persistence.ipv6_prefix,
+                        "entries": len(table) if table is not None else 0,
+                        "active_entries": table.active_count if table is not None else 0,
+                    },
+                    "sorry_server_serving": router.sorry is not None and router.quorum.lost,
+                    "backends_up": router.up_count(),
+                    "stats": {
+                        "accepted": st.accepted,
+                        "no_backend": st.no_backend,
+                        "connect_failures": st.connect_failures,
+                        "repins": st.repins,
+                        "unpinned": st.unpinned,
+                        "sorry": st.sorry,
+                    },
+                }
+            )
+        return web.json_response({"groups": out, "uptime": time.time() - self.server.started_at})
+
+    def _last_check(self, group: str, name: str) -> dict[str, Any] | None:
+        r = self.server.monitor.results.get((group, name))
+        if r is None:
+            return None
+        return {"ok": r.ok, "detail": r.detail, "duration": round(r.duration, 6), "time": r.time}
+
+    async def backends(self, request: web.Request) -> web.Response:
+        only = request.query.get("group")
+        if only is not None:
+            self._router(only)
+        out = [
+            backend_json(name, b, self._last_check(name, b.name))
+            for name, router in self.server.routers.items()
+            if only is None or name == only
+            for b in router.backends
+        ]
+        return web.json_response({"backends": out})
+
+    async def update_backend(self, request: web.Request) -> web.Response:
+        router = self._router(request.match_info["group"])
+        name = request.match_info["name"]
+        backend = router.by_name.get(name)
+        if backend is None:
+            raise ApiError(404, f"no backend {name!r} in group {router.name!r}", "not_found")
+        body = await self._json_body(request)
+        unknown = set(body) - {"state", "weight"}
+        if unknown or not body:
+            raise ApiError(400, "the body takes 'state' (up, drain, disabled) and/or 'weight'")
+        state = body.get("state")
+        weight = body.get("weight")
+        if state is not None and state not in ("up", "drain", "disabled"):
+            raise ApiError(400, f"state must be up, drain or disabled, not {state!r}")
+        if weight is not None and (
+            isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT
+        ):
+            raise ApiError(400, f"weight must be an integer from 0 to {MAX_WEIGHT}")
+        who = f"operator via the admin API from {request.remote}"
+        if state is not None:
+            router.set_admin(backend, State(state), who)
+        if weight is not None:
+            router.set_weight(backend, weight, who)
+        return web.json_response(
+            backend_json(router.name, backend, self._last_check(router.name, name))
+        )
+
+    # ------------------------------------------------------------------ affinity
+
+    def _matching(
+        self, request: web.Request
+    ) -> list[tuple[Router, int, Backend | None, int, float | None]]:
+        """(router, key, backend, connections, seconds left) of the entries the filters select."""
+        group = request.query.get("group")
+        client = request.query.get("client")
+        backend = request.query.get("backend")
+        if group is not None:
+            self._router(group)
+        net: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+        if client:
+            try:
+                net = ipaddress.ip_network(client, strict=False)
+            except ValueError:
+                raise ApiError(
+                    400,
+                    f"client must be an address or a prefix such as 203.0.113.0/24, not {client!r}",
+                ) from None
+        out = []
+        for name, router in self.server.routers.items():
+            table = router.table
+            if table is None or (group is not None and name != group):
+                continue
+            now = table.clock()
+            for e in table.entries():
+                if backend is not None and (e.backend is None or e.backend.name != backend):
+                    continue
+                if net is not None and not _key_in(e.key, net):
+                    continue
+                left = None if e.refs else max(0.0, e.expires - now)
+                out.append((router, e.key, e.backend, e.refs, left))
+        return out
+
+    async def affinity(self, request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", "10000"))
+        except ValueError:
+            raise ApiError(400, "limit must be an integer") from None
+        matching = self._matching(request)
+        entries = []
+        for router, key, backend, refs, left in matching[: max(0, min(limit, MAX_LIST))]:
+            p = router.spec.persistence
+            entries.append(
+                {
+                    "group": router.name,
+                    "client": format_key(key, p.netmask, p.ipv6_prefix),
+                    "backend": backend.name if backend is not None else None,
+                    "connections": refs,
+                    "expires_in": None if left is None else round(left, 1),
+                }
+            )
+        return web.json_response({"entries": entries, "total": len(matching)})
+
+    async def flush_affinity(self, request: web.Request) -> web.Response:
+        matching = self._matching(request)
+        n = 0
+        for router, key, _backend, _refs, _left in matching:
+            if router.table is not None and router.table.forget(key):
+                n += 1
+        log.info("flushed %d affinity entries (%s) for %s", n, dict(request.query), request.remote)
+        return web.json_response({"deleted": n})
+
+    # ------------------------------------------------------------------ events, history, reload
+
+    async def events(self, request: web.Request) -> web.Response:
+        evs = list(self.server.monitor.events)[-200:]
+        return web.json_response(
+            {
+                "events": [
+                    {
+                        "time": e.time,
+                        "group": e.group,
+                        "backend": e.backend,
+                        "old": e.old,
+                        "new": e.new,
+                        "reason": e.reason,
+                    }
+                    for e in evs
+                ]
+            }
+        )
+
+    async def history(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"samples": [{"time": t, "entries": sizes} for t, sizes in self.server.history]}
+        )
+
+    async def reload(self, request: web.Request) -> web.Response:
+        try:
+            changes = await self.server.reload_from_file()
+        except ReloadError as exc:
+            raise ApiError(
+                400, "reload refused, nothing changed: " + " | ".join(exc.lines)
+            ) from None
+        return web.json_response({"ok": True, "changes": changes})
+
+
+def _key_in(key: int, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    if key & V6_TAG:
+        return net.version == 6 and ipaddress.IPv6Address(key ^ V6_TAG) in net
+    return net.version == 4 and ipaddress.IPv4Address(key) in net

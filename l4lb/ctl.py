@@ -1,0 +1,187 @@
+"""`l4lb ctl`: the admin API from a terminal, as tables or `--json`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .config import AdminSpec, ConfigError, load_admin_section, load_config
+
+
+class CtlError(Exception):
+    pass
+
+
+def add_parser(sub: Any) -> None:
+    ctl = sub.add_parser("ctl", help="talk to a running l4lb's admin API")
+    ctl.add_argument(
+        "-c", "--config", help="take the admin address and token file from this config"
+    )
+    ctl.add_argument("--admin", help="the admin API's URL (default http://127.0.0.1:9090)")
+    ctl.add_argument("--token-file", help="a file holding the bearer token for changes")
+    ctl.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    what = ctl.add_subparsers(dest="what", required=True)
+    what.add_parser("status", help="groups and backends")
+    aff = what.add_parser("affinity", help="list or flush affinity entries")
+    aff.add_argument("action", choices=["list", "flush"])
+    for name in ("group", "client", "backend"):
+        aff.add_argument(f"--{name}")
+    aff.add_argument("--limit", type=int, default=1000)
+    be = what.add_parser("backend", help="drain, enable, disable a backend or set its weight")
+    be.add_argument("action", choices=["drain", "enable", "disable", "weight"])
+    be.add_argument("group")
+    be.add_argument("name")
+    be.add_argument("weight", nargs="?", type=int)
+    what.add_parser("reload", help="reload the configuration file")
+
+
+def _call(
+    base: str, method: str, path: str, token: str | None, body: dict[str, Any] | None = None
+) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except (ValueError, AttributeError):
+            message = exc.reason
+        raise CtlError(f"{method} {path}: {exc.code} {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CtlError(f"cannot reach the admin API at {base}: {reason}") from None
+
+
+def _admin_of(path: str) -> AdminSpec | None:
+    """The admin section of a config file. A file with errors elsewhere (being edited, say) still
+    lends its admin section, so that the running instance can be inspected and reloaded."""
+    try:
+        return load_config(path).admin
+    except ConfigError as exc:
+        print(f"warning: {path} has errors (l4lb check -c {path}): {exc.lines[0]}", file=sys.stderr)
+    try:
+        return load_admin_section(path)
+    except ConfigError:
+        return None
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    cols = [header, *[[("-" if c is None else str(c)) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cols
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    base = args.admin
+    token_file = args.token_file
+    if args.config:
+        admin = _admin_of(args.config)
+        if admin is None:
+            print(f"{args.config}: has no usable admin section", file=sys.stderr)
+            return 1
+        base = base or admin.url
+        token_file = token_file or admin.token_file
+    base = base or "http://127.0.0.1:9090"
+    token = None
+    if token_file:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            print(f"cannot read the token file {token_file}: {exc.strerror}", file=sys.stderr)
+            return 1
+    try:
+        answer, text = _do(args, base, token)
+    except CtlError as exc:
+        print(f"l4lb ctl: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2) if args.json else text)
+    return 0
+
+
+def _do(args: argparse.Namespace, base: str, token: str | None) -> tuple[Any, str]:
+    if args.what == "status":
+        groups = _call(base, "GET", "/api/v1/groups", token)
+        backends = _call(base, "GET", "/api/v1/backends", token)
+        g_rows = [
+            [
+                g["name"],
+                g["mark"],
+                ",".join(map(str, g["ports"])),
+                g["scheduler"],
+                g["persistence"]["entries"],
+                g["stats"]["accepted"],
+                g["stats"]["repins"],
+                "serving" if g["sorry_server_serving"] else "standby",
+            ]
+            for g in groups["groups"]
+        ]
+        b_rows = [
+            [
+                b["group"],
+                b["name"],
+                b["address"],
+                b["state"],
+                b["weight"],
+                b["active"],
+                b["connections"],
+                (b["last_check"] or {}).get("detail"),
+            ]
+            for b in backends["backends"]
+        ]
+        text = _table(
+            g_rows, ["GROUP", "MARK", "PORTS", "SCHED", "PINNED", "ACCEPTED", "REPINS", "SORRY"]
+        )
+        text += "\n\n" + _table(
+            b_rows,
+            ["GROUP", "BACKEND", "ADDRESS", "STATE", "WEIGHT", "OPEN", "CONNS", "LAST CHECK"],
+        )
+        return {"groups": groups["groups"], "backends": backends["backends"]}, text
+    if args.what == "affinity":
+        query = {
+            k: v for k in ("group", "client", "backend") if (v := getattr(args, k)) is not None
+        }
+        if args.action == "list":
+            query["limit"] = str(args.limit)
+            answer = _call(base, "GET", "/api/v1/affinity?" + urllib.parse.urlencode(query), token)
+            rows = [
+                [
+                    e["group"],
+                    e["client"],
+                    e["backend"],
+                    e["connections"],
+                    "open" if e["expires_in"] is None else f"{e['expires_in']:.0f}s",
+                ]
+                for e in answer["entries"]
+            ]
+            text = _table(rows, ["GROUP", "CLIENT", "BACKEND", "CONNS", "EXPIRES IN"])
+            if answer["total"] > len(rows):
+                text += f"\n({len(rows)} of {answer['total']} shown; see --limit)"
+            return answer, text
+        answer = _call(base, "DELETE", "/api/v1/affinity?" + urllib.parse.urlencode(query), token)
+        return answer, f"flushed {answer['deleted']} entries"
+    if args.what == "backend":
+        path = f"/api/v1/backends/{urllib.parse.quote(args.group)}/{urllib.parse.quote(args.name)}"
+        if args.action == "weight":
+            if args.weight is None:
+                raise CtlError("backend weight GROUP NAME WEIGHT: the weight is missing")
+            body: dict[str, Any] = {"weight": args.weight}
+        else:
+            body = {"state": {"drain": "drain", "enable": "up", "disable": "disabled"}[args.action]}
+        b = _call(base, "POST", path, token, body)
+        return b, f"{b['group']}/{b['name']}: state {b['state']}, weight {b['weight']}"
+    answer = _call(base, "POST", "/api/v1/reload", token, {})
+    return answer, "reloaded: " + ("; ".join(answer["changes"]) or "no changes")

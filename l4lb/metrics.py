@@ -1,0 +1,196 @@
+"""Prometheus metrics, read at scrape time from the plain counters the hot path keeps.
+
+Nothing here runs per connection: the relay, router and table bump ints on their own objects,
+and this collector walks them when /metrics is asked for (on the event loop, so it never races
+the loop's dicts). Labels are groups and backends only, never clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .backends import State
+from .routing import CONNECT_BUCKETS
+
+if TYPE_CHECKING:
+    from .server import Server
+
+
+class L4lbCollector(Collector):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # families vary with the configuration; skip the registry's check
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.server
+        info = GaugeMetricFamily("l4lb_build_info", "l4lb's version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+        accepted = CounterMetricFamily(
+            "l4lb_connections_accepted", "Connections accepted", labels=["group"]
+        )
+        failed = CounterMetricFamily(
+            "l4lb_connections_failed",
+            "Connect attempts and connections that failed, by reason",
+            labels=["group", "reason"],
+        )
+        sorry = CounterMetricFamily(
+            "l4lb_sorry_connections", "Connections sent to the sorry server", labels=["group"]
+        )
+        entries = GaugeMetricFamily(
+            "l4lb_affinity_entries", "Affinity entries", labels=["group", "state"]
+        )
+        lookups = CounterMetricFamily(
+            "l4lb_affinity_lookups", "Affinity lookups", labels=["group", "result"]
+        )
+        repins = CounterMetricFamily(
+            "l4lb_affinity_repins", "Clients moved to another backend", labels=["group", "reason"]
+        )
+        evictions = CounterMetricFamily(
+            "l4lb_affinity_evictions", "Idle entries evicted by the bound", labels=["group"]
+        )
+        expirations = CounterMetricFamily(
+            "l4lb_affinity_expirations", "Entries expired", labels=["group"]
+        )
+        unpinned = CounterMetricFamily(
+            "l4lb_affinity_unpinned",
+            "Connections routed without a pin (table full of busy entries)",
+            labels=["group"],
+        )
+        sorry_serving = GaugeMetricFamily(
+            "l4lb_sorry_serving", "1 while the sorry server serves the group", labels=["group"]
+        )
+        latency = HistogramMetricFamily(
+            "l4lb_connect_duration_seconds",
+            "Time to connect to a backend",
+            labels=["group"],
+            unit="",
+        )
+        active = GaugeMetricFamily(
+            "l4lb_connections_active", "Open or dialing connections", labels=["group", "backend"]
+        )
+        conns = CounterMetricFamily(
+            "l4lb_backend_connections", "Connections established", labels=["group", "backend"]
+        )
+        bytes_ = CounterMetricFamily(
+            "l4lb_bytes", "Bytes relayed", labels=["group", "backend", "direction"]
+        )
+        state = GaugeMetricFamily(
+            "l4lb_backend_state",
+            "1 for the backend's current state",
+            labels=["group", "backend", "state"],
+        )
+        weight = GaugeMetricFamily(
+            "l4lb_backend_weight", "The backend's weight", labels=["group", "backend"]
+        )
+        checks = CounterMetricFamily(
+            "l4lb_health_checks", "Health checks run", labels=["group", "backend", "result"]
+        )
+        check_time = GaugeMetricFamily(
+            "l4lb_health_check_duration_seconds",
+            "Duration of the last health check",
+            labels=["group", "backend"],
+        )
+
+        in_flight: dict[tuple[str, str], list[int]] = {}
+        for conn in s.live:  # bytes of open connections, so that long transfers show as they flow
+            route = conn.route
+            if route is not None and route.backend is not None:
+                acc = in_flight.setdefault((conn.router.name, route.backend.name), [0, 0])
+                acc[0] += conn.nbytes
+                acc[1] += conn.peer.nbytes if conn.peer is not None else 0
+
+        for g, router in s.routers.items():
+            st = router.stats
+            accepted.add_metric([g], st.accepted)
+            failed.add_metric([g, "refused"], st.failed_refused)
+            failed.add_metric([g, "timeout"], st.failed_timeout)
+            failed.add_metric(
+                [g, "error"], st.connect_failures - st.failed_refused - st.failed_timeout
+            )
+            failed.add_metric([g, "no_backend"], st.no_backend)
+            failed.add_metric([g, "rejected"], st.rejected)
+            sorry.add_metric([g], st.sorry)
+            sorry_serving.add_metric([g], int(router.sorry is not None and router.quorum.lost))
+            repins.add_metric([g, "unavailable"], st.repins_unavailable)
+            repins.add_metric([g, "failed"], st.repins_failed)
+            repins.add_metric([g, "returned"], st.repins_returned)
+            unpinned.add_metric([g], st.unpinned)
+            buckets: list[tuple[str, float]] = []
+            cum = 0
+            for bound, n in zip((*CONNECT_BUCKETS, float("inf")), st.connect_buckets, strict=True):
+                cum += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
+            latency.add_metric([g], buckets, st.connect_sum)
+            table = router.table
+            if table is not None:
+                table.expire()
+                entries.add_metric([g, "active"], table.active_count)
+                entries.add_metric([g, "idle"], table.idle_count)
+                lookups.add_metric([g, "hit"], table.hits)
+                lookups.add_metric([g, "miss"], table.misses)
+                evictions.add_metric([g], table.evictions)
+                expirations.add_metric([g], table.expirations)
+            for b in router.all_backends():
+                labels = [g, b.name]
+                active.add_metric(labels, b.active)
+                conns.add_metric(labels, b.connections)
+                live_in, live_out = in_flight.get((g, b.name), (0, 0))
+                bytes_.add_metric([*labels, "in"], b.bytes_in + live_in)
+                bytes_.add_metric([*labels, "out"], b.bytes_out + live_out)
+                weight.add_metric(labels, b.weight)
+                current = b.state
+                for st_name in State:
+                    state.add_metric([*labels, st_name.value], int(current is st_name))
+                passed, failed_n = s.monitor.counts.get((g, b.name), (0, 0))
+                checks.add_metric([*labels, "pass"], passed)
+                checks.add_metric([*labels, "fail"], failed_n)
+                last = s.monitor.results.get((g, b.name))
+                if last is not None:
+                    check_time.add_metric(labels, last.duration)
+        yield from (accepted, failed, sorry, sorry_serving, latency, entries, lookups, repins)
+        yield from (
+            evictions,
+            expirations,
+            unpinned,
+            active,
+            conns,
+            bytes_,
+            state,
+            weight,
+            checks,
+            check_time,
+        )
+
+        reloads = CounterMetricFamily("l4lb_reloads", "Configuration reloads", labels=["result"])
+        reloads.add_metric(["ok"], s.reloads_ok)
+        reloads.add_metric(["failed"], s.reloads_failed)
+        yield reloads
+        admin = CounterMetricFamily(
+            "l4lb_admin_requests_refused", "Admin requests refused", labels=["reason"]
+        )
+        for reason, n in sorted(s.admin_refused.items()):
+            admin.add_metric([reason], n)
+        yield admin
+
+
+def make_registry(server: Server) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(L4lbCollector(server))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
