@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -202,3 +203,87 @@ def test_make_run_serves_the_demo() -> None:
         assert name_http == name_https and name_http in ("demo1", "demo2", "demo3")
         assert "(https)" in out[1]
     assert stop(lb) == 0
+
+
+def test_health_as_a_user_kill_drain_and_sorry_server(tmp_path: Path) -> None:
+    """Three real backends with a client pinned to each: killing one moves only its clients, with
+    no failed connection and in the stated time; draining another keeps its clients and takes no
+    new ones; with all down, the sorry server answers."""
+    http, admin, sorry_port, *bports = free_ports(6)
+    (tmp_path / "token").write_text("tok")
+    backends = "\n".join(
+        f"      - {{name: {n}, address: 127.0.0.1, ports: {{{http}: {p}}}}}"
+        for n, p in zip(NAMES, bports, strict=True)
+    )
+    config = tmp_path / "l4lb.yaml"
+    config.write_text(
+        f"admin: {{listen: '127.0.0.1:{admin}', token_file: token}}\n"
+        "groups:\n  web:\n"
+        f"    listen: [127.0.0.1]\n    ports: [{http}]\n    scheduler: rr\n"
+        "    persistence: {timeout: 10m}\n"
+        "    health_check: {type: http, path: /, interval: 200ms, timeout: 300ms, rise: 2, fall: 2}\n"
+        f"    sorry_server: {{address: 127.0.0.1, ports: {{{http}: {sorry_port}}}}}\n"
+        "    backends:\n" + backends + "\n"
+    )
+    url = f"http://127.0.0.1:{http}/"
+
+    def get(src: str) -> str:
+        r = subprocess.run(
+            ["curl", "-sS", "--interface", src, "--max-time", "5", url],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert r.returncode == 0, f"curl from {src} failed: {r.stderr}"
+        return r.stdout.strip()
+
+    def ctl(*args: str) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "l4lb", "ctl", "-c", str(config), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    with processes() as procs:
+        procs.append(start_backend("sorry", http=f"127.0.0.1:{sorry_port}"))
+        servers = {
+            n: start_backend(n, http=f"127.0.0.1:{p}") for n, p in zip(NAMES, bports, strict=True)
+        }
+        procs.extend(servers.values())
+        lb = start_l4lb(config)
+        procs.append(lb)
+        clients = {f"127.6.{i}.1": get(f"127.6.{i}.1") for i in range(9)}
+        assert Counter(clients.values()) == {n: 3 for n in NAMES}  # rr: three clients on each
+
+        t0 = time.monotonic()
+        servers["web1"].kill()
+        servers["web1"].wait()
+        wait_for_line(lb, "stderr", "backend web1 up -> down", timeout=5)
+        took = time.monotonic() - t0
+        assert took < 2 * 0.2 * 1.1 + 0.3 + 0.3, (
+            took
+        )  # fall x interval (+jitter) + timeout, + slack
+        for src, was in clients.items():
+            now = get(src)
+            assert (now != "web1") if was == "web1" else (now == was), (src, was, now)
+        moved = {src: get(src) for src, was in clients.items() if was == "web1"}
+
+        assert "state drain" in ctl("backend", "drain", "web", "web2")
+        for src, was in clients.items():
+            if was == "web2":
+                assert get(src) == "web2"  # drained: pinned clients keep coming
+        assert all(
+            get(f"127.7.{i}.1") == "web3" for i in range(6)
+        )  # new clients: not web2 (web1 is down)
+
+        for n in ("web2", "web3"):
+            servers[n].kill()
+            servers[n].wait()
+        wait_for_line(lb, "stderr", "sorry server standby -> serving", timeout=5)
+        assert {get(src) for src in clients} == {"sorry"}
+        assert moved  # (web1's clients had moved before)
+        status = ctl("status")
+        assert "SORRY" in status and "serving" in status
