@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -410,28 +410,79 @@ def _list_of(
     return out
 
 
+def compact_ports(ports: Iterable[int]) -> str:
+    """'21, 30000-30099': ports with runs written as ranges."""
+    out: list[str] = []
+    run: list[int] = []
+    for p in sorted(ports):
+        if run and p == run[-1] + 1:
+            run.append(p)
+            continue
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        run = [p]
+    if run:
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ", ".join(out)
+
+
+_RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+
+
+def _port_range(x: Any) -> range:
+    """A port (80) or a range of ports ("30000-30099"), as a range."""
+    if isinstance(x, str):
+        m = _RANGE_RE.match(x)
+        if m:
+            first, last = int(m.group(1)), int(m.group(2))
+            if not (1 <= first <= 65535 and 1 <= last <= 65535):
+                raise ValueError(f"ports must be from 1 to 65535, got {x!r}")
+            if last < first:
+                raise ValueError(f"a range goes from low to high, got {x!r}")
+            return range(first, last + 1)
+        if x.strip().isdigit():
+            x = int(x)
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise ValueError(f'expected a port or a range such as "30000-30099", got {x!r}')
+    return range(_port(x), x + 1)
+
+
 def _port_map(
     v: _Validator, node: yaml.Node, path: str, ports: tuple[int, ...]
 ) -> dict[int, int] | None:
+    """Service port -> backend port; a range maps onto a range of the same size."""
     if not isinstance(node, yaml.MappingNode):
         v.error(node, path, "expected a mapping of service port to backend port")
         return None
+    group_ports = frozenset(ports)
     ok = True
     out: dict[int, int] = {}
     for knode, vnode in node.value:
         kpath = f"{path}.{getattr(knode, 'value', '?')}"
-        sport = v.field(knode, kpath, _port)
-        bport = v.field(vnode, kpath, _port)
-        if sport is None or bport is None:
+        service = v.field(knode, kpath, _port_range)
+        target = v.field(vnode, kpath, _port_range)
+        if service is None or target is None:
             ok = False
-        elif sport in out:
-            v.error(knode, kpath, "duplicate service port")
+            continue
+        if len(service) != len(target):
+            v.error(vnode, kpath, f"maps {len(service)} ports onto {len(target)}: sizes must match")
             ok = False
-        elif sport not in ports:
-            v.error(knode, kpath, f"{sport} is not one of the group's ports {list(ports)}")
+            continue
+        missing = [p for p in service if p not in group_ports]
+        if missing:
+            v.error(
+                knode,
+                kpath,
+                f"{compact_ports(missing)} not among the group's ports ({compact_ports(ports)})",
+            )
             ok = False
-        else:
-            out[sport] = bport
+            continue
+        for sp, bp in zip(service, target, strict=True):
+            if sp in out:
+                v.error(knode, kpath, f"service port {sp} is mapped twice")
+                ok = False
+                break
+            out[sp] = bp
     return out if ok else None
 
 
@@ -472,7 +523,7 @@ def _health_check(
     def group_port(x: Any) -> int:
         p = _port(x)
         if p not in ports:
-            raise ValueError(f"{p} is not one of the group's ports {list(ports)}")
+            raise ValueError(f"{p} is not among the group's ports ({compact_ports(ports)})")
         return p
 
     kw: dict[str, Any] = {"type": kind}
@@ -594,16 +645,20 @@ def _ports(v: _Validator, node: yaml.Node, path: str) -> tuple[int, ...] | None:
     if items is None:
         return None
     ports: list[int] = []
+    seen: set[int] = set()
     ok = True
     for i, item in enumerate(items):
-        port = v.field(item, f"{path}[{i}]", _port)
-        if port is None:
+        rng = v.field(item, f"{path}[{i}]", _port_range)
+        if rng is None:
             ok = False
-        elif port in ports:
-            v.error(item, f"{path}[{i}]", f"port {port} is listed twice")
+            continue
+        twice = [p for p in rng if p in seen]
+        if twice:
+            v.error(item, f"{path}[{i}]", f"port {compact_ports(twice)} is listed twice")
             ok = False
-        else:
-            ports.append(port)
+            continue
+        seen.update(rng)
+        ports.extend(rng)
     if not items:
         v.error(node, path, "must list at least one port")
         ok = False
@@ -747,16 +802,16 @@ def _admin(v: _Validator, node: yaml.Node, path: str) -> AdminSpec | None:
     return AdminSpec(**kw)
 
 
-def _listen_overlaps(a: GroupSpec, b: GroupSpec) -> Iterator[tuple[str, int]]:
-    """(address, port) pairs that two groups would both bind."""
-    for port in set(a.ports) & set(b.ports):
-        for x in a.listen:
-            for y in b.listen:
-                xa, ya = ipaddress.ip_address(x), ipaddress.ip_address(y)
-                if x == y or (
-                    xa.version == ya.version and (xa.is_unspecified or ya.is_unspecified)
-                ):
-                    yield (x, port)
+def _listen_overlaps(a: GroupSpec, b: GroupSpec) -> Iterator[tuple[str, list[int]]]:
+    """(address, ports) that two groups would both bind."""
+    common = sorted(set(a.ports) & set(b.ports))
+    if not common:
+        return
+    for x in a.listen:
+        for y in b.listen:
+            xa, ya = ipaddress.ip_address(x), ipaddress.ip_address(y)
+            if x == y or (xa.version == ya.version and (xa.is_unspecified or ya.is_unspecified)):
+                yield (x, common)
 
 
 def _document(v: _Validator, root: yaml.Node) -> Config | None:
@@ -800,11 +855,11 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
             )
             continue
         for other in groups:
-            for addr, port in _listen_overlaps(group, other):
+            for addr, common in _listen_overlaps(group, other):
                 v.error(
                     vnode,
                     f"groups.{gname}.ports",
-                    f"{addr} port {port} is also bound by group {other.name!r}",
+                    f"{addr} port {compact_ports(common)} is also bound by group {other.name!r}",
                 )
         marks[group.mark] = gname
         groups.append(group)

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from . import statefile
 from .backends import Backend
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, compact_ports, load_config
 from .dialer import SlotQueue
 from .keys import format_netmask
 from .listeners import BACKLOG, ListenSpec, bind, close_all, listen_specs
@@ -185,7 +185,11 @@ class Server:
             persist = f"persistence {p.timeout:g}s per {mask} (IPv6 /{p.ipv6_prefix})"
         else:
             persist = "persistence off"
-        where = ", ".join(str(s) for s in self.listening if s.group == g.name)
+        hosts: dict[str, list[int]] = {}
+        for s in self.listening:
+            if s.group == g.name:
+                hosts.setdefault(f"[{s.host}]" if ":" in s.host else s.host, []).append(s.port)
+        where = "; ".join(f"{h} port(s) {compact_ports(ports)}" for h, ports in hosts.items())
         return (
             f"group {g.name} (mark {g.mark}): listening on {where}; {len(g.backends)} backends, "
             f"scheduler {g.scheduler}, {persist}"

@@ -186,7 +186,7 @@ groups:
         ),
         (
             GOOD_GROUP.replace("address: 10.0.0.1}", "address: 10.0.0.1, ports: {8080: 1}}"),
-            "f.yaml:5: groups.web.backends[0].ports.8080: 8080 is not one of the group's ports [80, 443]",
+            "f.yaml:5: groups.web.backends[0].ports.8080: 8080 not among the group's ports (80, 443)",
         ),
         (
             GOOD_GROUP.replace(
@@ -297,3 +297,45 @@ def test_the_readme_reference_config_is_valid() -> None:
     (g,) = config.groups
     assert g.health_check is not None and g.health_check.path == "/healthz"
     assert g.sorry_server is not None and g.backends[0].max_conns == 1000
+
+
+def test_port_ranges_and_range_maps() -> None:
+    c = load_config_text(
+        "groups:\n  ftp:\n    ports: [21, '30000-30099']\n    backends:\n"
+        "      - {name: a, address: 10.0.0.1}\n"
+        "      - {name: b, address: 10.0.0.2, ports: {21: 2121, '30000-30099': '40000-40099'}}\n"
+    )
+    (g,) = c.groups
+    assert len(g.ports) == 101 and g.ports[0] == 21 and g.ports[-1] == 30099
+    a, b = g.backends
+    assert a.port_for(30042) == 30042 and b.port_for(30042) == 40042 and b.port_for(21) == 2121
+
+
+@pytest.mark.parametrize(
+    ("ports", "backend_ports", "expected"),
+    [
+        ("[21, '30000-30099']", "{'30000-30099': '40000-40098'}", "maps 100 ports onto 99: sizes must match"),
+        ("[21, '30099-30000']", "{}", "a range goes from low to high"),
+        ("[21, '30000-70000']", "{}", "ports must be from 1 to 65535"),
+        ("[21, '20-22']", "{}", "port 21 is listed twice"),
+        ("[21, 'x-y']", "{}", 'expected a port or a range such as "30000-30099"'),
+        ("[21, '30000-30009']", "{'30000-30010': '40000-40010'}", "30010 not among the group's ports (21, 30000-30009)"),
+    ],
+)
+def test_port_range_errors(ports: str, backend_ports: str, expected: str) -> None:
+    lines = errors_of(f"groups:\n  ftp:\n    ports: {ports}\n    backends: [{{name: a, address: 10.0.0.1, ports: {backend_ports}}}]\n")
+    assert any(expected in line for line in lines), lines
+
+
+def test_overlapping_ranges_between_groups_are_an_error() -> None:
+    lines = errors_of(
+        "groups:\n  a:\n    ports: ['1000-1999']\n    backends: [{name: x, address: 10.0.0.1}]\n"
+        "  b:\n    ports: ['1990-2010']\n    backends: [{name: x, address: 10.0.0.1}]\n"
+    )
+    assert any("groups.b.ports: 0.0.0.0 port 1990-1999 is also bound by group 'a'" in line for line in lines), lines
+    assert len(lines) == 1  # one line for the overlap, not one per port
+
+
+def test_multi_port_warning_covers_ranges() -> None:
+    c = load_config_text("groups:\n  ftp:\n    ports: [21, '30000-30001']\n    persistence: {timeout: 0}\n    backends: [{name: x, address: 10.0.0.1}]\n")
+    assert len(c.warnings) == 1

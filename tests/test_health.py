@@ -539,7 +539,7 @@ def test_health_config_errors() -> None:
         "    health_check: {interval: 1s}\n": "groups.web.health_check: missing required key 'type'",
         "    health_check: {type: ping}\n": "groups.web.health_check.type: expected one of tcp, http, tls, exec",
         "    health_check: {type: tcp, path: /}\n": "groups.web.health_check.path: not used by a tcp check",
-        "    health_check: {type: http, port: 81}\n": "groups.web.health_check.port: 81 is not one of the group's ports [80]",
+        "    health_check: {type: http, port: 81}\n": "groups.web.health_check.port: 81 is not among the group's ports (80)",
         "    health_check: {type: http, status: [99]}\n": "groups.web.health_check.status[0]: must be from 100 to 599",
         "    health_check: {type: exec}\n": "an exec check needs 'command'",
         "    health_check: {type: tcp, expect: '('}\n": "groups.web.health_check.expect: not a valid regular expression",
