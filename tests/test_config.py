@@ -314,16 +314,26 @@ def test_port_ranges_and_range_maps() -> None:
 @pytest.mark.parametrize(
     ("ports", "backend_ports", "expected"),
     [
-        ("[21, '30000-30099']", "{'30000-30099': '40000-40098'}", "maps 100 ports onto 99: sizes must match"),
+        (
+            "[21, '30000-30099']",
+            "{'30000-30099': '40000-40098'}",
+            "maps 100 ports onto 99: sizes must match",
+        ),
         ("[21, '30099-30000']", "{}", "a range goes from low to high"),
         ("[21, '30000-70000']", "{}", "ports must be from 1 to 65535"),
         ("[21, '20-22']", "{}", "port 21 is listed twice"),
         ("[21, 'x-y']", "{}", 'expected a port or a range such as "30000-30099"'),
-        ("[21, '30000-30009']", "{'30000-30010': '40000-40010'}", "30010 not among the group's ports (21, 30000-30009)"),
+        (
+            "[21, '30000-30009']",
+            "{'30000-30010': '40000-40010'}",
+            "30010 not among the group's ports (21, 30000-30009)",
+        ),
     ],
 )
 def test_port_range_errors(ports: str, backend_ports: str, expected: str) -> None:
-    lines = errors_of(f"groups:\n  ftp:\n    ports: {ports}\n    backends: [{{name: a, address: 10.0.0.1, ports: {backend_ports}}}]\n")
+    lines = errors_of(
+        f"groups:\n  ftp:\n    ports: {ports}\n    backends: [{{name: a, address: 10.0.0.1, ports: {backend_ports}}}]\n"
+    )
     assert any(expected in line for line in lines), lines
 
 
@@ -332,10 +342,15 @@ def test_overlapping_ranges_between_groups_are_an_error() -> None:
         "groups:\n  a:\n    ports: ['1000-1999']\n    backends: [{name: x, address: 10.0.0.1}]\n"
         "  b:\n    ports: ['1990-2010']\n    backends: [{name: x, address: 10.0.0.1}]\n"
     )
-    assert any("groups.b.ports: 0.0.0.0 port 1990-1999 is also bound by group 'a'" in line for line in lines), lines
+    assert any(
+        "groups.b.ports: 0.0.0.0 port 1990-1999 is also bound by group 'a'" in line
+        for line in lines
+    ), lines
     assert len(lines) == 1  # one line for the overlap, not one per port
 
 
 def test_multi_port_warning_covers_ranges() -> None:
-    c = load_config_text("groups:\n  ftp:\n    ports: [21, '30000-30001']\n    persistence: {timeout: 0}\n    backends: [{name: x, address: 10.0.0.1}]\n")
+    c = load_config_text(
+        "groups:\n  ftp:\n    ports: [21, '30000-30001']\n    persistence: {timeout: 0}\n    backends: [{name: x, address: 10.0.0.1}]\n"
+    )
     assert len(c.warnings) == 1
