@@ -134,6 +134,10 @@ class BackendSide(Half):
         super().__init__()
         self.client = client
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.client.dialed = self  # so that a dial cancelled from here on closes this socket
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._pass_on_loss(exc)
         if self.client.lost:
@@ -143,7 +147,7 @@ class BackendSide(Half):
 class ClientSide(Half):
     """The accepted socket; owns the connection's route and its dial."""
 
-    __slots__ = ("idle_since", "route", "router", "server", "service_port", "task")
+    __slots__ = ("dialed", "idle_since", "route", "router", "server", "service_port", "task")
 
     def __init__(self, server: Server, router: Router, service_port: int) -> None:
         super().__init__()
@@ -152,6 +156,7 @@ class ClientSide(Half):
         self.service_port = service_port
         self.route: Route | None = None
         self.task: asyncio.Task[None] | None = None
+        self.dialed: BackendSide | None = None  # the last backend socket the dial opened
         self.idle_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -184,6 +189,9 @@ class ClientSide(Half):
                 self.server.slots,
             )
         except asyncio.CancelledError:  # the client left while we dialed
+            dialed = self.dialed
+            if dialed is not None and dialed.peer is None:
+                dialed.transport.close()  # connected just as the client left: not to be leaked
             self.finish()
             raise
         except Exception:
@@ -200,11 +208,7 @@ class ClientSide(Half):
             self.server.forget(self)
             self.transport.close()
             return
-        _backend, _transport, protocol = result
-        if self.lost:  # cannot happen without an await in between, but cheap to be sure
-            protocol.transport.close()
-            return
-        pair(self, protocol)
+        pair(self, result[2])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pass_on_loss(exc)
@@ -229,8 +233,8 @@ class ClientSide(Half):
             self.server.slots.wake(backend)
         self.server.forget(self)
 
-    def close_idle(self) -> None:
-        log.debug("group %s: closing an idle connection", self.router.name)
+    def close(self) -> None:
+        """Close both sides with a FIN (idle timeout, on_down: close)."""
         self.transport.close()
         if self.peer is not None and not self.peer.lost:
             self.peer.transport.close()

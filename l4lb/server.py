@@ -103,7 +103,7 @@ class Server:
             if c.router is router and c.route is not None and c.route.backend is backend
         ]
         for conn in doomed:
-            conn.close_idle()
+            conn.close()
         return len(doomed)
 
     # ------------------------------------------------------------------ listeners
@@ -372,4 +372,4 @@ class Server:
                     and conn.task is not None
                     and conn.task.done()
                 ):
-                    conn.close_idle()
+                    conn.close()
