@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck unit clean
+.PHONY: run test lint typecheck bench bench-quick bench-tools clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,19 @@ typecheck: $(STAMP)
 
 test: lint typecheck
 	$(BIN)/pytest
+
+# The side-by-side benchmark (README, "Performance"): Debian's peers and load tools, then the run.
+bench-tools:
+	@for t in haproxy nginx wrk iperf3; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ] || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx libnginx-mod-stream wrk iperf3; \
+	fi
+
+bench: $(STAMP) bench-tools
+	$(BIN)/python bench/bench.py
+
+bench-quick: $(STAMP) bench-tools
+	$(BIN)/python bench/bench.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -25,11 +25,14 @@ from typing import TYPE_CHECKING, cast
 
 from .dialer import dial
 from .routing import Route, Router
+from .throttle import Throttle, held_note
 
 if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger("l4lb.relay")
+
+_throttle = Throttle()
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -166,9 +169,14 @@ class ClientSide(Half):
             key = self.router.keyer(peer[0])
         except (TypeError, ValueError, OSError):
             self.router.stats.rejected += 1
-            log.warning(
-                "group %s: rejected a client with an unusable address %r", self.router.name, peer
-            )
+            held = _throttle.allow(("rejected", self.router.name))
+            if held is not None:
+                log.warning(
+                    "group %s: rejected a client with an unusable address %r%s",
+                    self.router.name,
+                    peer,
+                    held_note(held),
+                )
             self.transport.abort()
             return
         self.route = self.router.begin(key)
@@ -198,11 +206,14 @@ class ClientSide(Half):
             log.exception("group %s: dial failed unexpectedly", router.name)
             result = None
         if result is None:
-            log.warning(
-                "group %s: no backend accepted a connection on port %d; closing it",
-                router.name,
-                self.service_port,
-            )
+            held = _throttle.allow(("no backend", router.name))
+            if held is not None:
+                log.warning(
+                    "group %s: no backend accepted a connection on port %d; closing it%s",
+                    router.name,
+                    self.service_port,
+                    held_note(held),
+                )
             router.give_up(route)
             self.route = None
             self.server.forget(self)

@@ -68,7 +68,7 @@ def start_backend(name: str, **ports: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    wait_for_line(proc, "stdout", "ready")
+    _started(proc, "stdout", "ready", 1)
     return proc
 
 
@@ -82,11 +82,20 @@ def start_l4lb(config: Path, *extra: str, groups: int = 1) -> subprocess.Popen[s
         text=True,
         env=env,
     )
-    lines: list[str] = []
-    for _ in range(groups):
-        lines += wait_for_line(proc, "stderr", "listening on")
-    STARTUP[proc.pid] = lines
+    STARTUP[proc.pid] = _started(proc, "stderr", "listening on", groups)
     return proc
+
+
+def _started(proc: subprocess.Popen[str], stream: str, needle: str, times: int) -> list[str]:
+    """Wait for `needle` `times` times; a process that does not start is ended, not leaked."""
+    lines: list[str] = []
+    try:
+        for _ in range(times):
+            lines += wait_for_line(proc, stream, needle)
+    except BaseException:
+        stop(proc)
+        raise
+    return lines
 
 
 def stop(proc: subprocess.Popen[str], timeout: float = 10) -> int:

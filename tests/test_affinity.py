@@ -116,3 +116,16 @@ def test_an_expired_entry_is_a_miss_even_between_sweeps() -> None:
     e = t.acquire(1)
     assert e is not None and e.backend is None
     assert t.expirations == 1 and t.misses == 3
+
+
+def test_throttle_holds_back_and_counts() -> None:
+    from l4lb.throttle import Throttle
+
+    clock = FakeClock()
+    t = Throttle(1.0, clock)
+    assert t.allow("a") == 0
+    assert [t.allow("a") for _ in range(5)] == [None] * 5
+    assert t.allow("b") == 0  # keys are independent
+    clock.advance(1.0)
+    assert t.allow("a") == 5
+    assert t.allow("a") is None

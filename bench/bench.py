@@ -1,0 +1,485 @@
+"""`make bench`: l4lb side by side with HAProxy, nginx and a direct connection, on this machine.
+
+    .venv/bin/python bench/bench.py [--quick] [--rounds N] [--seconds S]
+
+Every target gets the same job: two listening ports sharing one client->backend pin (HAProxy:
+`stick on src` in a backend shared by two frontends; nginx stream: `hash $remote_addr
+consistent`; l4lb: one group, persistence on), two HTTP backends (an nginx), and a bulk port to an
+iperf3 server. The load generator and the backends run on core 0, the proxy alone on core 1
+(taskset). Targets run interleaved over several rounds; the table shows medians with min-max and
+the ratios to HAProxy and to direct. Before each measurement the machine must be quiet (less than
+15% CPU busy over half a second); a run that was not is marked with '!'.
+
+Measured: new connections per second (wrk, `Connection: close`), small keepalive requests per
+second with p50/p99 latency (wrk), bulk Gbit/s (iperf3, one stream), the proxy's CPU per new
+connection and per GiB (from /proc), and its RSS with 50 and 5,000 idle connections.
+Everything binds 127.0.0.1; every process started here is ended by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TARGETS = ("direct", "haproxy", "nginx", "l4lb")
+TOOLS = ("haproxy", "nginx", "wrk", "iperf3", "taskset")
+LOAD_CORE, PROXY_CORE = "0", "1"
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return total
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def busy_fraction(window: float = 0.5) -> float:
+    def snap() -> tuple[int, int]:
+        parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = parts[3] + parts[4]
+        return sum(parts), idle
+
+    t1, i1 = snap()
+    time.sleep(window)
+    t2, i2 = snap()
+    return 1 - (i2 - i1) / max(1, t2 - t1)
+
+
+@dataclass
+class Proxy:
+    """A running target: where to send load, and which PIDs to measure."""
+
+    name: str
+    http: int  # the first of the two pinned ports
+    bulk: int
+    pids: list[int] = field(default_factory=list)
+
+
+class Bench:
+    def __init__(self, tmp: Path, seconds: float) -> None:
+        self.tmp = tmp
+        self.seconds = seconds
+        self.procs: list[subprocess.Popen[bytes]] = []
+        (
+            self.b1,
+            self.b2,
+            self.iperf,
+            self.h_http,
+            self.h_http2,
+            self.h_bulk,
+            self.n_http,
+            self.n_http2,
+            self.n_bulk,
+            self.l_http,
+            self.l_http2,
+            self.l_bulk,
+        ) = free_ports(12)
+
+    def spawn(self, argv: list[str], core: str) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            ["taskset", "-c", core, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.tmp,
+        )
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    # ------------------------------------------------------------------ the backends
+
+    def start_backends(self) -> None:
+        conf = self.tmp / "backends.conf"
+        conf.write_text(f"""
+worker_processes 1; daemon off; pid {self.tmp}/backends.pid; error_log {self.tmp}/backends.err;
+events {{ worker_connections 12000; }}
+http {{
+  access_log off; keepalive_requests 1000000; keepalive_timeout 600s;
+  server {{ listen 127.0.0.1:{self.b1} backlog=4096; location / {{ return 200 "b1\\n"; }} }}
+  server {{ listen 127.0.0.1:{self.b2} backlog=4096; location / {{ return 200 "b2\\n"; }} }}
+}}
+""")
+        self.spawn(["nginx", "-p", str(self.tmp), "-c", str(conf)], LOAD_CORE)
+        self.spawn(["iperf3", "-s", "-p", str(self.iperf), "--bind", "127.0.0.1"], LOAD_CORE)
+        for port in (self.b1, self.b2, self.iperf):
+            wait_port(port)
+
+    # ------------------------------------------------------------------ the targets
+
+    def start(self, name: str) -> Proxy:
+        return {
+            "direct": self._direct,
+            "haproxy": self._haproxy,
+            "nginx": self._nginx,
+            "l4lb": self._l4lb,
+        }[name]()
+
+    def _direct(self) -> Proxy:
+        return Proxy("direct", self.b1, self.iperf)
+
+    def _haproxy(self) -> Proxy:
+        conf = self.tmp / "haproxy.cfg"
+        conf.write_text(f"""
+global
+  nbthread 1
+  maxconn 9000
+defaults
+  mode tcp
+  timeout connect 2s
+  timeout client 15m
+  timeout server 15m
+frontend web1
+  bind 127.0.0.1:{self.h_http} backlog 4096
+  default_backend web
+frontend web2
+  bind 127.0.0.1:{self.h_http2} backlog 4096
+  default_backend web
+frontend bulk
+  bind 127.0.0.1:{self.h_bulk}
+  default_backend bulk
+backend web
+  balance roundrobin
+  stick-table type ip size 1m expire 5m
+  stick on src
+  server b1 127.0.0.1:{self.b1}
+  server b2 127.0.0.1:{self.b2}
+backend bulk
+  server i 127.0.0.1:{self.iperf}
+""")
+        p = self.spawn(["haproxy", "-db", "-f", str(conf)], PROXY_CORE)
+        wait_port(self.h_http)
+        return Proxy("haproxy", self.h_http, self.h_bulk, [p.pid])
+
+    def _nginx(self) -> Proxy:
+        conf = self.tmp / "nginx-stream.conf"
+        conf.write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1; daemon off; master_process off; pid {self.tmp}/stream.pid; error_log {self.tmp}/stream.err;
+worker_rlimit_nofile 19000;
+events {{ worker_connections 12000; }}
+stream {{
+  upstream web {{ hash $remote_addr consistent; server 127.0.0.1:{self.b1}; server 127.0.0.1:{self.b2}; }}
+  server {{ listen 127.0.0.1:{self.n_http} backlog=4096; proxy_pass web; proxy_timeout 15m; }}
+  server {{ listen 127.0.0.1:{self.n_http2} backlog=4096; proxy_pass web; proxy_timeout 15m; }}
+  server {{ listen 127.0.0.1:{self.n_bulk}; proxy_pass 127.0.0.1:{self.iperf}; proxy_timeout 15m; }}
+}}
+""")
+        p = self.spawn(["nginx", "-p", str(self.tmp), "-c", str(conf)], PROXY_CORE)
+        wait_port(self.n_http)
+        return Proxy("nginx", self.n_http, self.n_bulk, [p.pid])
+
+    def _l4lb(self) -> Proxy:
+        conf = self.tmp / "l4lb.yaml"
+        conf.write_text(f"""
+groups:
+  web:
+    listen: [127.0.0.1]
+    ports: [{self.l_http}, {self.l_http2}, {self.l_bulk}]
+    scheduler: rr
+    persistence: {{timeout: 5m}}
+    backends:
+      - {{name: b1, address: 127.0.0.1, ports: {{{self.l_http}: {self.b1}, {self.l_http2}: {self.b1}, {self.l_bulk}: {self.iperf}}}}}
+      - {{name: b2, address: 127.0.0.1, ports: {{{self.l_http}: {self.b2}, {self.l_http2}: {self.b2}, {self.l_bulk}: {self.iperf}}}}}
+""")
+        p = self.spawn(
+            [sys.executable, "-m", "l4lb", "--log-level", "warning", "run", "-c", str(conf)],
+            PROXY_CORE,
+        )
+        wait_port(self.l_http)
+        return Proxy("l4lb", self.l_http, self.l_bulk, [p.pid])
+
+    def stop(self, proxy: Proxy) -> None:
+        for pid in proxy.pids:
+            os.kill(pid, signal.SIGTERM)
+        for p in self.procs:
+            if p.pid in proxy.pids:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+    # ------------------------------------------------------------------ measurements
+
+    def wrk(self, port: int, close: bool) -> dict[str, float]:
+        argv = [
+            "taskset",
+            "-c",
+            LOAD_CORE,
+            "wrk",
+            "-t1",
+            "-c50",
+            f"-d{self.seconds:g}s",
+            "--latency",
+            "--timeout",
+            "5s",
+            f"http://127.0.0.1:{port}/",
+        ]
+        if close:
+            argv[5:5] = ["-H", "Connection: close"]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=self.seconds + 30).stdout
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        errors = re.search(r"Socket errors: (.*)", out)
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
+        return {
+            "rps": rps,
+            "requests": total,
+            "p50_ms": _ms(lat.get("50", "0ms")),
+            "p99_ms": _ms(lat.get("99", "0ms")),
+            "errors": (1 if errors else 0) + (int(non2xx.group(1)) if non2xx else 0),
+        }
+
+    def iperf3(self, port: int) -> dict[str, float]:
+        out = subprocess.run(
+            [
+                "taskset",
+                "-c",
+                LOAD_CORE,
+                "iperf3",
+                "-c",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-t",
+                f"{max(2, int(self.seconds))}",
+                "-J",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=self.seconds + 60,
+        ).stdout
+        data = json.loads(out)
+        received = data["end"]["sum_received"]
+        return {"gbit": received["bits_per_second"] / 1e9, "bytes": received["bytes"]}
+
+    def idle_rss(self, proxy: Proxy, n: int) -> float:
+        """The proxy's RSS in KiB with n idle proxied connections open (each made a request)."""
+        socks = []
+        try:
+            for _ in range(n):
+                s = socket.create_connection(("127.0.0.1", proxy.http), timeout=10)
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.recv(4096)
+                socks.append(s)
+            time.sleep(0.3)  # let the proxy settle its buffers before reading RSS
+            return rss_kib(proxy.pids) if proxy.pids else 0
+        finally:
+            for s in socks:
+                s.close()
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return 0.0
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+
+def run_round(bench: Bench, target: str, quiet_marks: list[str]) -> dict[str, float]:
+    proxy = bench.start(target)
+    try:
+        out: dict[str, float] = {}
+
+        def quiet() -> None:
+            busy = busy_fraction()
+            if busy > 0.15:
+                quiet_marks.append(f"{target}: {busy:.0%} busy before a measurement")
+
+        quiet()
+        c0 = cpu_seconds(proxy.pids) if proxy.pids else 0
+        close = bench.wrk(proxy.http, close=True)
+        c1 = cpu_seconds(proxy.pids) if proxy.pids else 0
+        out["conn_per_s"] = close["rps"]
+        out["conn_errors"] = close["errors"]
+        out["cpu_us_per_conn"] = (c1 - c0) / max(1, close["requests"]) * 1e6 if proxy.pids else 0
+        quiet()
+        keep = bench.wrk(proxy.http, close=False)
+        out["req_per_s"], out["p50_ms"], out["p99_ms"] = keep["rps"], keep["p50_ms"], keep["p99_ms"]
+        quiet()
+        c0 = cpu_seconds(proxy.pids) if proxy.pids else 0
+        bulk = bench.iperf3(proxy.bulk)
+        c1 = cpu_seconds(proxy.pids) if proxy.pids else 0
+        out["bulk_gbit"] = bulk["gbit"]
+        out["cpu_s_per_gib"] = (c1 - c0) / (bulk["bytes"] / 2**30) if proxy.pids else 0
+        base = rss_kib(proxy.pids) if proxy.pids else 0
+        out["rss_mib_50"] = bench.idle_rss(proxy, 50) / 1024
+        rss_5000 = bench.idle_rss(proxy, 5000)
+        out["rss_mib_5000"] = rss_5000 / 1024
+        out["kib_per_idle_conn"] = (rss_5000 - base) / 5000 if proxy.pids else 0
+        return out
+    finally:
+        bench.stop(proxy)
+
+
+ROWS = [
+    ("conn_per_s", "new connections/s", "{:,.0f}", True),
+    ("req_per_s", "keepalive requests/s", "{:,.0f}", True),
+    ("p50_ms", "keepalive p50 ms", "{:.2f}", False),
+    ("p99_ms", "keepalive p99 ms", "{:.2f}", False),
+    ("bulk_gbit", "bulk Gbit/s", "{:.1f}", True),
+    ("cpu_us_per_conn", "CPU us per connection", "{:.0f}", False),
+    ("cpu_s_per_gib", "CPU s per GiB", "{:.2f}", False),
+    ("rss_mib_50", "RSS MiB, 50 idle", "{:.1f}", False),
+    ("rss_mib_5000", "RSS MiB, 5,000 idle", "{:.1f}", False),
+    ("kib_per_idle_conn", "KiB per idle connection", "{:.1f}", False),
+]
+
+
+def table(results: dict[str, list[dict[str, float]]]) -> str:
+    lines = [
+        f"{'':26}"
+        + "".join(f"{t:>22}" for t in TARGETS)
+        + f"{'l4lb/HAProxy':>14}{'l4lb/direct':>13}"
+    ]
+    for key, label, fmt, _higher in ROWS:
+        cells = []
+        med: dict[str, float] = {}
+        for t in TARGETS:
+            vals = [r[key] for r in results[t]]
+            med[t] = statistics.median(vals)
+            if t == "direct" and key not in (
+                "conn_per_s",
+                "req_per_s",
+                "p50_ms",
+                "p99_ms",
+                "bulk_gbit",
+            ):
+                cells.append(f"{'-':>22}")
+                continue
+            spread = f" ({fmt.format(min(vals))}-{fmt.format(max(vals))})" if len(vals) > 1 else ""
+            cells.append(f"{fmt.format(med[t]) + spread:>22}")
+        ratio_h = f"{med['l4lb'] / med['haproxy']:.2f}x" if med["haproxy"] else "-"
+        ratio_d = (
+            f"{med['l4lb'] / med['direct']:.2f}x"
+            if med["direct"] and key in ("conn_per_s", "req_per_s", "bulk_gbit", "p50_ms", "p99_ms")
+            else "-"
+        )
+        lines.append(f"{label:26}" + "".join(cells) + f"{ratio_h:>14}{ratio_d:>13}")
+    return "\n".join(lines)
+
+
+@contextmanager
+def bench_env(seconds: float) -> Iterator[Bench]:
+    with tempfile.TemporaryDirectory(prefix="l4lb-bench-") as tmp:
+        bench = Bench(Path(tmp), seconds)
+        try:
+            bench.start_backends()
+            yield bench
+        finally:
+            bench.stop_all()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--quick", action="store_true", help="one round of 2 s runs (about two minutes)"
+    )
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    args = ap.parse_args()
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        print(
+            f"missing: {', '.join(missing)} (make bench installs them with apt-get)",
+            file=sys.stderr,
+        )
+        return 1
+    rounds, seconds = (1, 2.0) if args.quick else (args.rounds, args.seconds)
+    results: dict[str, list[dict[str, float]]] = {t: [] for t in TARGETS}
+    marks: list[str] = []
+    started = time.time()
+    with bench_env(seconds) as bench:
+        for r in range(rounds):
+            for t in TARGETS:  # interleaved, so that drift hits every target alike
+                print(f"round {r + 1}/{rounds}: {t}", file=sys.stderr, flush=True)
+                results[t].append(run_round(bench, t, marks))
+    text = table(results)
+    print(text)
+    print(
+        f"\n{rounds} round(s) of {seconds:g} s per measurement, {time.time() - started:.0f} s in all; "
+        "load generator and backends on core 0, proxy on core 1."
+    )
+    print("The machine was quiet throughout." if not marks else "NOT QUIET: " + "; ".join(marks))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = RESULTS / f"bench-{stamp}.json"
+    out.write_text(
+        json.dumps(
+            {
+                "rounds": rounds,
+                "seconds": seconds,
+                "results": results,
+                "not_quiet": marks,
+                "table": text,
+                "python": sys.version.split()[0],
+            },
+            indent=1,
+        )
+    )
+    print(f"results: {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
