@@ -100,6 +100,7 @@ class GroupSpec:
     on_up: str = "stay"  # stay | return: re-pinned clients move back when a backend returns
     queue_timeout: float = 0.0  # how long a pinned client waits for a full backend
     notify: tuple[str, ...] = ()  # argv run on every state change
+    relay: str = "copy"  # copy | auto (splice once a flow streams) | splice (Linux zero-copy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +313,7 @@ _GROUP_KEYS = (
     "on_up",
     "queue_timeout",
     "notify",
+    "relay",
 )
 _PERSIST_KEYS = ("timeout", "netmask", "ipv6_prefix", "max_entries")
 _BACKEND_KEYS = (
@@ -711,6 +713,7 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         "on_down": _choice("keep", "close"),
         "on_up": _choice("stay", "return"),
         "queue_timeout": _duration,
+        "relay": _choice("copy", "auto", "splice"),
     }
     ok = _scalars(v, m, path, checks, kw) and ok
     if "listen" in m:

@@ -23,8 +23,10 @@ import socket
 import struct
 from typing import TYPE_CHECKING, cast
 
+from . import splice
 from .dialer import dial
 from .routing import Route, Router
+from .splice import SpliceSession
 from .throttle import Throttle, held_note
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("l4lb.relay")
 
 _throttle = Throttle()
+_NEVER = float("inf")
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -51,10 +54,22 @@ def reset(transport: asyncio.Transport) -> None:
 class Half(asyncio.Protocol):
     """One socket of a relayed connection."""
 
-    __slots__ = ("eof", "lost", "nbytes", "peer", "pending", "seen", "transport")
+    __slots__ = (
+        "eof",
+        "lost",
+        "nbytes",
+        "owner",
+        "peer",
+        "pending",
+        "seen",
+        "splice_at",
+        "transport",
+    )
     transport: asyncio.Transport
+    owner: ClientSide
 
     def __init__(self) -> None:
+        self.splice_at = _NEVER  # bytes after which this connection moves to splice (relay: auto)
         self.peer: Half | None = None
         self.pending: list[bytes] | None = None  # bytes that arrived before pairing
         self.eof = False  # this side has sent its FIN
@@ -74,6 +89,8 @@ class Half(asyncio.Protocol):
         peer = self.peer
         if peer is not None:
             peer.transport.write(data)
+            if self.nbytes >= self.splice_at:
+                self.owner.begin_splice()
         elif self.pending is None:
             self.pending = [data]
         else:
@@ -96,6 +113,9 @@ class Half(asyncio.Protocol):
             peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.owner.switching:
+            self.owner.check_switch()
+            return
         peer = self.peer
         if peer is not None and not peer.eof:
             peer.transport.resume_reading()
@@ -136,6 +156,7 @@ class BackendSide(Half):
     def __init__(self, client: ClientSide) -> None:
         super().__init__()
         self.client = client
+        self.owner = client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -150,10 +171,23 @@ class BackendSide(Half):
 class ClientSide(Half):
     """The accepted socket; owns the connection's route and its dial."""
 
-    __slots__ = ("dialed", "idle_since", "route", "router", "server", "service_port", "task")
+    __slots__ = (
+        "dialed",
+        "idle_since",
+        "route",
+        "router",
+        "server",
+        "service_port",
+        "splice",
+        "switching",
+        "task",
+    )
 
     def __init__(self, server: Server, router: Router, service_port: int) -> None:
         super().__init__()
+        self.owner = self
+        self.switching = False
+        self.splice: SpliceSession | None = None
         self.server = server
         self.router = router
         self.service_port = service_port
@@ -219,7 +253,13 @@ class ClientSide(Half):
             self.server.forget(self)
             self.transport.close()
             return
-        pair(self, result[2])
+        backend_side = result[2]
+        pair(self, backend_side)
+        mode = router.spec.relay
+        if mode == "splice" and splice.AVAILABLE:
+            self.begin_splice()
+        elif mode == "auto" and splice.AVAILABLE:
+            self.splice_at = backend_side.splice_at = splice.SPLICE_AFTER
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pass_on_loss(exc)
@@ -244,8 +284,79 @@ class ClientSide(Half):
             self.server.slots.wake(backend)
         self.server.forget(self)
 
+    # ------------------------------------------------------------------ zero copy
+
+    def begin_splice(self) -> None:
+        """Move this connection to the splice relay (see splice.py): stop reading both sides,
+        and switch once both write buffers are empty."""
+        peer = self.peer
+        self.splice_at = _NEVER
+        if peer is not None:
+            peer.splice_at = _NEVER
+        if self.switching or self.splice is not None or peer is None:
+            return
+        if self.eof or peer.eof or self.lost or peer.lost:
+            return  # a half-closed connection stays on the copy relay
+        self.switching = True
+        for t in (self.transport, peer.transport):
+            t.pause_reading()
+            t.set_write_buffer_limits(0, 0)  # resume_writing then means "flushed"
+        self.check_switch()
+
+    def check_switch(self) -> None:
+        peer = self.peer
+        if peer is None or self.lost or peer.lost:
+            self.switching = False
+            return
+        if self.transport.get_write_buffer_size() or peer.transport.get_write_buffer_size():
+            return  # resume_writing calls again when flushed
+        self.switching = False
+        fds = [t.get_extra_info("socket") for t in (self.transport, peer.transport)]
+        if any(f is None for f in fds):
+            return
+
+        def count_up(n: int) -> None:
+            self.nbytes += n
+            self.seen = True
+
+        def count_down(n: int) -> None:
+            peer.nbytes += n
+            peer.seen = True
+
+        self.splice = SpliceSession(
+            asyncio.get_running_loop(),
+            fds[0].fileno(),
+            fds[1].fileno(),
+            (count_up, count_down),
+            self._splice_ended,
+        )
+        self.splice.start()
+
+    def _splice_ended(self, reset_: bool) -> None:
+        peer = self.peer
+        for t in (self.transport, peer.transport if peer is not None else None):
+            if t is None or t.is_closing():
+                continue
+            if reset_:
+                t.abort()  # the sockets carry SO_LINGER 0 by now: this sends the RST
+            else:
+                t.close()
+
+    def reset_all(self) -> None:
+        """Reset both sides (shutdown after the grace period)."""
+        if self.splice is not None:
+            self.splice.abort()
+            return
+        if not self.lost:
+            reset(self.transport)
+        if self.peer is not None and not self.peer.lost:
+            reset(self.peer.transport)
+
     def close(self) -> None:
         """Close both sides with a FIN (idle timeout, on_down: close)."""
+        if self.splice is not None:
+            self.splice.close()
+            return
         self.transport.close()
         if self.peer is not None and not self.peer.lost:
             self.peer.transport.close()

@@ -27,7 +27,7 @@ from .dialer import SlotQueue
 from .keys import format_netmask
 from .listeners import BACKLOG, ListenSpec, bind, close_all, listen_specs
 from .monitor import HealthMonitor
-from .relay import ClientSide, reset
+from .relay import ClientSide
 from .routing import Router
 
 log = logging.getLogger("l4lb.server")
@@ -223,10 +223,7 @@ class Server:
             except TimeoutError:
                 log.info("closing %d connections still open after %gs", len(self.live), grace)
                 for conn in list(self.live):
-                    if not conn.lost:
-                        reset(conn.transport)
-                    if conn.peer is not None and not conn.peer.lost:
-                        reset(conn.peer.transport)
+                    conn.reset_all()
         for _, srv in self._listeners.values():
             await srv.wait_closed()
         self._listeners.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 
 import pytest
@@ -10,6 +11,7 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from l4lb import splice
 from l4lb.server import Server
 from tests.helpers import config_of, free_ports, group_yaml
 
@@ -29,7 +31,12 @@ def chunks(data: bytes, sizes: list[int]) -> list[bytes]:
 
 
 async def scenario(
-    up: bytes, down: bytes, up_sizes: list[int], down_sizes: list[int], backend_first: bool
+    up: bytes,
+    down: bytes,
+    up_sizes: list[int],
+    down_sizes: list[int],
+    backend_first: bool,
+    relay: str = "copy",
 ) -> None:
     got_up = asyncio.get_running_loop().create_future()
 
@@ -52,7 +59,12 @@ async def scenario(
     bport = srv.sockets[0].getsockname()[1]
     (port,) = free_ports(1)
     cfg = config_of(
-        group_yaml("g", [port], [f"- {{name: a, address: 127.0.0.1, ports: {{{port}: {bport}}}}}"])
+        group_yaml(
+            "g",
+            [port],
+            [f"- {{name: a, address: 127.0.0.1, ports: {{{port}: {bport}}}}}"],
+            extra=f"relay: {relay}",
+        )
     )
     server = Server(cfg)
     await server.start()
@@ -82,6 +94,7 @@ async def scenario(
 sizes = st.lists(st.integers(1, 300_000), max_size=8)
 
 
+@pytest.mark.parametrize("relay", ["copy", "splice", "auto"])
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -95,6 +108,7 @@ sizes = st.lists(st.integers(1, 300_000), max_size=8)
     seed=st.integers(0, 2**32),
 )
 def test_bytes_arrive_exactly_both_ways(
+    relay: str,
     loop: str,
     up_len: int,
     down_len: int,
@@ -103,7 +117,25 @@ def test_bytes_arrive_exactly_both_ways(
     backend_first: bool,
     seed: int,
 ) -> None:
+    """copy: the Protocol relay; splice: zero copy from the first byte; auto: the switch from one
+    to the other in mid-stream (after 64 KiB here), which must not lose or reorder a byte."""
     rnd = random.Random(seed)
     up, down = rnd.randbytes(up_len), rnd.randbytes(down_len)
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        runner.run(asyncio.wait_for(scenario(up, down, up_sizes, down_sizes, backend_first), 60))
+    saved = splice.SPLICE_AFTER
+    splice.SPLICE_AFTER = 64 * 1024
+    try:
+        with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+            runner.run(
+                asyncio.wait_for(scenario(up, down, up_sizes, down_sizes, backend_first, relay), 60)
+            )
+    finally:
+        splice.SPLICE_AFTER = saved
+
+
+@pytest.mark.parametrize("relay", ["splice", "auto"])
+def test_sixteen_mib_each_way_through_the_zero_copy_path(relay: str) -> None:
+    up, down = os.urandom(16 << 20), os.urandom(16 << 20)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(
+            asyncio.wait_for(scenario(up, down, [65536] * 4, [1 << 20] * 4, False, relay), 60)
+        )
