@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-TARGETS = ("direct", "haproxy", "nginx", "l4lb")
+TARGETS = ("direct", "haproxy", "nginx", "l4lb", "l4lb-auto")
 TOOLS = ("haproxy", "nginx", "wrk", "iperf3", "taskset")
 LOAD_CORE, PROXY_CORE = "0", "1"
 
@@ -166,6 +166,8 @@ http {{
     # ------------------------------------------------------------------ the targets
 
     def start(self, name: str) -> Proxy:
+        if name == "l4lb-auto":
+            return self._l4lb(relay="auto")
         return {
             "direct": self._direct,
             "haproxy": self._haproxy,
@@ -227,7 +229,7 @@ stream {{
         wait_port(self.n_http)
         return Proxy("nginx", self.n_http, self.n_bulk, [p.pid])
 
-    def _l4lb(self) -> Proxy:
+    def _l4lb(self, relay: str = "copy") -> Proxy:
         conf = self.tmp / "l4lb.yaml"
         conf.write_text(f"""
 groups:
@@ -235,6 +237,7 @@ groups:
     listen: [127.0.0.1]
     ports: [{self.l_http}, {self.l_http2}, {self.l_bulk}]
     scheduler: rr
+    relay: {relay}
     persistence: {{timeout: 5m}}
     backends:
       - {{name: b1, address: 127.0.0.1, ports: {{{self.l_http}: {self.b1}, {self.l_http2}: {self.b1}, {self.l_bulk}: {self.iperf}}}}}
@@ -245,7 +248,9 @@ groups:
             PROXY_CORE,
         )
         wait_port(self.l_http)
-        return Proxy("l4lb", self.l_http, self.l_bulk, [p.pid])
+        return Proxy(
+            "l4lb" if relay == "copy" else f"l4lb-{relay}", self.l_http, self.l_bulk, [p.pid]
+        )
 
     def stop(self, proxy: Proxy) -> None:
         for pid in proxy.pids:

@@ -254,6 +254,8 @@ class ClientSide(Half):
             self.transport.close()
             return
         backend_side = result[2]
+        self.task = None  # a finished task holds its result and frame: 1 KiB an idle connection
+        self.dialed = None
         pair(self, backend_side)
         mode = router.spec.relay
         if mode == "splice" and splice.AVAILABLE:

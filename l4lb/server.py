@@ -363,10 +363,5 @@ class Server:
                     conn.idle_since = now
                     continue
                 limit = conn.router.spec.idle_timeout
-                if (
-                    limit > 0
-                    and now - conn.idle_since >= limit
-                    and conn.task is not None
-                    and conn.task.done()
-                ):
+                if limit > 0 and now - conn.idle_since >= limit and conn.peer is not None:
                     conn.close()
