@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 
@@ -318,5 +319,73 @@ async def test_shutdown_waits_for_open_connections_then_resets(backends) -> None
         w.close()
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", port)  # no longer accepting
+    finally:
+        await server.shutdown(grace=0)
+
+
+async def test_spliced_connections_pass_resets_time_out_when_idle_and_are_reset_at_shutdown(
+    cleanup,
+) -> None:
+    """The zero-copy relay keeps the copy relay's promises: a client's reset reaches the backend,
+    a silent connection is closed after idle_timeout, and shutdown resets what is left."""
+    if not hasattr(os, "splice"):
+        pytest.skip("os.splice is Linux-only")
+    (port,) = free_ports(1)
+    resets = asyncio.Queue()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+            await resets.put("eof")
+        except ConnectionResetError:
+            await resets.put("reset")
+        w.close()
+
+    srv = cleanup(await asyncio.start_server(handle, "127.0.0.1", 0))
+    bport = srv.sockets[0].getsockname()[1]
+    cfg = config_of(
+        group_yaml(
+            "web",
+            [port],
+            [f"- {{name: a, address: 127.0.0.1, ports: {{{port}: {bport}}}}}"],
+            extra="relay: splice\nidle_timeout: 300ms",
+        )
+    )
+    server = Server(cfg)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    try:
+        # 1. A reset from the client reaches the backend as a reset.
+        s = cleanup(socket.socket())
+        s.setblocking(False)
+        await loop.sock_connect(s, ("127.0.0.1", port))
+        await loop.sock_sendall(s, b"ping")
+        assert await loop.sock_recv(s, 4) == b"ping"
+        (conn,) = server.live
+        assert conn.splice is not None  # really on the zero-copy path
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        assert await asyncio.wait_for(resets.get(), 5) == "reset"
+        await asyncio.wait_for(server.wait_quiet(), 5)
+        # 2. Silence past idle_timeout closes both sides with a FIN.
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"hello")
+        assert await r.readexactly(5) == b"hello"
+        t0 = loop.time()
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        assert 0.25 < loop.time() - t0 < 2
+        assert await asyncio.wait_for(resets.get(), 5) == "eof"
+        w.close()
+        await asyncio.wait_for(server.wait_quiet(), 5)
+        # 3. Shutdown: open connections get the grace period, then a reset.
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"x")
+        assert await r.readexactly(1) == b"x"
+        await server.shutdown(grace=0.1)
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(r.readexactly(1), 5)
+        w.close()
     finally:
         await server.shutdown(grace=0)
