@@ -728,26 +728,24 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
     kw["ports"] = ports
     if "persistence" in m:
         kw["persistence"] = _persistence(v, m["persistence"][1], f"{path}.persistence")
-    if "backends" in m:
-        backends = _backends(v, m["backends"][1], f"{path}.backends", ports)
-        ok = ok and backends is not None
-        kw["backends"] = backends
-    if "health_check" in m:
-        hc = _health_check(v, m["health_check"][1], f"{path}.health_check", ports)
-        ok = ok and hc is not None
-        kw["health_check"] = hc
-    if "passive" in m:
-        failures = _passive(v, m["passive"][1], f"{path}.passive")
-        ok = ok and failures is not None
-        kw["passive_failures"] = failures
-    if "sorry_server" in m:
-        sorry = _sorry_server(v, m["sorry_server"][1], f"{path}.sorry_server", ports)
-        ok = ok and sorry is not None
-        kw["sorry_server"] = sorry
-    if "notify" in m:
-        notify = _list_of(v, m["notify"][1], f"{path}.notify", _text)
-        ok = ok and notify is not None
-        kw["notify"] = tuple(notify or ())
+
+    def notify(node: yaml.Node, p: str) -> tuple[str, ...] | None:
+        argv = _list_of(v, node, p, _text)
+        return None if argv is None else tuple(argv)
+
+    # key -> (GroupSpec field, parser of the key's node); a parser reports its own errors.
+    sections: dict[str, tuple[str, Callable[[yaml.Node, str], Any]]] = {
+        "backends": ("backends", lambda node, p: _backends(v, node, p, ports)),
+        "health_check": ("health_check", lambda node, p: _health_check(v, node, p, ports)),
+        "passive": ("passive_failures", lambda node, p: _passive(v, node, p)),
+        "sorry_server": ("sorry_server", lambda node, p: _sorry_server(v, node, p, ports)),
+        "notify": ("notify", notify),
+    }
+    for key, (field_name, parse) in sections.items():
+        if key in m:
+            value = parse(m[key][1], f"{path}.{key}")
+            ok = ok and value is not None
+            kw[field_name] = value
     if not ok:
         return None
     group = GroupSpec(name=name, **kw)

@@ -12,6 +12,9 @@ Both sides start paused and buffer what arrives until they are paired (uvloop de
 chunk at most). A FIN from one side is passed on as `write_eof()` while the other direction
 keeps flowing; once both sides have sent FIN, both transports close. A reset or error on one side
 resets the other (SO_LINGER 0, then abort), so the far end learns of it as it would without us.
+
+With `relay: auto` or `splice`, a paired connection can move to the zero-copy relay of
+`splice.py` (see `ClientSide.begin_splice`); the transports then sit idle until it ends.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
 from typing import TYPE_CHECKING, cast
 
 from . import splice
@@ -39,7 +41,6 @@ _NEVER = float("inf")
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def reset(transport: asyncio.Transport) -> None:
@@ -47,7 +48,7 @@ def reset(transport: asyncio.Transport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, splice.LINGER_RESET)
     transport.abort()
 
 

@@ -36,7 +36,7 @@ PIPE_SIZE = 1024 * 1024
 CHUNK = 1024 * 1024
 _F_SETPIPE_SZ = 1031
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_LINGER_RESET = struct.pack("ii", 1, 0)
+LINGER_RESET = struct.pack("ii", 1, 0)
 AVAILABLE = hasattr(os, "splice")
 
 
@@ -192,6 +192,6 @@ class SpliceSession:
         for s in self.socks:
             if reset:
                 with contextlib.suppress(OSError):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             s.close()
         self.on_end(reset)
