@@ -334,9 +334,8 @@ async def test_killed_backend_goes_down_in_time_its_clients_move_and_it_comes_ba
         await victim.stop()
         event = await asyncio.wait_for(server.monitor.wait_event(is_change(victim.name, "down")), 5)
         took = loop.time() - t0
-        assert took <= 2 * 0.1 * 1.1 + 0.2 + 0.15, (
-            took
-        )  # fall x interval (+10% jitter) + a timeout, + slack
+        # fall x interval (+10% jitter) + one timeout, and slack for a loaded machine
+        assert took <= 2 * 0.1 * 1.1 + 0.2 + 0.3, took
         assert "tcp check failed 2x" in event.reason
         after = {src: await hello(port, src) for src in before}  # every connection succeeds
         for src, name in before.items():
