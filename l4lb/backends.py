@@ -44,6 +44,7 @@ class Backend:
         "ports",
         "removed",
         "schedulable",
+        "send_proxy",
         "waiting",
         "weight",
     )
@@ -55,6 +56,7 @@ class Backend:
         self.weight = spec.weight
         self.max_conns = spec.max_conns
         self.inhibit = spec.inhibit_on_failure
+        self.send_proxy = spec.send_proxy  # None: as the group says
         self.index = index  # position in the group's list; schedulers use it for ties
         self.admin = State(spec.state)
         self.healthy = True
@@ -123,6 +125,7 @@ class Backend:
         self.ports = dict(spec.ports)
         self.max_conns = spec.max_conns
         self.inhibit = spec.inhibit_on_failure
+        self.send_proxy = spec.send_proxy
         self.index = index
         if spec.weight != previous.weight:
             self.weight = spec.weight

@@ -54,6 +54,12 @@ class HealthCheckSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AcceptProxySpec:
+    trusted: tuple[tuple[int, int, int], ...]  # (IP version, network as int, prefix length)
+    timeout: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
 class BackendSpec:
     name: str
     address: str  # a normalised IP literal
@@ -63,6 +69,7 @@ class BackendSpec:
     inhibit_on_failure: bool = False
     health_check: HealthCheckSpec | None = None  # replaces the group's check for this backend
     state: str = "up"  # the operator's state at start: up | drain | disabled
+    send_proxy: str | None = None  # v1 | v2 | none: overrides the group's
 
     def port_for(self, service_port: int) -> int:
         return self.ports.get(service_port, service_port)
@@ -101,6 +108,8 @@ class GroupSpec:
     queue_timeout: float = 0.0  # how long a pinned client waits for a full backend
     notify: tuple[str, ...] = ()  # argv run on every state change
     relay: str = "copy"  # copy | auto (splice once a flow streams) | splice (Linux zero-copy)
+    send_proxy: str | None = None  # v1 | v2: a PROXY header to the backends
+    accept_proxy: AcceptProxySpec | None = None  # a PROXY header required from trusted peers
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +323,8 @@ _GROUP_KEYS = (
     "queue_timeout",
     "notify",
     "relay",
+    "send_proxy",
+    "accept_proxy",
 )
 _PERSIST_KEYS = ("timeout", "netmask", "ipv6_prefix", "max_entries")
 _BACKEND_KEYS = (
@@ -325,6 +336,7 @@ _BACKEND_KEYS = (
     "inhibit_on_failure",
     "health_check",
     "state",
+    "send_proxy",
 )
 _CHECK_COMMON = ("type", "interval", "timeout", "rise", "fall", "port")
 _CHECK_KEYS = {
@@ -579,6 +591,7 @@ def _backend(
         "max_conns": _int_in(0, 10_000_000),
         "inhibit_on_failure": _bool,
         "state": _choice("up", "drain", "disabled"),
+        "send_proxy": _choice("v1", "v2", "none"),
     }
     ok = _scalars(v, m, path, checks, kw) and ok
     if "ports" in m:
@@ -610,6 +623,34 @@ def _sorry_server(
     if address is None or port_map is None:
         return None
     return BackendSpec(name=SORRY_SERVER, address=address, ports=port_map)
+
+
+def _cidr(x: Any) -> tuple[int, int, int]:
+    if not isinstance(x, str):
+        raise ValueError(f"expected a network such as 10.0.0.0/8, got {x!r}")
+    try:
+        net = ipaddress.ip_network(x, strict=False)
+    except ValueError:
+        raise ValueError(f"expected a network such as 10.0.0.0/8, got {x!r}") from None
+    return net.version, int(net.network_address), net.prefixlen
+
+
+def _accept_proxy(v: _Validator, node: yaml.Node, path: str) -> AcceptProxySpec | None:
+    m = v.mapping(node, path, ("trusted", "timeout"))
+    if m is None:
+        return None
+    if "trusted" not in m:
+        v.error(
+            node, path, "missing required key 'trusted' (the networks PROXY headers may come from)"
+        )
+        return None
+    trusted = _list_of(v, m["trusted"][1], f"{path}.trusted", _cidr)
+    timeout = (
+        v.field(m["timeout"][1], f"{path}.timeout", _positive_duration) if "timeout" in m else 3.0
+    )
+    if trusted is None or timeout is None:
+        return None
+    return AcceptProxySpec(tuple(trusted), timeout)
 
 
 def _passive(v: _Validator, node: yaml.Node, path: str) -> int | None:
@@ -714,6 +755,7 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         "on_up": _choice("stay", "return"),
         "queue_timeout": _duration,
         "relay": _choice("copy", "auto", "splice"),
+        "send_proxy": _choice("v1", "v2"),
     }
     ok = _scalars(v, m, path, checks, kw) and ok
     if "listen" in m:
@@ -740,6 +782,7 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         "passive": ("passive_failures", lambda node, p: _passive(v, node, p)),
         "sorry_server": ("sorry_server", lambda node, p: _sorry_server(v, node, p, ports)),
         "notify": ("notify", notify),
+        "accept_proxy": ("accept_proxy", lambda node, p: _accept_proxy(v, node, p)),
     }
     for key, (field_name, parse) in sections.items():
         if key in m:

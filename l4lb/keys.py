@@ -38,6 +38,26 @@ def make_keyer(netmask: int, ipv6_prefix: int) -> Keyer:
     return key
 
 
+def make_matcher(networks: list[tuple[int, int, int]]) -> Callable[[str], bool]:
+    """A test of a peer host string against (version, network, prefix length) triples, with
+    the same int keys as above (no `ipaddress` objects per connection)."""
+    full = make_keyer(0xFFFFFFFF, 128)
+    rules = []
+    for version, net, plen in networks:
+        if version == 4:
+            mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+            rules.append((mask | V6_TAG, net & mask))  # the tag bit keeps IPv6 keys out
+        else:
+            mask = v6_mask(plen) | V6_TAG
+            rules.append((mask, (net & v6_mask(plen)) | V6_TAG))
+
+    def match(host: str) -> bool:
+        key = full(host)
+        return any(key & mask == net for mask, net in rules)
+
+    return match
+
+
 def mask_prefix_len(netmask: int) -> int | None:
     """The prefix length of a contiguous IPv4 mask, or None for a non-contiguous one."""
     inverted = ~netmask & 0xFFFFFFFF

@@ -25,7 +25,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, cast
 
-from . import splice
+from . import proxyproto, splice
 from .dialer import dial
 from .routing import Route, Router
 from .splice import SpliceSession
@@ -173,8 +173,11 @@ class ClientSide(Half):
     """The accepted socket; owns the connection's route and its dial."""
 
     __slots__ = (
+        "client_addr",
         "dialed",
         "idle_since",
+        "proxy_buf",
+        "proxy_timer",
         "route",
         "router",
         "server",
@@ -196,27 +199,34 @@ class ClientSide(Half):
         self.task: asyncio.Task[None] | None = None
         self.dialed: BackendSide | None = None  # the last backend socket the dial opened
         self.idle_since = 0.0
+        self.client_addr: tuple[str, int] = ("", 0)  # the client (from a PROXY header, if any)
+        self.proxy_buf: bytes | None = None
+        self.proxy_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
+        self._start(transport.get_extra_info("peername"))
+
+    def _start(self, client: tuple[str, int] | None) -> None:
+        """Key the client, take its route, and dial."""
         try:
-            key = self.router.keyer(peer[0])
+            key = self.router.keyer(client[0])  # type: ignore[index]
         except (TypeError, ValueError, OSError):
-            self.router.stats.rejected += 1
-            held = _throttle.allow(("rejected", self.router.name))
-            if held is not None:
-                log.warning(
-                    "group %s: rejected a client with an unusable address %r%s",
-                    self.router.name,
-                    peer,
-                    held_note(held),
-                )
-            self.transport.abort()
+            self.reject(f"an unusable address {client!r}")
             return
+        self.client_addr = client  # type: ignore[assignment]
         self.route = self.router.begin(key)
         self.server.track(self)
         self.task = asyncio.get_running_loop().create_task(self._connect())
+
+    def reject(self, why: str) -> None:
+        """Refuse the client before any byte of it reaches a backend; counted, and logged at
+        most once a second."""
+        self.router.stats.rejected += 1
+        held = _throttle.allow(("rejected", self.router.name))
+        if held is not None:
+            log.warning("group %s: rejected a client: %s%s", self.router.name, why, held_note(held))
+        self.transport.abort()
 
     async def _connect(self) -> None:
         route = self.route
@@ -254,7 +264,11 @@ class ClientSide(Half):
             self.server.forget(self)
             self.transport.close()
             return
-        backend_side = result[2]
+        backend, _, backend_side = result
+        mode = backend.send_proxy or router.spec.send_proxy
+        if mode is not None and mode != "none":
+            dest = self.transport.get_extra_info("sockname")
+            backend_side.transport.write(proxyproto.encode(mode, self.client_addr, dest[:2]))
         self.task = None  # a finished task holds its result and frame: 1 KiB an idle connection
         self.dialed = None
         pair(self, backend_side)
@@ -363,3 +377,67 @@ class ClientSide(Half):
         self.transport.close()
         if self.peer is not None and not self.peer.lost:
             self.peer.transport.close()
+
+
+class ProxyClientSide(ClientSide):
+    """A client of a group with `accept_proxy`: from a trusted peer, a PROXY header must come
+    first (within the timeout), and its source address is the client. `proxy_buf` is not None
+    while the header is awaited; after it, every callback is ClientSide's. (The class cannot
+    simply be switched: uvloop keeps the protocol's bound methods from connection_made on.)"""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Half.connection_made(self, transport)
+        peer = transport.get_extra_info("peername")
+        trusted = self.router.proxy_trusted
+        spec = self.router.spec.accept_proxy
+        if peer is None or trusted is None or spec is None or not trusted(peer[0]):
+            self.reject(f"a PROXY header from an untrusted address {peer!r}")
+            return
+        self.proxy_buf = b""
+        self.proxy_timer = asyncio.get_running_loop().call_later(spec.timeout, self._late)
+        self.transport.resume_reading()
+
+    def _late(self) -> None:
+        self.reject("no complete PROXY header in time")
+
+    def data_received(self, data: bytes) -> None:
+        if self.proxy_buf is None:
+            ClientSide.data_received(self, data)
+            return
+        buf = self.proxy_buf + data
+        try:
+            header = proxyproto.parse(buf)
+        except proxyproto.ProxyError as exc:
+            self.reject(str(exc))
+            return
+        if header is None:
+            if len(buf) > proxyproto.MAX_HEADER:
+                self.reject("a PROXY header too long")
+                return
+            self.proxy_buf = buf
+            return
+        if self.proxy_timer is not None:
+            self.proxy_timer.cancel()
+        self.transport.pause_reading()
+        self.proxy_buf = None
+        rest = buf[header.length :]
+        if rest:
+            self.pending = [rest]
+            self.nbytes += len(rest)
+        self._start(header.source or self.transport.get_extra_info("peername"))
+
+    def eof_received(self) -> bool:
+        if self.proxy_buf is None:
+            return ClientSide.eof_received(self)
+        self.reject("the peer closed before its PROXY header")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.proxy_buf is None and self.route is not None:
+            ClientSide.connection_lost(self, exc)
+            return
+        self.lost = True
+        if self.proxy_timer is not None:
+            self.proxy_timer.cancel()

@@ -40,10 +40,15 @@ from .affinity import AffinityTable, Entry
 from .backends import Backend, State
 from .config import GroupSpec
 from .health import Event, Quorum
-from .keys import Keyer, make_keyer
+from .keys import Keyer, make_keyer, make_matcher
 from .schedulers import Scheduler, make_scheduler
 
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def _trusted(spec: GroupSpec) -> Callable[[str], bool] | None:
+    """Which peers may send a PROXY header, when the group takes them."""
+    return make_matcher(list(spec.accept_proxy.trusted)) if spec.accept_proxy is not None else None
 
 
 class GroupStats:
@@ -130,6 +135,7 @@ class Router:
             AffinityTable(p.timeout, p.max_entries, clock) if p.enabled else None
         )
         self.quorum = Quorum(spec.quorum, spec.hysteresis, self.up_count())
+        self.proxy_trusted = _trusted(spec)
         self.stats = GroupStats()
         self.listener: Callable[[Event], None] | None = None
         self._return = spec.on_up == "return"
@@ -302,6 +308,7 @@ class Router:
             self.table.timeout = p.timeout
             self.table.max_entries = p.max_entries
         self.quorum = Quorum(spec.quorum, spec.hysteresis, self.up_count())
+        self.proxy_trusted = _trusted(spec)
         self._return = spec.on_up == "return"
         self.spec = spec
         return changes

@@ -27,7 +27,7 @@ from .dialer import SlotQueue
 from .keys import format_netmask
 from .listeners import BACKLOG, ListenSpec, bind, close_all, listen_specs
 from .monitor import HealthMonitor
-from .relay import ClientSide
+from .relay import ClientSide, ProxyClientSide
 from .routing import Router
 
 log = logging.getLogger("l4lb.server")
@@ -132,6 +132,8 @@ class Server:
 
             def factory(where: tuple[str, int] = where) -> ClientSide:
                 router, service_port = bindings[where]
+                if router.proxy_trusted is not None:
+                    return ProxyClientSide(self, router, service_port)
                 return ClientSide(self, router, service_port)
 
             srv = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
