@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l4lb.proxyproto import MAX_HEADER, V2_SIGNATURE, ProxyError, encode, parse
@@ -22,6 +22,7 @@ from tests.procs import ROOT, processes, start_backend, start_l4lb
 ports = st.integers(0, 65535)
 
 
+@settings(deadline=None)
 @given(st.ip_addresses(v=4), st.ip_addresses(v=4), ports, ports, st.sampled_from(["v1", "v2"]))
 def test_round_trip_ipv4(src, dst, sport: int, dport: int, version: str) -> None:
     header = encode(version, (str(src), sport), (str(dst), dport))
@@ -32,6 +33,7 @@ def test_round_trip_ipv4(src, dst, sport: int, dport: int, version: str) -> None
         assert parse(header[:cut]) is None  # any prefix: read more
 
 
+@settings(deadline=None)
 @given(st.ip_addresses(v=6), st.ip_addresses(v=6), ports, ports, st.sampled_from(["v1", "v2"]))
 def test_round_trip_ipv6(src, dst, sport: int, dport: int, version: str) -> None:
     header = encode(version, (str(src), sport), (str(dst), dport))
@@ -41,6 +43,7 @@ def test_round_trip_ipv6(src, dst, sport: int, dport: int, version: str) -> None
     assert ipaddress.ip_address(parsed.dest[0]) == dst and parsed.dest[1] == dport
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=600))
 def test_garbage_is_refused_or_incomplete_never_a_crash(data: bytes) -> None:
     try:
@@ -50,6 +53,7 @@ def test_garbage_is_refused_or_incomplete_never_a_crash(data: bytes) -> None:
     assert header is None or header.length <= len(data)
 
 
+@settings(deadline=None)
 @given(st.binary(min_size=1, max_size=300))
 def test_v2_signature_with_garbage_after(data: bytes) -> None:
     try:
