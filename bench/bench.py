@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.procs import wait_port  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 TARGETS = ("direct", "haproxy", "nginx", "l4lb", "l4lb-auto")
 TOOLS = ("haproxy", "nginx", "wrk", "iperf3", "taskset")
@@ -51,16 +54,6 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def wait_port(port: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
 def cpu_seconds(pids: list[int]) -> float:

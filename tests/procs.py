@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -59,6 +60,17 @@ def wait_for_line(
         lines.append(line)
         if needle in line:
             return lines
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
+    """Until something accepts on host:port (for peers that print nothing when ready)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
 def start_backend(name: str, **ports: str) -> subprocess.Popen[str]:

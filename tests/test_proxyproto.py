@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from l4lb.proxyproto import MAX_HEADER, V2_SIGNATURE, ProxyError, encode, parse
 from tests.helpers import config_of, free_ports, group_yaml, running
-from tests.procs import ROOT, processes, start_backend, start_l4lb
+from tests.procs import ROOT, processes, start_backend, start_l4lb, wait_port
 
 ports = st.integers(0, 65535)
 
@@ -151,19 +151,6 @@ def haproxy(tmp: Path, config: str) -> subprocess.Popen[str]:
     )
 
 
-def wait_listening(port: int) -> None:
-    import socket
-    import time
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing on {port}")
-
-
 def curl(src: str, url: str) -> str:
     r = subprocess.run(
         ["curl", "-sS", "--interface", src, "--max-time", "5", url],
@@ -191,7 +178,7 @@ def test_send_proxy_to_haproxy_logs_the_real_client(tmp_path: Path) -> None:
                 f"frontend v1\n  bind 127.0.0.1:{hp2} accept-proxy\n{echo_src}",
             )
         )
-        wait_listening(hp1)
+        wait_port(hp1)
         cfg = tmp_path / "l4lb.yaml"
         cfg.write_text(
             "groups:\n  web:\n    listen: [127.0.0.1]\n"
@@ -229,7 +216,7 @@ def test_behind_haproxy_sending_proxy_each_real_client_keeps_one_backend(tmp_pat
                 f"backend l4lb\n  mode tcp\n  server l 127.0.0.1:{lb_port} send-proxy-v2\n",
             )
         )
-        wait_listening(front)
+        wait_port(front)
         clients = [f"127.0.58.{i}" for i in range(1, 9)]
         seen = {c: {curl(c, f"http://127.0.0.1:{front}/") for _ in range(3)} for c in clients}
         assert all(len(s) == 1 for s in seen.values()), seen
