@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -82,6 +83,34 @@ async def _reload(server: Server) -> object:
         return None  # logged by the server, line by line; the running configuration stays
 
 
+def _import_keepalived(args: argparse.Namespace) -> int:
+    from .keepalived import KeepalivedError, convert
+
+    marks: dict[int, list[int]] = {}
+    for spec in args.fwmark_ports:
+        mark, _, ports = spec.partition("=")
+        try:
+            marks[int(mark)] = [int(p) for p in ports.split(",") if p]
+        except ValueError:
+            print(f"--fwmark-ports {spec}: expected MARK=PORT,PORT", file=sys.stderr)
+            return 2
+    try:
+        text, notes = convert(args.file, marks)
+    except KeepalivedError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    if notes:
+        print(
+            f"{notes} options were not carried over: see the '# not carried over' comments",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         stream=sys.stderr,
@@ -112,6 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .ctl import add_parser as add_ctl
 
     add_ctl(sub)
+    imp = sub.add_parser("import-keepalived", help="convert a keepalived.conf's virtual servers")
+    imp.add_argument("file", help="the keepalived.conf (its include files are followed)")
+    imp.add_argument("-o", "--output", help="write here instead of to standard output")
+    imp.add_argument(
+        "--fwmark-ports",
+        action="append",
+        default=[],
+        metavar="MARK=PORT,PORT",
+        help="the ports a firewall mark covers (fwmark services name none), e.g. 1=80,443",
+    )
     for p in (run, check):
         p.add_argument(
             "--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"]
@@ -121,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"l4lb {__version__}")
         return 0
+    if args.command == "import-keepalived":
+        return _import_keepalived(args)
     if args.command == "ctl":
         from .ctl import run as run_ctl
 

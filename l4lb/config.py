@@ -402,6 +402,17 @@ def _regex(x: Any) -> str:
     return text
 
 
+def _status_range(x: Any) -> range:
+    """An HTTP status (200) or a range of them ("200-299")."""
+    if isinstance(x, str) and _RANGE_RE.match(x):
+        first, last = (int(p) for p in x.split("-"))
+        if 100 <= first <= last <= 599:
+            return range(first, last + 1)
+        raise ValueError(f"expected statuses from 100 to 599, low to high, got {x!r}")
+    code = _int_in(100, 599, "an HTTP status")(x)
+    return range(code, code + 1)
+
+
 def _list_of(
     v: _Validator, node: yaml.Node, path: str, check: Callable[[Any], T]
 ) -> list[T] | None:
@@ -557,9 +568,9 @@ def _health_check(
     }
     ok = _scalars(v, m, path, checks, kw) and ok
     if "status" in m:
-        status = _list_of(v, m["status"][1], f"{path}.status", _int_in(100, 599, "an HTTP status"))
+        status = _list_of(v, m["status"][1], f"{path}.status", _status_range)
         ok = ok and status is not None
-        kw["status"] = tuple(status or ())
+        kw["status"] = tuple(code for codes in status or () for code in codes)
     if kind == "exec":
         if "command" not in m:
             v.error(node, path, "an exec check needs 'command' (a list: program and arguments)")

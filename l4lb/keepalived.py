@@ -1,0 +1,415 @@
+"""`l4lb import-keepalived`: the virtual servers of a keepalived.conf as an l4lb configuration.
+
+Keepalived's format is a tree of statements: a keyword, its arguments to the end of the line,
+and optionally a `{ ... }` block. `!` and `#` start comments; `include GLOB` splices other files
+in (relative to the including file). The converter walks the `virtual_server` and
+`virtual_server_group` blocks; every option it cannot carry over becomes a YAML comment at the
+place it would go, so that nothing is dropped silently. Keepalived's defaults apply where the file
+is silent: no persistence unless `persistence_timeout` or `persistence_granularity` is given
+(then 360 s by default, /32), `wlc`, checks every `delay_loop` (60 s), `connect_timeout` 5 s,
+`retry` 1.
+"""
+
+from __future__ import annotations
+
+import glob
+import ipaddress
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEDULERS = {
+    "rr": "rr",
+    "wrr": "wrr",
+    "lc": "lc",
+    "wlc": "wlc",
+    "sh": "sh",
+    "mh": "mh",
+    "fo": "fo",
+    "twos": "p2c",
+}
+
+
+class KeepalivedError(Exception):
+    """The file cannot be read or parsed; the message is one line with the file and line."""
+
+
+@dataclass
+class Node:
+    keyword: str
+    args: list[str]
+    line: int
+    source: str
+    children: list[Node] | None = None
+
+    def child(self, keyword: str) -> Node | None:
+        return next((c for c in self.children or () if c.keyword == keyword), None)
+
+    def all(self, keyword: str) -> list[Node]:
+        return [c for c in self.children or () if c.keyword == keyword]
+
+
+@dataclass
+class _Token:
+    text: str
+    line: int
+    source: str
+
+
+def _tokens(path: Path, seen: set[Path]) -> list[_Token | None]:
+    """Words and braces; None marks an end of line. Includes are expanded in place."""
+    if path in seen:
+        raise KeepalivedError(f"{path}: included twice (a loop?)")
+    seen = seen | {path}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeepalivedError(
+            f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    out: list[_Token | None] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = re.split(r"[!#]", raw, maxsplit=1)[0]
+        words = re.findall(r'"[^"]*"|[{}]|[^\s{}"]+', line)
+        if words and words[0] == "include":
+            for name in words[1:]:
+                pattern = name.strip('"')
+                matches = sorted(
+                    glob.glob(
+                        str(path.parent / pattern) if not Path(pattern).is_absolute() else pattern
+                    )
+                )
+                for m in matches:
+                    out += _tokens(Path(m), seen)
+            continue
+        out += [_Token(w.strip('"') if w.startswith('"') else w, n, str(path)) for w in words]
+        out.append(None)
+    return out
+
+
+def parse(path: str | Path) -> list[Node]:
+    tokens = _tokens(Path(path), set())
+    pos = 0
+
+    def block(depth: int) -> list[Node]:
+        nonlocal pos
+        nodes: list[Node] = []
+        current: Node | None = None
+        while pos < len(tokens):
+            tok = tokens[pos]
+            pos += 1
+            if tok is None:
+                current = None
+            elif tok.text == "{":
+                target = current if current is not None else (nodes[-1] if nodes else None)
+                if target is None:
+                    raise KeepalivedError(f"{tok.source}:{tok.line}: a block without a keyword")
+                target.children = block(depth + 1)
+                current = None
+            elif tok.text == "}":
+                if depth == 0:
+                    raise KeepalivedError(f"{tok.source}:{tok.line}: an unmatched closing brace")
+                return nodes
+            elif current is None:
+                current = Node(tok.text, [], tok.line, tok.source)
+                nodes.append(current)
+            else:
+                current.args.append(tok.text)
+        if depth:
+            raise KeepalivedError(f"{path}: the file ends inside a block")
+        return nodes
+
+    return block(0)
+
+
+@dataclass
+class _Out:
+    lines: list[str] = field(default_factory=list)
+    notes: int = 0
+
+    def add(self, indent: int, text: str) -> None:
+        self.lines.append("  " * indent + text)
+
+    def note(self, indent: int, node: Node, why: str) -> None:
+        what = " ".join([node.keyword, *node.args])
+        self.add(indent, f"# not carried over ({node.source}:{node.line}): {what}: {why}")
+        self.notes += 1
+
+
+def _seconds(node: Node | None, default: float) -> float:
+    if node is None or not node.args:
+        return default
+    try:
+        return float(node.args[0])
+    except ValueError:
+        return default
+
+
+_CHECKS = {"TCP_CHECK", "HTTP_GET", "SSL_GET", "MISC_CHECK"}
+_VS_DONE = {
+    "delay_loop",
+    "lb_algo",
+    "lvs_sched",
+    "persistence_timeout",
+    "persistence_granularity",
+    "protocol",
+    "real_server",
+    "sorry_server",
+    "quorum",
+    "hysteresis",
+    "lb_kind",
+    "lvs_method",
+}
+
+
+def _check(out: _Out, rs: Node, rs_port: int | None, delay: float, indent: int) -> None:
+    checks = [c for c in rs.children or () if c.keyword in _CHECKS]
+    if not checks:
+        return
+    chk = checks[0]
+    for extra in checks[1:]:
+        out.note(indent, extra, "l4lb runs one check a backend (keepalived requires all to pass)")
+    timeout = _seconds(chk.child("connect_timeout"), 5.0)
+    retry_node = chk.child("retry") or chk.child("nb_get_retry")
+    fall = int(_seconds(retry_node, 1.0)) + 1
+    fields = [f"interval: {delay:g}s", f"timeout: {timeout:g}s", "rise: 1", f"fall: {fall}"]
+    connect_port = chk.child("connect_port")
+    if (
+        connect_port is not None
+        and connect_port.args
+        and rs_port is not None
+        and connect_port.args[0] != str(rs_port)
+    ):
+        out.note(
+            indent,
+            connect_port,
+            "l4lb checks the port traffic goes to; add a group port mapped to it to check another",
+        )
+    if chk.keyword == "TCP_CHECK":
+        kind = "tcp"
+    elif chk.keyword in ("HTTP_GET", "SSL_GET"):
+        kind = "http" if chk.keyword == "HTTP_GET" else "tls"
+        url = chk.child("url")
+        path = url.child("path") if url else None
+        fields.append(f"path: {path.args[0] if path and path.args else '/'}")
+        status = url.child("status_code") if url else None
+        if status and status.args and all(a.isdigit() for a in status.args):
+            fields.append(f"status: [{', '.join(status.args)}]")
+        else:
+            fields.append('status: ["200-299"]')  # keepalived's default
+        for sub in (url.children or []) if url else []:
+            if sub.keyword not in ("path", "status_code"):
+                out.note(indent, sub, "not checked by l4lb")
+    else:
+        kind = "exec"
+        misc = chk.child("misc_path")
+        if misc is None or not misc.args:
+            out.note(indent, chk, "a MISC_CHECK without misc_path")
+            return
+        argv = shlex.split(" ".join(misc.args))
+        fields.append("command: [" + ", ".join(_q(a) for a in argv) + "]")
+        misc_timeout = chk.child("misc_timeout")
+        if misc_timeout is not None:
+            fields[1] = f"timeout: {_seconds(misc_timeout, timeout):g}s"
+    for sub in chk.children or []:
+        if sub.keyword in (
+            "connect_timeout",
+            "retry",
+            "nb_get_retry",
+            "url",
+            "misc_path",
+            "misc_timeout",
+            "connect_port",
+        ):
+            continue
+        out.note(indent, sub, "no l4lb equivalent")
+    out.add(indent, f"health_check: {{type: {kind}, " + ", ".join(fields) + "}")
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _addr_port(args: list[str]) -> tuple[str, int | None]:
+    address = str(ipaddress.ip_address(args[0]))
+    port = int(args[1]) if len(args) > 1 and args[1].isdigit() else None
+    return address, port
+
+
+def convert(path: str | Path, fwmark_ports: dict[int, list[int]] | None = None) -> tuple[str, int]:
+    """The l4lb YAML for the keepalived.conf at `path`, and how many options were not carried."""
+    fwmark_ports = fwmark_ports or {}
+    nodes = parse(path)
+    groups = {n.args[0]: n for n in nodes if n.keyword == "virtual_server_group" and n.args}
+    out = _Out()
+    out.add(
+        0, f"# Converted from {path} by l4lb import-keepalived. Check it with: l4lb check -c FILE"
+    )
+    out.add(0, "groups:")
+    converted = 0
+    for n in nodes:
+        if n.keyword in (
+            "global_defs",
+            "virtual_server_group",
+            "vrrp_instance",
+            "vrrp_sync_group",
+            "vrrp_script",
+        ):
+            if n.keyword.startswith("vrrp"):
+                out.note(
+                    1, n, "VRRP is keepalived's own job; run keepalived beside l4lb for the address"
+                )
+            continue
+        if n.keyword != "virtual_server":
+            out.note(1, n, "not a virtual server")
+            continue
+        converted += _virtual_server(out, n, groups, fwmark_ports)
+    if not converted:
+        raise KeepalivedError(f"{path}: no TCP virtual_server to convert")
+    return "\n".join(out.lines) + "\n", out.notes
+
+
+def _virtual_server(
+    out: _Out, vs: Node, groups: dict[str, Node], fwmark_ports: dict[int, list[int]]
+) -> int:
+    listen: list[str] = []
+    ports: list[int] = []
+    marks: list[int] = []
+    later: list[tuple[Node, str]] = []  # notes that belong under the group's name
+    if vs.args[:1] == ["fwmark"] and len(vs.args) > 1:
+        marks.append(int(vs.args[1]))
+        name = f"fwmark{vs.args[1]}"
+    elif vs.args[:1] == ["group"] and len(vs.args) > 1 and vs.args[1] in groups:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", vs.args[1])
+        for entry in groups[vs.args[1]].children or []:
+            if entry.keyword == "fwmark" and entry.args:
+                marks.append(int(entry.args[0]))
+                continue
+            words = [entry.keyword, *entry.args]
+            host, _, last = words[0].partition("-")
+            if last:
+                later.append((entry, "an address range; l4lb listens on the first address only"))
+            try:
+                address, port = _addr_port([host, *words[1:]])
+            except ValueError:
+                later.append((entry, "not an address and port"))
+                continue
+            if address not in listen:
+                listen.append(address)
+            if port is not None and port not in ports:
+                ports.append(port)
+    else:
+        try:
+            address, port = _addr_port(vs.args)
+        except (ValueError, IndexError):
+            out.note(1, vs, "not an address and port")
+            return 0
+        listen.append(address)
+        name = f"vs_{address.replace(':', '_').replace('.', '_')}_{port}"
+        if port is not None:
+            ports.append(port)
+    protocol = vs.child("protocol")
+    if protocol is not None and protocol.args and protocol.args[0].upper() != "TCP":
+        out.note(1, vs, f"protocol {protocol.args[0]}: l4lb balances TCP only")
+        return 0
+    for m in marks:
+        if m in fwmark_ports:
+            ports += [p for p in fwmark_ports[m] if p not in ports]
+    out.add(1, f"{name}:")
+    for node, why in later:
+        out.note(2, node, why)
+    if len(listen) > 1 and len(ports) > 1:
+        out.add(2, "# l4lb listens on every address below with every port (keepalived: the pairs)")
+    if marks:
+        out.add(2, f"mark: {marks[0]}")
+        if not all(m in fwmark_ports for m in marks):
+            marked = ", ".join(map(str, marks))
+            out.add(2, f"# fwmark {marked}: the marked ports come from your firewall rules;")
+            out.add(
+                2, "# give them with --fwmark-ports MARK=PORT,PORT (until then: placeholder port 1)"
+            )
+            out.notes += 1
+    if not ports:
+        ports = [1]
+    if listen:
+        out.add(2, "listen: [" + ", ".join(_q(a) for a in listen) + "]")
+    out.add(2, "ports: [" + ", ".join(map(str, ports)) + "]")
+    algo = vs.child("lb_algo") or vs.child("lvs_sched")
+    sched = "wlc"
+    if algo is not None and algo.args:
+        sched = SCHEDULERS.get(algo.args[0], "")
+        if not sched:
+            out.note(2, algo, "no such scheduler in l4lb; wlc instead")
+            sched = "wlc"
+    out.add(2, f"scheduler: {sched}")
+    pto, gran = vs.child("persistence_timeout"), vs.child("persistence_granularity")
+    if pto is None and gran is None:
+        out.add(2, "persistence: {timeout: 0}   # keepalived: none without persistence_timeout")
+    else:
+        timeout = _seconds(pto, 360.0)
+        persist = [f"timeout: {timeout:g}s"]
+        if gran is not None and gran.args:
+            g = gran.args[0]
+            persist.append(f"netmask: {g}" if "." in g else f"ipv6_prefix: {g}")
+        out.add(2, "persistence: {" + ", ".join(persist) + "}")
+    for keyword in ("quorum", "hysteresis"):
+        opt = vs.child(keyword)
+        if opt is not None and opt.args:
+            out.add(
+                2,
+                f"{keyword}: {int(opt.args[0])}"
+                + ("   # l4lb counts backends, keepalived weights" if keyword == "quorum" else ""),
+            )
+    for kind in ("lb_kind", "lvs_method"):
+        opt = vs.child(kind)
+        if opt is not None:
+            how = " ".join(opt.args)
+            out.add(2, f"# {kind} {how}: l4lb is a full proxy (like NAT, without the routing)")
+    delay = _seconds(vs.child("delay_loop"), 60.0)
+    sorry = vs.child("sorry_server")
+    if sorry is not None and len(sorry.args) >= 1:
+        address, sport = _addr_port(sorry.args)
+        maps = (
+            (", ports: {" + ", ".join(f"{p}: {sport}" for p in ports) + "}")
+            if sport and any(p != sport for p in ports)
+            else ""
+        )
+        out.add(2, f"sorry_server: {{address: {_q(address)}{maps}}}")
+    for child in vs.children or []:
+        if child.keyword not in _VS_DONE:
+            out.note(2, child, "no l4lb equivalent")
+    out.add(2, "backends:")
+    names: set[str] = set()
+    for rs in vs.all("real_server"):
+        try:
+            address, rs_port = _addr_port(rs.args)
+        except (ValueError, IndexError):
+            out.note(3, rs, "not an address and port")
+            continue
+        base = f"rs_{address.replace(':', '_').replace('.', '_')}" + (
+            f"_{rs_port}" if rs_port else ""
+        )
+        name = base
+        while name in names:
+            name += "_"
+        names.add(name)
+        out.add(3, f"- name: {name}")
+        out.add(4, f"address: {_q(address)}")
+        weight = rs.child("weight")
+        if weight is not None and weight.args:
+            out.add(4, f"weight: {min(int(weight.args[0]), 65535)}")
+        if rs_port and any(p != rs_port for p in ports):
+            out.add(4, "ports: {" + ", ".join(f"{p}: {rs_port}" for p in ports) + "}")
+        if rs.child("inhibit_on_failure") is not None or vs.child("inhibit_on_failure") is not None:
+            out.add(4, "inhibit_on_failure: true")
+        _check(out, rs, rs_port, delay, 4)
+        for child in rs.children or []:
+            if child.keyword not in _CHECKS and child.keyword not in (
+                "weight",
+                "inhibit_on_failure",
+            ):
+                out.note(4, child, "no l4lb equivalent")
+    if not names:
+        out.add(3, "[]   # no real_server: l4lb check will refuse this group")
+    return 1
