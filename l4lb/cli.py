@@ -83,6 +83,27 @@ async def _reload(server: Server) -> object:
         return None  # logged by the server, line by line; the running configuration stays
 
 
+def _healthcheck(path: str) -> int:
+    """For container HEALTHCHECKs: 0 when /healthz answers, or when there is no admin API to ask."""
+    import urllib.request
+
+    from .config import load_admin_section
+
+    try:
+        admin = load_admin_section(path)
+    except ConfigError as exc:
+        print(exc.lines[0], file=sys.stderr)
+        return 1
+    if admin is None:
+        return 0
+    try:
+        with urllib.request.urlopen(admin.url + "/healthz", timeout=3) as r:
+            return 0 if r.status == 200 else 1
+    except OSError as exc:
+        print(f"{admin.url}/healthz: {exc}", file=sys.stderr)
+        return 1
+
+
 def _import_keepalived(args: argparse.Namespace) -> int:
     from .keepalived import KeepalivedError, convert
 
@@ -141,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .ctl import add_parser as add_ctl
 
     add_ctl(sub)
+    hc = sub.add_parser("healthcheck", help="exit 0 if the admin API of a running l4lb answers")
+    hc.add_argument("-c", "--config", required=True, help="the YAML configuration file")
     imp = sub.add_parser("import-keepalived", help="convert a keepalived.conf's virtual servers")
     imp.add_argument("file", help="the keepalived.conf (its include files are followed)")
     imp.add_argument("-o", "--output", help="write here instead of to standard output")
@@ -160,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"l4lb {__version__}")
         return 0
+    if args.command == "healthcheck":
+        return _healthcheck(args.config)
     if args.command == "import-keepalived":
         return _import_keepalived(args)
     if args.command == "ctl":
