@@ -116,7 +116,7 @@ def _import_keepalived(args: argparse.Namespace) -> int:
             print(f"--fwmark-ports {spec}: expected MARK=PORT,PORT", file=sys.stderr)
             return 2
     try:
-        text, notes = convert(args.file, marks)
+        text, notes = convert(args.file, marks, args.kernel_marks)
     except KeepalivedError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -173,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="MARK=PORT,PORT",
         help="the ports a firewall mark covers (fwmark services name none), e.g. 1=80,443",
+    )
+    imp.add_argument(
+        "--kernel-marks",
+        metavar="HOST:PORT",
+        help="make fwmark services groups chosen by the kernel's mark, on this REDIRECT target",
     )
     for p in (run, check):
         p.add_argument(

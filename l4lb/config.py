@@ -109,6 +109,7 @@ class GroupSpec:
     notify: tuple[str, ...] = ()  # argv run on every state change
     relay: str = "copy"  # copy | auto (splice once a flow streams) | splice (Linux zero-copy)
     send_proxy: str | None = None  # v1 | v2: a PROXY header to the backends
+    kernel_mark: int | None = None  # chosen by this firewall mark on the kernel_marks listener
     accept_proxy: AcceptProxySpec | None = None  # a PROXY header required from trusted peers
 
 
@@ -127,10 +128,19 @@ class AdminSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class KernelMarksSpec:
+    """One listener fed by iptables/nft REDIRECT; each connection's mark picks its group."""
+
+    host: str = "0.0.0.0"
+    port: int = 9999
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     groups: tuple[GroupSpec, ...]
     shutdown_timeout: float = 10.0
     admin: AdminSpec | None = None
+    kernel_marks: KernelMarksSpec | None = None
     state_file: str | None = None
     state_interval: float = 30.0
     source: str = "<memory>"
@@ -303,7 +313,7 @@ def _scheduler(v: Any) -> str:
 
 # --------------------------------------------------------------------------- sections
 
-_TOP_KEYS = ("groups", "shutdown_timeout", "admin", "state_file", "state_interval")
+_TOP_KEYS = ("groups", "shutdown_timeout", "admin", "state_file", "state_interval", "kernel_marks")
 _GROUP_KEYS = (
     "mark",
     "listen",
@@ -325,6 +335,7 @@ _GROUP_KEYS = (
     "relay",
     "send_proxy",
     "accept_proxy",
+    "kernel_mark",
 )
 _PERSIST_KEYS = ("timeout", "netmask", "ipv6_prefix", "max_entries")
 _BACKEND_KEYS = (
@@ -767,6 +778,7 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         "queue_timeout": _duration,
         "relay": _choice("copy", "auto", "splice"),
         "send_proxy": _choice("v1", "v2"),
+        "kernel_mark": _int_in(1, 2**32 - 1),
     }
     ok = _scalars(v, m, path, checks, kw) and ok
     if "listen" in m:
@@ -858,7 +870,9 @@ def _admin(v: _Validator, node: yaml.Node, path: str) -> AdminSpec | None:
 
 
 def _listen_overlaps(a: GroupSpec, b: GroupSpec) -> Iterator[tuple[str, list[int]]]:
-    """(address, ports) that two groups would both bind."""
+    """(address, ports) that two groups would both bind (a kernel-mark group binds none)."""
+    if a.kernel_mark is not None or b.kernel_mark is not None:
+        return
     common = sorted(set(a.ports) & set(b.ports))
     if not common:
         return
@@ -884,6 +898,14 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
         kw["state_file"] = _beside(v.source, kw["state_file"])
     if "admin" in m:
         kw["admin"] = _admin(v, m["admin"][1], "admin")
+    if "kernel_marks" in m:
+        km = v.mapping(m["kernel_marks"][1], "kernel_marks", ("listen",))
+        if km is not None and "listen" in km:
+            hp = v.field(km["listen"][1], "kernel_marks.listen", _host_port)
+            if hp is not None:
+                kw["kernel_marks"] = KernelMarksSpec(*hp)
+        elif km is not None:
+            v.error(m["kernel_marks"][1], "kernel_marks", "missing required key 'listen'")
     if "groups" not in m:
         v.error(root, "", "missing required key 'groups'")
         return None
@@ -909,6 +931,20 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
                 f"mark {group.mark} is also used by group {marks[group.mark]!r}",
             )
             continue
+        if group.kernel_mark is not None:
+            if "kernel_marks" not in m:
+                v.error(
+                    vnode,
+                    f"groups.{gname}.kernel_mark",
+                    "needs the top-level kernel_marks listener",
+                )
+            clash = next((g.name for g in groups if g.kernel_mark == group.kernel_mark), None)
+            if clash is not None:
+                v.error(
+                    vnode,
+                    f"groups.{gname}.kernel_mark",
+                    f"mark {group.kernel_mark} is also group {clash!r}'s",
+                )
         for other in groups:
             for addr, common in _listen_overlaps(group, other):
                 v.error(

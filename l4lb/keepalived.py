@@ -127,6 +127,7 @@ def parse(path: str | Path) -> list[Node]:
 class _Out:
     lines: list[str] = field(default_factory=list)
     notes: int = 0
+    kernel: bool = False  # fwmark services become kernel_mark groups
 
     def add(self, indent: int, text: str) -> None:
         self.lines.append("  " * indent + text)
@@ -237,15 +238,21 @@ def _addr_port(args: list[str]) -> tuple[str, int | None]:
     return address, port
 
 
-def convert(path: str | Path, fwmark_ports: dict[int, list[int]] | None = None) -> tuple[str, int]:
-    """The l4lb YAML for the keepalived.conf at `path`, and how many options were not carried."""
+def convert(
+    path: str | Path,
+    fwmark_ports: dict[int, list[int]] | None = None,
+    kernel_marks: str | None = None,
+) -> tuple[str, int]:
+    """The l4lb YAML for the keepalived.conf at `path`, and how many options were not carried.
+    With `kernel_marks` (host:port of the REDIRECT target), fwmark services become groups chosen
+    by the kernel's mark, so the firewall rules written for LVS drive l4lb unchanged."""
     fwmark_ports = fwmark_ports or {}
     nodes = parse(path)
     groups = {n.args[0]: n for n in nodes if n.keyword == "virtual_server_group" and n.args}
-    out = _Out()
-    out.add(
-        0, f"# Converted from {path} by l4lb import-keepalived. Check it with: l4lb check -c FILE"
-    )
+    out = _Out(kernel=kernel_marks is not None)
+    out.add(0, f"# Converted from {path} by l4lb import-keepalived. Check: l4lb check -c FILE")
+    if kernel_marks is not None:
+        out.add(0, f"kernel_marks: {{listen: {_q(kernel_marks)}}}   # the REDIRECT target")
     out.add(0, "groups:")
     converted = 0
     for n in nodes:
@@ -321,6 +328,11 @@ def _virtual_server(
         out.note(2, node, why)
     if len(listen) > 1 and len(ports) > 1:
         out.add(2, "# l4lb listens on every address below with every port (keepalived: the pairs)")
+    if marks and out.kernel and not listen:
+        out.add(2, f"kernel_mark: {marks[0]}   # chosen by the firewall mark, as LVS does")
+        for extra_mark in marks[1:]:
+            out.add(2, f"# fwmark {extra_mark}: one mark a group in l4lb; set {marks[0]} instead")
+            out.notes += 1
     if marks:
         out.add(2, f"mark: {marks[0]}")
         if not all(m in fwmark_ports for m in marks):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from .config import Config
 
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+MARKS = "*kernel-marks*"  # the group name of the kernel_marks listener
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +29,12 @@ def listen_specs(config: Config) -> list[ListenSpec]:
     ::ffff:a.b.c.d) unless some group also binds IPv4 on that port, where it must be v6-only."""
     v4_ports = {p for g in config.groups for h in g.listen if ":" not in h for p in g.ports}
     out = []
+    if config.kernel_marks is not None:
+        km = config.kernel_marks
+        out.append(ListenSpec(MARKS, km.host, km.port, ":" in km.host))
     for g in config.groups:
+        if g.kernel_mark is not None:
+            continue  # its traffic arrives on the kernel_marks listener
         for port in g.ports:
             for host in g.listen:
                 v6only = ":" in host and (host != "::" or port in v4_ports)

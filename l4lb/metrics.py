@@ -176,6 +176,11 @@ class L4lbCollector(Collector):
             check_time,
         )
 
+        unmatched = CounterMetricFamily(
+            "l4lb_connections_unmatched_mark", "Connections whose firewall mark no group claims"
+        )
+        unmatched.add_metric([], s.unmatched_marks)
+        yield unmatched
         reloads = CounterMetricFamily("l4lb_reloads", "Configuration reloads", labels=["result"])
         reloads.add_metric(["ok"], s.reloads_ok)
         reloads.add_metric(["failed"], s.reloads_failed)

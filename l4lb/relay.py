@@ -441,3 +441,54 @@ class ProxyClientSide(ClientSide):
         self.lost = True
         if self.proxy_timer is not None:
             self.proxy_timer.cancel()
+
+
+SO_ORIGINAL_DST = 80  # netfilter's, for IPv4 (SOL_IP) and IPv6 (SOL_IPV6) alike
+
+
+def original_port(sock: socket.socket, fallback: int) -> int:
+    """The port the client dialled before iptables/nft REDIRECT sent it here."""
+    for level, size in ((socket.SOL_IP, 16), (socket.IPPROTO_IPV6, 28)):
+        try:
+            raw = sock.getsockopt(level, SO_ORIGINAL_DST, size)
+        except OSError:
+            continue
+        return int.from_bytes(raw[2:4], "big")
+    return fallback
+
+
+class MarkedClientSide(ClientSide):
+    """A connection on the kernel_marks listener: its firewall mark (SO_MARK, inherited from the
+    SYN with net.ipv4.tcp_fwmark_accept=1) picks the group, and the port it was redirected from
+    is the service port. Then it is a plain ClientSide."""
+
+    __slots__ = ()
+
+    def __init__(self, server: Server) -> None:
+        placeholder = next(iter(server.by_mark.values()), None) or next(
+            iter(server.routers.values())
+        )
+        super().__init__(server, placeholder, 0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Half.connection_made(self, transport)
+        sock = transport.get_extra_info("socket")
+        mark = 0
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                mark = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+        router = self.server.by_mark.get(mark)
+        if router is None or sock is None:
+            self.server.unmatched_marks += 1
+            held = _throttle.allow(("mark", mark))
+            if held is not None:
+                log.warning(
+                    "a connection with firewall mark %d, which no group claims%s",
+                    mark,
+                    held_note(held),
+                )
+            self.transport.abort()
+            return
+        self.router = router
+        self.service_port = original_port(sock, transport.get_extra_info("sockname")[1])
+        self._start(transport.get_extra_info("peername"))

@@ -19,15 +19,16 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from . import statefile
 from .backends import Backend
 from .config import Config, ConfigError, compact_ports, load_config
 from .dialer import SlotQueue
 from .keys import format_netmask
-from .listeners import BACKLOG, ListenSpec, bind, close_all, listen_specs
+from .listeners import BACKLOG, MARKS, ListenSpec, bind, close_all, listen_specs
 from .monitor import HealthMonitor
-from .relay import ClientSide, ProxyClientSide
+from .relay import ClientSide, MarkedClientSide, ProxyClientSide
 from .routing import Router
 
 log = logging.getLogger("l4lb.server")
@@ -46,6 +47,25 @@ class ReloadError(Exception):
     def __init__(self, lines: list[str]) -> None:
         super().__init__("\n".join(lines))
         self.lines = lines
+
+
+FWMARK_ACCEPT = "/proc/sys/net/ipv4/tcp_fwmark_accept"
+
+
+def check_fwmark_accept() -> None:
+    """Accepted sockets carry their SYN's mark only with this sysctl: say so, or refuse."""
+    try:
+        value = Path(FWMARK_ACCEPT).read_text(encoding="ascii").strip()
+    except OSError:
+        raise StartupError(
+            f"kernel_marks needs Linux's {FWMARK_ACCEPT}, which this system does not have"
+        ) from None
+    if value != "1":
+        raise StartupError(
+            "kernel_marks needs net.ipv4.tcp_fwmark_accept=1 (sysctl -w"
+            " net.ipv4.tcp_fwmark_accept=1 in the balancer's network namespace);"
+            " without it every connection carries mark 0"
+        )
 
 
 class Server:
@@ -70,6 +90,8 @@ class Server:
         self.admin_refused: dict[str, int] = {}
         self.history: deque[tuple[float, dict[str, int]]] = deque(maxlen=HISTORY_LENGTH)
         self._bindings: dict[tuple[str, int], tuple[Router, int]] = {}
+        self.by_mark: dict[int, Router] = {}  # kernel_mark -> group, for the marks listener
+        self.unmatched_marks = 0  # connections whose mark no group claims
         self._listeners: dict[tuple[str, int], tuple[ListenSpec, asyncio.AbstractServer]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._quiet: asyncio.Event | None = None
@@ -130,6 +152,17 @@ class Server:
         for spec, sock in bound:
             where = (spec.host, spec.port)
 
+            if spec.group == MARKS:
+
+                def marked() -> ClientSide:
+                    return MarkedClientSide(self)
+
+                self._listeners[where] = (
+                    spec,
+                    await loop.create_server(marked, sock=sock, backlog=BACKLOG),
+                )
+                continue
+
             def factory(where: tuple[str, int] = where) -> ClientSide:
                 router, service_port = bindings[where]
                 if router.proxy_trusted is not None:
@@ -142,13 +175,19 @@ class Server:
     def _set_bindings(self, specs: list[ListenSpec]) -> None:
         self._bindings.clear()
         for spec in specs:
-            self._bindings[(spec.host, spec.port)] = (self.routers[spec.group], spec.port)
+            if spec.group != MARKS:
+                self._bindings[(spec.host, spec.port)] = (self.routers[spec.group], spec.port)
+        self.by_mark = {
+            r.spec.kernel_mark: r for r in self.routers.values() if r.spec.kernel_mark is not None
+        }
         self.listening = specs
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.config.kernel_marks is not None:
+            check_fwmark_accept()
         specs = listen_specs(self.config)
         bound = self._bind_new(specs)
         self._set_bindings(specs)

@@ -73,8 +73,9 @@ def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
-def start_backend(name: str, **ports: str) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "tests.backend_server", "--name", name]
+def start_backend(name: str, prefix: tuple[str, ...] = (), **ports: str) -> subprocess.Popen[str]:
+    """A tests.backend_server process; `prefix` runs it under another command (ip netns exec)."""
+    argv = [*prefix, sys.executable, "-m", "tests.backend_server", "--name", name]
     for kind, address in ports.items():
         argv += [f"--{kind}", address]
     proc = subprocess.Popen(
@@ -84,10 +85,12 @@ def start_backend(name: str, **ports: str) -> subprocess.Popen[str]:
     return proc
 
 
-def start_l4lb(config: Path, *extra: str, groups: int = 1) -> subprocess.Popen[str]:
+def start_l4lb(
+    config: Path, *extra: str, groups: int = 1, prefix: tuple[str, ...] = ()
+) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "l4lb", "run", "-c", str(config), *extra],
+        [*prefix, sys.executable, "-m", "l4lb", "run", "-c", str(config), *extra],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

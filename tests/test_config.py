@@ -354,3 +354,27 @@ def test_multi_port_warning_covers_ranges() -> None:
         "groups:\n  ftp:\n    ports: [21, '30000-30001']\n    persistence: {timeout: 0}\n    backends: [{name: x, address: 10.0.0.1}]\n"
     )
     assert len(c.warnings) == 1
+
+
+def test_kernel_mark_errors() -> None:
+    base = "groups:\n  a:\n    kernel_mark: 1\n    ports: [80]\n    backends: [{name: x, address: 10.0.0.1}]\n"
+    assert any(
+        "groups.a.kernel_mark: needs the top-level kernel_marks listener" in line
+        for line in errors_of(base)
+    )
+    two = (
+        "kernel_marks: {listen: ':9999'}\n"
+        + base
+        + "  b:\n    kernel_mark: 1\n    ports: [80]\n    backends: [{name: x, address: 10.0.0.1}]\n"
+    )
+    assert any(
+        "groups.b.kernel_mark: mark 1 is also group 'a''s" in line for line in errors_of(two)
+    )
+    ok = load_config_text(
+        "kernel_marks: {listen: ':9999'}\n" + base.replace("ports: [80]", "ports: [80, 443]")
+    )
+    assert (
+        ok.kernel_marks is not None
+        and ok.kernel_marks.port == 9999
+        and ok.groups[0].kernel_mark == 1
+    )
