@@ -231,6 +231,10 @@ class Server:
             if s.group == g.name:
                 hosts.setdefault(f"[{s.host}]" if ":" in s.host else s.host, []).append(s.port)
         where = "; ".join(f"{h} port(s) {compact_ports(ports)}" for h, ports in hosts.items())
+        km = self.config.kernel_marks
+        if g.kernel_mark is not None and km is not None:
+            covered = compact_ports(g.ports)
+            where = f"firewall mark {g.kernel_mark} via {km.host}:{km.port} (ports {covered})"
         return (
             f"group {g.name} (mark {g.mark}): listening on {where}; {len(g.backends)} backends, "
             f"scheduler {g.scheduler}, {persist}"
