@@ -199,7 +199,8 @@ class ClientSide(Half):
         self.task: asyncio.Task[None] | None = None
         self.dialed: BackendSide | None = None  # the last backend socket the dial opened
         self.idle_since = 0.0
-        self.client_addr: tuple[str, int] = ("", 0)  # the client (from a PROXY header, if any)
+        # The client as a PROXY header named it; None: the peer itself (not kept, to save memory).
+        self.client_addr: tuple[str, int] | None = None
         self.proxy_buf: bytes | None = None
         self.proxy_timer: asyncio.TimerHandle | None = None
 
@@ -214,7 +215,6 @@ class ClientSide(Half):
         except (TypeError, ValueError, OSError):
             self.reject(f"an unusable address {client!r}")
             return
-        self.client_addr = client  # type: ignore[assignment]
         self.route = self.router.begin(key)
         self.server.track(self)
         self.task = asyncio.get_running_loop().create_task(self._connect())
@@ -268,7 +268,8 @@ class ClientSide(Half):
         mode = backend.send_proxy or router.spec.send_proxy
         if mode is not None and mode != "none":
             dest = self.transport.get_extra_info("sockname")
-            backend_side.transport.write(proxyproto.encode(mode, self.client_addr, dest[:2]))
+            client = self.client_addr or self.transport.get_extra_info("peername")
+            backend_side.transport.write(proxyproto.encode(mode, client[:2], dest[:2]))
         self.task = None  # a finished task holds its result and frame: 1 KiB an idle connection
         self.dialed = None
         pair(self, backend_side)
@@ -426,6 +427,7 @@ class ProxyClientSide(ClientSide):
         if rest:
             self.pending = [rest]
             self.nbytes += len(rest)
+        self.client_addr = header.source
         self._start(header.source or self.transport.get_extra_info("peername"))
 
     def eof_received(self) -> bool:
