@@ -294,6 +294,13 @@ class Site:
         procs.append(lb)
         return lb
 
+    def pin(self, net: str, n: int) -> list[str]:
+        """n clients (net.1 to net.n) make one connection each, and so get pinned."""
+        clients = [f"{net}.{i}" for i in range(1, n + 1)]
+        for c in clients:
+            who(self.p1, c)
+        return clients
+
 
 def who(port: int, src: str, payload: bytes = b"hello") -> bool:
     """One connection from `src`: send, read the echo back whole, close."""
@@ -330,9 +337,7 @@ def test_twenty_reloads_under_load_lose_no_connection_and_no_pin(tmp_path: Path)
     with processes() as procs:
         site.start_backends(procs)
         lb = site.start(procs)
-        clients = [f"127.0.50.{i}" for i in range(1, 41)]
-        for c in clients:
-            who(site.p1, c)
+        clients = site.pin("127.0.50", 40)
         before = pinned(site)
         assert len(before) == 40
         stop = threading.Event()
@@ -387,9 +392,7 @@ def test_restart_with_a_state_file_keeps_every_client_on_its_backend(tmp_path: P
     with processes() as procs:
         site.start_backends(procs)
         lb = site.start(procs)
-        clients = [f"127.0.60.{i}" for i in range(1, 51)]
-        for c in clients:
-            who(site.p1, c)
+        clients = site.pin("127.0.60", 50)
         before = pinned(site)
         lb.send_signal(signal.SIGTERM)
         assert lb.wait(10) == 0
@@ -431,8 +434,7 @@ def test_ctl_and_the_status_page_show_a_drain(tmp_path: Path) -> None:
     with processes() as procs:
         site.start_backends(procs)
         site.start(procs)
-        for i in range(1, 7):
-            who(site.p1, f"127.0.70.{i}")
+        site.pin("127.0.70", 6)
         listing = ctl(site, "affinity", "list")
         assert listing.returncode == 0
         lines = listing.stdout.splitlines()
