@@ -65,10 +65,33 @@ def backend_json(
     }
 
 
+def authorize(spec: AdminSpec, request: web.Request) -> None:
+    """Changes need the bearer token of `spec.token_file`; raises ApiError otherwise."""
+    if spec.token_file is None:
+        raise ApiError(
+            403, "changes are disabled: set admin.token_file in the configuration", "forbidden"
+        )
+    try:
+        token = Path(spec.token_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ApiError(403, f"cannot read the token file: {exc.strerror}", "forbidden") from None
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    if (
+        scheme.lower() != "bearer"
+        or not token
+        or not hmac.compare_digest(value.strip().encode(), token.encode())
+    ):
+        raise ApiError(
+            401, "a valid 'Authorization: Bearer <token>' header is required", "unauthorized"
+        )
+
+
 class AdminServer:
-    def __init__(self, server: Server, spec: AdminSpec) -> None:
+    def __init__(self, server: Server, spec: AdminSpec, unix_path: str | None = None) -> None:
         self.server = server
         self.spec = spec
+        self.unix_path = unix_path  # a worker answers its supervisor here, not on spec's port
         self.registry = make_registry(server)
         self.runner: web.AppRunner | None = None
         self._status_page = resources.files("l4lb").joinpath("static/status.html").read_bytes()
@@ -93,9 +116,13 @@ class AdminServer:
         )
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
-        site = web.TCPSite(
-            self.runner, self.spec.host, self.spec.port, backlog=128, reuse_address=True
-        )
+        site: web.BaseSite
+        if self.unix_path is not None:
+            site = web.UnixSite(self.runner, self.unix_path, backlog=128)
+        else:
+            site = web.TCPSite(
+                self.runner, self.spec.host, self.spec.port, backlog=128, reuse_address=True
+            )
         try:
             await site.start()
         except OSError:
@@ -129,26 +156,7 @@ class AdminServer:
             raise
 
     def _authorize(self, request: web.Request) -> None:
-        if self.spec.token_file is None:
-            raise ApiError(
-                403, "changes are disabled: set admin.token_file in the configuration", "forbidden"
-            )
-        try:
-            token = Path(self.spec.token_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ApiError(
-                403, f"cannot read the token file: {exc.strerror}", "forbidden"
-            ) from None
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if (
-            scheme.lower() != "bearer"
-            or not token
-            or not hmac.compare_digest(value.strip().encode(), token.encode())
-        ):
-            raise ApiError(
-                401, "a valid 'Authorization: Bearer <token>' header is required", "unauthorized"
-            )
+        authorize(self.spec, request)
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -132,12 +133,23 @@ def _import_keepalived(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, who: str = "") -> None:
     logging.basicConfig(
         stream=sys.stderr,
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
     )
+
+
+def _worker() -> int:
+    from .worker import environment, serve
+
+    try:
+        env = environment()
+    except (KeyError, ValueError):
+        print("l4lb worker is started by l4lb run (workers: N), not by hand", file=sys.stderr)
+        return 2
+    return _run_loop(serve(env))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a configuration file and exit")
     check.add_argument("-c", "--config", required=True, help="the YAML configuration file")
     sub.add_parser("version", help="print the version")
+    sub.add_parser("worker")  # started by the supervisor of `workers: N`, with L4LB_WORKER set
     from .ctl import add_parser as add_ctl
 
     add_ctl(sub)
@@ -192,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _healthcheck(args.config)
     if args.command == "import-keepalived":
         return _import_keepalived(args)
+    if args.command == "worker":
+        index = os.environ.get("L4LB_WORKER", "{}").partition('"index": ')[2].split(",")[0]
+        _setup_logging(args.log_level, f"[worker {index}] ")
+        return _worker()
     if args.command == "ctl":
         from .ctl import run as run_ctl
 
@@ -209,4 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = sum(len(g.backends) for g in config.groups)
         print(f"{args.config}: ok ({len(config.groups)} groups, {n} backends)")
         return 0
+    if config.workers > 1:
+        from .supervisor import run as supervise
+
+        return _run_loop(supervise(config, args.log_level, args.demo))
     return _run_loop(_serve(config, args.demo))

@@ -136,8 +136,24 @@ class KernelMarksSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSpec:
+    """A shared affinity table in Redis (or Valkey): pins that every instance finds."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "l4lb:"
+    budget: float = 0.01  # seconds a lookup may take before the consistent hash decides
+    retry_interval: float = 1.0  # how often a store that failed is probed
+    cluster: bool = False  # a Redis Cluster (url names one of its nodes)
+
+
+MAX_WORKERS = 64
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     groups: tuple[GroupSpec, ...]
+    workers: int = 1
+    affinity_store: StoreSpec | None = None  # None: each process keeps its own table
     shutdown_timeout: float = 10.0
     admin: AdminSpec | None = None
     kernel_marks: KernelMarksSpec | None = None
@@ -313,7 +329,16 @@ def _scheduler(v: Any) -> str:
 
 # --------------------------------------------------------------------------- sections
 
-_TOP_KEYS = ("groups", "shutdown_timeout", "admin", "state_file", "state_interval", "kernel_marks")
+_TOP_KEYS = (
+    "groups",
+    "workers",
+    "affinity_store",
+    "shutdown_timeout",
+    "admin",
+    "state_file",
+    "state_interval",
+    "kernel_marks",
+)
 _GROUP_KEYS = (
     "mark",
     "listen",
@@ -869,6 +894,39 @@ def _admin(v: _Validator, node: yaml.Node, path: str) -> AdminSpec | None:
     return AdminSpec(**kw)
 
 
+def _redis_url(x: Any) -> str:
+    if not isinstance(x, str) or not x.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {x!r}")
+    return x
+
+
+def _budget(x: Any) -> float:
+    seconds = _positive_duration(x)
+    if seconds > 1.0:
+        raise ValueError("a lookup budget is at most 1s: Redis must never hold a connection long")
+    return seconds
+
+
+def _store(v: _Validator, node: yaml.Node, path: str) -> StoreSpec | None:
+    m = v.mapping(node, path, ("type", "url", "key_prefix", "budget", "retry_interval", "cluster"))
+    if m is None:
+        return None
+    kind = "redis"
+    if "type" in m:
+        kind = v.field(m["type"][1], f"{path}.type", _choice("local", "redis")) or ""
+    kw: dict[str, Any] = {}
+    checks: dict[str, Callable[[Any], Any]] = {
+        "url": _redis_url,
+        "key_prefix": _text,
+        "budget": _budget,
+        "retry_interval": _positive_duration,
+        "cluster": _bool,
+    }
+    if not _scalars(v, m, path, checks, kw) or kind != "redis":
+        return None
+    return StoreSpec(**kw)
+
+
 def _listen_overlaps(a: GroupSpec, b: GroupSpec) -> Iterator[tuple[str, list[int]]]:
     """(address, ports) that two groups would both bind (a kernel-mark group binds none)."""
     if a.kernel_mark is not None or b.kernel_mark is not None:
@@ -892,8 +950,11 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
         "shutdown_timeout": _duration,
         "state_file": _text,
         "state_interval": _positive_duration,
+        "workers": _int_in(1, MAX_WORKERS, "a number of worker processes"),
     }
     _scalars(v, m, "", checks, kw)
+    if "affinity_store" in m:
+        kw["affinity_store"] = _store(v, m["affinity_store"][1], "affinity_store")
     if "state_file" in kw:
         kw["state_file"] = _beside(v.source, kw["state_file"])
     if "admin" in m:

@@ -42,11 +42,32 @@ def listen_specs(config: Config) -> list[ListenSpec]:
     return out
 
 
-def bind(spec: ListenSpec, backlog: int = BACKLOG) -> socket.socket:
+def steering_masks(config: Config, spec: ListenSpec) -> tuple[int, int] | None:
+    """(IPv4 mask, IPv6 prefix) that workers are chosen by on this listener: its group's
+    persistence key, so that one client reaches one worker (and one affinity table) on every
+    port of the group. The kernel-marks listener serves several groups: it takes the coarsest
+    of their keys, which still keeps each group's keys whole. None: no persistence, so the
+    kernel's own 4-tuple hash spreads the load better."""
+    if spec.group == MARKS:
+        groups = [g for g in config.groups if g.kernel_mark is not None]
+    else:
+        groups = [g for g in config.groups if g.name == spec.group]
+    keyed = [g.persistence for g in groups if g.persistence.enabled]
+    if not keyed:
+        return None
+    v4 = 0xFFFFFFFF
+    for p in keyed:
+        v4 &= p.netmask
+    return v4, min(p.ipv6_prefix for p in keyed)
+
+
+def bind(spec: ListenSpec, backlog: int = BACKLOG, reuseport: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(spec.v6only))
         sock.bind((spec.host, spec.port))

@@ -68,14 +68,46 @@ def check_fwmark_accept() -> None:
         )
 
 
+def describe(config: Config, listening: list[ListenSpec], group: str) -> str:
+    """The start-up line of one group: where it listens, its backends and its persistence."""
+    g = next(g for g in config.groups if g.name == group)
+    p = g.persistence
+    if p.enabled:
+        mask = format_netmask(p.netmask)
+        persist = f"persistence {p.timeout:g}s per {mask} (IPv6 /{p.ipv6_prefix})"
+    else:
+        persist = "persistence off"
+    hosts: dict[str, list[int]] = {}
+    for s in listening:
+        if s.group == g.name:
+            hosts.setdefault(f"[{s.host}]" if ":" in s.host else s.host, []).append(s.port)
+    where = "; ".join(f"{h} port(s) {compact_ports(ports)}" for h, ports in hosts.items())
+    km = config.kernel_marks
+    if g.kernel_mark is not None and km is not None:
+        covered = compact_ports(g.ports)
+        where = f"firewall mark {g.kernel_mark} via {km.host}:{km.port} (ports {covered})"
+    return (
+        f"group {g.name} (mark {g.mark}): listening on {where}; {len(g.backends)} backends, "
+        f"scheduler {g.scheduler}, {persist}"
+    )
+
+
 class Server:
     def __init__(
         self,
         config: Config,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        inherited: dict[tuple[str, int], socket.socket] | None = None,
+        worker: int | None = None,
+        admin_path: str | None = None,
     ) -> None:
         self.config = config
+        # As a worker: the listening sockets the supervisor opened, by (address, port); a
+        # worker never binds one itself, since its place in the reuseport group matters.
+        self.inherited = inherited
+        self.worker = worker
+        self.admin_path = admin_path
         self.clock = clock
         self.rng = rng
         self.routers = {g.name: Router(g, clock, rng) for g in config.groups}
@@ -136,6 +168,13 @@ class Server:
         for spec in specs:
             current = self._listeners.get((spec.host, spec.port))
             if current is not None and current[0].v6only == spec.v6only:
+                continue
+            if self.inherited is not None:
+                sock = self.inherited.pop((spec.host, spec.port), None)
+                if sock is None:
+                    close_all(s for _, s in bound)
+                    raise StartupError(f"the supervisor passed no socket for {spec}")
+                bound.append((spec, sock))
                 continue
             try:
                 bound.append((spec, bind(spec)))
@@ -200,14 +239,19 @@ class Server:
         await self._start_admin()
         self.ready = True
         for g in self.config.groups:  # last, so that these lines mean "fully started"
-            log.info("%s", self._describe(g.name))
+            # (a worker's supervisor says it once for all of them)
+            log.log(
+                logging.DEBUG if self.worker is not None else logging.INFO,
+                "%s",
+                self._describe(g.name),
+            )
 
     async def _start_admin(self) -> None:
         if self.config.admin is None:
             return
         from .admin import AdminServer  # aiohttp loads only when the admin API is configured
 
-        admin = AdminServer(self, self.config.admin)
+        admin = AdminServer(self, self.config.admin, self.admin_path)
         try:
             await admin.start()
         except OSError as exc:
@@ -216,29 +260,11 @@ class Server:
                 f"cannot listen on {where} for the admin API: {exc.strerror or exc}"
             ) from None
         self._admin = admin
-        log.info("admin API on %s", self.config.admin.url)
+        if self.admin_path is None:
+            log.info("admin API on %s", self.config.admin.url)
 
     def _describe(self, group: str) -> str:
-        g = self.routers[group].spec
-        p = g.persistence
-        if p.enabled:
-            mask = format_netmask(p.netmask)
-            persist = f"persistence {p.timeout:g}s per {mask} (IPv6 /{p.ipv6_prefix})"
-        else:
-            persist = "persistence off"
-        hosts: dict[str, list[int]] = {}
-        for s in self.listening:
-            if s.group == g.name:
-                hosts.setdefault(f"[{s.host}]" if ":" in s.host else s.host, []).append(s.port)
-        where = "; ".join(f"{h} port(s) {compact_ports(ports)}" for h, ports in hosts.items())
-        km = self.config.kernel_marks
-        if g.kernel_mark is not None and km is not None:
-            covered = compact_ports(g.ports)
-            where = f"firewall mark {g.kernel_mark} via {km.host}:{km.port} (ports {covered})"
-        return (
-            f"group {g.name} (mark {g.mark}): listening on {where}; {len(g.backends)} backends, "
-            f"scheduler {g.scheduler}, {persist}"
-        )
+        return describe(self.config, self.listening, group)
 
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]]) -> None:
         await self.start()
@@ -344,8 +370,14 @@ class Server:
 
     # ------------------------------------------------------------------ state file
 
-    def _load_state(self) -> None:
+    @property
+    def state_path(self) -> str | None:
+        """Each worker keeps the pins of its own clients in a file of its own."""
         path = self.config.state_file
+        return f"{path}.{self.worker}" if path and self.worker is not None else path
+
+    def _load_state(self) -> None:
+        path = self.state_path
         if not path:
             return
         try:
@@ -360,7 +392,7 @@ class Server:
         log.info("state file %s: restored %d pins, dropped %d", path, loaded, dropped)
 
     async def _save_state(self) -> None:
-        path = self.config.state_file
+        path = self.state_path
         if not path:
             return
         data = statefile.snapshot(self.routers)

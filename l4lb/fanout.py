@@ -1,0 +1,357 @@
+"""The admin API of a supervisor: one answer for the whole process, made from every worker's.
+
+Each worker serves the ordinary admin API (admin.py) on a private Unix socket; this front asks
+all of them and merges, so the URLs, bodies and metric names are the same with one process or
+many. Counters add up; per-client entries are disjoint (a client's key lives in one worker) and
+are concatenated; settings that every worker holds alike (states, weights) come from the first.
+Changes are authorized here, then sent to every worker; a reload is the supervisor's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from .admin import ApiError, Handler, authorize
+from .config import AdminSpec
+from .server import ReloadError
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor, WorkerProc
+
+log = logging.getLogger("l4lb.admin")
+ASK_TIMEOUT = 10.0  # seconds for every worker to answer one request
+
+# Gauges that every worker reports alike: the first worker's value, not the sum.
+SHARED_GAUGES = {
+    "l4lb_build_info",
+    "l4lb_sorry_serving",
+    "l4lb_backend_state",
+    "l4lb_backend_weight",
+    "l4lb_health_check_duration_seconds",
+}
+OWN_METRICS = {"l4lb_reloads", "l4lb_admin_requests_refused"}  # the supervisor's, not summed
+BACKEND_SUMS = ("active", "connections", "connect_failures", "bytes_in", "bytes_out")
+
+
+class FrontAdmin:
+    def __init__(self, sup: Supervisor, spec: AdminSpec) -> None:
+        self.sup = sup
+        self.spec = spec
+        self.runner: web.AppRunner | None = None
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._page = resources.files("l4lb").joinpath("static/status.html").read_bytes()
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
+        app.add_routes(
+            [
+                web.get("/", self.status_page),
+                web.get("/metrics", self.metrics),
+                web.get("/healthz", self.healthz),
+                web.get("/readyz", self.readyz),
+                web.get("/api/v1/groups", self.groups),
+                web.get("/api/v1/backends", self.backends),
+                web.post("/api/v1/backends/{group}/{name}", self.update_backend),
+                web.get("/api/v1/affinity", self.affinity),
+                web.delete("/api/v1/affinity", self.flush_affinity),
+                web.get("/api/v1/events", self.events),
+                web.get("/api/v1/history", self.history),
+                web.get("/api/v1/workers", self.workers),
+                web.post("/api/v1/reload", self.reload),
+            ]
+        )
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(
+            self.runner, self.spec.host, self.spec.port, backlog=128, reuse_address=True
+        )
+        try:
+            await site.start()
+        except OSError:
+            await self.runner.cleanup()
+            raise
+
+    async def stop(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            if request.method not in ("GET", "HEAD"):
+                authorize(self.spec, request)
+            return await handler(request)
+        except ApiError as exc:
+            self._refuse(exc.reason)
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                self._refuse("not_found" if exc.status == 404 else "bad_request")
+                return web.json_response({"error": exc.reason}, status=exc.status)
+            raise
+
+    def _refuse(self, reason: str) -> None:
+        counts = self.sup.admin_refused
+        counts[reason] = counts.get(reason, 0) + 1
+
+    def _session(self, w: WorkerProc) -> aiohttp.ClientSession:
+        assert w.admin_path is not None
+        session = self._sessions.get(w.admin_path)
+        if session is None or session.closed:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=w.admin_path),
+                timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT),
+            )
+            self._sessions[w.admin_path] = session
+        return session
+
+    async def _ask(self, request: web.Request, body: bytes | None = None) -> list[tuple[int, Any]]:
+        """(status, JSON or text) from every live worker, in worker order."""
+        return [(status, data) for _, status, data in await self._ask_each(request, body)]
+
+    async def _ask_each(
+        self, request: web.Request, body: bytes | None = None
+    ) -> list[tuple[int, int, Any]]:
+        """(worker index, status, JSON or text) from every live worker."""
+        headers = {}
+        if "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+
+        async def one(w: WorkerProc) -> tuple[int, int, Any]:
+            url = f"http://worker{request.rel_url}"
+            async with self._session(w).request(
+                request.method, url, data=body, headers=headers
+            ) as r:
+                if r.content_type == "application/json":
+                    return w.index, r.status, await r.json()
+                return w.index, r.status, await r.text()
+
+        workers = [w for w in self.sup.live_workers() if w.ready.is_set()]
+        if not workers:
+            raise ApiError(503, "no worker is serving right now", "unavailable")
+        try:
+            return await asyncio.gather(*(one(w) for w in workers))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiError(503, f"a worker did not answer: {exc}", "unavailable") from None
+
+    def _first_error(self, answers: list[tuple[int, Any]]) -> web.Response | None:
+        """A worker's refusal, passed on (and counted here, where it is reported)."""
+        for status, data in answers:
+            if status >= 400:
+                self._refuse(
+                    {401: "unauthorized", 403: "forbidden", 404: "not_found"}.get(
+                        status, "bad_request"
+                    )
+                )
+                return web.json_response(data, status=status)
+        return None
+
+    # ------------------------------------------------------------------ pages
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready = self.sup.ready
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def workers(self, request: web.Request) -> web.Response:
+        out = [
+            {
+                "index": i,
+                "pid": w.proc.pid if w is not None else None,
+                "ready": w is not None and w.ready.is_set() and not w.channel.closed,
+            }
+            for i, w in enumerate(self.sup.workers)
+        ]
+        return web.json_response({"workers": out, "restarts": self.sup.restarts})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        answers = await self._ask(request)
+        texts = [data for status, data in answers if status == 200 and isinstance(data, str)]
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Merged(merge_metrics(texts), self.sup))
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # ------------------------------------------------------------------ the API
+
+    async def groups(self, request: web.Request) -> web.Response:
+        answers = await self._ask(request)
+        error = self._first_error(answers)
+        if error is not None:
+            return error
+        first = answers[0][1]
+        for _, data in answers[1:]:
+            for g, other in zip(first["groups"], data["groups"], strict=False):
+                for k in g["stats"]:
+                    g["stats"][k] += other["stats"][k]
+                for k in ("entries", "active_entries"):
+                    g["persistence"][k] += other["persistence"][k]
+        first["uptime"] = _uptime(self.sup)
+        first["workers"] = len(answers)
+        return web.json_response(first)
+
+    async def backends(self, request: web.Request) -> web.Response:
+        answers = await self._ask(request)
+        return self._first_error(answers) or web.json_response(
+            {"backends": _sum_backends([data["backends"] for _, data in answers])}
+        )
+
+    async def update_backend(self, request: web.Request) -> web.Response:
+        answers = await self._ask(request, await request.read())
+        error = self._first_error(answers)
+        if error is not None:
+            return error
+        return web.json_response(_sum_backends([[data] for _, data in answers])[0])
+
+    async def affinity(self, request: web.Request) -> web.Response:
+        each = await self._ask_each(request)
+        answers = [(status, data) for _, status, data in each]
+        error = self._first_error(answers)
+        if error is not None:
+            return error
+        try:
+            limit = int(request.query.get("limit", "10000"))
+        except ValueError:
+            raise ApiError(400, "limit must be an integer") from None
+        entries = [dict(e, worker=w) for w, _, data in each for e in data["entries"]]
+        total = sum(data["total"] for _, data in answers)
+        return web.json_response({"entries": entries[: max(0, limit)], "total": total})
+
+    async def flush_affinity(self, request: web.Request) -> web.Response:
+        answers = await self._ask(request)
+        return self._first_error(answers) or web.json_response(
+            {"deleted": sum(data["deleted"] for _, data in answers)}
+        )
+
+    async def events(self, request: web.Request) -> web.Response:
+        """Every worker checks its backends, so one change is seen by each: shown once."""
+        answers = await self._ask(request)
+        error = self._first_error(answers)
+        if error is not None:
+            return error
+        seen: dict[tuple[Any, ...], float] = {}
+        out = []
+        for e in sorted((e for _, d in answers for e in d["events"]), key=lambda e: e["time"]):
+            what = (e["group"], e["backend"], e["old"], e["new"])
+            if what in seen and e["time"] - seen[what] < 5.0:
+                continue
+            seen[what] = e["time"]
+            out.append(e)
+        return web.json_response({"events": out[-200:]})
+
+    async def history(self, request: web.Request) -> web.Response:
+        answers = await self._ask(request)
+        error = self._first_error(answers)
+        if error is not None:
+            return error
+        series = [data["samples"] for _, data in answers]
+        n = min(len(s) for s in series)
+        samples = []
+        for i in range(n):  # the workers' newest samples, aligned from the end
+            parts = [s[len(s) - n + i] for s in series]
+            entries: dict[str, int] = {}
+            for p in parts:
+                for g, count in p["entries"].items():
+                    entries[g] = entries.get(g, 0) + count
+            samples.append({"time": parts[0]["time"], "entries": entries})
+        return web.json_response({"samples": samples})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        try:
+            changes = await self.sup.reload()
+        except ReloadError as exc:
+            raise ApiError(
+                400, "reload refused, nothing changed: " + " | ".join(exc.lines)
+            ) from None
+        return web.json_response({"ok": True, "changes": changes})
+
+
+def _uptime(sup: Supervisor) -> float:
+    import time
+
+    return time.time() - sup.started_at
+
+
+def _sum_backends(per_worker: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    first = per_worker[0]
+    for other in per_worker[1:]:
+        for b, o in zip(first, other, strict=False):
+            for k in BACKEND_SUMS:
+                b[k] += o[k]
+    return first
+
+
+def merge_metrics(texts: list[str]) -> list[Metric]:
+    """Sum the workers' samples by name and labels (SHARED_GAUGES: the first worker's)."""
+    merged: dict[str, Metric] = {}
+    index: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name in OWN_METRICS:
+                continue
+            mine = merged.get(family.name)
+            if mine is None:
+                mine = Metric(family.name, family.documentation, family.type, family.unit)
+                merged[family.name] = mine
+            for s in family.samples:
+                where = (s.name, tuple(sorted(s.labels.items())))
+                at = index.get(where)
+                if at is None:
+                    index[where] = len(mine.samples)
+                    mine.samples.append(s)
+                elif family.name not in SHARED_GAUGES and not s.name.endswith("_created"):
+                    old = mine.samples[at]
+                    mine.samples[at] = old._replace(value=old.value + s.value)
+    return list(merged.values())
+
+
+class _Merged:
+    """A collector over the merged families, and the supervisor's own."""
+
+    def __init__(self, families: list[Metric], sup: Supervisor) -> None:
+        self.families = families
+        self.sup = sup
+
+    def collect(self) -> list[Metric]:
+        sup = self.sup
+        workers = GaugeMetricFamily("l4lb_workers", "Worker processes serving")
+        workers.add_metric([], len([w for w in sup.live_workers() if w.ready.is_set()]))
+        restarts = CounterMetricFamily(
+            "l4lb_worker_restarts", "Workers started again after they exited"
+        )
+        restarts.add_metric([], sup.restarts)
+        reloads = CounterMetricFamily("l4lb_reloads", "Configuration reloads", labels=["result"])
+        reloads.add_metric(["ok"], sup.reloads_ok)
+        reloads.add_metric(["failed"], sup.reloads_failed)
+        refused = CounterMetricFamily(
+            "l4lb_admin_requests_refused", "Admin requests refused", labels=["reason"]
+        )
+        for reason, n in sorted(sup.admin_refused.items()):
+            refused.add_metric([reason], n)
+        return [*self.families, workers, restarts, reloads, refused]

@@ -1,0 +1,428 @@
+"""`workers: N`: the supervisor that owns the listening sockets and keeps N workers on them.
+
+Lifecycle (after uvicorn's multiprocess supervisor, but the sockets differ, see reuseport.py):
+
+1. Bind every listening address N times with SO_REUSEPORT, in worker order, and attach the
+   steering program, so a client's masked address picks its worker on every port of a group.
+   The supervisor never accepts on them; it keeps them open so that the kernel's numbering of
+   the group never changes while it runs.
+2. Start worker i with socket i of every address (`python -m l4lb worker`), and a control
+   channel; wait until every worker says it is ready, then log the start-up lines.
+3. A worker that exits while we are not stopping is started again at once on the same sockets
+   (its queued connections wait in the accept queue meanwhile); one that keeps dying is
+   restarted with a growing delay, up to 30 s.
+4. SIGHUP (or the admin API) reloads: the supervisor validates the file, binds any new ports
+   (all or nothing), re-attaches the programs and hands each worker its new sockets; workers
+   apply the same configuration as a single process would.
+5. SIGTERM/SIGINT reach every worker, which drains as a single process does; the supervisor
+   waits for them (shutdown_timeout, then a few seconds more), then closes the sockets.
+
+The admin API, when configured, is served here (fanout.py) and shows the whole process: it asks
+every worker over a private Unix socket and merges what they say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import control
+from .config import Config, ConfigError, load_config_text
+from .listeners import ListenSpec, bind, close_all, listen_specs, steering_masks
+from .reuseport import attach, program
+from .server import ReloadError, StartupError, describe
+from .worker import ENV
+
+log = logging.getLogger("l4lb.supervisor")
+
+READY_TIMEOUT = 30.0  # seconds for a worker to start serving
+REPLY_TIMEOUT = 30.0  # seconds for a worker to answer a reload
+MAX_BACKOFF = 30.0
+
+
+@dataclass
+class WorkerProc:
+    index: int
+    proc: asyncio.subprocess.Process
+    channel: control.Channel
+    started: float
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    replies: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    admin_path: str | None = None
+
+
+class Supervisor:
+    def __init__(self, config: Config, log_level: str = "info") -> None:
+        self.config = config
+        self.n = config.workers
+        self.log_level = log_level
+        self.rundir = tempfile.mkdtemp(prefix="l4lb-")  # 0700: the workers' admin sockets
+        self.snapshot = str(Path(self.rundir) / "config.yaml")
+        self.sockets: dict[tuple[str, int], tuple[ListenSpec, list[socket.socket]]] = {}
+        self.workers: list[WorkerProc | None] = [None] * self.n
+        self.stopping = False
+        self.restarts = 0
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.admin_refused: dict[str, int] = {}
+        self.started_at = time.time()
+        self._failures = [0] * self.n  # quick deaths in a row, per worker
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reload_lock = asyncio.Lock()
+        self._front: Any = None
+
+    @property
+    def ready(self) -> bool:
+        return not self.stopping and all(
+            w is not None and w.ready.is_set() and not w.channel.closed for w in self.workers
+        )
+
+    def live_workers(self) -> list[WorkerProc]:
+        return [w for w in self.workers if w is not None and not w.channel.closed]
+
+    # ------------------------------------------------------------------ sockets
+
+    def _bind(self, specs: list[ListenSpec]) -> list[tuple[str, int]]:
+        """Bind N sockets for each spec not bound yet, in worker order; all or nothing."""
+        new: dict[tuple[str, int], tuple[ListenSpec, list[socket.socket]]] = {}
+        for spec in specs:
+            where = (spec.host, spec.port)
+            if where in self.sockets:
+                continue
+            socks: list[socket.socket] = []
+            try:
+                for _ in range(self.n):
+                    socks.append(bind(spec, reuseport=True))
+            except OSError as exc:
+                close_all(socks)
+                for _, group in new.values():
+                    close_all(group)
+                raise StartupError(
+                    f"cannot listen on {spec} for group {spec.group!r}: {exc.strerror or exc}"
+                ) from None
+            new[where] = (spec, socks)
+        self.sockets.update(new)
+        return list(new)
+
+    def _steer(self) -> None:
+        """(Re)attach each address's steering program for the current configuration."""
+        for spec, socks in self.sockets.values():
+            masks = steering_masks(self.config, spec)
+            if masks is not None:
+                attach(socks[0], program(masks[0], masks[1], self.n))
+
+    def _snapshot_source(self) -> tuple[str, Config]:
+        """The file's text and its configuration, read once so that both agree."""
+        source = self.config.source
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{source}: cannot read the file: {exc}"]) from None
+        return text, load_config_text(text, source)
+
+    def _write_snapshot(self, text: str) -> None:
+        tmp = self.snapshot + ".new"
+        Path(tmp).write_text(text, encoding="utf-8")
+        os.replace(tmp, self.snapshot)
+
+    # ------------------------------------------------------------------ workers
+
+    async def _spawn(self, i: int) -> WorkerProc:
+        parent, child = control.pair()
+        keys = list(self.sockets)
+        fds = [self.sockets[k][1][i].fileno() for k in keys]
+        admin_path = str(Path(self.rundir) / f"worker{i}.sock") if self.config.admin else None
+        if admin_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(admin_path)  # a crashed worker's
+        env = dict(os.environ)
+        env[ENV] = json.dumps(
+            {
+                "index": i,
+                "workers": self.n,
+                "control": child.fileno(),
+                "sockets": [list(k) for k in keys],
+                "fds": fds,
+                "snapshot": self.snapshot,
+                "source": self.config.source,
+                "admin": admin_path,
+            }
+        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "l4lb",
+                "--log-level",
+                self.log_level,
+                "worker",
+                env=env,
+                pass_fds=[child.fileno(), *fds],
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        w = WorkerProc(i, proc, control.Channel(parent), time.monotonic(), admin_path=admin_path)
+        self.workers[i] = w
+        self._background(self._listen(w))
+        self._background(self._watch(w))
+        log.info("worker %d started (pid %d)", i, proc.pid)
+        return w
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _listen(self, w: WorkerProc) -> None:
+        while True:
+            got = await w.channel.recv()
+            if got is None:
+                return
+            message, fds = got
+            for fd in fds:
+                os.close(fd)
+            if message.get("op") == "ready":
+                w.ready.set()
+                log.info("worker %d ready (pid %d)", w.index, w.proc.pid)
+            elif message.get("op") == "reloaded":
+                w.replies.put_nowait(message)
+
+    async def _watch(self, w: WorkerProc) -> None:
+        code = await w.proc.wait()
+        w.channel.close()
+        if self.stopping or self.workers[w.index] is not w:
+            return
+        lived = time.monotonic() - w.started
+        self.restarts += 1
+        if lived < 5.0:
+            self._failures[w.index] += 1
+        else:
+            self._failures[w.index] = 0
+        delay = min(MAX_BACKOFF, 0.5 * 2 ** (self._failures[w.index] - 1))
+        if self._failures[w.index] == 0:
+            delay = 0.0
+        how = f"signal {-code}" if code < 0 else f"code {code}"
+        log.warning(
+            "worker %d (pid %d) exited with %s; starting it again on the same sockets%s",
+            w.index,
+            w.proc.pid,
+            how,
+            f" in {delay:g}s" if delay else "",
+        )
+        if delay:
+            await asyncio.sleep(delay)
+        if not self.stopping:
+            await self._spawn(w.index)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        specs = listen_specs(self.config)
+        self._bind(specs)
+        self._steer()
+        try:
+            text, _ = self._snapshot_source()
+        except ConfigError as exc:
+            raise StartupError(exc.lines[0]) from None
+        self._write_snapshot(text)
+        for i in range(self.n):
+            await self._spawn(i)
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                for w in list(self.workers):
+                    assert w is not None
+                    ready = asyncio.ensure_future(w.ready.wait())
+                    await asyncio.wait(
+                        [ready, asyncio.ensure_future(w.proc.wait())], return_when="FIRST_COMPLETED"
+                    )
+                    if not w.ready.is_set():
+                        ready.cancel()
+                        raise StartupError(f"worker {w.index} could not start (see above)")
+        except TimeoutError:
+            raise StartupError(f"the workers did not start within {READY_TIMEOUT:g}s") from None
+        await self._start_admin()
+        log.info("%d workers serving, clients steered to them by their masked address", self.n)
+        for g in self.config.groups:  # last, as in a single process: "fully started"
+            log.info("%s", describe(self.config, specs, g.name))
+
+    async def _start_admin(self) -> None:
+        if self.config.admin is None:
+            return
+        from .fanout import FrontAdmin
+
+        front = FrontAdmin(self, self.config.admin)
+        try:
+            await front.start()
+        except OSError as exc:
+            where = f"{self.config.admin.host}:{self.config.admin.port}"
+            raise StartupError(
+                f"cannot listen on {where} for the admin API: {exc.strerror or exc}"
+            ) from None
+        self._front = front
+        log.info("admin API on %s (all %d workers)", self.config.admin.url, self.n)
+
+    async def shutdown(self) -> None:
+        """Every worker drains as a single process would; then the sockets close."""
+        self.stopping = True
+        procs = [w.proc for w in self.workers if w is not None and w.proc.returncode is None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        if procs:
+            try:
+                async with asyncio.timeout(self.config.shutdown_timeout + 5.0):
+                    await asyncio.gather(*(p.wait() for p in procs))
+            except TimeoutError:
+                for p in procs:
+                    if p.returncode is None:
+                        log.warning("worker pid %d did not stop: killing it", p.pid)
+                        p.kill()
+                await asyncio.gather(*(p.wait() for p in procs))
+        if self._front is not None:
+            await self._front.stop()
+            self._front = None
+        for w in self.workers:
+            if w is not None:
+                w.channel.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for _, socks in self.sockets.values():
+            close_all(socks)
+        self.sockets.clear()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+        log.info("stopped")
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self) -> list[str]:
+        """Validate the file, bind new ports, and have every worker apply it; ReloadError when
+        refused (nothing changed)."""
+        async with self._reload_lock:
+            try:
+                return await self._reload()
+            except ReloadError as exc:
+                self.reloads_failed += 1
+                for line in exc.lines:
+                    log.error("reload refused: %s", line)
+                raise
+
+    async def _reload(self) -> list[str]:
+        source = self.config.source
+        try:
+            text, new = self._snapshot_source()
+        except ConfigError as exc:
+            raise ReloadError(exc.lines) from None
+        notes = []
+        if new.workers != self.n:
+            notes.append(f"workers {self.n} -> {new.workers}: takes effect at the next restart")
+            new = _with_workers(new, self.n)
+        specs = listen_specs(new)
+        for spec in specs:
+            current = self.sockets.get((spec.host, spec.port))
+            if current is not None and current[0].v6only != spec.v6only:
+                raise ReloadError(
+                    [f"{spec}: changing whether it takes IPv4 clients needs a restart"]
+                )
+        try:
+            added = self._bind(specs)
+        except StartupError as exc:
+            raise ReloadError([str(exc)]) from None
+        wanted = {(s.host, s.port) for s in specs}
+        self._write_snapshot(text)
+        self.config = new
+        self._steer()
+        changes: list[str] | None = None
+        failures: list[str] = []
+        for w in self.live_workers():
+            fds = [self.sockets[k][1][w.index].fileno() for k in added]
+            if not w.channel.send({"op": "reload", "sockets": [list(k) for k in added]}, fds):
+                continue  # it died: its respawn reads the new snapshot
+            try:
+                async with asyncio.timeout(REPLY_TIMEOUT):
+                    reply = await w.replies.get()
+            except TimeoutError:
+                failures.append(f"worker {w.index} did not answer the reload")
+                continue
+            if reply.get("ok"):
+                changes = changes if changes is not None else list(reply.get("changes", []))
+            else:
+                failures += [f"worker {w.index}: {line}" for line in reply.get("lines", [])]
+        for where in [k for k in self.sockets if k not in wanted]:
+            close_all(self.sockets.pop(where)[1])
+        for line in failures:
+            log.error("reload: %s", line)
+        self.reloads_ok += 1
+        result = (changes or []) + notes
+        log.info("reloaded %s: %s", source, "; ".join(result) or "no changes")
+        return result
+
+
+def _with_workers(config: Config, n: int) -> Config:
+    from dataclasses import replace
+
+    return replace(config, workers=n)
+
+
+async def run(config: Config, log_level: str, demo: bool) -> int:
+    """`l4lb run` with workers: serve until SIGTERM/SIGINT; SIGHUP reloads."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    sup = Supervisor(config, log_level)
+    signals = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("received %s: shutting down %d workers", sig.name, sup.n)
+            stop.set()
+        else:
+            log.warning("received %s again: exiting now", sig.name)
+            for w in sup.workers:
+                if w is not None and w.proc.returncode is None:
+                    w.proc.kill()
+            raise SystemExit(1)
+
+    def on_hangup() -> None:
+        log.info("received SIGHUP: reloading %s", config.source)
+        sup._background(_quiet_reload(sup))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    demo_servers: list[asyncio.AbstractServer] = []
+    try:
+        if demo:
+            from .demo import print_hints, start_demo_backends
+
+            demo_servers = await start_demo_backends(config)
+        await sup.start()
+        if demo:
+            print_hints(config)
+        await stop.wait()
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        await sup.shutdown()
+        for srv in demo_servers:
+            srv.close()
+    return 0
+
+
+async def _quiet_reload(sup: Supervisor) -> None:
+    with contextlib.suppress(ReloadError):  # logged line by line; the configuration stays
+        await sup.reload()

@@ -1,0 +1,110 @@
+"""One worker process of `workers: N`: a whole balancer on the listening sockets its supervisor
+opened, with its own affinity tables (the steering program sends it all of its clients' keys).
+
+The supervisor starts it as `python -m l4lb worker` with L4LB_WORKER in the environment (its
+index, its control channel and its sockets, as inherited descriptors), then talks to it over
+the channel: the worker says "ready" once it serves, and answers "reload" (with the sockets of
+any new ports attached) with what changed. SIGTERM and SIGINT shut it down gracefully, as they
+do a single process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, load_config_text
+from .control import Channel
+from .server import ReloadError, Server, StartupError
+
+log = logging.getLogger("l4lb.worker")
+ENV = "L4LB_WORKER"
+
+
+def load_snapshot(snapshot: str, source: str) -> Config:
+    """The configuration the supervisor accepted (a copy, so that a file edited since is not
+    half-applied), with paths in it resolved beside the original file."""
+    return load_config_text(Path(snapshot).read_text(encoding="utf-8"), source)
+
+
+def _sockets(entries: list[list[Any]], fds: list[int]) -> dict[tuple[str, int], socket.socket]:
+    return {
+        (str(h), int(p)): socket.socket(fileno=fd) for (h, p), fd in zip(entries, fds, strict=True)
+    }
+
+
+async def serve(env: dict[str, Any]) -> int:
+    index = int(env["index"])
+    control = socket.socket(fileno=int(env["control"]))
+    inherited = _sockets(env["sockets"], [int(fd) for fd in env["fds"]])
+    try:
+        config = load_snapshot(env["snapshot"], env["source"])
+    except ConfigError as exc:
+        log.error("%s", exc.lines[0])
+        return 1
+    server = Server(config, inherited=inherited, worker=index, admin_path=env.get("admin"))
+    channel = Channel(control)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reloads come from the supervisor
+    try:
+        await server.start()
+    except StartupError as exc:
+        log.error("%s", exc)
+        await server.shutdown(0)
+        return 1
+    channel.send({"op": "ready", "pid": os.getpid()})
+    commands = loop.create_task(_commands(server, channel, env))
+    lost = loop.create_task(_orphaned(channel))
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait([stopped, lost], return_when="FIRST_COMPLETED")
+    commands.cancel()
+    lost.cancel()
+    stopped.cancel()
+    await server.shutdown()
+    channel.close()
+    return 0
+
+
+async def _orphaned(channel: Channel) -> None:
+    """Returns when the supervisor is gone: a worker never outlives it."""
+    await channel.gone.wait()
+    log.warning("the supervisor is gone: shutting down")
+
+
+async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> None:
+    while True:
+        got = await channel.recv()
+        if got is None:
+            return
+        message, fds = got
+        if message.get("op") != "reload":
+            for fd in fds:
+                os.close(fd)
+            continue
+        assert server.inherited is not None
+        server.inherited.update(_sockets(message.get("sockets", []), fds))
+        try:
+            config = load_snapshot(env["snapshot"], env["source"])
+            changes = await server.apply(config)
+        except ConfigError as exc:
+            channel.send({"op": "reloaded", "ok": False, "lines": exc.lines})
+        except ReloadError as exc:
+            channel.send({"op": "reloaded", "ok": False, "lines": exc.lines})
+        else:
+            channel.send({"op": "reloaded", "ok": True, "changes": changes})
+        for sock in server.inherited.values():  # offered but not taken: not ours to keep
+            sock.close()
+        server.inherited.clear()
+
+
+def environment() -> dict[str, Any]:
+    return dict(json.loads(os.environ[ENV]))

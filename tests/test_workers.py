@@ -1,0 +1,225 @@
+"""`workers: N`: the steering program on real reuseport sockets, and a real supervisor with two
+workers, real backend processes and curl as the clients."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l4lb.reuseport import attach, program, steer
+from tests.helpers import free_ports
+from tests.procs import processes, start_backend, start_l4lb, wait_for_line, wait_port
+
+MASK24 = 0xFFFFFF00
+
+
+def reuseport_group(family: int, host: str, port: int, n: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind((host, port))
+        s.listen(64)
+        socks.append(s)
+    attach(socks[0], program(MASK24, 48, n))
+    return socks
+
+
+def accepted_by(socks: list[socket.socket], src: str, dst: str, port: int) -> int:
+    """Connect from `src`; the index of the socket the kernel queued the connection on."""
+    family = socket.AF_INET6 if ":" in src else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as c:
+        c.bind((src, 0))
+        c.connect((dst, port))
+        ready, _, _ = select.select(socks, [], [], 5)
+        assert ready, "no socket of the group got the connection"
+        conn, _ = ready[0].accept()
+        conn.close()
+        return socks.index(ready[0])
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_the_kernel_steers_as_steer_says_on_every_port(n: int) -> None:
+    """IPv4 on an IPv4 socket and on a dual-stack one, and IPv6: a client's /24 (IPv6: /48)
+    alone picks the socket, the same on both ports, and the Python twin agrees."""
+    p1, p2 = free_ports(2)
+    groups = [reuseport_group(socket.AF_INET, "127.0.0.1", p1, n)]
+    dual = ipv6_loopback()
+    if dual:
+        groups.append(reuseport_group(socket.AF_INET6, "::", p2, n))
+    else:
+        groups.append(reuseport_group(socket.AF_INET, "127.0.0.1", p2, n))
+    try:
+        seen = defaultdict(set)
+        for net in range(40):
+            for host in (3, 200):
+                src = f"127.0.{net}.{host}"
+                want = steer(ipaddress.ip_address(src).packed, MASK24, 48, n)
+                for socks, port in zip(groups, (p1, p2), strict=True):
+                    assert accepted_by(socks, src, "127.0.0.1", port) == want, src
+                seen[want].add(net)
+        assert len(seen) == n, "every worker gets clients"
+        if dual:
+            want = steer(ipaddress.ip_address("::1").packed, MASK24, 48, n)
+            assert accepted_by(groups[1], "::1", "::1", p2) == want
+    finally:
+        for socks in groups:
+            for s in socks:
+                s.close()
+
+
+def admin_get(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return json.load(r) if "json" in r.headers["Content-Type"] else r.read().decode()
+
+
+def curl(url: str, src: str) -> str:
+    out = subprocess.run(
+        ["curl", "-sk", "--max-time", "5", "--interface", src, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+NETS = range(30, 42)  # twelve clients' /24s: 127.0.30.0/24 ...
+
+
+def visit(http: int, https: int) -> dict[int, set[str]]:
+    """Two hosts of each /24, each over HTTP and HTTPS: the backends each /24 reached."""
+    seen: dict[int, set[str]] = defaultdict(set)
+    for net in NETS:
+        for host in (11, 12):
+            src = f"127.0.{net}.{host}"
+            seen[net].add(curl(f"http://127.0.0.1:{http}/", src))
+            seen[net].add(curl(f"https://127.0.0.1:{https}/", src))
+    return seen
+
+
+def write_config(tmp_path: Path, ports: list[int], bports: list[list[int]], aport: int) -> Path:
+    backends = "\n".join(
+        f"      - {{name: b{i}, address: 127.0.0.1, ports: {{{ports[0]}: {b[0]}, {ports[1]}: {b[1]}}}}}"
+        for i, b in enumerate(bports)
+    )
+    cfg = tmp_path / "l4lb.yaml"
+    cfg.write_text(
+        f"""workers: 2
+admin: {{listen: "127.0.0.1:{aport}"}}
+groups:
+  web:
+    listen: [127.0.0.1]
+    ports: [{ports[0]}, {ports[1]}]
+    scheduler: rr
+    persistence: {{timeout: 5m, netmask: /24}}
+    backends:
+{backends}
+"""
+    )
+    return cfg
+
+
+def test_two_workers_keep_a_subnet_on_one_backend_and_survive_a_crash(tmp_path: Path) -> None:
+    http, https, aport, *bp = free_ports(9)
+    bports = [bp[0:2], bp[2:4], bp[4:6]]
+    cfg = write_config(tmp_path, [http, https], bports, aport)
+    with processes() as procs:
+        for i, (h, s) in enumerate(bports):
+            procs.append(start_backend(f"b{i}", http=f"127.0.0.1:{h}", https=f"127.0.0.1:{s}"))
+        for h, s in bports:
+            wait_port(h)
+            wait_port(s)
+        lb = start_l4lb(cfg)
+        procs.append(lb)
+
+        seen = visit(http, https)
+        for net, names in seen.items():
+            assert len(names) == 1, f"127.0.{net}.0/24 reached {names}"
+        assert len({n for names in seen.values() for n in names}) == 3
+
+        # Each /24 is held by the worker the steering program names, and both workers work.
+        entries = admin_get(aport, "/api/v1/affinity")["entries"]
+        where = {e["client"]: e["worker"] for e in entries}
+        for net in NETS:
+            packed = ipaddress.ip_address(f"127.0.{net}.0").packed
+            assert where[f"127.0.{net}.0/24"] == steer(packed, MASK24, 128, 2)
+        assert set(where.values()) == {0, 1}
+        metrics = admin_get(aport, "/metrics")
+        assert 'l4lb_connections_accepted_total{group="web"} 48.0' in metrics
+        assert "l4lb_workers 2.0" in metrics
+
+        # Kill worker 0: it comes back on the same sockets; worker 1's clients do not move.
+        workers = admin_get(aport, "/api/v1/workers")["workers"]
+        os.kill(workers[0]["pid"], signal.SIGKILL)
+        wait_for_line(lb, "stderr", "worker 0 ready")
+        again = visit(http, https)
+        for net in NETS:
+            assert len(again[net]) == 1
+            if where[f"127.0.{net}.0/24"] == 1:
+                assert again[net] == seen[net], f"worker 1's client 127.0.{net}.0/24 moved"
+        restarted = admin_get(aport, "/api/v1/workers")
+        assert restarted["restarts"] == 1
+        assert restarted["workers"][1]["pid"] == workers[1]["pid"]
+
+        # SIGTERM reaches every worker; all exit, cleanly.
+        pids = [w["pid"] for w in restarted["workers"]]
+        lb.send_signal(signal.SIGTERM)
+        assert lb.wait(20) == 0
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+def test_reload_reaches_every_worker(tmp_path: Path) -> None:
+    """SIGHUP with a new port: the supervisor binds it for both workers, and each client's
+    pin holds on it."""
+    http, https, extra, aport, *bp = free_ports(8)
+    bports = [bp[0:2], bp[2:4]]
+    cfg = write_config(tmp_path, [http, https], bports, aport)
+    with processes() as procs:
+        for i, (h, s) in enumerate(bports):
+            procs.append(start_backend(f"b{i}", http=f"127.0.0.1:{h}", https=f"127.0.0.1:{s}"))
+        for h, s in bports:
+            wait_port(h)
+            wait_port(s)
+        lb = start_l4lb(cfg)
+        procs.append(lb)
+        before = {net: curl(f"http://127.0.0.1:{http}/", f"127.0.{net}.5") for net in NETS}
+        text = cfg.read_text().replace(
+            f"ports: [{http}, {https}]", f"ports: [{http}, {https}, {extra}]"
+        )
+        text = text.replace(
+            f"{http}: {bports[0][0]},", f"{http}: {bports[0][0]}, {extra}: {bports[0][0]},"
+        )
+        text = text.replace(
+            f"{http}: {bports[1][0]},", f"{http}: {bports[1][0]}, {extra}: {bports[1][0]},"
+        )
+        cfg.write_text(text)
+        lb.send_signal(signal.SIGHUP)
+        wait_for_line(lb, "stderr", "l4lb.supervisor: reloaded")
+        for net in NETS:
+            assert curl(f"http://127.0.0.1:{extra}/", f"127.0.{net}.6") == before[net]
+        groups = admin_get(aport, "/api/v1/groups")["groups"]
+        assert groups[0]["ports"] == [http, https, extra]
