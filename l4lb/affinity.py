@@ -164,6 +164,21 @@ class AffinityTable(Generic[B]):
             if entry.expires > now:
                 yield entry
 
+    def active(self) -> Iterator[Entry[B]]:
+        """Entries with open connections."""
+        return iter(list(self._active.values()))
+
+    def released_since(self, expires_after: float) -> Iterator[Entry[B]]:
+        """Idle entries that expire after `expires_after`, newest first: those whose last
+        connection closed less than `timeout` before it. The idle order is the release order,
+        so this walks back from the end and stops at the first older one."""
+        out = []
+        for entry in reversed(self._idle.values()):
+            if entry.expires <= expires_after:
+                break
+            out.append(entry)
+        return iter(out)
+
     def snapshot(self) -> list[tuple[int, B, float]]:
         """(key, backend, seconds left) of every pinned entry; an active entry counts as just
         released, with the whole timeout left."""

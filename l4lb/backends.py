@@ -16,6 +16,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from .config import BackendSpec
+from .keys import hash_name
 
 
 class State(StrEnum):
@@ -44,6 +45,7 @@ class Backend:
         "ports",
         "removed",
         "schedulable",
+        "seed",
         "send_proxy",
         "waiting",
         "weight",
@@ -51,6 +53,7 @@ class Backend:
 
     def __init__(self, spec: BackendSpec, index: int = 0) -> None:
         self.name = spec.name
+        self.seed = hash_name(spec.name, "hrw")  # its rendezvous identity, the same everywhere
         self.address = spec.address
         self.ports = dict(spec.ports)
         self.weight = spec.weight

@@ -8,10 +8,13 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .backends import Backend
 from .routing import Route, Router
+
+if TYPE_CHECKING:
+    from .store import RedisStore
 
 log = logging.getLogger("l4lb.dialer")
 P = TypeVar("P", bound=asyncio.BaseProtocol)
@@ -63,8 +66,10 @@ async def dial(
     factory: Callable[[], P],
     connect_timeout: float,
     slots: SlotQueue,
+    store: RedisStore | None = None,
 ) -> tuple[Backend, asyncio.Transport, P] | None:
-    """Connect to a backend for `route`; None when every backend the router offers failed."""
+    """Connect to a backend for `route`; None when every backend the router offers failed.
+    A fresh pin is first settled with the shared store, when there is one."""
     loop = asyncio.get_running_loop()
     while True:
         backend = router.next_backend(route)
@@ -75,6 +80,8 @@ async def dial(
             route.queued = True
             await slots.wait(full, router.spec.queue_timeout)
             continue
+        if route.fresh and store is not None and backend is not router.sorry:
+            backend = await store.settle(router, route, backend)
         port = backend.port_for(service_port)
         t0 = loop.time()
         try:

@@ -41,6 +41,10 @@ SHARED_GAUGES = {
     "l4lb_backend_state",
     "l4lb_backend_weight",
     "l4lb_health_check_duration_seconds",
+    "l4lb_store_up",
+    "process_start_time_seconds",
+    "process_max_fds",
+    "python_info",
 }
 OWN_METRICS = {"l4lb_reloads", "l4lb_admin_requests_refused"}  # the supervisor's, not summed
 BACKEND_SUMS = ("active", "connections", "connect_failures", "bytes_in", "bytes_out")

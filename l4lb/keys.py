@@ -4,10 +4,14 @@ The hot path turns the peer address string of every accepted connection into a k
 avoids `ipaddress` objects (about 2.6 us each) and uses `inet_pton` and int masking (about 0.2 us).
 IPv4 keys are the masked 32-bit address; IPv6 keys carry bit 128 so that they never equal an
 IPv4 key. An IPv4-mapped IPv6 peer (::ffff:a.b.c.d, seen on dual-stack listeners) is IPv4.
+
+`hash_key` and `hash_name` are the hashes every process and instance computes alike (never
+Python's salted `hash()`): the hash schedulers and the rendezvous fallback rest on them.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 
@@ -82,3 +86,18 @@ def format_key(key: int, netmask: int = 0xFFFFFFFF, ipv6_prefix: int = 128) -> s
     if plen is None:
         return f"{addr}/{inet_ntop(AF_INET, netmask.to_bytes(4, 'big'))}"
     return f"{addr}/{plen}"
+
+
+_M64 = (1 << 64) - 1
+
+
+def hash_key(key: int) -> int:
+    """A 64-bit mix of an affinity key (splitmix64's finaliser, after folding 129 bits)."""
+    z = (key ^ (key >> 64) ^ (key >> 128)) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def hash_name(name: str, salt: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{salt}:{name}".encode(), digest_size=8).digest(), "big")

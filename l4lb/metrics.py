@@ -25,6 +25,7 @@ from .routing import CONNECT_BUCKETS
 
 if TYPE_CHECKING:
     from .server import Server
+    from .store import StoreStats
 
 
 class L4lbCollector(Collector):
@@ -191,6 +192,36 @@ class L4lbCollector(Collector):
         for reason, n in sorted(s.admin_refused.items()):
             admin.add_metric([reason], n)
         yield admin
+        if s.store is not None:
+            yield from _store_metrics(s.store.up, s.store.stats)
+
+
+def _store_metrics(up: bool, st: StoreStats) -> Iterator[Metric]:
+    gauge = GaugeMetricFamily("l4lb_store_up", "1 while the shared affinity store answers")
+    gauge.add_metric([], int(up))
+    yield gauge
+    lookups = CounterMetricFamily(
+        "l4lb_store_lookups",
+        "Fresh pins settled with the shared store, by outcome",
+        labels=["result"],
+    )
+    for result, n in (
+        ("found", st.found),
+        ("stored", st.stored),
+        ("stale", st.stale),
+        ("fallback", st.fallbacks),
+    ):
+        lookups.add_metric([result], n)
+    yield lookups
+    for name, doc, value in (
+        ("l4lb_store_errors", "Shared store calls that failed or ran out of time", st.errors),
+        ("l4lb_store_outages", "Times the shared store became unavailable", st.outages),
+        ("l4lb_store_writes", "Pins written to the shared store by the flusher", st.writes),
+        ("l4lb_store_reconciled", "Pins written back when the store returned", st.reconciled),
+    ):
+        c = CounterMetricFamily(name, doc)
+        c.add_metric([], value)
+        yield c
 
 
 def make_registry(server: Server) -> CollectorRegistry:

@@ -240,6 +240,7 @@ class ClientSide(Half):
                 lambda: BackendSide(self),
                 router.spec.connect_timeout,
                 self.server.slots,
+                self.server.store,
             )
         except asyncio.CancelledError:  # the client left while we dialed
             dialed = self.dialed

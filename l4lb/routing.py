@@ -41,7 +41,7 @@ from .backends import Backend, State
 from .config import GroupSpec
 from .health import Event, Quorum
 from .keys import Keyer, make_keyer, make_matcher
-from .schedulers import Scheduler, make_scheduler
+from .schedulers import Scheduler, make_scheduler, rendezvous
 
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -103,12 +103,24 @@ class GroupStats:
 
 
 class Route:
-    __slots__ = ("backend", "entry", "key", "pinned", "queued", "reason", "tried", "wait_for")
+    __slots__ = (
+        "backend",
+        "entry",
+        "fresh",
+        "key",
+        "pinned",
+        "queued",
+        "reason",
+        "tried",
+        "wait_for",
+    )
 
     def __init__(self, key: int, entry: Entry[Backend] | None, pinned: Backend | None) -> None:
         self.key = key
         self.entry = entry
         self.pinned = pinned  # the backend the entry held when this connection arrived
+        # A new pin, not yet settled with the shared table (when there is one).
+        self.fresh = entry is not None and pinned is None
         self.backend: Backend | None = None  # the backend being dialed, then connected
         self.tried: list[Backend] = []
         self.reason = ""  # why the pin moves, if it does
@@ -140,6 +152,8 @@ class Router:
         self.listener: Callable[[Event], None] | None = None
         self._return = spec.on_up == "return"
         self._wall = time.time
+        # Keys whose pin moved, for a shared table to hear of (None: nobody listens).
+        self.repinned: list[int] | None = None
 
     # ------------------------------------------------------------------ routing
 
@@ -203,6 +217,31 @@ class Router:
             entry.backend = choice  # tentative pin, confirmed by `connected`
         return choice
 
+    def consistent(self, key: int) -> Backend | None:
+        """The backend every instance picks for `key` without the shared table: rendezvous
+        hashing over the backends that take new clients."""
+        return rendezvous(key, [b for b in self.backends if b.schedulable])
+
+    def usable_pin(self, name: str) -> Backend | None:
+        """The backend another instance pinned a client to, if this one may send it there."""
+        b = self.by_name.get(name)
+        return b if b is not None and b.accepts_pinned and not b.full else None
+
+    def swap(self, route: Route, backend: Backend) -> None:
+        """Dial `backend` instead of the candidate `next_backend` gave (the shared table or the
+        consistent hash decided); the pin follows."""
+        old = route.backend
+        if old is backend:
+            return
+        if old is not None:
+            old.free_slot()
+            route.tried.remove(old)  # still worth a try if the new one fails
+        backend.take_slot()
+        route.tried.append(backend)
+        route.backend = backend
+        if route.entry is not None:
+            route.entry.backend = backend
+
     def failed(self, route: Route, backend: Backend, reason: str = "refused") -> None:
         """A dial failed; `reason` is refused, timeout or error."""
         backend.free_slot()
@@ -238,6 +277,8 @@ class Router:
             else:
                 stats.repins_failed += 1
             route.pinned = backend
+            if self.repinned is not None:
+                self.repinned.append(entry.key)
         entry.backend = backend
 
     def give_up(self, route: Route) -> None:

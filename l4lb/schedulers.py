@@ -12,28 +12,37 @@ computes the same answer.
 
 from __future__ import annotations
 
-import hashlib
+import math
 import random
 from collections.abc import Callable, Collection, Sequence
 from math import gcd
 from typing import Protocol
 
 from .backends import Backend
+from .keys import hash_key, hash_name
 
-_M64 = (1 << 64) - 1
 _EMPTY: tuple[Backend, ...] = ()
 
 
-def hash_key(key: int) -> int:
-    """A 64-bit mix of an affinity key (splitmix64's finaliser, after folding 129 bits)."""
-    z = (key ^ (key >> 64) ^ (key >> 128)) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
+def rendezvous_score(key_hash: int, name_seed: int, weight: int) -> float:
+    """Weighted rendezvous (HRW) score: `weight / -ln(u)` with u uniform in (0, 1) from the
+    pair's hash, so a backend wins a key with probability weight / total weight, and removing
+    a backend moves exactly the keys it won (Schindelhauer and Schomaker, 2005)."""
+    u = ((hash_key(key_hash ^ name_seed) >> 11) + 0.5) / (1 << 53)
+    return weight / -math.log(u)
 
 
-def hash_name(name: str, salt: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{salt}:{name}".encode(), digest_size=8).digest(), "big")
+def rendezvous(key: int, backends: Sequence[Backend]) -> Backend | None:
+    """The backend every instance picks for `key` among the same `backends`, whatever their
+    order: what a balancer uses when it cannot ask the shared table."""
+    best: Backend | None = None
+    top = -1.0
+    kh = hash_key(key)
+    for b in backends:
+        score = rendezvous_score(kh, b.seed, b.weight)
+        if score > top:
+            best, top = b, score
+    return best
 
 
 class Scheduler(Protocol):

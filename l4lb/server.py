@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import statefile
 from .backends import Backend
@@ -30,6 +31,9 @@ from .listeners import BACKLOG, MARKS, ListenSpec, bind, close_all, listen_specs
 from .monitor import HealthMonitor
 from .relay import ClientSide, MarkedClientSide, ProxyClientSide
 from .routing import Router
+
+if TYPE_CHECKING:
+    from .store import RedisStore
 
 log = logging.getLogger("l4lb.server")
 
@@ -113,6 +117,11 @@ class Server:
         self.routers = {g.name: Router(g, clock, rng) for g in config.groups}
         self.live: set[ClientSide] = set()
         self.slots = SlotQueue()
+        self.store: RedisStore | None = None
+        if config.affinity_store is not None:
+            from .store import RedisStore  # redis loads only when a store is configured
+
+            self.store = RedisStore(config.affinity_store, lambda: self.routers)
         self.monitor = HealthMonitor(self.routers, self.close_connections, rng)
         self.listening: list[ListenSpec] = []
         self.ready = False
@@ -232,6 +241,8 @@ class Server:
         self._set_bindings(specs)
         await self._serve_sockets(bound)
         self._load_state()
+        if self.store is not None:
+            await self.store.start()
         self.monitor.start()
         self._tasks = [loop.create_task(self._sweep()), loop.create_task(self._sample())]
         if self.config.state_file:
@@ -300,6 +311,8 @@ class Server:
         self._listeners.clear()
         if self.config.state_file:
             await self._save_state()
+        if self.store is not None:
+            await self.store.stop()
         if self._admin is not None:
             await self._admin.stop()  # type: ignore[attr-defined]
             self._admin = None
@@ -362,6 +375,10 @@ class Server:
         changes += [f"listening on {spec}" for spec, _ in bound]
         if new.admin != self.config.admin:
             changes.append("admin settings changed: they take effect at the next restart")
+        if new.affinity_store != self.config.affinity_store:
+            changes.append("affinity_store changed: it takes effect at the next restart")
+        if self.store is not None:
+            self.store.routers_changed()
         self.config = new
         await self.monitor.restart()
         self.reloads_ok += 1
