@@ -1,0 +1,236 @@
+"""The shared affinity store: two real l4lb processes sharing a real redis-server, curl as the
+clients, and Redis stopped, frozen and started again under them."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from l4lb.backends import Backend
+from l4lb.config import BackendSpec
+from l4lb.schedulers import rendezvous
+from tests.helpers import config_of, free_ports, greet, group_yaml, running
+from tests.procs import processes, start_backend, start_l4lb, wait_for_line, wait_port
+
+needs_redis = pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason="redis-server is not installed (.ci/run installs Debian's redis-server)",
+)
+
+
+class RedisServer:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        wait_for_line(self.proc, "stdout", "Ready to accept connections")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            self.proc.wait(10)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(free_ports(1)[0])
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- rendezvous
+
+
+def make_backends(*names: str, weights: dict[str, int] | None = None) -> list[Backend]:
+    w = weights or {}
+    return [
+        Backend(BackendSpec(name=n, address="127.0.0.1", ports={80: 80}, weight=w.get(n, 1)), i)
+        for i, n in enumerate(names)
+    ]
+
+
+def test_rendezvous_agrees_whatever_the_order_and_moves_only_a_lost_backends_keys() -> None:
+    three = make_backends("a", "b", "c")
+    keys = range(0x0A000000, 0x0A000000 + 30000 * 256, 256)
+    first = {k: rendezvous(k, three).name for k in keys}  # type: ignore[union-attr]
+    assert {k: rendezvous(k, three[::-1]).name for k in keys} == first  # type: ignore[union-attr]
+    counts = {n: list(first.values()).count(n) for n in "abc"}
+    assert all(9000 < c < 11000 for c in counts.values()), counts
+    two = [b for b in three if b.name != "b"]
+    after = {k: rendezvous(k, two).name for k in keys}  # type: ignore[union-attr]
+    moved = [k for k in keys if after[k] != first[k]]
+    assert all(first[k] == "b" for k in moved) and len(moved) == counts["b"]
+    heavy = make_backends("a", "b", "c", weights={"a": 2})
+    share = sum(rendezvous(k, heavy).name == "a" for k in keys) / len(keys)  # type: ignore[union-attr]
+    assert 0.47 < share < 0.53
+
+
+# --------------------------------------------------------------------------- one process, in the loop
+
+
+def store_top(port: int, budget: str = "50ms") -> str:
+    return (
+        f"affinity_store: {{type: redis, url: 'redis://127.0.0.1:{port}/0', key_prefix: 't:',"
+        f" budget: {budget}, retry_interval: 200ms}}\n"
+    )
+
+
+@needs_redis
+async def test_a_pin_lives_in_redis_with_the_timeout_as_ttl_and_is_leased_while_open(
+    backends, redis_server: RedisServer
+) -> None:
+    port = free_ports(1)[0]
+    bs = await backends(2, [port])
+    cfg = config_of(
+        group_yaml("web", [port], [b.yaml() for b in bs], timeout="2s", netmask="/24"),
+        top=store_top(redis_server.port),
+    )
+    r = redis_server.client()
+    async with running(cfg):
+        name, _reader, w = await greet(port, "127.0.44.5")
+        key = "t:web:7f002c00"
+        assert r.get(key) == name.encode()
+        assert 1500 < r.pttl(key) <= 2000
+        # Held open past the timeout: the lease keeps renewing the entry in Redis.
+        await asyncio.sleep(3.0)
+        assert r.get(key) == name.encode()
+        w.close()
+    r.close()
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def curl(port: int, src: str) -> str:
+    out = subprocess.run(
+        ["curl", "-s", "--max-time", "5", "--interface", src, f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip() if out.returncode == 0 else f"FAILED (curl exit {out.returncode})"
+
+
+def instance(
+    tmp_path: Path,
+    name: str,
+    port: int,
+    rport: int,
+    bports: list[int],
+    scheduler: str,
+    order: list[int],
+) -> Path:
+    lines = "\n".join(
+        f"      - {{name: b{i}, address: 127.0.0.1, ports: {{{port}: {bports[i]}}}}}" for i in order
+    )
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(
+        store_top(rport, "100ms")
+        + f"""groups:
+  web:
+    listen: [127.0.0.1]
+    ports: [{port}]
+    scheduler: {scheduler}
+    persistence: {{timeout: 10m, netmask: /24}}
+    backends:
+{lines}
+"""
+    )
+    return cfg
+
+
+@needs_redis
+def test_two_instances_share_pins_and_survive_redis_stopping(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    p1, p2, *bports = free_ports(6)
+    with processes() as procs:
+        for i, bp in enumerate(bports):
+            procs.append(start_backend(f"b{i}", http=f"127.0.0.1:{bp}"))
+        for bp in bports:
+            wait_port(bp)
+        # Different schedulers and backend orders: only the shared table can make them agree.
+        one = start_l4lb(
+            instance(tmp_path, "one", p1, redis_server.port, bports, "rr", [0, 1, 2, 3])
+        )
+        two = start_l4lb(
+            instance(tmp_path, "two", p2, redis_server.port, bports, "lc", [3, 2, 1, 0])
+        )
+        procs += [one, two]
+
+        first: dict[int, str] = {}
+        for net in range(50, 62):  # a new client at one instance, then at the other, and back
+            a = curl(p1 if net % 2 else p2, f"127.0.{net}.1")
+            b = curl(p2 if net % 2 else p1, f"127.0.{net}.2")
+            c = curl(p1 if net % 2 else p2, f"127.0.{net}.3")
+            assert a == b == c, f"127.0.{net}.0/24: {a}, {b}, {c}"
+            first[net] = a
+        assert len(set(first.values())) >= 3, first
+        assert set(redis_server.client().keys("t:web:*")) == {
+            f"t:web:7f00{net:02x}00".encode() for net in first
+        }
+
+        # Redis stops: no connection fails; new clients agree through the consistent hash;
+        # clients each instance knows keep their backends.
+        redis_server.stop()
+        during: dict[int, str] = {}
+        for net in range(70, 82):
+            a, b = curl(p1, f"127.0.{net}.1"), curl(p2, f"127.0.{net}.2")
+            assert "FAILED" not in a + b
+            assert a == b, f"127.0.{net}.0/24 during the outage: {a} vs {b}"
+            during[net] = a
+        for net in range(50, 62):
+            assert curl(p1 if net % 2 else p2, f"127.0.{net}.4") == first[net]
+
+        # Redis returns (empty): each instance writes its pins back, and they agree.
+        redis_server.start()
+        wait_for_line(one, "stderr", "is back")
+        wait_for_line(two, "stderr", "is back")
+        stored = {
+            k.decode(): v.decode()
+            for k in redis_server.client().keys("t:web:*")
+            if (v := redis_server.client().get(k)) is not None
+        }
+        for net, name in [*first.items(), *during.items()]:
+            assert stored[f"t:web:7f00{net:02x}00"] == name
+
+        # Redis frozen: a lookup runs out of its budget, and the client still gets through.
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            a, b = curl(p1, "127.0.90.1"), curl(p2, "127.0.90.2")
+            assert "FAILED" not in a + b and a == b
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
