@@ -80,8 +80,11 @@ async def dial(
             route.queued = True
             await slots.wait(full, router.spec.queue_timeout)
             continue
-        if route.fresh and store is not None and backend is not router.sorry:
-            backend = await store.settle(router, route, backend)
+        if store is not None and backend is not router.sorry:
+            if route.fresh:
+                backend = await store.settle(router, route, backend)
+            elif store.pending:
+                backend = await store.follow(router, route, backend)
         port = backend.port_for(service_port)
         t0 = loop.time()
         try:

@@ -111,6 +111,7 @@ class Route:
         "pinned",
         "queued",
         "reason",
+        "shared",
         "tried",
         "wait_for",
     )
@@ -119,8 +120,10 @@ class Route:
         self.key = key
         self.entry = entry
         self.pinned = pinned  # the backend the entry held when this connection arrived
-        # A new pin, not yet settled with the shared table (when there is one).
-        self.fresh = entry is not None and pinned is None
+        # A new pin chosen and not yet settled with the shared table (when there is one), and
+        # the pin it replaces there ("" for a client new to this process).
+        self.fresh = False
+        self.shared = pinned.name if pinned is not None else ""
         self.backend: Backend | None = None  # the backend being dialed, then connected
         self.tried: list[Backend] = []
         self.reason = ""  # why the pin moves, if it does
@@ -215,11 +218,15 @@ class Router:
             if pinned is not None and entry.home is None and not pinned.accepts_pinned:
                 entry.home = pinned
             entry.backend = choice  # tentative pin, confirmed by `connected`
+            route.fresh = True
         return choice
 
     def consistent(self, key: int) -> Backend | None:
-        """The backend every instance picks for `key` without the shared table: rendezvous
-        hashing over the backends that take new clients."""
+        """The backend every instance picks for `key` without the shared table: the group's
+        own scheduler when it is a consistent hash (sh, mh), else rendezvous hashing over the
+        backends that take new clients."""
+        if self.spec.scheduler in ("sh", "mh"):
+            return self.scheduler.pick(key)
         return rendezvous(key, [b for b in self.backends if b.schedulable])
 
     def usable_pin(self, name: str) -> Backend | None:

@@ -3,19 +3,26 @@
 Theory of operation
 -------------------
 The local table (affinity.py) stays the first word: a client it knows is routed without Redis.
-Redis is asked only for a *fresh* pin, the first connection of a key this process has no entry
-for, and then in one round trip: `SET key <candidate> NX GET EX <timeout>`, where the candidate
-is the group scheduler's pick. Nil means nobody had the client: the candidate is now the pin,
-for everyone. A name means another instance (or an earlier life of this one) pinned it: the
-connection goes there if that backend may take pinned clients here, and the pin is cached
-locally; if not, the new pin overwrites it at the next flush.
+Redis is asked only when a pin is made: the first connection of a key this process has no
+entry for, and a re-pin. It takes one round trip, a short script (CLAIM) that sets the key to
+the candidate (the group scheduler's pick) with the persistence timeout as TTL unless Redis
+already holds another pin for it, which it returns instead. Nil means nobody had the client:
+the candidate is now the pin, for everyone. A name means another instance (or an earlier life
+of this one) pinned it: the connection goes there if that backend may take pinned clients here,
+and the pin is cached locally; if not, the new pin overwrites it at the next flush.
+
+A re-pin (the pinned backend is down here) is claimed the same way, as a compare-and-set: the
+script sets the new pin only if Redis still holds the dead one, so when several instances see
+a backend fail at once, the first one's choice is everyone's.
 
 Redis never holds a connection longer than `budget`. A lookup that fails or runs out of time
-turns the store *down*: that connection, and every fresh pin until Redis answers again, goes to
-the consistent hash (rendezvous over the backends that take new clients), which every instance
-computes alike, so instances cut off from Redis still agree on new clients. A prober pings every
-`retry_interval`; when Redis answers, the store writes every local pin back (the reconcile:
-pins made during the outage win, since their clients are on those backends now) and is up.
+turns the store *down*: that connection, and every new pin until Redis answers again, goes to
+the consistent hash (the group's scheduler if it is sh or mh, else rendezvous over the backends
+that take new clients), which every instance computes alike, so instances cut off from Redis
+still agree on new clients. A prober pings every `retry_interval`; when Redis answers, the
+store reconciles: each local pin is written with SET NX GET, and where Redis already holds
+another (written by an instance that got there first, or kept through the outage), that one
+is taken locally, so the instances agree again; then the store is up.
 
 The TTL in Redis is the persistence timeout, renewed by the flusher, which runs once a second
 and writes (SET EX, pipelined) the pins that moved and the entries whose last connection closed
@@ -38,6 +45,14 @@ from .routing import Route, Router
 from .throttle import Throttle, held_note
 
 log = logging.getLogger("l4lb.store")
+CLAIM = """
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or cur == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  return false
+end
+return cur
+"""
 FLUSH_INTERVAL = 1.0
 PIPELINE = 1000  # commands in one round trip
 MAX_LEASE = 30.0
@@ -90,10 +105,15 @@ class RedisStore:
             self.client = Redis.from_url(
                 spec.url, socket_connect_timeout=0.5, socket_timeout=1.0, max_connections=64
             )
+        # One round trip claims a pin: set it if nobody holds the client or if it still holds
+        # the pin being replaced (a dead backend's); else answer what it holds.
+        self._claim = self.client.register_script(CLAIM)
         self._tasks: list[asyncio.Task[None]] = []
         self._flushed_at = clock()
         self._leased_at = clock()
         self._probing: asyncio.Task[None] | None = None
+        # (group, key) -> done, for pins being settled right now
+        self.pending: dict[tuple[str, int], asyncio.Future[None]] = {}
 
     def key(self, router: Router, key: int) -> str:
         return f"{self.spec.key_prefix}{router.name}:{key:x}"
@@ -133,35 +153,63 @@ class RedisStore:
     # ------------------------------------------------------------------ the fresh pin
 
     async def settle(self, router: Router, route: Route, candidate: Backend) -> Backend:
-        """The backend a fresh pin goes to: the shared table's, or the candidate (now shared),
+        """The backend a new pin goes to: the shared table's, or the candidate (now shared),
         or, with Redis slow or down, the consistent hash's."""
         route.fresh = False
         table = router.table
         if table is None:
             return candidate
+        where = (router.name, route.key)
+        if where in self.pending:  # another connection of the client is settling it
+            return await self.follow(router, route, candidate)
+        done = asyncio.get_running_loop().create_future()
+        self.pending[where] = done
+        try:
+            return await self._settle(router, route, candidate, table.timeout)
+        finally:
+            del self.pending[where]
+            done.set_result(None)
+
+    async def follow(self, router: Router, route: Route, backend: Backend) -> Backend:
+        """A connection of a client whose pin is being settled waits for the outcome (a
+        browser opens several at once), so that all of them reach one backend."""
+        done = self.pending.get((router.name, route.key))
+        if done is not None:
+            await asyncio.shield(done)
+        entry = route.entry
+        settled = entry.backend if entry is not None else None
+        if settled is not None and settled is not backend and settled.accepts_pinned:
+            router.swap(route, settled)
+            route.pinned = settled
+            return settled
+        return backend
+
+    async def _settle(
+        self, router: Router, route: Route, candidate: Backend, ttl: float
+    ) -> Backend:
         if self.up:
             try:
                 async with asyncio.timeout(self.spec.budget):
-                    old = await self.client.set(
-                        self.key(router, route.key),
-                        candidate.name,
-                        nx=True,
-                        get=True,
-                        px=int(table.timeout * 1000),
+                    old = await self._claim(
+                        keys=[self.key(router, route.key)],
+                        args=[candidate.name, route.shared, int(ttl * 1000)],
                     )
             except Exception as exc:  # whatever Redis did, the client goes on
                 self._failed(exc)
             else:
                 if old is None:
                     self.stats.stored += 1
+                    route.shared = candidate.name
                     return candidate
-                found = router.usable_pin(old.decode("utf-8", "replace"))
-                if found is None:
+                name = old.decode("utf-8", "replace")
+                found = router.usable_pin(name)
+                if found is None:  # pinned where this process cannot send it: ours wins
                     self.stats.stale += 1
                     if router.repinned is not None:
-                        router.repinned.append(route.key)  # ours replaces it at the next flush
+                        router.repinned.append(route.key)
                     return candidate
                 self.stats.found += 1
+                route.shared = name
                 router.swap(route, found)
                 return found
         self.stats.fallbacks += 1
@@ -207,14 +255,48 @@ class RedisStore:
             if not await self._ping():
                 continue
             try:
-                n = await self._write(self._all_pins())
+                written, adopted = await self._reconcile()
             except Exception:  # down again: go on probing
                 continue
-            self.stats.reconciled += n
+            self.stats.reconciled += written
             self._flushed_at = self.clock()
             self.up = True
-            log.info("affinity store %s is back: wrote %d local pins to it", self.spec.url, n)
+            log.info(
+                "affinity store %s is back: wrote %d local pins to it, took %d from it",
+                self.spec.url,
+                written,
+                adopted,
+            )
             return
+
+    async def _reconcile(self) -> tuple[int, int]:
+        """Write every local pin that Redis lacks; where Redis has another (an instance that
+        got there first), take it, so that all instances agree again. Returns both counts."""
+        pins = [
+            (router, key, backend.name, max(1, int(left * 1000)))
+            for router in self.routers().values()
+            if router.table is not None
+            for key, backend, left in router.table.snapshot()
+        ]
+        written = adopted = 0
+        for i in range(0, len(pins), PIPELINE):
+            batch = pins[i : i + PIPELINE]
+            async with asyncio.timeout(5.0):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for router, key, name, ms in batch:
+                        pipe.set(self.key(router, key), name, nx=True, get=True, px=ms)
+                    results = await pipe.execute()
+            for (router, key, name, _ms), old in zip(batch, results, strict=True):
+                if old is None:
+                    written += 1
+                    continue
+                theirs = old.decode("utf-8", "replace")
+                found = router.usable_pin(theirs) if theirs != name else None
+                entry = router.table.get(key) if router.table is not None else None
+                if found is not None and entry is not None:
+                    entry.backend = found  # open connections stay; new ones go there
+                    adopted += 1
+        return written, adopted
 
     # ------------------------------------------------------------------ writing pins
 
@@ -266,14 +348,6 @@ class RedisStore:
                 for entry in table.active():
                     if entry.backend is not None:
                         yield self.key(router, entry.key), entry.backend.name, ttl
-
-    def _all_pins(self) -> Iterator[tuple[str, str, int]]:
-        for router in self.routers().values():
-            table = router.table
-            if table is None:
-                continue
-            for key, backend, left in table.snapshot():
-                yield self.key(router, key), backend.name, max(1, int(left * 1000))
 
     async def _write(self, pins: Iterator[tuple[str, str, int]]) -> int:
         n = 0

@@ -202,6 +202,16 @@ def test_two_instances_share_pins_and_survive_redis_stopping(
             f"t:web:7f00{net:02x}00".encode() for net in first
         }
 
+        # A backend dies: each instance finds out by itself, and the first re-pin is everyone's.
+        dead = first[50]
+        victim = procs[int(dead[1:])]
+        victim.terminate()
+        victim.wait(10)
+        for net in [n for n in first if first[n] == dead]:
+            a, b = curl(p1, f"127.0.{net}.5"), curl(p2, f"127.0.{net}.6")
+            assert a == b != dead and "FAILED" not in a, f"127.0.{net}.0/24: {a} vs {b}"
+            first[net] = a
+
         # Redis stops: no connection fails; new clients agree through the consistent hash;
         # clients each instance knows keep their backends.
         redis_server.stop()
