@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck bench bench-quick bench-tools clean
+.PHONY: run test lint typecheck bench bench-quick bench-tools sim bench-workers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP) bench-tools
 
 bench-quick: $(STAMP) bench-tools
 	$(BIN)/python bench/bench.py --quick
+
+# The internet-scale affinity simulation (README, "Scale-out"): figures, and the plot in docs/.
+sim: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[sim]'
+	$(BIN)/python sim/affinity_sim.py --plot docs/sim-affinity.png --json sim/results.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
