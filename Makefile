@@ -38,6 +38,9 @@ bench: $(STAMP) bench-tools
 bench-quick: $(STAMP) bench-tools
 	$(BIN)/python bench/bench.py --quick
 
+bench-workers: $(STAMP) bench-tools
+	$(BIN)/python bench/workers.py
+
 # The internet-scale affinity simulation (README, "Scale-out"): figures, and the plot in docs/.
 sim: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[sim]'
