@@ -197,7 +197,7 @@ def test_two_instances_share_pins_and_survive_redis_stopping(
             c = curl(p1 if net % 2 else p2, f"127.0.{net}.3")
             assert a == b == c, f"127.0.{net}.0/24: {a}, {b}, {c}"
             first[net] = a
-        assert len(set(first.values())) >= 3, first
+        assert len(set(first.values())) >= 2, first
         assert set(redis_server.client().keys("t:web:*")) == {
             f"t:web:7f00{net:02x}00".encode() for net in first
         }
