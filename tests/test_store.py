@@ -4,10 +4,13 @@ clients, and Redis stopped, frozen and started again under them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ import redis
 from l4lb.backends import Backend
 from l4lb.config import BackendSpec
 from l4lb.schedulers import rendezvous
-from tests.helpers import config_of, free_ports, greet, group_yaml, running
+from tests.helpers import config_of, free_ports, greet, group_yaml, hello, running
 from tests.procs import processes, start_backend, start_l4lb, wait_for_line, wait_port
 
 needs_redis = pytest.mark.skipif(
@@ -244,3 +247,102 @@ def test_two_instances_share_pins_and_survive_redis_stopping(
             assert "FAILED" not in a + b and a == b
         finally:
             redis_server.proc.send_signal(signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
+    """Three masters with no replicas, made a cluster by redis-cli: the smallest real one."""
+    ports = free_ports(3)
+    procs = []
+    try:
+        for p in ports:
+            d = tmp_path / f"node{p}"
+            d.mkdir()
+            proc = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(p),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(d / "nodes.conf"),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(d),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            procs.append(proc)
+            wait_for_line(proc, "stdout", "Ready to accept connections")
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        for p in ports:  # every node must agree that the cluster is whole before we use it
+            while (
+                b"cluster_state:ok"
+                not in subprocess.run(
+                    ["redis-cli", "-p", str(p), "cluster", "info"], capture_output=True, timeout=5
+                ).stdout
+            ):
+                subprocess.run(["redis-cli", "-p", str(p), "ping"], capture_output=True, timeout=5)
+        yield ports
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+@needs_redis
+async def test_two_instances_share_pins_through_a_redis_cluster(backends, tmp_path: Path) -> None:
+    port1, port2 = free_ports(2)
+    bs = await backends(3, [port1, port2])
+    with redis_cluster(tmp_path) as nodes:
+        top = (
+            f"affinity_store: {{type: redis, url: 'redis://127.0.0.1:{nodes[0]}/0', cluster: true,"
+            " key_prefix: 'c:', budget: 200ms}\n"
+        )
+        one = config_of(
+            group_yaml(
+                "web", [port1, port2], [b.yaml() for b in bs], scheduler="rr", netmask="/24"
+            ),
+            top=top,
+        )
+        two = config_of(
+            group_yaml(
+                "web", [port1, port2], [b.yaml() for b in bs[::-1]], scheduler="lc", netmask="/24"
+            ),
+            top=top,
+        )
+        # Two instances on one machine: the same group, each on its own port of it.
+        one = replace(one, groups=(replace(one.groups[0], ports=(port1,)),))
+        two = replace(two, groups=(replace(two.groups[0], ports=(port2,)),))
+        async with running(one) as a, running(two) as b:
+            assert a.store is not None and b.store is not None and a.store.up and b.store.up
+            seen = {}
+            for net in range(20):
+                first = await hello(port1, f"127.0.{net}.1")
+                assert await hello(port2, f"127.0.{net}.2") == first
+                seen[net] = first
+            assert a.store.stats.stored == 20 and b.store.stats.found == 20
+        counts = [redis.Redis(port=p).dbsize() for p in nodes]
+        assert sum(counts) == 20 and all(counts), f"keys per node: {counts}"
