@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -248,6 +249,11 @@ def test_two_instances_share_pins_and_survive_redis_stopping(
             redis_server.proc.send_signal(signal.SIGCONT)
 
 
+def cluster_ok(port: int) -> bool:
+    info = ["redis-cli", "-p", str(port), "cluster", "info"]
+    return b"cluster_state:ok" in subprocess.run(info, capture_output=True, timeout=5).stdout
+
+
 @contextlib.contextmanager
 def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
     """Three masters with no replicas, made a cluster by redis-cli: the smallest real one."""
@@ -294,14 +300,13 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
             capture_output=True,
             timeout=30,
         )
-        for p in ports:  # every node must agree that the cluster is whole before we use it
-            while (
-                b"cluster_state:ok"
-                not in subprocess.run(
-                    ["redis-cli", "-p", str(p), "cluster", "info"], capture_output=True, timeout=5
-                ).stdout
-            ):
-                subprocess.run(["redis-cli", "-p", str(p), "ping"], capture_output=True, timeout=5)
+        # Every node must see the cluster whole before it is used (gossip: there is no event
+        # to await, so ask, for at most 30 s).
+        deadline = time.monotonic() + 30
+        for p in ports:
+            while not cluster_ok(p):
+                assert time.monotonic() < deadline, f"node {p}: the cluster did not form"
+                time.sleep(0.05)
         yield ports
     finally:
         for proc in procs:
