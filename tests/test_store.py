@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -249,6 +251,28 @@ def test_two_instances_share_pins_and_survive_redis_stopping(
             redis_server.proc.send_signal(signal.SIGCONT)
 
 
+def cluster_ports(n: int) -> list[int]:
+    """Free ports whose cluster-bus twins (port + 10000) are free too, below the ephemeral
+    range so that no client's source port takes one meanwhile."""
+    out: list[int] = []
+    for port in random.sample(range(20000, 22767), 200):
+        socks = []
+        try:
+            for p in (port, port + 10000):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        out.append(port)
+        if len(out) == n:
+            return out
+    raise AssertionError("no free ports for a Redis Cluster")
+
+
 def cluster_ok(port: int) -> bool:
     info = ["redis-cli", "-p", str(port), "cluster", "info"]
     return b"cluster_state:ok" in subprocess.run(info, capture_output=True, timeout=5).stdout
@@ -257,7 +281,7 @@ def cluster_ok(port: int) -> bool:
 @contextlib.contextmanager
 def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
     """Three masters with no replicas, made a cluster by redis-cli: the smallest real one."""
-    ports = free_ports(3)
+    ports = cluster_ports(3)
     procs = []
     try:
         for p in ports:
