@@ -374,3 +374,26 @@ async def test_two_instances_share_pins_through_a_redis_cluster(backends, tmp_pa
             assert a.store.stats.stored == 20 and b.store.stats.found == 20
         counts = [redis.Redis(port=p).dbsize() for p in nodes]
         assert sum(counts) == 20 and all(counts), f"keys per node: {counts}"
+
+
+@needs_redis
+async def test_a_new_clients_parallel_connections_all_follow_the_shared_pin(
+    backends, redis_server: RedisServer
+) -> None:
+    """Another instance pinned 127.0.45.0/24 to b1; this one's scheduler (fo) would pick b0.
+    A browser's six parallel first connections must all wait for the lookup and reach b1."""
+    port = free_ports(1)[0]
+    bs = await backends(2, [port])
+    cfg = config_of(
+        group_yaml("web", [port], [b.yaml() for b in bs], scheduler="fo", netmask="/24"),
+        top=store_top(redis_server.port),
+    )
+    r = redis_server.client()
+    r.set("t:web:7f002d00", bs[1].name, px=60_000)
+    async with running(cfg) as server:
+        opened = await asyncio.gather(*(greet(port, f"127.0.45.{i}") for i in range(2, 8)))
+        assert [name for name, _, _ in opened] == [bs[1].name] * 6
+        assert server.store is not None and server.store.stats.found == 1
+        for _, _, w in opened:
+            w.close()
+    r.close()

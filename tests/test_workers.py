@@ -173,6 +173,9 @@ def test_two_workers_keep_a_subnet_on_one_backend_and_survive_a_crash(tmp_path: 
         # Kill worker 0: it comes back on the same sockets; worker 1's clients do not move.
         workers = admin_get(aport, "/api/v1/workers")["workers"]
         os.kill(workers[0]["pid"], signal.SIGKILL)
+        # A client of worker 0 connecting while it is dead waits in the accept queue: served.
+        net0 = next(net for net in NETS if where[f"127.0.{net}.0/24"] == 0)
+        assert curl(f"http://127.0.0.1:{http}/", f"127.0.{net0}.13").startswith("b")
         wait_for_line(lb, "stderr", "worker 0 ready")
         again = visit(http, https)
         for net in NETS:
