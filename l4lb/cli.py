@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -141,7 +140,7 @@ def _setup_logging(level: str, who: str = "") -> None:
     )
 
 
-def _worker() -> int:
+def _worker(log_level: str) -> int:
     from .worker import environment, serve
 
     try:
@@ -149,6 +148,7 @@ def _worker() -> int:
     except (KeyError, ValueError):
         print("l4lb worker is started by l4lb run (workers: N), not by hand", file=sys.stderr)
         return 2
+    _setup_logging(log_level, f"[worker {env.get('index')}] ")
     return _run_loop(serve(env))
 
 
@@ -206,9 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "import-keepalived":
         return _import_keepalived(args)
     if args.command == "worker":
-        index = os.environ.get("L4LB_WORKER", "{}").partition('"index": ')[2].split(",")[0]
-        _setup_logging(args.log_level, f"[worker {index}] ")
-        return _worker()
+        return _worker(args.log_level)
     if args.command == "ctl":
         from .ctl import run as run_ctl
 

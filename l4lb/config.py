@@ -394,7 +394,7 @@ def _scalars(
     ok = True
     for key, check in checks.items():
         if key in m:
-            value = v.field(m[key][1], f"{path}.{key}", check)
+            value = v.field(m[key][1], f"{path}.{key}" if path else key, check)
             if value is None:
                 ok = False
             else:

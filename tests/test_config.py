@@ -378,3 +378,38 @@ def test_kernel_mark_errors() -> None:
         and ok.kernel_marks.port == 9999
         and ok.groups[0].kernel_mark == 1
     )
+
+
+def test_scale_out_settings() -> None:
+    c = load_config_text(
+        "workers: 4\naffinity_store: {type: redis, url: 'redis://10.0.0.5:6379/1', budget: 5ms}\n"
+        + GOOD_GROUP
+    )
+    assert c.workers == 4
+    assert c.affinity_store is not None
+    assert (c.affinity_store.url, c.affinity_store.budget, c.affinity_store.key_prefix) == (
+        "redis://10.0.0.5:6379/1",
+        0.005,
+        "l4lb:",
+    )
+    local = load_config_text("affinity_store: {type: local}\n" + GOOD_GROUP)
+    assert (local.workers, local.affinity_store) == (1, None)
+
+
+@pytest.mark.parametrize(
+    ("top", "expected"),
+    [
+        ("workers: 0\n", "f.yaml:1: workers: must be from 1 to 64, got 0"),
+        ("workers: two\n", "f.yaml:1: workers: expected a number of worker processes"),
+        ("affinity_store: {type: memcached}\n", "f.yaml:1: affinity_store.type: expected one of"),
+        (
+            "affinity_store: {url: 'http://x'}\n",
+            "f.yaml:1: affinity_store.url: expected a redis://, rediss:// or unix:// URL",
+        ),
+        ("affinity_store: {budget: 5s}\n", "f.yaml:1: affinity_store.budget: a lookup budget"),
+        ("affinity_store: {host: x}\n", "f.yaml:1: affinity_store.host: unknown key"),
+    ],
+)
+def test_scale_out_errors(top: str, expected: str) -> None:
+    lines = errors_of(top + GOOD_GROUP)
+    assert any(line.startswith(expected) for line in lines), lines
