@@ -25,15 +25,20 @@ MASK24 = 0xFFFFFF00
 
 
 def reuseport_group(family: int, host: str, port: int, n: int) -> list[socket.socket]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind((host, port))
-        s.listen(64)
-        socks.append(s)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind((host, port))
+            s.listen(64)
+    except OSError:
+        for s in socks:
+            s.close()
+        raise
     attach(socks[0], program(MASK24, 48, n))
     return socks
 
@@ -64,13 +69,18 @@ def ipv6_loopback() -> bool:
 def test_the_kernel_steers_as_steer_says_on_every_port(n: int) -> None:
     """IPv4 on an IPv4 socket and on a dual-stack one, and IPv6: a client's /24 (IPv6: /48)
     alone picks the socket, the same on both ports, and the Python twin agrees."""
-    p1, p2 = free_ports(2)
+    p1 = free_ports(1)[0]
     groups = [reuseport_group(socket.AF_INET, "127.0.0.1", p1, n)]
     dual = ipv6_loopback()
-    if dual:
-        groups.append(reuseport_group(socket.AF_INET6, "::", p2, n))
-    else:
-        groups.append(reuseport_group(socket.AF_INET, "127.0.0.1", p2, n))
+    host, family = ("::", socket.AF_INET6) if dual else ("127.0.0.1", socket.AF_INET)
+    for attempt in range(5):  # a wildcard port is free only if no address uses it: retry
+        p2 = free_ports(1, host)[0]
+        try:
+            groups.append(reuseport_group(family, host, p2, n))
+            break
+        except OSError:
+            if attempt == 4:
+                raise
     try:
         seen = defaultdict(set)
         for net in range(40):
