@@ -87,33 +87,38 @@ def authorize(spec: AdminSpec, request: web.Request) -> None:
         )
 
 
-class AdminServer:
-    def __init__(self, server: Server, spec: AdminSpec, unix_path: str | None = None) -> None:
-        self.server = server
+ROUTES = (
+    ("GET", "/", "status_page"),
+    ("GET", "/metrics", "metrics"),
+    ("GET", "/healthz", "healthz"),
+    ("GET", "/readyz", "readyz"),
+    ("GET", "/api/v1/groups", "groups"),
+    ("GET", "/api/v1/backends", "backends"),
+    ("POST", "/api/v1/backends/{group}/{name}", "update_backend"),
+    ("GET", "/api/v1/affinity", "affinity"),
+    ("DELETE", "/api/v1/affinity", "flush_affinity"),
+    ("GET", "/api/v1/events", "events"),
+    ("GET", "/api/v1/history", "history"),
+    ("POST", "/api/v1/reload", "reload"),
+)
+
+
+class ApiBase:
+    """What every admin listener shares: the routes (by handler name), the listener, the error
+    middleware that authorizes changes and counts refusals, and the static pages."""
+
+    routes: tuple[tuple[str, str, str], ...] = ROUTES
+
+    def __init__(self, spec: AdminSpec, refused: dict[str, int], unix_path: str | None) -> None:
         self.spec = spec
+        self.refused = refused
         self.unix_path = unix_path  # a worker answers its supervisor here, not on spec's port
-        self.registry = make_registry(server)
         self.runner: web.AppRunner | None = None
         self._status_page = resources.files("l4lb").joinpath("static/status.html").read_bytes()
 
     async def start(self) -> None:
         app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
-        app.add_routes(
-            [
-                web.get("/", self.status_page),
-                web.get("/metrics", self.metrics),
-                web.get("/healthz", self.healthz),
-                web.get("/readyz", self.readyz),
-                web.get("/api/v1/groups", self.groups),
-                web.get("/api/v1/backends", self.backends),
-                web.post("/api/v1/backends/{group}/{name}", self.update_backend),
-                web.get("/api/v1/affinity", self.affinity),
-                web.delete("/api/v1/affinity", self.flush_affinity),
-                web.get("/api/v1/events", self.events),
-                web.get("/api/v1/history", self.history),
-                web.post("/api/v1/reload", self.reload),
-            ]
-        )
+        app.add_routes([web.route(m, path, getattr(self, name)) for m, path, name in self.routes])
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
         site: web.BaseSite
@@ -134,17 +139,14 @@ class AdminServer:
             await self.runner.cleanup()
             self.runner = None
 
-    # ------------------------------------------------------------------ plumbing
-
     def _refuse(self, reason: str) -> None:
-        counts = self.server.admin_refused
-        counts[reason] = counts.get(reason, 0) + 1
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             if request.method not in ("GET", "HEAD"):
-                self._authorize(request)
+                authorize(self.spec, request)
             return await handler(request)
         except ApiError as exc:
             self._refuse(exc.reason)
@@ -155,8 +157,18 @@ class AdminServer:
                 return web.json_response({"error": exc.reason}, status=exc.status)
             raise
 
-    def _authorize(self, request: web.Request) -> None:
-        authorize(self.spec, request)
+    async def status_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._status_page, content_type="text/html", charset="utf-8")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+
+class AdminServer(ApiBase):
+    def __init__(self, server: Server, spec: AdminSpec, unix_path: str | None = None) -> None:
+        super().__init__(spec, server.admin_refused, unix_path)
+        self.server = server
+        self.registry = make_registry(server)
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -175,15 +187,9 @@ class AdminServer:
 
     # ------------------------------------------------------------------ pages
 
-    async def status_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._status_page, content_type="text/html", charset="utf-8")
-
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
         ready = self.server.ready

@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import __version__
 from .config import Config, ConfigError, load_config
@@ -29,10 +29,25 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(main)
 
 
-async def _serve(config: Config, demo: bool) -> int:
+class Balancer(Protocol):
+    """A single process (`Server`) or a supervisor of workers (`Supervisor`), run alike."""
+
+    async def start(self) -> None: ...
+    async def shutdown(self) -> None: ...
+    async def reload_from_file(self) -> list[str]: ...
+
+
+async def _serve(config: Config, demo: bool, log_level: str) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
+    balancer: Balancer
+    if config.workers > 1:
+        from .supervisor import Supervisor
+
+        balancer = Supervisor(config, log_level)
+    else:
+        balancer = Server(config)
 
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals_seen
@@ -42,14 +57,16 @@ async def _serve(config: Config, demo: bool) -> int:
             stop.set()
         else:
             log.warning("received %s again: exiting now", sig.name)
+            kill = getattr(balancer, "kill", None)
+            if kill is not None:
+                kill()
             raise SystemExit(1)
 
-    server = Server(config)
     reloads: set[asyncio.Task[object]] = set()
 
     def on_hangup() -> None:
         log.info("received SIGHUP: reloading %s", config.source)
-        task: asyncio.Task[object] = loop.create_task(_reload(server))
+        task: asyncio.Task[object] = loop.create_task(_reload(balancer))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -62,7 +79,7 @@ async def _serve(config: Config, demo: bool) -> int:
             from .demo import print_hints, start_demo_backends
 
             demo_servers = await start_demo_backends(config)
-        await server.start()
+        await balancer.start()
         if demo:
             print_hints(config)
         await stop.wait()
@@ -70,15 +87,15 @@ async def _serve(config: Config, demo: bool) -> int:
         log.error("%s", exc)
         return 1
     finally:
-        await server.shutdown()
+        await balancer.shutdown()
         for srv in demo_servers:
             srv.close()
     return 0
 
 
-async def _reload(server: Server) -> object:
+async def _reload(balancer: Balancer) -> object:
     try:
-        return await server.reload_from_file()
+        return await balancer.reload_from_file()
     except ReloadError:
         return None  # logged by the server, line by line; the running configuration stays
 
@@ -224,8 +241,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = sum(len(g.backends) for g in config.groups)
         print(f"{args.config}: ok ({len(config.groups)} groups, {n} backends)")
         return 0
-    if config.workers > 1:
-        from .supervisor import run as supervise
-
-        return _run_loop(supervise(config, args.log_level, args.demo))
-    return _run_loop(_serve(config, args.demo))
+    return _run_loop(_serve(config, args.demo, args.log_level))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -24,7 +23,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from .admin import ApiError, Handler, authorize
+from .admin import ROUTES, ApiBase, ApiError
 from .config import AdminSpec
 from .server import ReloadError
 
@@ -50,72 +49,19 @@ OWN_METRICS = {"l4lb_reloads", "l4lb_admin_requests_refused"}  # the supervisor'
 BACKEND_SUMS = ("active", "connections", "connect_failures", "bytes_in", "bytes_out")
 
 
-class FrontAdmin:
-    def __init__(self, sup: Supervisor, spec: AdminSpec) -> None:
-        self.sup = sup
-        self.spec = spec
-        self.runner: web.AppRunner | None = None
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._page = resources.files("l4lb").joinpath("static/status.html").read_bytes()
+class FrontAdmin(ApiBase):
+    routes = (*ROUTES, ("GET", "/api/v1/workers", "workers"))
 
-    async def start(self) -> None:
-        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
-        app.add_routes(
-            [
-                web.get("/", self.status_page),
-                web.get("/metrics", self.metrics),
-                web.get("/healthz", self.healthz),
-                web.get("/readyz", self.readyz),
-                web.get("/api/v1/groups", self.groups),
-                web.get("/api/v1/backends", self.backends),
-                web.post("/api/v1/backends/{group}/{name}", self.update_backend),
-                web.get("/api/v1/affinity", self.affinity),
-                web.delete("/api/v1/affinity", self.flush_affinity),
-                web.get("/api/v1/events", self.events),
-                web.get("/api/v1/history", self.history),
-                web.get("/api/v1/workers", self.workers),
-                web.post("/api/v1/reload", self.reload),
-            ]
-        )
-        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self.runner.setup()
-        site = web.TCPSite(
-            self.runner, self.spec.host, self.spec.port, backlog=128, reuse_address=True
-        )
-        try:
-            await site.start()
-        except OSError:
-            await self.runner.cleanup()
-            raise
+    def __init__(self, sup: Supervisor, spec: AdminSpec) -> None:
+        super().__init__(spec, sup.admin_refused, None)
+        self.sup = sup
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
 
     async def stop(self) -> None:
         for session in self._sessions.values():
             await session.close()
         self._sessions.clear()
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
-
-    # ------------------------------------------------------------------ plumbing
-
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            if request.method not in ("GET", "HEAD"):
-                authorize(self.spec, request)
-            return await handler(request)
-        except ApiError as exc:
-            self._refuse(exc.reason)
-            return web.json_response({"error": str(exc)}, status=exc.status)
-        except web.HTTPException as exc:
-            if exc.status >= 400:
-                self._refuse("not_found" if exc.status == 404 else "bad_request")
-                return web.json_response({"error": exc.reason}, status=exc.status)
-            raise
-
-    def _refuse(self, reason: str) -> None:
-        counts = self.sup.admin_refused
-        counts[reason] = counts.get(reason, 0) + 1
+        await super().stop()
 
     def _session(self, w: WorkerProc) -> aiohttp.ClientSession:
         assert w.admin_path is not None
@@ -172,12 +118,6 @@ class FrontAdmin:
         return None
 
     # ------------------------------------------------------------------ pages
-
-    async def status_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._page, content_type="text/html", charset="utf-8")
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
         ready = self.sup.ready
@@ -288,7 +228,7 @@ class FrontAdmin:
 
     async def reload(self, request: web.Request) -> web.Response:
         try:
-            changes = await self.sup.reload()
+            changes = await self.sup.reload_from_file()
         except ReloadError as exc:
             raise ApiError(
                 400, "reload refused, nothing changed: " + " | ".join(exc.lines)

@@ -274,6 +274,12 @@ class Supervisor:
         self._front = front
         log.info("admin API on %s (all %d workers)", self.config.admin.url, self.n)
 
+    def kill(self) -> None:
+        """A second SIGTERM: no more waiting."""
+        for w in self.workers:
+            if w is not None and w.proc.returncode is None:
+                w.proc.kill()
+
     async def shutdown(self) -> None:
         """Every worker drains as a single process would; then the sockets close."""
         self.stopping = True
@@ -307,7 +313,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ reload
 
-    async def reload(self) -> list[str]:
+    async def reload_from_file(self) -> list[str]:
         """Validate the file, bind new ports, and have every worker apply it; ReloadError when
         refused (nothing changed)."""
         async with self._reload_lock:
@@ -374,55 +380,3 @@ def _with_workers(config: Config, n: int) -> Config:
     from dataclasses import replace
 
     return replace(config, workers=n)
-
-
-async def run(config: Config, log_level: str, demo: bool) -> int:
-    """`l4lb run` with workers: serve until SIGTERM/SIGINT; SIGHUP reloads."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    sup = Supervisor(config, log_level)
-    signals = 0
-
-    def on_signal(sig: signal.Signals) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            log.info("received %s: shutting down %d workers", sig.name, sup.n)
-            stop.set()
-        else:
-            log.warning("received %s again: exiting now", sig.name)
-            for w in sup.workers:
-                if w is not None and w.proc.returncode is None:
-                    w.proc.kill()
-            raise SystemExit(1)
-
-    def on_hangup() -> None:
-        log.info("received SIGHUP: reloading %s", config.source)
-        sup._background(_quiet_reload(sup))
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    demo_servers: list[asyncio.AbstractServer] = []
-    try:
-        if demo:
-            from .demo import print_hints, start_demo_backends
-
-            demo_servers = await start_demo_backends(config)
-        await sup.start()
-        if demo:
-            print_hints(config)
-        await stop.wait()
-    except StartupError as exc:
-        log.error("%s", exc)
-        return 1
-    finally:
-        await sup.shutdown()
-        for srv in demo_servers:
-            srv.close()
-    return 0
-
-
-async def _quiet_reload(sup: Supervisor) -> None:
-    with contextlib.suppress(ReloadError):  # logged line by line; the configuration stays
-        await sup.reload()

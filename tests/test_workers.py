@@ -151,18 +151,26 @@ groups:
     return cfg
 
 
+def start_site(
+    procs: list[subprocess.Popen[str]], cfg: Path, bports: list[list[int]]
+) -> subprocess.Popen[str]:
+    """HTTP+HTTPS backend processes b0, b1, ... and l4lb on `cfg`; returns l4lb."""
+    for i, (h, s) in enumerate(bports):
+        procs.append(start_backend(f"b{i}", http=f"127.0.0.1:{h}", https=f"127.0.0.1:{s}"))
+    for h, s in bports:
+        wait_port(h)
+        wait_port(s)
+    lb = start_l4lb(cfg)
+    procs.append(lb)
+    return lb
+
+
 def test_two_workers_keep_a_subnet_on_one_backend_and_survive_a_crash(tmp_path: Path) -> None:
     http, https, aport, *bp = free_ports(9)
     bports = [bp[0:2], bp[2:4], bp[4:6]]
     cfg = write_config(tmp_path, [http, https], bports, aport)
     with processes() as procs:
-        for i, (h, s) in enumerate(bports):
-            procs.append(start_backend(f"b{i}", http=f"127.0.0.1:{h}", https=f"127.0.0.1:{s}"))
-        for h, s in bports:
-            wait_port(h)
-            wait_port(s)
-        lb = start_l4lb(cfg)
-        procs.append(lb)
+        lb = start_site(procs, cfg, bports)
 
         seen = visit(http, https)
         for net, names in seen.items():
@@ -212,13 +220,7 @@ def test_reload_reaches_every_worker(tmp_path: Path) -> None:
     bports = [bp[0:2], bp[2:4]]
     cfg = write_config(tmp_path, [http, https], bports, aport)
     with processes() as procs:
-        for i, (h, s) in enumerate(bports):
-            procs.append(start_backend(f"b{i}", http=f"127.0.0.1:{h}", https=f"127.0.0.1:{s}"))
-        for h, s in bports:
-            wait_port(h)
-            wait_port(s)
-        lb = start_l4lb(cfg)
-        procs.append(lb)
+        lb = start_site(procs, cfg, bports)
         before = {net: curl(f"http://127.0.0.1:{http}/", f"127.0.{net}.5") for net in NETS}
         text = cfg.read_text().replace(
             f"ports: [{http}, {https}]", f"ports: [{http}, {https}, {extra}]"
