@@ -10,6 +10,7 @@ import select
 import signal
 import socket
 import subprocess
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.helpers import free_ports
 from tests.procs import processes, start_backend, start_l4lb, wait_for_line, wait_port
 
 MASK24 = 0xFFFFFF00
+TOKEN = "workers-test-token"
 
 
 def reuseport_group(family: int, host: str, port: int, n: int) -> list[socket.socket]:
@@ -105,6 +107,22 @@ def admin_get(port: int, path: str) -> Any:
         return json.load(r) if "json" in r.headers["Content-Type"] else r.read().decode()
 
 
+def admin_post(
+    port: int, path: str, body: dict[str, Any], token: str = TOKEN
+) -> tuple[int, str | None]:
+    """(status, the backend's state in the answer)."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.load(r)["state"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
 def curl(url: str, src: str) -> str:
     out = subprocess.run(
         ["curl", "-sk", "--max-time", "5", "--interface", src, url],
@@ -135,9 +153,10 @@ def write_config(tmp_path: Path, ports: list[int], bports: list[list[int]], apor
         for i, b in enumerate(bports)
     )
     cfg = tmp_path / "l4lb.yaml"
+    (tmp_path / "token").write_text(TOKEN)
     cfg.write_text(
         f"""workers: 2
-admin: {{listen: "127.0.0.1:{aport}"}}
+admin: {{listen: "127.0.0.1:{aport}", token_file: token}}
 groups:
   web:
     listen: [127.0.0.1]
@@ -238,3 +257,16 @@ def test_reload_reaches_every_worker(tmp_path: Path) -> None:
             assert curl(f"http://127.0.0.1:{extra}/", f"127.0.{net}.6") == before[net]
         groups = admin_get(aport, "/api/v1/groups")["groups"]
         assert groups[0]["ports"] == [http, https, extra]
+
+        # A change through the supervisor's API reaches both workers: with b0 drained, new
+        # clients (on either worker) all go to b1; a change without the token is refused.
+        assert admin_post(aport, "/api/v1/backends/web/b0", {"state": "drain"}) == (200, "drain")
+        assert admin_post(aport, "/api/v1/backends/web/b0", {"state": "up"}, token="") == (
+            401,
+            None,
+        )
+        fresh = {curl(f"http://127.0.0.1:{http}/", f"127.0.{net}.9") for net in range(60, 72)}
+        assert fresh == {"b1"}
+        metrics = admin_get(aport, "/metrics")
+        assert 'l4lb_admin_requests_refused_total{reason="unauthorized"} 1.0' in metrics
+        assert 'l4lb_reloads_total{result="ok"} 1.0' in metrics
