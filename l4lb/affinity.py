@@ -49,7 +49,9 @@ class Entry(Generic[B]):
         self.backend: B | None = None
         self.home: B | None = None  # where the client was before its backend failed
         self.refs = 0
-        self.expires = 0.0  # meaningful only while idle
+        # Idle: when it expires. Active: when it became active (a shared store renews what
+        # became active since its last round; `_active`'s order is the activation order).
+        self.expires = 0.0
 
 
 class AffinityTable(Generic[B]):
@@ -102,6 +104,7 @@ class AffinityTable(Generic[B]):
             if entry is not None:
                 if entry.expires > now:
                     entry.refs = 1
+                    entry.expires = now
                     self._active[key] = entry
                     self.hits += 1
                     return entry
@@ -115,6 +118,7 @@ class AffinityTable(Generic[B]):
             self.evictions += 1
         entry = Entry(key)
         entry.refs = 1
+        entry.expires = self.clock()
         self._active[key] = entry
         return entry
 
@@ -167,6 +171,15 @@ class AffinityTable(Generic[B]):
     def active(self) -> Iterator[Entry[B]]:
         """Entries with open connections."""
         return iter(list(self._active.values()))
+
+    def activated_since(self, when: float) -> Iterator[Entry[B]]:
+        """Active entries that became active at `when` or later, newest first."""
+        out = []
+        for entry in reversed(self._active.values()):
+            if entry.expires < when:
+                break
+            out.append(entry)
+        return iter(out)
 
     def released_since(self, expires_after: float) -> Iterator[Entry[B]]:
         """Idle entries that expire after `expires_after`, newest first: those whose last

@@ -25,9 +25,10 @@ another (written by an instance that got there first, or kept through the outage
 is taken locally, so the instances agree again; then the store is up.
 
 The TTL in Redis is the persistence timeout, renewed by the flusher, which runs once a second
-and writes (SET EX, pipelined) the pins that moved and the entries whose last connection closed
-since the previous round; every `timeout / 3` it also renews every entry with open connections
-(the instance's lease), so an entry cannot lapse in Redis while a client is connected here.
+and writes (SET PX, pipelined) the pins that moved, the entries that a new connection made
+active, and those whose last connection closed since the previous round; every `timeout / 3` it
+also renews every entry with open connections (the instance's lease), so an entry cannot lapse
+in Redis while a client is connected here.
 Last writer wins: the instance that served a client most recently holds its pin.
 """
 
@@ -339,6 +340,9 @@ class RedisStore:
                 entry = table.get(key)
                 if entry is not None and entry.backend is not None:
                     yield self.key(router, key), entry.backend.name, ttl
+            for entry in table.activated_since(since):  # a new connection renews the TTL
+                if entry.backend is not None:
+                    yield self.key(router, entry.key), entry.backend.name, ttl
             for entry in table.released_since(since + table.timeout):
                 if entry.backend is not None:
                     left = int((entry.expires - self.clock()) * 1000)

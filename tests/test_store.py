@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from l4lb.backends import Backend
-from l4lb.config import BackendSpec
+from l4lb.config import BackendSpec, Config
 from l4lb.schedulers import rendezvous
 from tests.helpers import config_of, free_ports, greet, group_yaml, hello, running
 from tests.procs import processes, start_backend, start_l4lb, wait_for_line, wait_port
@@ -113,25 +113,55 @@ def store_top(port: int, budget: str = "50ms") -> str:
     )
 
 
-@needs_redis
-async def test_a_pin_lives_in_redis_with_the_timeout_as_ttl_and_is_leased_while_open(
-    backends, redis_server: RedisServer
-) -> None:
+async def store_site(backends, redis_server: RedisServer, persistence: str) -> tuple[int, Config]:
     port = free_ports(1)[0]
     bs = await backends(2, [port])
     cfg = config_of(
-        group_yaml("web", [port], [b.yaml() for b in bs], timeout="2s", netmask="/24"),
+        group_yaml("web", [port], [b.yaml() for b in bs], timeout=persistence, netmask="/24"),
         top=store_top(redis_server.port),
     )
+    return port, cfg
+
+
+@needs_redis
+async def test_a_pin_lives_in_redis_for_the_timeout_renewed_by_a_new_connection(
+    backends, redis_server: RedisServer
+) -> None:
+    """The TTL is the persistence timeout (30 s here, so the lease, every 10 s, stays out of
+    the way). Time is what is tested, so this test waits for it, a little over 2 s."""
+    port, cfg = await store_site(backends, redis_server, "30s")
     r = redis_server.client()
     async with running(cfg):
         name, _reader, w = await greet(port, "127.0.44.5")
         key = "t:web:7f002c00"
         assert r.get(key) == name.encode()
-        assert 1500 < r.pttl(key) <= 2000
-        # Held open past the timeout: the lease keeps renewing the entry in Redis.
+        assert 29_000 < r.pttl(key) <= 30_000
+        w.close()
+        await asyncio.sleep(1.2)
+        left = r.pttl(key)
+        assert left < 29_500
+        # A new connection of the known client: no Redis on its path, but the next flush
+        # (once a second) renews the entry.
+        name2, _reader, w = await greet(port, "127.0.44.6")
+        assert name2 == name
+        await asyncio.sleep(1.1)
+        assert r.pttl(key) > left + 500
+        w.close()
+    r.close()
+
+
+@needs_redis
+async def test_a_pin_is_held_in_redis_while_a_connection_is_open(
+    backends, redis_server: RedisServer
+) -> None:
+    """Open past the timeout (2 s): the lease keeps renewing the entry. Waits 3 s."""
+    port, cfg = await store_site(backends, redis_server, "2s")
+    r = redis_server.client()
+    async with running(cfg):
+        name, _reader, w = await greet(port, "127.0.44.5")
+        assert 1500 < r.pttl("t:web:7f002c00") <= 2000
         await asyncio.sleep(3.0)
-        assert r.get(key) == name.encode()
+        assert r.get("t:web:7f002c00") == name.encode()
         w.close()
     r.close()
 
