@@ -7,9 +7,11 @@ import ipaddress
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -20,7 +22,7 @@ import pytest
 
 from l4lb.reuseport import attach, program, steer
 from tests.helpers import free_ports
-from tests.procs import processes, start_backend, start_l4lb, wait_for_line, wait_port
+from tests.procs import ROOT, processes, start_backend, start_l4lb, wait_for_line, wait_port
 
 MASK24 = 0xFFFFFF00
 TOKEN = "workers-test-token"
@@ -270,3 +272,35 @@ def test_reload_reaches_every_worker(tmp_path: Path) -> None:
         metrics = admin_get(aport, "/metrics")
         assert 'l4lb_admin_requests_refused_total{reason="unauthorized"} 1.0' in metrics
         assert 'l4lb_reloads_total{result="ok"} 1.0' in metrics
+
+
+def test_the_kernel_steers_ipv6_clients_by_their_prefix() -> None:
+    """Forty IPv6 /48s, two hosts in other /64s of each, in a namespace of the test's own (as
+    root; CI runs as root): each /48 reaches the socket `steer` names, and all sockets work."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and ip to add IPv6 addresses in a network namespace")
+    name = f"l4lbsteer{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        ns = ["ip", "netns", "exec", name]
+        subprocess.run([*ns, "ip", "link", "set", "lo", "up"], check=True, timeout=30)
+        batch = "".join(
+            f"addr add fd00:0:{p:x}::1/128 dev lo nodad\n"
+            f"addr add fd00:0:{p:x}:1::2/128 dev lo nodad\n"
+            for p in range(40)
+        )
+        subprocess.run([*ns, "ip", "-batch", "-"], input=batch, text=True, check=True, timeout=30)
+        out = subprocess.run(
+            [*ns, sys.executable, "-m", "tests.steer_probe", "40"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        result = json.loads(out.stdout)
+        for n in ("2", "3"):
+            assert result[n]["wrong"] == 0, result
+            assert all(c > 0 for c in result[n]["counts"]), result
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], timeout=30)
