@@ -239,6 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, file=sys.stderr)
     if args.command == "check":
         n = sum(len(g.backends) for g in config.groups)
-        print(f"{args.config}: ok ({len(config.groups)} groups, {n} backends)")
+        extra = f", {config.workers} workers" if config.workers > 1 else ""
+        if config.affinity_store is not None:
+            from .store import redact
+
+            extra += f", pins shared through {redact(config.affinity_store.url)}"
+        print(f"{args.config}: ok ({len(config.groups)} groups, {n} backends{extra})")
         return 0
     return _run_loop(_serve(config, args.demo, args.log_level))

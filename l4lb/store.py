@@ -39,6 +39,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .backends import Backend
 from .config import StoreSpec
@@ -57,6 +58,14 @@ return cur
 FLUSH_INTERVAL = 1.0
 PIPELINE = 1000  # commands in one round trip
 MAX_LEASE = 30.0
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class StoreStats:
@@ -116,6 +125,11 @@ class RedisStore:
         # (group, key) -> done, for pins being settled right now
         self.pending: dict[tuple[str, int], asyncio.Future[None]] = {}
 
+    @property
+    def where(self) -> str:
+        """The URL without its password, for the logs."""
+        return redact(self.spec.url)
+
     def key(self, router: Router, key: int) -> str:
         return f"{self.spec.key_prefix}{router.name}:{key:x}"
 
@@ -129,7 +143,7 @@ class RedisStore:
         self._tasks.append(loop.create_task(self._flush_forever()))
         if await self._ping():
             self.up = True
-            log.info("affinity store %s: connected", self.spec.url)
+            log.info("affinity store %s: connected", self.where)
         else:
             self._down("not reachable at start")
 
@@ -234,7 +248,7 @@ class RedisStore:
                 log.warning(
                     "affinity store %s unavailable (%s): new clients go to the consistent hash"
                     " until it answers%s",
-                    self.spec.url,
+                    self.where,
                     "timed out" if why == "TimeoutError" else why,
                     held_note(held),
                 )
@@ -264,7 +278,7 @@ class RedisStore:
             self.up = True
             log.info(
                 "affinity store %s is back: wrote %d local pins to it, took %d from it",
-                self.spec.url,
+                self.where,
                 written,
                 adopted,
             )

@@ -427,3 +427,13 @@ async def test_a_new_clients_parallel_connections_all_follow_the_shared_pin(
         for _, _, w in opened:
             w.close()
     r.close()
+
+
+def test_a_store_password_never_reaches_the_logs() -> None:
+    from l4lb.store import redact
+
+    assert redact("redis://:s3cret@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
+    assert (
+        redact("rediss://app:pw@redis.internal:6380/1") == "rediss://app:***@redis.internal:6380/1"
+    )
+    assert redact("unix:///run/redis.sock") == "unix:///run/redis.sock"
