@@ -13,6 +13,7 @@ connection; only new ports are bound (before anything else changes) and removed 
 from __future__ import annotations
 
 import asyncio
+import glob
 import logging
 import random
 import socket
@@ -20,16 +21,25 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import statefile
 from .backends import Backend
 from .config import Config, ConfigError, compact_ports, load_config
 from .dialer import SlotQueue
-from .keys import format_netmask
-from .listeners import BACKLOG, MARKS, ListenSpec, bind, close_all, listen_specs
+from .keys import V6_TAG, format_netmask
+from .listeners import (
+    BACKLOG,
+    MARKS,
+    ListenSpec,
+    bind,
+    close_all,
+    listen_specs,
+    steering_masks,
+)
 from .monitor import HealthMonitor
 from .relay import ClientSide, MarkedClientSide, ProxyClientSide
+from .reuseport import steer
 from .routing import Router
 
 if TYPE_CHECKING:
@@ -394,19 +404,53 @@ class Server:
         return f"{path}.{self.worker}" if path and self.worker is not None else path
 
     def _load_state(self) -> None:
-        path = self.state_path
+        path = self.config.state_file
         if not path:
             return
-        try:
-            data = statefile.read(path)
-            if data is None:
-                log.info("state file %s does not exist yet", path)
-                return
-            loaded, dropped = statefile.restore(self.routers, data)
-        except statefile.StateFileError as exc:
-            log.warning("ignoring the state file: %s", exc)
+        if self.worker is None:
+            sources = [path]
+        else:
+            # Every worker's file and a single process's: the pins of this worker's clients
+            # are in any of them when `workers` changed since they were written.
+            sources = [path, *sorted(glob.glob(glob.escape(path) + ".[0-9]*"))]
+        found: list[tuple[str, dict[str, Any]]] = []
+        for source in sources:
+            try:
+                data = statefile.read(source)
+            except statefile.StateFileError as exc:
+                log.warning("ignoring the state file: %s", exc)
+                continue
+            if data is not None:
+                found.append((source, data))
+        if not found:
+            log.info("state file %s does not exist yet", self.state_path)
             return
-        log.info("state file %s: restored %d pins, dropped %d", path, loaded, dropped)
+        found.sort(key=lambda f: -float(f[1].get("saved_at", 0) or 0))  # newest first
+        keep = self._mine() if self.worker is not None else None
+        for source, data in found:
+            try:
+                loaded, dropped = statefile.restore(self.routers, data, keep)
+            except statefile.StateFileError as exc:
+                log.warning("ignoring the state file: %s", exc)
+                continue
+            log.info("state file %s: restored %d pins, dropped %d", source, loaded, dropped)
+
+    def _mine(self) -> Callable[[str, int], bool]:
+        """Whether a group's key is steered to this worker (reuseport.steer, as the kernel)."""
+        masks: dict[str, tuple[int, int] | None] = {}
+        for g in self.config.groups:
+            listener = MARKS if g.kernel_mark is not None else g.name
+            masks[g.name] = steering_masks(self.config, ListenSpec(listener, "", 0, False))
+        n, me = self.config.workers, self.worker
+
+        def keep(group: str, key: int) -> bool:
+            m = masks.get(group)
+            if m is None:
+                return me == 0  # not steered: one worker takes them
+            packed = (key ^ V6_TAG).to_bytes(16, "big") if key & V6_TAG else key.to_bytes(4, "big")
+            return steer(packed, m[0], m[1], n) == me
+
+        return keep
 
     async def _save_state(self) -> None:
         path = self.state_path

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,13 @@ def read(path: str) -> dict[str, Any] | None:
     return data
 
 
-def restore(routers: Mapping[str, Router], data: dict[str, Any]) -> tuple[int, int]:
-    """Load saved pins into the tables; (loaded, dropped)."""
+def restore(
+    routers: Mapping[str, Router],
+    data: dict[str, Any],
+    keep: Callable[[str, int], bool] | None = None,
+) -> tuple[int, int]:
+    """Load saved pins into the tables; (loaded, dropped). `keep(group, key)` picks the pins
+    that belong here (a worker takes the clients steered to it); the others are passed over."""
     try:
         elapsed = max(0.0, time.time() - float(data.get("saved_at", 0)))
     except (TypeError, ValueError):
@@ -104,6 +109,8 @@ def restore(routers: Mapping[str, Router], data: dict[str, Any]) -> tuple[int, i
             if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int)):
                 raise StateFileError(f"group {name!r}: malformed entry {item!r}")
             key, backend_name, left = item
+            if keep is not None and not keep(name, key):
+                continue
             backend = router.by_name.get(backend_name)
             if backend is None or not isinstance(left, int | float):
                 dropped += 1
@@ -111,5 +118,5 @@ def restore(routers: Mapping[str, Router], data: dict[str, Any]) -> tuple[int, i
             items.append((key, backend, float(left) - elapsed))
         n = router.table.restore(items)
         loaded += n
-        dropped += len(entries) - n
+        dropped += len(items) - n
     return loaded, dropped

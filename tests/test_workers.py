@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -304,3 +305,44 @@ def test_the_kernel_steers_ipv6_clients_by_their_prefix() -> None:
             assert all(c > 0 for c in result[n]["counts"]), result
     finally:
         subprocess.run(["ip", "netns", "delete", name], timeout=30)
+
+
+def saved_keys(path: Path) -> set[int]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return set()
+    return {e[0] for g in data["groups"].values() for e in g["entries"]}
+
+
+def test_pins_survive_a_move_to_workers_and_a_worker_crash(tmp_path: Path) -> None:
+    """A single process saves its pins; two workers started on its state file each take the
+    pins of their own clients; a crashed worker's successor reloads its own file."""
+    http, https, aport, *bp = free_ports(9)
+    bports = [bp[0:2], bp[2:4], bp[4:6]]
+    cfg = write_config(tmp_path, [http, https], bports, aport)
+    text = cfg.read_text() + "state_file: pins.json\nstate_interval: 200ms\n"
+    cfg.write_text(text.replace("workers: 2", "workers: 1"))
+    with processes() as procs:
+        lb = start_site(procs, cfg, bports)
+        first = visit(http, https)
+        lb.send_signal(signal.SIGTERM)
+        assert lb.wait(20) == 0
+
+        cfg.write_text(text)
+        procs.append(lb := start_l4lb(cfg))
+        assert visit(http, https) == first  # each worker found its clients in pins.json
+
+        # Each worker saves its own file; once worker 0's holds its clients, kill it.
+        mine = {
+            int.from_bytes(ipaddress.ip_address(f"127.0.{net}.0").packed, "big")
+            for net in NETS
+            if steer(ipaddress.ip_address(f"127.0.{net}.0").packed, MASK24, 128, 2) == 0
+        }
+        deadline = time.monotonic() + 10
+        while not mine <= saved_keys(tmp_path / "pins.json.0"):
+            assert time.monotonic() < deadline, "worker 0 did not save its pins"
+            time.sleep(0.05)
+        os.kill(admin_get(aport, "/api/v1/workers")["workers"][0]["pid"], signal.SIGKILL)
+        wait_for_line(lb, "stderr", "worker 0 ready")
+        assert visit(http, https) == first
