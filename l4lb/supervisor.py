@@ -103,6 +103,10 @@ class Supervisor:
                 continue
             socks: list[socket.socket] = []
             try:
+                # Another process listening there with SO_REUSEPORT (a second l4lb on the same
+                # file, say) would let our sockets join its group and split its traffic: a
+                # plain bind first fails as a single process's would.
+                bind(spec).close()
                 for _ in range(self.n):
                     socks.append(bind(spec, reuseport=True))
             except OSError as exc:

@@ -243,6 +243,17 @@ def test_reload_reaches_every_worker(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, [http, https], bports, aport)
     with processes() as procs:
         lb = start_site(procs, cfg, bports)
+        # A second l4lb on the same file must not join the first one's reuseport groups.
+        second = subprocess.run(
+            [sys.executable, "-m", "l4lb", "run", "-c", str(cfg)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        assert f"cannot listen on 127.0.0.1:{http}" in second.stderr
+        assert "Address already in use" in second.stderr
         before = {net: curl(f"http://127.0.0.1:{http}/", f"127.0.{net}.5") for net in NETS}
         text = cfg.read_text().replace(
             f"ports: [{http}, {https}]", f"ports: [{http}, {https}, {extra}]"
