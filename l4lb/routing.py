@@ -24,6 +24,11 @@ A connection's life, as the router sees it:
 5. `finish(route)` releases the entry (starting its timeout when it was the last connection)
    and the backend's slot.
 
+With a shared affinity store, a new pin (step 2 with no usable pin) is marked `route.fresh`;
+the dialer has the store settle it before dialing, and the store may `swap` the dial to the pin
+another instance made, or to `consistent(key)`, the hash every instance computes alike, when
+the store cannot answer in time.
+
 A pinned backend that is unavailable is never waited on: the connection is rescheduled at
 once and the entry re-pinned to whichever backend accepts it. State changes (health verdicts,
 operator states, quorum) go through `set_health` / `set_admin`, which emit `Event`s to
