@@ -129,3 +129,18 @@ def test_throttle_holds_back_and_counts() -> None:
     clock.advance(1.0)
     assert t.allow("a") == 5
     assert t.allow("a") is None
+
+
+def test_what_became_active_or_was_released_since_a_moment() -> None:
+    t, clock = table(timeout=60)
+    pin(t, 1, "a")  # released at 1000
+    clock.advance(5)
+    pin(t, 2, "b")  # released at 1005
+    e1 = t.acquire(1)  # active again at 1005
+    clock.advance(5)
+    e3 = t.acquire(3)  # new at 1010
+    assert e1 is not None and e3 is not None
+    assert [e.key for e in t.activated_since(1005)] == [3, 1]
+    assert [e.key for e in t.activated_since(1006)] == [3]
+    assert [e.key for e in t.released_since(1000 + 60)] == [2]  # released after 1000
+    assert [e.key for e in t.active()] == [1, 3]

@@ -106,3 +106,51 @@ def test_full_table_of_busy_entries_routes_unpinned() -> None:
     assert r.next_backend(busy) is not None
     assert connect(r, 2) is not None
     assert r.stats.unpinned == 1
+
+
+def test_a_new_pin_and_a_repin_are_fresh_for_the_shared_store_a_known_one_is_not() -> None:
+    r, _ = router()
+    route = r.begin(0x0A000100)
+    first = r.next_backend(route)
+    assert first is not None and route.fresh and route.shared == ""
+    r.connected(route, first)
+    r.finish(route)
+    route = r.begin(0x0A000100)
+    assert r.next_backend(route) is first and not route.fresh
+    r.finish(route)
+    r.set_health(first, False, "test")
+    route = r.begin(0x0A000100)
+    moved = r.next_backend(route)
+    assert moved is not first and route.fresh and route.shared == first.name
+    r.finish(route)
+
+
+def test_swap_moves_the_dial_the_slot_and_the_pin() -> None:
+    r, _ = router()
+    route = r.begin(0x0A000200)
+    candidate = r.next_backend(route)
+    assert candidate is not None
+    other = next(b for b in r.backends if b is not candidate)
+    r.swap(route, other)
+    assert (candidate.active, other.active) == (0, 1)
+    assert route.backend is other and route.entry is not None and route.entry.backend is other
+    assert candidate not in route.tried  # still worth a try if the other refuses
+    r.failed(route, other)
+    assert r.next_backend(route) is not None
+    r.finish(route)
+
+
+def test_consistent_is_rendezvous_over_the_schedulable_or_the_groups_own_hash() -> None:
+    r, _ = router()
+    keys = range(0x0A000000, 0x0A000000 + 300 * 256, 256)
+    before = {k: r.consistent(k) for k in keys}
+    a = r.by_name["a"]
+    r.set_health(a, False, "test")
+    assert any(b is a for b in before.values())
+    for k in keys:  # only a's keys move, and never to a
+        now = r.consistent(k)
+        assert now is not a
+        if before[k] is not a:
+            assert now is before[k]
+    mh, _ = router(CONFIG.replace("scheduler: rr", "scheduler: mh"))
+    assert all(mh.consistent(k) is mh.scheduler.pick(k) for k in keys)
