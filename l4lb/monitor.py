@@ -4,6 +4,11 @@ connections of a backend that went down when the group says `on_down: close`).
 
 A backend marked down by the passive check in a group without an active check is probed with a
 plain TCP connect every 2 s until it passes twice, so that it can come back.
+
+With workers, one worker checks (the leader) and the others follow: a follower runs no active
+check and no notify command; the leader's verdicts reach it through the supervisor (`apply`),
+so a backend is probed once per interval whatever the number of workers, and a state change
+notifies once. A follower still acts on its own passive failures (and probes those back up).
 """
 
 from __future__ import annotations
@@ -46,8 +51,11 @@ class HealthMonitor:
         routers: Mapping[str, Router],
         close_connections: Callable[[Router, Backend], int],
         rng: random.Random | None = None,
+        follower: bool = False,
     ) -> None:
         self.routers = routers
+        self.follower = follower
+        self._relaying = False  # applying the leader's verdict: not ours to probe back up
         self.close_connections = close_connections
         self.rng = rng or random.Random()
         self.events: deque[Event] = deque(maxlen=1000)
@@ -60,6 +68,8 @@ class HealthMonitor:
     def start(self) -> None:
         for router in self.routers.values():
             router.listener = self.on_event
+            if self.follower:
+                continue
             for spec, backend in zip(router.spec.backends, router.backends, strict=True):
                 check = spec.health_check or router.spec.health_check
                 if check is not None:
@@ -119,6 +129,18 @@ class HealthMonitor:
                 return
             await asyncio.sleep(check.interval * self.rng.uniform(0.9, 1.1))
 
+    def apply(self, group: str, backend: str, healthy: bool, reason: str) -> None:
+        """A follower takes the leader's verdict."""
+        router = self.routers.get(group)
+        b = router.by_name.get(backend) if router is not None else None
+        if router is None or b is None:
+            return  # a reload the leader has applied and we have not yet, or the reverse
+        self._relaying = True
+        try:
+            router.set_health(b, healthy, reason)
+        finally:
+            self._relaying = False
+
     async def wait_event(self, match: Callable[[Event], bool]) -> Event:
         """The next event for which `match` is true."""
         fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
@@ -145,11 +167,15 @@ class HealthMonitor:
             backend = router.by_name.get(event.backend)
             if backend is not None:
                 self._act(router, backend, event)
-        if router is not None and router.spec.notify:
+        if router is not None and router.spec.notify and not self.follower:
             self._notify(router.spec.notify, event)
 
     def _act(self, router: Router, backend: Backend, event: Event) -> None:
-        if event.new == State.DOWN and (router.name, backend.name) not in self._checks:
+        if (
+            event.new == State.DOWN
+            and (router.name, backend.name) not in self._checks
+            and not self._relaying
+        ):
             self._start(router, backend, RECOVERY_CHECK, until_up=True)
         if (
             event.new in (State.DOWN, State.DISABLED)

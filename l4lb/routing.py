@@ -162,6 +162,9 @@ class Router:
         self._wall = time.time
         # Keys whose pin moved, for a shared table to hear of (None: nobody listens).
         self.repinned: list[int] | None = None
+        # Told of every health verdict that changes a backend (workers: the one that checks
+        # tells the others through the supervisor).
+        self.health_hook: Callable[[Backend, bool, str], None] | None = None
 
     # ------------------------------------------------------------------ routing
 
@@ -380,6 +383,8 @@ class Router:
         if backend.healthy == healthy:
             return
         self._change(backend, lambda: backend.set_healthy(healthy), reason)
+        if self.health_hook is not None:
+            self.health_hook(backend, healthy, reason)
 
     def set_admin(self, backend: Backend, state: State, reason: str = "operator") -> None:
         self._change(backend, lambda: backend.set_admin(state), reason)

@@ -115,6 +115,8 @@ class Server:
         inherited: dict[tuple[str, int], socket.socket] | None = None,
         worker: int | None = None,
         admin_path: str | None = None,
+        follower: bool = False,
+        on_health: Callable[[str, str, bool, str], None] | None = None,
     ) -> None:
         self.config = config
         # As a worker: the listening sockets the supervisor opened, by (address, port); a
@@ -132,7 +134,9 @@ class Server:
             from .store import RedisStore  # redis loads only when a store is configured
 
             self.store = RedisStore(config.affinity_store, lambda: self.routers)
-        self.monitor = HealthMonitor(self.routers, self.close_connections, rng)
+        # Workers: the leader checks and tells (`on_health`); followers take its verdicts.
+        self.monitor = HealthMonitor(self.routers, self.close_connections, rng, follower)
+        self.on_health = on_health
         self.listening: list[ListenSpec] = []
         self.ready = False
         self.started_at = time.time()
@@ -253,6 +257,7 @@ class Server:
         self._load_state()
         if self.store is not None:
             await self.store.start()
+        self._wire_health()
         self.monitor.start()
         self._tasks = [loop.create_task(self._sweep()), loop.create_task(self._sample())]
         if self.config.state_file:
@@ -389,11 +394,23 @@ class Server:
             changes.append("affinity_store changed: it takes effect at the next restart")
         if self.store is not None:
             self.store.routers_changed()
+        self._wire_health()
         self.config = new
         await self.monitor.restart()
         self.reloads_ok += 1
         log.info("reloaded %s: %s", new.source, "; ".join(changes) or "no changes")
         return changes
+
+    def _wire_health(self) -> None:
+        tell = self.on_health
+        if tell is None:
+            return
+        for name, router in self.routers.items():
+
+            def hook(b: Backend, healthy: bool, reason: str, group: str = name) -> None:
+                tell(group, b.name, healthy, reason)
+
+            router.health_hook = hook
 
     # ------------------------------------------------------------------ state file
 

@@ -18,7 +18,8 @@ Lifecycle (after uvicorn's multiprocess supervisor, but the sockets differ, see 
    waits for them (shutdown_timeout, then a few seconds more), then closes the sockets.
 
 The admin API, when configured, is served here (fanout.py) and shows the whole process: it asks
-every worker over a private Unix socket and merges what they say.
+every worker over a private Unix socket and merges what they say. Worker 0 runs the health
+checks; the supervisor passes its verdicts on to the others (and to any worker started again).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class Supervisor:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.admin_refused: dict[str, int] = {}
+        # The checking worker's latest verdict per (group, backend), passed on to the others
+        self.health: dict[tuple[str, str], dict[str, Any]] = {}
         self.started_at = time.time()
         self._failures = [0] * self.n  # quick deaths in a row, per worker
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -198,11 +201,20 @@ class Supervisor:
             message, fds = got
             for fd in fds:
                 os.close(fd)
-            if message.get("op") == "ready":
+            op = message.get("op")
+            if op == "ready":
                 w.ready.set()
                 log.info("worker %d ready (pid %d)", w.index, w.proc.pid)
-            elif message.get("op") == "reloaded":
+                if self.health:  # what the checks found so far, for a worker started again
+                    w.channel.send({"op": "health", "verdicts": list(self.health.values())})
+            elif op == "reloaded":
                 w.replies.put_nowait(message)
+            elif op == "health" and w.index == 0:
+                verdict = {k: message.get(k) for k in ("group", "backend", "ok", "why")}
+                self.health[(str(verdict["group"]), str(verdict["backend"]))] = verdict
+                for other in self.live_workers():
+                    if other is not w:
+                        other.channel.send({"op": "health", "verdicts": [verdict]})
 
     async def _watch(self, w: WorkerProc) -> None:
         code = await w.proc.wait()

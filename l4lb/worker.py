@@ -4,8 +4,9 @@ opened, with its own affinity tables (the steering program sends it all of its c
 The supervisor starts it as `python -m l4lb worker` with L4LB_WORKER in the environment (its
 index, its control channel and its sockets, as inherited descriptors), then talks to it over
 the channel: the worker says "ready" once it serves, and answers "reload" (with the sockets of
-any new ports attached) with what changed. SIGTERM and SIGINT shut it down gracefully, as they
-do a single process.
+any new ports attached) with what changed. Worker 0 runs the health checks and sends each
+verdict that changes a backend ("health"); the supervisor passes them to the other workers.
+SIGTERM and SIGINT shut it down gracefully, as they do a single process.
 """
 
 from __future__ import annotations
@@ -48,8 +49,22 @@ async def serve(env: dict[str, Any]) -> int:
     except ConfigError as exc:
         log.error("%s", exc.lines[0])
         return 1
-    server = Server(config, inherited=inherited, worker=index, admin_path=env.get("admin"))
     channel = Channel(control)
+
+    def tell(group: str, backend: str, healthy: bool, reason: str) -> None:
+        channel.send(
+            {"op": "health", "group": group, "backend": backend, "ok": healthy, "why": reason}
+        )
+
+    lead = index == 0  # worker 0 runs the health checks and tells the others
+    server = Server(
+        config,
+        inherited=inherited,
+        worker=index,
+        admin_path=env.get("admin"),
+        follower=not lead,
+        on_health=tell if lead else None,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,6 +101,9 @@ async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> No
         if got is None:
             return
         message, fds = got
+        if message.get("op") == "health":
+            for v in message.get("verdicts", []):
+                server.monitor.apply(v["group"], v["backend"], v["ok"], v["why"])
         if message.get("op") != "reload":
             for fd in fds:
                 os.close(fd)

@@ -357,3 +357,42 @@ def test_pins_survive_a_move_to_workers_and_a_worker_crash(tmp_path: Path) -> No
         os.kill(admin_get(aport, "/api/v1/workers")["workers"][0]["pid"], signal.SIGKILL)
         wait_for_line(lb, "stderr", "worker 0 ready")
         assert visit(http, https) == first
+
+
+def test_one_worker_checks_and_every_worker_follows(tmp_path: Path) -> None:
+    """Worker 0 alone probes (the exec check records who ran it); its verdicts reach worker 1,
+    also when worker 1 is started again while a backend is down."""
+    http, https, aport, *bp = free_ports(7)
+    bports = [bp[0:2], bp[2:4]]
+    cfg = write_config(tmp_path, [http, https], bports, aport)
+    probe = f'echo $PPID >> {tmp_path}/probes; test ! -e {tmp_path}/sick-"$L4LB_BACKEND_NAME"'
+    check = (
+        f"    health_check: {{type: exec, command: [sh, -c, '{probe}'], interval: 100ms,"
+        " timeout: 2s, rise: 1, fall: 1}\n"
+    )
+    cfg.write_text(cfg.read_text().replace("    backends:\n", check + "    backends:\n"))
+
+    def new_clients(first: int) -> set[str]:
+        return {curl(f"http://127.0.0.1:{http}/", f"127.0.{n}.1") for n in range(first, first + 12)}
+
+    with processes() as procs:
+        lb = start_site(procs, cfg, bports)
+        pids = [w["pid"] for w in admin_get(aport, "/api/v1/workers")["workers"]]
+        deadline = time.monotonic() + 10
+        while len((tmp_path / "probes").read_text().split()) < 10:
+            assert time.monotonic() < deadline, "no health checks ran"
+            time.sleep(0.05)
+        assert set(map(int, (tmp_path / "probes").read_text().split())) == {pids[0]}
+
+        (tmp_path / "sick-b0").touch()
+        wait_for_line(lb, "stderr", "[worker 1] l4lb.health: group web: backend b0 up -> down")
+        assert new_clients(100) == {"b1"}
+
+        os.kill(pids[1], signal.SIGKILL)  # started again, it must learn that b0 is down
+        wait_for_line(lb, "stderr", "worker 1 ready")
+        assert new_clients(120) == {"b1"}
+
+        (tmp_path / "sick-b0").unlink()
+        wait_for_line(lb, "stderr", "[worker 1] l4lb.health: group web: backend b0 down -> up")
+        assert new_clients(140) == {"b0", "b1"}
+        assert set(map(int, (tmp_path / "probes").read_text().split())) == {pids[0]}
