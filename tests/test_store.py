@@ -271,6 +271,12 @@ def test_two_instances_share_pins_and_survive_redis_stopping(
         for net, name in [*first.items(), *during.items()]:
             assert stored[f"t:web:7f00{net:02x}00"] == name
 
+        # New clients after the restart: the claim script is loaded again, and shared.
+        for net in range(84, 88):
+            a, b = curl(p1, f"127.0.{net}.1"), curl(p2, f"127.0.{net}.2")
+            assert a == b and "FAILED" not in a
+            assert redis_server.client().get(f"t:web:7f00{net:02x}00") == a.encode()
+
         # Redis frozen: a lookup runs out of its budget, and the client still gets through.
         assert redis_server.proc is not None
         redis_server.proc.send_signal(signal.SIGSTOP)
