@@ -28,7 +28,10 @@ The TTL in Redis is the persistence timeout, renewed by the flusher, which runs 
 and writes (SET PX, pipelined) the pins that moved, the entries that a new connection made
 active, and those whose last connection closed since the previous round; every `timeout / 3` it
 also renews every entry with open connections (the instance's lease), so an entry cannot lapse
-in Redis while a client is connected here.
+in Redis while a client is connected here. Each round also checks a key of the process's own
+(`<prefix>instance:<random>`): a Redis that answers without it has restarted empty, and gets
+every local pin back, as after an outage. So an outage is noticed within a round even with no
+new client to notice it.
 Last writer wins: the instance that served a client most recently holds its pin.
 """
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -58,6 +62,7 @@ return cur
 FLUSH_INTERVAL = 1.0
 PIPELINE = 1000  # commands in one round trip
 MAX_LEASE = 30.0
+MARKER_TTL = 60  # seconds; renewed every round, so it outlives only a process that died
 
 
 def redact(url: str) -> str:
@@ -122,6 +127,8 @@ class RedisStore:
         self._flushed_at = clock()
         self._leased_at = clock()
         self._probing: asyncio.Task[None] | None = None
+        # A key of this process's own: when Redis no longer has it, Redis lost its data.
+        self.marker = f"{spec.key_prefix}instance:{uuid.uuid4().hex}"
         # (group, key) -> done, for pins being settled right now
         self.pending: dict[tuple[str, int], asyncio.Future[None]] = {}
 
@@ -141,11 +148,14 @@ class RedisStore:
             router.repinned = []
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._flush_forever()))
-        if await self._ping():
+        try:
+            async with asyncio.timeout(max(self.spec.budget, 0.5)):
+                await self._mark()
+        except Exception as exc:
+            self._down(f"not reachable at start: {exc}" if str(exc) else "not reachable at start")
+        else:
             self.up = True
             log.info("affinity store %s: connected", self.where)
-        else:
-            self._down("not reachable at start")
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -156,6 +166,7 @@ class RedisStore:
             try:
                 async with asyncio.timeout(1.0):
                     await self._flush()
+                    await self.client.delete(self.marker)
             except Exception:  # best effort on the way out
                 pass
         await self.client.aclose()
@@ -271,6 +282,8 @@ class RedisStore:
                 continue
             try:
                 written, adopted = await self._reconcile()
+                async with asyncio.timeout(max(self.spec.budget, 0.5)):
+                    await self._mark()
             except Exception:  # down again: go on probing
                 continue
             self.stats.reconciled += written
@@ -325,8 +338,30 @@ class RedisStore:
                 continue
             try:
                 await self._flush()
+                async with asyncio.timeout(max(self.spec.budget, 0.5)):
+                    present = await self.client.expire(self.marker, MARKER_TTL)  # 0: gone
+                if not present:
+                    await self._relearn()
             except Exception as exc:
                 self._failed(exc)
+
+    async def _mark(self) -> None:
+        await self.client.set(self.marker, "1", ex=MARKER_TTL)
+
+    async def _relearn(self) -> None:
+        """Redis answers but lost our marker: it restarted empty (or was flushed) between two
+        rounds, so our pins are gone from it: write them back, as after an outage."""
+        written, adopted = await self._reconcile()
+        await self._mark()
+        self.stats.outages += 1
+        self.stats.reconciled += written
+        log.warning(
+            "affinity store %s lost its data (restarted empty?): wrote %d local pins back,"
+            " took %d from it",
+            self.where,
+            written,
+            adopted,
+        )
 
     async def _flush(self) -> None:
         now = self.clock()

@@ -186,6 +186,7 @@ def instance(
     bports: list[int],
     scheduler: str,
     order: list[int],
+    workers: int = 1,
 ) -> Path:
     lines = "\n".join(
         f"      - {{name: b{i}, address: 127.0.0.1, ports: {{{port}: {bports[i]}}}}}" for i in order
@@ -193,7 +194,8 @@ def instance(
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(
         store_top(rport, "100ms")
-        + f"""groups:
+        + f"""workers: {workers}
+groups:
   web:
     listen: [127.0.0.1]
     ports: [{port}]
@@ -217,8 +219,9 @@ def test_two_instances_share_pins_and_survive_redis_stopping(
         for bp in bports:
             wait_port(bp)
         # Different schedulers and backend orders: only the shared table can make them agree.
+        # Instance one runs two workers, each with its own connection to Redis.
         one = start_l4lb(
-            instance(tmp_path, "one", p1, redis_server.port, bports, "rr", [0, 1, 2, 3])
+            instance(tmp_path, "one", p1, redis_server.port, bports, "rr", [0, 1, 2, 3], 2)
         )
         two = start_l4lb(
             instance(tmp_path, "two", p2, redis_server.port, bports, "lc", [3, 2, 1, 0])
@@ -261,8 +264,9 @@ def test_two_instances_share_pins_and_survive_redis_stopping(
 
         # Redis returns (empty): each instance writes its pins back, and they agree.
         redis_server.start()
-        wait_for_line(one, "stderr", "is back")
-        wait_for_line(two, "stderr", "is back")
+        # ("is back" after an outage it saw, "lost its data" if it saw none: both write back)
+        for lb in (one, one, two):  # one has two workers, and each writes its own pins
+            wait_for_line(lb, "stderr", "local pins")
         stored = {
             k.decode(): v.decode()
             for k in redis_server.client().keys("t:web:*")
