@@ -35,7 +35,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +393,4 @@ class Supervisor:
 
 
 def _with_workers(config: Config, n: int) -> Config:
-    from dataclasses import replace
-
     return replace(config, workers=n)

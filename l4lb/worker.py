@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,12 @@ log = logging.getLogger("l4lb.worker")
 ENV = "L4LB_WORKER"
 
 
-def load_snapshot(snapshot: str, source: str) -> Config:
+def load_snapshot(env: dict[str, Any]) -> Config:
     """The configuration the supervisor accepted (a copy, so that a file edited since is not
-    half-applied), with paths in it resolved beside the original file."""
-    return load_config_text(Path(snapshot).read_text(encoding="utf-8"), source)
+    half-applied), with paths in it resolved beside the original file, and the number of
+    workers the supervisor runs (a reload cannot change it)."""
+    text = Path(env["snapshot"]).read_text(encoding="utf-8")
+    return replace(load_config_text(text, env["source"]), workers=int(env["workers"]))
 
 
 def _sockets(entries: list[list[Any]], fds: list[int]) -> dict[tuple[str, int], socket.socket]:
@@ -45,7 +48,7 @@ async def serve(env: dict[str, Any]) -> int:
     control = socket.socket(fileno=int(env["control"]))
     inherited = _sockets(env["sockets"], [int(fd) for fd in env["fds"]])
     try:
-        config = load_snapshot(env["snapshot"], env["source"])
+        config = load_snapshot(env)
     except ConfigError as exc:
         log.error("%s", exc.lines[0])
         return 1
@@ -111,7 +114,7 @@ async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> No
         assert server.inherited is not None
         server.inherited.update(_sockets(message.get("sockets", []), fds))
         try:
-            config = load_snapshot(env["snapshot"], env["source"])
+            config = load_snapshot(env)
             changes = await server.apply(config)
         except ConfigError as exc:
             channel.send({"op": "reloaded", "ok": False, "lines": exc.lines})
