@@ -109,9 +109,16 @@ class ApiBase:
 
     routes: tuple[tuple[str, str, str], ...] = ROUTES
 
-    def __init__(self, spec: AdminSpec, refused: dict[str, int], unix_path: str | None) -> None:
+    def __init__(
+        self,
+        spec: AdminSpec,
+        refused: dict[str, int],
+        unix_path: str | None,
+        reloader: Callable[[], Awaitable[list[str]]],
+    ) -> None:
         self.spec = spec
         self.refused = refused
+        self._reloader = reloader  # the process's or the supervisor's reload_from_file
         self.unix_path = unix_path  # a worker answers its supervisor here, not on spec's port
         self.runner: web.AppRunner | None = None
         self._status_page = resources.files("l4lb").joinpath("static/status.html").read_bytes()
@@ -163,10 +170,19 @@ class ApiBase:
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def reload(self, request: web.Request) -> web.Response:
+        try:
+            changes = await self._reloader()
+        except ReloadError as exc:
+            raise ApiError(
+                400, "reload refused, nothing changed: " + " | ".join(exc.lines)
+            ) from None
+        return web.json_response({"ok": True, "changes": changes})
+
 
 class AdminServer(ApiBase):
     def __init__(self, server: Server, spec: AdminSpec, unix_path: str | None = None) -> None:
-        super().__init__(spec, server.admin_refused, unix_path)
+        super().__init__(spec, server.admin_refused, unix_path, server.reload_from_file)
         self.server = server
         self.registry = make_registry(server)
 
@@ -364,15 +380,6 @@ class AdminServer(ApiBase):
         return web.json_response(
             {"samples": [{"time": t, "entries": sizes} for t, sizes in self.server.history]}
         )
-
-    async def reload(self, request: web.Request) -> web.Response:
-        try:
-            changes = await self.server.reload_from_file()
-        except ReloadError as exc:
-            raise ApiError(
-                400, "reload refused, nothing changed: " + " | ".join(exc.lines)
-            ) from None
-        return web.json_response({"ok": True, "changes": changes})
 
 
 def _key_in(key: int, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:

@@ -25,7 +25,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .admin import ROUTES, ApiBase, ApiError
 from .config import AdminSpec
-from .server import ReloadError
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor, WorkerProc
@@ -53,7 +52,7 @@ class FrontAdmin(ApiBase):
     routes = (*ROUTES, ("GET", "/api/v1/workers", "workers"))
 
     def __init__(self, sup: Supervisor, spec: AdminSpec) -> None:
-        super().__init__(spec, sup.admin_refused, None)
+        super().__init__(spec, sup.admin_refused, None, sup.reload_from_file)
         self.sup = sup
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
@@ -225,15 +224,6 @@ class FrontAdmin(ApiBase):
                     entries[g] = entries.get(g, 0) + count
             samples.append({"time": parts[0]["time"], "entries": entries})
         return web.json_response({"samples": samples})
-
-    async def reload(self, request: web.Request) -> web.Response:
-        try:
-            changes = await self.sup.reload_from_file()
-        except ReloadError as exc:
-            raise ApiError(
-                400, "reload refused, nothing changed: " + " | ".join(exc.lines)
-            ) from None
-        return web.json_response({"ok": True, "changes": changes})
 
 
 def _uptime(sup: Supervisor) -> float:
