@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from typing import Any
 
-MAX_MESSAGE = 1 << 16
+log = logging.getLogger("l4lb.control")
+MAX_MESSAGE = 1 << 18  # larger packets would be cut short: senders keep theirs smaller
 MAX_FDS = 253  # SCM_MAX_FD
 
 
@@ -41,6 +43,7 @@ class Channel:
         try:
             message = json.loads(data)
         except ValueError:
+            log.warning("dropped a control message that is not JSON (%d bytes)", len(data))
             for fd in fds:
                 socket.close(fd)
             return

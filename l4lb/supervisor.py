@@ -51,6 +51,7 @@ log = logging.getLogger("l4lb.supervisor")
 READY_TIMEOUT = 30.0  # seconds for a worker to start serving
 REPLY_TIMEOUT = 30.0  # seconds for a worker to answer a reload
 MAX_BACKOFF = 30.0
+VERDICTS_PER_MESSAGE = 200  # a message stays well under the socket buffer
 
 
 @dataclass
@@ -205,8 +206,11 @@ class Supervisor:
             if op == "ready":
                 w.ready.set()
                 log.info("worker %d ready (pid %d)", w.index, w.proc.pid)
-                if self.health:  # what the checks found so far, for a worker started again
-                    w.channel.send({"op": "health", "verdicts": list(self.health.values())})
+                known = list(self.health.values())  # what the checks found so far
+                for i in range(0, len(known), VERDICTS_PER_MESSAGE):
+                    w.channel.send(
+                        {"op": "health", "verdicts": known[i : i + VERDICTS_PER_MESSAGE]}
+                    )
             elif op == "reloaded":
                 w.replies.put_nowait(message)
             elif op == "health" and w.index == 0:

@@ -106,7 +106,10 @@ async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> No
         message, fds = got
         if message.get("op") == "health":
             for v in message.get("verdicts", []):
-                server.monitor.apply(v["group"], v["backend"], v["ok"], v["why"])
+                try:
+                    server.monitor.apply(v["group"], v["backend"], bool(v["ok"]), str(v["why"]))
+                except (KeyError, TypeError):
+                    log.warning("ignoring a malformed health verdict: %r", v)
         if message.get("op") != "reload":
             for fd in fds:
                 os.close(fd)
@@ -116,10 +119,11 @@ async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> No
         try:
             config = load_snapshot(env)
             changes = await server.apply(config)
-        except ConfigError as exc:
+        except (ConfigError, ReloadError) as exc:
             channel.send({"op": "reloaded", "ok": False, "lines": exc.lines})
-        except ReloadError as exc:
-            channel.send({"op": "reloaded", "ok": False, "lines": exc.lines})
+        except Exception as exc:  # a bug must not stop this loop: the supervisor waits on it
+            log.exception("reload failed")
+            channel.send({"op": "reloaded", "ok": False, "lines": [f"reload failed: {exc!r}"]})
         else:
             channel.send({"op": "reloaded", "ok": True, "changes": changes})
         for sock in server.inherited.values():  # offered but not taken: not ours to keep
