@@ -54,23 +54,31 @@ class FrontAdmin(ApiBase):
     def __init__(self, sup: Supervisor, spec: AdminSpec) -> None:
         super().__init__(spec, sup.admin_refused, None, sup.reload_from_file)
         self.sup = sup
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._sessions: dict[int, tuple[aiohttp.ClientSession, int]] = {}  # by worker: pid
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def stop(self) -> None:
-        for session in self._sessions.values():
+        for session, _pid in self._sessions.values():
             await session.close()
         self._sessions.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         await super().stop()
 
     def _session(self, w: WorkerProc) -> aiohttp.ClientSession:
+        """One session per worker process: a worker started again gets a new one, so that no
+        kept-alive connection to its predecessor is reused."""
         assert w.admin_path is not None
-        session = self._sessions.get(w.admin_path)
-        if session is None or session.closed:
+        session, pid = self._sessions.get(w.index, (None, 0))
+        if session is None or session.closed or pid != w.proc.pid:
+            if session is not None:  # closed in the background; nothing waits on it
+                closing = asyncio.get_running_loop().create_task(session.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
             session = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(path=w.admin_path),
                 timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT),
             )
-            self._sessions[w.admin_path] = session
+            self._sessions[w.index] = (session, w.proc.pid)
         return session
 
     async def _ask(self, request: web.Request, body: bytes | None = None) -> list[tuple[int, Any]]:

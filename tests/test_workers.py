@@ -222,6 +222,9 @@ def test_two_workers_keep_a_subnet_on_one_backend_and_survive_a_crash(tmp_path: 
             assert len(again[net]) == 1
             if where[f"127.0.{net}.0/24"] == 1:
                 assert again[net] == seen[net], f"worker 1's client 127.0.{net}.0/24 moved"
+        # The supervisor's API asks the new worker 0, not a connection to the dead one.
+        assert "l4lb_workers 2.0" in admin_get(aport, "/metrics")
+        assert admin_get(aport, "/api/v1/affinity")["total"] >= 12
         restarted = admin_get(aport, "/api/v1/workers")
         assert restarted["restarts"] == 1
         assert restarted["workers"][1]["pid"] == workers[1]["pid"]
