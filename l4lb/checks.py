@@ -73,7 +73,9 @@ async def _connect_and_talk(spec: HealthCheckSpec, address: str, port: int) -> t
         return await _http(spec, address, reader, writer)
     finally:
         writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError, asyncio.CancelledError, TimeoutError):
+        # Not CancelledError: swallowing it here would let a cancelled check loop on forever
+        # (the monitor's stop would then wait for it forever).
+        with contextlib.suppress(OSError, ssl.SSLError):
             await writer.wait_closed()
 
 

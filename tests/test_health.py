@@ -556,3 +556,44 @@ def test_health_config_errors() -> None:
 
 if sys.platform != "linux":  # pragma: no cover
     pytest.skip("pidfd and process groups as used here are Linux's", allow_module_level=True)
+
+
+async def test_a_cancelled_check_stops_even_while_a_tls_peer_will_not_close() -> None:
+    """A TLS backend that completes the handshake and then never reads again leaves a check
+    waiting for its close_notify. Cancelling the check there (the monitor stopping) must
+    cancel it, not let it return and carry on: the shutdown waits for it."""
+    import socket
+    import threading
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(TLS_DIR / "cert.pem", TLS_DIR / "key.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    shook = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        tls = ctx.wrap_socket(conn, server_side=True)  # the handshake, then silence
+        held.append(tls)
+        shook.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    spec = HealthCheckSpec(type="tls", verify=False, timeout=30.0)
+    task = asyncio.ensure_future(probe(spec, "127.0.0.1", port, "b0"))
+    try:
+        assert await asyncio.to_thread(shook.wait, 10)
+        # The check now closes and waits for the peer's close_notify; its progress cannot be
+        # observed from here, so give it a moment to get there.
+        await asyncio.sleep(0.2)
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(5):
+                await task
+    finally:
+        thread.join(10)
+        for s in held:
+            s.close()
+        listener.close()
