@@ -325,8 +325,12 @@ class Server:
                 log.info("closing %d connections still open after %gs", len(self.live), grace)
                 for conn in list(self.live):
                     conn.reset_all()
-        for _, srv in self._listeners.values():
-            await srv.wait_closed()
+        try:
+            async with asyncio.timeout(5.0):  # a client still sending its PROXY header, say
+                for _, srv in self._listeners.values():
+                    await srv.wait_closed()
+        except TimeoutError:
+            log.warning("listeners did not close within 5s; going on")
         self._listeners.clear()
         if self.config.state_file:
             await self._save_state()
