@@ -45,6 +45,19 @@ TOOLS = ("haproxy", "nginx", "wrk", "iperf3", "taskset")
 LOAD_CORE, PROXY_CORE = "0", "1"
 
 
+def haproxy_head(threads: int) -> str:
+    """HAProxy's global and defaults sections, the same for every benchmark."""
+    return f"""
+global
+  nbthread {threads}
+  maxconn 9000
+defaults
+  mode tcp
+  timeout connect 2s
+  timeout client 15m
+  timeout server 15m"""
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -173,15 +186,9 @@ http {{
 
     def _haproxy(self) -> Proxy:
         conf = self.tmp / "haproxy.cfg"
-        conf.write_text(f"""
-global
-  nbthread 1
-  maxconn 9000
-defaults
-  mode tcp
-  timeout connect 2s
-  timeout client 15m
-  timeout server 15m
+        conf.write_text(
+            haproxy_head(1)
+            + f"""
 frontend web1
   bind 127.0.0.1:{self.h_http} backlog 4096
   default_backend web
@@ -199,7 +206,8 @@ backend web
   server b2 127.0.0.1:{self.b2}
 backend bulk
   server i 127.0.0.1:{self.iperf}
-""")
+"""
+        )
         p = self.spawn(["haproxy", "-db", "-f", str(conf)], PROXY_CORE)
         wait_port(self.h_http)
         return Proxy("haproxy", self.h_http, self.h_bulk, [p.pid])

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import RESULTS, Bench, Proxy, bench_env, cpu_seconds
+from bench import RESULTS, Bench, Proxy, bench_env, cpu_seconds, haproxy_head
 
 ALL_CORES = ",".join(str(c) for c in range(os.cpu_count() or 1))
 
@@ -60,15 +60,9 @@ groups:
 
 def start_haproxy(bench: Bench, threads: int) -> Proxy:
     conf = bench.tmp / f"haproxy-t{threads}.cfg"
-    conf.write_text(f"""
-global
-  nbthread {threads}
-  maxconn 9000
-defaults
-  mode tcp
-  timeout connect 2s
-  timeout client 15m
-  timeout server 15m
+    conf.write_text(
+        haproxy_head(threads)
+        + f"""
 frontend web1
   bind 127.0.0.1:{bench.h_http} backlog 4096
   default_backend web
@@ -76,7 +70,8 @@ backend web
   balance roundrobin
   server b1 127.0.0.1:{bench.b1}
   server b2 127.0.0.1:{bench.b2}
-""")
+"""
+    )
     p = bench.spawn(["haproxy", "-db", "-f", str(conf)], ALL_CORES)
     from tests.procs import wait_port
 
