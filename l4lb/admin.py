@@ -8,6 +8,7 @@ error, is counted, and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -18,9 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .admin_guard import MAX_BODY, Guard, reason_of, runner_options
 from .backends import Backend, State
 from .config import MAX_WEIGHT, AdminSpec
 from .keys import V6_TAG, format_key, format_netmask
@@ -121,27 +123,39 @@ class ApiBase:
         self._reloader = reloader  # the process's or the supervisor's reload_from_file
         self.unix_path = unix_path  # a worker answers its supervisor here, not on spec's port
         self.runner: web.AppRunner | None = None
+        self._guard: Guard | None = None
+        self._listener: asyncio.AbstractServer | None = None
         self._status_page = resources.files("l4lb").joinpath("static/status.html").read_bytes()
 
     async def start(self) -> None:
-        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
+        app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY)
         app.add_routes([web.route(m, path, getattr(self, name)) for m, path, name in self.routes])
-        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        spec = self.spec
+        options = runner_options(self._refuse, spec.request_timeout)
+        self.runner = web.AppRunner(app, shutdown_timeout=1.0, **options)
         await self.runner.setup()
-        site: web.BaseSite
-        if self.unix_path is not None:
-            site = web.UnixSite(self.runner, self.unix_path, backlog=128)
-        else:
-            site = web.TCPSite(
-                self.runner, self.spec.host, self.spec.port, backlog=128, reuse_address=True
-            )
+        assert self.runner.server is not None
+        self._guard = Guard(
+            self.runner.server, self._refuse, spec.request_timeout, spec.max_connections
+        )
+        loop = asyncio.get_running_loop()
         try:
-            await site.start()
+            if self.unix_path is not None:
+                self._listener = await loop.create_unix_server(
+                    self._guard, self.unix_path, backlog=128
+                )
+            else:
+                self._listener = await loop.create_server(
+                    self._guard, self.spec.host, self.spec.port, backlog=128, reuse_address=True
+                )
         except OSError:
             await self.runner.cleanup()
             raise
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -151,7 +165,14 @@ class ApiBase:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._guard is not None:
+            self._guard.served.add(request.protocol)
         try:
+            size = request.content_length
+            if size is not None and size > MAX_BODY:
+                raise ApiError(
+                    413, f"a request body is at most {MAX_BODY} bytes, not {size}", "too_large"
+                )
             if request.method not in ("GET", "HEAD"):
                 authorize(self.spec, request)
             return await handler(request)
@@ -160,9 +181,24 @@ class ApiBase:
             return web.json_response({"error": str(exc)}, status=exc.status)
         except web.HTTPException as exc:
             if exc.status >= 400:
-                self._refuse("not_found" if exc.status == 404 else "bad_request")
+                reason = {404: "not_found", 405: "bad_method", 413: "too_large"}
+                self._refuse(reason.get(exc.status, "bad_request"))
                 return web.json_response({"error": exc.reason}, status=exc.status)
             raise
+        except http_exceptions.HttpProcessingError as exc:  # a broken body, read by a handler
+            self._refuse(reason_of(exc))
+            return web.json_response({"error": f"malformed request: {exc.message}"}, status=400)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, within `request_timeout` (its size is bounded by `client_max_size`)."""
+        timeout = self.spec.request_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await request.read()
+        except TimeoutError:
+            raise ApiError(
+                408, f"the body did not arrive within {timeout:g}s", "body_timeout"
+            ) from None
 
     async def status_page(self, request: web.Request) -> web.Response:
         return web.Response(body=self._status_page, content_type="text/html", charset="utf-8")
@@ -187,10 +223,14 @@ class AdminServer(ApiBase):
         self.registry = make_registry(server)
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        raw = await self._read_body(request)
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the body is not valid JSON") from None
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            # ValueError: not JSON, not UTF-8, or an integer of more than 4300 digits;
+            # RecursionError: nested deeper than the parser goes.
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+            raise ApiError(400, f"the body is not valid JSON: {why}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         return body

@@ -118,6 +118,8 @@ class AdminSpec:
     host: str = "127.0.0.1"
     port: int = 9090
     token_file: str | None = None  # a bearer token for mutating calls; without one they are refused
+    request_timeout: float = 10.0  # for a request's head, and again for its body
+    max_connections: int = 64  # open at once; more are answered 503
 
     @property
     def url(self) -> str:
@@ -266,7 +268,13 @@ class _Validator:
             self.error(node, path, "expected a single value")
             return None
         try:
-            return check(_scalar(node))
+            value = _scalar(node)
+        except Exception:  # a malformed !!binary or !!timestamp, say
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            self.error(node, path, f"cannot read {node.value!r} as {tag}")
+            return None
+        try:
+            return check(value)
         except (ValueError, _Invalid) as exc:
             self.error(node, path, str(exc))
             return None
@@ -868,10 +876,13 @@ def _host_port(x: Any) -> tuple[str, int]:
 
 
 def _admin(v: _Validator, node: yaml.Node, path: str) -> AdminSpec | None:
-    m = v.mapping(node, path, ("listen", "token_file"))
+    m = v.mapping(node, path, ("listen", "token_file", "request_timeout", "max_connections"))
     if m is None:
         return None
     kw: dict[str, Any] = {}
+    limits = {"request_timeout": _positive_duration, "max_connections": _int_in(1, 100_000)}
+    if not _scalars(v, m, path, limits, kw):
+        return None
     if "listen" in m:
         hp = v.field(m["listen"][1], f"{path}.listen", _host_port)
         if hp is None:
@@ -1020,18 +1031,65 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
     return Config(groups=tuple(groups), source=v.source, warnings=tuple(v.warnings), **kw)
 
 
-def load_config_text(text: str, source: str = "<memory>") -> Config:
-    v = _Validator(source)
+# The tags SafeLoader resolves by itself: anything else (`!custom`, `!!python/object:...`) is
+# refused by name rather than left to the constructor, which raises on it.
+_KNOWN_TAGS = frozenset(t for t in yaml.SafeLoader.yaml_constructors if t is not None)
+
+
+def _first_unknown_tag(root: yaml.Node) -> yaml.Node | None:
+    """The first node (in document order) whose tag YAML's safe schema does not know. Walked
+    with a stack and a set of seen nodes: aliases make the tree a graph, and a deep one must
+    not exhaust the recursion limit."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.tag not in _KNOWN_TAGS:
+            return node
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(n for pair in reversed(node.value) for n in reversed(pair))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+    return None
+
+
+def _compose(text: str, source: str) -> yaml.Node | None:
+    """The node tree of `text`; every YAML problem is one line naming its own line."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
+        what = " ".join(str(exc.problem or exc.context or "not valid YAML").split())
+        raise ConfigError([f"{source}:{line}: invalid YAML: {what}"]) from None
+    except yaml.reader.ReaderError as exc:  # a control character, say: it knows its offset
+        line = text.count("\n", 0, max(0, exc.position)) + 1
+        char = exc.character
+        what = f"#x{char:04x}" if isinstance(char, int) else repr(char)
         raise ConfigError(
-            [f"{source}:{line}: invalid YAML: {exc.problem or exc.context}"]
+            [f"{source}:{line}: invalid YAML: character {what} is not allowed ({exc.reason})"]
         ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}:1: invalid YAML: {exc}"]) from None
+        raise ConfigError([f"{source}:1: invalid YAML: {' '.join(str(exc).split())}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{source}:1: invalid YAML: nested too deeply"]) from None
+    if root is not None:
+        bad = _first_unknown_tag(root)
+        if bad is not None:
+            raise ConfigError(
+                [
+                    f"{source}:{bad.start_mark.line + 1}: invalid YAML: unknown tag {bad.tag!r}"
+                    " (l4lb reads plain YAML: strings, numbers, booleans, lists, mappings)"
+                ]
+            )
+    return root
+
+
+def load_config_text(text: str, source: str = "<memory>") -> Config:
+    v = _Validator(source)
+    root = _compose(text, source)
     if root is None:
         raise ConfigError([f"{source}:1: the file is empty; it needs a 'groups' mapping"])
     config = _document(v, root)
@@ -1043,9 +1101,10 @@ def load_config_text(text: str, source: str = "<memory>") -> Config:
 def load_admin_section(path: str | Path) -> AdminSpec | None:
     """Only the `admin` section of a file, validated as `load_config` would."""
     try:
-        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError([f"{path}: {exc}"]) from None
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read the file: {exc}"]) from None
+    root = _compose(text, str(path))
     v = _Validator(str(path))
     m = v.mapping(root, "", ()) if root is not None else None
     admin = _admin(v, m["admin"][1], "admin") if m and "admin" in m else None

@@ -75,7 +75,7 @@ class FrontAdmin(ApiBase):
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
             session = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=w.admin_path),
+                connector=aiohttp.UnixConnector(path=w.admin_path, limit=16),
                 timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT),
             )
             self._sessions[w.index] = (session, w.proc.pid)
@@ -174,7 +174,7 @@ class FrontAdmin(ApiBase):
         )
 
     async def update_backend(self, request: web.Request) -> web.Response:
-        answers = await self._ask(request, await request.read())
+        answers = await self._ask(request, await self._read_body(request))
         error = self._first_error(answers)
         if error is not None:
             return error

@@ -352,6 +352,10 @@ class Server:
             for line in exc.lines:
                 log.error("reload refused: %s", line)
             raise ReloadError(exc.lines) from None
+        except Exception as exc:  # a loader bug: still one refused, counted reload
+            self.reloads_failed += 1
+            log.exception("reload refused: the configuration could not be loaded")
+            raise ReloadError([f"{self.config.source}: cannot be loaded: {exc!r}"]) from None
         return await self.apply(config)
 
     async def apply(self, new: Config) -> list[str]:

@@ -351,6 +351,9 @@ class Supervisor:
             text, new = self._snapshot_source()
         except ConfigError as exc:
             raise ReloadError(exc.lines) from None
+        except Exception as exc:  # a loader bug: still one refused, counted reload
+            log.exception("the configuration could not be loaded")
+            raise ReloadError([f"{source}: cannot be loaded: {exc!r}"]) from None
         notes = []
         if new.workers != self.n:
             notes.append(f"workers {self.n} -> {new.workers}: takes effect at the next restart")

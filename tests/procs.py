@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 STARTUP: dict[int, list[str]] = {}  # pid -> the log lines l4lb wrote while starting
 _readers: dict[tuple[int, str], tuple[queue.Queue[str | None], threading.Thread]] = {}
+_history: dict[tuple[int, str], list[str]] = {}  # every line each pump has read
 
 
 def _lines(proc: subprocess.Popen[str], stream: str) -> queue.Queue[str | None]:
@@ -27,11 +28,13 @@ def _lines(proc: subprocess.Popen[str], stream: str) -> queue.Queue[str | None]:
     if key not in _readers:
         q: queue.Queue[str | None] = queue.Queue()
         pipe = getattr(proc, stream)
+        seen = _history.setdefault(key, [])
 
         def pump() -> None:
             with pipe:
                 for line in pipe:
-                    q.put(line.rstrip("\n"))
+                    seen.append(line.rstrip("\n"))
+                    q.put(seen[-1])
             q.put(None)
 
         t = threading.Thread(target=pump, daemon=True)
@@ -60,6 +63,14 @@ def wait_for_line(
         lines.append(line)
         if needle in line:
             return lines
+
+
+def output(proc: subprocess.Popen[str], stream: str = "stderr") -> str:
+    """Everything `proc` wrote on `stream`, once it has exited (for checks of the whole log)."""
+    _lines(proc, stream)
+    proc.wait(30)
+    _readers[(proc.pid, stream)][1].join(10)
+    return "\n".join(_history[(proc.pid, stream)])
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
@@ -136,6 +147,7 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
                 p.stdin.close()
             for stream in ("stdout", "stderr"):
                 reader = _readers.pop((p.pid, stream), None)
+                _history.pop((p.pid, stream), None)
                 if reader is not None:
                     reader[1].join(10)  # the pump closes the pipe at EOF
                 elif getattr(p, stream) is not None:

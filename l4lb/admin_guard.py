@@ -1,0 +1,168 @@
+"""The admin listener's defences below the API: what an unauthenticated peer can do to it.
+
+aiohttp parses HTTP; this module bounds what a peer may cost before a request reaches a
+handler, and keeps the log readable whatever it sends:
+
+- at most `max_connections` connections at once; more are answered 503 and closed;
+- a request's head must arrive within `request_timeout` of the connection opening (a client
+  that sends half a header is closed then, counted as `header_timeout`), and an idle keep-alive
+  connection is closed after the same time;
+- a malformed request (bad version, a header line too long, too many headers, a bad
+  Content-Length, bad chunking...) gets aiohttp's 400 and, instead of aiohttp's traceback, one
+  line per kind of problem and second, counted in `refused[reason]`.
+
+An error that is not the peer's fault (a handler's bug) still logs its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler
+
+from .throttle import Throttle, held_note
+
+log = logging.getLogger("l4lb.admin")
+
+MAX_BODY = 64 * 1024
+MAX_HEADERS = 64
+BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def reason_of(exc: BaseException) -> str:
+    """The `reason` label of a request aiohttp could not parse."""
+    if isinstance(exc, http_exceptions.LineTooLong):
+        return "header_too_long"
+    if isinstance(exc, http_exceptions.TransferEncodingError):
+        return "bad_chunking"
+    if isinstance(exc, http_exceptions.ContentLengthError):
+        return "bad_content_length"
+    if isinstance(exc, http_exceptions.BadHttpMethod):
+        return "bad_method"
+    if isinstance(exc, http_exceptions.InvalidURLError):
+        return "bad_url"
+    text = str(exc).lower()
+    for needle, reason in (
+        ("too many headers", "too_many_headers"),
+        ("content-length", "bad_content_length"),
+        ("chunk", "bad_chunking"),
+        ("version", "bad_version"),
+        ("header", "bad_header"),
+    ):
+        if needle in text:
+            return reason
+    if isinstance(exc, http_exceptions.BadStatusLine):
+        return "bad_request_line"
+    return "malformed"
+
+
+class _ParseErrors(logging.Logger):
+    """aiohttp's server logger: parse errors become one counted, throttled line each."""
+
+    def __init__(self, count: Callable[[str], None]) -> None:
+        super().__init__("l4lb.admin.http")
+        self.parent = log
+        self._count = count
+        self._throttle = Throttle()
+
+    def _peer_error(self, msg: object, args: tuple[object, ...], exc_info: Any) -> bool:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if not isinstance(exc, http_exceptions.HttpProcessingError):
+            return False
+        reason = reason_of(exc)
+        self._count(reason)
+        held = self._throttle.allow(reason)
+        if held is not None:
+            peer = args[0] if args else "?"
+            what = " ".join(str(getattr(exc, "message", "") or exc).split())[:200]
+            log.warning(
+                "refused a malformed admin request from %s (%s): %s%s",
+                peer,
+                reason,
+                what,
+                held_note(held),
+            )
+        return True
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
+        if not self._peer_error(msg, args, exc_info):
+            log.error(msg, *args, exc_info=exc_info, **kw)
+
+    def debug(self, msg: object, *args: object, **kw: Any) -> None:
+        exc_info = kw.pop("exc_info", None)
+        if exc_info is None or not self._peer_error(msg, args, exc_info):
+            log.debug(msg, *args, exc_info=exc_info, **kw)
+
+
+def runner_options(count: Callable[[str], None], timeout: float) -> dict[str, Any]:
+    """Keyword arguments for `web.AppRunner` that bound a request's head and quiet the log."""
+    return {
+        "access_log": None,
+        "keepalive_timeout": timeout,
+        "logger": _ParseErrors(count),
+        "max_headers": MAX_HEADERS,
+    }
+
+
+class _Busy(asyncio.Protocol):
+    """Answers a connection over the limit, without reading it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t: Any = transport
+        t.write(BUSY)
+        t.close()
+
+
+class Guard:
+    """The protocol factory of the admin listener, around aiohttp's: the connection limit and
+    the deadline of the first request's head. `served` is told of each request by the API's
+    middleware (`request.protocol`)."""
+
+    def __init__(
+        self, server: web.Server, count: Callable[[str], None], timeout: float, limit: int
+    ) -> None:
+        self.server = server
+        self.count = count
+        self.timeout = timeout
+        self.limit = limit
+        # Connections that have sent a request, until their deadline passes (each has one, so
+        # the set holds at most the connections of the last `timeout` seconds).
+        self.served: set[object] = set()
+        self._throttle = Throttle()
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if len(self.server.connections) >= self.limit:
+            self.count("too_many_connections")
+            held = self._throttle.allow("busy")
+            if held is not None:
+                log.warning(
+                    "admin listener: %d connections open, refusing more%s",
+                    self.limit,
+                    held_note(held),
+                )
+            return _Busy()
+        handler = self.server()
+        asyncio.get_running_loop().call_later(self.timeout, self._deadline, handler)
+        return handler
+
+    def _deadline(self, handler: RequestHandler) -> None:
+        if handler in self.served:
+            self.served.discard(handler)
+            return
+        if handler.transport is None or handler.transport.is_closing():
+            return
+        self.count("header_timeout")
+        held = self._throttle.allow("header_timeout")
+        if held is not None:
+            log.warning(
+                "closed an admin connection from %s that sent no complete request in %gs%s",
+                handler.peername,
+                self.timeout,
+                held_note(held),
+            )
+        handler.force_close()
