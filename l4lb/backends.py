@@ -40,6 +40,7 @@ class Backend:
         "healthy",
         "index",
         "inhibit",
+        "loopback",
         "max_conns",
         "name",
         "ports",
@@ -55,6 +56,9 @@ class Backend:
         self.name = spec.name
         self.seed = hash_name(spec.name, "hrw")  # its rendezvous identity, the same everywhere
         self.address = spec.address
+        # On this host's loopback: its dials are remembered, to tell one that comes back to
+        # l4lb itself (a backend pointing at a listener of ours) from a client.
+        self.loopback = spec.address.startswith("127.") or spec.address == "::1"
         self.ports = dict(spec.ports)
         self.weight = spec.weight
         self.max_conns = spec.max_conns
@@ -125,6 +129,7 @@ class Backend:
         """Apply a reloaded spec. Weight and operator state change only when the file changed
         them, so that a reload does not undo what an operator set at run time."""
         self.address = spec.address
+        self.loopback = spec.address.startswith("127.") or spec.address == "::1"
         self.ports = dict(spec.ports)
         self.max_conns = spec.max_conns
         self.inhibit = spec.inhibit_on_failure

@@ -149,6 +149,21 @@ def _import_keepalived(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_nofile() -> None:
+    """Take the hard descriptor limit as the soft one (as HAProxy does): a balancer holds two
+    descriptors per connection, and the usual soft limit of 1024 is 500 connections."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError):
+            return
+        log.debug("descriptor limit raised from %d to %d", soft, want)
+
+
 def _setup_logging(level: str, who: str = "") -> None:
     logging.basicConfig(
         stream=sys.stderr,
@@ -246,4 +261,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra += f", pins shared through {redact(config.affinity_store.url)}"
         print(f"{args.config}: ok ({len(config.groups)} groups, {n} backends{extra})")
         return 0
+    _raise_nofile()
     return _run_loop(_serve(config, args.demo, args.log_level))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +221,7 @@ class _Validator:
         self.source = source
         self.errors: list[str] = []
         self.warnings: list[str] = []
+        self.nodes: dict[str, yaml.Node] = {}  # backends' nodes by path, for later checks
 
     def error(self, node: yaml.Node | None, path: str, message: str) -> None:
         line = node.start_mark.line + 1 if node is not None else 1
@@ -677,6 +679,7 @@ def _sorry_server(
         port_map = _port_map(v, m["ports"][1], f"{path}.ports", ports)
     if address is None or port_map is None:
         return None
+    v.nodes[path] = node
     return BackendSpec(name=SORRY_SERVER, address=address, ports=port_map)
 
 
@@ -774,6 +777,8 @@ def _backends(
     names: set[str] = set()
     for i, item in enumerate(items):
         b = _backend(v, item, f"{path}[{i}]", ports)
+        if b is not None:
+            v.nodes[f"{path}[{i}]"] = item
         if b is None:
             ok = False
         elif b.name in names:
@@ -952,6 +957,73 @@ def _listen_overlaps(a: GroupSpec, b: GroupSpec) -> Iterator[tuple[str, list[int
                 yield (x, common)
 
 
+def is_local_address(address: str) -> bool:
+    """Whether `address` is one of this host's (loopback, or bindable here)."""
+    ip = ipaddress.ip_address(address)
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _own_listeners(groups: list[GroupSpec], marks: KernelMarksSpec | None) -> set[tuple[str, int]]:
+    out = {(a, p) for g in groups if g.kernel_mark is None for a in g.listen for p in g.ports}
+    if marks is not None:
+        out.add((marks.host, marks.port))
+    return out
+
+
+def _loops_back(
+    target: tuple[str, int], listeners: set[tuple[str, int]], is_local: Callable[[str], bool]
+) -> tuple[str, int] | None:
+    """The listener of l4lb's own that a backend at `target` would reach, if any: the same
+    address and port, or a wildcard one on that port when the address is this host's (a `::`
+    listener takes IPv4 clients too)."""
+    address, port = target
+    if target in listeners:
+        return target
+    v4 = ":" not in address
+    for wildcard in ("0.0.0.0", "::") if v4 else ("::",):
+        if (wildcard, port) in listeners and is_local(address):
+            return (wildcard, port)
+    return None
+
+
+def _check_loops(v: _Validator, groups: list[GroupSpec], marks: KernelMarksSpec | None) -> None:
+    """A backend that is one of l4lb's own listeners would make every connection loop through
+    l4lb until the descriptors run out: an error at the backend's line."""
+    listeners = _own_listeners(groups, marks)
+    local: dict[str, bool] = {}
+
+    def is_local(address: str) -> bool:
+        if address not in local:
+            local[address] = is_local_address(address)
+        return local[address]
+
+    for g in groups:
+        named = [(f"groups.{g.name}.backends[{i}]", b) for i, b in enumerate(g.backends)]
+        if g.sorry_server is not None:
+            named.append((f"groups.{g.name}.sorry_server", g.sorry_server))
+        for path, b in named:
+            for sp in g.ports:
+                hit = _loops_back((b.address, b.port_for(sp)), listeners, is_local)
+                if hit is not None:
+                    host = f"[{hit[0]}]" if ":" in hit[0] else hit[0]
+                    v.error(
+                        v.nodes.get(path),
+                        f"{path}.address",
+                        f"{b.address} port {b.port_for(sp)} is l4lb's own listener"
+                        f" {host}:{hit[1]}: connections would loop through l4lb"
+                        " (give the backend its real address, or a ports map)",
+                    )
+                    break
+
+
 def _document(v: _Validator, root: yaml.Node) -> Config | None:
     m = v.mapping(root, "", _TOP_KEYS)
     if m is None:
@@ -1026,6 +1098,8 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
                 )
         marks[group.mark] = gname
         groups.append(group)
+    if not v.errors:
+        _check_loops(v, groups, kw.get("kernel_marks"))
     if v.errors:
         return None
     return Config(groups=tuple(groups), source=v.source, warnings=tuple(v.warnings), **kw)

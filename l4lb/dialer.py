@@ -5,13 +5,14 @@ may wait in a bounded queue for a free slot (`queue_timeout`)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from .backends import Backend
-from .routing import Route, Router
+from .routing import RESOURCE_ERRNOS, Route, Router
 
 if TYPE_CHECKING:
     from .store import RedisStore
@@ -90,22 +91,20 @@ async def dial(
         try:
             async with asyncio.timeout(connect_timeout):
                 transport, protocol = await loop.create_connection(factory, backend.address, port)
-        except (OSError, TimeoutError) as exc:
-            reason = (
-                "timeout"
-                if isinstance(exc, TimeoutError)
-                else "refused"
-                if isinstance(exc, ConnectionRefusedError)
-                else "error"
-            )
-            router.failed(route, backend, reason)
+        except OSError as exc:  # TimeoutError included
+            if exc.errno in RESOURCE_ERRNOS:
+                # This process is out of descriptors: not the backend's fault, so no passive
+                # failure, and no other backend would do better.
+                router.local_failure(route, backend, errno.errorcode[exc.errno])
+                return None
+            router.failed(route, backend, _reason(exc))
             log.debug(
                 "group %s: backend %s (%s:%d) failed: %s",
                 router.name,
                 backend.name,
                 backend.address,
                 port,
-                exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__,
+                exc.strerror or type(exc).__name__,
             )
             if backend.waiting:
                 slots.wake(backend)
@@ -113,3 +112,9 @@ async def dial(
         router.stats.observe_connect(loop.time() - t0)
         router.connected(route, backend)
         return backend, transport, protocol
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "refused" if isinstance(exc, ConnectionRefusedError) else "error"

@@ -399,6 +399,14 @@ def _virtual_server(
         except (ValueError, IndexError):
             out.note(3, rs, "not an address and port")
             continue
+        if address in listen and (rs_port or 0) in (ports if rs_port else [0]):
+            out.note(
+                3,
+                rs,
+                "the virtual server's own address and port: a proxy would connect to itself"
+                " (give l4lb the real server's own address)",
+            )
+            continue
         base = f"rs_{address.replace(':', '_').replace('.', '_')}" + (
             f"_{rs_port}" if rs_port else ""
         )

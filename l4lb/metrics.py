@@ -125,6 +125,7 @@ class L4lbCollector(Collector):
             )
             failed.add_metric([g, "no_backend"], st.no_backend)
             failed.add_metric([g, "rejected"], st.rejected)
+            failed.add_metric([g, "descriptors"], st.descriptors)
             sorry.add_metric([g], st.sorry)
             sorry_serving.add_metric([g], int(router.sorry is not None and router.quorum.lost))
             repins.add_metric([g, "unavailable"], st.repins_unavailable)
@@ -182,6 +183,22 @@ class L4lbCollector(Collector):
         )
         unmatched.add_metric([], s.unmatched_marks)
         yield unmatched
+        accept_errors = CounterMetricFamily(
+            "l4lb_accept_errors",
+            "Connections lost or refused for want of a resource, by errno: EMFILE when l4lb"
+            " refused one near its descriptor limit (RLIMIT_NOFILE), or accept() failed",
+            labels=["errno"],
+        )
+        for name, n in sorted(s.accept_errors.items()):
+            accept_errors.add_metric([name], n)
+        yield accept_errors
+        loops = CounterMetricFamily(
+            "l4lb_connections_looped",
+            "Connections refused because they came from l4lb's own outgoing socket (a backend"
+            " that points at one of l4lb's listeners)",
+        )
+        loops.add_metric([], s.loops)
+        yield loops
         reloads = CounterMetricFamily("l4lb_reloads", "Configuration reloads", labels=["result"])
         reloads.add_metric(["ok"], s.reloads_ok)
         reloads.add_metric(["failed"], s.reloads_failed)

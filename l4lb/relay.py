@@ -152,18 +152,30 @@ def pair(a: Half, b: Half) -> None:
 
 
 class BackendSide(Half):
-    __slots__ = ("client",)
+    __slots__ = ("client", "local")
 
     def __init__(self, client: ClientSide) -> None:
         super().__init__()
         self.client = client
         self.owner = client
+        self.local: tuple[str, int] | None = None  # our address, for a loopback backend
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.client.dialed = self  # so that a dial cancelled from here on closes this socket
+        client = self.client
+        client.dialed = self  # so that a dial cancelled from here on closes this socket
+        route = client.route
+        if route is not None and route.backend is not None and route.backend.loopback:
+            server = client.server
+            self.local = local = transport.get_extra_info("sockname")[:2]
+            server.outgoing[local] = (client.router, route.backend)
+            inner = server.inbound.get(local)  # accepted before this callback ran
+            if inner is not None:
+                inner.looped(local)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.local is not None:
+            self.client.server.outgoing.pop(self.local, None)
         self._pass_on_loss(exc)
         if self.client.lost:
             self.client.finish()
@@ -176,6 +188,7 @@ class ClientSide(Half):
         "client_addr",
         "dialed",
         "idle_since",
+        "inbound",
         "proxy_buf",
         "proxy_timer",
         "route",
@@ -203,10 +216,43 @@ class ClientSide(Half):
         self.client_addr: tuple[str, int] | None = None
         self.proxy_buf: bytes | None = None
         self.proxy_timer: asyncio.TimerHandle | None = None
+        self.inbound: tuple[str, int] | None = None  # a loopback peer, in `server.inbound`
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._start(transport.get_extra_info("peername"))
+        peer = transport.get_extra_info("peername")
+        if peer is not None and self.from_loopback(peer):
+            return
+        self._start(peer)
+
+    def from_loopback(self, peer: tuple[str, int]) -> bool:
+        """A client on this host's loopback may be l4lb itself, dialing a backend that points
+        back at one of our listeners: refused if it is one of our open dials, else remembered
+        so that a dial completing just after this accept can tell (`BackendSide`)."""
+        host = peer[0]
+        if not (host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")):
+            return False
+        where = (host.removeprefix("::ffff:"), peer[1])
+        if where in self.server.outgoing:
+            self.looped(where)
+            return True
+        self.inbound = where
+        self.server.inbound[where] = self
+        return False
+
+    def looped(self, where: tuple[str, int]) -> None:
+        """Refuse (counted) a connection from l4lb's own dial, and take the backend that
+        brought it down, so that no further dial repeats the loop until the descriptors run
+        out (its checks bring it back, and one loop takes it down again)."""
+        server = self.server
+        server.loops += 1
+        self.reject(
+            f"a connection from l4lb's own outgoing socket {where[0]}:{where[1]}"
+            " (a backend points at a listener of l4lb)"
+        )
+        router, backend = server.outgoing.get(where, (None, None))
+        if router is not None and backend is not None and backend is not router.sorry:
+            router.set_health(backend, False, "it leads back to l4lb itself")
 
     def _start(self, client: tuple[str, int] | None) -> None:
         """Key the client, take its route, and dial."""
@@ -215,18 +261,25 @@ class ClientSide(Half):
         except (TypeError, ValueError, OSError):
             self.reject(f"an unusable address {client!r}")
             return
+        server = self.server
+        if len(server.live) >= server.max_live:
+            # Out of descriptors (or about to be): refuse now, counted, rather than let the
+            # loop drop the connections it can no longer accept without a word.
+            server.accept_error("EMFILE", "refused a connection: the descriptor limit is near")
+            reset(self.transport)
+            return
         self.route = self.router.begin(key)
-        self.server.track(self)
+        server.track(self)
         self.task = asyncio.get_running_loop().create_task(self._connect())
 
     def reject(self, why: str) -> None:
-        """Refuse the client before any byte of it reaches a backend; counted, and logged at
-        most once a second."""
+        """Refuse the client with a reset before any byte of it reaches a backend; counted, and
+        logged at most once a second."""
         self.router.stats.rejected += 1
         held = _throttle.allow(("rejected", self.router.name))
         if held is not None:
             log.warning("group %s: rejected a client: %s%s", self.router.name, why, held_note(held))
-        self.transport.abort()
+        reset(self.transport)
 
     async def _connect(self) -> None:
         route = self.route
@@ -281,6 +334,8 @@ class ClientSide(Half):
             self.splice_at = backend_side.splice_at = splice.SPLICE_AFTER
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.inbound is not None:
+            self.server.inbound.pop(self.inbound, None)
         self._pass_on_loss(exc)
         task = self.task
         if task is not None and not task.done():
@@ -392,6 +447,8 @@ class ProxyClientSide(ClientSide):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         Half.connection_made(self, transport)
         peer = transport.get_extra_info("peername")
+        if peer is not None and self.from_loopback(peer):
+            return
         trusted = self.router.proxy_trusted
         spec = self.router.spec.accept_proxy
         if peer is None or trusted is None or spec is None or not trusted(peer[0]):
@@ -441,6 +498,8 @@ class ProxyClientSide(ClientSide):
         if self.proxy_buf is None and self.route is not None:
             ClientSide.connection_lost(self, exc)
             return
+        if self.inbound is not None:
+            self.server.inbound.pop(self.inbound, None)
         self.lost = True
         if self.proxy_timer is not None:
             self.proxy_timer.cancel()
@@ -490,7 +549,7 @@ class MarkedClientSide(ClientSide):
                     mark,
                     held_note(held),
                 )
-            self.transport.abort()
+            reset(self.transport)
             return
         self.router = router
         self.service_port = original_port(sock, transport.get_extra_info("sockname")[1])

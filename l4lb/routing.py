@@ -37,6 +37,7 @@ operator states, quorum) go through `set_health` / `set_admin`, which emit `Even
 
 from __future__ import annotations
 
+import errno
 import random
 import time
 from collections.abc import Callable
@@ -48,6 +49,9 @@ from .health import Event, Quorum
 from .keys import Keyer, make_keyer, make_matcher
 from .schedulers import Scheduler, make_scheduler, rendezvous
 
+# Errors of socket() and connect() that say this process (or the system) is out of something,
+# not that a backend failed.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -65,6 +69,7 @@ class GroupStats:
         "connect_count",
         "connect_failures",
         "connect_sum",
+        "descriptors",
         "failed_refused",
         "failed_timeout",
         "no_backend",
@@ -81,6 +86,7 @@ class GroupStats:
         self.rejected = 0  # clients refused before routing (an address we could not key)
         self.no_backend = 0  # connections closed because no backend accepted them
         self.connect_failures = 0  # single dial attempts that were refused or timed out
+        self.descriptors = 0  # connections given up: no descriptor left to dial with
         self.failed_refused = 0
         self.failed_timeout = 0  # the rest of connect_failures are other socket errors
         self.connect_buckets = [0] * (len(CONNECT_BUCKETS) + 1)  # the last one is +Inf
@@ -207,6 +213,7 @@ class Router:
                 route.reason = "returned"
                 if entry is not None:
                     entry.backend = home
+                    route.fresh = True  # a re-pin like any other: settled with a shared table
                 return home
             if pinned.accepts_pinned:
                 if not pinned.full:
@@ -272,6 +279,13 @@ class Router:
         n = self.spec.passive_failures
         if n and backend.failures_in_row >= n and backend.healthy and backend is not self.sorry:
             self.set_health(backend, False, f"{backend.failures_in_row} connect failures in a row")
+
+    def local_failure(self, route: Route, backend: Backend, name: str) -> None:
+        """A dial this process could not even start (out of descriptors): the connection is
+        given up, and neither the backend nor the pin is blamed."""
+        backend.free_slot()
+        route.backend = None
+        self.stats.descriptors += 1
 
     def connected(self, route: Route, backend: Backend) -> None:
         backend.connections += 1

@@ -13,9 +13,11 @@ connection; only new ports are bound (before anything else changes) and removed 
 from __future__ import annotations
 
 import asyncio
+import errno
 import glob
 import logging
 import random
+import resource
 import socket
 import time
 from collections import deque
@@ -40,14 +42,29 @@ from .listeners import (
 from .monitor import HealthMonitor
 from .relay import ClientSide, MarkedClientSide, ProxyClientSide
 from .reuseport import steer
-from .routing import Router
+from .routing import RESOURCE_ERRNOS, Router
+from .throttle import Throttle, held_note
 
 if TYPE_CHECKING:
     from .store import RedisStore
 
 log = logging.getLogger("l4lb.server")
 
+_throttle = Throttle()
 HISTORY_PERIOD = 5.0  # seconds between samples of the affinity table sizes
+# Descriptors kept for what is not a relayed connection: listeners, the admin API and its
+# clients, health checks, the shared store, the state file, logs.
+FD_RESERVE = 64
+
+
+def connection_budget() -> int:
+    """How many relayed connections (two descriptors each) fit under RLIMIT_NOFILE."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(1, (soft - FD_RESERVE) // 2)
+
+
 HISTORY_LENGTH = 720  # one hour of samples
 
 
@@ -147,6 +164,14 @@ class Server:
         self._bindings: dict[tuple[str, int], tuple[Router, int]] = {}
         self.by_mark: dict[int, Router] = {}  # kernel_mark -> group, for the marks listener
         self.unmatched_marks = 0  # connections whose mark no group claims
+        # Connections refused for want of descriptors, by errno name (see `refuse_for_fds`)
+        self.accept_errors: dict[str, int] = {}
+        self.max_live = connection_budget()
+        # Local (address, port) of open dials to loopback backends: a client arriving from one
+        # of them is l4lb itself (`ClientSide.looped`).
+        self.outgoing: dict[tuple[str, int], tuple[Router, Backend]] = {}
+        self.inbound: dict[tuple[str, int], ClientSide] = {}  # open clients from loopback
+        self.loops = 0
         self._listeners: dict[tuple[str, int], tuple[ListenSpec, asyncio.AbstractServer]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._quiet: asyncio.Event | None = None
@@ -154,6 +179,31 @@ class Server:
         self._admin: object | None = None
 
     # ------------------------------------------------------------------ connection tracking
+
+    def accept_error(self, name: str, detail: str) -> None:
+        """Count a connection lost for want of a resource; log it at most once a second."""
+        self.accept_errors[name] = self.accept_errors.get(name, 0) + 1
+        held = _throttle.allow(("accept", name))
+        if held is not None:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            log.warning(
+                "%s: %s (descriptor limit %d, %d connections open); raise LimitNOFILE or"
+                " ulimit -n%s",
+                name,
+                detail,
+                soft,
+                len(self.live),
+                held_note(held),
+            )
+
+    def _loop_errors(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The standard loop reports a failed accept() here (uvloop drops it silently, which
+        `max_live` exists to prevent); count those by errno, pass anything else on."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+            self.accept_error(errno.errorcode[exc.errno], "accept() failed")
+            return
+        loop.default_exception_handler(context)
 
     def track(self, conn: ClientSide) -> None:
         conn.idle_since = asyncio.get_running_loop().time()
@@ -248,6 +298,9 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:
+            loop.set_exception_handler(self._loop_errors)
+        self.max_live = connection_budget()
         if self.config.kernel_marks is not None:
             check_fwmark_accept()
         specs = listen_specs(self.config)

@@ -131,6 +131,7 @@ class RedisStore:
         self.marker = f"{spec.key_prefix}instance:{uuid.uuid4().hex}"
         # (group, key) -> done, for pins being settled right now
         self.pending: dict[tuple[str, int], asyncio.Future[None]] = {}
+        self.late_claims: set[asyncio.Future[Any]] = set()  # claims that ran out of their budget
 
     @property
     def where(self) -> str:
@@ -214,14 +215,22 @@ class RedisStore:
         self, router: Router, route: Route, candidate: Backend, ttl: float
     ) -> Backend:
         if self.up:
+            claim = asyncio.ensure_future(
+                self._claim(
+                    keys=[self.key(router, route.key)],
+                    args=[candidate.name, route.shared, int(ttl * 1000)],
+                )
+            )
             try:
                 async with asyncio.timeout(self.spec.budget):
-                    old = await self._claim(
-                        keys=[self.key(router, route.key)],
-                        args=[candidate.name, route.shared, int(ttl * 1000)],
-                    )
+                    old = await asyncio.shield(claim)
             except Exception as exc:  # whatever Redis did, the client goes on
                 self._failed(exc)
+                if not claim.done():  # it may still be applied: hear how it ended
+                    self.late_claims.add(claim)
+                    claim.add_done_callback(
+                        lambda c, key=route.key: self._claimed_late(c, router, key, candidate)
+                    )
             else:
                 if old is None:
                     self.stats.stored += 1
@@ -244,6 +253,25 @@ class RedisStore:
             return candidate
         router.swap(route, chosen)
         return chosen
+
+    def _claimed_late(
+        self, claim: asyncio.Future[Any], router: Router, key: int, candidate: Backend
+    ) -> None:
+        """A claim that ran out of its budget was answered after all. Redis then holds our
+        candidate (nil) or another instance's pin, while this connection went to the
+        consistent hash: the local entry takes what Redis holds, as the reconcile would, so
+        that the next connection already agrees with the other instances."""
+        self.late_claims.discard(claim)
+        if claim.cancelled() or claim.exception() is not None:
+            return
+        table = router.table
+        entry = table.get(key) if table is not None else None
+        if entry is None or entry.backend is None:
+            return
+        old = claim.result()
+        held = router.usable_pin(candidate.name if old is None else old.decode("utf-8", "replace"))
+        if held is not None:
+            entry.backend = held  # open connections stay; new ones go there
 
     # ------------------------------------------------------------------ health of the store
 

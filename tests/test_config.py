@@ -50,7 +50,7 @@ def test_the_contract_example_loads() -> None:
 
 def test_defaults() -> None:
     c = load_config_text(
-        "groups:\n  a:\n    ports: [1]\n    backends: [{name: x, address: '::1'}]\n  b:\n    ports: [2]\n    backends: [{name: x, address: 127.0.0.1}]\n"
+        "groups:\n  a:\n    ports: [1]\n    backends: [{name: x, address: '::1'}]\n  b:\n    ports: [2]\n    backends: [{name: x, address: 192.0.2.1}]\n"
     )
     a, b = c.groups
     assert (a.mark, b.mark) == (1, 2)

@@ -375,7 +375,7 @@ async def test_sorry_server_takes_over_when_all_are_down_and_gives_back(backends
             [port, hport],
             lines,
             extra=(HC % ("http", f", port: {hport}"))
-            + f"\nsorry_server: {{address: 127.0.0.1, ports: {{{port}: {sorry.ports[port]}}}}}",
+            + f"\nsorry_server: {{address: 127.0.0.1, ports: {{{port}: {sorry.ports[port]}, {hport}: {sorry.ports[port]}}}}}",
         )
     )
     async with running(cfg) as server:

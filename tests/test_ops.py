@@ -247,7 +247,9 @@ async def test_reload_in_process_keeps_pins_open_connections_and_listeners(backe
             blocker.bind(("127.0.0.1", 0))
             blocker.listen()
             taken = blocker.getsockname()[1]
-            bad = config_of(group_yaml("web", [p1, taken], [bs[0].yaml(only=[p1])]))
+            only_p1 = bs[0].yaml(only=[p1])
+            mapped = only_p1.replace("}}", f", {taken}: {bs[0].ports[p1]}}}}}")
+            bad = config_of(group_yaml("web", [p1, taken], [mapped]))
             with pytest.raises(ReloadError):
                 await server.apply(bad)
         assert [b.name for b in server.routers["web"].backends] == [bs[0].name, bs[1].name]

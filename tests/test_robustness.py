@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import ROOT, output, processes, wait_for_line
+from tests.procs import ROOT, output, processes, start_l4lb, wait_for_line
 from tests.test_ops import TOKEN, Site, metric, who
 
 L4LB = [sys.executable, "-m", "l4lb"]
@@ -189,3 +189,123 @@ def test_admin_abuse_is_refused_counted_and_never_a_traceback(tmp_path: Path) ->
         log = output(lb)
     assert "Traceback" not in log, log
     assert log.count("refused a malformed admin request") <= 6, log
+
+
+# ------------------------------------------------------------------ descriptors
+
+
+def test_at_the_descriptor_limit_connections_are_refused_counted_and_the_backends_stay_up(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+    with processes() as procs:
+        site.start_backends(procs)
+        lb = start_l4lb(site.config, prefix=("prlimit", "--nofile=256:256", "--"))
+        procs.append(lb)
+        socks, served, reset = [], 0, 0
+        try:
+            for i in range(300):
+                s = socket.create_connection(
+                    ("127.0.0.1", site.p1),
+                    timeout=10,
+                    source_address=(f"127.0.80.{i % 250 + 1}", 0),
+                )
+                socks.append(s)
+                s.sendall(b"x")
+            for s in socks:
+                try:
+                    data = s.recv(1)
+                except ConnectionResetError:
+                    data = b""
+                if data == b"x":
+                    served += 1
+                else:
+                    reset += 1
+        finally:
+            for s in socks:
+                s.close()
+        # (256 - 64 reserved) / 2 = 96 relayed connections fit; the rest are refused, each
+        # with a reset and counted, none dropped unseen.
+        assert served == 96 and reset == 204, (served, reset)
+        metrics = subprocess.run(
+            ["curl", "-s", f"http://127.0.0.1:{site.admin}/metrics"], capture_output=True, text=True
+        ).stdout
+        assert metric(metrics, "l4lb_accept_errors_total", errno="EMFILE") == reset
+        for name in site.echo:  # descriptors ran out here, not there: nobody is marked down
+            assert metric(metrics, "l4lb_backend_state", group="web", backend=name, state="up") == 1
+        assert who(site.p1, "127.0.81.1")  # and once they are back, it serves
+        lb.send_signal(signal.SIGTERM)
+        log = output(lb)
+    assert "Traceback" not in log
+    assert 1 <= log.count("EMFILE") <= 5, log
+
+
+# ------------------------------------------------------------------ a backend that is l4lb
+
+
+@pytest.mark.parametrize(
+    ("listen", "backend", "line"),
+    [
+        ("[127.0.0.1]", "{name: a, address: 127.0.0.1}", 6),  # the issue's case: no port map
+        (
+            '["0.0.0.0"]',
+            "{name: a, address: 127.0.0.9}",
+            6,
+        ),  # a wildcard covers every local address
+        ('["::"]', "{name: a, address: 127.0.0.1}", 6),  # a dual-stack one takes IPv4 too
+        (
+            "[127.0.0.1]",
+            "{name: a, address: 127.0.0.2, ports: {18080: 9}}\n      - {name: b, address: 127.0.0.1, ports: {18080: 18081}}",
+            7,
+        ),
+    ],
+)
+def test_a_backend_that_is_a_listener_of_l4lb_is_a_config_error(
+    tmp_path: Path, listen: str, backend: str, line: int
+) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text(
+        f"groups:\n  web:\n    listen: {listen}\n    ports: [18080, 18081]\n    backends:\n      - {backend}\n"
+    )
+    r = check(path)
+    assert r.returncode == 1, r.stdout
+    assert r.stderr.startswith(f"{path}:{line}: groups.web.backends[") and "would loop" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+
+
+def test_other_addresses_and_ports_are_no_loop(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(
+        "groups:\n  web:\n    listen: [127.0.0.1]\n    ports: [18080]\n    backends:\n"
+        "      - {name: a, address: 127.0.0.2}\n      - {name: b, address: 127.0.0.1, ports: {18080: 18090}}\n"
+    )
+    assert check(path).returncode == 0
+
+
+async def test_at_run_time_a_connection_from_our_own_dial_is_refused(backends) -> None:
+    """What the file cannot show (an address that became ours, a REDIRECT back to us): the
+    looped connection is refused at once, counted, and the client gets a reset."""
+    import asyncio
+    from dataclasses import replace
+
+    from tests.helpers import config_of, free_ports, group_yaml, running
+
+    (port,) = free_ports(1)
+    (b,) = await backends(1, [port])
+    cfg = config_of(group_yaml("web", [port], [b.yaml()]))
+    group = cfg.groups[0]
+    looping = replace(group.backends[0], ports={port: port})  # itself
+    cfg = replace(cfg, groups=(replace(group, backends=(looping,), passive_failures=0),))
+    async with running(cfg) as server:
+        r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.90.1", 0))
+        w.write(b"hello")
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(r.readexactly(1), 5)
+        w.close()
+        # A loop or two (when our accept ran before the dial's own callback, the inner
+        # connection had begun its dial), never the hundreds until the descriptors run out.
+        assert 1 <= server.loops <= 3 and server.routers["web"].stats.accepted <= 4
+        (looping_backend,) = server.routers["web"].backends
+        assert not looping_backend.healthy  # so that no further dial repeats it
+        await asyncio.wait_for(server.wait_quiet(), 5)
+        assert server.inbound == {} and server.outgoing == {}

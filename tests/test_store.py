@@ -447,3 +447,95 @@ def test_a_store_password_never_reaches_the_logs() -> None:
         redact("rediss://app:pw@redis.internal:6380/1") == "rediss://app:***@redis.internal:6380/1"
     )
     assert redact("unix:///run/redis.sock") == "unix:///run/redis.sock"
+
+
+@needs_redis
+def test_a_repin_after_a_refused_dial_is_settled_through_the_store(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Four client networks pinned to one backend, which dies before any check sees it: each
+    network asks B, then A, then B. Every re-pin goes through the compare-and-set, so the
+    first instance's choice is the other's too, the first network included."""
+    pa, pb, *bports = free_ports(6)
+
+    def config(name: str, port: int, scheduler: str, order: list[int]) -> Path:
+        lines = "\n".join(
+            f"      - {{name: b{i}, address: 127.0.0.1, weight: {4 - i if scheduler == 'fo' else 1},"
+            f" ports: {{{port}: {bports[i]}}}}}"
+            for i in order
+        )
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(
+            store_top(redis_server.port, "200ms")
+            + f"groups:\n  web:\n    listen: [127.0.0.1]\n    ports: [{port}]\n"
+            f"    scheduler: {scheduler}\n    persistence: {{timeout: 10m, netmask: /24}}\n"
+            f"    backends:\n{lines}\n"
+        )
+        return cfg
+
+    with processes() as procs:
+        for i, bp in enumerate(bports):
+            procs.append(start_backend(f"b{i}", http=f"127.0.0.1:{bp}"))
+            wait_port(bp)
+        # Failover (b0 weighs most) pins every network to b0 at both instances...
+        a = start_l4lb(config("a", pa, "fo", [0, 1, 2, 3]))
+        b = start_l4lb(config("b", pb, "fo", [0, 1, 2, 3]))
+        procs += [a, b]
+        nets = range(100, 104)
+        for net in nets:
+            assert curl(pa, f"127.0.{net}.1") == "b0" and curl(pb, f"127.0.{net}.2") == "b0"
+        # ...then each takes a scheduler of its own (pins stay): only the store can make a
+        # re-pin agree. No health checks: b0's death is seen by refused dials alone.
+        for lb, (name, port, sched, order) in (
+            (a, ("a", pa, "rr", [0, 1, 2, 3])),
+            (b, ("b", pb, "lc", [3, 2, 1, 0])),
+        ):
+            config(name, port, sched, order)
+            lb.send_signal(signal.SIGHUP)
+            wait_for_line(lb, "stderr", "reloaded")
+        procs[0].terminate()
+        procs[0].wait(10)
+        for net in nets:
+            seen = [
+                curl(pb, f"127.0.{net}.3"),
+                curl(pa, f"127.0.{net}.4"),
+                curl(pb, f"127.0.{net}.5"),
+            ]
+            assert len(set(seen)) == 1 and seen[0] != "b0" and "FAILED" not in seen[0], (net, seen)
+            assert redis_server.client().get(f"t:web:7f00{net:02x}00") == seen[0].encode()
+
+
+@needs_redis
+async def test_a_claim_answered_after_its_budget_is_what_the_next_connection_follows(
+    backends, redis_server: RedisServer
+) -> None:
+    """Redis frozen past the budget: the client goes to the consistent hash. The claim was
+    sent, though, and Redis applies it when it wakes: the local entry then takes what Redis
+    holds (the scheduler's candidate), so this instance agrees with the others at once."""
+    port = free_ports(1)[0]
+    bs = await backends(2, [port])
+    cfg = config_of(
+        group_yaml("web", [port], [b.yaml() for b in bs], scheduler="fo", netmask="/24"),
+        top=store_top(redis_server.port, "50ms").replace("200ms", "30s"),  # no probe meanwhile
+    )
+    r = redis_server.client()
+    async with running(cfg) as server:
+        router = server.routers["web"]
+        # A client network whose consistent hash is b1, while fo's candidate is b0.
+        net = next(
+            n
+            for n in range(1, 250)
+            if rendezvous(0x7F000000 | n << 8, router.backends) is router.backends[1]
+        )
+        assert redis_server.proc is not None and server.store is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert await hello(port, f"127.0.{net}.1") == bs[1].name  # the hash, in the outage
+            late = list(server.store.late_claims)
+            assert len(late) == 1
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*late, return_exceptions=True), 10)
+        assert r.get(f"t:web:7f00{net:02x}00") == bs[0].name.encode()
+        assert await hello(port, f"127.0.{net}.2") == bs[0].name  # what Redis holds
+    r.close()
