@@ -4,6 +4,11 @@ Pure data: no sockets, no loop. A backend's state combines the operator's word (
 drain or disabled) with the health checks' verdict (`healthy`); the effective state is the worst
 of the two: disabled, then down, then drain (also weight 0), then up.
 
+`eff` is the weight the weighted schedulers (wrr, wlc, p2c) use: the weight itself, except while
+a backend that came back ramps up (`slow_start`, driven by the router's clock), from 10% of it
+to all of it. The consistent hashes (sh, mh, rendezvous) use the weight: every instance must
+compute them alike, and ramps are local.
+
 The two flags the hot path reads are stored, not computed, and are kept right by every setter:
 - `schedulable`: the scheduler may send a new client here (up, weight > 0, not full);
 - `accepts_pinned`: a client already pinned here may keep coming: up or draining (weight 0
@@ -36,6 +41,7 @@ class Backend:
         "bytes_out",
         "connect_failures",
         "connections",
+        "eff",
         "failures_in_row",
         "healthy",
         "index",
@@ -44,10 +50,12 @@ class Backend:
         "max_conns",
         "name",
         "ports",
+        "ramp_since",
         "removed",
         "schedulable",
         "seed",
         "send_proxy",
+        "slow_start",
         "waiting",
         "weight",
     )
@@ -61,6 +69,9 @@ class Backend:
         self.loopback = spec.address.startswith("127.") or spec.address == "::1"
         self.ports = dict(spec.ports)
         self.weight = spec.weight
+        self.eff: float = spec.weight
+        self.slow_start = spec.slow_start  # None: as the group says
+        self.ramp_since: float | None = None  # when a ramp (slow start) began
         self.max_conns = spec.max_conns
         self.inhibit = spec.inhibit_on_failure
         self.send_proxy = spec.send_proxy  # None: as the group says
@@ -108,7 +119,20 @@ class Backend:
 
     def set_weight(self, weight: int) -> None:
         self.weight = weight
+        if self.ramp_since is None:
+            self.eff = weight
         self.refresh()
+
+    def ramp(self, now: float, duration: float) -> bool:
+        """Set `eff` for a ramp begun at `ramp_since`: 10% of the weight at once, then linearly
+        up to all of it over `duration`. False once the ramp is over (and `eff` is the weight)."""
+        since = self.ramp_since
+        if since is None or duration <= 0 or now - since >= duration:
+            self.ramp_since = None
+            self.eff = self.weight
+            return False
+        self.eff = self.weight * (0.1 + 0.9 * max(0.0, now - since) / duration)
+        return True
 
     def remove(self) -> None:
         """Taken out of the configuration: never chosen, and its pins move on."""
@@ -134,9 +158,12 @@ class Backend:
         self.max_conns = spec.max_conns
         self.inhibit = spec.inhibit_on_failure
         self.send_proxy = spec.send_proxy
+        self.slow_start = spec.slow_start
         self.index = index
         if spec.weight != previous.weight:
             self.weight = spec.weight
+            if self.ramp_since is None:
+                self.eff = spec.weight
         if spec.state != previous.state:
             self.admin = State(spec.state)
         self.refresh()

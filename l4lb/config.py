@@ -71,6 +71,7 @@ class BackendSpec:
     health_check: HealthCheckSpec | None = None  # replaces the group's check for this backend
     state: str = "up"  # the operator's state at start: up | drain | disabled
     send_proxy: str | None = None  # v1 | v2 | none: overrides the group's
+    slow_start: float | None = None  # overrides the group's
 
     def port_for(self, service_port: int) -> int:
         return self.ports.get(service_port, service_port)
@@ -86,6 +87,15 @@ class PersistenceSpec:
     @property
     def enabled(self) -> bool:
         return self.timeout > 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimitsSpec:
+    """Per client network (the group's persistence netmask): open connections and a rate."""
+
+    max_conns: int = 0  # open connections at once; 0: no limit
+    rate: float = 0.0  # new connections per second, refilling a bucket of `burst`; 0: no limit
+    burst: float = 1.0  # new connections at once before the rate applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +122,8 @@ class GroupSpec:
     send_proxy: str | None = None  # v1 | v2: a PROXY header to the backends
     kernel_mark: int | None = None  # chosen by this firewall mark on the kernel_marks listener
     accept_proxy: AcceptProxySpec | None = None  # a PROXY header required from trusted peers
+    client_limits: ClientLimitsSpec | None = None
+    slow_start: float = 0.0  # seconds over which a backend that comes up ramps to its weight
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +383,8 @@ _GROUP_KEYS = (
     "send_proxy",
     "accept_proxy",
     "kernel_mark",
+    "client_limits",
+    "slow_start",
 )
 _PERSIST_KEYS = ("timeout", "netmask", "ipv6_prefix", "max_entries")
 _BACKEND_KEYS = (
@@ -383,6 +397,7 @@ _BACKEND_KEYS = (
     "health_check",
     "state",
     "send_proxy",
+    "slow_start",
 )
 _CHECK_COMMON = ("type", "interval", "timeout", "rise", "fall", "port")
 _CHECK_KEYS = {
@@ -649,6 +664,7 @@ def _backend(
         "inhibit_on_failure": _bool,
         "state": _choice("up", "drain", "disabled"),
         "send_proxy": _choice("v1", "v2", "none"),
+        "slow_start": _duration,
     }
     ok = _scalars(v, m, path, checks, kw) and ok
     if "ports" in m:
@@ -709,6 +725,44 @@ def _accept_proxy(v: _Validator, node: yaml.Node, path: str) -> AcceptProxySpec 
     if trusted is None or timeout is None:
         return None
     return AcceptProxySpec(tuple(trusted), timeout)
+
+
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+
+
+def _rate(x: Any) -> float:
+    """'50/s', '600/m', '1000/h', or a number (per second) -> connections per second."""
+    if isinstance(x, int | float) and not isinstance(x, bool) and x > 0:
+        return float(x)
+    if isinstance(x, str):
+        m = _RATE_RE.match(x)
+        if m and float(m.group(1)) > 0:
+            return float(m.group(1)) / {"s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
+    raise ValueError(f'expected a rate such as "50/s" or "600/m", got {x!r}')
+
+
+def _client_limits(v: _Validator, node: yaml.Node, path: str) -> ClientLimitsSpec | None:
+    m = v.mapping(node, path, ("max_conns", "rate", "burst"))
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    checks: dict[str, Callable[[Any], Any]] = {
+        "max_conns": _int_in(1, 10_000_000),
+        "rate": _rate,
+        "burst": _int_in(1, 10_000_000),
+    }
+    if not _scalars(v, m, path, checks, kw):
+        return None
+    if not kw.keys() & {"max_conns", "rate"}:
+        v.error(node, path, "needs max_conns, rate, or both")
+        return None
+    if "burst" in kw and "rate" not in kw:
+        v.error(m["burst"][0], f"{path}.burst", "goes with a rate")
+        return None
+    if "rate" in kw:
+        # Default burst: one second's worth (at least one connection).
+        kw["burst"] = float(kw.get("burst", max(1.0, float(int(kw["rate"] + 0.999)))))
+    return ClientLimitsSpec(**kw)
 
 
 def _passive(v: _Validator, node: yaml.Node, path: str) -> int | None:
@@ -817,6 +871,7 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         "relay": _choice("copy", "auto", "splice"),
         "send_proxy": _choice("v1", "v2"),
         "kernel_mark": _int_in(1, 2**32 - 1),
+        "slow_start": _duration,
     }
     ok = _scalars(v, m, path, checks, kw) and ok
     if "listen" in m:
@@ -844,6 +899,7 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         "sorry_server": ("sorry_server", lambda node, p: _sorry_server(v, node, p, ports)),
         "notify": ("notify", notify),
         "accept_proxy": ("accept_proxy", lambda node, p: _accept_proxy(v, node, p)),
+        "client_limits": ("client_limits", lambda node, p: _client_limits(v, node, p)),
     }
     for key, (field_name, parse) in sections.items():
         if key in m:

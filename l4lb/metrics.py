@@ -49,6 +49,12 @@ class L4lbCollector(Collector):
             "Connect attempts and connections that failed, by reason",
             labels=["group", "reason"],
         )
+        limited = GaugeMetricFamily(
+            "l4lb_client_limit_networks",
+            "Client networks the group's client_limits hold state for (open connections or a"
+            " rate bucket not yet full)",
+            labels=["group"],
+        )
         sorry = CounterMetricFamily(
             "l4lb_sorry_connections", "Connections sent to the sorry server", labels=["group"]
         )
@@ -126,6 +132,9 @@ class L4lbCollector(Collector):
             failed.add_metric([g, "no_backend"], st.no_backend)
             failed.add_metric([g, "rejected"], st.rejected)
             failed.add_metric([g, "descriptors"], st.descriptors)
+            failed.add_metric([g, "client_limit"], st.client_limit)
+            if router.limits is not None:
+                limited.add_metric([g], router.limits.tracked)
             sorry.add_metric([g], st.sorry)
             sorry_serving.add_metric([g], int(router.sorry is not None and router.quorum.lost))
             repins.add_metric([g, "unavailable"], st.repins_unavailable)
@@ -164,7 +173,8 @@ class L4lbCollector(Collector):
                 last = s.monitor.results.get((g, b.name))
                 if last is not None:
                     check_time.add_metric(labels, last.duration)
-        yield from (accepted, failed, sorry, sorry_serving, latency, entries, lookups, repins)
+        yield from (accepted, failed, limited, sorry, sorry_serving, latency, entries, lookups)
+        yield repins
         yield from (
             evictions,
             expirations,

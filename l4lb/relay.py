@@ -262,15 +262,38 @@ class ClientSide(Half):
             self.reject(f"an unusable address {client!r}")
             return
         server = self.server
+        limits = self.router.limits
+        if limits is not None:
+            over = limits.admit(key)
+            if over is not None:
+                self.refuse_over_limit(over)
+                return
         if len(server.live) >= server.max_live:
             # Out of descriptors (or about to be): refuse now, counted, rather than let the
             # loop drop the connections it can no longer accept without a word.
             server.accept_error("EMFILE", "refused a connection: the descriptor limit is near")
+            if limits is not None:
+                limits.release(key)
             reset(self.transport)
             return
         self.route = self.router.begin(key)
         server.track(self)
         self.task = asyncio.get_running_loop().create_task(self._connect())
+
+    def refuse_over_limit(self, which: str) -> None:
+        """Reset a client whose network is over its `client_limits` (counted, logged at most
+        once a second); other networks are untouched."""
+        router = self.router
+        router.stats.client_limit += 1
+        held = _throttle.allow(("limit", router.name, which))
+        if held is not None:
+            log.warning(
+                "group %s: a client network over its %s limit: connections refused%s",
+                router.name,
+                which.replace("_", " "),
+                held_note(held),
+            )
+        reset(self.transport)
 
     def reject(self, why: str) -> None:
         """Refuse the client with a reset before any byte of it reaches a backend; counted, and
@@ -314,6 +337,8 @@ class ClientSide(Half):
                     held_note(held),
                 )
             router.give_up(route)
+            if router.limits is not None:
+                router.limits.release(route.key)
             self.route = None
             self.server.forget(self)
             self.transport.close()
@@ -353,7 +378,10 @@ class ClientSide(Half):
             backend.bytes_in += self.nbytes
             if self.peer is not None:
                 backend.bytes_out += self.peer.nbytes
-        self.router.finish(route)
+        router = self.router
+        router.finish(route)
+        if router.limits is not None:
+            router.limits.release(route.key)
         if backend is not None and backend.waiting:
             self.server.slots.wake(backend)
         self.server.forget(self)

@@ -47,6 +47,7 @@ from .backends import Backend, State
 from .config import GroupSpec
 from .health import Event, Quorum
 from .keys import Keyer, make_keyer, make_matcher
+from .limits import ClientLimits
 from .schedulers import Scheduler, make_scheduler, rendezvous
 
 # Errors of socket() and connect() that say this process (or the system) is out of something,
@@ -65,6 +66,7 @@ class GroupStats:
 
     __slots__ = (
         "accepted",
+        "client_limit",
         "connect_buckets",
         "connect_count",
         "connect_failures",
@@ -84,6 +86,7 @@ class GroupStats:
     def __init__(self) -> None:
         self.accepted = 0
         self.rejected = 0  # clients refused before routing (an address we could not key)
+        self.client_limit = 0  # clients refused over their network's client_limits
         self.no_backend = 0  # connections closed because no backend accepted them
         self.connect_failures = 0  # single dial attempts that were refused or timed out
         self.descriptors = 0  # connections given up: no descriptor left to dial with
@@ -162,6 +165,9 @@ class Router:
         )
         self.quorum = Quorum(spec.quorum, spec.hysteresis, self.up_count())
         self.proxy_trusted = _trusted(spec)
+        self.limits = ClientLimits(spec.client_limits, clock) if spec.client_limits else None
+        self.clock = clock
+        self.ramping: list[Backend] = []  # backends in their slow start
         self.stats = GroupStats()
         self.listener: Callable[[Event], None] | None = None
         self._return = spec.on_up == "return"
@@ -228,6 +234,8 @@ class Router:
                 route.reason = "unavailable"
         elif pinned is not None and not route.reason:
             route.reason = "failed"
+        if self.ramping:
+            self._ramp()
         choice = self.scheduler.pick(route.key, tried)
         if choice is not None and entry is not None:
             if pinned is not None and entry.home is None and not pinned.accepts_pinned:
@@ -235,6 +243,15 @@ class Router:
             entry.backend = choice  # tentative pin, confirmed by `connected`
             route.fresh = True
         return choice
+
+    def slow_start_of(self, backend: Backend) -> float:
+        return backend.slow_start if backend.slow_start is not None else self.spec.slow_start
+
+    def _ramp(self) -> None:
+        """Move the effective weights of ramping backends on (only the new clients' pick reads
+        them, so only it pays for this, and only while a backend ramps)."""
+        now = self.clock()
+        self.ramping = [b for b in self.ramping if b.ramp(now, self.slow_start_of(b))]
 
     def consistent(self, key: int) -> Backend | None:
         """The backend every instance picks for `key` without the shared table: the group's
@@ -339,6 +356,7 @@ class Router:
         """Apply a reloaded group. Backends are matched by name, so pins to the ones that remain
         stay; removed ones are marked so that their pins move on. Returns what changed."""
         old = self.spec
+        self.clock = clock
         previous = {b.name: b for b in old.backends}
         changes: list[str] = []
         backends: list[Backend] = []
@@ -379,6 +397,12 @@ class Router:
             self.table.max_entries = p.max_entries
         self.quorum = Quorum(spec.quorum, spec.hysteresis, self.up_count())
         self.proxy_trusted = _trusted(spec)
+        if spec.client_limits is None:
+            self.limits = None
+        elif self.limits is None:
+            self.limits = ClientLimits(spec.client_limits, clock)
+        elif spec.client_limits != old.client_limits:
+            self.limits.reconfigure(spec.client_limits)
         self._return = spec.on_up == "return"
         self.spec = spec
         return changes
@@ -392,6 +416,14 @@ class Router:
             for b in self.backends
             if b.healthy and b.admin is State.UP and b.weight > 0 and not b.removed
         )
+
+    def _begin_ramp(self, backend: Backend) -> None:
+        """A backend came (back) up: it takes new clients at 10% of its weight, ramping to all
+        of it over its slow_start, so that wlc does not send it every new client at once."""
+        backend.ramp_since = self.clock()
+        backend.ramp(backend.ramp_since, self.slow_start_of(backend))
+        if backend not in self.ramping:
+            self.ramping.append(backend)
 
     def set_health(self, backend: Backend, healthy: bool, reason: str) -> None:
         if backend.healthy == healthy:
@@ -415,6 +447,8 @@ class Router:
         apply()
         if backend.state is not old:
             self._emit(backend.name, old.value, backend.state.value, reason)
+            if backend.state is State.UP and self.slow_start_of(backend) > 0:
+                self._begin_ramp(backend)
         lost = self.quorum.update(self.up_count())
         if lost is not None and self.sorry is not None:
             up = self.up_count()

@@ -85,17 +85,17 @@ class WeightedRoundRobin(_Base):
     a a b a c a a, never a burst of five."""
 
     def rebuild(self) -> None:
-        self._current = [0] * len(self.backends)
+        self._current = [0.0] * len(self.backends)
 
     def pick(self, key: int, exclude: Collection[Backend] = _EMPTY) -> Backend | None:
         current = self._current
-        total = 0
+        total = 0.0
         best = -1
         for i, b in enumerate(self.backends):
             if not b.schedulable or b in exclude:
                 continue
-            current[i] += b.weight
-            total += b.weight
+            current[i] += b.eff
+            total += b.eff
             if best < 0 or current[i] > current[best]:
                 best = i
         if best < 0:
@@ -137,7 +137,7 @@ class WeightedLeastConnections(_LeastLoaded):
     """Fewest connections per unit of weight (LVS's default scheduler)."""
 
     def _less(self, a: Backend, b: Backend) -> bool:
-        return a.active * b.weight < b.active * a.weight
+        return a.active * b.eff < b.active * a.eff
 
 
 class _HashTable(_Base):
@@ -231,9 +231,9 @@ class PowerOfTwo(_Base):
         eligible = [b for b in self.backends if b.schedulable and b not in exclude]
         if len(eligible) < 2:
             return eligible[0] if eligible else None
-        weights = [b.weight for b in eligible]
+        weights = [b.eff for b in eligible]
         a, b = self.rng.choices(eligible, weights, k=2)
-        return a if a.active * b.weight <= b.active * a.weight else b
+        return a if a.active * b.eff <= b.active * a.eff else b
 
 
 class Failover(_Base):
