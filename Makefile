@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck bench bench-quick bench-tools sim bench-workers clean
+.PHONY: run test lint typecheck bench bench-quick bench-tools sim bench-workers reliability soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ typecheck: $(STAMP)
 
 test: lint typecheck
 	$(BIN)/pytest
+
+# Faults, floods and hostile input at full load, one table (docs/reliability.md); `make test`
+# runs the fast ones at small loads. The soak: 10 minutes of churn, descriptors and RSS flat.
+reliability: $(STAMP)
+	$(BIN)/python -m tests.reliability
+
+soak: $(STAMP)
+	$(BIN)/python -m tests.reliability --soak 600
 
 # The side-by-side benchmark (README, "Performance"): Debian's peers and load tools, then the run.
 bench-tools:

@@ -1,0 +1,1011 @@
+"""The reliability suite: faults, floods and hostile input against real l4lb processes, each
+experiment a row of one table (experiment, load, expectation, figure, pass/fail).
+
+    python -m tests.reliability            # every experiment at full load (make reliability)
+    python -m tests.reliability --fast     # the small loads make test runs
+    python -m tests.reliability --only slowloris --only descriptors
+    python -m tests.reliability --soak 600 # churn for 10 minutes: descriptors and RSS flat
+
+Every experiment ends its processes and checks that no log line of any balancer it ran is a
+traceback. Traffic goes to loopback only, or inside network namespaces the suite creates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.helpers import free_ports
+from tests.lab import (
+    TOKEN,
+    Lab,
+    cpu_seconds,
+    fds,
+    group_yaml,
+    lab,
+    metric,
+    metrics,
+    open_from,
+    raise_nofile,
+    rss_kib,
+    source,
+)
+from tests.lab_backend import pattern
+from tests.procs import output, processes, wait_for_line
+
+MIB = 1 << 20
+
+
+@dataclass
+class Row:
+    experiment: str
+    load: str
+    expectation: str
+    figure: str
+    ok: bool
+
+    def cells(self) -> list[str]:
+        return [
+            self.experiment,
+            self.load,
+            self.expectation,
+            self.figure,
+            "pass" if self.ok else "FAIL",
+        ]
+
+
+@dataclass
+class Scale:
+    fast: bool
+
+    def pick(self, fast: int, full: int) -> int:
+        return fast if self.fast else full
+
+
+Experiment = Callable[[Path, Scale], Row]
+EXPERIMENTS: dict[str, tuple[Experiment, bool]] = {}  # name -> (function, runs in make test)
+
+
+def experiment(name: str, fast: bool = True) -> Callable[[Experiment], Experiment]:
+    def register(fn: Experiment) -> Experiment:
+        EXPERIMENTS[name] = (fn, fast)
+        return fn
+
+    return register
+
+
+def clean(lab_: Lab, row: Row) -> Row:
+    """The row fails if any balancer of the experiment logged a traceback."""
+    bad = lab_.tracebacks()
+    if bad:
+        row.ok = False
+        row.figure += f"; {len(bad)} traceback(s) in the log"
+    return row
+
+
+async def download(port: int, src: str, n: int, read_pace: float = 0.0) -> tuple[int, bool, float]:
+    """(bytes received, byte-exact and complete, monotonic time it ended)."""
+    r, w = await open_from(port, src)
+    w.write(f"{n}\n".encode())
+    got = 0
+    exact = True
+    try:
+        while True:
+            chunk = await r.read(65536)
+            if not chunk:
+                break
+            if exact and chunk != pattern(got, len(chunk)):
+                exact = False
+            got += len(chunk)
+            if read_pace:
+                await asyncio.sleep(read_pace)
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        w.close()
+    return got, exact and got == n, time.monotonic()
+
+
+async def relayed(admin: int, nbytes: int, within: float = 30) -> None:
+    """Until b0 has sent `nbytes` to clients. Another process's progress: its metrics are the
+    only signal there is, so this polls them (every 50 ms, for at most `within` seconds)."""
+    deadline = time.monotonic() + within
+    while (
+        metric(metrics(admin), "l4lb_bytes_total", group="web", backend="b0", direction="out")
+        < nbytes
+    ):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"b0 sent less than {nbytes} bytes in {within} s")
+        await asyncio.sleep(0.05)
+
+
+# ------------------------------------------------------------------ faults
+
+
+def _kill_mid_stream(tmp: Path, scale: Scale, relay: str) -> Row:
+    n_clients, size = 20, scale.pick(64, 200) * MIB
+    with lab(tmp) as lb_:
+        bs = [lb_.backend(f"b{i}") for i in range(3)]
+        (port,) = free_ports(1)
+        group = group_yaml(
+            bs,
+            [port],
+            "stream",
+            extra=f"scheduler: fo\nrelay: {relay}\npersistence: {{timeout: 10m}}",
+        )
+        _lb, admin = lb_.l4lb(group)
+
+        async def run() -> tuple[list[tuple[int, bool, float]], float, list[str]]:
+            tasks = [
+                asyncio.create_task(download(port, f"127.0.140.{i + 1}", size, 0.002))
+                for i in range(n_clients)
+            ]
+            await relayed(admin, n_clients * MIB)
+            killed = time.monotonic()
+            bs[0].kill()
+            ended = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            after = []
+            for i in range(n_clients):  # the same clients again: re-pinned, served
+                r, w = await open_from(port, f"127.0.140.{i + 1}")
+                w.write(b"16\n")
+                after.append("ok" if await r.read(64) == pattern(0, 16) else "failed")
+                w.close()
+            return ended, killed, after
+
+        ended, killed, after = asyncio.run(run())
+        worst = max(t for _, _, t in ended) - killed
+        cut = sum(1 for got, _, _ in ended if got < size)
+        row = Row(
+            f"backend killed mid-stream ({relay})",
+            f"{n_clients} downloads of {size // MIB} MiB, kill -9 of their backend",
+            "every cut download ends within 2 s; every client re-pinned and served",
+            f"{cut}/{n_clients} cut, all ended {worst * 1000:.0f} ms after the kill; "
+            f"{after.count('ok')}/{n_clients} served again",
+            cut == n_clients and worst < 2.0 and after.count("ok") == n_clients,
+        )
+        return clean(lb_, row)
+
+
+@experiment("kill-copy")
+def kill_copy(tmp: Path, scale: Scale) -> Row:
+    return _kill_mid_stream(tmp, scale, "copy")
+
+
+@experiment("kill-splice")
+def kill_splice(tmp: Path, scale: Scale) -> Row:
+    return _kill_mid_stream(tmp, scale, "splice")
+
+
+@experiment("slow-readers", fast=False)
+def slow_readers(tmp: Path, scale: Scale) -> Row:
+    """Clients that read slowly, and a backend that reads slowly: memory per connection stays
+    at the write buffers' bound, and nothing stays behind."""
+    n, size = 50, 32 * MIB
+    with lab(tmp) as lb_:
+        (b,) = [lb_.backend("b0", sink_pace=0.004)]
+        p1, p2 = free_ports(2)
+        group = group_yaml([b], [p1], "stream", extra="persistence: {timeout: 0}")
+        group += group_yaml([b], [p2], "sink", name="up", extra="persistence: {timeout: 0}")
+        lb, _admin = lb_.l4lb(group)
+        base_rss, base_fds = rss_kib(lb.pid), fds(lb.pid)
+        peak = [0]
+
+        def sample() -> None:
+            peak[0] = max(peak[0], rss_kib(lb.pid))
+
+        async def upload(i: int) -> bool:
+            r, w = await open_from(p2, f"127.0.141.{i + 1}")
+            await r.readline()
+            sent = 0
+            while sent < size:
+                w.write(pattern(sent, 256 * 1024))
+                sent += 256 * 1024
+                await w.drain()
+            w.write_eof()
+            ok = (await r.readline()).strip() == str(size).encode()
+            w.close()
+            return ok
+
+        async def run() -> tuple[list[tuple[int, bool, float]], list[bool]]:
+            async def sampler() -> None:
+                while True:
+                    sample()
+                    await asyncio.sleep(0.2)
+
+            s = asyncio.create_task(sampler())
+            downs = [download(p1, f"127.0.142.{i + 1}", size, 0.004) for i in range(n)]
+            ups = [upload(i) for i in range(n)]
+            res = await asyncio.gather(asyncio.gather(*downs), asyncio.gather(*ups))
+            s.cancel()
+            return res[0], res[1]
+
+        t0 = time.monotonic()
+        downs, ups = asyncio.run(run())
+        took = time.monotonic() - t0
+        exact = sum(ok for _, ok, _ in downs) + sum(ups)
+        time.sleep(0.5)  # the last closes reach the balancer's loop
+        end_fds = fds(lb.pid)
+        per_conn = (peak[0] - base_rss) / (2 * n)
+        row = Row(
+            "slow readers both ways",
+            f"{n} slow downloads and {n} uploads into a slow backend, {size // MIB} MiB each",
+            "byte-exact; under 1 MiB of RSS per connection; descriptors back to the start",
+            f"{exact}/{2 * n} exact in {took:.0f} s; peak +{per_conn:.0f} KiB/connection; "
+            f"descriptors {base_fds} -> {end_fds}",
+            exact == 2 * n and per_conn < 1024 and end_fds <= base_fds,
+        )
+        return clean(lb_, row)
+
+
+@experiment("slowloris")
+def slowloris(tmp: Path, scale: Scale) -> Row:
+    n = scale.pick(300, 2000)
+    raise_nofile()
+    with lab(tmp) as lb_:
+        b = lb_.backend("b0")
+        (port,) = free_ports(1)
+        lb, _admin = lb_.l4lb(group_yaml([b], [port], extra="idle_timeout: 2s"))
+        base_fds = fds(lb.pid)
+
+        async def run() -> list[float]:
+            async def one(i: int) -> float:
+                r, w = await open_from(port, source(i, 20), within=30)
+                t0 = time.monotonic()
+                await r.readline()  # the backend's greeting, then silence both ways
+                try:
+                    while await r.read(1024):
+                        pass
+                except (ConnectionError, OSError):
+                    pass
+                w.close()
+                return time.monotonic() - t0
+
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+        lived = asyncio.run(run())
+        time.sleep(0.5)
+        end_fds = fds(lb.pid)
+        row = Row(
+            "slowloris (silent connections)",
+            f"{n} connections that send nothing, idle_timeout 2s",
+            "every one closed by the idle timeout (within one tick); descriptors back",
+            f"{len(lived)}/{n} closed after {min(lived):.1f}-{max(lived):.1f} s; "
+            f"descriptors {base_fds} -> {end_fds}",
+            len(lived) == n and min(lived) > 1.9 and max(lived) < 4.0 and end_fds <= base_fds,
+        )
+        return clean(lb_, row)
+
+
+@experiment("descriptors")
+def descriptors(tmp: Path, scale: Scale) -> Row:
+    n = 400
+    raise_nofile()
+    with lab(tmp) as lb_:
+        b = lb_.backend("b0")
+        (port,) = free_ports(1)
+        lb, admin = lb_.l4lb(group_yaml([b], [port]), prefix=("prlimit", "--nofile=256:256", "--"))
+
+        async def run() -> tuple[int, int, float, float]:
+            served = refused = 0
+            held = []
+            for i in range(n):
+                try:  # a reset can beat the connect's own completion
+                    r, w = await open_from(port, source(i, 30))
+                    held.append(w)
+                    line = await asyncio.wait_for(r.readline(), 5)
+                except (ConnectionError, OSError):
+                    line = b""
+                served += line == b"b0\n"
+                refused += line == b""
+            t0, c0 = time.monotonic(), cpu_seconds(lb.pid)
+            await asyncio.sleep(2)  # full, with every held connection open: does it spin?
+            idle_cpu = (cpu_seconds(lb.pid) - c0) / (time.monotonic() - t0)
+            counted = metric(metrics(admin), "l4lb_accept_errors_total", errno="EMFILE")
+            for w in held:
+                w.close()
+            return served, refused, idle_cpu, counted
+
+        served, refused, idle_cpu, counted = asyncio.run(run())
+
+        async def again() -> bytes:
+            r, w = await open_from(port, "127.0.143.1")
+            line = await r.readline()
+            w.close()
+            return line
+
+        time.sleep(0.5)
+        recovered = asyncio.run(again()) == b"b0\n"
+        row = Row(
+            "descriptor exhaustion",
+            f"nofile=256, {n} clients holding their connections",
+            "the excess refused with a reset, each counted; idle CPU ~0; serves again after",
+            f"{served} served, {refused} refused, {counted:.0f} counted; CPU {idle_cpu:.0%}"
+            f" while full; {'recovered' if recovered else 'did not recover'}",
+            served + refused == n and refused == counted > 0 and idle_cpu < 0.05 and recovered,
+        )
+        return clean(lb_, row)
+
+
+@experiment("sources", fast=False)
+def distinct_sources(tmp: Path, scale: Scale) -> Row:
+    n, bound = 30_000, 10_000
+    with lab(tmp) as lb_:
+        b = lb_.backend("b0")
+        (port,) = free_ports(1)
+        lb, admin = lb_.l4lb(
+            group_yaml([b], [port], extra=f"persistence: {{timeout: 10m, max_entries: {bound}}}")
+        )
+        base = rss_kib(lb.pid)
+
+        async def run() -> int:
+            sem = asyncio.Semaphore(200)
+            ok = 0
+
+            async def one(i: int) -> None:
+                nonlocal ok
+                async with sem:
+                    r, w = await open_from(port, source(i, 40))
+                    line = await r.readline()  # (not `ok += await`: a lost update)
+                    ok += line == b"b0\n"
+                    w.close()
+
+            await asyncio.gather(*(one(i) for i in range(n)))
+            return ok
+
+        t0 = time.monotonic()
+        ok = asyncio.run(run())
+        took = time.monotonic() - t0
+        m = metrics(admin)
+        entries = metric(m, "l4lb_affinity_entries", group="web", state="idle") + metric(
+            m, "l4lb_affinity_entries", group="web", state="active"
+        )
+        evicted = metric(m, "l4lb_affinity_evictions_total", group="web")
+        grew = (rss_kib(lb.pid) - base) / 1024
+        row = Row(
+            "distinct sources",
+            f"{n:,} distinct /32 clients, max_entries {bound:,}",
+            "the table stays at max_entries, the oldest evicted; every client served",
+            f"{ok:,} served in {took:.0f} s; {entries:,.0f} entries, {evicted:,.0f} evicted;"
+            f" RSS +{grew:.1f} MiB",
+            ok == n and entries <= bound and evicted >= n - bound,
+        )
+        return clean(lb_, row)
+
+
+@experiment("proxy-garbage")
+def proxy_garbage(tmp: Path, scale: Scale) -> Row:
+    n, rate = scale.pick(300, 3000), 1000
+    with lab(tmp) as lb_:
+        b = lb_.backend("b0")
+        (port,) = free_ports(1)
+        _lb, admin = lb_.l4lb(
+            group_yaml([b], [port], extra="accept_proxy: {trusted: [127.0.0.0/8], timeout: 2s}")
+        )
+        junk = [
+            b"PROXY TCP4 x\r\n",
+            b"GET / HTTP/1.1\r\n\r\n" * 10,
+            os.urandom(600),
+            b"\r\n\r\n\x00\r\nQUIT\n" + os.urandom(16),
+        ]
+
+        async def run() -> tuple[int, int, int]:
+            resets = fins = good = 0
+
+            async def bad(i: int) -> None:
+                nonlocal resets, fins
+                r, w = await open_from(port, source(i, 50))
+                w.write(junk[i % len(junk)])
+                try:
+                    data = await asyncio.wait_for(r.read(1), 5)
+                    fins += data == b""
+                except ConnectionResetError:
+                    resets += 1
+                w.close()
+
+            async def fine(i: int) -> None:
+                nonlocal good
+                r, w = await open_from(port, f"127.0.144.{i % 250 + 1}")
+                w.write(b"PROXY TCP4 198.51.100.7 127.0.0.1 5555 80\r\n")
+                line = await asyncio.wait_for(r.readline(), 5)
+                good += line == b"b0\n"
+                w.close()
+
+            tasks = []
+            for i in range(n):
+                tasks.append(asyncio.create_task(bad(i)))
+                if i % 10 == 0:
+                    tasks.append(asyncio.create_task(fine(i)))
+                await asyncio.sleep(1 / rate)
+            await asyncio.gather(*tasks)
+            return resets, fins, good
+
+        resets, fins, good = asyncio.run(run())
+        rejected = metric(
+            metrics(admin), "l4lb_connections_failed_total", group="web", reason="rejected"
+        )
+        goods = (n + 9) // 10
+        row = Row(
+            "PROXY garbage at rate",
+            f"{n} malformed PROXY headers at ~{rate}/s, a good client every 10th",
+            "every refusal a reset (not a FIN), counted; the good clients served",
+            f"{resets} resets, {fins} FINs, {rejected:.0f} counted; {good}/{goods} good served",
+            resets == n and fins == 0 and rejected == n and good == goods,
+        )
+        return clean(lb_, row)
+
+
+@experiment("admin-abuse")
+def admin_abuse(tmp: Path, scale: Scale) -> Row:
+    rounds = scale.pick(20, 200)
+    with lab(tmp) as lb_:
+        b = lb_.backend("b0")
+        (port,) = free_ports(1)
+        lb, admin = lb_.l4lb(group_yaml([b], [port]))
+        hdr = b"POST /api/v1/reload HTTP/1.1\r\nHost: x\r\n"
+        auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+        kinds = [
+            b"GET / HTTP/9.9\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n",
+            b"GET / HTTP/1.1\r\n" + b"X-A: 1\r\n" * 1000 + b"\r\n",
+            hdr + b"Content-Length: -1\r\n\r\n",
+            hdr + auth + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+            hdr + b"Content-Length: 10000000000\r\n\r\n",
+            b"POST /api/v1/backends/web/b0 HTTP/1.1\r\nHost: x\r\n"
+            + auth
+            + b"Content-Length: 30006\r\n\r\n"
+            + b"[" * 15003
+            + b"]" * 15003,
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64),
+        ]
+        statuses: dict[int, int] = {}
+        t0 = time.monotonic()
+        for _ in range(rounds):
+            for data in kinds:
+                with socket.create_connection(("127.0.0.1", admin), timeout=10) as s:
+                    s.sendall(data)
+                    try:
+                        head = s.recv(64)
+                    except ConnectionResetError:
+                        head = b""
+                code = int(head.split(b" ")[1]) if head.startswith(b"HTTP/1.") else 0
+                statuses[code] = statuses.get(code, 0) + 1
+        took = time.monotonic() - t0
+        alive = metrics(admin).startswith("#")
+        lb.terminate()
+        lb.wait(15)
+        log = output(lb)
+        lines = log.count("refused a malformed admin request")
+        allowed = (took + 2) * len(kinds)  # one line per kind and second
+        total = rounds * len(kinds)
+        row = Row(
+            "admin abuse",
+            f"{total} malformed admin requests of {len(kinds)} kinds",
+            "4xx each, no 5xx; one log line per kind and second; the API answers after",
+            f"statuses {dict(sorted(statuses.items()))}; {lines} log lines in {took:.1f} s",
+            0 not in statuses
+            and not any(c >= 500 for c in statuses)
+            and lines <= allowed
+            and alive,
+        )
+        return clean(lb_, row)
+
+
+# ------------------------------------------------------------------ operations under load
+
+
+class Load:
+    """Threads that make echo connections from `sources` until stopped, counting failures."""
+
+    def __init__(self, port: int, sources: list[str], threads: int = 4) -> None:
+        self.port, self.sources = port, sources
+        self.stop = threading.Event()
+        self.done = 0
+        self.failures: list[str] = []
+        self.backends: dict[str, set[str]] = {}
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _run(self, k: int) -> None:
+        i = k
+        deadline = time.monotonic() + 600
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            src = self.sources[i % len(self.sources)]
+            i += len(self.threads)
+            try:
+                with socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=10, source_address=(src, 0)
+                ) as s:
+                    f = s.makefile("rb")
+                    name = f.readline().strip().decode()
+                    s.sendall(b"ping")
+                    if s.recv(4) != b"ping":
+                        raise OSError("no echo")
+                self.backends.setdefault(src, set()).add(name)
+                self.done += 1
+            except OSError as exc:
+                self.failures.append(f"{src}: {exc}")
+
+
+@experiment("reloads", fast=False)
+def reloads(tmp: Path, scale: Scale) -> Row:
+    n = 100
+    with lab(tmp) as lb_:
+        bs = [lb_.backend(f"b{i}") for i in range(3)]
+        (port,) = free_ports(1)
+        group = group_yaml(bs, [port], extra="scheduler: rr\npersistence: {timeout: 10m}")
+        lb, admin = lb_.l4lb(group)
+        cfg = lb_.config_path()
+        text = cfg.read_text()
+        clients = [f"127.0.145.{i}" for i in range(1, 41)]
+        with Load(port, clients) as load:
+            for k in range(n):
+                cfg.write_text(
+                    text.replace("scheduler: rr", ("scheduler: rr", "scheduler: wlc")[k % 2])
+                )
+                lb.send_signal(signal.SIGHUP)
+                wait_for_line(lb, "stderr", "reloaded")
+        moved = sum(len(v) > 1 for v in load.backends.values())
+        ok = metric(metrics(admin), "l4lb_reloads_total", result="ok")
+        row = Row(
+            "reloads under load",
+            f"{n} SIGHUPs while 4 threads connect from 40 clients",
+            "no failed connection; every client keeps its backend",
+            f"{load.done} connections, {len(load.failures)} failed; {moved} clients moved;"
+            f" {ok:.0f} reloads ok",
+            not load.failures and moved == 0 and ok == n,
+        )
+        return clean(lb_, row)
+
+
+@experiment("sigterm")
+def sigterm(tmp: Path, scale: Scale) -> Row:
+    n, size = scale.pick(10, 50), scale.pick(8, 32) * MIB
+    with lab(tmp) as lb_:
+        b = lb_.backend("b0")
+        (port,) = free_ports(1)
+        lb, admin = lb_.l4lb(group_yaml([b], [port], "stream"))
+
+        async def run() -> tuple[list[tuple[int, bool, float]], float, bool]:
+            tasks = [
+                asyncio.create_task(download(port, f"127.0.146.{i + 1}", size, 0.001))
+                for i in range(n)
+            ]
+            await relayed(admin, n * MIB)
+            t0 = time.monotonic()
+            lb.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            try:  # new connections are refused once it stops accepting
+                await open_from(port, "127.0.147.1", 2)
+                refused = False
+            except OSError:
+                refused = True
+            return await asyncio.gather(*tasks), t0, refused
+
+        ended, t0, refused = asyncio.run(run())
+        code = lb.wait(30)
+        took = time.monotonic() - t0
+        exact = sum(ok for _, ok, _ in ended)
+        row = Row(
+            "SIGTERM under load",
+            f"{n} downloads of {size // MIB} MiB in flight, shutdown_timeout 10s",
+            "every download completes byte-exact; new connections refused; exit 0",
+            f"{exact}/{n} complete and exact; exit {code} after {took:.1f} s;"
+            f" new connections {'refused' if refused else 'accepted'}",
+            exact == n and code == 0 and refused and took < 10,
+        )
+        return clean(lb_, row)
+
+
+@experiment("worker-killed", fast=False)
+def worker_killed(tmp: Path, scale: Scale) -> Row:
+    with lab(tmp) as lb_:
+        bs = [lb_.backend(f"b{i}") for i in range(2)]
+        (port,) = free_ports(1)
+        lb, admin = lb_.l4lb(
+            group_yaml(bs, [port], extra="persistence: {timeout: 10m, netmask: /24}"),
+            top="workers: 2\nstate_file: pins.json\nstate_interval: 500ms\n",
+        )
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/api/v1/workers", timeout=10) as r:
+            import json
+
+            pid0 = json.loads(r.read())["workers"][0]["pid"]
+        clients = [f"127.{150 + n}.0.1" for n in range(40)]
+        with Load(port, clients) as load:
+            time.sleep(1.5)  # every client pinned, and the pins in the state file
+            before = load.done
+            t0 = time.monotonic()
+            os.kill(pid0, signal.SIGKILL)
+            wait_for_line(lb, "stderr", "worker 0", timeout=20)
+            back = None
+            while time.monotonic() - t0 < 20:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/api/v1/workers") as r:
+                    w0 = json.loads(r.read())["workers"][0]
+                if w0["ready"] and w0["pid"] != pid0:
+                    back = time.monotonic() - t0
+                    break
+                time.sleep(0.05)
+            time.sleep(1)
+        moved = sum(len(v) > 1 for v in load.backends.values())
+        row = Row(
+            "a worker killed under load",
+            "workers: 2 (state_file), 4 threads from 40 /24s, SIGKILL of worker 0",
+            "only connections in flight at the dead worker fail; it is back within 2 s;"
+            " nobody changes backend",
+            f"{load.done} connections ({before} before), {len(load.failures)} failed;"
+            f" back after {back if back is None else f'{back:.2f} s'}; {moved} moved",
+            back is not None and back < 2 and len(load.failures) <= 4 and moved == 0,
+        )
+        return clean(lb_, row)
+
+
+@experiment("client-limits")
+def client_limits(tmp: Path, scale: Scale) -> Row:
+    with lab(tmp) as lb_:
+        b = lb_.backend("b0")
+        (port,) = free_ports(1)
+        _lb, admin = lb_.l4lb(
+            group_yaml(
+                [b],
+                [port],
+                extra=(
+                    "persistence: {timeout: 10m, netmask: /24}\n"
+                    "client_limits: {max_conns: 10, rate: 50/s, burst: 100}"
+                ),
+            )
+        )
+
+        async def run() -> tuple[int, int, int]:
+            held = []
+
+            async def one(src: str) -> bool:
+                try:
+                    r, w = await open_from(port, src)
+                    held.append(w)
+                    return await asyncio.wait_for(r.readline(), 5) == b"b0\n"
+                except (ConnectionError, OSError):
+                    return False
+
+            flood = await asyncio.gather(*(one(f"127.0.160.{i % 250 + 1}") for i in range(100)))
+            others = await asyncio.gather(
+                *(one(f"127.{161 + n}.0.{k}") for n in range(20) for k in range(1, 6))
+            )
+            for w in held:
+                w.close()
+            return sum(flood), 100 - sum(flood), sum(others)
+
+        served, refused, others = asyncio.run(run())
+        counted = metric(
+            metrics(admin), "l4lb_connections_failed_total", group="web", reason="client_limit"
+        )
+        row = Row(
+            "a client network over its limits",
+            "one /24 opens 100 at once (max_conns 10); 20 other /24s open 5 each",
+            "10 served, 90 reset and counted; every other network served",
+            f"{served} served, {refused} refused, {counted:.0f} counted; others {others}/100",
+            served == 10 and refused == 90 and counted == 90 and others == 100,
+        )
+        return clean(lb_, row)
+
+
+# ------------------------------------------------------------------ a lossy, slow link
+
+
+def _ip(*args: str, ns: str | None = None) -> None:
+    prefix = ["ip", "netns", "exec", ns] if ns else []
+    subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=30)
+
+
+@experiment("lossy-link")
+def lossy_link(tmp: Path, scale: Scale) -> Row:
+    size = scale.pick(4, 16) * MIB
+    name = "lossy link (netns)"
+    load = f"{size // MIB} MiB each way, 3% random loss, a 40 Mbit/s tbf link"
+    expect = "byte-exact both ways"
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None:
+        return Row(name, load, expect, "skipped: needs root, ip and iptables (CI has them)", True)
+    tag = f"l4rel{os.getpid() % 100000}"
+    client, server = f"{tag}c", f"{tag}s"
+    try:
+        for ns in (client, server):
+            _ip("ip", "netns", "add", ns)
+            _ip("ip", "link", "set", "lo", "up", ns=ns)
+        _ip(
+            "ip",
+            "link",
+            "add",
+            f"{tag}a",
+            "netns",
+            client,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"{tag}b",
+            "netns",
+            server,
+        )
+        _ip("ip", "addr", "add", "10.213.0.1/30", "dev", f"{tag}a", ns=client)
+        _ip("ip", "addr", "add", "10.213.0.2/30", "dev", f"{tag}b", ns=server)
+        _ip("ip", "link", "set", f"{tag}a", "up", ns=client)
+        _ip("ip", "link", "set", f"{tag}b", "up", ns=server)
+        for ns in (client, server):
+            _ip(
+                "iptables",
+                "-A",
+                "INPUT",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                "0.03",
+                "-j",
+                "DROP",
+                ns=ns,
+            )
+        _ip(
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            f"{tag}b",
+            "root",
+            "tbf",
+            "rate",
+            "40mbit",
+            "burst",
+            "32kbit",
+            "latency",
+            "400ms",
+            ns=server,
+        )
+        with processes() as procs:
+            lb_ = Lab(tmp, procs)
+            inside = ("ip", "netns", "exec", server)
+            echo = 19300
+            b = subprocess.Popen(
+                [
+                    *inside,
+                    sys.executable,
+                    "-m",
+                    "tests.lab_backend",
+                    "--name",
+                    "b0",
+                    "--echo",
+                    f"127.0.0.1:{echo}",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+            procs.append(b)
+            wait_for_line(b, "stdout", "ready")
+            group = (
+                "  web:\n    listen: [10.213.0.2]\n    ports: [19380]\n"
+                f"    backends: [{{name: b0, address: 127.0.0.1, ports: {{19380: {echo}}}}}]\n"
+            )
+            _lb, _admin = lb_.l4lb(group, prefix=inside)
+            data = os.urandom(size)
+            digest = hashlib.sha256(data).hexdigest()
+            script = (
+                "import hashlib,socket,sys,threading\n"
+                "s=socket.create_connection(('10.213.0.2',19380),timeout=60)\n"
+                "f=s.makefile('rb'); f.readline()\n"
+                f"data=open({str(tmp / 'payload')!r},'rb').read()\n"
+                "t=threading.Thread(target=lambda:(s.sendall(data),s.shutdown(socket.SHUT_WR)))\n"
+                "t.start(); got=b''\n"
+                "while chunk:=f.read1(1<<20): got+=chunk\n"
+                "t.join(); print(len(got), hashlib.sha256(got).hexdigest())\n"
+            )
+            (tmp / "payload").write_bytes(data)
+            t0 = time.monotonic()
+            out = subprocess.run(
+                ["ip", "netns", "exec", client, sys.executable, "-c", script],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            took = time.monotonic() - t0
+            got = out.stdout.split()
+            exact = got == [str(size), digest]
+            row = Row(
+                name,
+                load,
+                expect,
+                f"{'exact' if exact else 'NOT exact: ' + out.stdout + out.stderr[-200:]}"
+                f" in {took:.1f} s ({2 * size * 8 / took / 1e6:.1f} Mbit/s both ways)",
+                exact,
+            )
+            return clean(lb_, row)
+    finally:
+        for ns in (client, server):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+# ------------------------------------------------------------------ fuzzing
+
+
+@experiment("fuzz-config")
+def fuzz_config(tmp: Path, scale: Scale) -> Row:
+    from tests.fuzz import fuzz_config_loader
+
+    n = scale.pick(300, 5000)
+    found = fuzz_config_loader(n)
+    return Row(
+        "fuzzing the config loader (hypothesis)",
+        f"{n} generated and mutated configurations",
+        "a ConfigError of FILE:LINE: lines, or a valid config; never another exception",
+        "no failure" if found is None else f"failure: {found}",
+        found is None,
+    )
+
+
+@experiment("fuzz-admin")
+def fuzz_admin(tmp: Path, scale: Scale) -> Row:
+    from tests.fuzz import fuzz_admin_api
+
+    n = scale.pick(200, 3000)
+    with lab(tmp) as lb_:
+        bs = [lb_.backend(f"b{i}") for i in range(2)]
+        (port,) = free_ports(1)
+        _lb, admin = lb_.l4lb(group_yaml(bs, [port], extra="persistence: {timeout: 10m}"))
+        found = fuzz_admin_api(admin, port, n)
+        row = Row(
+            "fuzzing the admin API (hypothesis)",
+            f"{n} generated requests (methods, paths, queries, bodies, tokens)",
+            "never a 5xx; a refused request changes nothing",
+            "no failure" if found is None else f"failure: {found}",
+            found is None,
+        )
+        return clean(lb_, row)
+
+
+# ------------------------------------------------------------------ the soak
+
+
+def soak(tmp: Path, seconds: float) -> Row:
+    """Churn for `seconds`: short and long connections, reloads, a backend killed and started
+    again, admin calls. Descriptors and RSS, after a warm-up, must stay flat."""
+    with lab(tmp) as lb_:
+        bs = [lb_.backend(f"b{i}") for i in range(3)]
+        p1, p2 = free_ports(2)
+        lb, admin = lb_.l4lb(
+            group_yaml(
+                bs,
+                [p1, p2],
+                extra=(
+                    "persistence: {timeout: 30s, netmask: /24, max_entries: 5000}\n"
+                    "health_check: {type: tcp, interval: 500ms, rise: 1, fall: 1}\nidle_timeout: 5s"
+                ),
+            )
+        )
+        cfg = lb_.config_path()
+        text = cfg.read_text()
+        clients = [source(i, 60) for i in range(3000)]
+        samples: list[tuple[float, int, int]] = []
+        t0 = time.monotonic()
+        with Load(p1, clients, threads=3) as load, Load(p2, clients[::7], threads=1) as load2:
+            k = 0
+            while time.monotonic() - t0 < seconds:
+                time.sleep(1)
+                k += 1
+                samples.append((time.monotonic() - t0, rss_kib(lb.pid), fds(lb.pid)))
+                if k % 10 == 0:
+                    cfg.write_text(text.replace("timeout: 30s", f"timeout: {30 + k % 3}s"))
+                    lb.send_signal(signal.SIGHUP)
+                if k % 30 == 10:
+                    victim = bs[(k // 30) % 3]
+                    victim.kill()
+                if k % 30 == 20:
+                    dead = bs[(k // 30) % 3]
+                    fresh = lb_.backend(dead.name)
+                    # the same ports again, as a restarted service would
+                    for mode in ("echo", "stream", "sink"):
+                        fresh.ports[mode] = dead.ports[mode]
+                    fresh.kill()
+                    argv = [sys.executable, "-m", "tests.lab_backend", "--name", dead.name]
+                    for mode in ("echo", "stream", "sink"):
+                        argv += [f"--{mode}", f"127.0.0.1:{dead.ports[mode]}"]
+                    proc = subprocess.Popen(
+                        argv,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                        cwd=Path(__file__).resolve().parent.parent,
+                    )
+                    lb_.procs.append(proc)
+                    wait_for_line(proc, "stdout", "ready")
+                    dead.proc = proc
+                if k % 5 == 0:
+                    metrics(admin)
+        warm = [s for s in samples if s[0] >= min(30.0, seconds / 4)]
+        first, last = warm[0], warm[-1]
+        peak_rss = max(s[1] for s in warm)
+        done = load.done + load2.done
+        failed = len(load.failures) + len(load2.failures)
+        row = Row(
+            "soak with churn",
+            f"{seconds / 60:.0f} min: 4 client threads over 3,000 clients and 2 ports, a reload"
+            " every 10 s, a backend killed and restarted every 30 s",
+            "descriptors and RSS flat after the warm-up",
+            f"{done:,} connections ({failed} failed, during backend deaths); RSS"
+            f" {first[1] / 1024:.1f} -> {last[1] / 1024:.1f} MiB (peak {peak_rss / 1024:.1f});"
+            f" descriptors {first[2]} -> {last[2]}",
+            last[1] - first[1] < 4096 and last[2] - first[2] <= 10,
+        )
+        return clean(lb_, row)
+
+
+# ------------------------------------------------------------------ the table
+
+
+def table(rows: list[Row]) -> str:
+    head = ["experiment", "load", "expectation", "figure", "result"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run(names: list[str], fast: bool) -> list[Row]:
+    rows = []
+    for name in names:
+        fn, _ = EXPERIMENTS[name]
+        with tempfile.TemporaryDirectory(prefix=f"l4lb-{name}-") as tmp:
+            t0 = time.monotonic()
+            try:
+                row = fn(Path(tmp), Scale(fast))
+            except Exception as exc:  # a broken experiment is a failed row, not a stopped suite
+                row = Row(name, "", "", f"the experiment raised {exc!r}", False)
+            print(
+                f"{'pass' if row.ok else 'FAIL'} {name} ({time.monotonic() - t0:.0f} s):"
+                f" {row.figure}",
+                file=sys.stderr,
+                flush=True,
+            )
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--fast", action="store_true", help="the small loads of make test")
+    ap.add_argument("--only", action="append", choices=sorted(EXPERIMENTS), help="run just these")
+    ap.add_argument("--soak", type=float, metavar="SECONDS", help="run the soak instead")
+    args = ap.parse_args()
+    if args.soak:
+        with tempfile.TemporaryDirectory(prefix="l4lb-soak-") as tmp:
+            rows = [soak(Path(tmp), args.soak)]
+    else:
+        rows = run(args.only or list(EXPERIMENTS), args.fast)
+    print(table(rows))
+    passed = sum(r.ok for r in rows)
+    print(f"{passed} passed, {len(rows) - passed} failed")
+    return 0 if passed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
