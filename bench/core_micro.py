@@ -15,8 +15,9 @@ import tracemalloc
 
 from l4lb.affinity import AffinityTable
 from l4lb.backends import Backend
-from l4lb.config import BackendSpec
+from l4lb.config import BackendSpec, ClientLimitsSpec
 from l4lb.keys import make_keyer
+from l4lb.limits import ClientLimits
 from l4lb.schedulers import make_scheduler
 
 
@@ -59,6 +60,24 @@ def main() -> None:
                 s.pick(i)
 
         print(f"scheduler {name:4} pick (8 backends) {per_op(pick, 100_000):7.0f} ns")
+
+    # client_limits: what a connection pays to be admitted and released (no limit: nothing).
+    for label, spec in (
+        ("max_conns", ClientLimitsSpec(max_conns=100)),
+        ("rate", ClientLimitsSpec(rate=1e9, burst=1e9)),
+        ("max_conns+rate", ClientLimitsSpec(max_conns=100, rate=1e9, burst=1e9)),
+    ):
+        limits = ClientLimits(spec, time.monotonic)
+        nets = [rnd.getrandbits(24) << 8 for _ in range(1000)]
+
+        def admit(n: int, limits: ClientLimits = limits, nets: list[int] = nets) -> None:
+            take, give = limits.admit, limits.release
+            for i in range(n):
+                k = nets[i % 1000]
+                take(k)
+                give(k)
+
+        print(f"client_limits {label:14} admit+release {per_op(admit, 100_000):7.0f} ns")
 
     sizes = [10**e for e in range(3, 7) if 10**e <= args.max]
     for size in sizes:

@@ -104,6 +104,10 @@ def runner_options(count: Callable[[str], None], timeout: float) -> dict[str, An
     return {
         "access_log": None,
         "keepalive_timeout": timeout,
+        # After an error answer (a 413, say), aiohttp reads what the client still sends, so the
+        # client sees the answer rather than a reset; for a second, not its default ten, since
+        # each such connection counts against the limit meanwhile.
+        "lingering_time": 1.0,
         "logger": _ParseErrors(count),
         "max_headers": MAX_HEADERS,
     }

@@ -46,8 +46,8 @@ class Backend:
         "healthy",
         "index",
         "inhibit",
-        "loopback",
         "max_conns",
+        "may_loop",
         "name",
         "ports",
         "ramp_since",
@@ -66,7 +66,9 @@ class Backend:
         self.address = spec.address
         # On this host's loopback: its dials are remembered, to tell one that comes back to
         # l4lb itself (a backend pointing at a listener of ours) from a client.
-        self.loopback = spec.address.startswith("127.") or spec.address == "::1"
+        # Whether a dial here could come back to l4lb (set by the server: a local address, and
+        # a port of ours or kernel marks): such dials are remembered, to tell one from a client.
+        self.may_loop = False
         self.ports = dict(spec.ports)
         self.weight = spec.weight
         self.eff: float = spec.weight
@@ -153,7 +155,6 @@ class Backend:
         """Apply a reloaded spec. Weight and operator state change only when the file changed
         them, so that a reload does not undo what an operator set at run time."""
         self.address = spec.address
-        self.loopback = spec.address.startswith("127.") or spec.address == "::1"
         self.ports = dict(spec.ports)
         self.max_conns = spec.max_conns
         self.inhibit = spec.inhibit_on_failure

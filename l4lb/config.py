@@ -224,6 +224,15 @@ def parse_netmask(value: object) -> int:
 T = TypeVar("T")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]")
+
+
+def _one_line(text: str) -> str:
+    """A key or value may hold a newline or another control character: escaped, so that an
+    error stays one line."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class _Invalid(Exception):
     """Raised inside a field check; turned into one error line by `_Validator.field`."""
 
@@ -238,11 +247,11 @@ class _Validator:
     def error(self, node: yaml.Node | None, path: str, message: str) -> None:
         line = node.start_mark.line + 1 if node is not None else 1
         where = f"{path}: " if path else ""
-        self.errors.append(f"{self.source}:{line}: {where}{message}")
+        self.errors.append(_one_line(f"{self.source}:{line}: {where}{message}"))
 
     def warn(self, node: yaml.Node | None, path: str, message: str) -> None:
         line = node.start_mark.line + 1 if node is not None else 1
-        self.warnings.append(f"{self.source}:{line}: {path}: warning: {message}")
+        self.warnings.append(_one_line(f"{self.source}:{line}: {path}: warning: {message}"))
 
     def mapping(
         self, node: yaml.Node, path: str, allowed: tuple[str, ...]
@@ -1187,32 +1196,34 @@ def _first_unknown_tag(root: yaml.Node) -> yaml.Node | None:
 
 def _compose(text: str, source: str) -> yaml.Node | None:
     """The node tree of `text`; every YAML problem is one line naming its own line."""
+
+    def refuse(line: int, what: str) -> ConfigError:
+        return ConfigError([_one_line(f"{source}:{line}: invalid YAML: {' '.join(what.split())}")])
+
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        what = " ".join(str(exc.problem or exc.context or "not valid YAML").split())
-        raise ConfigError([f"{source}:{line}: invalid YAML: {what}"]) from None
+        raise refuse(
+            mark.line + 1 if mark is not None else 1,
+            str(exc.problem or exc.context or "not valid YAML"),
+        ) from None
     except yaml.reader.ReaderError as exc:  # a control character, say: it knows its offset
-        line = text.count("\n", 0, max(0, exc.position)) + 1
         char = exc.character
         what = f"#x{char:04x}" if isinstance(char, int) else repr(char)
-        raise ConfigError(
-            [f"{source}:{line}: invalid YAML: character {what} is not allowed ({exc.reason})"]
-        ) from None
+        line = text.count("\n", 0, max(0, exc.position)) + 1
+        raise refuse(line, f"character {what} is not allowed ({exc.reason})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}:1: invalid YAML: {' '.join(str(exc).split())}"]) from None
+        raise refuse(1, str(exc)) from None
     except RecursionError:
-        raise ConfigError([f"{source}:1: invalid YAML: nested too deeply"]) from None
+        raise refuse(1, "nested too deeply") from None
     if root is not None:
         bad = _first_unknown_tag(root)
         if bad is not None:
-            raise ConfigError(
-                [
-                    f"{source}:{bad.start_mark.line + 1}: invalid YAML: unknown tag {bad.tag!r}"
-                    " (l4lb reads plain YAML: strings, numbers, booleans, lists, mappings)"
-                ]
+            raise refuse(
+                bad.start_mark.line + 1,
+                f"unknown tag {bad.tag!r} (l4lb reads plain YAML: strings, numbers, booleans,"
+                " lists, mappings)",
             )
     return root
 

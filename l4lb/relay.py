@@ -165,7 +165,7 @@ class BackendSide(Half):
         client = self.client
         client.dialed = self  # so that a dial cancelled from here on closes this socket
         route = client.route
-        if route is not None and route.backend is not None and route.backend.loopback:
+        if route is not None and route.backend is not None and route.backend.may_loop:
             server = client.server
             self.local = local = transport.get_extra_info("sockname")[:2]
             server.outgoing[local] = (client.router, route.backend)
@@ -221,18 +221,15 @@ class ClientSide(Half):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        if peer is not None and self.from_loopback(peer):
+        if self.server.loop_watch and peer is not None and self.from_loopback(peer):
             return
         self._start(peer)
 
     def from_loopback(self, peer: tuple[str, int]) -> bool:
-        """A client on this host's loopback may be l4lb itself, dialing a backend that points
-        back at one of our listeners: refused if it is one of our open dials, else remembered
-        so that a dial completing just after this accept can tell (`BackendSide`)."""
-        host = peer[0]
-        if not (host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")):
-            return False
-        where = (host.removeprefix("::ffff:"), peer[1])
+        """While some backend could lead back to us (`Server.loop_watch`), a client may be
+        l4lb itself: refused if it is one of our open dials, else remembered so that a dial
+        completing just after this accept can tell (`BackendSide`)."""
+        where = (peer[0].removeprefix("::ffff:"), peer[1])
         if where in self.server.outgoing:
             self.looped(where)
             return True
@@ -475,7 +472,7 @@ class ProxyClientSide(ClientSide):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         Half.connection_made(self, transport)
         peer = transport.get_extra_info("peername")
-        if peer is not None and self.from_loopback(peer):
+        if self.server.loop_watch and peer is not None and self.from_loopback(peer):
             return
         trusted = self.router.proxy_trusted
         spec = self.router.spec.accept_proxy

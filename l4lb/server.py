@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import statefile
 from .backends import Backend
-from .config import Config, ConfigError, compact_ports, load_config
+from .config import Config, ConfigError, compact_ports, is_local_address, load_config
 from .dialer import SlotQueue
 from .keys import V6_TAG, format_netmask
 from .listeners import (
@@ -170,6 +170,7 @@ class Server:
         # Local (address, port) of open dials to loopback backends: a client arriving from one
         # of them is l4lb itself (`ClientSide.looped`).
         self.outgoing: dict[tuple[str, int], tuple[Router, Backend]] = {}
+        self.loop_watch = False  # some backend could lead back to us (`_watch_loops`)
         self.inbound: dict[tuple[str, int], ClientSide] = {}  # open clients from loopback
         self.loops = 0
         self._listeners: dict[tuple[str, int], tuple[ListenSpec, asyncio.AbstractServer]] = {}
@@ -293,6 +294,25 @@ class Server:
             r.spec.kernel_mark: r for r in self.routers.values() if r.spec.kernel_mark is not None
         }
         self.listening = specs
+        self._watch_loops()
+
+    def _watch_loops(self) -> None:
+        """Which backends a dial could come back to us from: a local address with one of our
+        listening ports (`l4lb check` refuses those, but a reload's or an inherited config may
+        not have been checked here), or any local one when kernel marks REDIRECT traffic to us.
+        Only their dials are remembered, and clients compared with them."""
+        ports = {s.port for s in self.listening}
+        redirect = self.config.kernel_marks is not None
+        local: dict[str, bool] = {}
+        watch = False
+        for router in self.routers.values():
+            for b in router.all_backends():
+                ours = redirect or any(b.port_for(p) in ports for p in router.spec.ports)
+                if ours and b.address not in local:
+                    local[b.address] = is_local_address(b.address)
+                b.may_loop = ours and local[b.address]
+                watch = watch or b.may_loop
+        self.loop_watch = watch
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -461,6 +481,7 @@ class Server:
             self.store.routers_changed()
         self._wire_health()
         self.config = new
+        self._watch_loops()  # again: kernel_marks may have come or gone with the file
         await self.monitor.restart()
         self.reloads_ok += 1
         log.info("reloaded %s: %s", new.source, "; ".join(changes) or "no changes")

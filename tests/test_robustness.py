@@ -49,6 +49,7 @@ GOOD = "groups:\n  web:\n    ports: [18080]\n    backends: [{name: a, address: 1
         ),
         (GOOD.replace("[18080]", '[!!timestamp "x"]'), 3, "cannot read 'x' as !!timestamp"),
         (GOOD + "  web2: {ports: [1\n", 6, "invalid YAML"),
+        ('admin: {"a\\nb": 1}\n' + GOOD, 1, "admin.a\\x0ab: unknown key"),  # found by the fuzzer
     ],
 )
 def test_yaml_errors_are_one_line_naming_their_own_line(
