@@ -57,6 +57,7 @@ def backend_json(
         "admin_state": b.admin.value,
         "healthy": b.healthy,
         "weight": b.weight,
+        "effective_weight": round(b.eff, 3),
         "max_conns": b.max_conns,
         "active": b.active,
         "connections": b.connections,

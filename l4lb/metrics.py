@@ -104,6 +104,12 @@ class L4lbCollector(Collector):
         weight = GaugeMetricFamily(
             "l4lb_backend_weight", "The backend's weight", labels=["group", "backend"]
         )
+        effective = GaugeMetricFamily(
+            "l4lb_backend_effective_weight",
+            "The weight the weighted schedulers use now: below l4lb_backend_weight while the"
+            " backend ramps up after coming back (slow_start)",
+            labels=["group", "backend"],
+        )
         checks = CounterMetricFamily(
             "l4lb_health_checks", "Health checks run", labels=["group", "backend", "result"]
         )
@@ -122,6 +128,8 @@ class L4lbCollector(Collector):
                 acc[1] += conn.peer.nbytes if conn.peer is not None else 0
 
         for g, router in s.routers.items():
+            if router.ramping:
+                router.ramp()  # effective weights as of now
             st = router.stats
             accepted.add_metric([g], st.accepted)
             failed.add_metric([g, "refused"], st.failed_refused)
@@ -164,6 +172,7 @@ class L4lbCollector(Collector):
                 bytes_.add_metric([*labels, "in"], b.bytes_in + live_in)
                 bytes_.add_metric([*labels, "out"], b.bytes_out + live_out)
                 weight.add_metric(labels, b.weight)
+                effective.add_metric(labels, b.eff)
                 current = b.state
                 for st_name in State:
                     state.add_metric([*labels, st_name.value], int(current is st_name))
@@ -184,6 +193,7 @@ class L4lbCollector(Collector):
             bytes_,
             state,
             weight,
+            effective,
             checks,
             check_time,
         )

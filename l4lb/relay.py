@@ -158,7 +158,7 @@ class BackendSide(Half):
         super().__init__()
         self.client = client
         self.owner = client
-        self.local: tuple[str, int] | None = None  # our address, for a loopback backend
+        self.local: tuple[str, int] | None = None  # our end of a dial that could loop
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -216,16 +216,16 @@ class ClientSide(Half):
         self.client_addr: tuple[str, int] | None = None
         self.proxy_buf: bytes | None = None
         self.proxy_timer: asyncio.TimerHandle | None = None
-        self.inbound: tuple[str, int] | None = None  # a loopback peer, in `server.inbound`
+        self.inbound: tuple[str, int] | None = None  # the peer, while in `server.inbound`
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        if self.server.loop_watch and peer is not None and self.from_loopback(peer):
+        if self.server.loop_watch and peer is not None and self.from_ourselves(peer):
             return
         self._start(peer)
 
-    def from_loopback(self, peer: tuple[str, int]) -> bool:
+    def from_ourselves(self, peer: tuple[str, int]) -> bool:
         """While some backend could lead back to us (`Server.loop_watch`), a client may be
         l4lb itself: refused if it is one of our open dials, else remembered so that a dial
         completing just after this accept can tell (`BackendSide`)."""
@@ -472,7 +472,7 @@ class ProxyClientSide(ClientSide):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         Half.connection_made(self, transport)
         peer = transport.get_extra_info("peername")
-        if self.server.loop_watch and peer is not None and self.from_loopback(peer):
+        if self.server.loop_watch and peer is not None and self.from_ourselves(peer):
             return
         trusted = self.router.proxy_trusted
         spec = self.router.spec.accept_proxy
@@ -564,6 +564,9 @@ class MarkedClientSide(ClientSide):
         if sock is not None:
             with contextlib.suppress(OSError):
                 mark = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+        peer = transport.get_extra_info("peername")
+        if self.server.loop_watch and peer is not None and self.from_ourselves(peer):
+            return  # a REDIRECT rule that sends l4lb's own dials back to it
         router = self.server.by_mark.get(mark)
         if router is None or sock is None:
             self.server.unmatched_marks += 1
@@ -578,4 +581,4 @@ class MarkedClientSide(ClientSide):
             return
         self.router = router
         self.service_port = original_port(sock, transport.get_extra_info("sockname")[1])
-        self._start(transport.get_extra_info("peername"))
+        self._start(peer)

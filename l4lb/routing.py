@@ -235,7 +235,7 @@ class Router:
         elif pinned is not None and not route.reason:
             route.reason = "failed"
         if self.ramping:
-            self._ramp()
+            self.ramp()
         choice = self.scheduler.pick(route.key, tried)
         if choice is not None and entry is not None:
             if pinned is not None and entry.home is None and not pinned.accepts_pinned:
@@ -247,9 +247,9 @@ class Router:
     def slow_start_of(self, backend: Backend) -> float:
         return backend.slow_start if backend.slow_start is not None else self.spec.slow_start
 
-    def _ramp(self) -> None:
-        """Move the effective weights of ramping backends on (only the new clients' pick reads
-        them, so only it pays for this, and only while a backend ramps)."""
+    def ramp(self) -> None:
+        """Move the effective weights of ramping backends on (the new clients' pick reads them,
+        so it calls this, only while a backend ramps; so does a scrape)."""
         now = self.clock()
         self.ramping = [b for b in self.ramping if b.ramp(now, self.slow_start_of(b))]
 
