@@ -286,7 +286,9 @@ def slowloris(tmp: Path, scale: Scale) -> Row:
             "every one closed by the idle timeout (within one tick); descriptors back",
             f"{len(lived)}/{n} closed after {min(lived):.1f}-{max(lived):.1f} s; "
             f"descriptors {base_fds} -> {end_fds}",
-            len(lived) == n and min(lived) > 1.9 and max(lived) < 4.0 and end_fds <= base_fds,
+            # (timed from when this client's coroutine saw its connection, which with 2,000
+            # opening at once can be a while after l4lb's accept: the lower bound is loose)
+            len(lived) == n and min(lived) > 1.5 and max(lived) < 4.0 and end_fds <= base_fds,
         )
         return clean(lb_, row)
 
@@ -505,12 +507,11 @@ def admin_abuse(tmp: Path, scale: Scale) -> Row:
         row = Row(
             "admin abuse",
             f"{total} malformed admin requests of {len(kinds)} kinds",
-            "4xx each, no 5xx; one log line per kind and second; the API answers after",
+            "an HTTP answer each: 400 or 413, or 503 past max_connections (an error answer"
+            " lingers a second); never a 500; one log line per kind and second; the API"
+            " answers after",
             f"statuses {dict(sorted(statuses.items()))}; {lines} log lines in {took:.1f} s",
-            0 not in statuses
-            and not any(c >= 500 for c in statuses)
-            and lines <= allowed
-            and alive,
+            set(statuses) <= {400, 413, 503} and lines <= allowed and alive,
         )
         return clean(lb_, row)
 
