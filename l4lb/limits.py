@@ -20,10 +20,12 @@ Pure logic, with an injected clock; no I/O.
 from __future__ import annotations
 
 from collections.abc import Callable
-
-from cachetools import TTLCache
+from typing import TYPE_CHECKING
 
 from .config import ClientLimitsSpec
+
+if TYPE_CHECKING:
+    from cachetools import TTLCache
 
 MAX_TRACKED = 100_000  # client networks whose rate is tracked at once
 
@@ -42,6 +44,8 @@ class ClientLimits:
         """New limits in place: open counts stay (they are facts); buckets restart full."""
         self.spec = spec
         if spec.rate > 0:
+            from cachetools import TTLCache  # loaded only by a configuration with a rate
+
             refill = spec.burst / spec.rate
             self._buckets = TTLCache(MAX_TRACKED, refill, timer=self.clock)
         else:
@@ -62,8 +66,9 @@ class ClientLimits:
         buckets = self._buckets
         if buckets is not None:
             now = self.clock()
-            bucket = buckets.get(key)
-            if bucket is None:
+            try:  # (not .get: a TTLCache's get looks the key up twice)
+                bucket = buckets[key]
+            except KeyError:
                 tokens = spec.burst
             else:
                 tokens = min(spec.burst, bucket[0] + (now - bucket[1]) * spec.rate)

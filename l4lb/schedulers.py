@@ -85,11 +85,11 @@ class WeightedRoundRobin(_Base):
     a a b a c a a, never a burst of five."""
 
     def rebuild(self) -> None:
-        self._current = [0.0] * len(self.backends)
+        self._current: list[float] = [0] * len(self.backends)
 
     def pick(self, key: int, exclude: Collection[Backend] = _EMPTY) -> Backend | None:
         current = self._current
-        total = 0.0
+        total: float = 0  # ints, unless a backend is ramping up (slow start)
         best = -1
         for i, b in enumerate(self.backends):
             if not b.schedulable or b in exclude:
