@@ -35,6 +35,7 @@ class Balancer(Protocol):
     async def start(self) -> None: ...
     async def shutdown(self) -> None: ...
     async def reload_from_file(self) -> list[str]: ...
+    def reopen_logs(self) -> None: ...
 
 
 async def _serve(config: Config, demo: bool, log_level: str) -> int:
@@ -73,6 +74,7 @@ async def _serve(config: Config, demo: bool, log_level: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    loop.add_signal_handler(signal.SIGUSR1, balancer.reopen_logs)  # logrotate
     demo_servers: list[asyncio.AbstractServer] = []
     try:
         if demo:

@@ -11,7 +11,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,6 +90,15 @@ class PersistenceSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLogSpec:
+    """The connection log: a line per connection when it ends (and when it is established)."""
+
+    path: str = "stdout"  # stdout | stderr | a file
+    format: str = "json"  # json | text
+    log_on_connect: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ClientLimitsSpec:
     """Per client network (the group's persistence netmask): open connections and a rate."""
 
@@ -124,6 +133,7 @@ class GroupSpec:
     accept_proxy: AcceptProxySpec | None = None  # a PROXY header required from trusted peers
     client_limits: ClientLimitsSpec | None = None
     slow_start: float = 0.0  # seconds over which a backend that comes up ramps to its weight
+    access_log: AccessLogSpec | None = None  # the group's own, else the top level's; None: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +184,7 @@ class Config:
     kernel_marks: KernelMarksSpec | None = None
     state_file: str | None = None
     state_interval: float = 30.0
+    access_log: AccessLogSpec | None = None  # the default of every group
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()
 
@@ -369,6 +380,7 @@ _TOP_KEYS = (
     "state_file",
     "state_interval",
     "kernel_marks",
+    "access_log",
 )
 _GROUP_KEYS = (
     "mark",
@@ -394,6 +406,7 @@ _GROUP_KEYS = (
     "kernel_mark",
     "client_limits",
     "slow_start",
+    "access_log",
 )
 _PERSIST_KEYS = ("timeout", "netmask", "ipv6_prefix", "max_entries")
 _BACKEND_KEYS = (
@@ -736,6 +749,29 @@ def _accept_proxy(v: _Validator, node: yaml.Node, path: str) -> AcceptProxySpec 
     return AcceptProxySpec(tuple(trusted), timeout)
 
 
+_LOG_OFF = AccessLogSpec(path="")  # a group's `access_log: off`, until resolved to None
+
+
+def _access_log(v: _Validator, node: yaml.Node, path: str) -> AccessLogSpec | None:
+    """A mapping, or `off` (a group that logs nothing while the others do)."""
+    if isinstance(node, yaml.ScalarNode) and node.value in ("off", "false"):
+        return _LOG_OFF
+    m = v.mapping(node, path, ("path", "format", "log_on_connect"))
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    checks: dict[str, Callable[[Any], Any]] = {
+        "path": _text,
+        "format": _choice("json", "text"),
+        "log_on_connect": _bool,
+    }
+    if not _scalars(v, m, path, checks, kw):
+        return None
+    if kw.get("path") not in (None, "stdout", "stderr"):
+        kw["path"] = _beside(v.source, kw["path"])
+    return AccessLogSpec(**kw)
+
+
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
 
 
@@ -909,6 +945,7 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         "notify": ("notify", notify),
         "accept_proxy": ("accept_proxy", lambda node, p: _accept_proxy(v, node, p)),
         "client_limits": ("client_limits", lambda node, p: _client_limits(v, node, p)),
+        "access_log": ("access_log", lambda node, p: _access_log(v, node, p)),
     }
     for key, (field_name, parse) in sections.items():
         if key in m:
@@ -1107,6 +1144,9 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
         kw["state_file"] = _beside(v.source, kw["state_file"])
     if "admin" in m:
         kw["admin"] = _admin(v, m["admin"][1], "admin")
+    if "access_log" in m:
+        top_log = _access_log(v, m["access_log"][1], "access_log")
+        kw["access_log"] = None if top_log is _LOG_OFF else top_log
     if "kernel_marks" in m:
         km = v.mapping(m["kernel_marks"][1], "kernel_marks", ("listen",))
         if km is not None and "listen" in km:
@@ -1163,6 +1203,11 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
                 )
         marks[group.mark] = gname
         groups.append(group)
+    default_log = kw.get("access_log")
+    for i, g in enumerate(groups):  # a group's own log, `off`, or the top level's
+        own = g.access_log
+        if own is None or own is _LOG_OFF:
+            groups[i] = replace(g, access_log=None if own is _LOG_OFF else default_log)
     if not v.errors:
         _check_loops(v, groups, kw.get("kernel_marks"))
     if v.errors:

@@ -23,9 +23,12 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING, cast
 
 from . import proxyproto, splice
+from .accesslog import Record, format_line
+from .backends import Backend
 from .dialer import dial
 from .routing import Route, Router
 from .splice import SpliceSession
@@ -99,6 +102,9 @@ class Half(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        rec = self.owner.rec
+        if rec is not None:
+            rec.end("client_fin" if self is self.owner else "backend_fin")
         peer = self.peer
         if peer is not None and not peer.lost:
             if peer.eof:  # both directions are finished
@@ -123,6 +129,10 @@ class Half(asyncio.Protocol):
 
     def _pass_on_loss(self, exc: Exception | None) -> None:
         self.lost = True
+        rec = self.owner.rec
+        if rec is not None:
+            side = "client" if self is self.owner else "backend"
+            rec.end(f"{side}_rst" if exc is not None else f"{side}_close")
         peer = self.peer
         if peer is not None and not peer.lost:
             if exc is None:
@@ -191,6 +201,7 @@ class ClientSide(Half):
         "inbound",
         "proxy_buf",
         "proxy_timer",
+        "rec",
         "route",
         "router",
         "server",
@@ -217,13 +228,40 @@ class ClientSide(Half):
         self.proxy_buf: bytes | None = None
         self.proxy_timer: asyncio.TimerHandle | None = None
         self.inbound: tuple[str, int] | None = None  # the peer, while in `server.inbound`
+        self.rec: Record | None = None  # what the connection log will say (when it is on)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
+        if self.router.log is not None:
+            self.rec = Record(peer, self.service_port, time.monotonic())
         if self.server.loop_watch and peer is not None and self.from_ourselves(peer):
             return
         self._start(peer)
+
+    def log_line(self, event: str) -> None:
+        """Hand this connection's line to its group's connection log."""
+        rec, sink = self.rec, self.router.log
+        if rec is None or sink is None:
+            return
+        writer, spec = sink
+        peer = self.peer
+        line = format_line(
+            spec.format,
+            event,
+            self.router.name,
+            rec,
+            time.monotonic(),
+            self.nbytes,
+            peer.nbytes if peer is not None else 0,
+            self.server.worker,
+        )
+        writer.write(line)
+
+    def ended(self, how: str) -> None:
+        """l4lb itself ends the connection (a refusal, the idle timeout, shutdown): say why."""
+        if self.rec is not None:
+            self.rec.end(how)
 
     def from_ourselves(self, peer: tuple[str, int]) -> bool:
         """While some backend could lead back to us (`Server.loop_watch`), a client may be
@@ -271,9 +309,11 @@ class ClientSide(Half):
             server.accept_error("EMFILE", "refused a connection: the descriptor limit is near")
             if limits is not None:
                 limits.release(key)
-            reset(self.transport)
+            self.refuse("descriptors")
             return
-        self.route = self.router.begin(key)
+        self.route = route = self.router.begin(key)
+        if self.rec is not None:
+            self.rec.affinity = "" if route.pinned is None else route.pinned.name  # until dialed
         server.track(self)
         self.task = asyncio.get_running_loop().create_task(self._connect())
 
@@ -290,7 +330,13 @@ class ClientSide(Half):
                 which.replace("_", " "),
                 held_note(held),
             )
+        self.refuse("client_limit")
+
+    def refuse(self, how: str) -> None:
+        """Reset a client that gets no backend at all, and log its line."""
+        self.ended(how)
         reset(self.transport)
+        self.log_line("end")
 
     def reject(self, why: str) -> None:
         """Refuse the client with a reset before any byte of it reaches a backend; counted, and
@@ -299,7 +345,7 @@ class ClientSide(Half):
         held = _throttle.allow(("rejected", self.router.name))
         if held is not None:
             log.warning("group %s: rejected a client: %s%s", self.router.name, why, held_note(held))
-        reset(self.transport)
+        self.refuse("rejected")
 
     async def _connect(self) -> None:
         route = self.route
@@ -338,9 +384,16 @@ class ClientSide(Half):
                 router.limits.release(route.key)
             self.route = None
             self.server.forget(self)
+            if self.rec is not None:
+                self.rec.tries = len(route.tried)
+                self.rec.affinity = "none"
+                self.ended("no_backend")
             self.transport.close()
+            self.log_line("end")
             return
         backend, _, backend_side = result
+        if self.rec is not None:
+            self._dialed(route, backend)
         mode = backend.send_proxy or router.spec.send_proxy
         if mode is not None and mode != "none":
             dest = self.transport.get_extra_info("sockname")
@@ -354,6 +407,37 @@ class ClientSide(Half):
             self.begin_splice()
         elif mode == "auto" and splice.AVAILABLE:
             self.splice_at = backend_side.splice_at = splice.SPLICE_AFTER
+
+    def _dialed(self, route: Route, backend: Backend) -> None:
+        """The dial's outcome, for the log: where, how many tries, and what became of the pin
+        (`affinity` held the name of the pin the connection arrived with, "" for none)."""
+        rec = self.rec
+        assert rec is not None
+        router = self.router
+        rec.connected_at = time.monotonic()
+        rec.tries = len(route.tried)
+        rec.backend = backend.name
+        rec.backend_address = f"{backend.address}:{backend.port_for(self.service_port)}"
+        if ":" in backend.address:
+            rec.backend_address = f"[{backend.address}]:{backend.port_for(self.service_port)}"
+        arrived_with = rec.affinity
+        if router.table is None:
+            rec.affinity = "none"
+        elif backend is router.sorry:
+            rec.affinity = "sorry"
+        elif route.entry is None:
+            rec.affinity = "unpinned"
+        elif route.reason == "full":
+            rec.affinity, rec.repin_reason = "full", "full"
+        elif not arrived_with:
+            rec.affinity = "new"
+        elif arrived_with == backend.name:
+            rec.affinity = "hit"
+        else:
+            rec.affinity, rec.repin_reason = "repin", route.reason or "failed"
+        spec = router.log[1] if router.log is not None else None
+        if spec is not None and spec.log_on_connect:
+            self.log_line("connect")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.inbound is not None:
@@ -382,6 +466,10 @@ class ClientSide(Half):
         if backend is not None and backend.waiting:
             self.server.slots.wake(backend)
         self.server.forget(self)
+        if self.rec is not None:
+            if not self.rec.backend:  # the client left while the dial went on
+                self.rec.affinity, self.rec.tries = "none", len(route.tried)
+            self.log_line("end")
 
     # ------------------------------------------------------------------ zero copy
 
@@ -432,6 +520,8 @@ class ClientSide(Half):
         self.splice.start()
 
     def _splice_ended(self, reset_: bool) -> None:
+        # (the pumps do not say which side ended first)
+        self.ended("splice_rst" if reset_ else "splice_fin")
         peer = self.peer
         for t in (self.transport, peer.transport if peer is not None else None):
             if t is None or t.is_closing():
@@ -443,6 +533,7 @@ class ClientSide(Half):
 
     def reset_all(self) -> None:
         """Reset both sides (shutdown after the grace period)."""
+        self.ended("shutdown")
         if self.splice is not None:
             self.splice.abort()
             return
@@ -472,6 +563,8 @@ class ProxyClientSide(ClientSide):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         Half.connection_made(self, transport)
         peer = transport.get_extra_info("peername")
+        if self.router.log is not None:
+            self.rec = Record(peer, self.service_port, time.monotonic())
         if self.server.loop_watch and peer is not None and self.from_ourselves(peer):
             return
         trusted = self.router.proxy_trusted
@@ -511,6 +604,8 @@ class ProxyClientSide(ClientSide):
             self.pending = [rest]
             self.nbytes += len(rest)
         self.client_addr = header.source
+        if self.rec is not None and header.source is not None:
+            self.rec.client = header.source
         self._start(header.source or self.transport.get_extra_info("peername"))
 
     def eof_received(self) -> bool:
@@ -528,6 +623,10 @@ class ProxyClientSide(ClientSide):
         self.lost = True
         if self.proxy_timer is not None:
             self.proxy_timer.cancel()
+        rec = self.rec
+        if rec is not None and not rec.termination:  # gone before its header: not refused
+            rec.end("client_rst" if exc is not None else "client_close")
+            self.log_line("end")
 
 
 SO_ORIGINAL_DST = 80  # netfilter's, for IPv4 (SOL_IP) and IPv6 (SOL_IPV6) alike
@@ -581,4 +680,6 @@ class MarkedClientSide(ClientSide):
             return
         self.router = router
         self.service_port = original_port(sock, transport.get_extra_info("sockname")[1])
+        if router.log is not None:
+            self.rec = Record(peer, self.service_port, time.monotonic())
         self._start(peer)

@@ -41,10 +41,11 @@ import errno
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .affinity import AffinityTable, Entry
 from .backends import Backend, State
-from .config import GroupSpec
+from .config import AccessLogSpec, GroupSpec
 from .health import Event, Quorum
 from .keys import Keyer, make_keyer, make_matcher
 from .limits import ClientLimits
@@ -53,6 +54,9 @@ from .schedulers import Scheduler, make_scheduler, rendezvous
 # Errors of socket() and connect() that say this process (or the system) is out of something,
 # not that a backend failed.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+if TYPE_CHECKING:
+    from .accesslog import AccessLog
+
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -168,6 +172,8 @@ class Router:
         self.limits = ClientLimits(spec.client_limits, clock) if spec.client_limits else None
         self.clock = clock
         self.ramping: list[Backend] = []  # backends in their slow start
+        # The connection log's (writer, spec) when the group logs, set by the server.
+        self.log: tuple[AccessLog, AccessLogSpec] | None = None
         self.stats = GroupStats()
         self.listener: Callable[[Event], None] | None = None
         self._return = spec.on_up == "return"

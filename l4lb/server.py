@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import statefile
+from .accesslog import AccessLog
 from .backends import Backend
 from .config import Config, ConfigError, compact_ports, is_local_address, load_config
 from .dialer import SlotQueue
@@ -171,6 +172,7 @@ class Server:
         # of them is l4lb itself (`ClientSide.looped`).
         self.outgoing: dict[tuple[str, int], tuple[Router, Backend]] = {}
         self.loop_watch = False  # some backend could lead back to us (`_watch_loops`)
+        self.access_logs: dict[str, AccessLog] = {}  # connection log writers, by path
         self.inbound: dict[tuple[str, int], ClientSide] = {}  # open clients from loopback
         self.loops = 0
         self._listeners: dict[tuple[str, int], tuple[ListenSpec, asyncio.AbstractServer]] = {}
@@ -231,6 +233,7 @@ class Server:
             if c.router is router and c.route is not None and c.route.backend is backend
         ]
         for conn in doomed:
+            conn.ended("backend_down")
             conn.close()
         return len(doomed)
 
@@ -295,6 +298,36 @@ class Server:
         }
         self.listening = specs
         self._watch_loops()
+        self._open_logs()
+
+    def _open_logs(self) -> None:
+        """One writer per log path, shared by the groups that log there; a path no group uses
+        any more is closed."""
+        wanted: dict[str, AccessLog] = {}
+        for router in self.routers.values():
+            spec = router.spec.access_log
+            if spec is None:
+                router.log = None
+                continue
+            writer = wanted.get(spec.path) or self.access_logs.get(spec.path)
+            if writer is None:
+                try:
+                    writer = AccessLog(spec, self.worker)
+                except OSError as exc:
+                    raise StartupError(
+                        f"cannot open the access log {spec.path}: {exc.strerror or exc}"
+                    ) from None
+            wanted[spec.path] = writer
+            router.log = (writer, spec)
+        for path, writer in self.access_logs.items():
+            if path not in wanted:
+                writer.close()
+        self.access_logs = wanted
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: the connection log files are opened again (logrotate)."""
+        for writer in self.access_logs.values():
+            writer.reopen()
 
     def _watch_loops(self) -> None:
         """Which backends a dial could come back to us from: a local address with one of our
@@ -407,6 +440,8 @@ class Server:
         self._listeners.clear()
         if self.config.state_file:
             await self._save_state()
+        for writer in self.access_logs.values():
+            writer.close()
         if self.store is not None:
             await self.store.stop()
         if self._admin is not None:
@@ -605,4 +640,5 @@ class Server:
                     continue
                 limit = conn.router.spec.idle_timeout
                 if limit > 0 and now - conn.idle_since >= limit and conn.peer is not None:
+                    conn.ended("idle_timeout")
                     conn.close()

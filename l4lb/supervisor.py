@@ -93,6 +93,12 @@ class Supervisor:
             w is not None and w.ready.is_set() and not w.channel.closed for w in self.workers
         )
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): every worker reopens its connection log files."""
+        for w in self.live_workers():
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.send_signal(signal.SIGUSR1)
+
     def live_workers(self) -> list[WorkerProc]:
         return [w for w in self.workers if w is not None and not w.channel.closed]
 

@@ -73,6 +73,7 @@ async def serve(env: dict[str, Any]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reloads come from the supervisor
+    loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)  # passed on by the supervisor
     try:
         await server.start()
     except StartupError as exc:

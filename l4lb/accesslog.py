@@ -1,0 +1,239 @@
+"""The connection log (`access_log`): one line when a connection ends (and, with
+`log_on_connect`, one when it is established), as JSON or as one human line like HAProxy's
+tcplog.
+
+Theory of operation
+-------------------
+The relay keeps a `Record` per connection only in a group whose log is on (a `None` slot
+otherwise, so a log that is off costs one test per event). The record learns its facts where
+they happen: the accept, the dial's outcome, the first FIN or reset and from which side, or the
+reason l4lb itself ended it (idle timeout, shutdown, a refusal). At the end the relay hands it
+to the group's `AccessLog`.
+
+Writing never blocks the relay: a line is appended to a bounded buffer, and the loop flushes
+the buffer once per iteration with one `os.write` on a descriptor in non-blocking mode (a file
+of our own, or standard output). A partial write keeps the rest; a pipe that is full waits for
+the loop to say it is writable. When the buffer is full, lines are dropped and counted
+(`dropped`), never waited for. SIGUSR1 reopens a file (after logrotate moved it). Standard
+error is written as it is (blocking): l4lb's own log shares it, and a non-blocking descriptor
+would make its writes fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import time
+
+from .config import AccessLogSpec
+
+log = logging.getLogger("l4lb.accesslog")
+
+MAX_PENDING = 64 * 1024 * 1024 // 256  # lines held while the output is slow: about 64 MiB
+
+
+class Record:
+    """What one connection did, for its log line."""
+
+    __slots__ = (
+        "affinity",
+        "backend",
+        "backend_address",
+        "client",
+        "connected_at",
+        "peer",
+        "port",
+        "repin_reason",
+        "started",
+        "started_wall",
+        "termination",
+        "tries",
+    )
+
+    def __init__(self, peer: tuple[str, int] | None, port: int, now: float) -> None:
+        self.peer = peer  # the socket's peer
+        self.client: tuple[str, int] | None = None  # a PROXY header's source, when it differs
+        self.port = port
+        self.started = now  # time.monotonic() of the accept (uvloop's clock ticks in ms)
+        self.started_wall = time.time()
+        self.connected_at = 0.0
+        self.affinity = "none"
+        self.repin_reason = ""
+        self.backend: str | None = None
+        self.backend_address = ""
+        self.tries = 0
+        self.termination = ""
+
+    def end(self, how: str) -> None:
+        """The first cause of the end wins (a FIN, then the other side's reset, say)."""
+        if not self.termination:
+            self.termination = how
+
+
+def _iso(wall: float) -> str:
+    t = time.gmtime(wall)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', t)}.{int(wall % 1 * 1000):03d}Z"
+
+
+def _host(addr: tuple[str, int] | None) -> tuple[str, int]:
+    if addr is None:
+        return "", 0
+    return addr[0].removeprefix("::ffff:"), addr[1]
+
+
+def format_line(
+    fmt: str,
+    event: str,
+    group: str,
+    rec: Record,
+    now: float,
+    bytes_in: int,
+    bytes_out: int,
+    worker: int | None,
+) -> str:
+    """One line for `rec` ("connect" or "end"). Every value is an IP literal, a number or a
+    name checked by the config loader, so JSON needs no escaping beyond what is written."""
+    client, client_port = _host(rec.client or rec.peer)
+    peer, peer_port = _host(rec.peer)
+    connect_ms = (rec.connected_at - rec.started) * 1000 if rec.connected_at else None
+    duration_ms = (now - rec.started) * 1000
+    wall = rec.started_wall + (now - rec.started)
+    if fmt == "text":
+        who = f"{client}:{client_port}"
+        if rec.client is not None:
+            who += f" (via {peer}:{peer_port})"
+        where = f"{rec.backend}@{rec.backend_address}" if rec.backend else "-"
+        pin = rec.affinity + (f"({rec.repin_reason})" if rec.repin_reason else "")
+        wk = f" worker={worker}" if worker is not None else ""
+        tc = f"{connect_ms:.1f}" if connect_ms is not None else "-"
+        end = rec.termination if event == "end" else "open"
+        return (
+            f"{_iso(wall)} {group}:{rec.port} {who} -> {where} affinity={pin} tries={rec.tries}"
+            f" connect_ms={tc} duration_ms={duration_ms:.1f} bytes_in={bytes_in}"
+            f" bytes_out={bytes_out} {event} {end}{wk}"
+        )
+    fields = [
+        f'"time":"{_iso(wall)}"',
+        f'"event":"{event}"',
+        f'"group":"{group}"',
+        f'"client":"{client}"',
+        f'"client_port":{client_port}',
+    ]
+    if rec.client is not None:
+        fields.append(f'"peer":"{peer}","peer_port":{peer_port}')
+    fields.append(f'"port":{rec.port}')
+    fields.append(f'"affinity":"{rec.affinity}"')
+    if rec.repin_reason:
+        fields.append(f'"repin_reason":"{rec.repin_reason}"')
+    fields.append(f'"backend":"{rec.backend}"' if rec.backend else '"backend":null')
+    if rec.backend_address:
+        fields.append(f'"backend_address":"{rec.backend_address}"')
+    fields.append(f'"tries":{rec.tries}')
+    fields.append(
+        f'"connect_ms":{connect_ms:.3f}' if connect_ms is not None else '"connect_ms":null'
+    )
+    fields.append(f'"duration_ms":{duration_ms:.3f}')
+    fields.append(f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}')
+    if event == "end":
+        fields.append(f'"termination":"{rec.termination or "unknown"}"')
+    if worker is not None:
+        fields.append(f'"worker":{worker}')
+    return "{" + ",".join(fields) + "}"
+
+
+class AccessLog:
+    """A bounded, non-blocking line writer flushed by the event loop."""
+
+    def __init__(self, spec: AccessLogSpec, worker: int | None = None) -> None:
+        self.spec = spec
+        self.worker = worker
+        self.dropped = 0
+        self.written = 0
+        self._pending: list[str] = []
+        self._flush_scheduled = False
+        self._waiting = False  # the descriptor was full: the loop tells us when it is not
+        self._tail = b""  # the part of a line a partial write left
+        self._fd = -1
+        self._own = False
+        self._open()
+
+    def _open(self) -> None:
+        path = self.spec.path
+        if path == "stdout":
+            self._fd, self._own = 1, False
+            with contextlib.suppress(OSError):
+                os.set_blocking(1, False)
+        elif path == "stderr":
+            self._fd, self._own = 2, False
+        else:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
+            self._fd, self._own = os.open(path, flags, 0o640), True
+
+    def reopen(self) -> None:
+        """After logrotate: a file is opened again at its path (standard streams stay)."""
+        if not self._own:
+            return
+        old = self._fd
+        try:
+            self._open()
+        except OSError as exc:
+            log.error("cannot reopen the access log %s: %s", self.spec.path, exc.strerror)
+            return
+        self._unwatch(old)
+        os.close(old)
+        log.info("reopened the access log %s", self.spec.path)
+
+    def close(self) -> None:
+        self.flush()
+        self._unwatch(self._fd)
+        if self._own and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def write(self, line: str) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        self._pending.append(line)
+        if not self._flush_scheduled and not self._waiting:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if self._fd < 0 or not (self._pending or self._tail):
+            return
+        data = (
+            self._tail + ("\n".join(self._pending) + "\n").encode() if self._pending else self._tail
+        )
+        lines = len(self._pending)
+        self._pending = []
+        try:
+            n = os.write(self._fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:  # a full disk, a closed pipe: the lines are lost, and counted
+            self.dropped += lines
+            self._tail = b""
+            if exc.errno != errno.EPIPE:
+                log.error("cannot write the access log %s: %s", self.spec.path, exc.strerror)
+            return
+        self.written += lines
+        self._tail = data[n:]
+        if self._tail and not self._waiting:
+            self._waiting = True
+            with contextlib.suppress(NotImplementedError, ValueError, OSError):
+                asyncio.get_running_loop().add_writer(self._fd, self._writable)
+
+    def _writable(self) -> None:
+        self._unwatch(self._fd)
+        self.flush()
+
+    def _unwatch(self, fd: int) -> None:
+        if self._waiting:
+            self._waiting = False
+            with contextlib.suppress(NotImplementedError, ValueError, OSError, RuntimeError):
+                asyncio.get_running_loop().remove_writer(fd)
