@@ -14,7 +14,7 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .admin_guard import MAX_BODY, Guard, reason_of, runner_options
+from .affinity import Entry
 from .backends import Backend, State
 from .config import MAX_WEIGHT, AdminSpec
 from .keys import V6_TAG, format_key, format_netmask
@@ -335,19 +336,22 @@ class AdminServer(ApiBase):
 
     # ------------------------------------------------------------------ affinity
 
-    def _matching(
-        self, request: web.Request
-    ) -> list[tuple[Router, int, Backend | None, int, float | None]]:
-        """(router, key, backend, connections, seconds left) of the entries the filters select."""
+    def _matching(self, request: web.Request) -> list[tuple[Router, Entry[Backend]]]:
+        """The entries the filters select. `client` is an address (the entry of the network it
+        is in, by each group's own netmask) or a prefix (the entries inside it)."""
         group = request.query.get("group")
         client = request.query.get("client")
         backend = request.query.get("backend")
         if group is not None:
             self._router(group)
         net: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+        address: str | None = None
         if client:
             try:
-                net = ipaddress.ip_network(client, strict=False)
+                if "/" in client:
+                    net = ipaddress.ip_network(client, strict=False)
+                else:
+                    address = str(ipaddress.ip_address(client))
             except ValueError:
                 raise ApiError(
                     400,
@@ -358,14 +362,17 @@ class AdminServer(ApiBase):
             table = router.table
             if table is None or (group is not None and name != group):
                 continue
-            now = table.clock()
-            for e in table.entries():
+            if address is not None:
+                found = table.get(router.keyer(address))
+                candidates: Iterable[Entry[Backend]] = [found] if found is not None else []
+            else:
+                candidates = table.entries()
+            for e in candidates:
                 if backend is not None and (e.backend is None or e.backend.name != backend):
                     continue
                 if net is not None and not _key_in(e.key, net):
                     continue
-                left = None if e.refs else max(0.0, e.expires - now)
-                out.append((router, e.key, e.backend, e.refs, left))
+                out.append((router, e))
         return out
 
     async def affinity(self, request: web.Request) -> web.Response:
@@ -374,25 +381,14 @@ class AdminServer(ApiBase):
         except ValueError:
             raise ApiError(400, "limit must be an integer") from None
         matching = self._matching(request)
-        entries = []
-        for router, key, backend, refs, left in matching[: max(0, min(limit, MAX_LIST))]:
-            p = router.spec.persistence
-            entries.append(
-                {
-                    "group": router.name,
-                    "client": format_key(key, p.netmask, p.ipv6_prefix),
-                    "backend": backend.name if backend is not None else None,
-                    "connections": refs,
-                    "expires_in": None if left is None else round(left, 1),
-                }
-            )
+        entries = [entry_json(router, e) for router, e in matching[: max(0, min(limit, MAX_LIST))]]
         return web.json_response({"entries": entries, "total": len(matching)})
 
     async def flush_affinity(self, request: web.Request) -> web.Response:
         matching = self._matching(request)
         n = 0
-        for router, key, _backend, _refs, _left in matching:
-            if router.table is not None and router.table.forget(key):
+        for router, e in matching:
+            if router.table is not None and router.table.forget(e.key):
                 n += 1
         log.info("flushed %d affinity entries (%s) for %s", n, dict(request.query), request.remote)
         return web.json_response({"deleted": n})
@@ -421,6 +417,26 @@ class AdminServer(ApiBase):
         return web.json_response(
             {"samples": [{"time": t, "entries": sizes} for t, sizes in self.server.history]}
         )
+
+
+def entry_json(router: Router, e: Entry[Backend]) -> dict[str, Any]:
+    """One affinity entry as the API shows it; times are seconds ago or to go."""
+    p = router.spec.persistence
+    table = router.table
+    now = table.clock() if table is not None else 0.0
+    repin = None
+    if e.repin is not None:
+        when, reason, was = e.repin
+        repin = {"seconds_ago": round(now - when, 1), "reason": reason, "from": was}
+    return {
+        "group": router.name,
+        "client": format_key(e.key, p.netmask, p.ipv6_prefix),
+        "backend": e.backend.name if e.backend is not None else None,
+        "connections": e.refs,
+        "expires_in": None if e.refs else round(max(0.0, e.expires - now), 1),
+        "pinned_for": round(now - e.since, 1) if e.since else None,
+        "last_repin": repin,
+    }
 
 
 def _key_in(key: int, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:

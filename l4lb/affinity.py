@@ -42,13 +42,15 @@ B = TypeVar("B")
 
 
 class Entry(Generic[B]):
-    __slots__ = ("backend", "expires", "home", "key", "refs")
+    __slots__ = ("backend", "expires", "home", "key", "refs", "repin", "since")
 
     def __init__(self, key: int) -> None:
         self.key = key
         self.backend: B | None = None
         self.home: B | None = None  # where the client was before its backend failed
         self.refs = 0
+        self.since = 0.0  # the clock when the current pin was made (0: not yet)
+        self.repin: tuple[float, str, str] | None = None  # the last: (clock, reason, from)
         # Idle: when it expires. Active: when it became active (a shared store renews what
         # became active since its last round; `_active`'s order is the activation order).
         self.expires = 0.0

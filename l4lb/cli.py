@@ -144,8 +144,11 @@ def _import_keepalived(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     if notes:
+        from .ctl import plural
+
         print(
-            f"{notes} options were not carried over: see the '# not carried over' comments",
+            f"{plural(notes, 'option was', 'options were')} not carried over: see the"
+            " '# not carried over' comments",
             file=sys.stderr,
         )
     return 0
@@ -194,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["debug", "info", "warning", "error"],
         help="least severe events to log on stderr (default: info)",
     )
+    parser.add_argument("--version", action="version", version=f"l4lb {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the balancer")
     run.add_argument("-c", "--config", required=True, help="the YAML configuration file")

@@ -11,7 +11,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -1271,6 +1271,35 @@ def _compose(text: str, source: str) -> yaml.Node | None:
                 " lists, mappings)",
             )
     return root
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_shown(v)}" for k, v in sorted(value.items())) + "}"
+    return str(value)
+
+
+def changes(old: object, new: object, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
+    """What differs between two configuration dataclasses, field by field ("scheduler wlc ->
+    rr", "persistence.timeout 300 -> 600"), nested ones by their own fields."""
+    out: list[str] = []
+    for f in fields(old):  # type: ignore[arg-type]
+        if f.name in skip:
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        if is_dataclass(a) and is_dataclass(b) and type(a) is type(b):
+            out += changes(a, b, f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name} {_shown(a)} -> {_shown(b)}")
+    return out
 
 
 def load_config_text(text: str, source: str = "<memory>") -> Config:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.parse
@@ -28,8 +29,9 @@ def add_parser(sub: Any) -> None:
     ctl.add_argument("--json", action="store_true", help="print the API's JSON answer")
     what = ctl.add_subparsers(dest="what", required=True)
     what.add_parser("status", help="groups and backends")
-    aff = what.add_parser("affinity", help="list or flush affinity entries")
-    aff.add_argument("action", choices=["list", "flush"])
+    aff = what.add_parser("affinity", help="list, flush or show affinity entries")
+    aff.add_argument("action", choices=["list", "flush", "show"])
+    aff.add_argument("address", nargs="?", help="show: a client address (or a prefix)")
     for name in ("group", "client", "backend"):
         aff.add_argument(f"--{name}")
     aff.add_argument("--limit", type=int, default=1000)
@@ -108,8 +110,46 @@ def run(args: argparse.Namespace) -> int:
     except CtlError as exc:
         print(f"l4lb ctl: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(answer, indent=2) if args.json else text)
+    try:
+        print(json.dumps(answer, indent=2) if args.json else text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's own flush is quiet too
     return 0
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _ago(seconds: float) -> str:
+    return f"{seconds:.0f}s ago"
+
+
+def _show(answer: dict[str, Any], address: str) -> str:
+    """Per group: the key, the backend, connections, expiry, the pin's age, the last re-pin."""
+    if not answer["entries"]:
+        return f"{address}: no affinity entry in any group"
+    out = []
+    for e in answer["entries"]:
+        open_ = e["connections"]
+        state = (
+            f"{plural(open_, 'connection')} open"
+            if open_
+            else f"idle, expires in {e['expires_in']:.0f}s"
+        )
+        line = f"{e['group']}: {e['client']} -> {e['backend'] or '(unpinned)'}, {state}"
+        if e.get("pinned_for") is not None:
+            line += f", pinned {_ago(e['pinned_for'])}"
+        repin = e.get("last_repin")
+        if repin:
+            line += (
+                f"; last re-pin {_ago(repin['seconds_ago'])} from {repin['from']}"
+                f" ({repin['reason']})"
+            )
+        out.append(line)
+    return "\n".join(out)
 
 
 def _do(args: argparse.Namespace, base: str, token: str | None) -> tuple[Any, str]:
@@ -154,6 +194,14 @@ def _do(args: argparse.Namespace, base: str, token: str | None) -> tuple[Any, st
         query = {
             k: v for k in ("group", "client", "backend") if (v := getattr(args, k)) is not None
         }
+        if args.action == "show":
+            if not args.address:
+                raise CtlError("affinity show ADDRESS: the client address is missing")
+            query["client"] = args.address
+            answer = _call(base, "GET", "/api/v1/affinity?" + urllib.parse.urlencode(query), token)
+            return answer, _show(answer, args.address)
+        if args.address:
+            raise CtlError(f"affinity {args.action} takes --client, not {args.address!r}")
         if args.action == "list":
             query["limit"] = str(args.limit)
             answer = _call(base, "GET", "/api/v1/affinity?" + urllib.parse.urlencode(query), token)
@@ -172,7 +220,7 @@ def _do(args: argparse.Namespace, base: str, token: str | None) -> tuple[Any, st
                 text += f"\n({len(rows)} of {answer['total']} shown; see --limit)"
             return answer, text
         answer = _call(base, "DELETE", "/api/v1/affinity?" + urllib.parse.urlencode(query), token)
-        return answer, f"flushed {answer['deleted']} entries"
+        return answer, f"flushed {plural(answer['deleted'], 'entry', 'entries')}"
     if args.what == "backend":
         path = f"/api/v1/backends/{urllib.parse.quote(args.group)}/{urllib.parse.quote(args.name)}"
         if args.action == "weight":

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 from .affinity import AffinityTable, Entry
 from .backends import Backend, State
 from .config import AccessLogSpec, GroupSpec
+from .config import changes as config_changes
 from .health import Event, Quorum
 from .keys import Keyer, make_keyer, make_matcher
 from .limits import ClientLimits
@@ -320,6 +321,8 @@ class Router:
         if entry is None or route.reason == "full":
             return
         if route.pinned is not None and route.pinned is not backend:
+            entry.since = self.clock()
+            entry.repin = (entry.since, route.reason or "failed", route.pinned.name)
             stats = self.stats
             if route.reason == "returned":
                 stats.repins_returned += 1
@@ -331,6 +334,8 @@ class Router:
             route.pinned = backend
             if self.repinned is not None:
                 self.repinned.append(entry.key)
+        elif not entry.since:
+            entry.since = self.clock()
         entry.backend = backend
 
     def give_up(self, route: Route) -> None:
@@ -364,7 +369,7 @@ class Router:
         old = self.spec
         self.clock = clock
         previous = {b.name: b for b in old.backends}
-        changes: list[str] = []
+        changes = config_changes(old, spec, skip=("name", "backends"))
         backends: list[Backend] = []
         for i, bs in enumerate(spec.backends):
             b = self.by_name.get(bs.name)
@@ -373,7 +378,8 @@ class Router:
                 changes.append(f"backend {bs.name} added")
             else:
                 if bs != previous[bs.name]:
-                    changes.append(f"backend {bs.name} changed")
+                    what = ", ".join(config_changes(previous[bs.name], bs))
+                    changes.append(f"backend {bs.name} changed: {what}")
                 b.update(bs, previous[bs.name], i)
             backends.append(b)
         names = {b.name for b in backends}
@@ -381,6 +387,9 @@ class Router:
             if b.name not in names:
                 b.remove()
                 changes.append(f"backend {b.name} removed")
+        kept = [b.name for b in backends if b.name in previous]
+        if kept != [b.name for b in self.backends if b.name in names]:
+            changes.append("backends reordered")
         self.backends = backends
         self.by_name = {b.name: b for b in backends}
         if spec.sorry_server != old.sorry_server:

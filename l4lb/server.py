@@ -29,6 +29,7 @@ from . import statefile
 from .accesslog import AccessLog
 from .backends import Backend
 from .config import Config, ConfigError, compact_ports, is_local_address, load_config
+from .config import changes as config_changes
 from .dialer import SlotQueue
 from .keys import V6_TAG, format_netmask
 from .listeners import (
@@ -508,10 +509,12 @@ class Server:
                 del self._listeners[where]
                 changes.append(f"stopped listening on {_spec}")
         changes += [f"listening on {spec}" for spec, _ in bound]
-        if new.admin != self.config.admin:
-            changes.append("admin settings changed: they take effect at the next restart")
-        if new.affinity_store != self.config.affinity_store:
-            changes.append("affinity_store changed: it takes effect at the next restart")
+        restart = ("admin", "affinity_store", "workers")
+        for change in config_changes(
+            self.config, new, skip=("groups", "source", "warnings", "kernel_marks")
+        ):
+            later = change.split(" ", 1)[0].split(".", 1)[0] in restart
+            changes.append(change + (" (takes effect at the next restart)" if later else ""))
         if self.store is not None:
             self.store.routers_changed()
         self._wire_health()

@@ -127,8 +127,10 @@ async def test_admin_api_reads_changes_and_refusals(backends, tmp_path: Path) ->
             "backend": pins["127.0.30.9"],
             "connections": 0,
             "expires_in": e["expires_in"],
+            "pinned_for": e["pinned_for"],
+            "last_repin": None,
         }
-        assert 59 < e["expires_in"] <= 60
+        assert 59 < e["expires_in"] <= 60 and 0 <= e["pinned_for"] < 5
         by_prefix = await (
             await http.get("/api/v1/affinity", params={"client": "127.0.32.0/23"})
         ).json()
