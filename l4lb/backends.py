@@ -42,6 +42,8 @@ class Backend:
         "connect_failures",
         "connections",
         "eff",
+        "failed_refused",
+        "failed_timeout",
         "failures_in_row",
         "healthy",
         "index",
@@ -85,6 +87,8 @@ class Backend:
         self.waiting = 0  # pinned clients queued for a free slot
         self.connections = 0  # connections established, ever
         self.connect_failures = 0
+        self.failed_refused = 0  # of connect_failures; the rest timed out or other errors
+        self.failed_timeout = 0
         self.failures_in_row = 0  # consecutive connect failures (passive checks)
         self.bytes_in = 0  # client -> backend
         self.bytes_out = 0  # backend -> client

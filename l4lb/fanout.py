@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .admin import ROUTES, ApiBase, ApiError
 from .config import AdminSpec
+from .metrics import REFUSED_HELP, RELOADS_HELP
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor, WorkerProc
@@ -38,6 +39,7 @@ SHARED_GAUGES = {
     "l4lb_sorry_serving",
     "l4lb_backend_state",
     "l4lb_backend_weight",
+    "l4lb_backend_effective_weight",
     "l4lb_health_check_duration_seconds",
     "l4lb_store_up",
     "process_start_time_seconds",
@@ -288,11 +290,11 @@ class _Merged:
             "l4lb_worker_restarts", "Workers started again after they exited"
         )
         restarts.add_metric([], sup.restarts)
-        reloads = CounterMetricFamily("l4lb_reloads", "Configuration reloads", labels=["result"])
+        reloads = CounterMetricFamily("l4lb_reloads", RELOADS_HELP, labels=["result"])
         reloads.add_metric(["ok"], sup.reloads_ok)
         reloads.add_metric(["failed"], sup.reloads_failed)
         refused = CounterMetricFamily(
-            "l4lb_admin_requests_refused", "Admin requests refused", labels=["reason"]
+            "l4lb_admin_requests_refused", REFUSED_HELP, labels=["reason"]
         )
         for reason, n in sorted(sup.admin_refused.items()):
             refused.add_metric([reason], n)

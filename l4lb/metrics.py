@@ -21,11 +21,19 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .backends import State
-from .routing import CONNECT_BUCKETS
 
 if TYPE_CHECKING:
     from .server import Server
     from .store import StoreStats
+
+
+RELOADS_HELP = "Configuration reloads: result=ok (applied), failed (refused: nothing changed)"
+REFUSED_HELP = (
+    "Admin requests refused, by reason: unauthorized, forbidden, not_found, bad_request (the"
+    " API's), header_timeout, body_timeout, too_many_connections, too_large, and the kinds"
+    " of malformed HTTP (bad_version, header_too_long, too_many_headers, bad_content_length,"
+    " bad_chunking, bad_method, ...)"
+)
 
 
 class L4lbCollector(Collector):
@@ -46,7 +54,11 @@ class L4lbCollector(Collector):
         )
         failed = CounterMetricFamily(
             "l4lb_connections_failed",
-            "Connect attempts and connections that failed, by reason",
+            "Connect attempts and connections that failed: reason=refused, timeout, error (one"
+            " dial of a backend; the connection may still reach another), no_backend (none"
+            " accepted: the client was closed), rejected (refused before routing: an untrusted"
+            " or malformed PROXY header, an unusable address, a loop), client_limit (its"
+            " network over client_limits), descriptors (no descriptor left to dial with)",
             labels=["group", "reason"],
         )
         limited = GaugeMetricFamily(
@@ -59,13 +71,22 @@ class L4lbCollector(Collector):
             "l4lb_sorry_connections", "Connections sent to the sorry server", labels=["group"]
         )
         entries = GaugeMetricFamily(
-            "l4lb_affinity_entries", "Affinity entries", labels=["group", "state"]
+            "l4lb_affinity_entries",
+            "Affinity entries: state=active (connections open: never expire), idle (expire"
+            " persistence.timeout after their last close)",
+            labels=["group", "state"],
         )
         lookups = CounterMetricFamily(
-            "l4lb_affinity_lookups", "Affinity lookups", labels=["group", "result"]
+            "l4lb_affinity_lookups",
+            "Affinity lookups of new connections: result=hit (a live pin), miss (none, or expired)",
+            labels=["group", "result"],
         )
         repins = CounterMetricFamily(
-            "l4lb_affinity_repins", "Clients moved to another backend", labels=["group", "reason"]
+            "l4lb_affinity_repins",
+            "Clients moved to another backend: reason=unavailable (the pinned one was down,"
+            " disabled or removed), failed (it refused or timed out), returned (on_up: return"
+            " brought the client back)",
+            labels=["group", "reason"],
         )
         evictions = CounterMetricFamily(
             "l4lb_affinity_evictions", "Idle entries evicted by the bound", labels=["group"]
@@ -83,9 +104,21 @@ class L4lbCollector(Collector):
         )
         latency = HistogramMetricFamily(
             "l4lb_connect_duration_seconds",
-            "Time to connect to a backend",
+            "Time to connect to a backend (the attempt that succeeded)",
             labels=["group"],
             unit="",
+        )
+        durations = HistogramMetricFamily(
+            "l4lb_connection_duration_seconds",
+            "How long connections lasted, from accept to close (those that reached a backend)",
+            labels=["group"],
+            unit="",
+        )
+        backend_failures = CounterMetricFamily(
+            "l4lb_backend_connect_failures",
+            "Dials of this backend that failed: reason=refused (the backend said no: RST),"
+            " timeout (no answer within connect_timeout), error (any other socket error)",
+            labels=["group", "backend", "reason"],
         )
         active = GaugeMetricFamily(
             "l4lb_connections_active", "Open or dialing connections", labels=["group", "backend"]
@@ -94,11 +127,16 @@ class L4lbCollector(Collector):
             "l4lb_backend_connections", "Connections established", labels=["group", "backend"]
         )
         bytes_ = CounterMetricFamily(
-            "l4lb_bytes", "Bytes relayed", labels=["group", "backend", "direction"]
+            "l4lb_bytes",
+            "Bytes relayed, open connections included: direction=in (client to backend), out"
+            " (backend to client)",
+            labels=["group", "backend", "direction"],
         )
         state = GaugeMetricFamily(
             "l4lb_backend_state",
-            "1 for the backend's current state",
+            "1 for the backend's current state: up, down (its checks failed), drain (no new"
+            " clients, pinned ones keep coming: the operator or weight 0), disabled (the"
+            " operator: like down)",
             labels=["group", "backend", "state"],
         )
         weight = GaugeMetricFamily(
@@ -111,12 +149,15 @@ class L4lbCollector(Collector):
             labels=["group", "backend"],
         )
         checks = CounterMetricFamily(
-            "l4lb_health_checks", "Health checks run", labels=["group", "backend", "result"]
+            "l4lb_health_checks",
+            "Health checks run: result=pass, fail",
+            labels=["group", "backend", "result"],
         )
-        check_time = GaugeMetricFamily(
+        check_time = HistogramMetricFamily(
             "l4lb_health_check_duration_seconds",
-            "Duration of the last health check",
+            "How long health checks took, passed or failed",
             labels=["group", "backend"],
+            unit="",
         )
 
         in_flight: dict[tuple[str, str], list[int]] = {}
@@ -149,12 +190,8 @@ class L4lbCollector(Collector):
             repins.add_metric([g, "failed"], st.repins_failed)
             repins.add_metric([g, "returned"], st.repins_returned)
             unpinned.add_metric([g], st.unpinned)
-            buckets: list[tuple[str, float]] = []
-            cum = 0
-            for bound, n in zip((*CONNECT_BUCKETS, float("inf")), st.connect_buckets, strict=True):
-                cum += n
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
-            latency.add_metric([g], buckets, st.connect_sum)
+            latency.add_metric([g], st.connect.buckets(), st.connect.total)
+            durations.add_metric([g], st.duration.buckets(), st.duration.total)
             table = router.table
             if table is not None:
                 table.expire()
@@ -179,11 +216,17 @@ class L4lbCollector(Collector):
                 passed, failed_n = s.monitor.counts.get((g, b.name), (0, 0))
                 checks.add_metric([*labels, "pass"], passed)
                 checks.add_metric([*labels, "fail"], failed_n)
-                last = s.monitor.results.get((g, b.name))
-                if last is not None:
-                    check_time.add_metric(labels, last.duration)
-        yield from (accepted, failed, limited, sorry, sorry_serving, latency, entries, lookups)
-        yield repins
+                took = s.monitor.durations.get((g, b.name))
+                if took is not None:
+                    check_time.add_metric(labels, took.buckets(), took.total)
+                refused, timed_out = b.failed_refused, b.failed_timeout
+                backend_failures.add_metric([*labels, "refused"], refused)
+                backend_failures.add_metric([*labels, "timeout"], timed_out)
+                backend_failures.add_metric(
+                    [*labels, "error"], b.connect_failures - refused - timed_out
+                )
+        yield from (accepted, failed, limited, sorry, sorry_serving, latency, durations, entries)
+        yield from (lookups, repins, backend_failures)
         yield from (
             evictions,
             expirations,
@@ -219,13 +262,11 @@ class L4lbCollector(Collector):
         )
         loops.add_metric([], s.loops)
         yield loops
-        reloads = CounterMetricFamily("l4lb_reloads", "Configuration reloads", labels=["result"])
+        reloads = CounterMetricFamily("l4lb_reloads", RELOADS_HELP, labels=["result"])
         reloads.add_metric(["ok"], s.reloads_ok)
         reloads.add_metric(["failed"], s.reloads_failed)
         yield reloads
-        admin = CounterMetricFamily(
-            "l4lb_admin_requests_refused", "Admin requests refused", labels=["reason"]
-        )
+        admin = CounterMetricFamily("l4lb_admin_requests_refused", REFUSED_HELP, labels=["reason"])
         for reason, n in sorted(s.admin_refused.items()):
             admin.add_metric([reason], n)
         yield admin

@@ -28,9 +28,11 @@ from .backends import Backend, State
 from .checks import probe
 from .config import HealthCheckSpec
 from .health import Event, Verdict
+from .histogram import Histogram
 from .routing import Router
 
 log = logging.getLogger("l4lb.health")
+CHECK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 RECOVERY_CHECK = HealthCheckSpec(type="tcp", interval=2.0, timeout=1.0, rise=2, fall=1)
 NOTIFY_TIMEOUT = 30.0
@@ -61,6 +63,7 @@ class HealthMonitor:
         self.events: deque[Event] = deque(maxlen=1000)
         self.results: dict[tuple[str, str], CheckResult] = {}  # the last result of each check
         self.counts: dict[tuple[str, str], list[int]] = {}  # [passed, failed], ever
+        self.durations: dict[tuple[str, str], Histogram] = {}  # of every check, ever
         self._checks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._notifies: set[asyncio.Task[None]] = set()
         self._waiters: list[tuple[Callable[[Event], bool], asyncio.Future[Event]]] = []
@@ -113,8 +116,10 @@ class HealthMonitor:
             t0 = loop.time()
             ok, detail = await probe(check, backend.address, port, backend.name)
             key = (router.name, backend.name)
-            self.results[key] = CheckResult(ok, detail, loop.time() - t0, time.time())
+            took = loop.time() - t0
+            self.results[key] = CheckResult(ok, detail, took, time.time())
             self.counts.setdefault(key, [0, 0])[0 if ok else 1] += 1
+            self.durations.setdefault(key, Histogram(CHECK_BUCKETS)).observe(took)
             if verdict.healthy != backend.healthy:  # the passive check or an operator moved it
                 verdict.force(backend.healthy)
             change = verdict.record(ok)

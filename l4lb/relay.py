@@ -207,6 +207,7 @@ class ClientSide(Half):
         "server",
         "service_port",
         "splice",
+        "started",
         "switching",
         "task",
     )
@@ -223,6 +224,7 @@ class ClientSide(Half):
         self.task: asyncio.Task[None] | None = None
         self.dialed: BackendSide | None = None  # the last backend socket the dial opened
         self.idle_since = 0.0
+        self.started = 0.0  # loop time of `Server.track`, for the duration histogram
         # The client as a PROXY header named it; None: the peer itself (not kept, to save memory).
         self.client_addr: tuple[str, int] | None = None
         self.proxy_buf: bytes | None = None
@@ -461,6 +463,7 @@ class ClientSide(Half):
                 backend.bytes_out += self.peer.nbytes
         router = self.router
         router.finish(route)
+        router.stats.duration.observe(asyncio.get_running_loop().time() - self.started)
         if router.limits is not None:
             router.limits.release(route.key)
         if backend is not None and backend.waiting:

@@ -48,6 +48,7 @@ from .backends import Backend, State
 from .config import AccessLogSpec, GroupSpec
 from .config import changes as config_changes
 from .health import Event, Quorum
+from .histogram import Histogram
 from .keys import Keyer, make_keyer, make_matcher
 from .limits import ClientLimits
 from .schedulers import Scheduler, make_scheduler, rendezvous
@@ -58,6 +59,7 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 if TYPE_CHECKING:
     from .accesslog import AccessLog
 
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -72,11 +74,10 @@ class GroupStats:
     __slots__ = (
         "accepted",
         "client_limit",
-        "connect_buckets",
-        "connect_count",
+        "connect",
         "connect_failures",
-        "connect_sum",
         "descriptors",
+        "duration",
         "failed_refused",
         "failed_timeout",
         "no_backend",
@@ -97,9 +98,8 @@ class GroupStats:
         self.descriptors = 0  # connections given up: no descriptor left to dial with
         self.failed_refused = 0
         self.failed_timeout = 0  # the rest of connect_failures are other socket errors
-        self.connect_buckets = [0] * (len(CONNECT_BUCKETS) + 1)  # the last one is +Inf
-        self.connect_sum = 0.0
-        self.connect_count = 0
+        self.connect = Histogram(CONNECT_BUCKETS)  # time to connect to a backend
+        self.duration = Histogram(DURATION_BUCKETS)  # connections, from accept to close
         self.repins_unavailable = 0  # the pinned backend was down, disabled or removed
         self.repins_failed = 0  # the pinned backend refused or timed out
         self.repins_returned = 0  # on_up: return brought a client back
@@ -111,14 +111,7 @@ class GroupStats:
         return self.repins_unavailable + self.repins_failed + self.repins_returned
 
     def observe_connect(self, seconds: float) -> None:
-        i = 0
-        for bound in CONNECT_BUCKETS:
-            if seconds <= bound:
-                break
-            i += 1
-        self.connect_buckets[i] += 1
-        self.connect_sum += seconds
-        self.connect_count += 1
+        self.connect.observe(seconds)
 
 
 class Route:
@@ -297,8 +290,10 @@ class Router:
         stats.connect_failures += 1
         if reason == "refused":
             stats.failed_refused += 1
+            backend.failed_refused += 1
         elif reason == "timeout":
             stats.failed_timeout += 1
+            backend.failed_timeout += 1
         route.backend = None
         n = self.spec.passive_failures
         if n and backend.failures_in_row >= n and backend.healthy and backend is not self.sorry:

@@ -210,7 +210,7 @@ class Server:
         loop.default_exception_handler(context)
 
     def track(self, conn: ClientSide) -> None:
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.started = conn.idle_since = asyncio.get_running_loop().time()
         self.live.add(conn)
 
     def forget(self, conn: ClientSide) -> None:
