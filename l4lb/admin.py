@@ -47,26 +47,97 @@ class ApiError(Exception):
 
 
 def backend_json(
-    group: str, b: Backend, last_check: dict[str, Any] | None = None
+    group: str,
+    b: Backend,
+    last_check: dict[str, Any] | None = None,
+    service_ports: tuple[int, ...] = (),
+    checks: list[dict[str, Any]] | None = None,
+    flowing: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
+    now = time.time()
+    host = f"[{b.address}]" if ":" in b.address else b.address
     return {
         "group": group,
         "name": b.name,
         "address": b.address,
         "ports": {str(k): v for k, v in b.ports.items()},
+        # service port -> where its connections go, since several backends may share a host
+        "addresses": {str(p): f"{host}:{b.port_for(p)}" for p in service_ports},
+        "state_since": round(now - b.changed_at, 1) if b.changed_at else None,
+        "downtime": round(b.downtime(now), 1),
+        "peak": b.peak,
+        "waiting": b.waiting,
+        "effective_weight": round(b.eff, 3),
+        "failures": {
+            "refused": b.failed_refused,
+            "timeout": b.failed_timeout,
+            "error": b.connect_failures - b.failed_refused - b.failed_timeout,
+        },
+        "checks": checks or [],
         "state": b.state.value,
         "admin_state": b.admin.value,
         "healthy": b.healthy,
         "weight": b.weight,
-        "effective_weight": round(b.eff, 3),
         "max_conns": b.max_conns,
         "active": b.active,
         "connections": b.connections,
         "connect_failures": b.connect_failures,
-        "bytes_in": b.bytes_in,
-        "bytes_out": b.bytes_out,
+        "bytes_in": b.bytes_in + flowing[0],  # open connections included
+        "bytes_out": b.bytes_out + flowing[1],
         "last_check": last_check,
     }
+
+
+CSV_COLUMNS = (
+    "group",
+    "name",
+    "addresses",
+    "state",
+    "state_since",
+    "downtime",
+    "weight",
+    "effective_weight",
+    "max_conns",
+    "active",
+    "peak",
+    "waiting",
+    "connections",
+    "connect_failures",
+    "bytes_in",
+    "bytes_out",
+    "last_check",
+)
+
+
+def backends_csv(rows: list[dict[str, Any]]) -> str:
+    """The backends as CSV (`?format=csv`), one row each, for a spreadsheet or a script."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        check = r.get("last_check") or {}
+        w.writerow(
+            [
+                " ".join(f"{k}->{v}" for k, v in r["addresses"].items())
+                if c == "addresses"
+                else check.get("detail", "")
+                if c == "last_check"
+                else r.get(c, "")
+                for c in CSV_COLUMNS
+            ]
+        )
+    return out.getvalue()
+
+
+def backends_answer(request: web.Request, rows: list[dict[str, Any]]) -> web.Response:
+    if request.query.get("format") == "csv":
+        return web.Response(text=backends_csv(rows), content_type="text/csv")
+    if request.query.get("format") not in (None, "json"):
+        raise ApiError(400, "format is json or csv")
+    return web.json_response({"backends": rows})
 
 
 def authorize(spec: AdminSpec, request: web.Request) -> None:
@@ -295,17 +366,34 @@ class AdminServer(ApiBase):
             return None
         return {"ok": r.ok, "detail": r.detail, "duration": round(r.duration, 6), "time": r.time}
 
+    def _backend(self, router: Router, b: Backend, flowing: dict[Any, list[int]]) -> dict[str, Any]:
+        recent = self.server.monitor.recent.get((router.name, b.name), ())
+        checks = [{"ok": r.ok, "time": r.time, "detail": r.detail} for r in recent]
+        moving = flowing.get((router.name, b.name), (0, 0))
+        return backend_json(
+            router.name,
+            b,
+            self._last_check(router.name, b.name),
+            router.spec.ports,
+            checks,
+            (moving[0], moving[1]),
+        )
+
     async def backends(self, request: web.Request) -> web.Response:
         only = request.query.get("group")
         if only is not None:
             self._router(only)
+        flowing = self.server.in_flight()
+        for router in self.server.routers.values():
+            if router.ramping:
+                router.ramp()  # effective weights as of now
         out = [
-            backend_json(name, b, self._last_check(name, b.name))
+            self._backend(router, b, flowing)
             for name, router in self.server.routers.items()
             if only is None or name == only
             for b in router.backends
         ]
-        return web.json_response({"backends": out})
+        return backends_answer(request, out)
 
     async def update_backend(self, request: web.Request) -> web.Response:
         router = self._router(request.match_info["group"])
@@ -330,9 +418,7 @@ class AdminServer(ApiBase):
             router.set_admin(backend, State(state), who)
         if weight is not None:
             router.set_weight(backend, weight, who)
-        return web.json_response(
-            backend_json(router.name, backend, self._last_check(router.name, name))
-        )
+        return web.json_response(self._backend(router, backend, self.server.in_flight()))
 
     # ------------------------------------------------------------------ affinity
 
@@ -414,9 +500,7 @@ class AdminServer(ApiBase):
         )
 
     async def history(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"samples": [{"time": t, "entries": sizes} for t, sizes in self.server.history]}
-        )
+        return web.json_response({"samples": [*self.server.history, self.server.sample()]})
 
 
 def entry_json(router: Router, e: Entry[Backend]) -> dict[str, Any]:

@@ -39,8 +39,11 @@ class Backend:
         "admin",
         "bytes_in",
         "bytes_out",
+        "changed_at",
         "connect_failures",
         "connections",
+        "down_since",
+        "down_total",
         "eff",
         "failed_refused",
         "failed_timeout",
@@ -51,6 +54,7 @@ class Backend:
         "max_conns",
         "may_loop",
         "name",
+        "peak",
         "ports",
         "ramp_since",
         "removed",
@@ -84,6 +88,10 @@ class Backend:
         self.healthy = True
         self.removed = False
         self.active = 0  # open or dialing connections
+        self.peak = 0  # the most `active` has been
+        self.changed_at = 0.0  # wall time of the last state change (the router keeps these)
+        self.down_since: float | None = None  # wall time it went down or disabled
+        self.down_total = 0.0  # seconds down or disabled before `down_since`
         self.waiting = 0  # pinned clients queued for a free slot
         self.connections = 0  # connections established, ever
         self.connect_failures = 0
@@ -129,6 +137,20 @@ class Backend:
             self.eff = weight
         self.refresh()
 
+    def note_state(self, old: State, now: float) -> None:
+        """The state changed from `old` at wall time `now`: keep the time of the change and the
+        downtime (down or disabled)."""
+        self.changed_at = now
+        out = self.state in (State.DOWN, State.DISABLED)
+        if out and self.down_since is None:
+            self.down_since = now
+        elif not out and self.down_since is not None:
+            self.down_total += now - self.down_since
+            self.down_since = None
+
+    def downtime(self, now: float) -> float:
+        return self.down_total + (now - self.down_since if self.down_since is not None else 0.0)
+
     def ramp(self, now: float, duration: float) -> bool:
         """Set `eff` for a ramp begun at `ramp_since`: 10% of the weight at once, then linearly
         up to all of it over `duration`. False once the ramp is over (and `eff` is the weight)."""
@@ -147,6 +169,8 @@ class Backend:
 
     def take_slot(self) -> None:
         self.active += 1
+        if self.active > self.peak:
+            self.peak = self.active
         if self.max_conns and self.active >= self.max_conns:
             self.refresh()
 

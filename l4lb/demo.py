@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import cast
 
 from .config import Config
+from .server import StartupError
 
 log = logging.getLogger("l4lb.demo")
 TLS_SERVICE_PORTS = (443, 8443)
@@ -68,15 +69,22 @@ async def start_demo_backends(config: Config) -> list[asyncio.AbstractServer]:
                 def factory(name: str = b.name, scheme: str = scheme) -> _DemoHTTP:
                     return _DemoHTTP(name, scheme)
 
-                servers.append(
-                    await loop.create_server(
+                try:
+                    srv = await loop.create_server(
                         factory,
                         b.address,
                         b.port_for(port),
                         ssl=tls if scheme == "https" else None,
                         reuse_address=True,
                     )
-                )
+                except OSError as exc:
+                    for started in servers:
+                        started.close()
+                    raise StartupError(
+                        f"cannot start the demo backend {b.name} on {b.address}:"
+                        f"{b.port_for(port)}: {exc.strerror or exc}"
+                    ) from None
+                servers.append(srv)
                 log.info(
                     "demo backend %s serving %s on %s:%d",
                     b.name,

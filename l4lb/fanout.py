@@ -23,7 +23,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from .admin import ROUTES, ApiBase, ApiError
+from .admin import ROUTES, ApiBase, ApiError, backends_csv
 from .config import AdminSpec
 from .metrics import REFUSED_HELP, RELOADS_HELP
 
@@ -47,7 +47,16 @@ SHARED_GAUGES = {
     "python_info",
 }
 OWN_METRICS = {"l4lb_reloads", "l4lb_admin_requests_refused"}  # the supervisor's, not summed
-BACKEND_SUMS = ("active", "connections", "connect_failures", "bytes_in", "bytes_out")
+# Summed over workers ("peak": the sum of each worker's peak, an upper bound of the whole's).
+BACKEND_SUMS = (
+    "active",
+    "connections",
+    "connect_failures",
+    "bytes_in",
+    "bytes_out",
+    "peak",
+    "waiting",
+)
 
 
 class FrontAdmin(ApiBase):
@@ -170,10 +179,18 @@ class FrontAdmin(ApiBase):
         return web.json_response(first)
 
     async def backends(self, request: web.Request) -> web.Response:
+        csv = request.query.get("format") == "csv"
+        if csv:  # the workers answer JSON, merged here, then made CSV
+            rest = {k: v for k, v in request.rel_url.query.items() if k != "format"}
+            request = request.clone(rel_url=request.rel_url.with_query(rest))
         answers = await self._ask(request)
-        return self._first_error(answers) or web.json_response(
-            {"backends": _sum_backends([data["backends"] for _, data in answers])}
-        )
+        error = self._first_error(answers)
+        if error is not None:
+            return error
+        rows = _sum_backends([data["backends"] for _, data in answers])
+        if csv:
+            return web.Response(text=backends_csv(rows), content_type="text/csv")
+        return web.json_response({"backends": rows})
 
     async def update_backend(self, request: web.Request) -> web.Response:
         answers = await self._ask(request, await self._read_body(request))
@@ -228,11 +245,11 @@ class FrontAdmin(ApiBase):
         samples = []
         for i in range(n):  # the workers' newest samples, aligned from the end
             parts = [s[len(s) - n + i] for s in series]
-            entries: dict[str, int] = {}
-            for p in parts:
-                for g, count in p["entries"].items():
-                    entries[g] = entries.get(g, 0) + count
-            samples.append({"time": parts[0]["time"], "entries": entries})
+            merged = parts[0]
+            for p in parts[1:]:
+                merged = _add(merged, p)
+            merged["time"] = parts[0]["time"]
+            samples.append(merged)
         return web.json_response({"samples": samples})
 
 
@@ -242,12 +259,23 @@ def _uptime(sup: Supervisor) -> float:
     return time.time() - sup.started_at
 
 
+def _add(a: Any, b: Any) -> Any:
+    """Two workers' samples summed, number by number."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: _add(v, b[k]) if k in b else v for k, v in a.items()}
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a + b
+    return a
+
+
 def _sum_backends(per_worker: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     first = per_worker[0]
     for other in per_worker[1:]:
         for b, o in zip(first, other, strict=False):
             for k in BACKEND_SUMS:
                 b[k] += o[k]
+            for k in b["failures"]:
+                b["failures"][k] += o["failures"][k]
     return first
 
 

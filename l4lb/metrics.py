@@ -160,13 +160,7 @@ class L4lbCollector(Collector):
             unit="",
         )
 
-        in_flight: dict[tuple[str, str], list[int]] = {}
-        for conn in s.live:  # bytes of open connections, so that long transfers show as they flow
-            route = conn.route
-            if route is not None and route.backend is not None:
-                acc = in_flight.setdefault((conn.router.name, route.backend.name), [0, 0])
-                acc[0] += conn.nbytes
-                acc[1] += conn.peer.nbytes if conn.peer is not None else 0
+        in_flight = s.in_flight()
 
         for g, router in s.routers.items():
             if router.ramping:

@@ -32,6 +32,7 @@ from .histogram import Histogram
 from .routing import Router
 
 log = logging.getLogger("l4lb.health")
+RECENT_CHECKS = 60  # check results kept per backend for the status page
 CHECK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 RECOVERY_CHECK = HealthCheckSpec(type="tcp", interval=2.0, timeout=1.0, rise=2, fall=1)
@@ -64,6 +65,7 @@ class HealthMonitor:
         self.results: dict[tuple[str, str], CheckResult] = {}  # the last result of each check
         self.counts: dict[tuple[str, str], list[int]] = {}  # [passed, failed], ever
         self.durations: dict[tuple[str, str], Histogram] = {}  # of every check, ever
+        self.recent: dict[tuple[str, str], deque[CheckResult]] = {}  # the last ones, for the page
         self._checks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._notifies: set[asyncio.Task[None]] = set()
         self._waiters: list[tuple[Callable[[Event], bool], asyncio.Future[Event]]] = []
@@ -120,6 +122,7 @@ class HealthMonitor:
             self.results[key] = CheckResult(ok, detail, took, time.time())
             self.counts.setdefault(key, [0, 0])[0 if ok else 1] += 1
             self.durations.setdefault(key, Histogram(CHECK_BUCKETS)).observe(took)
+            self.recent.setdefault(key, deque(maxlen=RECENT_CHECKS)).append(self.results[key])
             if verdict.healthy != backend.healthy:  # the passive check or an operator moved it
                 verdict.force(backend.healthy)
             change = verdict.record(ok)

@@ -152,7 +152,10 @@ class Router:
     ) -> None:
         self.spec = spec
         self.name = spec.name
+        self._wall = time.time
         self.backends = [Backend(b, i) for i, b in enumerate(spec.backends)]
+        for b in self.backends:
+            b.changed_at = self._wall()
         self.by_name = {b.name: b for b in self.backends}
         self.sorry = Backend(spec.sorry_server) if spec.sorry_server is not None else None
         self.scheduler: Scheduler = make_scheduler(spec.scheduler, self.backends, rng)
@@ -171,7 +174,6 @@ class Router:
         self.stats = GroupStats()
         self.listener: Callable[[Event], None] | None = None
         self._return = spec.on_up == "return"
-        self._wall = time.time
         # Keys whose pin moved, for a shared table to hear of (None: nobody listens).
         self.repinned: list[int] | None = None
         # Told of every health verdict that changes a backend (workers: the one that checks
@@ -370,6 +372,7 @@ class Router:
             b = self.by_name.get(bs.name)
             if b is None:
                 b = Backend(bs, i)
+                b.changed_at = self._wall()
                 changes.append(f"backend {bs.name} added")
             else:
                 if bs != previous[bs.name]:
@@ -450,12 +453,16 @@ class Router:
             backend.set_weight(weight)
             self.scheduler.rebuild()
 
+        was = backend.weight
         self._change(backend, apply, reason)
+        if weight != was:  # an event too, for the log and the status page
+            self._emit(backend.name, f"weight {was}", f"weight {weight}", reason)
 
     def _change(self, backend: Backend, apply: Callable[[], None], reason: str) -> None:
         old = backend.state
         apply()
         if backend.state is not old:
+            backend.note_state(old, self._wall())
             self._emit(backend.name, old.value, backend.state.value, reason)
             if backend.state is State.UP and self.slow_start_of(backend) > 0:
                 self._begin_ramp(backend)

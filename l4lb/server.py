@@ -162,7 +162,7 @@ class Server:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.admin_refused: dict[str, int] = {}
-        self.history: deque[tuple[float, dict[str, int]]] = deque(maxlen=HISTORY_LENGTH)
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LENGTH)
         self._bindings: dict[tuple[str, int], tuple[Router, int]] = {}
         self.by_mark: dict[int, Router] = {}  # kernel_mark -> group, for the marks listener
         self.unmatched_marks = 0  # connections whose mark no group claims
@@ -610,15 +610,58 @@ class Server:
 
     # ------------------------------------------------------------------ background
 
+    def in_flight(self) -> dict[tuple[str, str], list[int]]:
+        """(group, backend) -> [bytes in, bytes out] of the connections still open, so that
+        long transfers show as they flow."""
+        out: dict[tuple[str, str], list[int]] = {}
+        for conn in self.live:
+            route = conn.route
+            if route is not None and route.backend is not None:
+                acc = out.setdefault((conn.router.name, route.backend.name), [0, 0])
+                acc[0] += conn.nbytes
+                acc[1] += conn.peer.nbytes if conn.peer is not None else 0
+        return out
+
+    def sample(self) -> dict[str, Any]:
+        """One point of the status page's history: per group the table size and counters, per
+        backend its counters and state (the page makes rates of consecutive samples)."""
+        flowing = self.in_flight()
+        groups: dict[str, Any] = {}
+        backends: dict[str, Any] = {}
+        for name, router in self.routers.items():
+            table = router.table
+            if table is not None:
+                table.expire()
+            st = router.stats
+            g_in = g_out = 0
+            for b in router.all_backends():
+                live_in, live_out = flowing.get((name, b.name), (0, 0))
+                b_in, b_out = b.bytes_in + live_in, b.bytes_out + live_out
+                g_in, g_out = g_in + b_in, g_out + b_out
+                backends[f"{name}/{b.name}"] = {
+                    "connections": b.connections,
+                    "active": b.active,
+                    "bytes_in": b_in,
+                    "bytes_out": b_out,
+                    "failures": b.connect_failures,
+                }
+            groups[name] = {
+                "entries": len(table) if table is not None else 0,
+                "accepted": st.accepted,
+                "bytes_in": g_in,
+                "bytes_out": g_out,
+            }
+        return {
+            "time": time.time(),
+            "entries": {g: v["entries"] for g, v in groups.items()},
+            "groups": groups,
+            "backends": backends,
+        }
+
     async def _sample(self) -> None:
-        """The affinity table sizes over time, for the status page."""
+        """The last hour, kept here so that a freshly opened status page shows it."""
         while True:
-            sizes = {}
-            for name, router in self.routers.items():
-                if router.table is not None:
-                    router.table.expire()
-                    sizes[name] = len(router.table)
-            self.history.append((time.time(), sizes))
+            self.history.append(self.sample())
             await asyncio.sleep(HISTORY_PERIOD)
 
     async def _sweep(self) -> None:
