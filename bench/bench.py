@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from tests.procs import wait_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-TARGETS = ("direct", "haproxy", "nginx", "l4lb", "l4lb-auto")
+TARGETS = ("direct", "haproxy", "nginx", "l4lb", "l4lb-auto", "l4lb-log")
 TOOLS = ("haproxy", "nginx", "wrk", "iperf3", "taskset")
 LOAD_CORE, PROXY_CORE = "0", "1"
 
@@ -174,6 +174,8 @@ http {{
     def start(self, name: str) -> Proxy:
         if name == "l4lb-auto":
             return self._l4lb(relay="auto")
+        if name == "l4lb-log":  # the connection log on (JSON, to a file): what it costs
+            return self._l4lb(log=True)
         return {
             "direct": self._direct,
             "haproxy": self._haproxy,
@@ -230,9 +232,10 @@ stream {{
         wait_port(self.n_http)
         return Proxy("nginx", self.n_http, self.n_bulk, [p.pid])
 
-    def _l4lb(self, relay: str = "copy") -> Proxy:
+    def _l4lb(self, relay: str = "copy", log: bool = False) -> Proxy:
         conf = self.tmp / "l4lb.yaml"
-        conf.write_text(f"""
+        top = f"access_log: {{path: {self.tmp / 'access.log'}, format: json}}\n" if log else ""
+        conf.write_text(f"""{top}
 groups:
   web:
     listen: [127.0.0.1]
@@ -249,9 +252,8 @@ groups:
             PROXY_CORE,
         )
         wait_port(self.l_http)
-        return Proxy(
-            "l4lb" if relay == "copy" else f"l4lb-{relay}", self.l_http, self.l_bulk, [p.pid]
-        )
+        name = "l4lb-log" if log else "l4lb" if relay == "copy" else f"l4lb-{relay}"
+        return Proxy(name, self.l_http, self.l_bulk, [p.pid])
 
     def stop(self, proxy: Proxy) -> None:
         for pid in proxy.pids:
@@ -422,6 +424,15 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
             else "-"
         )
         lines.append(f"{label:26}" + "".join(cells) + f"{ratio_h:>14}{ratio_d:>13}")
+    on = statistics.median(r["conn_per_s"] for r in results["l4lb-log"])
+    off = statistics.median(r["conn_per_s"] for r in results["l4lb"])
+    cpu_on = statistics.median(r["cpu_us_per_conn"] for r in results["l4lb-log"])
+    cpu_off = statistics.median(r["cpu_us_per_conn"] for r in results["l4lb"])
+    lines.append(
+        f"connection log (JSON, a line per connection): {on:,.0f} new connections/s with it on"
+        f" against {off:,.0f} off ({on / off:.2f}x); CPU per connection {cpu_on:.0f} us"
+        f" against {cpu_off:.0f} us"
+    )
     return "\n".join(lines)
 
 

@@ -147,9 +147,12 @@ def format_line(
 class AccessLog:
     """A bounded, non-blocking line writer flushed by the event loop."""
 
-    def __init__(self, spec: AccessLogSpec, worker: int | None = None) -> None:
+    def __init__(
+        self, spec: AccessLogSpec, worker: int | None = None, max_pending: int = MAX_PENDING
+    ) -> None:
         self.spec = spec
         self.worker = worker
+        self.max_pending = max_pending
         self.dropped = 0
         self.written = 0
         self._pending: list[str] = []
@@ -194,7 +197,7 @@ class AccessLog:
             self._fd = -1
 
     def write(self, line: str) -> None:
-        if len(self._pending) >= MAX_PENDING:
+        if len(self._pending) >= self.max_pending:
             self.dropped += 1
             return
         self._pending.append(line)

@@ -256,6 +256,15 @@ class L4lbCollector(Collector):
         )
         loops.add_metric([], s.loops)
         yield loops
+        dropped = CounterMetricFamily(
+            "l4lb_access_log_dropped",
+            "Connection log lines dropped because the output could not keep up (or failed)",
+        )
+        dropped.add_metric([], sum(w.dropped for w in s.access_logs.values()))
+        written = CounterMetricFamily("l4lb_access_log_lines", "Connection log lines written")
+        written.add_metric([], sum(w.written for w in s.access_logs.values()))
+        yield dropped
+        yield written
         reloads = CounterMetricFamily("l4lb_reloads", RELOADS_HELP, labels=["result"])
         reloads.add_metric(["ok"], s.reloads_ok)
         reloads.add_metric(["failed"], s.reloads_failed)

@@ -215,3 +215,40 @@ def test_with_workers_each_line_names_its_worker_and_sigusr1_reopens(tmp_path: P
             time.sleep(0.05)
         assert log.read_text().count("\n") == 8
         assert lb_.tracebacks() == []
+
+
+async def test_a_log_that_cannot_keep_up_drops_lines_and_counts_them(tmp_path: Path) -> None:
+    """A FIFO nobody reads: the pipe fills, then the bounded buffer, then lines are dropped,
+    counted, and the loop never waits. Once read, what was kept arrives whole."""
+    import os
+
+    from l4lb.accesslog import AccessLog
+    from l4lb.config import AccessLogSpec
+
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        out = AccessLog(AccessLogSpec(path=str(fifo)), max_pending=1000)
+        line = "x" * 199
+        t0 = time.monotonic()
+        for _ in range(5000):
+            out.write(line)
+            await asyncio.sleep(0)  # a loop turn: the flush runs
+        assert time.monotonic() - t0 < 5  # nothing blocked
+        assert out.dropped > 0 and out.written + out.dropped + len(out._pending) <= 5000
+        got = b""
+        while True:
+            try:
+                chunk = os.read(reader, 1 << 20)
+            except BlockingIOError:
+                if not out._pending and not out._tail:
+                    break
+                await asyncio.sleep(0.01)
+                continue
+            got += chunk
+        assert got.count(b"\n") == 5000 - out.dropped
+        assert set(got.split(b"\n")[:-1]) == {line.encode()}
+        out.close()
+    finally:
+        os.close(reader)
