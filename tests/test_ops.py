@@ -191,7 +191,7 @@ async def test_admin_api_reads_changes_and_refusals(backends, tmp_path: Path) ->
         assert everything["deleted"] >= 4
         assert (await (await http.get("/api/v1/affinity")).json())["total"] == 0
         events = await (await http.get("/api/v1/events")).json()
-        assert events["events"][-1]["new"] == "drain"
+        assert [e["new"] for e in events["events"][-2:]] == ["drain", "weight 3"]
         assert (await http.get("/")).status == 200
 
         # Reload through the API: a bad file is refused and nothing changes.
