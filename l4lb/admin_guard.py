@@ -139,16 +139,20 @@ class Guard:
         self.served: set[object] = set()
         self._throttle = Throttle()
 
+    def _refuse(self, reason: str, message: str, *args: object) -> None:
+        """Count a refusal; log it at most once a second per reason."""
+        self.count(reason)
+        held = self._throttle.allow(reason)
+        if held is not None:
+            log.warning(message + "%s", *args, held_note(held))
+
     def __call__(self) -> asyncio.BaseProtocol:
         if len(self.server.connections) >= self.limit:
-            self.count("too_many_connections")
-            held = self._throttle.allow("busy")
-            if held is not None:
-                log.warning(
-                    "admin listener: %d connections open, refusing more%s",
-                    self.limit,
-                    held_note(held),
-                )
+            self._refuse(
+                "too_many_connections",
+                "admin listener: %d connections open, refusing more",
+                self.limit,
+            )
             return _Busy()
         handler = self.server()
         asyncio.get_running_loop().call_later(self.timeout, self._deadline, handler)
@@ -160,13 +164,10 @@ class Guard:
             return
         if handler.transport is None or handler.transport.is_closing():
             return
-        self.count("header_timeout")
-        held = self._throttle.allow("header_timeout")
-        if held is not None:
-            log.warning(
-                "closed an admin connection from %s that sent no complete request in %gs%s",
-                handler.peername,
-                self.timeout,
-                held_note(held),
-            )
+        self._refuse(
+            "header_timeout",
+            "closed an admin connection from %s that sent no complete request in %gs",
+            handler.peername,
+            self.timeout,
+        )
         handler.force_close()
