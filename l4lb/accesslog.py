@@ -11,8 +11,9 @@ reason l4lb itself ended it (idle timeout, shutdown, a refusal). At the end the 
 to the group's `AccessLog`.
 
 Writing never blocks the relay: a line is appended to a bounded buffer, and the loop flushes
-the buffer once per iteration with one `os.write` on a descriptor in non-blocking mode (a file
-of our own, or standard output). A partial write keeps the rest; a pipe that is full waits for
+the buffer every 50 ms (or at 256 lines) with one `os.write` on a descriptor in non-blocking
+mode (a file of our own, or standard output): a system call per line would cost more than the
+line. A partial write keeps the rest; a pipe that is full waits for
 the loop to say it is writable. When the buffer is full, lines are dropped and counted
 (`dropped`), never waited for. SIGUSR1 reopens a file (after logrotate moved it). Standard
 error is written as it is (blocking): l4lb's own log shares it, and a non-blocking descriptor
@@ -33,6 +34,8 @@ from .config import AccessLogSpec
 log = logging.getLogger("l4lb.accesslog")
 
 MAX_PENDING = 64 * 1024 * 1024 // 256  # lines held while the output is slow: about 64 MiB
+FLUSH_DELAY = 0.05  # seconds a line may wait, so that one write carries many lines
+FLUSH_LINES = 256  # or this many lines, whichever comes first
 
 
 class Record:
@@ -73,9 +76,29 @@ class Record:
             self.termination = how
 
 
+_second: list[object] = [-1, ""]  # the last second formatted, and its text
+_MILLIS = [f".{i:03d}Z" for i in range(1000)]
+
+
 def _iso(wall: float) -> str:
-    t = time.gmtime(wall)
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', t)}.{int(wall % 1 * 1000):03d}Z"
+    """ISO 8601 in UTC with milliseconds; strftime runs once a second, not once a line."""
+    whole = int(wall)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return str(_second[1]) + _MILLIS[int((wall - whole) * 1000)]
+
+
+_ADDRESSES: dict[tuple[str, int], str] = {}  # (host, port) -> "host:port", "[v6]:port"
+
+
+def address_text(host: str, port: int) -> str:
+    """'host:port' for the log, made once per backend and port."""
+    text = _ADDRESSES.get((host, port))
+    if text is None:
+        if len(_ADDRESSES) > 100_000:  # backends come and go with reloads: stay bounded
+            _ADDRESSES.clear()
+        text = _ADDRESSES[(host, port)] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return text
 
 
 def _host(addr: tuple[str, int] | None) -> tuple[str, int]:
@@ -115,33 +138,20 @@ def format_line(
             f" connect_ms={tc} duration_ms={duration_ms:.1f} bytes_in={bytes_in}"
             f" bytes_out={bytes_out} {event} {end}{wk}"
         )
-    fields = [
-        f'"time":"{_iso(wall)}"',
-        f'"event":"{event}"',
-        f'"group":"{group}"',
-        f'"client":"{client}"',
-        f'"client_port":{client_port}',
-    ]
-    if rec.client is not None:
-        fields.append(f'"peer":"{peer}","peer_port":{peer_port}')
-    fields.append(f'"port":{rec.port}')
-    fields.append(f'"affinity":"{rec.affinity}"')
-    if rec.repin_reason:
-        fields.append(f'"repin_reason":"{rec.repin_reason}"')
-    fields.append(f'"backend":"{rec.backend}"' if rec.backend else '"backend":null')
-    if rec.backend_address:
-        fields.append(f'"backend_address":"{rec.backend_address}"')
-    fields.append(f'"tries":{rec.tries}')
-    fields.append(
-        f'"connect_ms":{connect_ms:.3f}' if connect_ms is not None else '"connect_ms":null'
+    via = f',"peer":"{peer}","peer_port":{peer_port}' if rec.client is not None else ""
+    why = f',"repin_reason":"{rec.repin_reason}"' if rec.repin_reason else ""
+    backend = f'"{rec.backend}"' if rec.backend else "null"
+    where = f',"backend_address":"{rec.backend_address}"' if rec.backend_address else ""
+    tc = f"{connect_ms:.3f}" if connect_ms is not None else "null"
+    end = f',"termination":"{rec.termination or "unknown"}"' if event == "end" else ""
+    wk = f',"worker":{worker}' if worker is not None else ""
+    return (
+        f'{{"time":"{_iso(wall)}","event":"{event}","group":"{group}","client":"{client}",'
+        f'"client_port":{client_port}{via},"port":{rec.port},"affinity":"{rec.affinity}"{why},'
+        f'"backend":{backend}{where},"tries":{rec.tries},"connect_ms":{tc},'
+        f'"duration_ms":{duration_ms:.3f},"bytes_in":{bytes_in},"bytes_out":{bytes_out}'
+        f"{end}{wk}}}"
     )
-    fields.append(f'"duration_ms":{duration_ms:.3f}')
-    fields.append(f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}')
-    if event == "end":
-        fields.append(f'"termination":"{rec.termination or "unknown"}"')
-    if worker is not None:
-        fields.append(f'"worker":{worker}')
-    return "{" + ",".join(fields) + "}"
 
 
 class AccessLog:
@@ -200,10 +210,15 @@ class AccessLog:
         if len(self._pending) >= self.max_pending:
             self.dropped += 1
             return
-        self._pending.append(line)
-        if not self._flush_scheduled and not self._waiting:
+        pending = self._pending
+        pending.append(line)
+        if self._waiting:
+            return  # the loop says when the descriptor takes more
+        if len(pending) >= FLUSH_LINES:
+            self.flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from . import proxyproto, splice
-from .accesslog import Record, format_line
+from .accesslog import Record, address_text, format_line
 from .backends import Backend
 from .dialer import dial
 from .routing import Route, Router
@@ -103,8 +103,8 @@ class Half(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         rec = self.owner.rec
-        if rec is not None:
-            rec.end("client_fin" if self is self.owner else "backend_fin")
+        if rec is not None and not rec.termination:  # (inline: once per side and connection)
+            rec.termination = "client_fin" if self is self.owner else "backend_fin"
         peer = self.peer
         if peer is not None and not peer.lost:
             if peer.eof:  # both directions are finished
@@ -130,9 +130,12 @@ class Half(asyncio.Protocol):
     def _pass_on_loss(self, exc: Exception | None) -> None:
         self.lost = True
         rec = self.owner.rec
-        if rec is not None:
-            side = "client" if self is self.owner else "backend"
-            rec.end(f"{side}_rst" if exc is not None else f"{side}_close")
+        if rec is not None and not rec.termination:
+            client = self is self.owner
+            if exc is not None:
+                rec.termination = "client_rst" if client else "backend_rst"
+            else:
+                rec.termination = "client_close" if client else "backend_close"
         peer = self.peer
         if peer is not None and not peer.lost:
             if exc is None:
@@ -419,9 +422,7 @@ class ClientSide(Half):
         rec.connected_at = time.monotonic()
         rec.tries = len(route.tried)
         rec.backend = backend.name
-        rec.backend_address = f"{backend.address}:{backend.port_for(self.service_port)}"
-        if ":" in backend.address:
-            rec.backend_address = f"[{backend.address}]:{backend.port_for(self.service_port)}"
+        rec.backend_address = address_text(backend.address, backend.port_for(self.service_port))
         arrived_with = rec.affinity
         if router.table is None:
             rec.affinity = "none"
