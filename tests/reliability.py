@@ -563,8 +563,9 @@ class Load:
                     f = s.makefile("rb")
                     name = f.readline().strip().decode()
                     s.sendall(b"ping")
-                    if s.recv(4) != b"ping":
-                        raise OSError("no echo")
+                    echoed = f.read(4)  # (not s.recv(4): TCP may hand it over in pieces)
+                    if echoed != b"ping":
+                        raise OSError(f"no echo: {echoed!r}")
                 self.backends.setdefault(src, set()).add(name)
                 self.done += 1
             except OSError as exc:
@@ -972,8 +973,13 @@ def soak(tmp: Path, seconds: float) -> Row:
         peak_rss = max(s[1] for s in warm)
         done = load.done + load2.done
         failed_at = load.failed_at + load2.failed_at
+        failures = load.failures + load2.failures
         # A connection open on a backend that is killed fails; any other failure is a fault.
-        unexplained = [t for t in failed_at if not any(0 <= t - k < 2.0 for k in kills)]
+        unexplained = [
+            f
+            for t, f in zip(failed_at, failures, strict=True)
+            if not any(0 <= t - k < 2.0 for k in kills)
+        ]
         row = Row(
             "soak with churn",
             f"{seconds / 60:.0f} min: 4 client threads over 3,000 clients and 2 ports, a reload"
@@ -982,7 +988,8 @@ def soak(tmp: Path, seconds: float) -> Row:
             f"{done:,} connections, {len(failed_at)} failed ({len(unexplained)} outside the 2 s"
             f" after a backend's kill); RSS"
             f" {first[1] / 1024:.1f} -> {last[1] / 1024:.1f} MiB (peak {peak_rss / 1024:.1f});"
-            f" descriptors {first[2]} -> {last[2]}",
+            f" descriptors {first[2]} -> {last[2]}"
+            + (f"; for example: {'; '.join(sorted(set(unexplained))[:3])}" if unexplained else ""),
             last[1] - first[1] < 4096 and last[2] - first[2] <= 10 and not unexplained,
         )
         return clean(lb_, row)
