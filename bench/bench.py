@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from tests.procs import wait_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-TARGETS = ("direct", "haproxy", "nginx", "l4lb", "l4lb-auto", "l4lb-log")
+TARGETS = ("direct", "haproxy", "nginx", "l4lb", "l4lb-log", "l4lb-auto")
 TOOLS = ("haproxy", "nginx", "wrk", "iperf3", "taskset")
 LOAD_CORE, PROXY_CORE = "0", "1"
 
@@ -468,7 +468,10 @@ def main() -> int:
     started = time.time()
     with bench_env(seconds) as bench:
         for r in range(rounds):
-            for t in TARGETS:  # interleaved, so that drift hits every target alike
+            # Interleaved, so that drift hits every target alike, and every other round in the
+            # other order: a target's place in a round (after how many others' connections
+            # left TIME_WAIT behind, say) must not favour it.
+            for t in TARGETS if r % 2 == 0 else TARGETS[::-1]:
                 print(f"round {r + 1}/{rounds}: {t}", file=sys.stderr, flush=True)
                 results[t].append(run_round(bench, t, marks))
     text = table(results)
