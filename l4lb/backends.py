@@ -137,9 +137,9 @@ class Backend:
             self.eff = weight
         self.refresh()
 
-    def note_state(self, old: State, now: float) -> None:
-        """The state changed from `old` at wall time `now`: keep the time of the change and the
-        downtime (down or disabled)."""
+    def note_state(self, now: float) -> None:
+        """The state changed at wall time `now`: keep the time of the change and the downtime
+        (down or disabled)."""
         self.changed_at = now
         out = self.state in (State.DOWN, State.DISABLED)
         if out and self.down_since is None:

@@ -462,7 +462,7 @@ class Router:
         old = backend.state
         apply()
         if backend.state is not old:
-            backend.note_state(old, self._wall())
+            backend.note_state(self._wall())
             self._emit(backend.name, old.value, backend.state.value, reason)
             if backend.state is State.UP and self.slow_start_of(backend) > 0:
                 self._begin_ramp(backend)
