@@ -19,6 +19,7 @@ import pytest
 
 from l4lb.config import load_config_text
 from l4lb.server import ReloadError
+from tests.cdp import FLAGS as CHROMIUM_FLAGS
 from tests.helpers import config_of, free_ports, greet, group_yaml, hello, running
 from tests.procs import ROOT, STARTUP, processes, start_backend, start_l4lb, wait_for_line
 
@@ -481,16 +482,8 @@ def test_ctl_and_the_status_page_show_a_drain(tmp_path: Path) -> None:
             )
         shot = tmp_path / "status.png"
         flags = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *CHROMIUM_FLAGS,
             f"--user-data-dir={tmp_path / 'chromium'}",
-            "--window-size=1280,900",
             "--virtual-time-budget=5000",
         ]
         url = f"http://127.0.0.1:{site.admin}/"

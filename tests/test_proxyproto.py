@@ -91,6 +91,15 @@ def backend_line(port: int, bport: int) -> str:
     return f"- {{name: a, address: 127.0.0.1, ports: {{{port}: {bport}}}}}"
 
 
+async def refused_with_a_reset(port: int, payload: bytes) -> None:
+    """Send `payload` and expect an RST, not an ordinary FIN."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(payload)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(r.readexactly(1), 5)
+    w.close()
+
+
 async def test_untrusted_malformed_and_late_headers_are_refused(backends) -> None:
     (port,) = free_ports(1)
     (b,) = await backends(1, [port])
@@ -101,11 +110,7 @@ async def test_untrusted_malformed_and_late_headers_are_refused(backends) -> Non
     # something or not: an unread byte alone would make the kernel send the RST anyway.
     async with running(untrusted) as server:
         for payload in (encode("v1", ("203.0.113.9", 1234), ("127.0.0.1", port)), b""):
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(payload)
-            with pytest.raises(ConnectionResetError):
-                await asyncio.wait_for(r.readexactly(1), 5)
-            w.close()
+            await refused_with_a_reset(port, payload)
         assert server.routers["web"].stats.rejected == 2
     trusted = config_of(
         group_yaml(
@@ -117,11 +122,7 @@ async def test_untrusted_malformed_and_late_headers_are_refused(backends) -> Non
     )
     async with running(trusted) as server:
         for payload in (b"PROXY TCP4 nonsense\r\n", b"PROXY TCP4 1.2.3.4"):  # malformed; late
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(payload)
-            with pytest.raises(ConnectionResetError):
-                await asyncio.wait_for(r.readexactly(1), 5)
-            w.close()
+            await refused_with_a_reset(port, payload)
         assert server.routers["web"].stats.rejected == 2
         assert b.connections == 0  # nothing reached the backend
         # And a good header: the client is the header's source.
