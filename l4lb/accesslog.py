@@ -51,7 +51,6 @@ class Record:
         "port",
         "repin_reason",
         "started",
-        "started_wall",
         "termination",
         "tries",
     )
@@ -60,8 +59,7 @@ class Record:
         self.peer = peer  # the socket's peer
         self.client: tuple[str, int] | None = None  # a PROXY header's source, when it differs
         self.port = port
-        self.started = now  # time.monotonic() of the accept (uvloop's clock ticks in ms)
-        self.started_wall = time.time()
+        self.started = now  # time.monotonic() of the accept
         self.connected_at = 0.0
         self.affinity = "none"
         self.repin_reason = ""
@@ -76,17 +74,38 @@ class Record:
             self.termination = how
 
 
-_second: list[object] = [-1, ""]  # the last second formatted, and its text
+class _Clock:
+    """Wall-clock text for a monotonic time: `time.time()` is read once per flush, not once per
+    line (the offset between the clocks moves only when the wall clock is set), strftime once
+    a second, and the whole text once a millisecond (lines come in bursts)."""
+
+    __slots__ = ("ms", "offset", "second", "text", "whole")
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.second = self.ms = -1
+        self.text = self.whole = ""
+        self.sync()
+
+    def sync(self) -> None:
+        self.offset = time.time() - time.monotonic()
+
+    def iso(self, mono: float) -> str:
+        """ISO 8601 in UTC with milliseconds."""
+        ms = int((mono + self.offset) * 1000)
+        if ms == self.ms:
+            return self.whole
+        second, frac = divmod(ms, 1000)
+        if second != self.second:
+            self.second = second
+            self.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        self.ms = ms
+        self.whole = whole = self.text + _MILLIS[frac]
+        return whole
+
+
 _MILLIS = [f".{i:03d}Z" for i in range(1000)]
-
-
-def _iso(wall: float) -> str:
-    """ISO 8601 in UTC with milliseconds; strftime runs once a second, not once a line."""
-    whole = int(wall)
-    if whole != _second[0]:
-        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return str(_second[1]) + _MILLIS[int((wall - whole) * 1000)]
-
+CLOCK = _Clock()
 
 _ADDRESSES: dict[tuple[str, int], str] = {}  # (host, port) -> "host:port", "[v6]:port"
 
@@ -101,10 +120,18 @@ def address_text(host: str, port: int) -> str:
     return text
 
 
-def _host(addr: tuple[str, int] | None) -> tuple[str, int]:
-    if addr is None:
-        return "", 0
-    return addr[0].removeprefix("::ffff:"), addr[1]
+# The line is most of the log's cost, so it is made with one `%` and few conversions: times
+# are whole milliseconds (as HAProxy's tcplog and Envoy's %DURATION% give them; a float's
+# formatting costs as much as the rest of the line), and optional parts are empty strings.
+_JSON = (
+    '{"time":"%s","event":"%s","group":"%s","client":"%s","client_port":%d%s,"port":%d,'
+    '"affinity":"%s"%s,"backend":%s,"tries":%d,"connect_ms":%s,"duration_ms":%d,'
+    '"bytes_in":%d,"bytes_out":%d%s%s}'
+)
+_TEXT = (
+    "%s %s:%d %s:%d%s -> %s affinity=%s%s tries=%d connect_ms=%s duration_ms=%d"
+    " bytes_in=%d bytes_out=%d %s %s%s"
+)
 
 
 def format_line(
@@ -119,38 +146,56 @@ def format_line(
 ) -> str:
     """One line for `rec` ("connect" or "end"). Every value is an IP literal, a number or a
     name checked by the config loader, so JSON needs no escaping beyond what is written."""
-    client, client_port = _host(rec.client or rec.peer)
-    peer, peer_port = _host(rec.peer)
-    connect_ms = (rec.connected_at - rec.started) * 1000 if rec.connected_at else None
-    duration_ms = (now - rec.started) * 1000
-    wall = rec.started_wall + (now - rec.started)
+    peer = rec.peer or ("", 0)
+    peer_host = peer[0]
+    if peer_host.startswith("::ffff:"):
+        peer_host = peer_host[7:]
+    via = rec.client
+    if via is None:
+        client, client_port = peer_host, peer[1]
+    else:
+        client, client_port = via[0].removeprefix("::ffff:"), via[1]
+    connected = rec.connected_at
+    started = rec.started
     if fmt == "text":
-        who = f"{client}:{client_port}"
-        if rec.client is not None:
-            who += f" (via {peer}:{peer_port})"
-        where = f"{rec.backend}@{rec.backend_address}" if rec.backend else "-"
-        pin = rec.affinity + (f"({rec.repin_reason})" if rec.repin_reason else "")
-        wk = f" worker={worker}" if worker is not None else ""
-        tc = f"{connect_ms:.1f}" if connect_ms is not None else "-"
-        end = rec.termination if event == "end" else "open"
-        return (
-            f"{_iso(wall)} {group}:{rec.port} {who} -> {where} affinity={pin} tries={rec.tries}"
-            f" connect_ms={tc} duration_ms={duration_ms:.1f} bytes_in={bytes_in}"
-            f" bytes_out={bytes_out} {event} {end}{wk}"
+        return _TEXT % (
+            CLOCK.iso(now),
+            group,
+            rec.port,
+            client,
+            client_port,
+            "" if via is None else f" (via {peer_host}:{peer[1]})",
+            f"{rec.backend}@{rec.backend_address}" if rec.backend else "-",
+            rec.affinity,
+            f"({rec.repin_reason})" if rec.repin_reason else "",
+            rec.tries,
+            int((connected - started) * 1000) if connected else "-",
+            int((now - started) * 1000),
+            bytes_in,
+            bytes_out,
+            event,
+            rec.termination if event == "end" else "open",
+            "" if worker is None else f" worker={worker}",
         )
-    via = f',"peer":"{peer}","peer_port":{peer_port}' if rec.client is not None else ""
-    why = f',"repin_reason":"{rec.repin_reason}"' if rec.repin_reason else ""
-    backend = f'"{rec.backend}"' if rec.backend else "null"
-    where = f',"backend_address":"{rec.backend_address}"' if rec.backend_address else ""
-    tc = f"{connect_ms:.3f}" if connect_ms is not None else "null"
-    end = f',"termination":"{rec.termination or "unknown"}"' if event == "end" else ""
-    wk = f',"worker":{worker}' if worker is not None else ""
-    return (
-        f'{{"time":"{_iso(wall)}","event":"{event}","group":"{group}","client":"{client}",'
-        f'"client_port":{client_port}{via},"port":{rec.port},"affinity":"{rec.affinity}"{why},'
-        f'"backend":{backend}{where},"tries":{rec.tries},"connect_ms":{tc},'
-        f'"duration_ms":{duration_ms:.3f},"bytes_in":{bytes_in},"bytes_out":{bytes_out}'
-        f"{end}{wk}}}"
+    backend = rec.backend
+    return _JSON % (
+        CLOCK.iso(now),
+        event,
+        group,
+        client,
+        client_port,
+        "" if via is None else f',"peer":"{peer_host}","peer_port":{peer[1]}',
+        rec.port,
+        rec.affinity,
+        f',"repin_reason":"{rec.repin_reason}"' if rec.repin_reason else "",
+        f'"{backend}","backend_address":"{rec.backend_address}"' if backend else "null",
+        rec.tries,
+        int((connected - started) * 1000) if connected else "null",
+        int((now - started) * 1000),
+        bytes_in,
+        bytes_out,
+        f',"termination":"{rec.termination or "unknown"}"' if event == "end" else "",
+        "" if worker is None else f',"worker":{worker}',
     )
 
 
@@ -229,6 +274,7 @@ class AccessLog:
         )
         lines = len(self._pending)
         self._pending = []
+        CLOCK.sync()
         try:
             n = os.write(self._fd, data)
         except BlockingIOError:
