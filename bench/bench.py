@@ -344,7 +344,9 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
 
-def run_round(bench: Bench, target: str, quiet_marks: list[str]) -> dict[str, float]:
+def run_round(
+    bench: Bench, target: str, quiet_marks: list[str], only_conn: bool = False
+) -> dict[str, float]:
     proxy = bench.start(target)
     try:
         out: dict[str, float] = {}
@@ -361,6 +363,8 @@ def run_round(bench: Bench, target: str, quiet_marks: list[str]) -> dict[str, fl
         out["conn_per_s"] = close["rps"]
         out["conn_errors"] = close["errors"]
         out["cpu_us_per_conn"] = (c1 - c0) / max(1, close["requests"]) * 1e6 if proxy.pids else 0
+        if only_conn:
+            return out
         quiet()
         keep = bench.wrk(proxy.http, close=False)
         out["req_per_s"], out["p50_ms"], out["p99_ms"] = keep["rps"], keep["p50_ms"], keep["p99_ms"]
@@ -431,8 +435,24 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     lines.append(
         f"connection log (JSON, a line per connection): {on:,.0f} new connections/s with it on"
         f" against {off:,.0f} off ({on / off:.2f}x); CPU per connection {cpu_on:.0f} us"
-        f" against {cpu_off:.0f} us"
+        f" against {cpu_off:.0f} us ({cpu_on / cpu_off - 1:+.1%})"
     )
+    return "\n".join(lines)
+
+
+def brief(results: dict[str, list[dict[str, float]]]) -> str:
+    """A subset's table: new connections and CPU per connection, medians with min-max, and the
+    ratio of each target's median CPU per connection to the first target's."""
+    first = statistics.median(r["cpu_us_per_conn"] for r in next(iter(results.values())))
+    lines = [f"{'':12}{'new conn/s':>26}{'CPU us per connection':>26}{'CPU vs first':>14}"]
+    for t, rows in results.items():
+        conn = [r["conn_per_s"] for r in rows]
+        cpu = [r["cpu_us_per_conn"] for r in rows]
+        c = statistics.median(cpu)
+        lines.append(
+            f"{t:12}{f'{statistics.median(conn):,.0f} ({min(conn):,.0f}-{max(conn):,.0f})':>26}"
+            f"{f'{c:.1f} ({min(cpu):.1f}-{max(cpu):.1f})':>26}{c / first:>13.3f}x"
+        )
     return "\n".join(lines)
 
 
@@ -454,7 +474,20 @@ def main() -> int:
     )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument(
+        "--targets", help=f"a comma-separated subset of {','.join(TARGETS)} (default: all)"
+    )
+    ap.add_argument(
+        "--only-conn",
+        action="store_true",
+        help="new connections only (conn/s and CPU per connection): for A/B runs of many rounds",
+    )
     args = ap.parse_args()
+    targets = tuple(args.targets.split(",")) if args.targets else TARGETS
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        print(f"unknown targets: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         print(
@@ -463,7 +496,7 @@ def main() -> int:
         )
         return 1
     rounds, seconds = (1, 2.0) if args.quick else (args.rounds, args.seconds)
-    results: dict[str, list[dict[str, float]]] = {t: [] for t in TARGETS}
+    results: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
     marks: list[str] = []
     started = time.time()
     with bench_env(seconds) as bench:
@@ -471,10 +504,10 @@ def main() -> int:
             # Interleaved, so that drift hits every target alike, and every other round in the
             # other order: a target's place in a round (after how many others' connections
             # left TIME_WAIT behind, say) must not favour it.
-            for t in TARGETS if r % 2 == 0 else TARGETS[::-1]:
+            for t in targets if r % 2 == 0 else targets[::-1]:
                 print(f"round {r + 1}/{rounds}: {t}", file=sys.stderr, flush=True)
-                results[t].append(run_round(bench, t, marks))
-    text = table(results)
+                results[t].append(run_round(bench, t, marks, args.only_conn))
+    text = table(results) if targets == TARGETS and not args.only_conn else brief(results)
     print(text)
     print(
         f"\n{rounds} round(s) of {seconds:g} s per measurement, {time.time() - started:.0f} s in all; "

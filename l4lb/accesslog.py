@@ -28,8 +28,12 @@ import errno
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 from .config import AccessLogSpec
+
+if TYPE_CHECKING:
+    from .backends import Backend
 
 log = logging.getLogger("l4lb.accesslog")
 
@@ -39,33 +43,18 @@ FLUSH_LINES = 256  # or this many lines, whichever comes first
 
 
 class Record:
-    """What one connection did, for its log line."""
+    """What one connection did, for its log line: routing's outcome is kept as text already
+    (`middle`, from `AccessLog.middle`), the rest as numbers until the line is made."""
 
-    __slots__ = (
-        "affinity",
-        "backend",
-        "backend_address",
-        "client",
-        "connected_at",
-        "peer",
-        "port",
-        "repin_reason",
-        "started",
-        "termination",
-        "tries",
-    )
+    __slots__ = ("arrived", "client", "connected_at", "middle", "peer", "started", "termination")
 
-    def __init__(self, peer: tuple[str, int] | None, port: int, now: float) -> None:
+    def __init__(self, peer: tuple[str, int] | None, now: float) -> None:
         self.peer = peer  # the socket's peer
         self.client: tuple[str, int] | None = None  # a PROXY header's source, when it differs
-        self.port = port
         self.started = now  # time.monotonic() of the accept
         self.connected_at = 0.0
-        self.affinity = "none"
-        self.repin_reason = ""
-        self.backend: str | None = None
-        self.backend_address = ""
-        self.tries = 0
+        self.arrived = ""  # the name of the pin the connection arrived with
+        self.middle = ""
         self.termination = ""
 
     def end(self, how: str) -> None:
@@ -90,9 +79,8 @@ class _Clock:
     def sync(self) -> None:
         self.offset = time.time() - time.monotonic()
 
-    def iso(self, mono: float) -> str:
-        """ISO 8601 in UTC with milliseconds."""
-        ms = int((mono + self.offset) * 1000)
+    def iso(self, ms: int) -> str:
+        """ISO 8601 in UTC with milliseconds, for milliseconds since the epoch."""
         if ms == self.ms:
             return self.whole
         second, frac = divmod(ms, 1000)
@@ -107,100 +95,29 @@ class _Clock:
 _MILLIS = [f".{i:03d}Z" for i in range(1000)]
 CLOCK = _Clock()
 
-_ADDRESSES: dict[tuple[str, int], str] = {}  # (host, port) -> "host:port", "[v6]:port"
-
 
 def address_text(host: str, port: int) -> str:
-    """'host:port' for the log, made once per backend and port."""
-    text = _ADDRESSES.get((host, port))
-    if text is None:
-        if len(_ADDRESSES) > 100_000:  # backends come and go with reloads: stay bounded
-            _ADDRESSES.clear()
-        text = _ADDRESSES[(host, port)] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return text
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-# The line is most of the log's cost, so it is made with one `%` and few conversions: times
-# are whole milliseconds (as HAProxy's tcplog and Envoy's %DURATION% give them; a float's
-# formatting costs as much as the rest of the line), and optional parts are empty strings.
-_JSON = (
-    '{"time":"%s","event":"%s","group":"%s","client":"%s","client_port":%d%s,"port":%d,'
-    '"affinity":"%s"%s,"backend":%s,"tries":%d,"connect_ms":%s,"duration_ms":%d,'
-    '"bytes_in":%d,"bytes_out":%d%s%s}'
-)
-_TEXT = (
-    "%s %s:%d %s:%d%s -> %s affinity=%s%s tries=%d connect_ms=%s duration_ms=%d"
-    " bytes_in=%d bytes_out=%d %s %s%s"
-)
-
-
-def format_line(
-    fmt: str,
-    event: str,
-    group: str,
-    rec: Record,
-    now: float,
-    bytes_in: int,
-    bytes_out: int,
-    worker: int | None,
-) -> str:
-    """One line for `rec` ("connect" or "end"). Every value is an IP literal, a number or a
-    name checked by the config loader, so JSON needs no escaping beyond what is written."""
-    peer = rec.peer or ("", 0)
-    peer_host = peer[0]
-    if peer_host.startswith("::ffff:"):
-        peer_host = peer_host[7:]
-    via = rec.client
-    if via is None:
-        client, client_port = peer_host, peer[1]
-    else:
-        client, client_port = via[0].removeprefix("::ffff:"), via[1]
-    connected = rec.connected_at
-    started = rec.started
-    if fmt == "text":
-        return _TEXT % (
-            CLOCK.iso(now),
-            group,
-            rec.port,
-            client,
-            client_port,
-            "" if via is None else f" (via {peer_host}:{peer[1]})",
-            f"{rec.backend}@{rec.backend_address}" if rec.backend else "-",
-            rec.affinity,
-            f"({rec.repin_reason})" if rec.repin_reason else "",
-            rec.tries,
-            int((connected - started) * 1000) if connected else "-",
-            int((now - started) * 1000),
-            bytes_in,
-            bytes_out,
-            event,
-            rec.termination if event == "end" else "open",
-            "" if worker is None else f" worker={worker}",
-        )
-    backend = rec.backend
-    return _JSON % (
-        CLOCK.iso(now),
-        event,
-        group,
-        client,
-        client_port,
-        "" if via is None else f',"peer":"{peer_host}","peer_port":{peer[1]}',
-        rec.port,
-        rec.affinity,
-        f',"repin_reason":"{rec.repin_reason}"' if rec.repin_reason else "",
-        f'"{backend}","backend_address":"{rec.backend_address}"' if backend else "null",
-        rec.tries,
-        int((connected - started) * 1000) if connected else "null",
-        int((now - started) * 1000),
-        bytes_in,
-        bytes_out,
-        f',"termination":"{rec.termination or "unknown"}"' if event == "end" else "",
-        "" if worker is None else f',"worker":{worker}',
-    )
+def _host(addr: tuple[str, int] | None) -> tuple[str, int]:
+    if addr is None:
+        return "", 0
+    host = addr[0]
+    return (host[7:] if host.startswith("::ffff:") else host), addr[1]
 
 
 class AccessLog:
-    """A bounded, non-blocking line writer flushed by the event loop."""
+    """A bounded, non-blocking line writer flushed by the event loop, and the maker of its
+    lines.
+
+    A line is most of the log's cost, so most of it is made once and reused: what routing
+    decided (group, port, affinity, backend and its address, tries) is a small set of values
+    across connections, cached as text (`middle`), and so is the end of the line (termination,
+    worker); per line only the time, the client and five numbers are formatted. Times are whole
+    milliseconds, as HAProxy's tcplog and Envoy's %DURATION% give them (a float's formatting
+    costs as much as the rest of the line).
+    """
 
     def __init__(
         self, spec: AccessLogSpec, worker: int | None = None, max_pending: int = MAX_PENDING
@@ -211,11 +128,15 @@ class AccessLog:
         self.dropped = 0
         self.written = 0
         self._pending: list[str] = []
-        self._flush_scheduled = False
         self._waiting = False  # the descriptor was full: the loop tells us when it is not
+        self._limit = min(FLUSH_LINES, max_pending)  # lines that make a flush (while waiting:
+        # lines that may be held)
         self._tail = b""  # the part of a line a partial write left
         self._fd = -1
         self._own = False
+        self._json = spec.format != "text"
+        self._middles: dict[tuple[object, ...], str] = {}
+        self._tails: dict[str, str] = {}
         self._open()
 
     def _open(self) -> None:
@@ -251,22 +172,106 @@ class AccessLog:
             os.close(self._fd)
             self._fd = -1
 
-    def write(self, line: str) -> None:
-        if len(self._pending) >= self.max_pending:
-            self.dropped += 1
-            return
+    def middle(
+        self,
+        group: str,
+        port: int,
+        affinity: str,
+        reason: str,
+        backend: Backend | None,
+        tries: int,
+    ) -> str:
+        """Routing's outcome as text, made once for each distinct outcome."""
+        address = backend.address if backend is not None else ""
+        key = (group, port, affinity, reason, backend, address, tries)
+        text = self._middles.get(key)
+        if text is not None:
+            return text
+        if len(self._middles) >= 10_000:  # backends come and go with reloads: stay bounded
+            self._middles.clear()
+        where = address_text(address, backend.port_for(port)) if backend is not None else ""
+        name = backend.name if backend is not None else ""
+        if self._json:
+            text = (
+                f'"group":"{group}","port":{port},"affinity":"{affinity}"'
+                + (f',"repin_reason":"{reason}"' if reason else "")
+                + (
+                    f',"backend":"{name}","backend_address":"{where}"'
+                    if name
+                    else ',"backend":null'
+                )
+                + f',"tries":{tries}'
+            )
+        else:
+            pin = f"{affinity}({reason})" if reason else affinity
+            to = f"{name}@{where}" if name else "-"
+            text = f"{group}:{port} -> {to} affinity={pin} tries={tries}"
+        self._middles[key] = text
+        return text
+
+    def forget(self) -> None:
+        """After a reload: the cached texts may name backends that changed."""
+        self._middles.clear()
+
+    def _make_tail(self, termination: str) -> str:
+        worker = self.worker
+        if self._json:
+            text = f',"termination":"{termination}"' if termination else ""
+            text += f',"worker":{worker}}}' if worker is not None else "}"
+        else:
+            text = f" end {termination}" if termination else " connect open"
+            text += f" worker={worker}" if worker is not None else ""
+        self._tails[termination] = text
+        return text
+
+    def log(self, rec: Record, now: float, bytes_in: int, bytes_out: int, end: bool) -> None:
+        """Queue the line for `rec`: at its end (`end`), or when it is established."""
         pending = self._pending
-        pending.append(line)
-        if self._waiting:
-            return  # the loop says when the descriptor takes more
-        if len(pending) >= FLUSH_LINES:
+        if len(pending) >= self._limit:
+            if self._waiting:  # full while the output is slow: dropped, counted
+                self.dropped += 1
+                return
             self.flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
+            pending = self._pending
+        peer = rec.peer or ("", 0)
+        peer_host, peer_port = peer
+        if peer_host.startswith("::ffff:"):
+            peer_host = peer_host[7:]
+        via = rec.client
+        if via is None:
+            client, client_port = peer_host, peer_port
+        else:
+            client, client_port = via[0].removeprefix("::ffff:"), via[1]
+        started = rec.started
+        connected = rec.connected_at
+        connect_ms = int((connected - started) * 1000) if connected else None
+        duration_ms = int((now - started) * 1000)
+        termination = (rec.termination or "unknown") if end else ""
+        tail = self._tails.get(termination) or self._make_tail(termination)
+        clock = CLOCK  # (CLOCK.iso, inline: a call costs as much as the rest of it)
+        ms = int((now + clock.offset) * 1000)
+        when = clock.whole if ms == clock.ms else clock.iso(ms)
+        if self._json:
+            event = "end" if end else "connect"
+            extra = f',"peer":"{peer_host}","peer_port":{peer_port}' if via is not None else ""
+            pending.append(
+                f'{{"time":"{when}","event":"{event}","client":"{client}",'
+                f'"client_port":{client_port}{extra},{rec.middle},'
+                f'"connect_ms":{"null" if connect_ms is None else connect_ms},'
+                f'"duration_ms":{duration_ms},"bytes_in":{bytes_in},"bytes_out":{bytes_out}'
+                f"{tail}"
+            )
+        else:
+            extra = f" (via {peer_host}:{peer_port})" if via is not None else ""
+            pending.append(
+                f"{when} {client}:{client_port}{extra} -> {rec.middle}"
+                f" connect_ms={'-' if connect_ms is None else connect_ms}"
+                f" duration_ms={duration_ms} bytes_in={bytes_in} bytes_out={bytes_out}{tail}"
+            )
+        if len(pending) == 1 and not self._waiting:  # a new batch: flushed in FLUSH_DELAY
             asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:
-        self._flush_scheduled = False
         if self._fd < 0 or not (self._pending or self._tail):
             return
         data = (
@@ -289,8 +294,12 @@ class AccessLog:
         self._tail = data[n:]
         if self._tail and not self._waiting:
             self._waiting = True
-            with contextlib.suppress(NotImplementedError, ValueError, OSError):
+            self._limit = self.max_pending
+            try:
                 asyncio.get_running_loop().add_writer(self._fd, self._writable)
+            except (NotImplementedError, ValueError, OSError):  # cannot be watched: the next
+                self._waiting = False  # flush tries again
+                self._limit = min(FLUSH_LINES, self.max_pending)
 
     def _writable(self) -> None:
         self._unwatch(self._fd)
@@ -299,5 +308,6 @@ class AccessLog:
     def _unwatch(self, fd: int) -> None:
         if self._waiting:
             self._waiting = False
+            self._limit = min(FLUSH_LINES, self.max_pending)
             with contextlib.suppress(NotImplementedError, ValueError, OSError, RuntimeError):
                 asyncio.get_running_loop().remove_writer(fd)

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from . import proxyproto, splice
-from .accesslog import Record, address_text, format_line
+from .accesslog import Record
 from .backends import Backend
 from .dialer import dial
 from .routing import Route, Router
@@ -239,29 +239,24 @@ class ClientSide(Half):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         if self.router.log is not None:
-            self.rec = Record(peer, self.service_port, time.monotonic())
+            self.rec = Record(peer, time.monotonic())
         if self.server.loop_watch and peer is not None and self.from_ourselves(peer):
             return
         self._start(peer)
 
-    def log_line(self, event: str) -> None:
-        """Hand this connection's line to its group's connection log."""
+    def log_line(self, end: bool = True, route: Route | None = None) -> None:
+        """Hand this connection's line to its group's connection log: at its end, or (`end`
+        false) when it is established. (`route`: the one `finish` has just let go.)"""
         rec, sink = self.rec, self.router.log
         if rec is None or sink is None:
             return
-        writer, spec = sink
+        writer = sink[0]
+        if not rec.middle:  # refused before any dial, or gone while it went on
+            route = route or self.route
+            tries = len(route.tried) if route is not None else 0
+            rec.middle = writer.middle(self.router.name, self.service_port, "none", "", None, tries)
         peer = self.peer
-        line = format_line(
-            spec.format,
-            event,
-            self.router.name,
-            rec,
-            time.monotonic(),
-            self.nbytes,
-            peer.nbytes if peer is not None else 0,
-            self.server.worker,
-        )
-        writer.write(line)
+        writer.log(rec, time.monotonic(), self.nbytes, peer.nbytes if peer else 0, end)
 
     def ended(self, how: str) -> None:
         """l4lb itself ends the connection (a refusal, the idle timeout, shutdown): say why."""
@@ -317,8 +312,8 @@ class ClientSide(Half):
             self.refuse("descriptors")
             return
         self.route = route = self.router.begin(key)
-        if self.rec is not None:
-            self.rec.affinity = "" if route.pinned is None else route.pinned.name  # until dialed
+        if self.rec is not None and route.pinned is not None:
+            self.rec.arrived = route.pinned.name
         server.track(self)
         self.task = asyncio.get_running_loop().create_task(self._connect())
 
@@ -341,7 +336,7 @@ class ClientSide(Half):
         """Reset a client that gets no backend at all, and log its line."""
         self.ended(how)
         reset(self.transport)
-        self.log_line("end")
+        self.log_line()
 
     def reject(self, why: str) -> None:
         """Refuse the client with a reset before any byte of it reaches a backend; counted, and
@@ -389,12 +384,14 @@ class ClientSide(Half):
                 router.limits.release(route.key)
             self.route = None
             self.server.forget(self)
-            if self.rec is not None:
-                self.rec.tries = len(route.tried)
-                self.rec.affinity = "none"
-                self.ended("no_backend")
+            rec, sink = self.rec, router.log
+            if rec is not None and sink is not None:
+                rec.middle = sink[0].middle(
+                    router.name, self.service_port, "none", "", None, len(route.tried)
+                )
+                rec.end("no_backend")
             self.transport.close()
-            self.log_line("end")
+            self.log_line()
             return
         backend, _, backend_side = result
         if self.rec is not None:
@@ -415,32 +412,33 @@ class ClientSide(Half):
 
     def _dialed(self, route: Route, backend: Backend) -> None:
         """The dial's outcome, for the log: where, how many tries, and what became of the pin
-        (`affinity` held the name of the pin the connection arrived with, "" for none)."""
-        rec = self.rec
-        assert rec is not None
+        (`arrived`: the name of the pin the connection arrived with, "" for none)."""
+        rec, sink = self.rec, self.router.log
+        assert rec is not None and sink is not None
         router = self.router
         rec.connected_at = time.monotonic()
-        rec.tries = len(route.tried)
-        rec.backend = backend.name
-        rec.backend_address = address_text(backend.address, backend.port_for(self.service_port))
-        arrived_with = rec.affinity
+        arrived = rec.arrived
+        reason = ""
         if router.table is None:
-            rec.affinity = "none"
+            affinity = "none"
         elif backend is router.sorry:
-            rec.affinity = "sorry"
+            affinity = "sorry"
         elif route.entry is None:
-            rec.affinity = "unpinned"
+            affinity = "unpinned"
         elif route.reason == "full":
-            rec.affinity, rec.repin_reason = "full", "full"
-        elif not arrived_with:
-            rec.affinity = "new"
-        elif arrived_with == backend.name:
-            rec.affinity = "hit"
+            affinity = reason = "full"
+        elif not arrived:
+            affinity = "new"
+        elif arrived == backend.name:
+            affinity = "hit"
         else:
-            rec.affinity, rec.repin_reason = "repin", route.reason or "failed"
-        spec = router.log[1] if router.log is not None else None
-        if spec is not None and spec.log_on_connect:
-            self.log_line("connect")
+            affinity, reason = "repin", route.reason or "failed"
+        writer, spec = sink
+        rec.middle = writer.middle(
+            router.name, self.service_port, affinity, reason, backend, len(route.tried)
+        )
+        if spec.log_on_connect:
+            self.log_line(end=False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.inbound is not None:
@@ -471,9 +469,7 @@ class ClientSide(Half):
             self.server.slots.wake(backend)
         self.server.forget(self)
         if self.rec is not None:
-            if not self.rec.backend:  # the client left while the dial went on
-                self.rec.affinity, self.rec.tries = "none", len(route.tried)
-            self.log_line("end")
+            self.log_line(route=route)
 
     # ------------------------------------------------------------------ zero copy
 
@@ -568,7 +564,7 @@ class ProxyClientSide(ClientSide):
         Half.connection_made(self, transport)
         peer = transport.get_extra_info("peername")
         if self.router.log is not None:
-            self.rec = Record(peer, self.service_port, time.monotonic())
+            self.rec = Record(peer, time.monotonic())
         if self.server.loop_watch and peer is not None and self.from_ourselves(peer):
             return
         trusted = self.router.proxy_trusted
@@ -630,7 +626,7 @@ class ProxyClientSide(ClientSide):
         rec = self.rec
         if rec is not None and not rec.termination:  # gone before its header: not refused
             rec.end("client_rst" if exc is not None else "client_close")
-            self.log_line("end")
+            self.log_line()
 
 
 SO_ORIGINAL_DST = 80  # netfilter's, for IPv4 (SOL_IP) and IPv6 (SOL_IPV6) alike
@@ -685,5 +681,5 @@ class MarkedClientSide(ClientSide):
         self.router = router
         self.service_port = original_port(sock, transport.get_extra_info("sockname")[1])
         if router.log is not None:
-            self.rec = Record(peer, self.service_port, time.monotonic())
+            self.rec = Record(peer, time.monotonic())
         self._start(peer)

@@ -173,7 +173,7 @@ class Server:
         # of them is l4lb itself (`ClientSide.looped`).
         self.outgoing: dict[tuple[str, int], tuple[Router, Backend]] = {}
         self.loop_watch = False  # some backend could lead back to us (`_watch_loops`)
-        self.access_logs: dict[str, AccessLog] = {}  # connection log writers, by path
+        self.access_logs: dict[tuple[str, str], AccessLog] = {}  # log writers, by path and format
         self.inbound: dict[tuple[str, int], ClientSide] = {}  # open clients from loopback
         self.loops = 0
         self._listeners: dict[tuple[str, int], tuple[ListenSpec, asyncio.AbstractServer]] = {}
@@ -302,15 +302,16 @@ class Server:
         self._open_logs()
 
     def _open_logs(self) -> None:
-        """One writer per log path, shared by the groups that log there; a path no group uses
-        any more is closed."""
-        wanted: dict[str, AccessLog] = {}
+        """One writer per log path and format, shared by the groups that log there; one no group
+        uses any more is closed. (Two formats to one path: each group's lines in its own.)"""
+        wanted: dict[tuple[str, str], AccessLog] = {}
         for router in self.routers.values():
             spec = router.spec.access_log
             if spec is None:
                 router.log = None
                 continue
-            writer = wanted.get(spec.path) or self.access_logs.get(spec.path)
+            where = (spec.path, spec.format)
+            writer = wanted.get(where) or self.access_logs.get(where)
             if writer is None:
                 try:
                     writer = AccessLog(spec, self.worker)
@@ -318,10 +319,11 @@ class Server:
                     raise StartupError(
                         f"cannot open the access log {spec.path}: {exc.strerror or exc}"
                     ) from None
-            wanted[spec.path] = writer
+            writer.forget()  # the backends its cached texts name may have changed
+            wanted[where] = writer
             router.log = (writer, spec)
-        for path, writer in self.access_logs.items():
-            if path not in wanted:
+        for where, writer in self.access_logs.items():
+            if where not in wanted:
                 writer.close()
         self.access_logs = wanted
 
