@@ -60,6 +60,8 @@ def backend_json(
         "group": group,
         "name": b.name,
         "address": b.address,
+        "hostname": b.hostname or None,  # the DNS name it was resolved from
+        "resolve_error": b.unresolved or None,  # why that name has no address (then down)
         "ports": {str(k): v for k, v in b.ports.items()},
         # service port -> where its connections go, since several backends may share a host
         "addresses": {str(p): f"{host}:{b.port_for(p)}" for p in service_ports},

@@ -49,6 +49,7 @@ class Backend:
         "failed_timeout",
         "failures_in_row",
         "healthy",
+        "hostname",
         "index",
         "inhibit",
         "max_conns",
@@ -62,6 +63,7 @@ class Backend:
         "seed",
         "send_proxy",
         "slow_start",
+        "unresolved",
         "waiting",
         "weight",
     )
@@ -85,7 +87,9 @@ class Backend:
         self.send_proxy = spec.send_proxy  # None: as the group says
         self.index = index  # position in the group's list; schedulers use it for ties
         self.admin = State(spec.state)
-        self.healthy = True
+        self.hostname = spec.hostname  # the DNS name it was resolved from, if any
+        self.unresolved = spec.unresolved  # why that name has no address: down, never dialed
+        self.healthy = not spec.unresolved
         self.removed = False
         self.active = 0  # open or dialing connections
         self.peak = 0  # the most `active` has been
@@ -183,6 +187,8 @@ class Backend:
         """Apply a reloaded spec. Weight and operator state change only when the file changed
         them, so that a reload does not undo what an operator set at run time."""
         self.address = spec.address
+        self.hostname = spec.hostname
+        self.unresolved = spec.unresolved
         self.ports = dict(spec.ports)
         self.max_conns = spec.max_conns
         self.inhibit = spec.inhibit_on_failure
@@ -198,7 +204,7 @@ class Backend:
         self.refresh()
 
     def refresh(self) -> None:
-        alive = not self.removed and self.admin is not State.DISABLED
+        alive = not self.removed and self.admin is not State.DISABLED and not self.unresolved
         self.schedulable = (
             alive and self.healthy and self.admin is State.UP and self.weight > 0 and not self.full
         )

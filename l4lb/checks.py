@@ -19,15 +19,18 @@ from .config import HealthCheckSpec
 READ_LIMIT = 64 * 1024
 
 
-async def probe(spec: HealthCheckSpec, address: str, port: int, name: str) -> tuple[bool, str]:
-    """Run one check of `spec` against address:port within spec.timeout."""
+async def probe(
+    spec: HealthCheckSpec, address: str, port: int, name: str, hostname: str = ""
+) -> tuple[bool, str]:
+    """Run one check of `spec` against address:port within spec.timeout (`hostname`: the DNS
+    name the address came from, the default Host header and TLS server name)."""
     try:
         async with asyncio.timeout(spec.timeout):
             if spec.type == "exec":
                 return await _exec(spec, address, port, name)
             if spec.type == "tcp" and spec.send is None and spec.expect is None:
                 return await _connect_only(address, port)
-            return await _connect_and_talk(spec, address, port)
+            return await _connect_and_talk(spec, address, port, hostname)
     except TimeoutError:
         return False, f"timed out after {spec.timeout:g}s"
     except (OSError, ssl.SSLError, EOFError) as exc:
@@ -51,7 +54,9 @@ async def _connect_only(address: str, port: int) -> tuple[bool, str]:
     return True, "connected"
 
 
-async def _connect_and_talk(spec: HealthCheckSpec, address: str, port: int) -> tuple[bool, str]:
+async def _connect_and_talk(
+    spec: HealthCheckSpec, address: str, port: int, hostname: str
+) -> tuple[bool, str]:
     tls: ssl.SSLContext | None = None
     if spec.type == "tls":
         tls = ssl.create_default_context()
@@ -62,7 +67,7 @@ async def _connect_and_talk(spec: HealthCheckSpec, address: str, port: int) -> t
         address,
         port,
         ssl=tls,
-        server_hostname=(spec.server_name or address) if tls is not None else None,
+        server_hostname=(spec.server_name or hostname or address) if tls is not None else None,
         limit=READ_LIMIT,
     )
     try:
@@ -70,7 +75,7 @@ async def _connect_and_talk(spec: HealthCheckSpec, address: str, port: int) -> t
             return await _tcp(spec, reader, writer)
         if spec.type == "tls" and spec.path is None:
             return True, "TLS handshake completed"
-        return await _http(spec, address, reader, writer)
+        return await _http(spec, hostname or address, reader, writer)
     finally:
         writer.close()
         # Not CancelledError: swallowing it here would let a cancelled check loop on forever

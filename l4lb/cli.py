@@ -259,6 +259,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in config.warnings:
         print(line, file=sys.stderr)
     if args.command == "check":
+        from .names import names_in
+
+        names = names_in(config)
+        if names:
+            from .resolver import lookup_now
+
+            for answer in lookup_now(names).values():
+                if isinstance(answer, str):  # l4lb would start, with these backends down
+                    print(f"{args.config}: warning: {answer}", file=sys.stderr)
         n = sum(len(g.backends) for g in config.groups)
         extra = f", {config.workers} workers" if config.workers > 1 else ""
         if config.affinity_store is not None:

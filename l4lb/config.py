@@ -63,7 +63,7 @@ class AcceptProxySpec:
 @dataclass(frozen=True, slots=True)
 class BackendSpec:
     name: str
-    address: str  # a normalised IP literal
+    address: str  # a normalised IP literal, or a DNS name (see l4lb/names.py)
     weight: int = 1
     ports: Mapping[int, int] = field(default_factory=dict)  # service port -> backend port
     max_conns: int = 0  # 0: unlimited
@@ -72,6 +72,14 @@ class BackendSpec:
     state: str = "up"  # the operator's state at start: up | drain | disabled
     send_proxy: str | None = None  # v1 | v2 | none: overrides the group's
     slow_start: float | None = None  # overrides the group's
+    resolve: str = "all"  # a name: all | first (of the addresses it resolves to)
+    hostname: str = ""  # the name this backend was resolved from ("" for an IP literal)
+    unresolved: str = ""  # why its name did not resolve (then `address` is the name, down)
+
+    @property
+    def is_name(self) -> bool:
+        """An address still to resolve (the configuration as written, before l4lb/names.py)."""
+        return not self.hostname and not _is_ip(self.address)
 
     def port_for(self, service_port: int) -> int:
         return self.ports.get(service_port, service_port)
@@ -185,6 +193,7 @@ class Config:
     state_file: str | None = None
     state_interval: float = 30.0
     access_log: AccessLogSpec | None = None  # the default of every group
+    resolve_interval: float = 10.0  # how often backends given by DNS name are looked up again
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()
 
@@ -355,6 +364,51 @@ def _ip(v: Any) -> str:
         raise ValueError(f"expected an IP address (IPv4 or IPv6 literal), got {v!r}") from None
 
 
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _backend_address(v: Any) -> tuple[str, int | None]:
+    """`10.0.0.5`, `[::1]`, `::1`, `app` (a DNS name), each with an optional `:port`
+    (`10.0.0.5:8080`, `[::1]:8080`, `app:8080`): (the IP literal or the name, the port)."""
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"expected an IP address or a DNS name, got {v!r}")
+    host, port = v, None
+    if v.startswith("["):
+        close = v.find("]")
+        rest = v[close + 1 :] if close > 0 else "?"
+        if close < 0 or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected [IPv6] or [IPv6]:port, got {v!r}")
+        host, port_text = v[1:close], rest[1:] if rest else None
+        if not _is_ip(host) or ":" not in host:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address")
+        port = _port_text(port_text, v) if port_text is not None else None
+    elif v.count(":") == 1:  # an IPv4 address or a name, with a port
+        host, port_text = v.split(":")
+        port = _port_text(port_text, v)
+    if _is_ip(host):
+        return str(ipaddress.ip_address(host)), port
+    if ":" in host or not _HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
+        raise ValueError(f"expected an IP address or a DNS name (optionally with :port), got {v!r}")
+    return host.lower().rstrip("."), port
+
+
+def _port_text(text: str, whole: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"the port in {whole!r} must be a number from 1 to 65535")
+    return int(text)
+
+
 def _name(v: Any) -> str:
     if not isinstance(v, str) or not _NAME_RE.match(v):
         raise ValueError(
@@ -381,6 +435,7 @@ _TOP_KEYS = (
     "state_interval",
     "kernel_marks",
     "access_log",
+    "resolve_interval",
 )
 _GROUP_KEYS = (
     "mark",
@@ -420,6 +475,7 @@ _BACKEND_KEYS = (
     "state",
     "send_proxy",
     "slow_start",
+    "resolve",
 )
 _CHECK_COMMON = ("type", "interval", "timeout", "rise", "fall", "port")
 _CHECK_KEYS = {
@@ -680,19 +736,47 @@ def _backend(
     kw: dict[str, Any] = {}
     checks: dict[str, Callable[[Any], Any]] = {
         "name": _name,
-        "address": _ip,
+        "address": _backend_address,
         "weight": _int_in(0, MAX_WEIGHT),
         "max_conns": _int_in(0, 10_000_000),
         "inhibit_on_failure": _bool,
         "state": _choice("up", "drain", "disabled"),
         "send_proxy": _choice("v1", "v2", "none"),
         "slow_start": _duration,
+        "resolve": _choice("all", "first"),
     }
     ok = _scalars(v, m, path, checks, kw) and ok
+    inline_port: int | None = None
+    if isinstance(kw.get("address"), tuple):
+        kw["address"], inline_port = kw["address"]
+    if "resolve" in kw and "address" in kw and _is_ip(kw["address"]):
+        v.error(m["resolve"][1], f"{path}.resolve", "applies to a DNS name, not an IP address")
+        ok = False
     if "ports" in m:
+        if inline_port is not None:
+            v.error(
+                m["ports"][1],
+                f"{path}.ports",
+                "the address already gives a port: give it there or in a ports map, not both",
+            )
+            ok = False
         pm = _port_map(v, m["ports"][1], f"{path}.ports", ports)
         ok = ok and pm is not None
         kw["ports"] = pm or {}
+    elif inline_port is not None and ports:
+        # The port is the first service port's; the others keep the same offset (as `-b`).
+        offset = inline_port - ports[0]
+        bad = [sp for sp in ports if not 1 <= sp + offset <= 65535]
+        if bad:
+            v.error(
+                m["address"][1],
+                f"{path}.address",
+                f"port {inline_port} for {ports[0]} puts {bad[0]} at {bad[0] + offset},"
+                " outside 1-65535: give a ports map",
+            )
+            ok = False
+        else:
+            kw["ports"] = {sp: sp + offset for sp in ports}
     if "health_check" in m:
         hc = _health_check(v, m["health_check"][1], f"{path}.health_check", ports)
         ok = ok and hc is not None
@@ -1112,6 +1196,8 @@ def _check_loops(v: _Validator, groups: list[GroupSpec], marks: KernelMarksSpec 
         if g.sorry_server is not None:
             named.append((f"groups.{g.name}.sorry_server", g.sorry_server))
         for path, b in named:
+            if b.is_name:
+                continue  # known once resolved: the run-time loop watch covers names
             for sp in g.ports:
                 hit = _loops_back((b.address, b.port_for(sp)), listeners, is_local)
                 if hit is not None:
@@ -1136,6 +1222,7 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
         "state_file": _text,
         "state_interval": _positive_duration,
         "workers": _int_in(1, MAX_WORKERS, "a number of worker processes"),
+        "resolve_interval": _positive_duration,
     }
     _scalars(v, m, "", checks, kw)
     if "affinity_store" in m:

@@ -59,8 +59,8 @@ async def start_demo_backends(config: Config) -> list[asyncio.AbstractServer]:
     tls: ssl.SSLContext | None = None
     for g in config.groups:
         for b in g.backends:
-            if not ipaddress.ip_address(b.address).is_loopback:
-                continue
+            if b.is_name or not ipaddress.ip_address(b.address).is_loopback:
+                continue  # (a name is somebody else's to serve)
             for port in g.ports:
                 scheme = "https" if port in TLS_SERVICE_PORTS else "http"
                 if scheme == "https" and tls is None:

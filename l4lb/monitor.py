@@ -77,7 +77,7 @@ class HealthMonitor:
                 continue
             for spec, backend in zip(router.spec.backends, router.backends, strict=True):
                 check = spec.health_check or router.spec.health_check
-                if check is not None:
+                if check is not None and not backend.unresolved:  # nothing to probe yet
                     self._start(router, backend, check, until_up=False)
 
     async def restart(self) -> None:
@@ -116,7 +116,7 @@ class HealthMonitor:
             await asyncio.sleep(self.rng.uniform(0, check.interval))
         while True:
             t0 = loop.time()
-            ok, detail = await probe(check, backend.address, port, backend.name)
+            ok, detail = await probe(check, backend.address, port, backend.name, backend.hostname)
             key = (router.name, backend.name)
             took = loop.time() - t0
             self.results[key] = CheckResult(ok, detail, took, time.time())

@@ -375,10 +375,15 @@ class Router:
                 b.changed_at = self._wall()
                 changes.append(f"backend {bs.name} added")
             else:
-                if bs != previous[bs.name]:
-                    what = ", ".join(config_changes(previous[bs.name], bs))
+                was = previous[bs.name]
+                if bs != was:
+                    what = ", ".join(config_changes(was, bs, skip=("unresolved",)))
                     changes.append(f"backend {bs.name} changed: {what}")
-                b.update(bs, previous[bs.name], i)
+                b.update(bs, was, i)
+                if bs.unresolved and not was.unresolved:
+                    self.set_health(b, False, bs.unresolved)
+                elif was.unresolved and not bs.unresolved:  # (its checks, if any, then judge)
+                    self.set_health(b, True, f"{bs.hostname} resolves to {bs.address}")
             backends.append(b)
         names = {b.name for b in backends}
         for b in self.backends:

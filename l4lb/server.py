@@ -42,7 +42,9 @@ from .listeners import (
     steering_masks,
 )
 from .monitor import HealthMonitor
+from .names import Answer, expand, names_in
 from .relay import ClientSide, MarkedClientSide, ProxyClientSide
+from .resolver import lookup
 from .reuseport import steer
 from .routing import RESOURCE_ERRNOS, Router
 from .throttle import Throttle, held_note
@@ -137,7 +139,12 @@ class Server:
         follower: bool = False,
         on_health: Callable[[str, str, bool, str], None] | None = None,
     ) -> None:
+        # The configuration as written (backends may be DNS names), and as applied: its names
+        # expanded to what they resolve to (l4lb/names.py), all down until `start` looks them up.
+        self.written = config
+        config = expand(config, {})
         self.config = config
+        self.answers: dict[str, Answer] = {}  # the resolver's last answer for each name
         # As a worker: the listening sockets the supervisor opened, by (address, port); a
         # worker never binds one itself, since its place in the reuseport group matters.
         self.inherited = inherited
@@ -343,7 +350,9 @@ class Server:
         watch = False
         for router in self.routers.values():
             for b in router.all_backends():
-                ours = redirect or any(b.port_for(p) in ports for p in router.spec.ports)
+                ours = not b.unresolved and (
+                    redirect or any(b.port_for(p) in ports for p in router.spec.ports)
+                )
                 if ours and b.address not in local:
                     local[b.address] = is_local_address(b.address)
                 b.may_loop = ours and local[b.address]
@@ -359,6 +368,9 @@ class Server:
         self.max_live = connection_budget()
         if self.config.kernel_marks is not None:
             check_fwmark_accept()
+        if names_in(self.written):
+            self.answers = await lookup(names_in(self.written))
+            self._resolved(expand(self.written, self.answers))
         specs = listen_specs(self.config)
         bound = self._bind_new(specs)
         self._set_bindings(specs)
@@ -368,7 +380,11 @@ class Server:
             await self.store.start()
         self._wire_health()
         self.monitor.start()
-        self._tasks = [loop.create_task(self._sweep()), loop.create_task(self._sample())]
+        self._tasks = [
+            loop.create_task(self._sweep()),
+            loop.create_task(self._sample()),
+            loop.create_task(self._resolve_periodically()),
+        ]
         if self.config.state_file:
             self._tasks.append(loop.create_task(self._save_periodically()))
         await self._start_admin()
@@ -475,11 +491,49 @@ class Server:
         nothing changes. Returns what changed."""
         async with self._reload_lock:
             try:
-                return await self._apply(new)
+                answers = await lookup(names_in(new)) if names_in(new) else {}
+                changes = await self._apply(expand(new, answers))
             except StartupError as exc:
                 self.reloads_failed += 1
                 log.error("reload refused: %s", exc)
                 raise ReloadError([str(exc)]) from None
+            self.written, self.answers = new, answers
+            self.reloads_ok += 1
+            log.info("reloaded %s: %s", new.source, "; ".join(changes) or "no changes")
+            return changes
+
+    def _resolved(self, new: Config) -> None:
+        """At start, before anything runs: the routers take the names' first answers."""
+        for g in new.groups:
+            self.routers[g.name].reconfigure(g, self.clock, self.rng)
+        self.config = new
+        for router in self.routers.values():
+            for b in router.backends:
+                if b.unresolved:
+                    log.warning(
+                        "group %s: backend %s is down: %s", router.name, b.name, b.unresolved
+                    )
+
+    async def _resolve_periodically(self) -> None:
+        """Every `resolve_interval`, the names again; a changed answer is applied as a reload
+        would apply it (backends matched by name: see l4lb/names.py)."""
+        while True:
+            await asyncio.sleep(self.config.resolve_interval)
+            names = names_in(self.written)
+            if not names:
+                continue
+            answers = await lookup(names)
+            async with self._reload_lock:
+                new = expand(self.written, answers)
+                if new.groups == self.config.groups:
+                    continue
+                try:
+                    changes = await self._apply(new)
+                except StartupError as exc:  # cannot happen (the same listeners), but say so
+                    log.error("cannot apply what the backends' names resolve to: %s", exc)
+                    continue
+                self.answers = answers
+                log.info("backends' names resolved anew: %s", "; ".join(changes))
 
     async def _apply(self, new: Config) -> list[str]:
         specs = listen_specs(new)
@@ -523,8 +577,6 @@ class Server:
         self.config = new
         self._watch_loops()  # again: kernel_marks may have come or gone with the file
         await self.monitor.restart()
-        self.reloads_ok += 1
-        log.info("reloaded %s: %s", new.source, "; ".join(changes) or "no changes")
         return changes
 
     def _wire_health(self) -> None:
