@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import __version__
+from . import __version__, sdnotify
 from .config import Config, ConfigError, load_config
 from .server import ReloadError, Server, StartupError
 
@@ -84,11 +84,13 @@ async def _serve(config: Config, demo: bool, log_level: str) -> int:
         await balancer.start()
         if demo:
             print_hints(config)
+        sdnotify.ready(_status(config))
         await stop.wait()
     except StartupError as exc:
         log.error("%s", exc)
         return 1
     finally:
+        sdnotify.stopping()
         await balancer.shutdown()
         for srv in demo_servers:
             srv.close()
@@ -96,10 +98,24 @@ async def _serve(config: Config, demo: bool, log_level: str) -> int:
 
 
 async def _reload(balancer: Balancer) -> object:
+    sdnotify.reloading()
     try:
-        return await balancer.reload_from_file()
-    except ReloadError:
-        return None  # logged by the server, line by line; the running configuration stays
+        changes = await balancer.reload_from_file()
+    except ReloadError as exc:  # logged by the server, line by line; the configuration stays
+        sdnotify.ready(f"reload refused ({exc.lines[0]}); serving the previous configuration")
+        return None
+    n = len(changes)
+    sdnotify.ready(f"reloaded: {n} change{'' if n == 1 else 's'}" if n else "reloaded: no changes")
+    return changes
+
+
+def _status(config: Config) -> str:
+    """What `systemctl status` says of a started balancer."""
+    ports = sum(len(g.ports) for g in config.groups)
+    groups = len(config.groups)
+    who = f"{config.workers} workers" if config.workers > 1 else "serving"
+    g = f"{groups} group{'' if groups == 1 else 's'}"
+    return f"{who}: {g}, {ports} port{'' if ports == 1 else 's'}"
 
 
 def _healthcheck(path: str) -> int:

@@ -162,6 +162,7 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(admin_path)  # a crashed worker's
         env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)  # the supervisor speaks for its workers
         env[ENV] = json.dumps(
             {
                 "index": i,
