@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import __version__, sdnotify
-from .config import Config, ConfigError, load_config
+from .config import SCHEDULERS, Config, ConfigError, load_config, load_config_text
 from .server import ReloadError, Server, StartupError
 
 log = logging.getLogger("l4lb")
@@ -107,6 +107,26 @@ async def _reload(balancer: Balancer) -> object:
     n = len(changes)
     sdnotify.ready(f"reloaded: {n} change{'' if n == 1 else 's'}" if n else "reloaded: no changes")
     return changes
+
+
+def _flags_config(args: argparse.Namespace) -> str | None:
+    """The YAML for -l/-b, None when the run has a file instead, "" after a bad flag."""
+    flags = [args.listen, args.backend, args.persistence, args.scheduler, args.admin]
+    if not any(flags):
+        if args.print_config:
+            print("l4lb run --print-config: prints what -l/-b amount to", file=sys.stderr)
+            return ""
+        return None
+    if args.config:
+        print("l4lb run: -c FILE or the -l/-b flags, not both", file=sys.stderr)
+        return ""
+    from .quick import FlagError, to_yaml
+
+    try:
+        return to_yaml(args.listen, args.backend, args.persistence, args.scheduler, args.admin)
+    except FlagError as exc:
+        print(f"l4lb run: {exc}", file=sys.stderr)
+        return ""
 
 
 def _status(config: Config) -> str:
@@ -215,8 +235,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"l4lb {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the balancer")
-    run.add_argument("-c", "--config", required=True, help="the YAML configuration file")
+    run = sub.add_parser(
+        "run",
+        help="run the balancer",
+        description="Run the balancer on a configuration file (-c), or on flags alone: "
+        "l4lb run -l 8080 -l 8443 -b 127.0.0.1:9001,9441 -b 127.0.0.1:9002,9442",
+    )
+    run.add_argument("-c", "--config", help="the YAML configuration file")
+    dev = run.add_argument_group("without a file (one group, `local`)")
+    dev.add_argument(
+        "-l",
+        dest="listen",
+        action="append",
+        default=[],
+        metavar="[HOST:]PORT",
+        help="a port to listen on (127.0.0.1 unless a host is given); repeat for more",
+    )
+    dev.add_argument(
+        "-b",
+        dest="backend",
+        action="append",
+        default=[],
+        metavar="HOST:PORT[,PORT...]",
+        help="a backend: one port per -l port in their order, or one port for all at the same"
+        " offset; named b1, b2, ...",
+    )
+    dev.add_argument(
+        "--persistence", metavar="TIMEOUT[/PREFIX]", help="e.g. 5m/24, or off (default: 6m, /32)"
+    )
+    dev.add_argument("--scheduler", choices=SCHEDULERS, help="default: wlc")
+    dev.add_argument("--admin", metavar="[HOST:]PORT", help="the admin API and status page")
+    dev.add_argument(
+        "--print-config", action="store_true", help="print the YAML the flags amount to, and exit"
+    )
     run.add_argument(
         "--demo",
         action="store_true",
@@ -266,9 +317,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_ctl(args)
     _setup_logging(args.log_level)
+    text: str | None = None
+    if args.command == "run":
+        text = _flags_config(args)
+        if text is None and not args.config:
+            print("l4lb run: give -c FILE, or -l PORT and -b HOST:PORT", file=sys.stderr)
+            return 2
+        if text is not None and args.print_config:
+            print(text, end="")
+            return 0
+        if text == "":
+            return 2
     try:
-        config = load_config(args.config)
+        config = load_config(args.config) if not text else load_config_text(text, "<flags>")
     except ConfigError as exc:
+        if text:
+            from .quick import explain
+
+            for line in exc.lines:
+                print(f"l4lb run: {explain(line, text)}", file=sys.stderr)
+            return 2
         for line in exc.lines:
             print(line, file=sys.stderr)
         return 1
@@ -290,7 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .store import redact
 
             extra += f", pins shared through {redact(config.affinity_store.url)}"
-        print(f"{args.config}: ok ({len(config.groups)} groups, {n} backends{extra})")
+        g = len(config.groups)
+        groups = f"{g} group{'' if g == 1 else 's'}, {n} backend{'' if n == 1 else 's'}"
+        print(f"{args.config}: ok ({groups}{extra})")
         return 0
     _raise_nofile()
     return _run_loop(_serve(config, args.demo, args.log_level))

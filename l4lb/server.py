@@ -472,6 +472,10 @@ class Server:
 
     async def reload_from_file(self) -> list[str]:
         """Re-read the configuration file and apply it; raises ReloadError."""
+        if self.written.source == "<flags>":  # `l4lb run -l ... -b ...`: no file to re-read
+            self.reloads_failed += 1
+            log.error("reload refused: the configuration came from flags, not a file")
+            raise ReloadError(["the configuration came from flags, not a file: nothing to re-read"])
         try:
             config = load_config(self.config.source)
         except ConfigError as exc:

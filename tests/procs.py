@@ -97,11 +97,17 @@ def start_backend(name: str, prefix: tuple[str, ...] = (), **ports: str) -> subp
 
 
 def start_l4lb(
-    config: Path, *extra: str, groups: int = 1, prefix: tuple[str, ...] = ()
+    config: Path,
+    *extra: str,
+    groups: int = 1,
+    prefix: tuple[str, ...] = (),
+    config_flag: bool = True,
 ) -> subprocess.Popen[str]:
+    """`l4lb run -c CONFIG EXTRA...` (without `-c CONFIG` when not `config_flag`: flags only)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    source = ("-c", str(config)) if config_flag else ()
     proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "l4lb", "run", "-c", str(config), *extra],
+        [*prefix, sys.executable, "-m", "l4lb", "run", *source, *extra],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
