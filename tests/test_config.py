@@ -115,7 +115,7 @@ groups:
             "f.yaml:5: groups.web.backends[0].weight: must be from 0 to 65535, got -1",
         ),
         (
-            GOOD_GROUP.replace("address: 10.0.0.1", "address: web.example"),
+            GOOD_GROUP.replace("address: 10.0.0.1", "address: web_example!"),
             "f.yaml:5: groups.web.backends[0].address: expected an IP address",
         ),
         (
