@@ -4,13 +4,22 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck bench bench-quick bench-tools sim bench-workers reliability soak clean
+.PHONY: run test deps lint typecheck bench bench-quick bench-tools sim bench-workers reliability soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+# The Debian packages the tests use as real peers and clients (the only list: .ci/run uses it).
+DEBS := curl openssl make python3-venv util-linux iproute2 iptables chromium haproxy \
+        redis-server docker.io docker-compose mmdebstrap systemd
+deps:
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then echo "deps: all installed"; \
+	elif [ "$$(id -u)" != 0 ]; then echo "deps: missing $$missing: run make deps as root"; exit 1; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 run: $(STAMP)
 	$(BIN)/l4lb run -c config/l4lb.yaml --demo

@@ -55,3 +55,23 @@ async def cleanup() -> AsyncIterator[Callable[[Any], Any]]:
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
     """Every async test runs on uvloop (production) and on the standard loop (the fallback)."""
     return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """A closing line naming what was skipped and why, and the one command that installs
+    what those tests need."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    reasons: dict[str, int] = {}
+    for report in skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    parts = "; ".join(f"{n} x {why}" for why, n in sorted(reasons.items(), key=lambda x: -x[1]))
+    n = len(skipped)
+    terminalreporter.write_line(
+        f"skipped {n} test{'' if n == 1 else 's'}: {parts}."
+        " `make deps` installs what they need (as root; `.ci/run` does the same)."
+    )

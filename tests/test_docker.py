@@ -57,3 +57,27 @@ def test_healthcheck_answers_for_a_running_balancer(tmp_path: Path) -> None:
     plain = tmp_path / "plain.yaml"
     plain.write_text(config.read_text().split("\n", 1)[1])
     assert healthcheck(plain) == 0  # no admin API: nothing to ask, the process is the health
+
+
+def test_the_shipped_examples_are_valid_configurations(tmp_path: Path) -> None:
+    """What the image bakes in and what the compose files mount: `l4lb check` accepts each
+    (the default's `app` need not resolve here: a warning, not an error)."""
+    examples = sorted((ROOT / "docker" / "examples").glob("*.yaml"))
+    assert {p.name for p in examples} == {"default.yaml", "edge.yaml", "sidecar.yaml"}
+    for compose in (ROOT / "docker").glob("compose.*.yaml"):
+        for volume in yaml.safe_load(compose.read_text())["services"]["l4lb"]["volumes"]:
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (ROOT / "docker" / source).exists(), f"{compose.name} mounts {source}"
+    for path in examples:
+        text = path.read_text().replace("/etc/l4lb/admin.token", str(path.parent / "admin.token"))
+        tmp = tmp_path / path.name
+        tmp.write_text(text.replace("/var/lib/l4lb/", f"{tmp_path}/"))
+        out = subprocess.run(
+            [sys.executable, "-m", "l4lb", "check", "-c", str(tmp)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, (path.name, out.stderr)
