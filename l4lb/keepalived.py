@@ -147,7 +147,10 @@ def _seconds(node: Node | None, default: float) -> float:
         return default
 
 
-_CHECKS = {"TCP_CHECK", "HTTP_GET", "SSL_GET", "MISC_CHECK"}
+_CHECKS = {"TCP_CHECK", "HTTP_GET", "SSL_GET", "MISC_CHECK", "SMTP_CHECK"}
+# Checkers l4lb has no equivalent for: each is a counted comment (the backend then has the
+# other checkers' verdict, or none).
+_OTHER_CHECKS = {"PING_CHECK", "UDP_CHECK", "DNS_CHECK", "BFD_CHECK", "FILE_CHECK"}
 _VS_DONE = {
     "delay_loop",
     "lb_algo",
@@ -161,20 +164,46 @@ _VS_DONE = {
     "hysteresis",
     "lb_kind",
     "lvs_method",
+    "virtualhost",
 }
 
 
-def _check(out: _Out, rs: Node, rs_port: int | None, delay: float, indent: int) -> None:
+def _weight(rs: Node) -> int:
+    node = rs.child("weight")
+    return int(node.args[0]) if node is not None and node.args and node.args[0].isdigit() else 1
+
+
+def _is_own(rs: Node, listen: list[str], ports: list[int]) -> bool:
+    """A real server that is the virtual server's own address and port."""
+    try:
+        address, rs_port = _addr_port(rs.args)
+    except (ValueError, IndexError):
+        return False
+    return address in listen and (rs_port or 0) in (ports if rs_port else [0])
+
+
+_CHECK_TIMING = ("connect_timeout", "retry", "nb_get_retry", "delay_before_retry", "warmup")
+_STATUS_RE = re.compile(r"^(\d{3})(?:-(\d{3}))?$")
+
+
+def _check(
+    out: _Out, rs: Node, rs_port: int | None, delay: float, indent: int, vhost: str | None
+) -> None:
+    for other in rs.children or ():
+        if other.keyword in _OTHER_CHECKS:
+            out.note(indent, other, "l4lb has no such check (tcp, http, tls and exec are its own)")
     checks = [c for c in rs.children or () if c.keyword in _CHECKS]
     if not checks:
         return
     chk = checks[0]
     for extra in checks[1:]:
         out.note(indent, extra, "l4lb runs one check a backend (keepalived requires all to pass)")
+    # keepalived's defaults: connect_timeout 5 s, retry 1 (MISC_CHECK 0) extra attempts
     timeout = _seconds(chk.child("connect_timeout"), 5.0)
     retry_node = chk.child("retry") or chk.child("nb_get_retry")
-    fall = int(_seconds(retry_node, 1.0)) + 1
+    fall = int(_seconds(retry_node, 0.0 if chk.keyword == "MISC_CHECK" else 1.0)) + 1
     fields = [f"interval: {delay:g}s", f"timeout: {timeout:g}s", "rise: 1", f"fall: {fall}"]
+    handled = {*_CHECK_TIMING, "connect_port"}
     connect_port = chk.child("connect_port")
     if (
         connect_port is not None
@@ -187,45 +216,118 @@ def _check(out: _Out, rs: Node, rs_port: int | None, delay: float, indent: int) 
             connect_port,
             "l4lb checks the port traffic goes to; add a group port mapped to it to check another",
         )
+    for timing in ("delay_before_retry", "warmup"):
+        node = chk.child(timing)
+        if node is not None:
+            out.note(indent, node, "l4lb retries at its interval and spreads first checks itself")
     if chk.keyword == "TCP_CHECK":
         kind = "tcp"
+    elif chk.keyword == "SMTP_CHECK":
+        kind = "tcp"
+        fields.append('expect: "^220"')  # the server's greeting; l4lb sends no HELO
+        handled.add("helo_name")
+        helo = chk.child("helo_name")
+        if helo is not None:
+            out.note(indent, helo, "l4lb reads the SMTP greeting and sends no HELO")
     elif chk.keyword in ("HTTP_GET", "SSL_GET"):
         kind = "http" if chk.keyword == "HTTP_GET" else "tls"
-        url = chk.child("url")
+        handled |= {"url", "virtualhost"}
+        urls = chk.all("url")
+        url = urls[0] if urls else None
         path = url.child("path") if url else None
-        fields.append(f"path: {path.args[0] if path and path.args else '/'}")
-        status = url.child("status_code") if url else None
-        if status and status.args and all(a.isdigit() for a in status.args):
-            fields.append(f"status: [{', '.join(status.args)}]")
-        else:
-            fields.append('status: ["200-299"]')  # keepalived's default
+        fields.append(f"path: {_q(path.args[0]) if path and path.args else _q('/')}")
+        fields.append(f"status: [{_statuses(out, indent, url)}]")
+        host = (url.child("virtualhost") if url else None) or chk.child("virtualhost")
+        if host is not None and host.args:
+            fields.append(f"host: {_q(host.args[0])}")
+        elif vhost is not None:
+            fields.append(f"host: {_q(vhost)}")
         for sub in (url.children or []) if url else []:
-            if sub.keyword not in ("path", "status_code"):
-                out.note(indent, sub, "not checked by l4lb")
+            if sub.keyword not in ("path", "status_code", "virtualhost"):
+                why = (
+                    "l4lb matches the status, not a digest of the body"
+                    if sub.keyword == "digest"
+                    else "not checked by l4lb"
+                )
+                out.note(indent, sub, why)
+        for more in urls[1:]:
+            more_path = more.child("path")
+            shown = more_path.args[0] if more_path and more_path.args else "/"
+            out.note(
+                indent,
+                more,
+                f"another url ({shown}): l4lb checks one url a backend (keepalived: all must pass)",
+            )
     else:
         kind = "exec"
+        handled |= {"misc_path", "misc_timeout"}
         misc = chk.child("misc_path")
         if misc is None or not misc.args:
             out.note(indent, chk, "a MISC_CHECK without misc_path")
             return
         argv = shlex.split(" ".join(misc.args))
         fields.append("command: [" + ", ".join(_q(a) for a in argv) + "]")
-        misc_timeout = chk.child("misc_timeout")
-        if misc_timeout is not None:
-            fields[1] = f"timeout: {_seconds(misc_timeout, timeout):g}s"
-    for sub in chk.children or []:
-        if sub.keyword in (
-            "connect_timeout",
-            "retry",
-            "nb_get_retry",
-            "url",
-            "misc_path",
-            "misc_timeout",
-            "connect_port",
+        # keepalived: misc_timeout, else delay_loop (not connect_timeout)
+        fields[1] = f"timeout: {_seconds(chk.child('misc_timeout'), delay):g}s"
+        for option, why in (
+            ("misc_dynamic", "l4lb takes the exit status as up or down, not as a weight"),
+            ("user", "l4lb runs the command as its own user"),
         ):
-            continue
-        out.note(indent, sub, "no l4lb equivalent")
+            node = chk.child(option)
+            handled.add(option)
+            if node is not None:
+                out.note(indent, node, why)
+    for sub in chk.children or []:
+        if sub.keyword not in handled:
+            out.note(indent, sub, "no l4lb equivalent")
     out.add(indent, f"health_check: {{type: {kind}, " + ", ".join(fields) + "}")
+
+
+def _statuses(out: _Out, indent: int, url: Node | None) -> str:
+    """`status_code 200-299 400-499 503` as l4lb's list; keepalived's default is 200-299."""
+    node = url.child("status_code") if url else None
+    if node is None or not node.args:
+        return '"200-299"'
+    items: list[str] = []
+    for arg in node.args:
+        m = _STATUS_RE.match(arg)
+        if m is None or not 100 <= int(m.group(1)) <= int(m.group(2) or m.group(1)) <= 599:
+            out.note(indent, node, f"{arg!r} is not a status or a range of them: left out")
+            continue
+        items.append(f'"{arg}"' if m.group(2) else arg)
+    return ", ".join(items) or '"200-299"'
+
+
+def _quorum(out: _Out, vs: Node, weights: list[int]) -> None:
+    """keepalived's quorum is a sum of live weights, l4lb's a count of live backends: the
+    count that guarantees the weight whichever backends are up (the lightest ones first)."""
+    opt = vs.child("quorum")
+    if opt is None or not opt.args or not opt.args[0].isdigit():
+        return
+    needed = int(opt.args[0])
+    total = 0
+    count = 0
+    for w in sorted(weights):
+        if total >= needed:
+            break
+        total += w
+        count += 1
+    if total < needed or not weights:
+        out.add(2, f"quorum: {max(1, len(weights))}")
+        out.note(2, opt, f"the weights sum to {sum(weights)}, below the quorum: every backend")
+        return
+    count = max(1, count)
+    if set(weights) == {1} or count == needed:
+        out.add(2, f"quorum: {count}")
+        return
+    out.add(2, f"quorum: {count}")
+    shown = ", ".join(map(str, weights))
+    out.add(
+        2,
+        f"# quorum {needed} ({opt.source}:{opt.line}) counts weights ({shown}): any {count}"
+        f" backends up carry at least {needed}; keepalived may serve with fewer",
+    )
+    out.notes += 1
 
 
 def _q(s: str) -> str:
@@ -273,7 +375,9 @@ def convert(
             continue
         converted += _virtual_server(out, n, groups, fwmark_ports)
     if not converted:
-        raise KeepalivedError(f"{path}: no TCP virtual_server to convert")
+        if not any(n.keyword == "virtual_server" for n in nodes):
+            raise KeepalivedError(f"{path}: no virtual_server to convert")
+        out.add(1, "{}   # no virtual server could be carried over (see above): add a group")
     return "\n".join(out.lines) + "\n", out.notes
 
 
@@ -365,20 +469,19 @@ def _virtual_server(
             g = gran.args[0]
             persist.append(f"netmask: {g}" if "." in g else f"ipv6_prefix: {g}")
         out.add(2, "persistence: {" + ", ".join(persist) + "}")
-    for keyword in ("quorum", "hysteresis"):
-        opt = vs.child(keyword)
-        if opt is not None and opt.args:
-            out.add(
-                2,
-                f"{keyword}: {int(opt.args[0])}"
-                + ("   # l4lb counts backends, keepalived weights" if keyword == "quorum" else ""),
-            )
+    weights = [_weight(rs) for rs in vs.all("real_server") if not _is_own(rs, listen, ports)]
+    _quorum(out, vs, weights)
+    hyst = vs.child("hysteresis")
+    if hyst is not None and hyst.args and hyst.args[0].isdigit():
+        out.add(2, f"hysteresis: {int(hyst.args[0])}")
     for kind in ("lb_kind", "lvs_method"):
         opt = vs.child(kind)
         if opt is not None:
             how = " ".join(opt.args)
             out.add(2, f"# {kind} {how}: l4lb is a full proxy (like NAT, without the routing)")
     delay = _seconds(vs.child("delay_loop"), 60.0)
+    vh = vs.child("virtualhost")
+    vhost = vh.args[0] if vh is not None and vh.args else None  # the checks' default Host
     sorry = vs.child("sorry_server")
     if sorry is not None and len(sorry.args) >= 1:
         address, sport = _addr_port(sorry.args)
@@ -399,7 +502,7 @@ def _virtual_server(
         except (ValueError, IndexError):
             out.note(3, rs, "not an address and port")
             continue
-        if address in listen and (rs_port or 0) in (ports if rs_port else [0]):
+        if _is_own(rs, listen, ports):
             out.note(
                 3,
                 rs,
@@ -423,9 +526,9 @@ def _virtual_server(
             out.add(4, "ports: {" + ", ".join(f"{p}: {rs_port}" for p in ports) + "}")
         if rs.child("inhibit_on_failure") is not None or vs.child("inhibit_on_failure") is not None:
             out.add(4, "inhibit_on_failure: true")
-        _check(out, rs, rs_port, delay, 4)
+        _check(out, rs, rs_port, delay, 4, vhost)
         for child in rs.children or []:
-            if child.keyword not in _CHECKS and child.keyword not in (
+            if child.keyword not in _CHECKS | _OTHER_CHECKS and child.keyword not in (
                 "weight",
                 "inhibit_on_failure",
             ):

@@ -200,7 +200,7 @@ def test_command_line_and_errors(tmp_path: Path) -> None:
     bad = write(tmp_path, "virtual_server 10.0.0.1 80 {\n  real_server 10.0.0.2 80 {\n", "bad.conf")
     with pytest.raises(KeepalivedError, match="ends inside a block"):
         convert(bad)
-    with pytest.raises(KeepalivedError, match="no TCP virtual_server"):
+    with pytest.raises(KeepalivedError, match="no virtual_server to convert"):
         convert(write(tmp_path, "global_defs {\n router_id x\n}\n", "empty.conf"))
 
 
@@ -237,3 +237,116 @@ async def test_the_imported_config_behaves_the_same(backends, tmp_path: Path) ->
         }
     assert all(len(s) == 1 for s in seen.values())
     assert {next(iter(s)) for s in seen.values()} == {b.name for b in bs}
+
+
+FAITHFUL = """\
+virtual_server 10.0.0.1 80 {
+  delay_loop 10
+  lb_algo wrr
+  protocol TCP
+  quorum 4
+  virtualhost shop.example
+  real_server 10.0.1.1 8080 {
+    weight 3
+    HTTP_GET {
+      url {
+        path /health
+        status_code 200-299 400-499 503 505
+        digest 640205b7b0fc66c1ea91c463fac6334d
+      }
+      url {
+        path /ready
+      }
+      connect_timeout 2
+      retry 2
+    }
+    PING_CHECK {
+    }
+  }
+  real_server 10.0.1.2 8080 {
+    weight 1
+    MISC_CHECK {
+      misc_path "/usr/local/bin/check --port 8080"
+      misc_dynamic
+    }
+  }
+  real_server 10.0.1.3 8080 {
+    weight 1
+    SMTP_CHECK {
+      helo_name lb.example
+    }
+  }
+  real_server 10.0.1.4 8080 {
+    weight 2
+    SSL_GET {
+      url {
+        path /
+        virtualhost api.example
+      }
+    }
+  }
+}
+virtual_server 10.0.0.1 53 {
+  protocol UDP
+  real_server 10.0.1.5 53 {
+    UDP_CHECK {
+    }
+  }
+}
+"""
+
+
+def test_every_keepalived_point_carried_or_commented_with_file_and_line(tmp_path: Path) -> None:
+    conf = write(tmp_path, FAITHFUL, "faithful.conf")
+    text, notes = convert(conf)
+    out = tmp_path / "out.yaml"
+    out.write_text(text)
+    (group,) = load_config(out).groups  # the UDP service is a comment, not an abort
+    comments = [line.strip() for line in text.splitlines() if "# not carried over" in line]
+    assert notes == len(comments) + text.count("# quorum ")
+    assert all(f"({conf}:" in c for c in comments), comments
+
+    def commented(line: int, words: str) -> bool:
+        return any(f"({conf}:{line}): {words}" in c for c in comments)
+
+    b1, b2, b3, b4 = group.backends
+    # status_code ranges and lists, the first url checked, the second a comment, virtualhost
+    assert b1.health_check is not None and b1.health_check.type == "http"
+    assert b1.health_check.path == "/health"
+    assert set(b1.health_check.status) == {*range(200, 300), *range(400, 500), 503, 505}
+    assert b1.health_check.host == "shop.example"  # the virtual server's virtualhost
+    assert (b1.health_check.timeout, b1.health_check.fall) == (2, 3)
+    assert commented(15, "url") and "another url (/ready)" in text
+    assert commented(13, "digest")
+    assert commented(21, "PING_CHECK")
+    # MISC_CHECK: keepalived's defaults are retry 0 (fall 1) and misc_timeout = delay_loop
+    assert b2.health_check is not None and b2.health_check.type == "exec"
+    assert b2.health_check.command == ("/usr/local/bin/check", "--port", "8080")
+    assert (b2.health_check.fall, b2.health_check.timeout) == (1, 10)
+    assert commented(28, "misc_dynamic")
+    # SMTP_CHECK: a tcp check that expects the server's 220 greeting
+    assert b3.health_check is not None and b3.health_check.type == "tcp"
+    assert b3.health_check.expect == "^220"
+    assert (b3.health_check.fall, b3.health_check.timeout) == (2, 5)
+    assert commented(34, "helo_name")
+    assert b4.health_check is not None and b4.health_check.type == "tls"
+    assert b4.health_check.host == "api.example"  # the url's own virtualhost wins
+    # quorum 4 of weights 3, 1, 1, 2: any 3 backends carry at least 4 (1 + 1 + 2)
+    assert group.quorum == 3 and "# quorum 4 (" in text
+    assert commented(47, "virtual_server 10.0.0.1 53: protocol UDP")
+
+
+def test_quorum_of_equal_weights_is_a_count(tmp_path: Path) -> None:
+    conf = (
+        "virtual_server 10.0.0.1 80 {\n  quorum 2\n"
+        + "".join(f"  real_server 10.0.1.{i} 80 {{\n    weight 1\n  }}\n" for i in range(1, 4))
+        + "}\n"
+    )
+    text, notes = convert(write(tmp_path, conf, "q.conf"))
+    assert load_config_text(text).groups[0].quorum == 2 and notes == 0
+
+
+def test_a_file_of_udp_services_only_is_comments_not_an_abort(tmp_path: Path) -> None:
+    conf = write(tmp_path, "virtual_server 10.0.0.1 53 {\n  protocol UDP\n}\n", "udp.conf")
+    text, notes = convert(conf)
+    assert notes == 1 and f"({conf}:1): virtual_server 10.0.0.1 53: protocol UDP" in text
