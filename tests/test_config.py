@@ -289,14 +289,27 @@ def test_run_refuses_a_port_it_cannot_bind(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_the_readme_reference_config_is_valid() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Configuration reference", 1)[1]
+def test_the_reference_config_is_valid() -> None:
+    reference = (Path(__file__).resolve().parent.parent / "docs" / "reference.md").read_text()
+    section = reference.split("## Configuration reference", 1)[1]
     block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
-    config = load_config_text(block, "README.md")
+    config = load_config_text(block, "docs/reference.md")
     (g,) = config.groups
     assert g.health_check is not None and g.health_check.path == "/healthz"
     assert g.sorry_server is not None and g.backends[0].max_conns == 1000
+    assert g.backends[1].address == "app.internal" and dict(g.backends[1].ports) == {
+        80: 8080,
+        443: 8443,
+    }
+
+
+def test_the_readme_minimal_config_is_valid() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## A minimal configuration", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (g,) = load_config_text(block, "README.md").groups
+    assert g.ports == (80, 443) and g.persistence.netmask == 0xFFFFFF00
+    assert dict(g.backends[1].ports) == {80: 8080, 443: 8443}
 
 
 def test_port_ranges_and_range_maps() -> None:

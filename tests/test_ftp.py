@@ -1,4 +1,4 @@
-"""The README's FTP recipe, run for real: two pyftpdlib servers behind l4lb (control port and a
+"""The reference's FTP recipe (docs/reference.md), run for real: two pyftpdlib servers behind l4lb (control port and a
 passive range in one group), curl fetching several files per session from a dozen source
 addresses; and the same servers with persistence off, where a transfer goes to the wrong server."""
 
@@ -50,8 +50,8 @@ def free_block(n: int) -> int:
 
 
 def recipe(control: int, first: int, last: int, timeout: str) -> str:
-    """The README's FTP recipe with loopback addresses and free ports swapped in."""
-    readme = (ROOT / "README.md").read_text()
+    """The FTP recipe with loopback addresses and free ports swapped in."""
+    readme = (ROOT / "docs" / "reference.md").read_text()
     block = readme.split("# FTP recipe:", 1)[1].split("```", 1)[0]
     text = "# FTP recipe:" + block
     for old, new in (
