@@ -142,6 +142,12 @@ class L4lbCollector(Collector):
         weight = GaugeMetricFamily(
             "l4lb_backend_weight", "The backend's weight", labels=["group", "backend"]
         )
+        where = GaugeMetricFamily(
+            "l4lb_backend_info",
+            "1 per backend: address (as resolved, or the name while it does not resolve),"
+            " hostname (the DNS name it was given by, empty for an IP)",
+            labels=["group", "backend", "address", "hostname"],
+        )
         effective = GaugeMetricFamily(
             "l4lb_backend_effective_weight",
             "The weight the weighted schedulers use now: below l4lb_backend_weight while the"
@@ -197,6 +203,7 @@ class L4lbCollector(Collector):
                 expirations.add_metric([g], table.expirations)
             for b in router.all_backends():
                 labels = [g, b.name]
+                where.add_metric([g, b.name, b.address, b.hostname], 1)
                 active.add_metric(labels, b.active)
                 conns.add_metric(labels, b.connections)
                 live_in, live_out = in_flight.get((g, b.name), (0, 0))
@@ -230,6 +237,7 @@ class L4lbCollector(Collector):
             bytes_,
             state,
             weight,
+            where,
             effective,
             checks,
             check_time,

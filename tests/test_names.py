@@ -161,6 +161,13 @@ def test_names_from_localhost_and_etc_hosts_serve_and_one_that_does_not_resolve_
         assert backends["b2"]["hostname"] == named
         assert backends["b3"]["state"] == "down"
         assert "cannot resolve nowhere.invalid" in backends["b3"]["resolve_error"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        assert (
+            'l4lb_backend_info{address="127.0.0.1",backend="b1",group="web",hostname="localhost"} 1.0'
+            in metrics
+        )
+        assert 'address="nowhere.invalid",backend="b3"' in metrics
 
 
 @pytest.mark.skipif(
