@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from tests.procs import wait_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-TARGETS = ("direct", "haproxy", "nginx", "l4lb", "l4lb-log", "l4lb-auto")
+TARGETS = ("direct", "haproxy", "nginx", "bare", "l4lb", "l4lb-log", "l4lb-auto")
 TOOLS = ("haproxy", "nginx", "wrk", "iperf3", "taskset")
 LOAD_CORE, PROXY_CORE = "0", "1"
 
@@ -180,8 +180,24 @@ http {{
             "direct": self._direct,
             "haproxy": self._haproxy,
             "nginx": self._nginx,
+            "bare": self._bare,
             "l4lb": self._l4lb,
         }[name]()
+
+    def _bare(self) -> Proxy:
+        """bench/bare_relay.py on l4lb's ports: the same loop with nothing of l4lb's."""
+        p = self.spawn(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "bare_relay.py"),
+                f"{self.l_http}:{self.b1},{self.b2}",
+                f"{self.l_http2}:{self.b1},{self.b2}",
+                f"{self.l_bulk}:{self.iperf}",
+            ],
+            PROXY_CORE,
+        )
+        wait_port(self.l_http)
+        return Proxy("bare", self.l_http, self.l_bulk, [p.pid])
 
     def _direct(self) -> Proxy:
         return Proxy("direct", self.b1, self.iperf)
@@ -402,7 +418,7 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     lines = [
         f"{'':26}"
         + "".join(f"{t:>22}" for t in TARGETS)
-        + f"{'l4lb/HAProxy':>14}{'l4lb/direct':>13}"
+        + f"{'l4lb/HAProxy':>14}{'l4lb/bare':>11}{'l4lb/direct':>13}"
     ]
     for key, label, fmt, _higher in ROWS:
         cells = []
@@ -422,12 +438,13 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
             spread = f" ({fmt.format(min(vals))}-{fmt.format(max(vals))})" if len(vals) > 1 else ""
             cells.append(f"{fmt.format(med[t]) + spread:>22}")
         ratio_h = f"{med['l4lb'] / med['haproxy']:.2f}x" if med["haproxy"] else "-"
+        ratio_b = f"{med['l4lb'] / med['bare']:.2f}x" if med["bare"] else "-"
         ratio_d = (
             f"{med['l4lb'] / med['direct']:.2f}x"
             if med["direct"] and key in ("conn_per_s", "req_per_s", "bulk_gbit", "p50_ms", "p99_ms")
             else "-"
         )
-        lines.append(f"{label:26}" + "".join(cells) + f"{ratio_h:>14}{ratio_d:>13}")
+        lines.append(f"{label:26}" + "".join(cells) + f"{ratio_h:>14}{ratio_b:>11}{ratio_d:>13}")
     on = statistics.median(r["conn_per_s"] for r in results["l4lb-log"])
     off = statistics.median(r["conn_per_s"] for r in results["l4lb"])
     cpu_on = statistics.median(r["cpu_us_per_conn"] for r in results["l4lb-log"])
@@ -436,6 +453,13 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
         f"connection log (JSON, a line per connection): {on:,.0f} new connections/s with it on"
         f" against {off:,.0f} off ({on / off:.2f}x); CPU per connection {cpu_on:.0f} us"
         f" against {cpu_off:.0f} us ({cpu_on / cpu_off - 1:+.1%})"
+    )
+    bare = statistics.median(r["cpu_us_per_conn"] for r in results["bare"])
+    haproxy = statistics.median(r["cpu_us_per_conn"] for r in results["haproxy"])
+    lines.append(
+        f"per new connection, CPU: l4lb {cpu_off:.0f} us, the bare relay on the same loop"
+        f" {bare:.0f} us, HAProxy {haproxy:.0f} us: l4lb's own machinery {cpu_off - bare:.0f} us"
+        f" ({cpu_off / bare - 1:+.0%} over the loop)"
     )
     return "\n".join(lines)
 

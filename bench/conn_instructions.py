@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = {
+    "bare": "",  # bench/bare_relay.py instead of l4lb (--proxy-only): the loop's own cost
     "plain": "",
     "limits": "    client_limits: {{max_conns: 100, rate: 100000/s}}\n",
     "log": "access_log: {{path: {tmp}/access.log, format: json}}\n",
@@ -143,19 +144,18 @@ def count_proxy(variant: str, n: int) -> int:
         )
         assert peer.stdout is not None and peer.stdin is not None
         peer.stdout.readline()
+        target = (
+            [str(ROOT / "bench" / "bare_relay.py"), f"{port}:{bport}"]
+            if variant == "bare"
+            else ["-m", "l4lb", "--log-level", "warning", "run", "-c", str(cfg)]
+        )
         lb = subprocess.Popen(
             [
                 "valgrind",
                 "--tool=callgrind",
                 "--callgrind-out-file=/dev/null",
                 sys.executable,
-                "-m",
-                "l4lb",
-                "--log-level",
-                "warning",
-                "run",
-                "-c",
-                str(cfg),
+                *target,
             ],
             cwd=ROOT,
             stderr=subprocess.PIPE,
@@ -198,7 +198,10 @@ def main() -> None:
     args = ap.parse_args()
     counter = count_proxy if args.proxy_only else count
     base = None
-    for variant in args.variant or ["plain", "limits", "log"]:
+    variants = args.variant or ["plain", "limits", "log"]
+    if "bare" in variants and not args.proxy_only:
+        raise SystemExit("the bare relay is measured as a process of its own: add --proxy-only")
+    for variant in variants:
         few, many = counter(variant, 0), counter(variant, args.connections)
         per = (many - few) / args.connections
         base = base or per

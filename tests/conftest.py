@@ -71,7 +71,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         reasons[reason] = reasons.get(reason, 0) + 1
     parts = "; ".join(f"{n} x {why}" for why, n in sorted(reasons.items(), key=lambda x: -x[1]))
     n = len(skipped)
-    terminalreporter.write_line(
-        f"skipped {n} test{'' if n == 1 else 's'}: {parts}."
-        " `make deps` installs what they need (as root; `.ci/run` does the same)."
+    tools = any(w in why for why in reasons for w in ("need", "install", "make deps"))
+    hint = (
+        " `make deps` (as root) installs the tools they need; `.ci/run` uses it too."
+        if tools
+        else ""
     )
+    terminalreporter.write_line(f"skipped {n} test{'' if n == 1 else 's'}: {parts}.{hint}")
