@@ -89,8 +89,9 @@ async def dial(
         port = backend.port_for(service_port)
         t0 = loop.time()
         try:
-            async with asyncio.timeout(connect_timeout):
-                transport, protocol = await loop.create_connection(factory, backend.address, port)
+            transport, protocol = await _connect(
+                loop, factory, backend.address, port, connect_timeout
+            )
         except OSError as exc:  # TimeoutError included
             if exc.errno in RESOURCE_ERRNOS:
                 # This process is out of descriptors: not the backend's fault, so no passive
@@ -112,6 +113,37 @@ async def dial(
         router.stats.observe_connect(loop.time() - t0)
         router.connected(route, backend)
         return backend, transport, protocol
+
+
+async def _connect(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], P],
+    address: str,
+    port: int,
+    within: float,
+) -> tuple[asyncio.Transport, P]:
+    """create_connection within `within` seconds, else TimeoutError. One timer that cancels
+    the task, instead of `asyncio.timeout`'s context manager (a third of a dial's own cost on
+    the hot path): the task's cancellation count tells our cancel from the client's leaving,
+    which must still cancel the dial."""
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = loop.call_later(within, expire)
+    try:
+        return await loop.create_connection(factory, address, port)
+    except asyncio.CancelledError:
+        if expired and task.uncancel() == 0:  # ours alone: the backend did not answer in time
+            raise TimeoutError from None
+        raise
+    finally:
+        timer.cancel()
 
 
 def _reason(exc: OSError) -> str:

@@ -126,6 +126,38 @@ async def test_connect_timeout_fails_over_to_the_next_backend(backends, cleanup)
         assert server.routers["web"].stats.connect_failures == 1
 
 
+async def test_the_dials_timer_against_a_cancel_of_its_own_task(cleanup) -> None:
+    """`dialer._connect` times out with its own timer; a cancel from outside (the client left)
+    is a cancel, also when the timer fired in the same turn of the loop."""
+    from l4lb.dialer import _connect
+
+    tarpit = cleanup(socket.socket())
+    tarpit.bind(("127.0.0.1", 0))
+    tarpit.listen(0)
+    for _ in range(3):
+        f = cleanup(socket.socket())
+        f.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            f.connect(tarpit.getsockname())
+    port = tarpit.getsockname()[1]
+    loop = asyncio.get_running_loop()
+
+    def dial(within: float) -> asyncio.Task[object]:
+        return loop.create_task(_connect(loop, asyncio.Protocol, "127.0.0.1", port, within))
+
+    with pytest.raises(TimeoutError):
+        await dial(0.05)
+    task = dial(5)
+    loop.call_later(0.05, task.cancel)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    task = dial(0.05)
+    loop.call_later(0.05, task.cancel)  # the same deadline: both cancels land
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not task.cancelling() or task.cancelled()
+
+
 async def test_no_backend_closes_the_client_at_once() -> None:
     port, dead1, dead2 = free_ports(3)
     cfg = config_of(
