@@ -301,7 +301,10 @@ groups:
         if close:
             argv[5:5] = ["-H", "Connection: close"]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=self.seconds + 30).stdout
-        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        if m is None:
+            raise RuntimeError(f"wrk on port {port} printed no rate: {out.strip()[-300:]!r}")
+        rps = float(m.group(1))
         total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
         errors = re.search(r"Socket errors: (.*)", out)
         non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
