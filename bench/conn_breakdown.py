@@ -5,7 +5,7 @@ this process on uvloop, the client and the backend in another process.
     .venv/bin/python bench/conn_breakdown.py [--connections 3000]
 
 Every Python function and every call into C that the proxy makes is charged to a step of the
-path (accept and key, table, router, dial, the connect timeout, pairing, relaying, close and
+path (accept and key, table, router, dial with its timeout, pairing, relaying, close and
 finish, the rest); the event loop's own C work between callbacks (epoll, accept, reading) is
 not a call and shows as neither. cProfile adds its own cost to every call, so the figures are
 larger than a real run's; they are for comparing steps and the two proxies, not absolute.
@@ -34,13 +34,11 @@ from conn_instructions import PEER  # noqa: E402  (the same client and backend)
 
 # (step, test on "file:function") in order: the first match wins.
 STEPS: list[tuple[str, tuple[str, ...]]] = [
-    ("connect timeout", ("timeouts.py:", "<method 'call_at'", "<method 'call_later'",
-                         "dialer.py:expire", "<method 'uncancel'", "<method 'cancel' of 'uvloop")),
     ("table", ("affinity.py:",)),
     ("router and scheduler", ("routing.py:", "schedulers.py:", "backends.py:", "limits.py:")),
     ("accept and key", ("keys.py:", "relay.py:connection_made", "relay.py:_start",
                         "relay.py:__init__", "<method 'get_extra_info'", "server.py:track")),
-    ("dial", ("dialer.py:", "<method 'create_connection'", "<method 'create_task'",
+    ("dial", ("dialer.py:", "timeouts.py:", "<method 'create_connection'", "<method 'create_task'",
               "tasks.py:", "<method 'setsockopt'", "base_events.py:create_task",
               "relay.py:_connect", "bare_relay.py:dial")),
     ("pairing", ("relay.py:pair", "relay.py:_dialed", "relay.py:begin_splice")),
