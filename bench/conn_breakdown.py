@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import cProfile
 import pstats
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from conn_instructions import PEER  # noqa: E402  (the same client and backend)
+
+from bench import free_ports  # noqa: E402
 
 # (step, test on "file:function") in order: the first match wins.
 STEPS: list[tuple[str, tuple[str, ...]]] = [
@@ -95,12 +96,7 @@ async def _run(
 
 def profile(n: int, bare: bool) -> dict[str, tuple[float, float]]:
     """step -> (microseconds per connection, calls per connection)."""
-    socks = [socket.socket() for _ in range(2)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    port, bport = (s.getsockname()[1] for s in socks)
-    for s in socks:
-        s.close()
+    port, bport = free_ports(2)
     peer = subprocess.Popen(
         [sys.executable, "-c", PEER, str(port), str(bport), str(n)],
         stdin=subprocess.PIPE,

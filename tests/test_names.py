@@ -95,6 +95,17 @@ def test_the_expansion_of_each_kind_of_answer() -> None:
     assert all(b.unresolved == "not resolved yet" for b in before if b.hostname)
 
 
+def served(tmp: Path, admin: int, port: int, options: str, *backends: str, top: str = "") -> Path:
+    """A configuration file: the admin API, one group on `port` with `options`, `backends`."""
+    path = tmp / "l4lb.yaml"
+    path.write_text(
+        f"admin: {{listen: '127.0.0.1:{admin}'}}\n{top}"
+        + GROUP.format(ports=port).replace("    backends:\n", f"    {options}\n    backends:\n")
+        + "".join(f"      - {b}\n" for b in backends)
+    )
+    return path
+
+
 def hosts_name() -> str | None:
     """A name /etc/hosts gives a loopback address, other than localhost."""
     for line in Path("/etc/hosts").read_text().splitlines():
@@ -129,15 +140,14 @@ def test_names_from_localhost_and_etc_hosts_serve_and_one_that_does_not_resolve_
     if named is None:
         pytest.skip("/etc/hosts names no loopback host but localhost")
     port, admin, b1, b2 = free_ports(4)
-    config = tmp_path / "l4lb.yaml"
-    config.write_text(
-        f"admin: {{listen: '127.0.0.1:{admin}'}}\n"
-        + GROUP.format(ports=port).replace(
-            "    backends:\n", "    persistence: {timeout: 0}\n    scheduler: rr\n    backends:\n"
-        )
-        + f"      - {{name: b1, address: 'localhost:{b1}'}}\n"
-        + f"      - {{name: b2, address: '{named}:{b2}'}}\n"
-        + "      - {name: b3, address: nowhere.invalid}\n"
+    config = served(
+        tmp_path,
+        admin,
+        port,
+        "persistence: {timeout: 0}\n    scheduler: rr",
+        f"{{name: b1, address: 'localhost:{b1}'}}",
+        f"{{name: b2, address: '{named}:{b2}'}}",
+        "{name: b3, address: nowhere.invalid}",
     )
     check = subprocess.run(
         [sys.executable, "-m", "l4lb", "check", "-c", str(config)],
@@ -180,14 +190,14 @@ def test_a_changed_address_is_picked_up_and_keeps_the_names_clients(tmp_path: Pa
     port, admin, bport = free_ports(3)
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost\n127.0.0.21 app.test\n")
-    config = tmp_path / "l4lb.yaml"
-    config.write_text(
-        f"admin: {{listen: '127.0.0.1:{admin}'}}\nresolve_interval: 0.5s\n"
-        + GROUP.format(ports=port).replace(
-            "    backends:\n", "    persistence: {timeout: 5m}\n    backends:\n"
-        )
-        + f"      - {{name: app, address: 'app.test:{bport}'}}\n"
-        + f"      - {{name: other, address: 'other.test:{bport}'}}\n"
+    config = served(
+        tmp_path,
+        admin,
+        port,
+        "persistence: {timeout: 5m}",
+        f"{{name: app, address: 'app.test:{bport}'}}",
+        f"{{name: other, address: 'other.test:{bport}'}}",
+        top="resolve_interval: 0.5s\n",
     )
     prefix = (
         "unshare",
