@@ -203,6 +203,12 @@ class Backend:
             self.admin = State(spec.state)
         self.refresh()
 
+    def rename(self, name: str) -> None:
+        """The same backend under a new name (its DNS name's backends were renamed): its pins
+        and counters stay; its rendezvous identity is the new name's, as on every instance."""
+        self.name = name
+        self.seed = hash_name(name, "hrw")
+
     def refresh(self) -> None:
         alive = not self.removed and self.admin is not State.DISABLED and not self.unresolved
         self.schedulable = (

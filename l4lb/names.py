@@ -11,7 +11,9 @@ the event loop by `resolver.py`, at start and every `resolve_interval`):
   name at that address: its pins follow the name, so a changed address keeps its clients;
 - a name that resolves to several is one backend per address, named `NAME-ADDRESS`, in address
   order (so that every instance and worker orders them alike): addresses that appear or vanish
-  are backends added or removed, and a removed one's pins move on the next connection;
+  are backends added or removed, and a removed one's pins move on the next connection (from
+  one address to several or back, `Router.reconfigure` renames the backend at the address that
+  stays instead, so that its pins stay with it);
 - a name that does not resolve is one backend at the name itself, down, with the resolver's
   message (`unresolved`): never dialed or checked, and up again once it resolves.
 

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 from .affinity import AffinityTable, Entry
 from .backends import Backend, State
-from .config import AccessLogSpec, GroupSpec
+from .config import AccessLogSpec, BackendSpec, GroupSpec
 from .config import changes as config_changes
 from .health import Event, Quorum
 from .histogram import Histogram
@@ -355,6 +355,22 @@ class Router:
                 entry.backend = None  # a pin to a dead backend is not worth remembering
             self.table.release(entry)
 
+    def _renamed(
+        self, bs: BackendSpec, wanted: set[str], previous: dict[str, BackendSpec]
+    ) -> Backend | None:
+        """A name that went from one address to several, or back (`NAME` and `NAME-ADDRESS`,
+        l4lb/names.py): the backend at the same address, of the same name, keeps its pins."""
+        for b in self.backends:
+            if (
+                b.hostname == bs.hostname
+                and b.address == bs.address
+                and b.name not in wanted
+                and b.name in previous
+                and not b.removed
+            ):
+                return b
+        return None
+
     def all_backends(self) -> list[Backend]:
         return [*self.backends, self.sorry] if self.sorry is not None else list(self.backends)
 
@@ -368,8 +384,15 @@ class Router:
         previous = {b.name: b for b in old.backends}
         changes = config_changes(old, spec, skip=("name", "backends"))
         backends: list[Backend] = []
+        wanted = {bs.name for bs in spec.backends}
         for i, bs in enumerate(spec.backends):
             b = self.by_name.get(bs.name)
+            if b is None and bs.hostname:
+                b = self._renamed(bs, wanted, previous)
+                if b is not None:
+                    changes.append(f"backend {b.name} is now {bs.name} ({bs.hostname})")
+                    previous[bs.name] = previous.pop(b.name)
+                    b.rename(bs.name)
             if b is None:
                 b = Backend(bs, i)
                 b.changed_at = self._wall()

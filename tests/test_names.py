@@ -106,6 +106,18 @@ def served(tmp: Path, admin: int, port: int, options: str, *backends: str, top: 
     return path
 
 
+def repins(admin: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("l4lb_affinity_repins_total{")
+        )
+    )
+
+
 def hosts_name() -> str | None:
     """A name /etc/hosts gives a loopback address, other than localhost."""
     for line in Path("/etc/hosts").read_text().splitlines():
@@ -227,3 +239,58 @@ def test_a_changed_address_is_picked_up_and_keeps_the_names_clients(tmp_path: Pa
         assert {get(port, f"127.0.{i}.9") for i in range(5)} == {"second"}
         pins = api(admin, "/api/v1/affinity")
         assert {e["backend"] for e in pins["entries"]} == {"app"}  # type: ignore[index]
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("curl") is None,
+    reason="needs root and unshare (a mount namespace of its own for /etc/hosts), and curl",
+)
+def test_a_name_of_several_addresses_is_a_backend_per_address_that_come_and_go(
+    tmp_path: Path,
+) -> None:
+    port, admin, bport = free_ports(3)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n127.0.0.31 pool.test\n127.0.0.32 pool.test\n")
+    config = served(
+        tmp_path,
+        admin,
+        port,
+        "persistence: {timeout: 5m, netmask: /24}\n    scheduler: rr",
+        f"{{name: pool, address: 'pool.test:{bport}'}}",
+        top="resolve_interval: 0.5s\n",
+    )
+    prefix = (
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        f'mount --bind {hosts} /etc/hosts && exec "$@"',
+        "sh",
+    )
+
+    def names() -> set[str]:
+        return {b["name"] for b in api(admin, "/api/v1/backends")["backends"]}  # type: ignore[index]
+
+    with processes() as procs:
+        procs.append(start_backend("one", http=f"127.0.0.31:{bport}"))
+        procs.append(start_backend("two", http=f"127.0.0.32:{bport}"))
+        procs.append(start_l4lb(config, prefix=prefix))
+        assert names() == {"pool-127.0.0.31", "pool-127.0.0.32"}
+        by_net = {i: get(port, f"127.0.{i}.9") for i in range(1, 7)}
+        assert set(by_net.values()) == {"one", "two"}  # rr over the two addresses
+        hosts.write_text("127.0.0.1 localhost\n127.0.0.32 pool.test\n")  # .31 vanishes
+        deadline = time.monotonic() + 5
+        while names() != {"pool"} and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert names() == {"pool"}  # one address: the name's own (the same backend, renamed)
+        # the vanished backend's clients move on their next connection; the others stay pinned
+        assert {i: get(port, f"127.0.{i}.9") for i in range(1, 7)} == dict.fromkeys(by_net, "two")
+        moved = sum(1 for who in by_net.values() if who == "one")
+        assert repins(admin) == moved
+        hosts.write_text("127.0.0.1 localhost\n127.0.0.32 pool.test\n127.0.0.31 pool.test\n")
+        deadline = time.monotonic() + 5
+        while len(names()) != 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert names() == {"pool-127.0.0.31", "pool-127.0.0.32"}  # scaled out again
+        assert {i: get(port, f"127.0.{i}.9") for i in range(1, 7)} == dict.fromkeys(by_net, "two")
+        assert repins(admin) == moved  # nobody moved: every client keeps its backend
