@@ -106,6 +106,18 @@ def served(tmp: Path, admin: int, port: int, options: str, *backends: str, top: 
     return path
 
 
+NEEDS_UNSHARE = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("curl") is None,
+    reason="needs root and unshare (a mount namespace of its own for /etc/hosts), and curl",
+)
+
+
+def private_hosts(hosts: Path) -> tuple[str, ...]:
+    """A command prefix: run in a mount namespace of its own where /etc/hosts is `hosts`
+    (bind-mounted, so that rewriting `hosts` in place is what the resolver reads next)."""
+    return ("unshare", "--mount", "sh", "-c", f'mount --bind {hosts} /etc/hosts && exec "$@"', "sh")
+
+
 def repins(admin: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
         text = r.read().decode()
@@ -192,10 +204,7 @@ def test_names_from_localhost_and_etc_hosts_serve_and_one_that_does_not_resolve_
         assert 'address="nowhere.invalid",backend="b3"' in metrics
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("curl") is None,
-    reason="needs root and unshare (a mount namespace of its own for /etc/hosts), and curl",
-)
+@NEEDS_UNSHARE
 def test_a_changed_address_is_picked_up_and_keeps_the_names_clients(tmp_path: Path) -> None:
     """/etc/hosts, for l4lb alone, is a file the test rewrites: app.test moves from one
     backend's address to another's within resolve_interval, and its pins stay with it."""
@@ -211,14 +220,7 @@ def test_a_changed_address_is_picked_up_and_keeps_the_names_clients(tmp_path: Pa
         f"{{name: other, address: 'other.test:{bport}'}}",
         top="resolve_interval: 0.5s\n",
     )
-    prefix = (
-        "unshare",
-        "--mount",
-        "sh",
-        "-c",
-        f'mount --bind {hosts} /etc/hosts && exec "$@"',
-        "sh",
-    )
+    prefix = private_hosts(hosts)
     with processes() as procs:
         procs.append(start_backend("first", http=f"127.0.0.21:{bport}"))
         procs.append(start_backend("second", http=f"127.0.0.22:{bport}"))
@@ -241,10 +243,7 @@ def test_a_changed_address_is_picked_up_and_keeps_the_names_clients(tmp_path: Pa
         assert {e["backend"] for e in pins["entries"]} == {"app"}  # type: ignore[index]
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("curl") is None,
-    reason="needs root and unshare (a mount namespace of its own for /etc/hosts), and curl",
-)
+@NEEDS_UNSHARE
 def test_a_name_of_several_addresses_is_a_backend_per_address_that_come_and_go(
     tmp_path: Path,
 ) -> None:
@@ -259,14 +258,7 @@ def test_a_name_of_several_addresses_is_a_backend_per_address_that_come_and_go(
         f"{{name: pool, address: 'pool.test:{bport}'}}",
         top="resolve_interval: 0.5s\n",
     )
-    prefix = (
-        "unshare",
-        "--mount",
-        "sh",
-        "-c",
-        f'mount --bind {hosts} /etc/hosts && exec "$@"',
-        "sh",
-    )
+    prefix = private_hosts(hosts)
 
     def names() -> set[str]:
         return {b["name"] for b in api(admin, "/api/v1/backends")["backends"]}  # type: ignore[index]
