@@ -6,9 +6,7 @@ import argparse
 import json
 import os
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,9 @@ def _call(
     base: str, method: str, path: str, token: str | None, body: dict[str, Any] | None = None
 ) -> Any:
     data = json.dumps(body).encode() if body is not None else None
+    import urllib.error  # here, not at the top: `l4lb run` builds this parser too, and
+    import urllib.request  # urllib.request (http.client, email) is 2.8 MiB it would not use
+
     req = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")

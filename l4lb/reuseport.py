@@ -28,7 +28,6 @@ sockets stay in their places: its respawn takes them over, and nobody else's cli
 
 from __future__ import annotations
 
-import ctypes
 import socket
 import struct
 
@@ -96,6 +95,8 @@ def steer(packed: bytes, v4_mask: int, v6_bits: int, workers: int) -> int:
 
 def attach(sock: socket.socket, code: bytes) -> None:
     """Install `code` on the reuseport group of `sock` (one socket of the group suffices)."""
+    import ctypes  # here: only the supervisor of `workers: N` attaches a program
+
     buf = ctypes.create_string_buffer(code, len(code))
     fprog = struct.pack("HL", len(code) // 8, ctypes.addressof(buf))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
