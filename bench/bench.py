@@ -448,17 +448,18 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
             else "-"
         )
         lines.append(f"{label:26}" + "".join(cells) + f"{ratio_h:>14}{ratio_b:>11}{ratio_d:>13}")
-    on = statistics.median(r["conn_per_s"] for r in results["l4lb-log"])
-    off = statistics.median(r["conn_per_s"] for r in results["l4lb"])
-    cpu_on = statistics.median(r["cpu_us_per_conn"] for r in results["l4lb-log"])
-    cpu_off = statistics.median(r["cpu_us_per_conn"] for r in results["l4lb"])
+
+    def median(target: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[target])
+
+    on, off = median("l4lb-log", "conn_per_s"), median("l4lb", "conn_per_s")
+    cpu_on, cpu_off = median("l4lb-log", "cpu_us_per_conn"), median("l4lb", "cpu_us_per_conn")
     lines.append(
         f"connection log (JSON, a line per connection): {on:,.0f} new connections/s with it on"
         f" against {off:,.0f} off ({on / off:.2f}x); CPU per connection {cpu_on:.0f} us"
         f" against {cpu_off:.0f} us ({cpu_on / cpu_off - 1:+.1%})"
     )
-    bare = statistics.median(r["cpu_us_per_conn"] for r in results["bare"])
-    haproxy = statistics.median(r["cpu_us_per_conn"] for r in results["haproxy"])
+    bare, haproxy = median("bare", "cpu_us_per_conn"), median("haproxy", "cpu_us_per_conn")
     lines.append(
         f"per new connection, CPU: l4lb {cpu_off:.0f} us, the bare relay on the same loop"
         f" {bare:.0f} us, HAProxy {haproxy:.0f} us: l4lb's own machinery {cpu_off - bare:.0f} us"

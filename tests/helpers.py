@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from l4lb.config import Config, load_config_text
 from l4lb.server import Server
+from tests.lab_backend import greet_and_echo
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -63,17 +64,7 @@ class NamedBackend:
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.connections += 1
-        try:
-            w.write(f"{self.name}\n".encode())
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            w.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await w.wait_closed()
+        await greet_and_echo(f"{self.name}\n".encode(), r, w)
 
     async def stop(self) -> None:
         for srv in self.servers:

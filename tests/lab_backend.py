@@ -31,6 +31,22 @@ def pattern(offset: int, n: int) -> bytes:
     return bytes(out[:n])
 
 
+async def greet_and_echo(greeting: bytes, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """The echo backend of every test: its greeting, then every byte back, then a clean close
+    (the peer's reset or a broken pipe end it quietly). Also tests.helpers.NamedBackend's."""
+    try:
+        w.write(greeting)
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        w.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await w.wait_closed()
+
+
 def addr(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
@@ -52,15 +68,7 @@ async def main() -> None:
             await w.wait_closed()
 
     async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            w.write(greeting)
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            await close(w)
+        await greet_and_echo(greeting, r, w)
 
     async def stream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:

@@ -96,6 +96,17 @@ def start_backend(name: str, prefix: tuple[str, ...] = (), **ports: str) -> subp
     return proc
 
 
+def l4lb_cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`l4lb ARGV...` run to its end from the checkout: its exit code, stdout and stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "l4lb", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def start_l4lb(
     config: Path,
     *extra: str,

@@ -1,11 +1,11 @@
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from l4lb.config import ConfigError, load_config, load_config_text, parse_duration, parse_netmask
+from tests.procs import l4lb_cli
 
 ISSUE_EXAMPLE = """\
 groups:
@@ -250,9 +250,7 @@ def test_missing_file() -> None:
 
 
 def l4lb(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "l4lb", *args], capture_output=True, text=True, timeout=30
-    )
+    return l4lb_cli(*args, timeout=30)
 
 
 def test_check_command(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from tests.helpers import free_ports
-from tests.procs import ROOT, processes, start_l4lb
+from tests.procs import ROOT, l4lb_cli, processes, start_l4lb
 
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
 
@@ -73,11 +73,5 @@ def test_the_shipped_examples_are_valid_configurations(tmp_path: Path) -> None:
         text = path.read_text().replace("/etc/l4lb/admin.token", str(path.parent / "admin.token"))
         tmp = tmp_path / path.name
         tmp.write_text(text.replace("/var/lib/l4lb/", f"{tmp_path}/"))
-        out = subprocess.run(
-            [sys.executable, "-m", "l4lb", "check", "-c", str(tmp)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = l4lb_cli("check", "-c", str(tmp))
         assert out.returncode == 0, (path.name, out.stderr)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from l4lb.config import ConfigError, load_config_text
 from l4lb.names import expand, names_in
 from tests.helpers import free_ports
-from tests.procs import ROOT, processes, start_backend, start_l4lb
+from tests.procs import l4lb_cli, processes, start_backend, start_l4lb
 
 GROUP = "groups:\n  web:\n    listen: [127.0.0.1]\n    ports: [{ports}]\n    backends:\n"
 
@@ -173,13 +172,7 @@ def test_names_from_localhost_and_etc_hosts_serve_and_one_that_does_not_resolve_
         f"{{name: b2, address: '{named}:{b2}'}}",
         "{name: b3, address: nowhere.invalid}",
     )
-    check = subprocess.run(
-        [sys.executable, "-m", "l4lb", "check", "-c", str(config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    check = l4lb_cli("check", "-c", str(config))
     assert check.returncode == 0 and "warning: cannot resolve nowhere.invalid" in check.stderr
     with processes() as procs:
         procs.append(start_backend("b1", http=f"127.0.0.1:{b1}"))

@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from l4lb.config import load_config, load_config_text
 from tests.helpers import free_ports
-from tests.procs import ROOT, processes, start_backend, start_l4lb
-
-
-def l4lb(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "l4lb", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
+from tests.procs import l4lb_cli as l4lb
+from tests.procs import processes, start_backend, start_l4lb
 
 
 def test_print_config_round_trips(tmp_path: Path) -> None:

@@ -23,7 +23,15 @@ import pytest
 
 from l4lb.reuseport import attach, program, steer
 from tests.helpers import free_ports
-from tests.procs import ROOT, processes, start_backend, start_l4lb, wait_for_line, wait_port
+from tests.procs import (
+    ROOT,
+    l4lb_cli,
+    processes,
+    start_backend,
+    start_l4lb,
+    wait_for_line,
+    wait_port,
+)
 
 MASK24 = 0xFFFFFF00
 TOKEN = "workers-test-token"
@@ -247,13 +255,7 @@ def test_reload_reaches_every_worker(tmp_path: Path) -> None:
     with processes() as procs:
         lb = start_site(procs, cfg, bports)
         # A second l4lb on the same file must not join the first one's reuseport groups.
-        second = subprocess.run(
-            [sys.executable, "-m", "l4lb", "run", "-c", str(cfg)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        second = l4lb_cli("run", "-c", str(cfg))
         assert second.returncode == 1
         assert f"cannot listen on 127.0.0.1:{http}" in second.stderr
         assert "Address already in use" in second.stderr
