@@ -34,6 +34,7 @@ from .config import AccessLogSpec
 
 if TYPE_CHECKING:
     from .backends import Backend
+    from .routing import Route, Router
 
 log = logging.getLogger("l4lb.accesslog")
 
@@ -94,6 +95,24 @@ class _Clock:
 
 _MILLIS = [f".{i:03d}Z" for i in range(1000)]
 CLOCK = _Clock()
+
+
+def outcome(router: Router, route: Route, backend: Backend, arrived: str) -> tuple[str, str]:
+    """(affinity, repin_reason) of a connection or flow that reached `backend`, having arrived
+    with a pin to `arrived` ("" for none)."""
+    if router.table is None:
+        return "none", ""
+    if backend is router.sorry:
+        return "sorry", ""
+    if route.entry is None:
+        return "unpinned", ""
+    if route.reason == "full":
+        return "full", "full"
+    if not arrived:
+        return "new", ""
+    if arrived == backend.name:
+        return "hit", ""
+    return "repin", route.reason or "failed"
 
 
 def address_text(host: str, port: int) -> str:
@@ -180,20 +199,28 @@ class AccessLog:
         reason: str,
         backend: Backend | None,
         tries: int,
+        udp: bool = False,
     ) -> str:
-        """Routing's outcome as text, made once for each distinct outcome."""
+        """Routing's outcome as text, made once for each distinct outcome (`udp`: of a flow,
+        whose line says `"protocol":"udp"`; a TCP line says no protocol)."""
         address = backend.address if backend is not None else ""
-        key = (group, port, affinity, reason, backend, address, tries)
+        key = (group, port, affinity, reason, backend, address, tries, udp)
         text = self._middles.get(key)
         if text is not None:
             return text
         if len(self._middles) >= 10_000:  # backends come and go with reloads: stay bounded
             self._middles.clear()
-        where = address_text(address, backend.port_for(port)) if backend is not None else ""
+        where = ""
+        if backend is not None:
+            where = address_text(
+                address, backend.udp_port_for(port) if udp else backend.port_for(port)
+            )
         name = backend.name if backend is not None else ""
         if self._json:
             text = (
-                f'"group":"{group}","port":{port},"affinity":"{affinity}"'
+                f'"group":"{group}","port":{port}'
+                + (',"protocol":"udp"' if udp else "")
+                + f',"affinity":"{affinity}"'
                 + (f',"repin_reason":"{reason}"' if reason else "")
                 + (
                     f',"backend":"{name}","backend_address":"{where}"'
@@ -205,7 +232,7 @@ class AccessLog:
         else:
             pin = f"{affinity}({reason})" if reason else affinity
             to = f"{name}@{where}" if name else "-"
-            text = f"{group}:{port} -> {to} affinity={pin} tries={tries}"
+            text = f"{group}:{port}{'/udp' if udp else ''} -> {to} affinity={pin} tries={tries}"
         self._middles[key] = text
         return text
 

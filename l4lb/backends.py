@@ -63,6 +63,7 @@ class Backend:
         "seed",
         "send_proxy",
         "slow_start",
+        "udp_ports",
         "unresolved",
         "waiting",
         "weight",
@@ -78,6 +79,7 @@ class Backend:
         # a port of ours or kernel marks): such dials are remembered, to tell one from a client.
         self.may_loop = False
         self.ports = dict(spec.ports)
+        self.udp_ports = dict(spec.udp_ports)
         self.weight = spec.weight
         self.eff: float = spec.weight
         self.slow_start = spec.slow_start  # None: as the group says
@@ -124,6 +126,9 @@ class Backend:
 
     def port_for(self, service_port: int) -> int:
         return self.ports.get(service_port, service_port)
+
+    def udp_port_for(self, service_port: int) -> int:
+        return self.udp_ports.get(service_port, service_port)
 
     def set_admin(self, state: State) -> None:
         if state is State.DOWN:
@@ -190,6 +195,7 @@ class Backend:
         self.hostname = spec.hostname
         self.unresolved = spec.unresolved
         self.ports = dict(spec.ports)
+        self.udp_ports = dict(spec.udp_ports)
         self.max_conns = spec.max_conns
         self.inhibit = spec.inhibit_on_failure
         self.send_proxy = spec.send_proxy

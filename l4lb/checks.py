@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import ssl
 
 from .config import HealthCheckSpec
@@ -28,6 +29,8 @@ async def probe(
         async with asyncio.timeout(spec.timeout):
             if spec.type == "exec":
                 return await _exec(spec, address, port, name)
+            if spec.type == "udp":
+                return await _udp(spec, address, port)
             if spec.type == "tcp" and spec.send is None and spec.expect is None:
                 return await _connect_only(address, port)
             return await _connect_and_talk(spec, address, port, hostname)
@@ -43,6 +46,34 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno).lower()  # the same words on uvloop and asyncio
     return str(exc) or type(exc).__name__
+
+
+def payload(text: str) -> bytes:
+    """A udp check's datagram: each character up to U+00FF one byte (so YAML's "\\xNN" escapes
+    write binary, a DNS query say), anything beyond as UTF-8."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode()
+
+
+async def _udp(spec: HealthCheckSpec, address: str, port: int) -> tuple[bool, str]:
+    """Send the datagram on a connected socket and match the first answer: a backend that is
+    not listening answers with ICMP port unreachable, which the socket reports as refused."""
+    assert spec.send is not None  # the loader requires it
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect((address, port))
+        await loop.sock_sendall(sock, payload(spec.send))
+        data = await loop.sock_recv(sock, 65536)
+    if spec.expect is None:
+        return True, f"answered {len(data)} bytes"
+    pattern = re.compile(payload(spec.expect))
+    if pattern.search(data):
+        return True, f"reply matched {spec.expect!r}"
+    return False, f"reply {data[:60]!r} did not match {spec.expect!r}"
 
 
 async def _connect_only(address: str, port: int) -> tuple[bool, str]:

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import yaml
 
@@ -37,7 +37,7 @@ SORRY_SERVER = "sorry_server"
 
 @dataclass(frozen=True, slots=True)
 class HealthCheckSpec:
-    type: str  # tcp | http | tls | exec
+    type: str  # tcp | http | tls | exec | udp
     interval: float = 2.0
     timeout: float = 1.0
     rise: int = 2  # consecutive passes that bring a down backend up
@@ -47,8 +47,8 @@ class HealthCheckSpec:
     status: tuple[int, ...] = (200,)
     body: str | None = None  # a substring the answer's body must contain
     host: str | None = None  # the Host header (default: the backend's address)
-    send: str | None = None  # tcp: bytes to send once connected
-    expect: str | None = None  # tcp: a regex the first reply must match
+    send: str | None = None  # tcp: bytes to send once connected; udp: the datagram to send
+    expect: str | None = None  # tcp, udp: a regex the first reply must match
     command: tuple[str, ...] = ()  # exec: argv
     verify: bool = False  # tls: verify the server certificate
     server_name: str | None = None  # tls: SNI (and the name verified)
@@ -66,7 +66,7 @@ class BackendSpec:
     address: str  # a normalised IP literal, or a DNS name (see l4lb/names.py)
     weight: int = 1
     ports: Mapping[int, int] = field(default_factory=dict)  # service port -> backend port
-    max_conns: int = 0  # 0: unlimited
+    max_conns: int = 0  # 0: unlimited (a UDP flow counts as a connection)
     inhibit_on_failure: bool = False
     health_check: HealthCheckSpec | None = None  # replaces the group's check for this backend
     state: str = "up"  # the operator's state at start: up | drain | disabled
@@ -75,6 +75,7 @@ class BackendSpec:
     resolve: str = "all"  # a name: all | first (of the addresses it resolves to)
     hostname: str = ""  # the name this backend was resolved from ("" for an IP literal)
     unresolved: str = ""  # why its name did not resolve (then `address` is the name, down)
+    udp_ports: Mapping[int, int] = field(default_factory=dict)  # UDP service port -> backend's
 
     @property
     def is_name(self) -> bool:
@@ -83,6 +84,9 @@ class BackendSpec:
 
     def port_for(self, service_port: int) -> int:
         return self.ports.get(service_port, service_port)
+
+    def udp_port_for(self, service_port: int) -> int:
+        return self.udp_ports.get(service_port, service_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +146,14 @@ class GroupSpec:
     client_limits: ClientLimitsSpec | None = None
     slow_start: float = 0.0  # seconds over which a backend that comes up ramps to its weight
     access_log: AccessLogSpec | None = None  # the group's own, else the top level's; None: off
+    udp_ports: tuple[int, ...] = ()  # "443/udp" in `ports`: datagram services (l4lb/udp.py)
+    udp_idle_timeout: float = 60.0  # a flow ends after this long without a datagram either way
+    udp_max_flows: int = 100_000  # flows at once; beyond, the oldest idle one goes
+
+    @property
+    def first_port(self) -> int:
+        """The service port a check or an inline backend port refers to by default."""
+        return self.ports[0] if self.ports else self.udp_ports[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,6 +474,8 @@ _GROUP_KEYS = (
     "client_limits",
     "slow_start",
     "access_log",
+    "udp_idle_timeout",
+    "udp_max_flows",
 )
 _PERSIST_KEYS = ("timeout", "netmask", "ipv6_prefix", "max_entries")
 _BACKEND_KEYS = (
@@ -483,6 +497,7 @@ _CHECK_KEYS = {
     "http": ("path", "status", "body", "host"),
     "tls": ("verify", "server_name", "path", "status", "body", "host"),
     "exec": ("command",),
+    "udp": ("send", "expect"),
 }
 
 
@@ -611,33 +626,65 @@ def _port_range(x: Any) -> range:
     return range(_port(x), x + 1)
 
 
+class GroupPorts(NamedTuple):
+    """A group's service ports as its `ports` list gives them: TCP, and "N/udp"."""
+
+    tcp: tuple[int, ...]
+    udp: tuple[int, ...]
+
+    def text(self) -> str:
+        parts = [compact_ports(self.tcp)] if self.tcp else []
+        if self.udp:
+            parts.append(", ".join(f"{x}/udp" for x in compact_ports(self.udp).split(", ")))
+        return ", ".join(parts)
+
+
+def _port_entry(x: Any) -> tuple[range, str]:
+    """A `ports` item: 80, "30000-30099", "443/udp", "53/tcp": its ports and protocol."""
+    proto = "tcp"
+    if isinstance(x, str):
+        head, sep, tail = x.rpartition("/")
+        if sep:
+            if tail.strip().lower() not in ("tcp", "udp"):
+                raise ValueError(f"the protocol in {x!r} must be tcp or udp")
+            proto, x = tail.strip().lower(), head
+    return _port_range(x), proto
+
+
 def _port_map(
-    v: _Validator, node: yaml.Node, path: str, ports: tuple[int, ...]
-) -> dict[int, int] | None:
-    """Service port -> backend port; a range maps onto a range of the same size."""
+    v: _Validator, node: yaml.Node, path: str, ports: GroupPorts
+) -> tuple[dict[int, int], dict[int, int]] | None:
+    """Service port -> backend port, for TCP and for UDP ("443/udp": 8443); a range maps onto
+    a range of the same size."""
     if not isinstance(node, yaml.MappingNode):
         v.error(node, path, "expected a mapping of service port to backend port")
         return None
-    group_ports = frozenset(ports)
     ok = True
-    out: dict[int, int] = {}
+    tcp: dict[int, int] = {}
+    udp: dict[int, int] = {}
     for knode, vnode in node.value:
         kpath = f"{path}.{getattr(knode, 'value', '?')}"
-        service = v.field(knode, kpath, _port_range)
+        entry = v.field(knode, kpath, _port_entry)
         target = v.field(vnode, kpath, _port_range)
-        if service is None or target is None:
+        if entry is None or target is None:
             ok = False
             continue
+        service, proto = entry
         if len(service) != len(target):
             v.error(vnode, kpath, f"maps {len(service)} ports onto {len(target)}: sizes must match")
             ok = False
             continue
+        group_ports, out = (ports.udp, udp) if proto == "udp" else (ports.tcp, tcp)
         missing = [p for p in service if p not in group_ports]
         if missing:
+            hint = ""
+            if proto == "tcp" and all(p in ports.udp for p in missing):
+                hint = f' (a UDP port is mapped as "{compact_ports(missing)}/udp")'
             v.error(
                 knode,
                 kpath,
-                f"{compact_ports(missing)} not among the group's ports ({compact_ports(ports)})",
+                f"{compact_ports(missing)}{'/udp' if proto == 'udp' else ''} not among the"
+                f" group's ports ({ports.text()}){hint}",
             )
             ok = False
             continue
@@ -647,7 +694,7 @@ def _port_map(
                 ok = False
                 break
             out[sp] = bp
-    return out if ok else None
+    return (tcp, udp) if ok else None
 
 
 def _persistence(v: _Validator, node: yaml.Node, path: str) -> PersistenceSpec:
@@ -666,7 +713,7 @@ def _persistence(v: _Validator, node: yaml.Node, path: str) -> PersistenceSpec:
 
 
 def _health_check(
-    v: _Validator, node: yaml.Node, path: str, ports: tuple[int, ...]
+    v: _Validator, node: yaml.Node, path: str, ports: GroupPorts
 ) -> HealthCheckSpec | None:
     every = _CHECK_COMMON + tuple(k for keys in _CHECK_KEYS.values() for k in keys)
     m = v.mapping(node, path, tuple(dict.fromkeys(every)))
@@ -685,9 +732,10 @@ def _health_check(
             ok = False
 
     def group_port(x: Any) -> int:
+        # A udp check probes the backend's UDP port of that number, any other its TCP port.
         p = _port(x)
-        if p not in ports:
-            raise ValueError(f"{p} is not among the group's ports ({compact_ports(ports)})")
+        if p not in ports.tcp and p not in ports.udp:
+            raise ValueError(f"{p} is not among the group's ports ({ports.text()})")
         return p
 
     kw: dict[str, Any] = {"type": kind}
@@ -717,14 +765,24 @@ def _health_check(
         command = _list_of(v, m["command"][1], f"{path}.command", _text)
         ok = ok and command is not None
         kw["command"] = tuple(command or ())
+    if kind == "udp":
+        if not ports.udp:
+            v.error(m["type"][1], f"{path}.type", "a udp check needs one of the group's UDP ports")
+            return None
+        if "send" not in m:
+            v.error(node, path, "a udp check needs 'send' (the datagram; \\xNN escapes give bytes)")
+            return None
+        if "port" in kw and kw["port"] not in ports.udp:
+            v.error(
+                m["port"][1], f"{path}.port", f"{kw['port']} is not among the group's UDP ports"
+            )
+            return None
     if kind == "http" and "path" not in kw:
         kw["path"] = "/"
     return HealthCheckSpec(**kw) if ok else None
 
 
-def _backend(
-    v: _Validator, node: yaml.Node, path: str, ports: tuple[int, ...]
-) -> BackendSpec | None:
+def _backend(v: _Validator, node: yaml.Node, path: str, ports: GroupPorts) -> BackendSpec | None:
     m = v.mapping(node, path, _BACKEND_KEYS)
     if m is None:
         return None
@@ -762,21 +820,24 @@ def _backend(
             ok = False
         pm = _port_map(v, m["ports"][1], f"{path}.ports", ports)
         ok = ok and pm is not None
-        kw["ports"] = pm or {}
-    elif inline_port is not None and ports:
-        # The port is the first service port's; the others keep the same offset (as `-b`).
-        offset = inline_port - ports[0]
-        bad = [sp for sp in ports if not 1 <= sp + offset <= 65535]
+        kw["ports"], kw["udp_ports"] = pm or ({}, {})
+    elif inline_port is not None and (ports.tcp or ports.udp):
+        # The port is the first service port's; the others keep the same offset (as `-b`),
+        # UDP ports alike.
+        first = ports.tcp[0] if ports.tcp else ports.udp[0]
+        offset = inline_port - first
+        bad = [sp for sp in ports.tcp + ports.udp if not 1 <= sp + offset <= 65535]
         if bad:
             v.error(
                 m["address"][1],
                 f"{path}.address",
-                f"port {inline_port} for {ports[0]} puts {bad[0]} at {bad[0] + offset},"
+                f"port {inline_port} for {first} puts {bad[0]} at {bad[0] + offset},"
                 " outside 1-65535: give a ports map",
             )
             ok = False
         else:
-            kw["ports"] = {sp: sp + offset for sp in ports}
+            kw["ports"] = {sp: sp + offset for sp in ports.tcp}
+            kw["udp_ports"] = {sp: sp + offset for sp in ports.udp}
     if "health_check" in m:
         hc = _health_check(v, m["health_check"][1], f"{path}.health_check", ports)
         ok = ok and hc is not None
@@ -787,7 +848,7 @@ def _backend(
 
 
 def _sorry_server(
-    v: _Validator, node: yaml.Node, path: str, ports: tuple[int, ...]
+    v: _Validator, node: yaml.Node, path: str, ports: GroupPorts
 ) -> BackendSpec | None:
     m = v.mapping(node, path, ("address", "ports"))
     if m is None:
@@ -796,13 +857,13 @@ def _sorry_server(
         v.error(node, path, "missing required key 'address'")
         return None
     address = v.field(m["address"][1], f"{path}.address", _ip)
-    port_map: dict[int, int] | None = {}
+    maps: tuple[dict[int, int], dict[int, int]] | None = ({}, {})
     if "ports" in m:
-        port_map = _port_map(v, m["ports"][1], f"{path}.ports", ports)
-    if address is None or port_map is None:
+        maps = _port_map(v, m["ports"][1], f"{path}.ports", ports)
+    if address is None or maps is None:
         return None
     v.nodes[path] = node
-    return BackendSpec(name=SORRY_SERVER, address=address, ports=port_map)
+    return BackendSpec(name=SORRY_SERVER, address=address, ports=maps[0], udp_ports=maps[1])
 
 
 def _cidr(x: Any) -> tuple[int, int, int]:
@@ -924,33 +985,35 @@ def _addresses(v: _Validator, node: yaml.Node, path: str) -> tuple[str, ...] | N
     return tuple(listen) if ok else None
 
 
-def _ports(v: _Validator, node: yaml.Node, path: str) -> tuple[int, ...] | None:
+def _ports(v: _Validator, node: yaml.Node, path: str) -> GroupPorts | None:
     items = v.sequence(node, path)
     if items is None:
         return None
-    ports: list[int] = []
-    seen: set[int] = set()
+    ports: dict[str, list[int]] = {"tcp": [], "udp": []}
+    seen: dict[str, set[int]] = {"tcp": set(), "udp": set()}
     ok = True
     for i, item in enumerate(items):
-        rng = v.field(item, f"{path}[{i}]", _port_range)
-        if rng is None:
+        entry = v.field(item, f"{path}[{i}]", _port_entry)
+        if entry is None:
             ok = False
             continue
-        twice = [p for p in rng if p in seen]
+        rng, proto = entry
+        twice = [p for p in rng if p in seen[proto]]
         if twice:
-            v.error(item, f"{path}[{i}]", f"port {compact_ports(twice)} is listed twice")
+            suffix = "/udp" if proto == "udp" else ""
+            v.error(item, f"{path}[{i}]", f"port {compact_ports(twice)}{suffix} is listed twice")
             ok = False
             continue
-        seen.update(rng)
-        ports.extend(rng)
+        seen[proto].update(rng)
+        ports[proto].extend(rng)
     if not items:
         v.error(node, path, "must list at least one port")
         ok = False
-    return tuple(ports) if ok else None
+    return GroupPorts(tuple(ports["tcp"]), tuple(ports["udp"])) if ok else None
 
 
 def _backends(
-    v: _Validator, node: yaml.Node, path: str, ports: tuple[int, ...]
+    v: _Validator, node: yaml.Node, path: str, ports: GroupPorts
 ) -> tuple[BackendSpec, ...] | None:
     items = v.sequence(node, path)
     if items is None:
@@ -1001,18 +1064,20 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         "send_proxy": _choice("v1", "v2"),
         "kernel_mark": _int_in(1, 2**32 - 1),
         "slow_start": _duration,
+        "udp_idle_timeout": _positive_duration,
+        "udp_max_flows": _int_in(1, 10_000_000),
     }
     ok = _scalars(v, m, path, checks, kw) and ok
     if "listen" in m:
         listen = _addresses(v, m["listen"][1], f"{path}.listen")
         ok = ok and listen is not None
         kw["listen"] = listen
-    ports: tuple[int, ...] = ()
+    ports = GroupPorts((), ())
     if "ports" in m:
         got = _ports(v, m["ports"][1], f"{path}.ports")
         ok = ok and got is not None
-        ports = got or ()
-    kw["ports"] = ports
+        ports = got or ports
+    kw["ports"], kw["udp_ports"] = ports
     if "persistence" in m:
         kw["persistence"] = _persistence(v, m["persistence"][1], f"{path}.persistence")
 
@@ -1039,7 +1104,15 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
     if not ok:
         return None
     group = GroupSpec(name=name, **kw)
-    if len(group.ports) > 1 and not group.persistence.enabled:
+    if group.udp_ports and group.kernel_mark is not None:
+        v.error(
+            m["ports"][1],
+            f"{path}.ports",
+            "a kernel_mark group is TCP only (its traffic comes through the kernel_marks"
+            " listener): move the UDP ports to a group of their own",
+        )
+        return None
+    if len(group.ports) + len(group.udp_ports) > 1 and not group.persistence.enabled:
         v.warn(
             m["ports"][1],
             f"{path}.ports",
@@ -1129,13 +1202,16 @@ def _store(v: _Validator, node: yaml.Node, path: str) -> StoreSpec | None:
     return StoreSpec(**kw)
 
 
-def _listen_overlaps(a: GroupSpec, b: GroupSpec) -> Iterator[tuple[str, list[int]]]:
-    """(address, ports) that two groups would both bind (a kernel-mark group binds none)."""
+def _listen_overlaps(a: GroupSpec, b: GroupSpec) -> Iterator[tuple[str, str]]:
+    """(address, ports) that two groups would both bind (a kernel-mark group binds none); a
+    TCP and a UDP port of one number do not overlap."""
     if a.kernel_mark is not None or b.kernel_mark is not None:
         return
-    common = sorted(set(a.ports) & set(b.ports))
-    if not common:
+    tcp = sorted(set(a.ports) & set(b.ports))
+    udp = sorted(set(a.udp_ports) & set(b.udp_ports))
+    if not tcp and not udp:
         return
+    common = GroupPorts(tuple(tcp), tuple(udp)).text()
     for x in a.listen:
         for y in b.listen:
             xa, ya = ipaddress.ip_address(x), ipaddress.ip_address(y)
@@ -1157,7 +1233,11 @@ def is_local_address(address: str) -> bool:
     return True
 
 
-def _own_listeners(groups: list[GroupSpec], marks: KernelMarksSpec | None) -> set[tuple[str, int]]:
+def _own_listeners(
+    groups: list[GroupSpec], marks: KernelMarksSpec | None, udp: bool = False
+) -> set[tuple[str, int]]:
+    if udp:
+        return {(a, p) for g in groups for a in g.listen for p in g.udp_ports}
     out = {(a, p) for g in groups if g.kernel_mark is None for a in g.listen for p in g.ports}
     if marks is not None:
         out.add((marks.host, marks.port))
@@ -1184,6 +1264,7 @@ def _check_loops(v: _Validator, groups: list[GroupSpec], marks: KernelMarksSpec 
     """A backend that is one of l4lb's own listeners would make every connection loop through
     l4lb until the descriptors run out: an error at the backend's line."""
     listeners = _own_listeners(groups, marks)
+    udp_listeners = _own_listeners(groups, marks, udp=True)
     local: dict[str, bool] = {}
 
     def is_local(address: str) -> bool:
@@ -1198,15 +1279,17 @@ def _check_loops(v: _Validator, groups: list[GroupSpec], marks: KernelMarksSpec 
         for path, b in named:
             if b.is_name:
                 continue  # known once resolved: the run-time loop watch covers names
-            for sp in g.ports:
-                hit = _loops_back((b.address, b.port_for(sp)), listeners, is_local)
+            targets = [(b.port_for(sp), "", listeners) for sp in g.ports]
+            targets += [(b.udp_port_for(sp), "/udp", udp_listeners) for sp in g.udp_ports]
+            for port, proto, ours in targets:
+                hit = _loops_back((b.address, port), ours, is_local)
                 if hit is not None:
                     host = f"[{hit[0]}]" if ":" in hit[0] else hit[0]
                     v.error(
                         v.nodes.get(path),
                         f"{path}.address",
-                        f"{b.address} port {b.port_for(sp)} is l4lb's own listener"
-                        f" {host}:{hit[1]}: connections would loop through l4lb"
+                        f"{b.address} port {port}{proto} is l4lb's own listener"
+                        f" {host}:{hit[1]}{proto}: connections would loop through l4lb"
                         " (give the backend its real address, or a ports map)",
                     )
                     break
@@ -1286,7 +1369,7 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
                 v.error(
                     vnode,
                     f"groups.{gname}.ports",
-                    f"{addr} port {compact_ports(common)} is also bound by group {other.name!r}",
+                    f"{addr} port {common} is also bound by group {other.name!r}",
                 )
         marks[group.mark] = gname
         groups.append(group)

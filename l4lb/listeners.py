@@ -1,5 +1,6 @@
 """Listening sockets, built by hand so that the options are ours: SO_REUSEADDR, a large backlog,
-and an explicit IPV6_V6ONLY choice."""
+and an explicit IPV6_V6ONLY choice; UDP ones with the packet-info option that tells a wildcard
+socket which address a datagram was sent to (so the answer leaves from it)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from .config import Config
 
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 MARKS = "*kernel-marks*"  # the group name of the kernel_marks listener
+IP_PKTINFO = 8  # linux/in.h (Python's socket module leaves it out before 3.12)
+
+
+Where = tuple[str, int, str]  # (address, port, "tcp" | "udp"): one listening socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,15 +24,22 @@ class ListenSpec:
     host: str
     port: int
     v6only: bool
+    proto: str = "tcp"
+
+    @property
+    def where(self) -> Where:
+        return (self.host, self.port, self.proto)
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        hp = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return hp if self.proto == "tcp" else f"{hp}/udp"
 
 
 def listen_specs(config: Config) -> list[ListenSpec]:
     """Every (group, address, port) to bind. '::' is dual-stack (IPv4 clients arrive as
     ::ffff:a.b.c.d) unless some group also binds IPv4 on that port, where it must be v6-only."""
     v4_ports = {p for g in config.groups for h in g.listen if ":" not in h for p in g.ports}
+    v4_udp = {p for g in config.groups for h in g.listen if ":" not in h for p in g.udp_ports}
     out = []
     if config.kernel_marks is not None:
         km = config.kernel_marks
@@ -39,6 +51,10 @@ def listen_specs(config: Config) -> list[ListenSpec]:
             for host in g.listen:
                 v6only = ":" in host and (host != "::" or port in v4_ports)
                 out.append(ListenSpec(g.name, host, port, v6only))
+        for port in g.udp_ports:
+            for host in g.listen:
+                v6only = ":" in host and (host != "::" or port in v4_udp)
+                out.append(ListenSpec(g.name, host, port, v6only, "udp"))
     return out
 
 
@@ -61,17 +77,31 @@ def steering_masks(config: Config, spec: ListenSpec) -> tuple[int, int] | None:
     return v4, min(p.ipv6_prefix for p in keyed)
 
 
+def is_wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::")
+
+
 def bind(spec: ListenSpec, backlog: int = BACKLOG, reuseport: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    udp = spec.proto == "udp"
+    sock = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(spec.v6only))
+        if udp and is_wildcard(spec.host):
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        if udp:
+            # Bursts queue in the kernel while the loop is busy; the default (208 KiB) holds
+            # about 300 full-size datagrams.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         sock.bind((spec.host, spec.port))
-        sock.listen(backlog)
+        if not udp:
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()

@@ -110,7 +110,10 @@ class HealthMonitor:
         self, router: Router, backend: Backend, check: HealthCheckSpec, until_up: bool
     ) -> None:
         loop = asyncio.get_running_loop()
-        port = backend.port_for(check.port or router.spec.ports[0])
+        if check.type == "udp":
+            port = backend.udp_port_for(check.port or router.spec.udp_ports[0])
+        else:  # a group's TCP check covers its UDP ports too (the same port numbers over TCP)
+            port = backend.port_for(check.port or router.spec.first_port)
         verdict = Verdict(check.rise, check.fall, backend.healthy)
         if not until_up:  # spread the first checks so that they do not fire in lockstep
             await asyncio.sleep(self.rng.uniform(0, check.interval))

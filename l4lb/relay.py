@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from . import proxyproto, splice
-from .accesslog import Record
+from .accesslog import Record, outcome
 from .backends import Backend
 from .dialer import dial
 from .routing import Route, Router
@@ -417,22 +417,7 @@ class ClientSide(Half):
         assert rec is not None and sink is not None
         router = self.router
         rec.connected_at = time.monotonic()
-        arrived = rec.arrived
-        reason = ""
-        if router.table is None:
-            affinity = "none"
-        elif backend is router.sorry:
-            affinity = "sorry"
-        elif route.entry is None:
-            affinity = "unpinned"
-        elif route.reason == "full":
-            affinity = reason = "full"
-        elif not arrived:
-            affinity = "new"
-        elif arrived == backend.name:
-            affinity = "hit"
-        else:
-            affinity, reason = "repin", route.reason or "failed"
+        affinity, reason = outcome(router, route, backend, rec.arrived)
         writer, spec = sink
         rec.middle = writer.middle(
             router.name, self.service_port, affinity, reason, backend, len(route.tried)

@@ -5,9 +5,10 @@ reload a new configuration in place.
 handlers itself (the CLI wires SIGTERM/SIGINT to it; tests pass an Event), after hypercorn.
 Live connections are tracked in a set, since uvloop's server cannot close its clients.
 
-Listeners are keyed by (address, port) and each accept looks up the group and service port it
-serves in `_bindings`, so a reload that keeps a port keeps its socket open and never refuses a
-connection; only new ports are bound (before anything else changes) and removed ones closed.
+Listeners are keyed by (address, port, protocol) and each accept (or a UDP listener's new
+flow) looks up the group and service port it serves in `_bindings`, so a reload that keeps a
+port keeps its socket open and never refuses a connection; only new ports are bound (before
+anything else changes) and removed ones closed. UDP listeners and their flows are `udp.py`'s.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 from . import statefile
 from .accesslog import AccessLog
 from .backends import Backend
-from .config import Config, ConfigError, compact_ports, is_local_address, load_config
+from .config import (
+    Config,
+    ConfigError,
+    GroupPorts,
+    compact_ports,
+    is_local_address,
+    load_config,
+)
 from .config import changes as config_changes
 from .dialer import SlotQueue
 from .keys import V6_TAG, format_netmask
@@ -36,6 +44,7 @@ from .listeners import (
     BACKLOG,
     MARKS,
     ListenSpec,
+    Where,
     bind,
     close_all,
     listen_specs,
@@ -48,6 +57,7 @@ from .resolver import lookup
 from .reuseport import steer
 from .routing import RESOURCE_ERRNOS, Router
 from .throttle import Throttle, held_note
+from .udp import UdpListener, UdpStats
 
 if TYPE_CHECKING:
     from .store import RedisStore
@@ -112,11 +122,15 @@ def describe(config: Config, listening: list[ListenSpec], group: str) -> str:
         persist = f"persistence {p.timeout:g}s per {mask} (IPv6 /{p.ipv6_prefix})"
     else:
         persist = "persistence off"
-    hosts: dict[str, list[int]] = {}
+    hosts: dict[str, tuple[list[int], list[int]]] = {}
     for s in listening:
         if s.group == g.name:
-            hosts.setdefault(f"[{s.host}]" if ":" in s.host else s.host, []).append(s.port)
-    where = "; ".join(f"{h} port(s) {compact_ports(ports)}" for h, ports in hosts.items())
+            tcp, udp = hosts.setdefault(f"[{s.host}]" if ":" in s.host else s.host, ([], []))
+            (udp if s.proto == "udp" else tcp).append(s.port)
+    where = "; ".join(
+        f"{h} port(s) {GroupPorts(tuple(tcp), tuple(udp)).text()}"
+        for h, (tcp, udp) in hosts.items()
+    )
     km = config.kernel_marks
     if g.kernel_mark is not None and km is not None:
         covered = compact_ports(g.ports)
@@ -133,7 +147,7 @@ class Server:
         config: Config,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
-        inherited: dict[tuple[str, int], socket.socket] | None = None,
+        inherited: dict[Where, socket.socket] | None = None,
         worker: int | None = None,
         admin_path: str | None = None,
         follower: bool = False,
@@ -170,7 +184,8 @@ class Server:
         self.reloads_failed = 0
         self.admin_refused: dict[str, int] = {}
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LENGTH)
-        self._bindings: dict[tuple[str, int], tuple[Router, int]] = {}
+        self._bindings: dict[Where, tuple[Router, int]] = {}
+        self.udp_stats: dict[str, UdpStats] = {}  # per group, kept across reloads
         self.by_mark: dict[int, Router] = {}  # kernel_mark -> group, for the marks listener
         self.unmatched_marks = 0  # connections whose mark no group claims
         # Connections refused for want of descriptors, by errno name (see `refuse_for_fds`)
@@ -183,7 +198,7 @@ class Server:
         self.access_logs: dict[tuple[str, str], AccessLog] = {}  # log writers, by path and format
         self.inbound: dict[tuple[str, int], ClientSide] = {}  # open clients from loopback
         self.loops = 0
-        self._listeners: dict[tuple[str, int], tuple[ListenSpec, asyncio.AbstractServer]] = {}
+        self._listeners: dict[Where, tuple[ListenSpec, asyncio.AbstractServer | UdpListener]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._quiet: asyncio.Event | None = None
         self._reload_lock = asyncio.Lock()
@@ -251,11 +266,11 @@ class Server:
         """Bind every spec not bound yet; all or nothing."""
         bound: list[tuple[ListenSpec, socket.socket]] = []
         for spec in specs:
-            current = self._listeners.get((spec.host, spec.port))
+            current = self._listeners.get(spec.where)
             if current is not None and current[0].v6only == spec.v6only:
                 continue
             if self.inherited is not None:
-                sock = self.inherited.pop((spec.host, spec.port), None)
+                sock = self.inherited.pop(spec.where, None)
                 if sock is None:
                     close_all(s for _, s in bound)
                     raise StartupError(f"the supervisor passed no socket for {spec}")
@@ -274,7 +289,10 @@ class Server:
         loop = asyncio.get_running_loop()
         bindings = self._bindings
         for spec, sock in bound:
-            where = (spec.host, spec.port)
+            where = spec.where
+            if spec.proto == "udp":
+                self._listeners[where] = (spec, UdpListener(self, spec, sock))
+                continue
 
             if spec.group == MARKS:
 
@@ -287,7 +305,7 @@ class Server:
                 )
                 continue
 
-            def factory(where: tuple[str, int] = where) -> ClientSide:
+            def factory(where: Where = where) -> ClientSide:
                 router, service_port = bindings[where]
                 if router.proxy_trusted is not None:
                     return ProxyClientSide(self, router, service_port)
@@ -300,13 +318,37 @@ class Server:
         self._bindings.clear()
         for spec in specs:
             if spec.group != MARKS:
-                self._bindings[(spec.host, spec.port)] = (self.routers[spec.group], spec.port)
+                self._bindings[spec.where] = (self.routers[spec.group], spec.port)
+                if spec.proto == "udp":
+                    self.udp_stats.setdefault(spec.group, UdpStats())
         self.by_mark = {
             r.spec.kernel_mark: r for r in self.routers.values() if r.spec.kernel_mark is not None
         }
         self.listening = specs
         self._watch_loops()
         self._open_logs()
+
+    def udp_binding(self, spec: ListenSpec) -> tuple[Router, int, UdpStats] | None:
+        """The group, service port and counters a UDP listener's new flow belongs to."""
+        bound = self._bindings.get(spec.where)
+        if bound is None:
+            return None
+        router, port = bound
+        return router, port, self.udp_stats[router.name]
+
+    def udp_listeners(self) -> list[UdpListener]:
+        return [x for _, x in self._listeners.values() if isinstance(x, UdpListener)]
+
+    def evict_udp(self, group: str) -> None:
+        """The group is at udp_max_flows: its flow idle longest goes."""
+        candidates = [
+            (oldest, i, x)
+            for i, x in enumerate(self.udp_listeners())
+            if x.spec.group == group and (oldest := x.oldest()) is not None
+        ]
+        for _, _, listener in sorted(candidates, key=lambda c: (c[0], c[1])):
+            if listener.evict_oldest():
+                return
 
     def _open_logs(self) -> None:
         """One writer per log path and format, shared by the groups that log there; one no group
@@ -384,6 +426,7 @@ class Server:
             loop.create_task(self._sweep()),
             loop.create_task(self._sample()),
             loop.create_task(self._resolve_periodically()),
+            loop.create_task(self._sweep_udp()),
         ]
         if self.config.state_file:
             self._tasks.append(loop.create_task(self._save_periodically()))
@@ -541,7 +584,7 @@ class Server:
 
     async def _apply(self, new: Config) -> list[str]:
         specs = listen_specs(new)
-        wanted = {(s.host, s.port): s for s in specs}
+        wanted = {s.where: s for s in specs}
         # v6-only flips need the old socket gone first: the one change that cannot be seamless.
         for where, (spec, srv) in list(self._listeners.items()):
             if where in wanted and wanted[where].v6only != spec.v6only:
@@ -721,6 +764,16 @@ class Server:
         while True:
             self.history.append(self.sample())
             await asyncio.sleep(HISTORY_PERIOD)
+
+    async def _sweep_udp(self) -> None:
+        """End UDP flows idle past their group's udp_idle_timeout (`UdpListener.sweep`)."""
+        while True:
+            timeouts = [g.udp_idle_timeout for g in self.config.groups if g.udp_ports]
+            tick = min(1.0, max(0.02, min(timeouts) / 10)) if timeouts else 1.0
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for listener in self.udp_listeners():
+                listener.sweep(now)
 
     async def _sweep(self) -> None:
         """Close connections with no traffic for their group's idle_timeout.

@@ -41,7 +41,7 @@ from typing import Any
 
 from . import control
 from .config import Config, ConfigError, load_config_text
-from .listeners import ListenSpec, bind, close_all, listen_specs, steering_masks
+from .listeners import ListenSpec, Where, bind, close_all, listen_specs, steering_masks
 from .reuseport import attach, program
 from .server import ReloadError, StartupError, describe
 from .worker import ENV
@@ -72,7 +72,7 @@ class Supervisor:
         self.log_level = log_level
         self.rundir = tempfile.mkdtemp(prefix="l4lb-")  # 0700: the workers' admin sockets
         self.snapshot = str(Path(self.rundir) / "config.yaml")
-        self.sockets: dict[tuple[str, int], tuple[ListenSpec, list[socket.socket]]] = {}
+        self.sockets: dict[Where, tuple[ListenSpec, list[socket.socket]]] = {}
         self.workers: list[WorkerProc | None] = [None] * self.n
         self.stopping = False
         self.restarts = 0
@@ -104,11 +104,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ sockets
 
-    def _bind(self, specs: list[ListenSpec]) -> list[tuple[str, int]]:
+    def _bind(self, specs: list[ListenSpec]) -> list[Where]:
         """Bind N sockets for each spec not bound yet, in worker order; all or nothing."""
-        new: dict[tuple[str, int], tuple[ListenSpec, list[socket.socket]]] = {}
+        new: dict[Where, tuple[ListenSpec, list[socket.socket]]] = {}
         for spec in specs:
-            where = (spec.host, spec.port)
+            where = spec.where
             if where in self.sockets:
                 continue
             socks: list[socket.socket] = []
@@ -367,7 +367,7 @@ class Supervisor:
             new = _with_workers(new, self.n)
         specs = listen_specs(new)
         for spec in specs:
-            current = self.sockets.get((spec.host, spec.port))
+            current = self.sockets.get(spec.where)
             if current is not None and current[0].v6only != spec.v6only:
                 raise ReloadError(
                     [f"{spec}: changing whether it takes IPv4 clients needs a restart"]
@@ -376,7 +376,7 @@ class Supervisor:
             added = self._bind(specs)
         except StartupError as exc:
             raise ReloadError([str(exc)]) from None
-        wanted = {(s.host, s.port) for s in specs}
+        wanted = {s.where for s in specs}
         self._write_snapshot(text)
         self.config = new
         self._steer()

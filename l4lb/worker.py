@@ -23,6 +23,7 @@ from typing import Any
 
 from .config import Config, ConfigError, load_config_text
 from .control import Channel
+from .listeners import Where
 from .server import ReloadError, Server, StartupError
 
 log = logging.getLogger("l4lb.worker")
@@ -37,9 +38,10 @@ def load_snapshot(env: dict[str, Any]) -> Config:
     return replace(load_config_text(text, env["source"]), workers=int(env["workers"]))
 
 
-def _sockets(entries: list[list[Any]], fds: list[int]) -> dict[tuple[str, int], socket.socket]:
+def _sockets(entries: list[list[Any]], fds: list[int]) -> dict[Where, socket.socket]:
     return {
-        (str(h), int(p)): socket.socket(fileno=fd) for (h, p), fd in zip(entries, fds, strict=True)
+        (str(h), int(p), str(proto)): socket.socket(fileno=fd)
+        for (h, p, proto), fd in zip(entries, fds, strict=True)
     }
 
 

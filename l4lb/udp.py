@@ -1,0 +1,472 @@
+"""UDP in a mark group: datagram flows routed through the group's router and affinity table.
+
+Theory of operation
+-------------------
+A `UdpListener` reads one UDP service socket. A datagram from a client address and port with
+no flow opens one (`Flow`): the group's `Router` takes a reference on the client's affinity
+entry and picks the backend exactly as for a TCP connection (the same key, so a client pinned
+over TCP is pinned over UDP and the other way round), and a socket connected to that backend
+carries the client's datagrams. Its answers go back from the listener's socket; a wildcard
+listener learns from IP_PKTINFO which address each datagram was sent to and answers from that
+address, so a client with a connected socket (QUIC's, say) accepts them. A flow holds its
+entry like an open connection and ends after `udp_idle_timeout` without a datagram either way;
+the entry's persistence timeout then starts, as after a TCP close.
+
+Each listener keeps its flows in an OrderedDict in the order they were last seen, coarsely: a
+datagram only sets `seen` (one store on the hot path); the sweep walks from the front, moves a
+seen flow to the back with the time of the sweep, ends the ones idle past their timeout, and
+stops at the first flow that is neither (everything behind it was seen later). So a sweep
+costs the flows it touches, not all of them, and the front is always the oldest idle flow: the
+one the `udp_max_flows` bound evicts first (a flood of spoofed source ports replaces idle flows,
+never grows past the bound).
+
+Failures: the kernel reports an ICMP error (port unreachable) on a flow's connected socket as
+ECONNREFUSED on the next recv or send; that is a passive failure of the backend
+(`Router.failed`), the socket is closed, and the client's next datagram goes to the router's
+next choice, re-pinning the entry as a refused TCP dial would. A backend that goes down, is
+disabled or removed loses its flows at their next datagram (`accepts_pinned`), so clients are
+never blackholed until a timeout. Datagrams are passed whole: one recv, one send, never merged
+or split. While a new pin is being settled with the shared store, a flow holds a few datagrams
+(`PENDING`); more are dropped. Every drop is counted by its reason (`UdpStats.drops`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from .accesslog import Record, outcome
+from .listeners import ListenSpec, is_wildcard
+from .routing import RESOURCE_ERRNOS
+
+if TYPE_CHECKING:
+    from .backends import Backend
+    from .routing import Route, Router
+    from .server import Server
+
+log = logging.getLogger("l4lb.udp")
+
+MAX_DATAGRAM = 65536  # a recv buffer that holds any UDP payload whole
+BATCH = 64  # datagrams read per wakeup before the loop serves other sockets
+PENDING = 8  # datagrams a flow holds while its backend is being settled
+CMSG_SPACE = socket.CMSG_SPACE(20)  # in_pktinfo (12 bytes) or in6_pktinfo (20)
+
+# Why a datagram was dropped; `l4lb_udp_dropped_total{reason}`.
+DROP_REASONS = (
+    "no_backend",  # no backend accepted the flow
+    "pending_full",  # its backend was not settled yet, and a few were waiting already
+    "backend_busy",  # the backend socket's send buffer was full
+    "backend_error",  # the backend socket reported an error (ICMP) on this datagram
+    "client_send",  # the answer could not be sent to the client
+    "descriptors",  # no descriptor left for a new flow's socket
+    "rejected",  # a source address that could not be keyed
+    "client_limit",  # over the client network's client_limits
+)
+
+
+class UdpStats:
+    """One group's UDP counters (flows, datagrams, bytes, drops), read at scrape time."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "datagrams_in",
+        "datagrams_out",
+        "drops",
+        "evicted",
+        "flows",
+        "opened",
+        "unreachable",
+    )
+
+    def __init__(self) -> None:
+        self.flows = 0  # open now
+        self.opened = 0
+        self.evicted = 0  # flows ended early by the udp_max_flows bound
+        self.unreachable = 0  # ICMP errors on backend sockets
+        self.datagrams_in = 0  # client -> backend
+        self.datagrams_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.drops = dict.fromkeys(DROP_REASONS, 0)
+
+
+class Flow:
+    """One client (address and port) of one UDP listener, and its backend socket."""
+
+    __slots__ = (
+        "backend",
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "key",
+        "last",
+        "listener",
+        "pending",
+        "rec",
+        "reply",
+        "route",
+        "router",
+        "seen",
+        "service",
+        "sock",
+        "started",
+        "stats",
+    )
+
+    def __init__(
+        self,
+        listener: UdpListener,
+        key: object,
+        client: tuple[str, int],
+        reply: list[tuple[int, int, bytes]] | None,
+        router: Router,
+        service: int,
+        route: Route,
+        stats: UdpStats,
+        now: float,
+    ) -> None:
+        self.listener = listener
+        self.service = service  # the service port, as the backends' udp port maps know it
+        self.stats = stats  # its group's
+        self.key = key  # its key in the listener's flows
+        self.client = client
+        self.reply = reply  # the control message that sends an answer from the right address
+        self.router = router
+        self.route = route
+        self.backend: Backend | None = None
+        self.sock: socket.socket | None = None
+        self.pending: list[bytes] | None = None  # datagrams held while the pin is settled
+        self.seen = False
+        self.last = now
+        self.started = now
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.rec: Record | None = None
+
+    def from_backend(self) -> None:
+        """The backend socket is readable: its datagrams go back to the client, each whole."""
+        sock = self.sock
+        if sock is None:
+            return
+        listener = self.listener
+        stats = self.stats
+        for _ in range(BATCH):
+            try:
+                data = sock.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                listener.unreachable(self, exc)
+                return
+            self.seen = True
+            n = len(data)
+            self.bytes_out += n
+            stats.datagrams_out += 1
+            stats.bytes_out += n
+            try:
+                if self.reply is None:
+                    listener.sock.sendto(data, self.client)
+                else:
+                    listener.sock.sendmsg((data,), self.reply, 0, self.client)
+            except OSError:
+                stats.drops["client_send"] += 1
+
+
+class UdpListener:
+    """One UDP service socket: its flows, and the datagrams both ways."""
+
+    def __init__(self, server: Server, spec: ListenSpec, sock: socket.socket) -> None:
+        self.server = server
+        self.spec = spec
+        self.sock = sock
+        self.wildcard = is_wildcard(spec.host)
+        self.v6 = sock.family == socket.AF_INET6
+        self.flows: OrderedDict[object, Flow] = OrderedDict()
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    # ------------------------------------------------------------------ the client side
+
+    def _readable(self) -> None:
+        sock = self.sock
+        flows = self.flows
+        wildcard = self.wildcard
+        for _ in range(BATCH):
+            try:
+                if wildcard:
+                    data, anc, _flags, addr = sock.recvmsg(MAX_DATAGRAM, CMSG_SPACE)
+                    dst = anc[0][2] if anc else b""
+                    key: object = (addr, dst)
+                else:
+                    data, addr = sock.recvfrom(MAX_DATAGRAM)
+                    key = addr
+            except BlockingIOError:
+                return
+            except OSError:  # an ICMP error from a client reported on the listener: no flow's
+                continue
+            flow = flows.get(key)
+            if flow is None:
+                flow = self._open(key, addr, anc if wildcard else None)
+                if flow is None:
+                    continue
+            stats = flow.stats
+            stats.datagrams_in += 1
+            n = len(data)
+            stats.bytes_in += n
+            flow.seen = True
+            flow.bytes_in += n
+            backend = flow.backend
+            if backend is None or not backend.accepts_pinned:
+                if flow.pending is not None:  # being settled with the shared store
+                    if len(flow.pending) < PENDING:
+                        flow.pending.append(data)
+                    else:
+                        stats.drops["pending_full"] += 1
+                    continue
+                if not self._route(flow):
+                    continue
+            sock_b = flow.sock
+            assert sock_b is not None
+            try:
+                sock_b.send(data)
+            except BlockingIOError:
+                stats.drops["backend_busy"] += 1
+            except OSError as exc:
+                stats.drops["backend_error"] += 1
+                self.unreachable(flow, exc)
+
+    def _open(
+        self, key: object, addr: tuple[str, int], anc: list[tuple[int, int, bytes]] | None
+    ) -> Flow | None:
+        """A datagram from a new client address and port: a flow routed by its group."""
+        server = self.server
+        binding = server.udp_binding(self.spec)
+        if binding is None:
+            return None
+        router, port, stats = binding
+        host = addr[0]
+        try:
+            akey = router.keyer(host)
+        except (OSError, ValueError):
+            stats.drops["rejected"] += 1
+            return None
+        limits = router.limits
+        if limits is not None and not limits.admit(akey):
+            stats.drops["client_limit"] += 1
+            router.stats.client_limit += 1
+            return None
+        if stats.flows >= router.spec.udp_max_flows:
+            server.evict_udp(router.name)
+        reply = None
+        if anc:
+            level, kind, data = anc[0]
+            if level == socket.IPPROTO_IP:  # in_pktinfo: send from ipi_addr
+                reply = [(level, kind, b"\0\0\0\0" + data[8:12] + b"\0\0\0\0")]
+            else:  # in6_pktinfo: the address, any interface
+                reply = [(level, kind, data[:16] + b"\0\0\0\0")]
+        now = time.monotonic()
+        flow = Flow(self, key, addr, reply, router, port, router.begin(akey), stats, now)
+        if router.log is not None:
+            flow.rec = Record((host, addr[1]), now)
+            if flow.route.pinned is not None:
+                flow.rec.arrived = flow.route.pinned.name
+        self.flows[key] = flow
+        stats.flows += 1
+        stats.opened += 1
+        return flow
+
+    # ------------------------------------------------------------------ the backend side
+
+    def _route(self, flow: Flow) -> bool:
+        """Give `flow` a backend socket (a new flow, or one whose backend failed or went away);
+        False: not now (dropped, or held while the shared store settles the pin)."""
+        router = flow.router
+        route = flow.route
+        old = flow.backend
+        if old is not None:  # it went down, was disabled or removed: move on, not a failure
+            self._drop_socket(flow)
+            old.free_slot()
+            route.backend = None
+            flow.backend = None
+        backend = router.next_backend(route)
+        if backend is None and route.wait_for is not None:
+            route.queued = True  # a datagram does not wait for a full backend's slot
+            backend = router.next_backend(route)
+        if backend is None:
+            flow.stats.drops["no_backend"] += 1
+            self.end(flow, "no_backend", give_up=True)
+            return False
+        store = self.server.store
+        if store is not None and backend is not router.sorry and (route.fresh or store.pending):
+            flow.pending = []
+            self._loop.create_task(self._settle(flow, backend))
+            return False
+        return self._attach(flow, backend)
+
+    async def _settle(self, flow: Flow, candidate: Backend) -> None:
+        store = self.server.store
+        assert store is not None
+        router, route = flow.router, flow.route
+        try:
+            if route.fresh:
+                backend = await store.settle(router, route, candidate)
+            else:
+                backend = await store.follow(router, route, candidate)
+        except Exception:  # the store's own failures fall back inside it; be safe here
+            log.exception("group %s: settling a UDP flow's pin failed", router.name)
+            backend = candidate
+        held, flow.pending = flow.pending or [], None
+        if flow.key not in self.flows or flow.listener.closed:
+            return  # it ended meanwhile
+        if not self._attach(flow, backend):
+            return
+        sock = flow.sock
+        assert sock is not None
+        for data in held:
+            try:
+                sock.send(data)
+            except OSError:
+                flow.stats.drops["backend_busy"] += 1
+
+    def _attach(self, flow: Flow, backend: Backend) -> bool:
+        router, route = flow.router, flow.route
+        port = backend.udp_port_for(flow.service)
+        family = socket.AF_INET6 if ":" in backend.address else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                router.local_failure(route, backend, errno.errorcode[exc.errno])
+                flow.stats.drops["descriptors"] += 1
+                self.server.accept_error(errno.errorcode[exc.errno], "socket() for a UDP flow")
+                self.end(flow, "descriptors", give_up=False)
+                return False
+            raise
+        try:
+            sock.setblocking(False)
+            sock.connect((backend.address, port))
+        except OSError as exc:
+            sock.close()
+            router.failed(route, backend, "refused" if exc.errno == errno.ECONNREFUSED else "error")
+            flow.stats.drops["backend_error"] += 1
+            return False
+        flow.sock = sock
+        flow.backend = backend
+        router.connected(route, backend)
+        self._loop.add_reader(sock.fileno(), flow.from_backend)
+        rec, sink = flow.rec, router.log
+        if rec is not None and sink is not None:
+            rec.connected_at = time.monotonic()
+            affinity, reason = outcome(router, route, backend, rec.arrived)
+            rec.arrived = backend.name
+            rec.middle = sink[0].middle(
+                router.name, flow.service, affinity, reason, backend, len(route.tried), udp=True
+            )
+        return True
+
+    def unreachable(self, flow: Flow, exc: OSError) -> None:
+        """An ICMP error on the flow's backend socket: a passive failure of that backend; the
+        client's next datagram goes to the next backend (and re-pins the entry)."""
+        backend = flow.backend
+        if backend is None:
+            return
+        flow.stats.unreachable += 1
+        self._drop_socket(flow)
+        flow.backend = None
+        reason = "refused" if exc.errno == errno.ECONNREFUSED else "error"
+        flow.router.failed(flow.route, backend, reason)
+        log.debug(
+            "group %s: backend %s unreachable over UDP: %s",
+            flow.router.name,
+            backend.name,
+            exc.strerror,
+        )
+
+    def _drop_socket(self, flow: Flow) -> None:
+        sock = flow.sock
+        if sock is not None:
+            flow.sock = None
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+
+    # ------------------------------------------------------------------ ends
+
+    def end(self, flow: Flow, termination: str, give_up: bool = False) -> None:
+        """The flow is over: its socket closed, its entry released (its persistence timeout
+        starts), its line logged."""
+        if self.flows.pop(flow.key, None) is None:
+            return
+        flow.stats.flows -= 1
+        self._drop_socket(flow)
+        router, route = flow.router, flow.route
+        backend = flow.backend
+        if backend is not None:
+            backend.bytes_in += flow.bytes_in
+            backend.bytes_out += flow.bytes_out
+        now = time.monotonic()
+        router.stats.duration.observe(now - flow.started)
+        if give_up:
+            router.give_up(route)
+        else:
+            router.finish(route)
+        rec, sink = flow.rec, router.log
+        if rec is not None and sink is not None:
+            writer = sink[0]
+            rec.end(termination)
+            if not rec.middle:
+                tries = len(route.tried)
+                rec.middle = writer.middle(
+                    router.name, flow.service, "none", "", None, tries, udp=True
+                )
+            writer.log(rec, now, flow.bytes_in, flow.bytes_out, True)
+
+    def sweep(self, now: float) -> None:
+        """End the flows idle past their group's udp_idle_timeout (see the theory above)."""
+        flows = self.flows
+        while flows:
+            flow = next(iter(flows.values()))
+            if flow.seen:
+                flow.seen = False
+                flow.last = now
+                flows.move_to_end(flow.key)
+            elif now - flow.last >= flow.router.spec.udp_idle_timeout:
+                self.end(flow, "idle_timeout")
+            else:
+                return
+
+    def evict_oldest(self) -> bool:
+        """End the flow idle longest (the bound is reached); False when there is none."""
+        flows = self.flows
+        for _ in range(len(flows)):
+            flow = next(iter(flows.values()))
+            if flow.seen:  # busy since the last sweep: not the oldest after all
+                flow.seen = False
+                flow.last = time.monotonic()
+                flows.move_to_end(flow.key)
+                continue
+            flow.stats.evicted += 1
+            self.end(flow, "evicted")
+            return True
+        return False
+
+    def oldest(self) -> float | None:
+        return next(iter(self.flows.values())).last if self.flows else None
+
+    def close(self, termination: str = "shutdown") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for flow in list(self.flows.values()):
+            self.end(flow, termination)
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    async def wait_closed(self) -> None:
+        return None
