@@ -30,6 +30,7 @@ from .keys import V6_TAG, format_key, format_netmask
 from .metrics import make_registry
 from .routing import Router
 from .server import ReloadError
+from .udp import UdpStats
 
 if TYPE_CHECKING:
     from .server import Server
@@ -53,6 +54,8 @@ def backend_json(
     service_ports: tuple[int, ...] = (),
     checks: list[dict[str, Any]] | None = None,
     flowing: tuple[int, int] = (0, 0),
+    udp_ports: tuple[int, ...] = (),
+    flows: int = 0,
 ) -> dict[str, Any]:
     now = time.time()
     host = f"[{b.address}]" if ":" in b.address else b.address
@@ -64,7 +67,12 @@ def backend_json(
         "resolve_error": b.unresolved or None,  # why that name has no address (then down)
         "ports": {str(k): v for k, v in b.ports.items()},
         # service port -> where its connections go, since several backends may share a host
-        "addresses": {str(p): f"{host}:{b.port_for(p)}" for p in service_ports},
+        "addresses": {
+            **{str(p): f"{host}:{b.port_for(p)}" for p in service_ports},
+            **{f"{p}/udp": f"{host}:{b.udp_port_for(p)}" for p in udp_ports},
+        },
+        "udp_ports": {str(k): v for k, v in b.udp_ports.items()},
+        "flows": flows,  # UDP flows open (of `active`)
         "state_since": round(now - b.changed_at, 1) if b.changed_at else None,
         "downtime": round(b.downtime(now), 1),
         "peak": b.peak,
@@ -340,6 +348,7 @@ class AdminServer(ApiBase):
                     "mark": g.mark,
                     "listen": list(g.listen),
                     "ports": list(g.ports),
+                    "udp_ports": list(g.udp_ports),
                     "scheduler": g.scheduler,
                     "persistence": {
                         "timeout": g.persistence.timeout,
@@ -358,6 +367,7 @@ class AdminServer(ApiBase):
                         "unpinned": st.unpinned,
                         "sorry": st.sorry,
                     },
+                    "udp": udp_json(self.server.udp_stats.get(name)),
                 }
             )
         return web.json_response({"groups": out, "uptime": time.time() - self.server.started_at})
@@ -368,7 +378,9 @@ class AdminServer(ApiBase):
             return None
         return {"ok": r.ok, "detail": r.detail, "duration": round(r.duration, 6), "time": r.time}
 
-    def _backend(self, router: Router, b: Backend, flowing: dict[Any, list[int]]) -> dict[str, Any]:
+    def _backend(
+        self, router: Router, b: Backend, flowing: dict[Any, list[int]], flows: dict[Any, int]
+    ) -> dict[str, Any]:
         recent = self.server.monitor.recent.get((router.name, b.name), ())
         checks = [{"ok": r.ok, "time": r.time, "detail": r.detail} for r in recent]
         moving = flowing.get((router.name, b.name), (0, 0))
@@ -379,6 +391,8 @@ class AdminServer(ApiBase):
             router.spec.ports,
             checks,
             (moving[0], moving[1]),
+            router.spec.udp_ports,
+            flows.get((router.name, b.name), 0),
         )
 
     async def backends(self, request: web.Request) -> web.Response:
@@ -386,11 +400,12 @@ class AdminServer(ApiBase):
         if only is not None:
             self._router(only)
         flowing = self.server.in_flight()
+        flows = self.server.flows_by_backend()
         for router in self.server.routers.values():
             if router.ramping:
                 router.ramp()  # effective weights as of now
         out = [
-            self._backend(router, b, flowing)
+            self._backend(router, b, flowing, flows)
             for name, router in self.server.routers.items()
             if only is None or name == only
             for b in router.backends
@@ -420,7 +435,9 @@ class AdminServer(ApiBase):
             router.set_admin(backend, State(state), who)
         if weight is not None:
             router.set_weight(backend, weight, who)
-        return web.json_response(self._backend(router, backend, self.server.in_flight()))
+        return web.json_response(
+            self._backend(router, backend, self.server.in_flight(), self.server.flows_by_backend())
+        )
 
     # ------------------------------------------------------------------ affinity
 
@@ -469,7 +486,11 @@ class AdminServer(ApiBase):
         except ValueError:
             raise ApiError(400, "limit must be an integer") from None
         matching = self._matching(request)
-        entries = [entry_json(router, e) for router, e in matching[: max(0, min(limit, MAX_LIST))]]
+        flows = self.server.flows_by_entry()
+        entries = [
+            entry_json(router, e, flows.get(id(e), 0))
+            for router, e in matching[: max(0, min(limit, MAX_LIST))]
+        ]
         return web.json_response({"entries": entries, "total": len(matching)})
 
     async def flush_affinity(self, request: web.Request) -> web.Response:
@@ -505,8 +526,26 @@ class AdminServer(ApiBase):
         return web.json_response({"samples": [*self.server.history, self.server.sample()]})
 
 
-def entry_json(router: Router, e: Entry[Backend]) -> dict[str, Any]:
-    """One affinity entry as the API shows it; times are seconds ago or to go."""
+def udp_json(st: UdpStats | None) -> dict[str, Any] | None:
+    """A group's UDP counters (None: it has no UDP port)."""
+    if st is None:
+        return None
+    return {
+        "flows": st.flows,
+        "opened": st.opened,
+        "evicted": st.evicted,
+        "unreachable": st.unreachable,
+        "datagrams_in": st.datagrams_in,
+        "datagrams_out": st.datagrams_out,
+        "bytes_in": st.bytes_in,
+        "bytes_out": st.bytes_out,
+        "dropped": dict(st.drops),
+    }
+
+
+def entry_json(router: Router, e: Entry[Backend], flows: int = 0) -> dict[str, Any]:
+    """One affinity entry as the API shows it; times are seconds ago or to go. Its references
+    are TCP connections and UDP flows (`flows` of them)."""
     p = router.spec.persistence
     table = router.table
     now = table.clock() if table is not None else 0.0
@@ -518,7 +557,8 @@ def entry_json(router: Router, e: Entry[Backend]) -> dict[str, Any]:
         "group": router.name,
         "client": format_key(e.key, p.netmask, p.ipv6_prefix),
         "backend": e.backend.name if e.backend is not None else None,
-        "connections": e.refs,
+        "connections": e.refs - flows,
+        "flows": flows,
         "expires_in": None if e.refs else round(max(0.0, e.expires - now), 1),
         "pinned_for": round(now - e.since, 1) if e.since else None,
         "last_repin": repin,

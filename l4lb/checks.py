@@ -58,18 +58,25 @@ def payload(text: str) -> bytes:
 
 
 async def _udp(spec: HealthCheckSpec, address: str, port: int) -> tuple[bool, str]:
-    """Send the datagram on a connected socket and match the first answer: a backend that is
-    not listening answers with ICMP port unreachable, which the socket reports as refused."""
-    assert spec.send is not None  # the loader requires it
+    """Send the datagram (`send`, empty by default) on a connected socket and match the first
+    answer against `expect`: a backend that is not listening answers with ICMP port
+    unreachable, which the socket reports as refused. Without `expect`, silence until nearly
+    the timeout also passes (keepalived's UDP_CHECK without require_reply): only an error
+    fails."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
         sock.connect((address, port))
-        await loop.sock_sendall(sock, payload(spec.send))
+        await loop.sock_sendall(sock, payload(spec.send or ""))
+        if spec.expect is None:
+            try:
+                async with asyncio.timeout(spec.timeout * 0.8):
+                    data = await loop.sock_recv(sock, 65536)
+            except TimeoutError:
+                return True, "no answer and no ICMP error"
+            return True, f"answered {len(data)} bytes"
         data = await loop.sock_recv(sock, 65536)
-    if spec.expect is None:
-        return True, f"answered {len(data)} bytes"
     pattern = re.compile(payload(spec.expect))
     if pattern.search(data):
         return True, f"reply matched {spec.expect!r}"

@@ -769,9 +769,6 @@ def _health_check(
         if not ports.udp:
             v.error(m["type"][1], f"{path}.type", "a udp check needs one of the group's UDP ports")
             return None
-        if "send" not in m:
-            v.error(node, path, "a udp check needs 'send' (the datagram; \\xNN escapes give bytes)")
-            return None
         if "port" in kw and kw["port"] not in ports.udp:
             v.error(
                 m["port"][1], f"{path}.port", f"{kw['port']} is not among the group's UDP ports"

@@ -134,11 +134,11 @@ def _show(answer: dict[str, Any], address: str) -> str:
         return f"{address}: no affinity entry in any group"
     out = []
     for e in answer["entries"]:
-        open_ = e["connections"]
+        open_, flows = e["connections"], e.get("flows", 0)
+        parts = [plural(open_, "connection")] if open_ else []
+        parts += [plural(flows, "UDP flow")] if flows else []
         state = (
-            f"{plural(open_, 'connection')} open"
-            if open_
-            else f"idle, expires in {e['expires_in']:.0f}s"
+            f"{' and '.join(parts)} open" if parts else f"idle, expires in {e['expires_in']:.0f}s"
         )
         line = f"{e['group']}: {e['client']} -> {e['backend'] or '(unpinned)'}, {state}"
         if e.get("pinned_for") is not None:
@@ -161,7 +161,7 @@ def _do(args: argparse.Namespace, base: str, token: str | None) -> tuple[Any, st
             [
                 g["name"],
                 g["mark"],
-                ",".join(map(str, g["ports"])),
+                ",".join([*map(str, g["ports"]), *(f"{p}/udp" for p in g.get("udp_ports", []))]),
                 g["scheduler"],
                 g["persistence"]["entries"],
                 g["stats"]["accepted"],
@@ -212,11 +212,12 @@ def _do(args: argparse.Namespace, base: str, token: str | None) -> tuple[Any, st
                     e["client"],
                     e["backend"],
                     e["connections"],
+                    e.get("flows", 0),
                     "open" if e["expires_in"] is None else f"{e['expires_in']:.0f}s",
                 ]
                 for e in answer["entries"]
             ]
-            text = _table(rows, ["GROUP", "CLIENT", "BACKEND", "CONNS", "EXPIRES IN"])
+            text = _table(rows, ["GROUP", "CLIENT", "BACKEND", "CONNS", "FLOWS", "EXPIRES IN"])
             if answer["total"] > len(rows):
                 text += f"\n({len(rows)} of {answer['total']} shown; see --limit)"
             return answer, text

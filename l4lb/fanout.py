@@ -56,6 +56,7 @@ BACKEND_SUMS = (
     "bytes_out",
     "peak",
     "waiting",
+    "flows",
 )
 
 
@@ -174,6 +175,13 @@ class FrontAdmin(ApiBase):
                     g["stats"][k] += other["stats"][k]
                 for k in ("entries", "active_entries"):
                     g["persistence"][k] += other["persistence"][k]
+                if g.get("udp") and other.get("udp"):
+                    for k, v in other["udp"].items():
+                        if k == "dropped":
+                            for r, n in v.items():
+                                g["udp"]["dropped"][r] = g["udp"]["dropped"].get(r, 0) + n
+                        else:
+                            g["udp"][k] += v
         first["uptime"] = _uptime(self.sup)
         first["workers"] = len(answers)
         return web.json_response(first)

@@ -147,10 +147,10 @@ def _seconds(node: Node | None, default: float) -> float:
         return default
 
 
-_CHECKS = {"TCP_CHECK", "HTTP_GET", "SSL_GET", "MISC_CHECK", "SMTP_CHECK"}
+_CHECKS = {"TCP_CHECK", "HTTP_GET", "SSL_GET", "MISC_CHECK", "SMTP_CHECK", "UDP_CHECK"}
 # Checkers l4lb has no equivalent for: each is a counted comment (the backend then has the
 # other checkers' verdict, or none).
-_OTHER_CHECKS = {"PING_CHECK", "UDP_CHECK", "DNS_CHECK", "BFD_CHECK", "FILE_CHECK"}
+_OTHER_CHECKS = {"PING_CHECK", "DNS_CHECK", "BFD_CHECK", "FILE_CHECK"}
 _VS_DONE = {
     "delay_loop",
     "lb_algo",
@@ -191,7 +191,9 @@ def _check(
 ) -> None:
     for other in rs.children or ():
         if other.keyword in _OTHER_CHECKS:
-            out.note(indent, other, "l4lb has no such check (tcp, http, tls and exec are its own)")
+            out.note(
+                indent, other, "l4lb has no such check (tcp, udp, http, tls and exec are its own)"
+            )
     checks = [c for c in rs.children or () if c.keyword in _CHECKS]
     if not checks:
         return
@@ -222,6 +224,21 @@ def _check(
             out.note(indent, node, "l4lb retries at its interval and spreads first checks itself")
     if chk.keyword == "TCP_CHECK":
         kind = "tcp"
+    elif chk.keyword == "UDP_CHECK":
+        kind = "udp"
+        handled |= {"payload", "require_reply"}
+        for option, field in (("payload", "send"), ("require_reply", "expect")):
+            node = chk.child(option)
+            if node is None or not node.args:
+                continue
+            try:
+                data = bytes.fromhex("".join(node.args))
+            except ValueError:
+                out.note(indent, node, f"{option} is not hex: left out")
+                continue
+            escaped = "".join(f"\\x{b:02x}" for b in data)
+            # send: YAML's escapes make the bytes; expect: a regex of them, from the start
+            fields.append(f'send: "{escaped}"' if field == "send" else f"expect: '^{escaped}'")
     elif chk.keyword == "SMTP_CHECK":
         kind = "tcp"
         fields.append('expect: "^220"')  # the server's greeting; l4lb sends no HELO
@@ -421,18 +438,28 @@ def _virtual_server(
         if port is not None:
             ports.append(port)
     protocol = vs.child("protocol")
-    if protocol is not None and protocol.args and protocol.args[0].upper() != "TCP":
-        out.note(1, vs, f"protocol {protocol.args[0]}: l4lb balances TCP only")
+    proto = protocol.args[0].upper() if protocol is not None and protocol.args else "TCP"
+    if proto not in ("TCP", "UDP"):
+        out.note(
+            1, vs, f"protocol {protocol.args[0] if protocol else proto}: l4lb balances TCP and UDP"
+        )
         return 0
+    udp = proto == "UDP"
+
+    def svc(p: int) -> str:  # a service port as the ports list and the port maps write it
+        return f'"{p}/udp"' if udp else str(p)
+
     for m in marks:
         if m in fwmark_ports:
             ports += [p for p in fwmark_ports[m] if p not in ports]
+    if udp:
+        name += "_udp"  # beside a TCP virtual server of the same address and port
     out.add(1, f"{name}:")
     for node, why in later:
         out.note(2, node, why)
     if len(listen) > 1 and len(ports) > 1:
         out.add(2, "# l4lb listens on every address below with every port (keepalived: the pairs)")
-    if marks and out.kernel and not listen:
+    if marks and out.kernel and not listen and not udp:
         out.add(2, f"kernel_mark: {marks[0]}   # chosen by the firewall mark, as LVS does")
         for extra_mark in marks[1:]:
             out.add(2, f"# fwmark {extra_mark}: one mark a group in l4lb; set {marks[0]} instead")
@@ -450,7 +477,7 @@ def _virtual_server(
         ports = [1]
     if listen:
         out.add(2, "listen: [" + ", ".join(_q(a) for a in listen) + "]")
-    out.add(2, "ports: [" + ", ".join(map(str, ports)) + "]")
+    out.add(2, "ports: [" + ", ".join(svc(p) for p in ports) + "]")
     algo = vs.child("lb_algo") or vs.child("lvs_sched")
     sched = "wlc"
     if algo is not None and algo.args:
@@ -486,7 +513,7 @@ def _virtual_server(
     if sorry is not None and len(sorry.args) >= 1:
         address, sport = _addr_port(sorry.args)
         maps = (
-            (", ports: {" + ", ".join(f"{p}: {sport}" for p in ports) + "}")
+            (", ports: {" + ", ".join(f"{svc(p)}: {sport}" for p in ports) + "}")
             if sport and any(p != sport for p in ports)
             else ""
         )
@@ -523,7 +550,7 @@ def _virtual_server(
         if weight is not None and weight.args:
             out.add(4, f"weight: {min(int(weight.args[0]), 65535)}")
         if rs_port and any(p != rs_port for p in ports):
-            out.add(4, "ports: {" + ", ".join(f"{p}: {rs_port}" for p in ports) + "}")
+            out.add(4, "ports: {" + ", ".join(f"{svc(p)}: {rs_port}" for p in ports) + "}")
         if rs.child("inhibit_on_failure") is not None or vs.child("inhibit_on_failure") is not None:
             out.add(4, "inhibit_on_failure: true")
         _check(out, rs, rs_port, delay, 4, vhost)

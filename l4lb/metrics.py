@@ -281,8 +281,62 @@ class L4lbCollector(Collector):
         for reason, n in sorted(s.admin_refused.items()):
             admin.add_metric([reason], n)
         yield admin
+        if s.udp_stats:
+            yield from _udp_metrics(s)
         if s.store is not None:
             yield from _store_metrics(s.store.up, s.store.stats)
+
+
+def _udp_metrics(s: Server) -> Iterator[Metric]:
+    flows = GaugeMetricFamily(
+        "l4lb_udp_flows",
+        "UDP flows open (a client address and port with a backend socket; each holds its"
+        " affinity entry like an open connection)",
+        labels=["group"],
+    )
+    opened = CounterMetricFamily("l4lb_udp_flows_opened", "UDP flows opened", labels=["group"])
+    evicted = CounterMetricFamily(
+        "l4lb_udp_flows_evicted",
+        "UDP flows ended early because the group reached udp_max_flows (the idle longest first)",
+        labels=["group"],
+    )
+    unreachable = CounterMetricFamily(
+        "l4lb_udp_backend_unreachable",
+        "ICMP errors (port unreachable) on flows' backend sockets: passive failures",
+        labels=["group"],
+    )
+    dgrams = CounterMetricFamily(
+        "l4lb_udp_datagrams",
+        "UDP datagrams relayed: direction=in (client to backend), out (backend to client)",
+        labels=["group", "direction"],
+    )
+    nbytes = CounterMetricFamily(
+        "l4lb_udp_bytes",
+        "UDP payload bytes relayed: direction=in (client to backend), out (backend to client)",
+        labels=["group", "direction"],
+    )
+    drops = CounterMetricFamily(
+        "l4lb_udp_dropped",
+        "UDP datagrams dropped, by reason: no_backend (none accepted the flow), pending_full"
+        " (held while the shared store settled the pin, and a few were held already),"
+        " backend_busy (the backend socket's buffer was full), backend_error (the backend"
+        " socket reported an error), client_send (the answer could not be sent), descriptors"
+        " (no descriptor for a new flow), rejected (an unusable source address), client_limit"
+        " (its network over client_limits)",
+        labels=["group", "reason"],
+    )
+    for group, st in sorted(s.udp_stats.items()):
+        flows.add_metric([group], st.flows)
+        opened.add_metric([group], st.opened)
+        evicted.add_metric([group], st.evicted)
+        unreachable.add_metric([group], st.unreachable)
+        dgrams.add_metric([group, "in"], st.datagrams_in)
+        dgrams.add_metric([group, "out"], st.datagrams_out)
+        nbytes.add_metric([group, "in"], st.bytes_in)
+        nbytes.add_metric([group, "out"], st.bytes_out)
+        for reason, n in st.drops.items():
+            drops.add_metric([group, reason], n)
+    yield from (flows, opened, evicted, unreachable, dgrams, nbytes, drops)
 
 
 def _store_metrics(up: bool, st: StoreStats) -> Iterator[Metric]:

@@ -723,6 +723,26 @@ class Server:
                 acc[1] += conn.peer.nbytes if conn.peer is not None else 0
         return out
 
+    def flows_by_backend(self) -> dict[tuple[str, str], int]:
+        """(group, backend) -> UDP flows open (for the API, not the hot path)."""
+        out: dict[tuple[str, str], int] = {}
+        for listener in self.udp_listeners():
+            for flow in listener.flows.values():
+                if flow.backend is not None:
+                    k = (flow.router.name, flow.backend.name)
+                    out[k] = out.get(k, 0) + 1
+        return out
+
+    def flows_by_entry(self) -> dict[int, int]:
+        """id(affinity entry) -> UDP flows holding it (the rest of its references are TCP)."""
+        out: dict[int, int] = {}
+        for listener in self.udp_listeners():
+            for flow in listener.flows.values():
+                entry = flow.route.entry
+                if entry is not None:
+                    out[id(entry)] = out.get(id(entry), 0) + 1
+        return out
+
     def sample(self) -> dict[str, Any]:
         """One point of the status page's history: per group the table size and counters, per
         backend its counters and state (the page makes rates of consecutive samples)."""

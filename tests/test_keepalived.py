@@ -164,10 +164,11 @@ def test_a_shop_every_option_carried_or_commented(tmp_path: Path) -> None:
         and check.command == ("/usr/local/bin/check-api", "--fast")
         and check.timeout == 4
     )
-    assert "vs_10_10_10_2_53" not in groups
-    for dropped in ("alpha", "digest", "delay_before_retry", "protocol UDP"):
+    dns = groups["vs_10_10_10_2_53_udp"]  # a UDP virtual server is a group of UDP ports
+    assert (dns.ports, dns.udp_ports, dns.backends[0].address) == ((), (53,), "10.10.10.20")
+    for dropped in ("alpha", "digest", "delay_before_retry"):
         assert dropped in text, dropped
-    assert notes == 4
+    assert notes == 3
 
 
 def test_command_line_and_errors(tmp_path: Path) -> None:
@@ -301,7 +302,7 @@ def test_every_keepalived_point_carried_or_commented_with_file_and_line(tmp_path
     text, notes = convert(conf)
     out = tmp_path / "out.yaml"
     out.write_text(text)
-    (group,) = load_config(out).groups  # the UDP service is a comment, not an abort
+    group, dns = load_config(out).groups
     comments = [line.strip() for line in text.splitlines() if "# not carried over" in line]
     assert notes == len(comments) + text.count("# quorum ")
     assert all(f"({conf}:" in c for c in comments), comments
@@ -333,7 +334,10 @@ def test_every_keepalived_point_carried_or_commented_with_file_and_line(tmp_path
     assert b4.health_check.host == "api.example"  # the url's own virtualhost wins
     # quorum 4 of weights 3, 1, 1, 2: any 3 backends carry at least 4 (1 + 1 + 2)
     assert group.quorum == 3 and "# quorum 4 (" in text
-    assert commented(47, "virtual_server 10.0.0.1 53: protocol UDP")
+    # UDP_CHECK without payload or require_reply: an empty datagram, up unless an ICMP error
+    (b,) = dns.backends
+    assert dns.udp_ports == (53,) and b.health_check is not None
+    assert (b.health_check.type, b.health_check.send, b.health_check.expect) == ("udp", None, None)
 
 
 def test_quorum_of_equal_weights_is_a_count(tmp_path: Path) -> None:
@@ -346,7 +350,24 @@ def test_quorum_of_equal_weights_is_a_count(tmp_path: Path) -> None:
     assert load_config_text(text).groups[0].quorum == 2 and notes == 0
 
 
-def test_a_file_of_udp_services_only_is_comments_not_an_abort(tmp_path: Path) -> None:
-    conf = write(tmp_path, "virtual_server 10.0.0.1 53 {\n  protocol UDP\n}\n", "udp.conf")
+def test_udp_services_and_their_udp_checks_are_carried(tmp_path: Path) -> None:
+    conf = write(
+        tmp_path,
+        "virtual_server 10.0.0.1 53 {\n  protocol UDP\n  persistence_timeout 60\n"
+        "  real_server 10.0.0.11 5353 {\n    UDP_CHECK {\n      connect_timeout 2\n"
+        "      payload 00 01 ff\n      require_reply 2a\n    }\n  }\n}\n"
+        "virtual_server 10.0.0.1 53 {\n  protocol TCP\n  persistence_timeout 60\n"
+        "  real_server 10.0.0.11 5353 {\n  }\n}\n"
+        "virtual_server 10.0.0.1 9 {\n  protocol SCTP\n}\n",
+        "udp.conf",
+    )
     text, notes = convert(conf)
-    assert notes == 1 and f"({conf}:1): virtual_server 10.0.0.1 53: protocol UDP" in text
+    udp, tcp = load_config_text(text).groups
+    assert (udp.name, udp.ports, udp.udp_ports) == ("vs_10_0_0_1_53_udp", (), (53,))
+    (b,) = udp.backends
+    assert dict(b.udp_ports) == {53: 5353} and not b.ports
+    check = b.health_check
+    assert check is not None and check.type == "udp" and check.timeout == 2
+    assert check.send == "\x00\x01\xff" and check.expect == "^\\x2a"  # bytes; their regex
+    assert (tcp.ports, tcp.udp_ports) == ((53,), ())
+    assert notes == 1 and f"({conf}:18): virtual_server 10.0.0.1 9: protocol SCTP" in text
