@@ -12,13 +12,13 @@ address, so a client with a connected socket (QUIC's, say) accepts them. A flow 
 entry like an open connection and ends after `udp_idle_timeout` without a datagram either way;
 the entry's persistence timeout then starts, as after a TCP close.
 
-Each listener keeps its flows in an OrderedDict in the order they were last seen, coarsely: a
-datagram only sets `seen` (one store on the hot path); the sweep walks from the front, moves a
-seen flow to the back with the time of the sweep, ends the ones idle past their timeout, and
-stops at the first flow that is neither (everything behind it was seen later). So a sweep
-costs the flows it touches, not all of them, and the front is always the oldest idle flow: the
-one the `udp_max_flows` bound evicts first (a flood of spoofed source ports replaces idle flows,
-never grows past the bound).
+Each listener keeps its flows in an OrderedDict in the order of their last datagram (either
+way): a datagram moves its flow to the back (`move_to_end`, O(1) in C) and stamps it with the
+listener's coarse clock (`now`, set by the sweep every tick, so no clock is read per datagram).
+The front is therefore always the flow idle longest: the sweep ends flows from the front until
+one is younger than its timeout (it costs the flows it ends, not all of them), and the
+`udp_max_flows` bound evicts the front (a flood of spoofed source ports replaces idle flows,
+never grows past the bound, and never evicts a flow that keeps talking).
 
 Failures: the kernel reports an ICMP error (port unreachable) on a flow's connected socket as
 ECONNREFUSED on the next recv or send; that is a passive failure of the backend
@@ -112,7 +112,6 @@ class Flow:
         "reply",
         "route",
         "router",
-        "seen",
         "service",
         "sock",
         "started",
@@ -142,8 +141,7 @@ class Flow:
         self.backend: Backend | None = None
         self.sock: socket.socket | None = None
         self.pending: list[bytes] | None = None  # datagrams held while the pin is settled
-        self.seen = False
-        self.last = now
+        self.last = now  # the listener's coarse clock at its last datagram
         self.started = now
         self.bytes_in = 0
         self.bytes_out = 0
@@ -164,7 +162,8 @@ class Flow:
             except OSError as exc:
                 listener.unreachable(self, exc)
                 return
-            self.seen = True
+            listener.flows.move_to_end(self.key)
+            self.last = listener.now
             n = len(data)
             self.bytes_out += n
             stats.datagrams_out += 1
@@ -187,7 +186,8 @@ class UdpListener:
         self.sock = sock
         self.wildcard = is_wildcard(spec.host)
         self.v6 = sock.family == socket.AF_INET6
-        self.flows: OrderedDict[object, Flow] = OrderedDict()
+        self.flows: OrderedDict[object, Flow] = OrderedDict()  # least recently active first
+        self.now = time.monotonic()  # the coarse clock of the flows' `last` (see above)
         self.closed = False
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
@@ -197,6 +197,8 @@ class UdpListener:
     def _readable(self) -> None:
         sock = self.sock
         flows = self.flows
+        to_end = flows.move_to_end
+        now = self.now
         wildcard = self.wildcard
         for _ in range(BATCH):
             try:
@@ -216,11 +218,13 @@ class UdpListener:
                 flow = self._open(key, addr, anc if wildcard else None)
                 if flow is None:
                     continue
+            else:
+                to_end(key)
+                flow.last = now
             stats = flow.stats
             stats.datagrams_in += 1
             n = len(data)
             stats.bytes_in += n
-            flow.seen = True
             flow.bytes_in += n
             backend = flow.backend
             if backend is None or not backend.accepts_pinned:
@@ -271,9 +275,9 @@ class UdpListener:
                 reply = [(level, kind, b"\0\0\0\0" + data[8:12] + b"\0\0\0\0")]
             else:  # in6_pktinfo: the address, any interface
                 reply = [(level, kind, data[:16] + b"\0\0\0\0")]
-        now = time.monotonic()
-        flow = Flow(self, key, addr, reply, router, port, router.begin(akey), stats, now)
+        flow = Flow(self, key, addr, reply, router, port, router.begin(akey), stats, self.now)
         if router.log is not None:
+            now = time.monotonic()
             flow.rec = Record((host, addr[1]), now)
             if flow.route.pinned is not None:
                 flow.rec.arrived = flow.route.pinned.name
@@ -295,6 +299,7 @@ class UdpListener:
             old.free_slot()
             route.backend = None
             flow.backend = None
+            route.reason = "unavailable"
         backend = router.next_backend(route)
         if backend is None and route.wait_for is not None:
             route.queued = True  # a datagram does not wait for a full backend's slot
@@ -360,6 +365,10 @@ class UdpListener:
         flow.sock = sock
         flow.backend = backend
         router.connected(route, backend)
+        # From here on the flow holds this pin: a later move is a re-pin away from it.
+        route.pinned = backend
+        route.reason = ""
+        route.fresh = False
         self._loop.add_reader(sock.fileno(), flow.from_backend)
         rec, sink = flow.rec, router.log
         if rec is not None and sink is not None:
@@ -428,33 +437,24 @@ class UdpListener:
             writer.log(rec, now, flow.bytes_in, flow.bytes_out, True)
 
     def sweep(self, now: float) -> None:
-        """End the flows idle past their group's udp_idle_timeout (see the theory above)."""
+        """Move the coarse clock on, and end the flows idle past their group's
+        udp_idle_timeout: from the front, the longest idle first (see the theory above)."""
+        self.now = now
         flows = self.flows
         while flows:
             flow = next(iter(flows.values()))
-            if flow.seen:
-                flow.seen = False
-                flow.last = now
-                flows.move_to_end(flow.key)
-            elif now - flow.last >= flow.router.spec.udp_idle_timeout:
-                self.end(flow, "idle_timeout")
-            else:
+            if now - flow.last < flow.router.spec.udp_idle_timeout:
                 return
+            self.end(flow, "idle_timeout")
 
     def evict_oldest(self) -> bool:
         """End the flow idle longest (the bound is reached); False when there is none."""
-        flows = self.flows
-        for _ in range(len(flows)):
-            flow = next(iter(flows.values()))
-            if flow.seen:  # busy since the last sweep: not the oldest after all
-                flow.seen = False
-                flow.last = time.monotonic()
-                flows.move_to_end(flow.key)
-                continue
-            flow.stats.evicted += 1
-            self.end(flow, "evicted")
-            return True
-        return False
+        if not self.flows:
+            return False
+        flow = next(iter(self.flows.values()))
+        flow.stats.evicted += 1
+        self.end(flow, "evicted")
+        return True
 
     def oldest(self) -> float | None:
         return next(iter(self.flows.values())).last if self.flows else None

@@ -29,6 +29,9 @@ def main() -> None:
     ap.add_argument("--http")
     ap.add_argument("--https")
     ap.add_argument("--echo")
+    ap.add_argument(
+        "--udp", action="append", default=[], help="answers NAME, a space, the datagram"
+    )
     args = ap.parse_args()
     name = args.name.encode()
 
@@ -64,8 +67,19 @@ def main() -> None:
         servers.append(socketserver.ThreadingTCPServer(addr(args.echo), Echo))
     for srv in servers:
         threading.Thread(target=srv.serve_forever, daemon=True).start()
+    for where in args.udp:
+        host, port = addr(where)
+        udp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((host, port))
+        threading.Thread(target=_answer, args=(udp, name), daemon=True).start()
     print("ready", flush=True)
     sys.stdin.read()  # run until the test closes our stdin or kills us
+
+
+def _answer(sock: socket.socket, name: bytes) -> None:
+    while True:
+        data, peer = sock.recvfrom(65536)
+        sock.sendto(name + b" " + data, peer)
 
 
 if __name__ == "__main__":

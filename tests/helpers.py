@@ -107,6 +107,82 @@ def group_yaml(
     return "\n".join(lines)
 
 
+class UdpBackend(asyncio.DatagramProtocol):
+    """A real UDP server that answers each datagram with its name, a space and the datagram."""
+
+    def __init__(self, name: str, host: str = "127.0.0.1") -> None:
+        self.name = name
+        self.host = host
+        self.port = 0
+        self.datagrams = 0
+        self.transport: asyncio.DatagramTransport | None = None
+
+    async def start(self, port: int = 0) -> UdpBackend:
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, port))
+        assert self.transport is not None
+        self.port = self.transport.get_extra_info("sockname")[1]
+        return self
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.datagrams += 1
+        assert self.transport is not None
+        self.transport.sendto(self.name.encode() + b" " + data, addr)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+
+class UdpClient(asyncio.DatagramProtocol):
+    """One client address and port: a connected UDP socket from `src` (so, like QUIC's, it takes
+    answers only from the address it sent to)."""
+
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue[bytes] = asyncio.Queue()
+        self.errors: list[Exception] = []
+        self.transport: asyncio.DatagramTransport | None = None
+
+    @classmethod
+    async def open(cls, port: int, src: str = "127.0.0.1", host: str = "127.0.0.1") -> UdpClient:
+        loop = asyncio.get_running_loop()
+        client = cls()
+        await loop.create_datagram_endpoint(
+            lambda: client, local_addr=(src, 0), remote_addr=(host, port)
+        )
+        return client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.answers.put_nowait(data)
+
+    def error_received(self, exc: Exception) -> None:
+        self.errors.append(exc)
+
+    async def ask(self, data: bytes = b"hi", within: float = 2.0) -> bytes | None:
+        """Send one datagram; its answer, or None if none came `within` seconds."""
+        assert self.transport is not None
+        self.transport.sendto(data)
+        try:
+            return await asyncio.wait_for(self.answers.get(), within)
+        except TimeoutError:
+            return None
+
+    async def who(self, within: float = 2.0) -> str | None:
+        answer = await self.ask(b"who", within)
+        return answer.split(b" ", 1)[0].decode() if answer is not None else None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 def config_of(*groups: str, top: str = "") -> Config:
     text = "groups:\n" + "\n".join(groups) + "\n" + textwrap.dedent(top)
     return load_config_text(text, "test.yaml")
