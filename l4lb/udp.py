@@ -22,8 +22,10 @@ never grows past the bound, and never evicts a flow that keeps talking).
 
 Failures: the kernel reports an ICMP error (port unreachable) on a flow's connected socket as
 ECONNREFUSED on the next recv or send; that is a passive failure of the backend
-(`Router.failed`), the socket is closed, and the client's next datagram goes to the router's
-next choice, re-pinning the entry as a refused TCP dial would. A backend that goes down, is
+(`Router.failed`), the socket is closed, and the flow is routed again at once to the router's
+next choice, re-pinning the entry as a refused TCP dial would: the client's next datagram, and
+its other flows (a retry from a new port), go there. The datagram that met the error is lost,
+as it would be on the network; the client's retry carries it. A backend that goes down, is
 disabled or removed loses its flows at their next datagram (`accepts_pinned`), so clients are
 never blackholed until a timeout. Datagrams are passed whole: one recv, one send, never merged
 or split. While a new pin is being settled with the shared store, a flow holds a few datagrams
@@ -228,16 +230,18 @@ class UdpListener:
             flow.bytes_in += n
             backend = flow.backend
             if backend is None or not backend.accepts_pinned:
-                if flow.pending is not None:  # being settled with the shared store
-                    if len(flow.pending) < PENDING:
-                        flow.pending.append(data)
+                if flow.pending is None:
+                    self._route(flow)
+                pending = flow.pending
+                if pending is not None:  # being settled with the shared store: held
+                    if len(pending) < PENDING:
+                        pending.append(data)
                     else:
                         stats.drops["pending_full"] += 1
                     continue
-                if not self._route(flow):
-                    continue
             sock_b = flow.sock
-            assert sock_b is not None
+            if sock_b is None:  # no backend took it (dropped and counted)
+                continue
             try:
                 sock_b.send(data)
             except BlockingIOError:
@@ -290,7 +294,8 @@ class UdpListener:
 
     def _route(self, flow: Flow) -> bool:
         """Give `flow` a backend socket (a new flow, or one whose backend failed or went away);
-        False: not now (dropped, or held while the shared store settles the pin)."""
+        False: not now (no backend: the flow ended; or `flow.pending` holds its datagrams while
+        the shared store settles the pin)."""
         router = flow.router
         route = flow.route
         old = flow.backend
@@ -397,6 +402,9 @@ class UdpListener:
             backend.name,
             exc.strerror,
         )
+        # Re-pin now, not at the next datagram: the client's other flows (a retry often comes
+        # from a new port) must not be sent to the backend that just failed.
+        self._route(flow)
 
     def _drop_socket(self, flow: Flow) -> None:
         sock = flow.sock
