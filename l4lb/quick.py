@@ -55,12 +55,14 @@ def to_yaml(
     if not backends:
         raise FlagError("-l needs at least one -b HOST:PORT to send connections to")
     hosts: list[str] = []
-    ports: list[int] = []
+    ports: list[str] = []  # as the group's `ports` writes them: 8080, "8443/udp"
     for text in listens:
-        host, port = _host_port(text, "-l")
-        if port in ports:
-            raise FlagError(f"-l {text}: port {port} is given twice")
-        ports.append(port)
+        bare, udp = (text[:-4], True) if text.lower().endswith("/udp") else (text, False)
+        host, port = _host_port(bare, "-l")
+        entry = f'"{port}/udp"' if udp else str(port)
+        if entry in ports:
+            raise FlagError(f"-l {text}: port {port}{'/udp' if udp else ''} is given twice")
+        ports.append(entry)
         if host is not None and host not in hosts:
             hosts.append(host)
     if len(hosts) > 1:
@@ -74,7 +76,7 @@ def to_yaml(
         "groups:",
         "  local:",
         f"    listen: [{_yaml_host(listen)}]",
-        f"    ports: [{', '.join(map(str, ports))}]",
+        f"    ports: [{', '.join(ports)}]",
     ]
     if scheduler is not None:
         lines.append(f"    scheduler: {scheduler}")

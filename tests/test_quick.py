@@ -39,6 +39,16 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
     assert (b2.name, b2.address, dict(b2.ports)) == ("b2", "localhost", {8080: 9002, 8443: 9365})
 
 
+def test_a_udp_port_is_a_flag_too() -> None:
+    flags = ["run", "-l", "8443", "-l", "8443/udp", "-b", "127.0.0.1:9443", "--print-config"]
+    out = l4lb(*flags)
+    assert out.returncode == 0, out.stderr
+    (group,) = load_config_text(out.stdout).groups
+    assert (group.ports, group.udp_ports) == ((8443,), (8443,))
+    (b,) = group.backends
+    assert (dict(b.ports), dict(b.udp_ports)) == ({8443: 9443}, {8443: 9443})
+
+
 @pytest.mark.parametrize(
     ("flags", "says"),
     [
@@ -49,6 +59,7 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
         (["-l", "80", "-b", "h:1", "--persistence", "5x"], "--persistence 5x: expected"),
         (["-l", "80", "-b", "no_such!:1"], "-b no_such!:1: expected an IP address or a DNS name"),
         (["-l", "80", "-l", "80", "-b", "h:1"], "-l 80: port 80 is given twice"),
+        (["-l", "53/udp", "-l", "53/UDP", "-b", "h:1"], "-l 53/UDP: port 53/udp is given twice"),
         (["-c", "x.yaml", "-l", "80", "-b", "h:1"], "-c FILE or the -l/-b flags, not both"),
         ([], "give -c FILE, or -l PORT and -b HOST:PORT"),
     ],
