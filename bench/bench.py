@@ -12,7 +12,9 @@ the ratios to HAProxy and to direct. Before each measurement the machine must be
 
 Measured: new connections per second (wrk, `Connection: close`), small keepalive requests per
 second with p50/p99 latency (wrk), bulk Gbit/s (iperf3, one stream), the proxy's CPU per new
-connection and per GiB (from /proc), and its RSS with 50 and 5,000 idle connections.
+connection and per GiB (from /proc), and its RSS with 50 and 5,000 idle connections. Then the
+UDP table (bench/udp_bench.py): datagrams and new flows per second against nginx's stream
+module and direct, and the memory per idle flow.
 Everything binds 127.0.0.1; every process started here is ended by its PID.
 """
 
@@ -505,6 +507,7 @@ def main() -> int:
     ap.add_argument(
         "--targets", help=f"a comma-separated subset of {','.join(TARGETS)} (default: all)"
     )
+    ap.add_argument("--no-udp", action="store_true", help="leave out the UDP table")
     ap.add_argument(
         "--only-conn",
         action="store_true",
@@ -537,6 +540,14 @@ def main() -> int:
                 results[t].append(run_round(bench, t, marks, args.only_conn))
     text = table(results) if targets == TARGETS and not args.only_conn else brief(results)
     print(text)
+    udp: dict[str, list[dict[str, float]]] = {}
+    if targets == TARGETS and not args.only_conn and not args.no_udp:
+        import udp_bench  # bench/udp_bench.py, beside this file
+
+        udp_text, udp = udp_bench.run(rounds, seconds)
+        print("\nUDP (one group of a TCP and two UDP ports; nginx: listen ... udp, hash):")
+        print(udp_text)
+        text += "\n\n" + udp_text
     print(
         f"\n{rounds} round(s) of {seconds:g} s per measurement, {time.time() - started:.0f} s in all; "
         "load generator and backends on core 0, proxy on core 1."
@@ -551,6 +562,7 @@ def main() -> int:
                 "rounds": rounds,
                 "seconds": seconds,
                 "results": results,
+                "udp": udp,
                 "not_quiet": marks,
                 "table": text,
                 "python": sys.version.split()[0],

@@ -190,7 +190,11 @@ class Server:
         self.unmatched_marks = 0  # connections whose mark no group claims
         # Connections refused for want of descriptors, by errno name (see `refuse_for_fds`)
         self.accept_errors: dict[str, int] = {}
-        self.max_live = connection_budget()
+        # Relayed TCP connections that fit in the descriptors; an open UDP flow holds one
+        # descriptor, half a connection's, so `max_live` is the budget less the flows' share.
+        self.budget = connection_budget()
+        self.max_live = self.budget
+        self.udp_open = 0  # UDP flows open, all groups
         # Local (address, port) of open dials to loopback backends: a client arriving from one
         # of them is l4lb itself (`ClientSide.looped`).
         self.outgoing: dict[tuple[str, int], tuple[Router, Backend]] = {}
@@ -328,6 +332,26 @@ class Server:
         self._watch_loops()
         self._open_logs()
 
+    def flows_changed(self, delta: int) -> None:
+        """A UDP flow opened (+1) or ended (-1): the descriptors left for TCP move with it."""
+        self.udp_open += delta
+        self.max_live = self.budget - (self.udp_open + 1) // 2
+
+    def descriptors_full(self) -> bool:
+        """No descriptor left for one more UDP flow (beside the open TCP connections')."""
+        return self.udp_open + 2 * len(self.live) >= 2 * self.budget
+
+    def _warn_udp_descriptors(self) -> None:
+        flows = sum(g.udp_max_flows for g in self.config.groups if g.udp_ports)
+        if flows > 2 * self.budget:
+            log.warning(
+                "udp_max_flows allows %d UDP flows, but the descriptor limit leaves room for"
+                " about %d (a flow holds one): beyond that the longest idle flow gives way;"
+                " raise LimitNOFILE or ulimit -n",
+                flows,
+                2 * self.budget,
+            )
+
     def udp_binding(self, spec: ListenSpec) -> tuple[Router, int, UdpStats] | None:
         """The group, service port and counters a UDP listener's new flow belongs to."""
         bound = self._bindings.get(spec.where)
@@ -339,8 +363,9 @@ class Server:
     def udp_listeners(self) -> list[UdpListener]:
         return [x for _, x in self._listeners.values() if isinstance(x, UdpListener)]
 
-    def evict_udp(self, group: str) -> None:
-        """The group is at udp_max_flows: its flow idle longest goes."""
+    def evict_udp(self, group: str) -> bool:
+        """The group is at udp_max_flows (or the descriptors are all taken): its flow idle
+        longest goes. False if it has none."""
         candidates = [
             (oldest, i, x)
             for i, x in enumerate(self.udp_listeners())
@@ -348,7 +373,8 @@ class Server:
         ]
         for _, _, listener in sorted(candidates, key=lambda c: (c[0], c[1])):
             if listener.evict_oldest():
-                return
+                return True
+        return False
 
     def _open_logs(self) -> None:
         """One writer per log path and format, shared by the groups that log there; one no group
@@ -407,7 +433,8 @@ class Server:
         loop = asyncio.get_running_loop()
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(self._loop_errors)
-        self.max_live = connection_budget()
+        self.budget = self.max_live = connection_budget()
+        self._warn_udp_descriptors()
         if self.config.kernel_marks is not None:
             check_fwmark_accept()
         if names_in(self.written):

@@ -272,6 +272,10 @@ class UdpListener:
             return None
         if stats.flows >= router.spec.udp_max_flows:
             server.evict_udp(router.name)
+        if server.descriptors_full() and not server.evict_udp(router.name):
+            stats.drops["descriptors"] += 1
+            server.accept_error("EMFILE", "no descriptor left for a new UDP flow")
+            return None
         reply = None
         if anc:
             level, kind, data = anc[0]
@@ -288,6 +292,7 @@ class UdpListener:
         self.flows[key] = flow
         stats.flows += 1
         stats.opened += 1
+        server.flows_changed(1)
         return flow
 
     # ------------------------------------------------------------------ the backend side
@@ -421,6 +426,7 @@ class UdpListener:
         if self.flows.pop(flow.key, None) is None:
             return
         flow.stats.flows -= 1
+        self.server.flows_changed(-1)
         self._drop_socket(flow)
         router, route = flow.router, flow.route
         backend = flow.backend

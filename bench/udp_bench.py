@@ -1,0 +1,304 @@
+"""The UDP row of `make bench`: l4lb beside nginx's stream module (`listen ... udp`,
+`hash $remote_addr consistent`) and direct, in the same run.
+
+    .venv/bin/python bench/udp_bench.py [--rounds N] [--seconds S]   (bench.py runs it too)
+
+Measured per target, interleaved over rounds, the load on core 0 and the proxy alone on core 1:
+- datagrams per second: iperf3 -u (64-byte datagrams, as fast as the client sends) through
+  the proxy to an iperf3 server; received datagrams per second, and per busy core of the proxy
+  (its CPU seconds over the run). iperf3's control connection is TCP on the same port, so l4lb
+  carries it in the same group, and the flow follows it (one client: one backend);
+- new flows per second: bench/udp_flows.py, each flow a fresh source address and port, one
+  datagram and its answer (an nginx `return` answers), 64 in flight;
+- memory per idle flow: the proxy's RSS before and after 5,000 flows left open.
+Every address is 127.0.0.1; every process started here is ended by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench import LOAD_CORE, PROXY_CORE, cpu_seconds, free_ports, rss_kib  # noqa: E402
+from tests.procs import wait_port  # noqa: E402
+
+TARGETS = ("direct", "nginx", "l4lb")
+IDLE_FLOWS = 5000
+
+
+@dataclass
+class Target:
+    name: str
+    port: int  # iperf3 (TCP control and UDP data)
+    flows: int  # the `return` answerer
+    pids: list[int] = field(default_factory=list)
+
+
+class UdpBench:
+    def __init__(self, tmp: Path, seconds: float) -> None:
+        self.tmp = tmp
+        self.seconds = seconds
+        self.procs: list[subprocess.Popen[bytes]] = []
+        (self.iperf, self.answer, self.n_port, self.n_flows, self.l_port, self.l_flows) = (
+            free_ports(6)
+        )
+
+    def spawn(self, argv: list[str], core: str) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            ["taskset", "-c", core, *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=self.tmp,
+        )
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def start_backends(self) -> None:
+        conf = self.tmp / "answer.conf"
+        conf.write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1; daemon off; master_process off; pid {self.tmp}/answer.pid; error_log {self.tmp}/answer.err;
+events {{ worker_connections 1024; }}
+stream {{ server {{ listen 127.0.0.1:{self.answer} udp; return "ok"; }} }}
+""")
+        self.spawn(["nginx", "-p", str(self.tmp), "-c", str(conf)], LOAD_CORE)
+        self.spawn(["iperf3", "-s", "-p", str(self.iperf), "--bind", "127.0.0.1"], LOAD_CORE)
+        wait_port(self.iperf)
+
+    def start(self, name: str) -> Target:
+        if name == "direct":
+            return Target("direct", self.iperf, self.answer)
+        if name == "nginx":
+            conf = self.tmp / "nginx-udp.conf"
+            conf.write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1; daemon off; master_process off; pid {self.tmp}/udp.pid; error_log {self.tmp}/udp.err;
+worker_rlimit_nofile 40000;
+events {{ worker_connections 30000; }}
+stream {{
+  upstream iperf {{ hash $remote_addr consistent; server 127.0.0.1:{self.iperf}; }}
+  upstream answer {{ hash $remote_addr consistent; server 127.0.0.1:{self.answer}; }}
+  server {{ listen 127.0.0.1:{self.n_port}; proxy_pass iperf; }}
+  server {{ listen 127.0.0.1:{self.n_port} udp; proxy_pass iperf; proxy_timeout 60s; }}
+  server {{ listen 127.0.0.1:{self.n_flows} udp; proxy_pass answer; proxy_timeout 60s; }}
+}}
+""")
+            p = self.spawn(["nginx", "-p", str(self.tmp), "-c", str(conf)], PROXY_CORE)
+            wait_port(self.n_port)
+            return Target("nginx", self.n_port, self.n_flows, [p.pid])
+        conf = self.tmp / "l4lb-udp.yaml"
+        conf.write_text(f"""
+groups:
+  udp:
+    listen: [127.0.0.1]
+    ports: [{self.l_port}, "{self.l_port}/udp", "{self.l_flows}/udp"]
+    persistence: {{timeout: 5m}}
+    backends:
+      - {{name: b, address: 127.0.0.1, ports: {{{self.l_port}: {self.iperf}, "{self.l_port}/udp": {self.iperf}, "{self.l_flows}/udp": {self.answer}}}}}
+""")
+        p = self.spawn(
+            [sys.executable, "-m", "l4lb", "--log-level", "warning", "run", "-c", str(conf)],
+            PROXY_CORE,
+        )
+        wait_port(self.l_port)
+        return Target("l4lb", self.l_port, self.l_flows, [p.pid])
+
+    def stop(self, target: Target) -> None:
+        for pid in target.pids:
+            os.kill(pid, signal.SIGTERM)
+        for p in self.procs:
+            if p.pid in target.pids:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+    def datagrams(self, target: Target) -> dict[str, float]:
+        c0 = cpu_seconds(target.pids) if target.pids else 0.0
+        seconds = max(2, int(self.seconds))
+        out = subprocess.run(
+            [
+                "taskset",
+                "-c",
+                LOAD_CORE,
+                "iperf3",
+                "-c",
+                "127.0.0.1",
+                "-p",
+                str(target.port),
+                "-u",
+                "-b",
+                "0",
+                "-l",
+                "64",
+                "-t",
+                str(seconds),
+                "-J",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+        ).stdout
+        c1 = cpu_seconds(target.pids) if target.pids else 0.0
+        end = json.loads(out)["end"]["sum"]
+        received = end["packets"] - end["lost_packets"]
+        rate = received / end["seconds"]
+        busy = (c1 - c0) / end["seconds"] if target.pids else 0.0
+        return {
+            "dgram_per_s": rate,
+            "dgram_per_core": rate / busy if busy else 0.0,
+            "dgram_loss": end["lost_percent"] / 100,
+            "cpu_us_per_dgram": (c1 - c0) / max(1, received) * 1e6 if target.pids else 0.0,
+        }
+
+    def flows(self, target: Target) -> dict[str, float]:
+        c0 = cpu_seconds(target.pids) if target.pids else 0.0
+        out = subprocess.run(
+            [
+                "taskset",
+                "-c",
+                LOAD_CORE,
+                sys.executable,
+                str(ROOT / "bench" / "udp_flows.py"),
+                "--port",
+                str(target.flows),
+                "--seconds",
+                f"{self.seconds:g}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=self.seconds + 60,
+        ).stdout
+        c1 = cpu_seconds(target.pids) if target.pids else 0.0
+        got = json.loads(out)
+        return {
+            "flows_per_s": got["flows_per_s"],
+            "flows_lost": got["lost"],
+            "cpu_us_per_flow": (c1 - c0) / max(1, got["flows"]) * 1e6 if target.pids else 0.0,
+        }
+
+    def idle_flows(self, target: Target) -> float:
+        """KiB of the proxy's RSS per idle flow, over IDLE_FLOWS flows left open."""
+        if not target.pids:
+            return 0.0
+        base = rss_kib(target.pids)
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "udp_flows.py"),
+                "--port",
+                str(target.flows),
+                "--hold",
+                str(IDLE_FLOWS),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None
+            holder.stdout.readline()  # {"held": N}: all answered
+            time.sleep(0.3)
+            return (rss_kib(target.pids) - base) / IDLE_FLOWS
+        finally:
+            assert holder.stdin is not None
+            holder.stdin.close()
+            holder.wait(10)
+
+
+def run_round(bench: UdpBench, name: str) -> dict[str, float]:
+    # Fresh for each part, so that one part's flows (idle until their timeout) do not weigh
+    # on the next.
+    out: dict[str, float] = {}
+    for part in ("datagrams", "flows", "idle"):
+        target = bench.start(name)
+        try:
+            if part == "datagrams":
+                out.update(bench.datagrams(target))
+            elif part == "flows":
+                out.update(bench.flows(target))
+            else:
+                out["kib_per_idle_flow"] = bench.idle_flows(target)
+        finally:
+            bench.stop(target)
+    return out
+
+
+ROWS = [
+    ("dgram_per_s", "UDP datagrams/s", "{:,.0f}"),
+    ("dgram_per_core", "datagrams/s per busy core", "{:,.0f}"),
+    ("cpu_us_per_dgram", "CPU us per datagram", "{:.2f}"),
+    ("flows_per_s", "new UDP flows/s", "{:,.0f}"),
+    ("cpu_us_per_flow", "CPU us per new flow", "{:.0f}"),
+    ("kib_per_idle_flow", "KiB per idle flow", "{:.2f}"),
+]
+
+
+def table(results: dict[str, list[dict[str, float]]]) -> str:
+    lines = [f"{'':28}" + "".join(f"{t:>24}" for t in TARGETS) + f"{'l4lb/nginx':>12}"]
+    for key, label, fmt in ROWS:
+        cells, med = [], {}
+        for t in TARGETS:
+            vals = [r[key] for r in results[t]]
+            med[t] = statistics.median(vals)
+            if t == "direct" and key not in ("dgram_per_s", "flows_per_s"):
+                cells.append(f"{'-':>24}")
+                continue
+            spread = f" ({fmt.format(min(vals))}-{fmt.format(max(vals))})" if len(vals) > 1 else ""
+            cells.append(f"{fmt.format(med[t]) + spread:>24}")
+        ratio = f"{med['l4lb'] / med['nginx']:.2f}x" if med["nginx"] else "-"
+        lines.append(f"{label:28}" + "".join(cells) + f"{ratio:>12}")
+    return "\n".join(lines)
+
+
+def run(rounds: int, seconds: float) -> tuple[str, dict[str, list[dict[str, float]]]]:
+    results: dict[str, list[dict[str, float]]] = {t: [] for t in TARGETS}
+    with tempfile.TemporaryDirectory(prefix="l4lb-udp-bench-") as tmp:
+        bench = UdpBench(Path(tmp), seconds)
+        try:
+            bench.start_backends()
+            for r in range(rounds):
+                for t in TARGETS if r % 2 == 0 else TARGETS[::-1]:
+                    print(f"UDP round {r + 1}/{rounds}: {t}", file=sys.stderr, flush=True)
+                    results[t].append(run_round(bench, t))
+        finally:
+            bench.stop_all()
+    return table(results), results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    args = ap.parse_args()
+    text, _ = run(args.rounds, args.seconds)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
