@@ -2,7 +2,8 @@
 user sees stickiness at once. Started only with `l4lb run --demo`, only for loopback backends.
 
 HTTPS is served on backend ports mapped from service ports 443 and 8443, with a self-signed
-certificate shipped for the demo (never use it for anything else).
+certificate shipped for the demo (never use it for anything else). A UDP port gets an echo
+that answers each datagram with the backend's name.
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ class _DemoHTTP(asyncio.Protocol):
         self.transport.close()
 
 
+class _DemoUDP(asyncio.DatagramProtocol):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        text = data[:200].decode(errors="replace").strip()
+        self.transport.sendto(f"{self.name} (udp) answered {addr[0]}: {text}\n".encode(), addr)
+
+
 def _tls_context() -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(_TLS_DIR / "cert.pem", _TLS_DIR / "key.pem")
@@ -56,6 +69,24 @@ def _tls_context() -> ssl.SSLContext:
 async def start_demo_backends(config: Config) -> list[asyncio.AbstractServer]:
     loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer] = []
+    for g in config.groups:
+        for b in g.backends:
+            if b.is_name or not ipaddress.ip_address(b.address).is_loopback:
+                continue
+            for port in g.udp_ports:
+
+                def echo(name: str = b.name) -> _DemoUDP:
+                    return _DemoUDP(name)
+
+                where = (b.address, b.udp_port_for(port))
+                try:
+                    await loop.create_datagram_endpoint(echo, local_addr=where)
+                except OSError as exc:
+                    raise StartupError(
+                        f"cannot start the demo backend {b.name} on {where[0]}:{where[1]}/udp:"
+                        f" {exc.strerror or exc}"
+                    ) from None
+                log.info("demo backend %s serving udp on %s:%d", b.name, *where)
     tls: ssl.SSLContext | None = None
     for g in config.groups:
         for b in g.backends:
@@ -98,11 +129,17 @@ async def start_demo_backends(config: Config) -> list[asyncio.AbstractServer]:
 def print_hints(config: Config) -> None:
     g = config.groups[0]
     host = g.listen[0] if g.listen[0] not in ("0.0.0.0", "::") else "127.0.0.1"
-    lines = [f"l4lb demo: group {g.name!r} on {host} ports {', '.join(map(str, g.ports))}. Try:"]
+    ports = ", ".join([*map(str, g.ports), *(f"{p}/udp" for p in g.udp_ports)])
+    lines = [f"l4lb demo: group {g.name!r} on {host} ports {ports}. Try:"]
     for port in g.ports:
         scheme = "https" if port in TLS_SERVICE_PORTS else "http"
         insecure = "-k " if scheme == "https" else ""
         lines.append(f"  curl {insecure}{scheme}://{host}:{port}/")
-    lines.append("Each answers from the same backend (one client, one pin, both ports).")
+    for port in g.udp_ports:
+        lines.append(
+            "  python3 -c \"import socket; s = socket.socket(2, 2); s.settimeout(2);"
+            f" s.sendto(b'hi', ('{host}', {port})); print(s.recv(999).decode())\""
+        )
+    lines.append("Each answers from the same backend (one client, one pin, every port).")
     lines.append("Be another client (another /24) with: curl --interface 127.0.7.1 http://...")
     print("\n".join(lines), flush=True)

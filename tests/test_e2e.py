@@ -202,6 +202,10 @@ def test_make_run_serves_the_demo() -> None:
         name_http, name_https = (line.split()[0] for line in out)
         assert name_http == name_https and name_http in ("demo1", "demo2", "demo3")
         assert "(https)" in out[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:  # and the UDP echo
+            udp.settimeout(5)
+            udp.sendto(b"hi", ("127.0.0.1", 8053))
+            assert udp.recv(999).decode().startswith(f"{name_http} (udp) answered 127.0.0.1: hi")
     assert stop(lb) == 0
 
 
