@@ -17,6 +17,7 @@ import pytest
 from l4lb.backends import State
 from l4lb.config import ConfigError, load_config_text
 from l4lb.server import Server
+from tests.cdp import CHROMIUM, browser
 from tests.helpers import (
     NamedBackend,
     UdpBackend,
@@ -487,3 +488,32 @@ async def test_reload_adds_and_removes_udp_ports(cleanup: Cleanup, tmp_path: Pat
         assert await c1.who(within=0.3) is None
     finally:
         await server.shutdown(grace=1.0)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+@pytest.mark.asyncio
+async def test_the_status_page_shows_udp_ports_and_flows(
+    backends: Callable[..., Awaitable[list[NamedBackend]]],
+    cleanup: Cleanup,
+    tmp_path: Path,
+) -> None:
+    started = await shop(backends, cleanup, n=2)
+    _, _, _, up = started
+    (admin_port,) = free_ports(1)
+    config = config_of(shop_yaml(started), top=f"admin: {{listen: '127.0.0.1:{admin_port}'}}\n")
+    async with running(config):
+        c = cleanup(await UdpClient.open(up, "127.0.14.1"))
+        name = await c.who()
+        async with browser(tmp_path, f"http://127.0.0.1:{admin_port}/") as page:
+            rows = "[...document.querySelectorAll('#backends tbody tr')]"
+            await page.until(f"{rows}.length === 2")
+            group = await page.js(
+                "[...document.querySelector('#groups tbody tr').children].map(c => c.textContent)"
+            )
+            assert f"{up}/udp" in group[2]  # the ports column
+            assert "1 open, 1 opened, 0 datagrams dropped" in group
+            cells = await page.js(f"{rows}.map(r => [...r.children].map(c => c.textContent))")
+            mine = next(r for r in cells if r[1] == name)
+            assert mine[6] == "1 (1 UDP)"  # open: the flow
+            udp_port = next(u.port for u in started[1] if u.name == name)
+            assert f"127.0.0.1:{udp_port} ({up}/udp)" in mine[2]  # where its datagrams go
