@@ -137,7 +137,7 @@ def print_hints(config: Config) -> None:
         lines.append(f"  curl {insecure}{scheme}://{host}:{port}/")
     for port in g.udp_ports:
         lines.append(
-            "  python3 -c \"import socket; s = socket.socket(2, 2); s.settimeout(2);"
+            '  python3 -c "import socket; s = socket.socket(2, 2); s.settimeout(2);'
             f" s.sendto(b'hi', ('{host}', {port})); print(s.recv(999).decode())\""
         )
     lines.append("Each answers from the same backend (one client, one pin, every port).")

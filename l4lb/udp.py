@@ -363,7 +363,9 @@ class UdpListener:
                 self.server.accept_error(errno.errorcode[exc.errno], "socket() for a UDP flow")
                 self.end(flow, "descriptors", give_up=False)
                 return False
-            raise
+            router.failed(route, backend, "error")  # (no such family here, say)
+            flow.stats.drops["backend_error"] += 1
+            return False
         try:
             sock.setblocking(False)
             sock.connect((backend.address, port))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import random
 import socket
 import textwrap
 from collections.abc import AsyncIterator, Callable
@@ -14,17 +16,39 @@ from l4lb.server import Server
 from tests.lab_backend import greet_and_echo
 
 
+_rng = random.Random()
+PORTS = range(20000, 32768)  # below Linux's ephemeral range: no client socket takes one
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct ports that were free a moment ago (all bound at once, then released)."""
+    """n distinct ports that were free a moment ago for TCP and UDP on every address (a test
+    may listen on a wildcard, or on UDP too): drawn below the ephemeral range, so that the
+    many clients the tests bind to 127/8 addresses never hold one of them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    socks = [socket.socket(family, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    out: list[int] = []
+    for _ in range(100 * n + 1000):  # bounded: a machine with nothing free fails, not hangs
+        if len(out) == n:
+            return out
+        port = _rng.choice(PORTS)
+        if port in out:
+            continue
+        socks = [socket.socket(family, kind) for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)]
+        try:
+            for s in socks:
+                try:
+                    s.bind((wildcard, port))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        raise
+                    s.bind((host, port))  # no wildcard of this family here
+            out.append(port)
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} free ports in {PORTS.start}-{PORTS.stop - 1}")
 
 
 class FakeClock:

@@ -115,6 +115,7 @@ groups:
                 "CLIENT",
                 "BACKEND",
                 "CONNS",
+                "FLOWS",
                 "EXPIRES",
                 "IN",
             ]

@@ -127,6 +127,7 @@ async def test_admin_api_reads_changes_and_refusals(backends, tmp_path: Path) ->
             "client": "127.0.30.0/24",
             "backend": pins["127.0.30.9"],
             "connections": 0,
+            "flows": 0,
             "expires_in": e["expires_in"],
             "pinned_for": e["pinned_for"],
             "last_repin": None,
@@ -443,8 +444,16 @@ def test_ctl_and_the_status_page_show_a_drain(tmp_path: Path) -> None:
         listing = ctl(site, "affinity", "list")
         assert listing.returncode == 0
         lines = listing.stdout.splitlines()
-        assert lines[0].split() == ["GROUP", "CLIENT", "BACKEND", "CONNS", "EXPIRES", "IN"]
-        assert len(lines) == 7 and all(line.split()[4].endswith("s") for line in lines[1:])
+        assert lines[0].split() == [
+            "GROUP",
+            "CLIENT",
+            "BACKEND",
+            "CONNS",
+            "FLOWS",
+            "EXPIRES",
+            "IN",
+        ]
+        assert len(lines) == 7 and all(line.split()[5].endswith("s") for line in lines[1:])
         r = ctl(site, "backend", "drain", "web", "web2")
         assert r.returncode == 0 and "state drain" in r.stdout
         status = ctl(site, "status").stdout
