@@ -15,7 +15,6 @@ from l4lb.config import Config, load_config_text
 from l4lb.server import Server
 from tests.lab_backend import greet_and_echo
 
-
 _rng = random.Random()
 PORTS = range(20000, 32768)  # below Linux's ephemeral range: no client socket takes one
 
