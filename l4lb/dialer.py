@@ -60,6 +60,35 @@ class SlotQueue:
                 return
 
 
+class Deadlines:
+    """The connect deadlines of the dials in flight, swept every `TICK` by one timer that runs
+    only while a dial waits: a dict insert and delete per dial where a timer of its own would
+    cost an allocation, a heap push and a cancel. A dial may so run up to `TICK` past its
+    connect_timeout before it is cancelled."""
+
+    TICK = 0.05
+
+    def __init__(self) -> None:
+        self.waiting: dict[asyncio.Task[None], float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None], at: float) -> None:
+        self.waiting[task] = at
+        if self._timer is None:
+            self._timer = loop.call_later(self.TICK, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        waiting = self.waiting
+        for task in [t for t, at in waiting.items() if at <= now]:
+            del waiting[task]
+            task.cancel()
+        self._timer = loop.call_later(self.TICK, self._sweep, loop) if waiting else None
+
+
+_DEADLINES = Deadlines()  # for a dial not given the server's
+
+
 async def dial(
     router: Router,
     route: Route,
@@ -68,10 +97,18 @@ async def dial(
     connect_timeout: float,
     slots: SlotQueue,
     store: RedisStore | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
+    task: asyncio.Task[None] | None = None,
+    deadlines: Deadlines = _DEADLINES,
 ) -> tuple[Backend, asyncio.Transport, P] | None:
     """Connect to a backend for `route`; None when every backend the router offers failed.
-    A fresh pin is first settled with the shared store, when there is one."""
-    loop = asyncio.get_running_loop()
+    A fresh pin is first settled with the shared store, when there is one. `loop` and `task`
+    (the one running this) save looking them up on the hot path."""
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    if task is None:
+        task = asyncio.current_task()
+    assert task is not None
     while True:
         backend = router.next_backend(route)
         if backend is None:
@@ -88,11 +125,25 @@ async def dial(
                 backend = await store.follow(router, route, backend)
         port = backend.port_for(service_port)
         t0 = loop.time()
+        # The connect timeout: the shared sweep cancels this task at its deadline (instead of
+        # `asyncio.timeout`'s context manager, a third of a dial's own cost, or a timer per
+        # dial). A cancel before the deadline is the client's leaving, which must still
+        # cancel the dial; after it, the cancellation count tells ours alone from ours and the
+        # client's.
+        deadline = t0 + connect_timeout
+        deadlines.add(loop, task, deadline)
+        exc: OSError | None = None
         try:
-            transport, protocol = await _connect(
-                loop, factory, backend.address, port, connect_timeout
-            )
-        except OSError as exc:  # TimeoutError included
+            transport, protocol = await loop.create_connection(factory, backend.address, port)
+        except asyncio.CancelledError:
+            if loop.time() < deadline or task.uncancel() != 0:
+                raise
+            exc = TimeoutError()  # ours alone: the backend did not answer in time
+        except OSError as error:
+            exc = error
+        finally:
+            deadlines.waiting.pop(task, None)
+        if exc is not None:
             if exc.errno in RESOURCE_ERRNOS:
                 # This process is out of descriptors: not the backend's fault, so no passive
                 # failure, and no other backend would do better.
@@ -110,40 +161,9 @@ async def dial(
             if backend.waiting:
                 slots.wake(backend)
             continue
-        router.stats.observe_connect(loop.time() - t0)
+        router.stats.connect.observe(loop.time() - t0)
         router.connected(route, backend)
         return backend, transport, protocol
-
-
-async def _connect(
-    loop: asyncio.AbstractEventLoop,
-    factory: Callable[[], P],
-    address: str,
-    port: int,
-    within: float,
-) -> tuple[asyncio.Transport, P]:
-    """create_connection within `within` seconds, else TimeoutError. One timer that cancels
-    the task, instead of `asyncio.timeout`'s context manager (a third of a dial's own cost on
-    the hot path): the task's cancellation count tells our cancel from the client's leaving,
-    which must still cancel the dial."""
-    task = asyncio.current_task()
-    assert task is not None
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    timer = loop.call_later(within, expire)
-    try:
-        return await loop.create_connection(factory, address, port)
-    except asyncio.CancelledError:
-        if expired and task.uncancel() == 0:  # ours alone: the backend did not answer in time
-            raise TimeoutError from None
-        raise
-    finally:
-        timer.cancel()
 
 
 def _reason(exc: OSError) -> str:

@@ -1,7 +1,9 @@
 """A histogram of plain counters (cumulative buckets are made at scrape time), for the hot path
-and the checks: an observation is a short loop over the bounds and two additions."""
+and the checks: an observation is one bisection (in C) and three additions."""
 
 from __future__ import annotations
+
+from bisect import bisect_left
 
 
 class Histogram:
@@ -14,12 +16,7 @@ class Histogram:
         self.count = 0
 
     def observe(self, value: float) -> None:
-        i = 0
-        for bound in self.bounds:
-            if value <= bound:
-                break
-            i += 1
-        self.counts[i] += 1
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bound >= value (le)
         self.total += value
         self.count += 1
 

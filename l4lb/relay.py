@@ -24,6 +24,7 @@ import contextlib
 import logging
 import socket
 import time
+from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from . import proxyproto, splice
@@ -144,13 +145,14 @@ class Half(asyncio.Protocol):
                 reset(peer.transport)
 
 
-def pair(a: Half, b: Half) -> None:
-    """Join two halves: resume reading, then hand over what each buffered (in that order, so
-    a flush that fills a write buffer pauses the reader it should)."""
+def pair(a: ClientSide, b: BackendSide) -> None:
+    """Join the client's half and the backend's: resume reading the client (the backend's was
+    never paused: it is paired in the same turn of the loop as its connect, so it holds one
+    read at most), then hand over what each buffered (in that order, so a flush that fills a
+    write buffer pauses the reader it should)."""
     a.peer, b.peer = b, a
-    for src in (a, b):
-        if not src.eof:
-            src.transport.resume_reading()
+    if not a.eof:
+        a.transport.resume_reading()
     for src, dst in ((a, b), (b, a)):
         if src.pending:
             for chunk in src.pending:
@@ -174,7 +176,9 @@ class BackendSide(Half):
         self.local: tuple[str, int] | None = None  # our end of a dial that could loop
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # (not paused: see `pair`)
+        self.transport = t
         client = self.client
         client.dialed = self  # so that a dial cancelled from here on closes this socket
         route = client.route
@@ -315,7 +319,7 @@ class ClientSide(Half):
         if self.rec is not None and route.pinned is not None:
             self.rec.arrived = route.pinned.name
         server.track(self)
-        self.task = asyncio.get_running_loop().create_task(self._connect())
+        self.task = server.loop.create_task(self._connect())
 
     def refuse_over_limit(self, which: str) -> None:
         """Reset a client whose network is over its `client_limits` (counted, logged at most
@@ -356,10 +360,13 @@ class ClientSide(Half):
                 router,
                 route,
                 self.service_port,
-                lambda: BackendSide(self),
+                partial(BackendSide, self),
                 router.spec.connect_timeout,
                 self.server.slots,
                 self.server.store,
+                self.server.loop,
+                self.task,
+                self.server.deadlines,
             )
         except asyncio.CancelledError:  # the client left while we dialed
             dialed = self.dialed
@@ -447,7 +454,7 @@ class ClientSide(Half):
                 backend.bytes_out += self.peer.nbytes
         router = self.router
         router.finish(route)
-        router.stats.duration.observe(asyncio.get_running_loop().time() - self.started)
+        router.stats.duration.observe(self.server.loop_time() - self.started)
         if router.limits is not None:
             router.limits.release(route.key)
         if backend is not None and backend.waiting:

@@ -110,9 +110,6 @@ class GroupStats:
     def repins(self) -> int:
         return self.repins_unavailable + self.repins_failed + self.repins_returned
 
-    def observe_connect(self, seconds: float) -> None:
-        self.connect.observe(seconds)
-
 
 class Route:
     __slots__ = (

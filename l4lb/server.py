@@ -38,7 +38,7 @@ from .config import (
     load_config,
 )
 from .config import changes as config_changes
-from .dialer import SlotQueue
+from .dialer import Deadlines, SlotQueue
 from .keys import V6_TAG, format_netmask
 from .listeners import (
     BACKLOG,
@@ -169,6 +169,7 @@ class Server:
         self.routers = {g.name: Router(g, clock, rng) for g in config.groups}
         self.live: set[ClientSide] = set()
         self.slots = SlotQueue()
+        self.deadlines = Deadlines()  # the dials' connect deadlines, one sweep for all
         self.store: RedisStore | None = None
         if config.affinity_store is not None:
             from .store import RedisStore  # redis loads only when a store is configured
@@ -207,6 +208,8 @@ class Server:
         self._quiet: asyncio.Event | None = None
         self._reload_lock = asyncio.Lock()
         self._admin: object | None = None
+        self.loop_time: Callable[[], float] = time.monotonic  # the loop's clock, from `start`
+        self.loop: asyncio.AbstractEventLoop  # the loop it runs on, set by `start`
 
     # ------------------------------------------------------------------ connection tracking
 
@@ -236,7 +239,7 @@ class Server:
         loop.default_exception_handler(context)
 
     def track(self, conn: ClientSide) -> None:
-        conn.started = conn.idle_since = asyncio.get_running_loop().time()
+        conn.started = conn.idle_since = self.loop_time()
         self.live.add(conn)
 
     def forget(self, conn: ClientSide) -> None:
@@ -431,6 +434,8 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.loop_time = loop.time
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(self._loop_errors)
         self.budget = self.max_live = connection_budget()

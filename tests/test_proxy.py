@@ -126,10 +126,13 @@ async def test_connect_timeout_fails_over_to_the_next_backend(backends, cleanup)
         assert server.routers["web"].stats.connect_failures == 1
 
 
-async def test_the_dials_timer_against_a_cancel_of_its_own_task(cleanup) -> None:
-    """`dialer._connect` times out with its own timer; a cancel from outside (the client left)
-    is a cancel, also when the timer fired in the same turn of the loop."""
-    from l4lb.dialer import _connect
+async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> None:
+    """A dial times out through the shared deadline sweep (`dialer.Deadlines`): a timeout is a
+    failure of the backend; a cancel from outside (the client left) stays a cancel, also when
+    the deadline passed in the same turn of the loop."""
+    from l4lb.config import load_config_text
+    from l4lb.dialer import Deadlines, SlotQueue, dial
+    from l4lb.routing import Router
 
     tarpit = cleanup(socket.socket())
     tarpit.bind(("127.0.0.1", 0))
@@ -141,21 +144,39 @@ async def test_the_dials_timer_against_a_cancel_of_its_own_task(cleanup) -> None
             f.connect(tarpit.getsockname())
     port = tarpit.getsockname()[1]
     loop = asyncio.get_running_loop()
+    spec = load_config_text(
+        "groups: {g: {ports: [80], backends: [{name: t, address: 127.0.0.1,"
+        f" ports: {{80: {port}}}}}]}}}}"
+    ).groups[0]
+    deadlines = Deadlines()
 
-    def dial(within: float) -> asyncio.Task[object]:
-        return loop.create_task(_connect(loop, asyncio.Protocol, "127.0.0.1", port, within))
+    def start(within: float) -> tuple[Router, asyncio.Task[object]]:
+        router = Router(spec, loop.time)
+        route = router.begin(1)
+        coro = dial(
+            router, route, 80, asyncio.Protocol, within, SlotQueue(), None, loop, None, deadlines
+        )
+        return router, loop.create_task(coro, name="dial")  # type: ignore[arg-type]
 
-    with pytest.raises(TimeoutError):
-        await dial(0.05)
-    task = dial(5)
+    router, task = start(0.05)
+    t0 = loop.time()
+    assert await task is None  # the one backend timed out: no backend
+    assert router.stats.failed_timeout == 1
+    assert 0.045 <= loop.time() - t0 < 0.05 + Deadlines.TICK + 0.5  # (uvloop's clock: ms)
+    assert not deadlines.waiting
+    _, task = start(5)
     loop.call_later(0.05, task.cancel)
     with pytest.raises(asyncio.CancelledError):
         await task
-    task = dial(0.05)
-    loop.call_later(0.05, task.cancel)  # the same deadline: both cancels land
+    _, task = start(0.01)
+
+    def both() -> None:  # past the deadline, the sweep and the client's cancel in one turn
+        deadlines._sweep(loop)
+        task.cancel()
+
+    loop.call_later(0.03, both)  # (before the sweep's own first tick)
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert not task.cancelling() or task.cancelled()
 
 
 async def test_no_backend_closes_the_client_at_once() -> None:
