@@ -545,7 +545,7 @@ def main() -> int:
         import udp_bench  # bench/udp_bench.py, beside this file
 
         udp_text, udp = udp_bench.run(rounds, seconds)
-        print("\nUDP (one group of a TCP and two UDP ports; nginx: listen ... udp, hash):")
+        print("\nUDP (l4lb: a group of a TCP and a UDP port; nginx: listen ... udp, hash):")
         print(udp_text)
         text += "\n\n" + udp_text
     print(

@@ -9,7 +9,9 @@ Measured per target, interleaved over rounds, the load on core 0 and the proxy a
   (its CPU seconds over the run). iperf3's control connection is TCP on the same port, so l4lb
   carries it in the same group, and the flow follows it (one client: one backend);
 - new flows per second: bench/udp_flows.py, each flow a fresh source address and port, one
-  datagram and its answer (an nginx `return` answers), 64 in flight;
+  datagram and its answer (an nginx `return` answers), 64 in flight; flows idle out after 1 s
+  (nginx `proxy_timeout`, l4lb `udp_idle_timeout`), so the flows open at once stay under both
+  proxies' descriptor limits;
 - memory per idle flow: the proxy's RSS before and after 5,000 flows left open.
 Every address is 127.0.0.1; every process started here is ended by its PID.
 """
@@ -35,6 +37,9 @@ from tests.procs import wait_port  # noqa: E402
 
 TARGETS = ("direct", "nginx", "l4lb")
 IDLE_FLOWS = 5000
+# The flows' idle timeout in the flows/s run: short, so that the flows open at once (the rate
+# times this) stay below both proxies' descriptor limits and nothing is evicted or refused.
+FLOW_IDLE = 1
 
 
 @dataclass
@@ -96,14 +101,14 @@ stream {{ server {{ listen 127.0.0.1:{self.answer} udp; return "ok"; }} }}
             conf.write_text(f"""
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 worker_processes 1; daemon off; master_process off; pid {self.tmp}/udp.pid; error_log {self.tmp}/udp.err;
-worker_rlimit_nofile 40000;
-events {{ worker_connections 30000; }}
+worker_rlimit_nofile 200000;
+events {{ worker_connections 100000; }}
 stream {{
   upstream iperf {{ hash $remote_addr consistent; server 127.0.0.1:{self.iperf}; }}
   upstream answer {{ hash $remote_addr consistent; server 127.0.0.1:{self.answer}; }}
   server {{ listen 127.0.0.1:{self.n_port}; proxy_pass iperf; }}
   server {{ listen 127.0.0.1:{self.n_port} udp; proxy_pass iperf; proxy_timeout 60s; }}
-  server {{ listen 127.0.0.1:{self.n_flows} udp; proxy_pass answer; proxy_timeout 60s; }}
+  server {{ listen 127.0.0.1:{self.n_flows} udp; proxy_pass answer; proxy_timeout {FLOW_IDLE}s; }}
 }}
 """)
             p = self.spawn(["nginx", "-p", str(self.tmp), "-c", str(conf)], PROXY_CORE)
@@ -114,10 +119,17 @@ stream {{
 groups:
   udp:
     listen: [127.0.0.1]
-    ports: [{self.l_port}, "{self.l_port}/udp", "{self.l_flows}/udp"]
+    ports: [{self.l_port}, "{self.l_port}/udp"]
     persistence: {{timeout: 5m}}
     backends:
-      - {{name: b, address: 127.0.0.1, ports: {{{self.l_port}: {self.iperf}, "{self.l_port}/udp": {self.iperf}, "{self.l_flows}/udp": {self.answer}}}}}
+      - {{name: b, address: 127.0.0.1, ports: {{{self.l_port}: {self.iperf}, "{self.l_port}/udp": {self.iperf}}}}}
+  flows:
+    listen: [127.0.0.1]
+    ports: ["{self.l_flows}/udp"]
+    persistence: {{timeout: 5m}}
+    udp_idle_timeout: {FLOW_IDLE}s
+    backends:
+      - {{name: b, address: 127.0.0.1, ports: {{"{self.l_flows}/udp": {self.answer}}}}}
 """)
         p = self.spawn(
             [sys.executable, "-m", "l4lb", "--log-level", "warning", "run", "-c", str(conf)],
