@@ -180,6 +180,11 @@ class BackendSide(Half):
         t.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # (not paused: see `pair`)
         self.transport = t
         client = self.client
+        earlier = client.dialed
+        if earlier is not None and earlier.peer is None:
+            # A connect that completed in the very turn its deadline passed was taken for a
+            # timeout, and the dial moved on: that socket is nobody's.
+            earlier.transport.close()
         client.dialed = self  # so that a dial cancelled from here on closes this socket
         route = client.route
         if route is not None and route.backend is not None and route.backend.may_loop:
@@ -378,6 +383,10 @@ class ClientSide(Half):
             log.exception("group %s: dial failed unexpectedly", router.name)
             result = None
         if result is None:
+            dialed = self.dialed
+            if dialed is not None and dialed.peer is None:
+                dialed.transport.close()  # (connected in the turn its deadline passed)
+                self.dialed = None
             held = _throttle.allow(("no backend", router.name))
             if held is not None:
                 log.warning(
