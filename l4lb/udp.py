@@ -187,7 +187,6 @@ class UdpListener:
         self.spec = spec
         self.sock = sock
         self.wildcard = is_wildcard(spec.host)
-        self.v6 = sock.family == socket.AF_INET6
         self.flows: OrderedDict[object, Flow] = OrderedDict()  # least recently active first
         self.now = time.monotonic()  # the coarse clock of the flows' `last` (see above)
         self.closed = False
@@ -265,16 +264,16 @@ class UdpListener:
         except (OSError, ValueError):
             stats.drops["rejected"] += 1
             return None
-        limits = router.limits
-        if limits is not None and not limits.admit(akey):
-            stats.drops["client_limit"] += 1
-            router.stats.client_limit += 1
-            return None
         if stats.flows >= router.spec.udp_max_flows:
             server.evict_udp(router.name)
         if server.descriptors_full() and not server.evict_udp(router.name):
             stats.drops["descriptors"] += 1
             server.accept_error("EMFILE", "no descriptor left for a new UDP flow")
+            return None
+        limits = router.limits
+        if limits is not None and limits.admit(akey) is not None:  # (None: admitted)
+            stats.drops["client_limit"] += 1
+            router.stats.client_limit += 1
             return None
         reply = None
         if anc:
@@ -338,8 +337,11 @@ class UdpListener:
             log.exception("group %s: settling a UDP flow's pin failed", router.name)
             backend = candidate
         held, flow.pending = flow.pending or [], None
-        if flow.key not in self.flows or flow.listener.closed:
-            return  # it ended meanwhile
+        if self.flows.get(flow.key) is not flow or self.closed:
+            if route.backend is not None:  # it ended meanwhile, and the store's swap took a slot
+                route.backend.free_slot()
+                route.backend = None
+            return
         if not self._attach(flow, backend):
             return
         sock = flow.sock
@@ -441,6 +443,8 @@ class UdpListener:
             router.give_up(route)
         else:
             router.finish(route)
+        if router.limits is not None:
+            router.limits.release(route.key)
         rec, sink = flow.rec, router.log
         if rec is not None and sink is not None:
             writer = sink[0]

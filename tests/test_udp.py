@@ -517,3 +517,21 @@ async def test_the_status_page_shows_udp_ports_and_flows(
             assert mine[6] == "1 (1 UDP)"  # open: the flow
             udp_port = next(u.port for u in started[1] if u.name == name)
             assert f"127.0.0.1:{udp_port} ({up}/udp)" in mine[2]  # where its datagrams go
+
+
+@pytest.mark.asyncio
+async def test_client_limits_count_a_flow_as_a_connection(cleanup: Cleanup) -> None:
+    (up,) = free_ports(1)
+    echo = cleanup(await UdpBackend("e").start())
+    extra = "udp_idle_timeout: 0.3s\nclient_limits: {max_conns: 2}"
+    group = udp_group([], [up], [backend_yaml("e", {}, {up: echo.port})], extra)
+    async with running(config_of(group)) as server:
+        one, two, three = [cleanup(await UdpClient.open(up, f"127.0.15.{i}")) for i in (1, 2, 3)]
+        other = cleanup(await UdpClient.open(up, "127.0.16.1"))  # another network
+        assert await one.who() == "e" and await two.who() == "e"
+        assert await three.who(within=0.3) is None  # its network has two flows open
+        assert await other.who() == "e"
+        st = server.udp_stats["shop"]
+        assert st.drops["client_limit"] == 1 and server.routers["shop"].stats.client_limit == 1
+        await wait_until(lambda: st.flows == 0)  # idle: their slots are released
+        assert await three.who() == "e"
