@@ -395,8 +395,8 @@ class UdpListener:
         return True
 
     def unreachable(self, flow: Flow, exc: OSError) -> None:
-        """An ICMP error on the flow's backend socket: a passive failure of that backend; the
-        client's next datagram goes to the next backend (and re-pins the entry)."""
+        """An ICMP error on the flow's backend socket: a passive failure of that backend, and
+        the flow routed again at once (the entry re-pinned to the next backend)."""
         backend = flow.backend
         if backend is None:
             return
