@@ -111,11 +111,44 @@ class Proxy:
     pids: list[int] = field(default_factory=list)
 
 
-class Bench:
-    def __init__(self, tmp: Path, seconds: float) -> None:
+class Spawner:
+    """Processes started on a core by `spawn`, each ended by its PID."""
+
+    def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.seconds = seconds
         self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, argv: list[str], core: str) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            ["taskset", "-c", core, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.tmp,
+        )
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        self.stop_pids([p.pid for p in self.procs])
+
+    def stop_pids(self, pids: list[int]) -> None:
+        mine = [p for p in self.procs if p.pid in pids]
+        for p in mine:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in mine:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+class Bench(Spawner):
+    def __init__(self, tmp: Path, seconds: float) -> None:
+        super().__init__(tmp)
+        self.seconds = seconds
         (
             self.b1,
             self.b2,
@@ -130,28 +163,6 @@ class Bench:
             self.l_http2,
             self.l_bulk,
         ) = free_ports(12)
-
-    def spawn(self, argv: list[str], core: str) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(
-            ["taskset", "-c", core, *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=self.tmp,
-        )
-        self.procs.append(p)
-        return p
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
     # ------------------------------------------------------------------ the backends
 
@@ -274,15 +285,7 @@ groups:
         return Proxy(name, self.l_http, self.l_bulk, [p.pid])
 
     def stop(self, proxy: Proxy) -> None:
-        for pid in proxy.pids:
-            os.kill(pid, signal.SIGTERM)
-        for p in self.procs:
-            if p.pid in proxy.pids:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        self.stop_pids(proxy.pids)
 
     # ------------------------------------------------------------------ measurements
 

@@ -444,15 +444,7 @@ def test_ctl_and_the_status_page_show_a_drain(tmp_path: Path) -> None:
         listing = ctl(site, "affinity", "list")
         assert listing.returncode == 0
         lines = listing.stdout.splitlines()
-        assert lines[0].split() == [
-            "GROUP",
-            "CLIENT",
-            "BACKEND",
-            "CONNS",
-            "FLOWS",
-            "EXPIRES",
-            "IN",
-        ]
+        assert lines[0].split() == ["GROUP", "CLIENT", "BACKEND", "CONNS", "FLOWS", "EXPIRES", "IN"]
         assert len(lines) == 7 and all(line.split()[5].endswith("s") for line in lines[1:])
         r = ctl(site, "backend", "drain", "web", "web2")
         assert r.returncode == 0 and "state drain" in r.stdout

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from l4lb.backends import State
-from l4lb.config import ConfigError, load_config_text
+from l4lb.config import Config, ConfigError, load_config_text
 from l4lb.server import Server
 from tests.cdp import CHROMIUM, browser
 from tests.helpers import (
@@ -100,6 +100,20 @@ def shop_yaml(started: Started, extra: str = "", backend_extra: str = "") -> str
         for t, u in zip(tcp, udp, strict=True)
     ]
     return udp_group([tp], [up], lines, extra)
+
+
+async def echo_group(cleanup: Cleanup, extra: str = "") -> tuple[int, str]:
+    """A UDP-only group (one port) in front of one UDP backend named e; the port, the YAML."""
+    (up,) = free_ports(1)
+    echo = cleanup(await UdpBackend("e").start())
+    return up, udp_group([], [up], [backend_yaml("e", {}, {up: echo.port})], extra)
+
+
+def with_admin(started: Started) -> tuple[Config, int]:
+    """The shop's configuration with an admin listener, and its port."""
+    (admin_port,) = free_ports(1)
+    top = f"admin: {{listen: '127.0.0.1:{admin_port}'}}\n"
+    return config_of(shop_yaml(started), top=top), admin_port
 
 
 def open_clients(cleanup: Cleanup) -> Callable[..., Awaitable[UdpClient]]:
@@ -236,9 +250,7 @@ async def test_a_clients_tcp_and_udp_land_on_one_backend_whichever_comes_first(
 async def test_datagrams_pass_whole_and_unmerged_both_ways(
     cleanup: Cleanup,
 ) -> None:
-    (up,) = free_ports(1)
-    echo = cleanup(await UdpBackend("e").start())
-    group = udp_group([], [up], [backend_yaml("e", {}, {up: echo.port})])
+    up, group = await echo_group(cleanup)
     async with running(config_of(group)):
         c = await UdpClient.open(up, "127.0.0.5")
         cleanup(c)
@@ -335,9 +347,7 @@ async def test_an_idle_flow_ends_and_its_entry_starts_its_persistence_timeout(
 async def test_a_flood_of_source_ports_stays_within_the_bound_and_spares_a_busy_flow(
     cleanup: Cleanup,
 ) -> None:
-    (up,) = free_ports(1)
-    echo = cleanup(await UdpBackend("e").start())
-    group = udp_group([], [up], [backend_yaml("e", {}, {up: echo.port})], "udp_max_flows: 50")
+    up, group = await echo_group(cleanup, "udp_max_flows: 50")
     async with running(config_of(group)) as server:
         busy = cleanup(await UdpClient.open(up, "127.0.6.1"))
         assert await busy.ask(b"first") is not None
@@ -422,8 +432,7 @@ async def test_the_api_and_metrics_show_flows(
 ) -> None:
     started = await shop(backends, cleanup, n=2)
     _, _, tp, up = started
-    (admin_port,) = free_ports(1)
-    config = config_of(shop_yaml(started), top=f"admin: {{listen: '127.0.0.1:{admin_port}'}}\n")
+    config, admin_port = with_admin(started)
     async with running(config):
         c = cleanup(await UdpClient.open(up, "127.0.11.7"))
         name = await c.who()
@@ -452,9 +461,7 @@ async def test_the_api_and_metrics_show_flows(
 async def test_a_wildcard_listener_answers_from_the_address_the_client_sent_to(
     cleanup: Cleanup,
 ) -> None:
-    (up,) = free_ports(1)
-    echo = cleanup(await UdpBackend("e").start())
-    group = udp_group([], [up], [backend_yaml("e", {}, {up: echo.port})])
+    up, group = await echo_group(cleanup)
     config = config_of(group.replace('listen: ["127.0.0.1"]', 'listen: ["0.0.0.0"]'))
     async with running(config):
         for dst in ("127.0.0.1", "127.0.0.2", "127.1.2.3"):
@@ -499,8 +506,7 @@ async def test_the_status_page_shows_udp_ports_and_flows(
 ) -> None:
     started = await shop(backends, cleanup, n=2)
     _, _, _, up = started
-    (admin_port,) = free_ports(1)
-    config = config_of(shop_yaml(started), top=f"admin: {{listen: '127.0.0.1:{admin_port}'}}\n")
+    config, admin_port = with_admin(started)
     async with running(config):
         c = cleanup(await UdpClient.open(up, "127.0.14.1"))
         name = await c.who()
@@ -521,10 +527,7 @@ async def test_the_status_page_shows_udp_ports_and_flows(
 
 @pytest.mark.asyncio
 async def test_client_limits_count_a_flow_as_a_connection(cleanup: Cleanup) -> None:
-    (up,) = free_ports(1)
-    echo = cleanup(await UdpBackend("e").start())
-    extra = "udp_idle_timeout: 0.3s\nclient_limits: {max_conns: 2}"
-    group = udp_group([], [up], [backend_yaml("e", {}, {up: echo.port})], extra)
+    up, group = await echo_group(cleanup, "udp_idle_timeout: 0.3s\nclient_limits: {max_conns: 2}")
     async with running(config_of(group)) as server:
         one, two, three = [cleanup(await UdpClient.open(up, f"127.0.15.{i}")) for i in (1, 2, 3)]
         other = cleanup(await UdpClient.open(up, "127.0.16.1"))  # another network

@@ -114,6 +114,10 @@ def dns_servers() -> Iterator[dict[str, tuple[int, subprocess.Popen[str]]]]:
         yield out
 
 
+def ports_of(servers: dict[str, tuple[int, subprocess.Popen[str]]]) -> dict[str, int]:
+    return {name: port for name, (port, _) in servers.items()}
+
+
 def each_network(port: int, ask: str = "both") -> dict[str, str]:
     """Per client network: the one answer its hosts got over UDP and over TCP (an assertion
     failure if two of them disagree)."""
@@ -137,7 +141,7 @@ def test_dig_over_udp_and_tcp_reaches_one_backend_per_client_network_and_survive
 ) -> None:
     (port,) = free_ports(1)
     cfg = tmp_path / "l4lb.yaml"
-    cfg.write_text(dns_yaml(port, {n: p for n, (p, _) in dns_servers.items()}))
+    cfg.write_text(dns_yaml(port, ports_of(dns_servers)))
     with processes() as procs:
         procs.append(start_l4lb(cfg))
         before = each_network(port)
@@ -161,7 +165,7 @@ def test_workers_steer_a_clients_udp_and_tcp_to_one_worker_and_backend(
 ) -> None:
     (port,) = free_ports(1)
     cfg = tmp_path / "l4lb.yaml"
-    servers = {n: p for n, (p, _) in dns_servers.items()}
+    servers = ports_of(dns_servers)
     cfg.write_text(dns_yaml(port, servers, "workers: 2\n", listen="0.0.0.0"))
     with processes() as procs:
         procs.append(start_l4lb(cfg))
@@ -181,7 +185,7 @@ def test_a_pin_made_over_tcp_on_one_instance_holds_for_udp_on_another(
     redis.start()
     try:
         p1, p2 = free_ports(2)
-        servers = {n: p for n, (p, _) in dns_servers.items()}
+        servers = ports_of(dns_servers)
         top = f"affinity_store: {{url: 'redis://127.0.0.1:{redis.port}/0'}}\n"
         (tmp_path / "a.yaml").write_text(dns_yaml(p1, servers, top))
         (tmp_path / "b.yaml").write_text(dns_yaml(p2, servers, top))
@@ -207,7 +211,7 @@ def test_pins_made_over_udp_come_back_from_the_state_file(
 ) -> None:
     (port,) = free_ports(1)
     cfg = tmp_path / "l4lb.yaml"
-    servers = {n: p for n, (p, _) in dns_servers.items()}
+    servers = ports_of(dns_servers)
     cfg.write_text(dns_yaml(port, servers, f"state_file: {tmp_path / 'state.json'}\n"))
     with processes() as procs:
         proc = start_l4lb(cfg)
