@@ -70,6 +70,7 @@ class Deadlines:
 
     def __init__(self) -> None:
         self.waiting: dict[asyncio.Task[None], float] = {}
+        self.expired: set[asyncio.Task[None]] = set()  # cancelled by the sweep, not yet seen
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None], at: float) -> None:
@@ -82,11 +83,9 @@ class Deadlines:
         waiting = self.waiting
         for task in [t for t, at in waiting.items() if at <= now]:
             del waiting[task]
+            self.expired.add(task)
             task.cancel()
         self._timer = loop.call_later(self.TICK, self._sweep, loop) if waiting else None
-
-
-_DEADLINES = Deadlines()  # for a dial not given the server's
 
 
 async def dial(
@@ -99,11 +98,14 @@ async def dial(
     store: RedisStore | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
     task: asyncio.Task[None] | None = None,
-    deadlines: Deadlines = _DEADLINES,
+    deadlines: Deadlines | None = None,
 ) -> tuple[Backend, asyncio.Transport, P] | None:
     """Connect to a backend for `route`; None when every backend the router offers failed.
     A fresh pin is first settled with the shared store, when there is one. `loop` and `task`
-    (the one running this) save looking them up on the hot path."""
+    (the one running this) save looking them up on the hot path; `deadlines` is the server's
+    sweep (one of its own otherwise)."""
+    if deadlines is None:
+        deadlines = Deadlines()
     if loop is None:
         loop = asyncio.get_running_loop()
     if task is None:
@@ -127,16 +129,19 @@ async def dial(
         t0 = loop.time()
         # The connect timeout: the shared sweep cancels this task at its deadline (instead of
         # `asyncio.timeout`'s context manager, a third of a dial's own cost, or a timer per
-        # dial). A cancel before the deadline is the client's leaving, which must still
-        # cancel the dial; after it, the cancellation count tells ours alone from ours and the
-        # client's.
-        deadline = t0 + connect_timeout
-        deadlines.add(loop, task, deadline)
+        # dial). A cancel the sweep did not make is the client's leaving, which must still
+        # cancel the dial; when it did, the cancellation count tells ours alone from ours and
+        # the client's.
+        deadlines.add(loop, task, t0 + connect_timeout)
         exc: OSError | None = None
         try:
             transport, protocol = await loop.create_connection(factory, backend.address, port)
         except asyncio.CancelledError:
-            if loop.time() < deadline or task.uncancel() != 0:
+            expired = deadlines.expired
+            if task not in expired:
+                raise
+            expired.discard(task)
+            if task.uncancel() != 0:
                 raise
             exc = TimeoutError()  # ours alone: the backend did not answer in time
         except OSError as error:

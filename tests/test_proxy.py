@@ -151,6 +151,9 @@ async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> N
     deadlines = Deadlines()
 
     def start(within: float) -> tuple[Router, asyncio.Task[object]]:
+        """A dial with a sweep of its own, so that the timing of one case is not another's."""
+        nonlocal deadlines
+        deadlines = Deadlines()  # (its sweep's first tick is TICK after this dial starts)
         router = Router(spec, loop.time)
         route = router.begin(1)
         coro = dial(
@@ -166,6 +169,10 @@ async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> N
     assert not deadlines.waiting
     _, task = start(5)
     loop.call_later(0.05, task.cancel)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    _, task = start(0.01)
+    loop.call_later(0.03, task.cancel)  # past the deadline, before the sweep came: the client's
     with pytest.raises(asyncio.CancelledError):
         await task
     _, task = start(0.01)
