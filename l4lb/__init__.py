@@ -1,4 +1,4 @@
-"""l4lb: a userspace layer-4 TCP load balancer with LVS-style persistence and mark groups."""
+"""l4lb: a userspace L4 (TCP and UDP) load balancer with LVS-style persistence and mark groups."""
 
 from .config import Config, ConfigError, load_config
 from .server import Server
