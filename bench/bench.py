@@ -47,6 +47,17 @@ TOOLS = ("haproxy", "nginx", "wrk", "iperf3", "taskset")
 LOAD_CORE, PROXY_CORE = "0", "1"
 
 
+def nginx_stream_head(tmp: Path, name: str, nofile: int, connections: int) -> str:
+    """The top of an nginx stream configuration: one worker in the foreground, its pid and
+    error log in `tmp` under `name`, the stream module loaded."""
+    return f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1; daemon off; master_process off; pid {tmp}/{name}.pid; error_log {tmp}/{name}.err;
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {connections}; }}
+"""
+
+
 def haproxy_head(threads: int) -> str:
     """HAProxy's global and defaults sections, the same for every benchmark."""
     return f"""
@@ -245,11 +256,7 @@ backend bulk
 
     def _nginx(self) -> Proxy:
         conf = self.tmp / "nginx-stream.conf"
-        conf.write_text(f"""
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 1; daemon off; master_process off; pid {self.tmp}/stream.pid; error_log {self.tmp}/stream.err;
-worker_rlimit_nofile 19000;
-events {{ worker_connections 12000; }}
+        conf.write_text(f"""{nginx_stream_head(self.tmp, "stream", 19000, 12000)}
 stream {{
   upstream web {{ hash $remote_addr consistent; server 127.0.0.1:{self.b1}; server 127.0.0.1:{self.b2}; }}
   server {{ listen 127.0.0.1:{self.n_http} backlog=4096; proxy_pass web; proxy_timeout 15m; }}

@@ -30,7 +30,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench import LOAD_CORE, PROXY_CORE, Spawner, cpu_seconds, free_ports, rss_kib  # noqa: E402
+from bench import (  # noqa: E402
+    LOAD_CORE,
+    PROXY_CORE,
+    Spawner,
+    cpu_seconds,
+    free_ports,
+    nginx_stream_head,
+    rss_kib,
+)
 from tests.procs import wait_port  # noqa: E402
 
 TARGETS = ("direct", "nginx", "l4lb")
@@ -58,10 +66,7 @@ class UdpBench(Spawner):
 
     def start_backends(self) -> None:
         conf = self.tmp / "answer.conf"
-        conf.write_text(f"""
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 1; daemon off; master_process off; pid {self.tmp}/answer.pid; error_log {self.tmp}/answer.err;
-events {{ worker_connections 1024; }}
+        conf.write_text(f"""{nginx_stream_head(self.tmp, "answer", 4096, 1024)}
 stream {{ server {{ listen 127.0.0.1:{self.answer} udp; return "ok"; }} }}
 """)
         self.spawn(["nginx", "-p", str(self.tmp), "-c", str(conf)], LOAD_CORE)
@@ -73,11 +78,7 @@ stream {{ server {{ listen 127.0.0.1:{self.answer} udp; return "ok"; }} }}
             return Target("direct", self.iperf, self.answer)
         if name == "nginx":
             conf = self.tmp / "nginx-udp.conf"
-            conf.write_text(f"""
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 1; daemon off; master_process off; pid {self.tmp}/udp.pid; error_log {self.tmp}/udp.err;
-worker_rlimit_nofile 200000;
-events {{ worker_connections 100000; }}
+            conf.write_text(f"""{nginx_stream_head(self.tmp, "udp", 200000, 100000)}
 stream {{
   upstream iperf {{ hash $remote_addr consistent; server 127.0.0.1:{self.iperf}; }}
   upstream answer {{ hash $remote_addr consistent; server 127.0.0.1:{self.answer}; }}
