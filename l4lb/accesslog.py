@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import os
 import time
 from typing import TYPE_CHECKING
@@ -44,17 +45,18 @@ FLUSH_LINES = 256  # or this many lines, whichever comes first
 
 
 class Record:
-    """What one connection did, for its log line: routing's outcome is kept as text already
-    (`middle`, from `AccessLog.middle`), the rest as numbers until the line is made."""
+    """What one connection or flow did, for its log line. Times are the event loop's clock
+    (`loop.time()`: whole milliseconds under uvloop, as HAProxy's `now_ms`); routing's outcome
+    is kept as text already (`middle`, from `AccessLog.middle`); the client a PROXY header
+    named is the connection's own `client_addr`, handed to `AccessLog.log`."""
 
-    __slots__ = ("arrived", "client", "connected_at", "middle", "peer", "started", "termination")
+    __slots__ = ("arrived", "connected_at", "middle", "peer", "started", "termination")
 
-    def __init__(self, peer: tuple[str, int] | None, now: float) -> None:
+    def __init__(self, peer: tuple[str, int] | None, started: float) -> None:
         self.peer = peer  # the socket's peer
-        self.client: tuple[str, int] | None = None  # a PROXY header's source, when it differs
-        self.started = now  # time.monotonic() of the accept
+        self.started = started  # the accept, or the flow's first datagram
+        self.arrived = ""  # the name of the pin it arrived with (routing re-pins `route.pinned`)
         self.connected_at = 0.0
-        self.arrived = ""  # the name of the pin the connection arrived with
         self.middle = ""
         self.termination = ""
 
@@ -94,36 +96,13 @@ class _Clock:
 
 
 _MILLIS = [f".{i:03d}Z" for i in range(1000)]
+_NUMBERS = [str(i) for i in range(1000)]
+_floor = math.floor
 CLOCK = _Clock()
-
-
-def outcome(router: Router, route: Route, backend: Backend, arrived: str) -> tuple[str, str]:
-    """(affinity, repin_reason) of a connection or flow that reached `backend`, having arrived
-    with a pin to `arrived` ("" for none)."""
-    if router.table is None:
-        return "none", ""
-    if backend is router.sorry:
-        return "sorry", ""
-    if route.entry is None:
-        return "unpinned", ""
-    if route.reason == "full":
-        return "full", "full"
-    if not arrived:
-        return "new", ""
-    if arrived == backend.name:
-        return "hit", ""
-    return "repin", route.reason or "failed"
 
 
 def address_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _host(addr: tuple[str, int] | None) -> tuple[str, int]:
-    if addr is None:
-        return "", 0
-    host = addr[0]
-    return (host[7:] if host.startswith("::ffff:") else host), addr[1]
 
 
 class AccessLog:
@@ -155,6 +134,9 @@ class AccessLog:
         self._own = False
         self._json = spec.format != "text"
         self._middles: dict[tuple[object, ...], str] = {}
+        self._routed: dict[tuple[object, ...], str] = {}  # routing's outcomes, by backend
+        self._now = -1.0  # the loop time of the last line, and its wall-clock text
+        self._when = ""
         self._tails: dict[str, str] = {}
         self._open()
 
@@ -191,6 +173,40 @@ class AccessLog:
             os.close(self._fd)
             self._fd = -1
 
+    def routed(
+        self,
+        router: Router,
+        route: Route,
+        backend: Backend,
+        port: int,
+        arrived: str,
+        udp: bool = False,
+    ) -> str:
+        """The text of routing's outcome for a connection or flow that reached `backend` on
+        service `port`, having arrived pinned to `arrived` ("" for none): affinity `hit`,
+        `new`, `repin` (with its reason), `unpinned`, `full`, `sorry`, or `none` without
+        persistence. A dict lookup once the same outcome has been seen."""
+        if router.table is None:
+            affinity, reason = "none", ""
+        elif backend is router.sorry:
+            affinity, reason = "sorry", ""
+        elif route.entry is None:
+            affinity, reason = "unpinned", ""
+        elif route.reason == "full":
+            affinity, reason = "full", "full"
+        elif not arrived:
+            affinity, reason = "new", ""
+        elif arrived == backend.name:
+            affinity, reason = "hit", ""
+        else:
+            affinity, reason = "repin", route.reason or "failed"
+        tries = len(route.tried)
+        text = self._routed.get((backend, port, affinity, reason, tries, udp))
+        if text is None:
+            text = self.middle(router.name, port, affinity, reason, backend, tries, udp)
+            self._routed[(backend, port, affinity, reason, tries, udp)] = text
+        return text
+
     def middle(
         self,
         group: str,
@@ -201,19 +217,19 @@ class AccessLog:
         tries: int,
         udp: bool = False,
     ) -> str:
-        """Routing's outcome as text, made once for each distinct outcome (`udp`: of a flow,
-        whose line says `"protocol":"udp"`; a TCP line says no protocol)."""
-        address = backend.address if backend is not None else ""
-        key = (group, port, affinity, reason, backend, address, tries, udp)
+        """Routing's outcome as text (`udp`: of a flow, whose line says `"protocol":"udp"`; a
+        TCP line says no protocol): made once for each distinct outcome."""
+        key = (group, port, affinity, reason, backend, tries, udp)
         text = self._middles.get(key)
         if text is not None:
             return text
         if len(self._middles) >= 10_000:  # backends come and go with reloads: stay bounded
             self._middles.clear()
+            self._routed.clear()
         where = ""
         if backend is not None:
             where = address_text(
-                address, backend.udp_port_for(port) if udp else backend.port_for(port)
+                backend.address, backend.udp_port_for(port) if udp else backend.port_for(port)
             )
         name = backend.name if backend is not None else ""
         if self._json:
@@ -239,6 +255,7 @@ class AccessLog:
     def forget(self) -> None:
         """After a reload: the cached texts may name backends that changed."""
         self._middles.clear()
+        self._routed.clear()
 
     def _make_tail(self, termination: str) -> str:
         worker = self.worker
@@ -251,8 +268,17 @@ class AccessLog:
         self._tails[termination] = text
         return text
 
-    def log(self, rec: Record, now: float, bytes_in: int, bytes_out: int, end: bool) -> None:
-        """Queue the line for `rec`: at its end (`end`), or when it is established."""
+    def log(
+        self,
+        rec: Record,
+        now: float,
+        via: tuple[str, int] | None,
+        bytes_in: int,
+        bytes_out: int,
+        end: bool,
+    ) -> None:
+        """Queue the line for `rec` at loop time `now`: at its end (`end`), or when it is
+        established; `via`: the client a PROXY header named (None: the peer is the client)."""
         pending = self._pending
         if len(pending) >= self._limit:
             if self._waiting:  # full while the output is slow: dropped, counted
@@ -260,40 +286,43 @@ class AccessLog:
                 return
             self.flush()
             pending = self._pending
-        peer = rec.peer or ("", 0)
-        peer_host, peer_port = peer
-        if peer_host.startswith("::ffff:"):
-            peer_host = peer_host[7:]
-        via = rec.client
+        if now != self._now:  # (the loop's clock moves in whole milliseconds under uvloop)
+            self._now = now
+            self._when = CLOCK.iso(int((now + CLOCK.offset) * 1000.0))
+        peer_host, peer_port = rec.peer or ("", 0)
+        if peer_host[:1] == ":":  # an IPv4 client of a dual-stack listener
+            peer_host = peer_host.removeprefix("::ffff:")
         if via is None:
             client, client_port = peer_host, peer_port
         else:
             client, client_port = via[0].removeprefix("::ffff:"), via[1]
         started = rec.started
+        # Whole milliseconds, rounded (math.floor: a third of int()'s cost); numbers under 1000
+        # are looked up, not formatted (an int's formatting costs as much as ten lookups).
+        d = _floor((now - started) * 1000.0 + 0.5)
         connected = rec.connected_at
-        connect_ms = int((connected - started) * 1000) if connected else None
-        duration_ms = int((now - started) * 1000)
+        c = _floor((connected - started) * 1000.0 + 0.5) if connected else -1
         termination = (rec.termination or "unknown") if end else ""
         tail = self._tails.get(termination) or self._make_tail(termination)
-        clock = CLOCK  # (CLOCK.iso, inline: a call costs as much as the rest of it)
-        ms = int((now + clock.offset) * 1000)
-        when = clock.whole if ms == clock.ms else clock.iso(ms)
+        n = _NUMBERS
         if self._json:
-            event = "end" if end else "connect"
-            extra = f',"peer":"{peer_host}","peer_port":{peer_port}' if via is not None else ""
+            extra = "" if via is None else f',"peer":"{peer_host}","peer_port":{peer_port}'
             pending.append(
-                f'{{"time":"{when}","event":"{event}","client":"{client}",'
-                f'"client_port":{client_port}{extra},{rec.middle},'
-                f'"connect_ms":{"null" if connect_ms is None else connect_ms},'
-                f'"duration_ms":{duration_ms},"bytes_in":{bytes_in},"bytes_out":{bytes_out}'
-                f"{tail}"
+                f'{{"time":"{self._when}","event":"{"end" if end else "connect"}",'
+                f'"client":"{client}","client_port":{client_port}{extra},{rec.middle},'
+                f'"connect_ms":{"null" if c < 0 else n[c] if c < 1000 else c},'
+                f'"duration_ms":{n[d] if d < 1000 else d},'
+                f'"bytes_in":{n[bytes_in] if bytes_in < 1000 else bytes_in},'
+                f'"bytes_out":{n[bytes_out] if bytes_out < 1000 else bytes_out}{tail}'
             )
         else:
-            extra = f" (via {peer_host}:{peer_port})" if via is not None else ""
+            extra = "" if via is None else f" (via {peer_host}:{peer_port})"
             pending.append(
-                f"{when} {client}:{client_port}{extra} -> {rec.middle}"
-                f" connect_ms={'-' if connect_ms is None else connect_ms}"
-                f" duration_ms={duration_ms} bytes_in={bytes_in} bytes_out={bytes_out}{tail}"
+                f"{self._when} {client}:{client_port}{extra} -> {rec.middle}"
+                f" connect_ms={'-' if c < 0 else n[c] if c < 1000 else c}"
+                f" duration_ms={n[d] if d < 1000 else d}"
+                f" bytes_in={n[bytes_in] if bytes_in < 1000 else bytes_in}"
+                f" bytes_out={n[bytes_out] if bytes_out < 1000 else bytes_out}{tail}"
             )
         if len(pending) == 1 and not self._waiting:  # a new batch: flushed in FLUSH_DELAY
             asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)

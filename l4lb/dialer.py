@@ -99,8 +99,9 @@ async def dial(
     loop: asyncio.AbstractEventLoop | None = None,
     task: asyncio.Task[None] | None = None,
     deadlines: Deadlines | None = None,
-) -> tuple[Backend, asyncio.Transport, P] | None:
-    """Connect to a backend for `route`; None when every backend the router offers failed.
+) -> tuple[Backend, float, P] | None:
+    """Connect to a backend for `route`: the backend, the loop time the connection was made,
+    and its protocol; None when every backend the router offers failed.
     A fresh pin is first settled with the shared store, when there is one. `loop` and `task`
     (the one running this) save looking them up on the hot path; `deadlines` is the server's
     sweep (one of its own otherwise)."""
@@ -135,7 +136,7 @@ async def dial(
         deadlines.add(loop, task, t0 + connect_timeout)
         exc: OSError | None = None
         try:
-            transport, protocol = await loop.create_connection(factory, backend.address, port)
+            _, protocol = await loop.create_connection(factory, backend.address, port)
         except asyncio.CancelledError:
             expired = deadlines.expired
             if task not in expired:
@@ -166,9 +167,10 @@ async def dial(
             if backend.waiting:
                 slots.wake(backend)
             continue
-        router.stats.connect.observe(loop.time() - t0)
+        now = loop.time()
+        router.stats.connect.observe(now - t0)
         router.connected(route, backend)
-        return backend, transport, protocol
+        return backend, now, protocol
 
 
 def _reason(exc: OSError) -> str:

@@ -23,13 +23,11 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from . import proxyproto, splice
-from .accesslog import Record, outcome
-from .backends import Backend
+from .accesslog import Record
 from .dialer import dial
 from .routing import Route, Router
 from .splice import SpliceSession
@@ -248,14 +246,15 @@ class ClientSide(Half):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         if self.router.log is not None:
-            self.rec = Record(peer, time.monotonic())
+            self.rec = Record(peer, self.server.loop_time())
         if self.server.loop_watch and peer is not None and self.from_ourselves(peer):
             return
         self._start(peer)
 
-    def log_line(self, end: bool = True, route: Route | None = None) -> None:
-        """Hand this connection's line to its group's connection log: at its end, or (`end`
-        false) when it is established. (`route`: the one `finish` has just let go.)"""
+    def log_line(self, now: float, end: bool = True, route: Route | None = None) -> None:
+        """Hand this connection's line to its group's connection log at loop time `now`: at
+        its end, or (`end` false) when it is established. (`route`: the one `finish` has just
+        let go.)"""
         rec, sink = self.rec, self.router.log
         if rec is None or sink is None:
             return
@@ -265,7 +264,14 @@ class ClientSide(Half):
             tries = len(route.tried) if route is not None else 0
             rec.middle = writer.middle(self.router.name, self.service_port, "none", "", None, tries)
         peer = self.peer
-        writer.log(rec, time.monotonic(), self.nbytes, peer.nbytes if peer else 0, end)
+        writer.log(
+            rec,
+            now,
+            self.client_addr,
+            self.nbytes,
+            peer.nbytes if peer is not None else 0,
+            end,
+        )
 
     def ended(self, how: str) -> None:
         """l4lb itself ends the connection (a refusal, the idle timeout, shutdown): say why."""
@@ -345,7 +351,7 @@ class ClientSide(Half):
         """Reset a client that gets no backend at all, and log its line."""
         self.ended(how)
         reset(self.transport)
-        self.log_line()
+        self.log_line(self.server.loop_time())
 
     def reject(self, why: str) -> None:
         """Refuse the client with a reset before any byte of it reaches a backend; counted, and
@@ -407,11 +413,15 @@ class ClientSide(Half):
                 )
                 rec.end("no_backend")
             self.transport.close()
-            self.log_line()
+            self.log_line(self.server.loop_time())
             return
-        backend, _, backend_side = result
-        if self.rec is not None:
-            self._dialed(route, backend)
+        backend, connected_at, backend_side = result
+        rec, sink = self.rec, router.log
+        if rec is not None and sink is not None:  # the dial's outcome, for the log
+            rec.connected_at = connected_at
+            rec.middle = sink[0].routed(router, route, backend, self.service_port, rec.arrived)
+            if sink[1].log_on_connect:
+                self.log_line(connected_at, end=False)
         mode = backend.send_proxy or router.spec.send_proxy
         if mode is not None and mode != "none":
             dest = self.transport.get_extra_info("sockname")
@@ -425,21 +435,6 @@ class ClientSide(Half):
             self.begin_splice()
         elif mode == "auto" and splice.AVAILABLE:
             self.splice_at = backend_side.splice_at = splice.SPLICE_AFTER
-
-    def _dialed(self, route: Route, backend: Backend) -> None:
-        """The dial's outcome, for the log: where, how many tries, and what became of the pin
-        (`arrived`: the name of the pin the connection arrived with, "" for none)."""
-        rec, sink = self.rec, self.router.log
-        assert rec is not None and sink is not None
-        router = self.router
-        rec.connected_at = time.monotonic()
-        affinity, reason = outcome(router, route, backend, rec.arrived)
-        writer, spec = sink
-        rec.middle = writer.middle(
-            router.name, self.service_port, affinity, reason, backend, len(route.tried)
-        )
-        if spec.log_on_connect:
-            self.log_line(end=False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.inbound is not None:
@@ -463,14 +458,15 @@ class ClientSide(Half):
                 backend.bytes_out += self.peer.nbytes
         router = self.router
         router.finish(route)
-        router.stats.duration.observe(self.server.loop_time() - self.started)
+        now = self.server.loop_time()
+        router.stats.duration.observe(now - self.started)
         if router.limits is not None:
             router.limits.release(route.key)
         if backend is not None and backend.waiting:
             self.server.slots.wake(backend)
         self.server.forget(self)
         if self.rec is not None:
-            self.log_line(route=route)
+            self.log_line(now, route=route)
 
     # ------------------------------------------------------------------ zero copy
 
@@ -565,7 +561,7 @@ class ProxyClientSide(ClientSide):
         Half.connection_made(self, transport)
         peer = transport.get_extra_info("peername")
         if self.router.log is not None:
-            self.rec = Record(peer, time.monotonic())
+            self.rec = Record(peer, self.server.loop_time())
         if self.server.loop_watch and peer is not None and self.from_ourselves(peer):
             return
         trusted = self.router.proxy_trusted
@@ -605,8 +601,6 @@ class ProxyClientSide(ClientSide):
             self.pending = [rest]
             self.nbytes += len(rest)
         self.client_addr = header.source
-        if self.rec is not None and header.source is not None:
-            self.rec.client = header.source
         self._start(header.source or self.transport.get_extra_info("peername"))
 
     def eof_received(self) -> bool:
@@ -627,7 +621,7 @@ class ProxyClientSide(ClientSide):
         rec = self.rec
         if rec is not None and not rec.termination:  # gone before its header: not refused
             rec.end("client_rst" if exc is not None else "client_close")
-            self.log_line()
+            self.log_line(self.server.loop_time())
 
 
 SO_ORIGINAL_DST = 80  # netfilter's, for IPv4 (SOL_IP) and IPv6 (SOL_IPV6) alike
@@ -682,5 +676,5 @@ class MarkedClientSide(ClientSide):
         self.router = router
         self.service_port = original_port(sock, transport.get_extra_info("sockname")[1])
         if router.log is not None:
-            self.rec = Record(peer, time.monotonic())
+            self.rec = Record(peer, self.server.loop_time())
         self._start(peer)

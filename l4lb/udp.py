@@ -42,7 +42,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from .accesslog import Record, outcome
+from .accesslog import Record
 from .listeners import ListenSpec, is_wildcard
 from .routing import RESOURCE_ERRNOS
 
@@ -284,10 +284,9 @@ class UdpListener:
                 reply = [(level, kind, data[:16] + b"\0\0\0\0")]
         flow = Flow(self, key, addr, reply, router, port, router.begin(akey), stats, self.now)
         if router.log is not None:
-            now = time.monotonic()
-            flow.rec = Record((host, addr[1]), now)
+            flow.rec = rec = Record((host, addr[1]), self._loop.time())
             if flow.route.pinned is not None:
-                flow.rec.arrived = flow.route.pinned.name
+                rec.arrived = flow.route.pinned.name
         self.flows[key] = flow
         stats.flows += 1
         stats.opened += 1
@@ -386,12 +385,9 @@ class UdpListener:
         self._loop.add_reader(sock.fileno(), flow.from_backend)
         rec, sink = flow.rec, router.log
         if rec is not None and sink is not None:
-            rec.connected_at = time.monotonic()
-            affinity, reason = outcome(router, route, backend, rec.arrived)
+            rec.connected_at = self._loop.time()
+            rec.middle = sink[0].routed(router, route, backend, flow.service, rec.arrived, True)
             rec.arrived = backend.name
-            rec.middle = sink[0].middle(
-                router.name, flow.service, affinity, reason, backend, len(route.tried), udp=True
-            )
         return True
 
     def unreachable(self, flow: Flow, exc: OSError) -> None:
@@ -437,8 +433,7 @@ class UdpListener:
         if backend is not None:
             backend.bytes_in += flow.bytes_in
             backend.bytes_out += flow.bytes_out
-        now = time.monotonic()
-        router.stats.duration.observe(now - flow.started)
+        router.stats.duration.observe(time.monotonic() - flow.started)
         if give_up:
             router.give_up(route)
         else:
@@ -454,7 +449,7 @@ class UdpListener:
                 rec.middle = writer.middle(
                     router.name, flow.service, "none", "", None, tries, udp=True
                 )
-            writer.log(rec, now, flow.bytes_in, flow.bytes_out, True)
+            writer.log(rec, self._loop.time(), None, flow.bytes_in, flow.bytes_out, True)
 
     def sweep(self, now: float) -> None:
         """Move the coarse clock on, and end the flows idle past their group's

@@ -236,7 +236,7 @@ async def test_a_log_that_cannot_keep_up_drops_lines_and_counts_them(tmp_path: P
         rec.middle = out.middle("web", 80, "none", "", None, 0)
         t0 = time.monotonic()
         for _ in range(5000):
-            out.log(rec, rec.started, 0, 0, True)
+            out.log(rec, rec.started, None, 0, 0, True)
             await asyncio.sleep(0)  # a loop turn: a flush that is due runs
         assert time.monotonic() - t0 < 5  # nothing blocked
         assert out.dropped > 0 and out.written + out.dropped + len(out._pending) <= 5000

@@ -380,7 +380,9 @@ def assert_chromium_uses_http3(tmp_path: Path, port: int, leaf: Path, ca: Path) 
     """Headless Chromium forced to QUIC for the origin; it trusts Caddy's leaf by its SPKI
     (QUIC in Chromium ignores --ignore-certificate-errors). From ::1: its answer is the one
     TCP gets from ::1."""
-    der = ssl.PEM_cert_to_DER_cert(leaf.read_text())
+    # The first certificate of the file (Caddy may write the leaf followed by its chain).
+    end = "-----END CERTIFICATE-----"
+    der = ssl.PEM_cert_to_DER_cert(leaf.read_text().split(end)[0] + end)
     spki = spki_sha256(der)
     assert CHROMIUM is not None
     out = subprocess.run(
