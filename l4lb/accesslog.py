@@ -6,18 +6,25 @@ Theory of operation
 -------------------
 The relay keeps a `Record` per connection only in a group whose log is on (a `None` slot
 otherwise, so a log that is off costs one test per event). The record learns its facts where
-they happen: the accept, the dial's outcome, the first FIN or reset and from which side, or the
+they happen: the accept, the dial's outcome (`Routed`: group, port, what became of the pin, the
+backend's name and address then, tries), the first FIN or reset and from which side, or the
 reason l4lb itself ended it (idle timeout, shutdown, a refusal). At the end the relay hands it
-to the group's `AccessLog`.
+to the group's `AccessLog`, with the time and the byte counts.
 
-Writing never blocks the relay: a line is appended to a bounded buffer, and the loop flushes
-the buffer every 50 ms (or at 256 lines) with one `os.write` on a descriptor in non-blocking
-mode (a file of our own, or standard output): a system call per line would cost more than the
-line. A partial write keeps the rest; a pipe that is full waits for
-the loop to say it is writable. When the buffer is full, lines are dropped and counted
-(`dropped`), never waited for. SIGUSR1 reopens a file (after logrotate moved it). Standard
-error is written as it is (blocking): l4lb's own log shares it, and a non-blocking descriptor
-would make its writes fail.
+Lines are made in batches, not one by one: `log` only queues a row (the record, the time, the
+counts and how it ended; a record's facts do not change once it is queued), and the flush turns
+every queued row into its line in one loop. A line's text is a Python f-string either way; made
+in a batch it costs no call of its own, its constants are locals, and the texts rows share
+(routing's outcome, the time, the end) are made once per batch rather than looked up per line.
+That halves what a line costs a new connection.
+
+Writing never blocks the relay: rows go to a bounded buffer, and the loop flushes it every
+50 ms (or at 256 rows) with one `os.write` on a descriptor in non-blocking mode (a file of our
+own, or standard output): a system call per line would cost more than the line. A partial
+write keeps the rest; a pipe that is full waits for the loop to say it is writable. When the
+buffer is full, lines are dropped and counted (`dropped`), never waited for. SIGUSR1 reopens a
+file (after logrotate moved it). Standard error is written as it is (blocking): l4lb's own log
+shares it, and a non-blocking descriptor would make its writes fail.
 """
 
 from __future__ import annotations
@@ -29,13 +36,8 @@ import logging
 import math
 import os
 import time
-from typing import TYPE_CHECKING
 
 from .config import AccessLogSpec
-
-if TYPE_CHECKING:
-    from .backends import Backend
-    from .routing import Route, Router
 
 log = logging.getLogger("l4lb.accesslog")
 
@@ -44,20 +46,24 @@ FLUSH_DELAY = 0.05  # seconds a line may wait, so that one write carries many li
 FLUSH_LINES = 256  # or this many lines, whichever comes first
 
 
+# What routing did for a connection or flow, as its line says it: group, service port, affinity
+# (`Router.connected`), re-pin reason, backend name, backend address and port (as dialed: a
+# reload may change them later), tries, UDP. Rows that share one are given one text.
+Routed = tuple[str, int, str, str, str, str, int, int, bool]
+
+
 class Record:
     """What one connection or flow did, for its log line. Times are the event loop's clock
-    (`loop.time()`: whole milliseconds under uvloop, as HAProxy's `now_ms`); routing's outcome
-    is kept as text already (`middle`, from `AccessLog.middle`); the client a PROXY header
-    named is the connection's own `client_addr`, handed to `AccessLog.log`."""
+    (`loop.time()`: whole milliseconds under uvloop, as HAProxy's `now_ms`); the client a PROXY
+    header named is the connection's own `client_addr`, handed to `AccessLog.log`."""
 
-    __slots__ = ("arrived", "connected_at", "middle", "peer", "started", "termination")
+    __slots__ = ("connected_at", "peer", "routed", "started", "termination")
 
     def __init__(self, peer: tuple[str, int] | None, started: float) -> None:
         self.peer = peer  # the socket's peer
         self.started = started  # the accept, or the flow's first datagram
-        self.arrived = ""  # the name of the pin it arrived with (routing re-pins `route.pinned`)
         self.connected_at = 0.0
-        self.middle = ""
+        self.routed: Routed | None = None  # None: no backend reached (refused, or none left)
         self.termination = ""
 
     def end(self, how: str) -> None:
@@ -97,6 +103,8 @@ class _Clock:
 
 _MILLIS = [f".{i:03d}Z" for i in range(1000)]
 _NUMBERS = [str(i) for i in range(1000)]
+_NOWHERE = ("", 0)
+_UNROUTED: Routed = ("", 0, "none", "", "", "", 0, 0, False)
 _floor = math.floor
 CLOCK = _Clock()
 
@@ -105,16 +113,23 @@ def address_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def unrouted(group: str, port: int, tries: int, udp: bool = False) -> Routed:
+    """The `Routed` of a connection or flow that reached no backend."""
+    return (group, port, "none", "", "", "", 0, tries, udp)
+
+
+Row = tuple[Record, float, tuple[str, int] | None, int, int, str | None]
+
+
 class AccessLog:
     """A bounded, non-blocking line writer flushed by the event loop, and the maker of its
-    lines.
+    lines (in batches: see the theory above).
 
-    A line is most of the log's cost, so most of it is made once and reused: what routing
-    decided (group, port, affinity, backend and its address, tries) is a small set of values
-    across connections, cached as text (`middle`), and so is the end of the line (termination,
-    worker); per line only the time, the client and five numbers are formatted. Times are whole
-    milliseconds, as HAProxy's tcplog and Envoy's %DURATION% give them (a float's formatting
-    costs as much as the rest of the line).
+    What routing decided (group, port, affinity, backend and its address, tries) is a small
+    set of values across connections, made into text once (`_middle`), and so is the end of a
+    line (termination, worker); per line only the time, the client and five numbers are
+    formatted. Times are whole milliseconds, as HAProxy's tcplog and Envoy's %DURATION% give
+    them (a float's formatting costs as much as the rest of the line).
     """
 
     def __init__(
@@ -125,19 +140,17 @@ class AccessLog:
         self.max_pending = max_pending
         self.dropped = 0
         self.written = 0
-        self._pending: list[str] = []
+        self._rows: list[Row] = []  # lines to make and write: (record, time, PROXY client,
+        # bytes in, bytes out, termination; None: a connect line)
         self._waiting = False  # the descriptor was full: the loop tells us when it is not
-        self._limit = min(FLUSH_LINES, max_pending)  # lines that make a flush (while waiting:
-        # lines that may be held)
+        self._limit = min(FLUSH_LINES, max_pending)  # rows that make a flush (while waiting:
+        # rows that may be held)
         self._tail = b""  # the part of a line a partial write left
         self._fd = -1
         self._own = False
         self._json = spec.format != "text"
-        self._middles: dict[tuple[object, ...], str] = {}
-        self._routed: dict[tuple[object, ...], str] = {}  # routing's outcomes, by backend
-        self._now = -1.0  # the loop time of the last line, and its wall-clock text
-        self._when = ""
-        self._tails: dict[str, str] = {}
+        self._middles: dict[Routed, str] = {}
+        self._tails: dict[str | None, str] = {}  # line ends, by termination (None: connect)
         self._open()
 
     def _open(self) -> None:
@@ -173,65 +186,21 @@ class AccessLog:
             os.close(self._fd)
             self._fd = -1
 
-    def routed(
-        self,
-        router: Router,
-        route: Route,
-        backend: Backend,
-        port: int,
-        arrived: str,
-        udp: bool = False,
-    ) -> str:
-        """The text of routing's outcome for a connection or flow that reached `backend` on
-        service `port`, having arrived pinned to `arrived` ("" for none): affinity `hit`,
-        `new`, `repin` (with its reason), `unpinned`, `full`, `sorry`, or `none` without
-        persistence. A dict lookup once the same outcome has been seen."""
-        if router.table is None:
-            affinity, reason = "none", ""
-        elif backend is router.sorry:
-            affinity, reason = "sorry", ""
-        elif route.entry is None:
-            affinity, reason = "unpinned", ""
-        elif route.reason == "full":
-            affinity, reason = "full", "full"
-        elif not arrived:
-            affinity, reason = "new", ""
-        elif arrived == backend.name:
-            affinity, reason = "hit", ""
-        else:
-            affinity, reason = "repin", route.reason or "failed"
-        tries = len(route.tried)
-        text = self._routed.get((backend, port, affinity, reason, tries, udp))
-        if text is None:
-            text = self.middle(router.name, port, affinity, reason, backend, tries, udp)
-            self._routed[(backend, port, affinity, reason, tries, udp)] = text
-        return text
+    def forget(self) -> None:
+        """After a reload: the cached texts may name backends that changed."""
+        self._middles.clear()
 
-    def middle(
-        self,
-        group: str,
-        port: int,
-        affinity: str,
-        reason: str,
-        backend: Backend | None,
-        tries: int,
-        udp: bool = False,
-    ) -> str:
-        """Routing's outcome as text (`udp`: of a flow, whose line says `"protocol":"udp"`; a
-        TCP line says no protocol): made once for each distinct outcome."""
-        key = (group, port, affinity, reason, backend, tries, udp)
-        text = self._middles.get(key)
-        if text is not None:
-            return text
-        if len(self._middles) >= 10_000:  # backends come and go with reloads: stay bounded
-            self._middles.clear()
-            self._routed.clear()
-        where = ""
-        if backend is not None:
-            where = address_text(
-                backend.address, backend.udp_port_for(port) if udp else backend.port_for(port)
-            )
-        name = backend.name if backend is not None else ""
+    def _middle(self, routed: Routed) -> str:
+        """Routing's outcome as text (a UDP flow's line says `"protocol":"udp"`; a TCP line
+        says no protocol)."""
+        group, port, affinity, reason, name, address, backend_port, tries, udp = routed
+        if affinity == "repin":
+            reason = reason or "failed"
+        elif affinity == "full":
+            reason = "full"
+        else:
+            reason = ""
+        where = address_text(address, backend_port)
         if self._json:
             text = (
                 f'"group":"{group}","port":{port}'
@@ -249,21 +218,21 @@ class AccessLog:
             pin = f"{affinity}({reason})" if reason else affinity
             to = f"{name}@{where}" if name else "-"
             text = f"{group}:{port}{'/udp' if udp else ''} -> {to} affinity={pin} tries={tries}"
-        self._middles[key] = text
+        if len(self._middles) >= 10_000:  # backends come and go with reloads: stay bounded
+            self._middles.clear()
+        self._middles[routed] = text
         return text
 
-    def forget(self) -> None:
-        """After a reload: the cached texts may name backends that changed."""
-        self._middles.clear()
-        self._routed.clear()
-
-    def _make_tail(self, termination: str) -> str:
+    def _end(self, termination: str | None) -> str:
+        """The end of a line, made once per termination (None: a `log_on_connect` line's; ""
+        at an end: `unknown`), with the worker."""
+        how = (termination or "unknown") if termination is not None else ""
         worker = self.worker
         if self._json:
-            text = f',"termination":"{termination}"' if termination else ""
+            text = f',"termination":"{how}"' if how else ""
             text += f',"worker":{worker}}}' if worker is not None else "}"
         else:
-            text = f" end {termination}" if termination else " connect open"
+            text = f" end {how}" if how else " connect open"
             text += f" worker={worker}" if worker is not None else ""
         self._tails[termination] = text
         return text
@@ -277,76 +246,108 @@ class AccessLog:
         bytes_out: int,
         end: bool,
     ) -> None:
-        """Queue the line for `rec` at loop time `now`: at its end (`end`), or when it is
-        established; `via`: the client a PROXY header named (None: the peer is the client)."""
-        pending = self._pending
-        if len(pending) >= self._limit:
+        """Queue the line for `rec` (its `routed` set) at loop time `now`: at its end (`end`),
+        or when it is established; `via`: the client a PROXY header named (None: the peer is
+        the client)."""
+        rows = self._rows
+        if len(rows) >= self._limit:
             if self._waiting:  # full while the output is slow: dropped, counted
                 self.dropped += 1
                 return
             self.flush()
-            pending = self._pending
-        if now != self._now:  # (the loop's clock moves in whole milliseconds under uvloop)
-            self._now = now
-            self._when = CLOCK.iso(int((now + CLOCK.offset) * 1000.0))
-        peer_host, peer_port = rec.peer or ("", 0)
-        if peer_host[:1] == ":":  # an IPv4 client of a dual-stack listener
-            peer_host = peer_host.removeprefix("::ffff:")
-        if via is None:
-            client, client_port = peer_host, peer_port
-        else:
-            client, client_port = via[0].removeprefix("::ffff:"), via[1]
-        started = rec.started
-        # Whole milliseconds, rounded (math.floor: a third of int()'s cost); numbers under 1000
-        # are looked up, not formatted (an int's formatting costs as much as ten lookups).
-        d = _floor((now - started) * 1000.0 + 0.5)
-        connected = rec.connected_at
-        c = _floor((connected - started) * 1000.0 + 0.5) if connected else -1
-        termination = (rec.termination or "unknown") if end else ""
-        tail = self._tails.get(termination) or self._make_tail(termination)
-        n = _NUMBERS
-        if self._json:
-            extra = "" if via is None else f',"peer":"{peer_host}","peer_port":{peer_port}'
-            pending.append(
-                f'{{"time":"{self._when}","event":"{"end" if end else "connect"}",'
-                f'"client":"{client}","client_port":{client_port}{extra},{rec.middle},'
-                f'"connect_ms":{"null" if c < 0 else n[c] if c < 1000 else c},'
-                f'"duration_ms":{n[d] if d < 1000 else d},'
-                f'"bytes_in":{n[bytes_in] if bytes_in < 1000 else bytes_in},'
-                f'"bytes_out":{n[bytes_out] if bytes_out < 1000 else bytes_out}{tail}'
-            )
-        else:
-            extra = "" if via is None else f" (via {peer_host}:{peer_port})"
-            pending.append(
-                f"{self._when} {client}:{client_port}{extra} -> {rec.middle}"
-                f" connect_ms={'-' if c < 0 else n[c] if c < 1000 else c}"
-                f" duration_ms={n[d] if d < 1000 else d}"
-                f" bytes_in={n[bytes_in] if bytes_in < 1000 else bytes_in}"
-                f" bytes_out={n[bytes_out] if bytes_out < 1000 else bytes_out}{tail}"
-            )
-        if len(pending) == 1 and not self._waiting:  # a new batch: flushed in FLUSH_DELAY
+            rows = self._rows
+        rows.append((rec, now, via, bytes_in, bytes_out, rec.termination if end else None))
+        if len(rows) == 1 and not self._waiting:  # a new batch: flushed in FLUSH_DELAY
             asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
 
+    def _lines(self, rows: list[Row]) -> str:
+        """The text of `rows`, a line each (the hot loop: locals, and texts shared by
+        consecutive rows made once)."""
+        out: list[str] = []
+        add = out.append
+        n = _NUMBERS
+        floor = _floor
+        iso = CLOCK.iso
+        offset = CLOCK.offset
+        middles = self._middles
+        tails = self._tails
+        json = self._json
+        last_now = -1.0
+        when = stamp_end = stamp_connect = middle = tail = ""
+        last_routed: Routed | None = None
+        last_how: str | None = "-"
+        for rec, now, via, bytes_in, bytes_out, how in rows:
+            if now != last_now:  # (the loop's clock moves in whole milliseconds under uvloop)
+                last_now = now
+                when = iso(floor((now + offset) * 1000.0))
+                stamp_end = f'{{"time":"{when}","event":"end","client":"'
+                stamp_connect = f'{{"time":"{when}","event":"connect","client":"'
+            routed = rec.routed or _UNROUTED
+            if routed != last_routed:
+                last_routed = routed
+                middle = middles.get(routed) or self._middle(routed)
+            if how is not last_how:
+                last_how = how
+                tail = tails.get(how) or self._end(how)
+            peer_host, peer_port = rec.peer or _NOWHERE
+            if ":" in peer_host:  # (an IPv4 client of a dual-stack listener: as IPv4)
+                peer_host = peer_host.removeprefix("::ffff:")
+            started = rec.started
+            # Whole milliseconds, rounded (math.floor: a third of int()'s cost); numbers under
+            # 1000 are looked up, not formatted (formatting an int costs ten lookups).
+            d = floor((now - started) * 1000.0 + 0.5)
+            c = rec.connected_at
+            c = floor((c - started) * 1000.0 + 0.5) if c else -1
+            if via is None:
+                client, client_port, extra = peer_host, peer_port, ""
+            else:
+                client, client_port = via[0].removeprefix("::ffff:"), via[1]
+                extra = (
+                    f',"peer":"{peer_host}","peer_port":{peer_port}'
+                    if json
+                    else f" (via {peer_host}:{peer_port})"
+                )
+            if json:
+                add(
+                    f'{stamp_connect if how is None else stamp_end}{client}",'
+                    f'"client_port":{client_port}{extra},{middle},'
+                    f'"connect_ms":{"null" if c < 0 else n[c] if c < 1000 else c},'
+                    f'"duration_ms":{n[d] if d < 1000 else d},'
+                    f'"bytes_in":{n[bytes_in] if bytes_in < 1000 else bytes_in},'
+                    f'"bytes_out":{n[bytes_out] if bytes_out < 1000 else bytes_out}{tail}'
+                )
+            else:
+                add(
+                    f"{when} {client}:{client_port}{extra} -> {middle}"
+                    f" connect_ms={'-' if c < 0 else n[c] if c < 1000 else c}"
+                    f" duration_ms={n[d] if d < 1000 else d}"
+                    f" bytes_in={n[bytes_in] if bytes_in < 1000 else bytes_in}"
+                    f" bytes_out={n[bytes_out] if bytes_out < 1000 else bytes_out}{tail}"
+                )
+        add("")
+        return "\n".join(out)
+
     def flush(self) -> None:
-        if self._fd < 0 or not (self._pending or self._tail):
+        rows = self._rows
+        if self._fd < 0 or not (rows or self._tail):
             return
-        data = (
-            self._tail + ("\n".join(self._pending) + "\n").encode() if self._pending else self._tail
-        )
-        lines = len(self._pending)
-        self._pending = []
-        CLOCK.sync()
+        self._rows = []
+        if rows:
+            CLOCK.sync()
+            data = self._tail + self._lines(rows).encode()
+        else:
+            data = self._tail
         try:
             n = os.write(self._fd, data)
         except BlockingIOError:
             n = 0
         except OSError as exc:  # a full disk, a closed pipe: the lines are lost, and counted
-            self.dropped += lines
+            self.dropped += len(rows)
             self._tail = b""
             if exc.errno != errno.EPIPE:
                 log.error("cannot write the access log %s: %s", self.spec.path, exc.strerror)
             return
-        self.written += lines
+        self.written += len(rows)
         self._tail = data[n:]
         if self._tail and not self._waiting:
             self._waiting = True

@@ -99,9 +99,10 @@ async def dial(
     loop: asyncio.AbstractEventLoop | None = None,
     task: asyncio.Task[None] | None = None,
     deadlines: Deadlines | None = None,
-) -> tuple[Backend, float, P] | None:
-    """Connect to a backend for `route`: the backend, the loop time the connection was made,
-    and its protocol; None when every backend the router offers failed.
+) -> tuple[Backend, int, float, str, P] | None:
+    """Connect to a backend for `route`: the backend, the port dialed, the loop time the
+    connection was made, what became of the client's pin (`Router.connected`), and the
+    connection's protocol; None when every backend the router offers failed.
     A fresh pin is first settled with the shared store, when there is one. `loop` and `task`
     (the one running this) save looking them up on the hot path; `deadlines` is the server's
     sweep (one of its own otherwise)."""
@@ -169,8 +170,7 @@ async def dial(
             continue
         now = loop.time()
         router.stats.connect.observe(now - t0)
-        router.connected(route, backend)
-        return backend, now, protocol
+        return backend, port, now, router.connected(route, backend), protocol
 
 
 def _reason(exc: OSError) -> str:

@@ -27,7 +27,7 @@ from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from . import proxyproto, splice
-from .accesslog import Record
+from .accesslog import Record, unrouted
 from .dialer import dial
 from .routing import Route, Router
 from .splice import SpliceSession
@@ -251,20 +251,19 @@ class ClientSide(Half):
             return
         self._start(peer)
 
-    def log_line(self, now: float, end: bool = True, route: Route | None = None) -> None:
+    def log_line(self, now: float, end: bool = True) -> None:
         """Hand this connection's line to its group's connection log at loop time `now`: at
-        its end, or (`end` false) when it is established. (`route`: the one `finish` has just
-        let go.)"""
+        its end, or (`end` false) when it is established. (`finish`, the common end, does
+        the same inline.)"""
         rec, sink = self.rec, self.router.log
         if rec is None or sink is None:
             return
-        writer = sink[0]
-        if not rec.middle:  # refused before any dial, or gone while it went on
-            route = route or self.route
+        if rec.routed is None:  # refused before any dial
+            route = self.route
             tries = len(route.tried) if route is not None else 0
-            rec.middle = writer.middle(self.router.name, self.service_port, "none", "", None, tries)
+            rec.routed = unrouted(self.router.name, self.service_port, tries)
         peer = self.peer
-        writer.log(
+        sink[0].log(
             rec,
             now,
             self.client_addr,
@@ -326,9 +325,7 @@ class ClientSide(Half):
                 limits.release(key)
             self.refuse("descriptors")
             return
-        self.route = route = self.router.begin(key)
-        if self.rec is not None and route.pinned is not None:
-            self.rec.arrived = route.pinned.name
+        self.route = self.router.begin(key)
         server.track(self)
         self.task = server.loop.create_task(self._connect())
 
@@ -406,21 +403,29 @@ class ClientSide(Half):
                 router.limits.release(route.key)
             self.route = None
             self.server.forget(self)
-            rec, sink = self.rec, router.log
-            if rec is not None and sink is not None:
-                rec.middle = sink[0].middle(
-                    router.name, self.service_port, "none", "", None, len(route.tried)
-                )
-                rec.end("no_backend")
+            if self.rec is not None:
+                self.rec.routed = unrouted(router.name, self.service_port, len(route.tried))
+                self.rec.end("no_backend")
             self.transport.close()
             self.log_line(self.server.loop_time())
             return
-        backend, connected_at, backend_side = result
-        rec, sink = self.rec, router.log
-        if rec is not None and sink is not None:  # the dial's outcome, for the log
+        backend, port, connected_at, affinity, backend_side = result
+        rec = self.rec
+        if rec is not None:  # the dial's outcome, for the log
             rec.connected_at = connected_at
-            rec.middle = sink[0].routed(router, route, backend, self.service_port, rec.arrived)
-            if sink[1].log_on_connect:
+            rec.routed = (
+                router.name,
+                self.service_port,
+                affinity,
+                route.reason,
+                backend.name,
+                backend.address,
+                port,
+                len(route.tried),
+                False,
+            )
+            sink = router.log
+            if sink is not None and sink[1].log_on_connect:
                 self.log_line(connected_at, end=False)
         mode = backend.send_proxy or router.spec.send_proxy
         if mode is not None and mode != "none":
@@ -465,8 +470,19 @@ class ClientSide(Half):
         if backend is not None and backend.waiting:
             self.server.slots.wake(backend)
         self.server.forget(self)
-        if self.rec is not None:
-            self.log_line(now, route=route)
+        rec, sink = self.rec, router.log
+        if rec is not None and sink is not None:
+            if rec.routed is None:  # gone while its dial went on
+                rec.routed = unrouted(router.name, self.service_port, len(route.tried))
+            peer = self.peer
+            sink[0].log(
+                rec,
+                now,
+                self.client_addr,
+                self.nbytes,
+                peer.nbytes if peer is not None else 0,
+                True,
+            )
 
     # ------------------------------------------------------------------ zero copy
 

@@ -305,32 +305,43 @@ class Router:
         route.backend = None
         self.stats.descriptors += 1
 
-    def connected(self, route: Route, backend: Backend) -> None:
+    def connected(self, route: Route, backend: Backend) -> str:
+        """`route` reached `backend`: counted, and the client's entry pinned there. Returns
+        what became of the pin, as the connection log names it: `sorry`, `none` (no
+        persistence), `unpinned` (no entry: the table was full), `full` (routed past a full
+        table's busy entries), `new`, `hit`, or `repin` (why: `route.reason`, "" for a
+        failure)."""
         backend.connections += 1
         backend.failures_in_row = 0
         if backend is self.sorry:
             self.stats.sorry += 1
-            return
+            return "sorry"
         entry = route.entry
-        if entry is None or route.reason == "full":
-            return
-        if route.pinned is not None and route.pinned is not backend:
-            entry.since = self.clock()
-            entry.repin = (entry.since, route.reason or "failed", route.pinned.name)
-            stats = self.stats
-            if route.reason == "returned":
-                stats.repins_returned += 1
-                entry.home = None
-            elif route.reason == "unavailable":
-                stats.repins_unavailable += 1
-            else:
-                stats.repins_failed += 1
-            route.pinned = backend
-            if self.repinned is not None:
-                self.repinned.append(entry.key)
-        elif not entry.since:
-            entry.since = self.clock()
+        if entry is None:
+            return "none" if self.table is None else "unpinned"
+        if route.reason == "full":
+            return "full"
+        pinned = route.pinned
+        if pinned is None or pinned is backend:
+            if not entry.since:
+                entry.since = self.clock()
+            entry.backend = backend
+            return "new" if pinned is None else "hit"
+        entry.since = self.clock()
+        entry.repin = (entry.since, route.reason or "failed", pinned.name)
+        stats = self.stats
+        if route.reason == "returned":
+            stats.repins_returned += 1
+            entry.home = None
+        elif route.reason == "unavailable":
+            stats.repins_unavailable += 1
+        else:
+            stats.repins_failed += 1
+        route.pinned = backend
+        if self.repinned is not None:
+            self.repinned.append(entry.key)
         entry.backend = backend
+        return "repin"
 
     def give_up(self, route: Route) -> None:
         """No backend accepted the connection: the pin stays as it was before this one."""

@@ -42,7 +42,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from .accesslog import Record
+from .accesslog import Record, unrouted
 from .listeners import ListenSpec, is_wildcard
 from .routing import RESOURCE_ERRNOS
 
@@ -284,9 +284,7 @@ class UdpListener:
                 reply = [(level, kind, data[:16] + b"\0\0\0\0")]
         flow = Flow(self, key, addr, reply, router, port, router.begin(akey), stats, self.now)
         if router.log is not None:
-            flow.rec = rec = Record((host, addr[1]), self._loop.time())
-            if flow.route.pinned is not None:
-                rec.arrived = flow.route.pinned.name
+            flow.rec = Record((host, addr[1]), self._loop.time())
         self.flows[key] = flow
         stats.flows += 1
         stats.opened += 1
@@ -377,17 +375,26 @@ class UdpListener:
             return False
         flow.sock = sock
         flow.backend = backend
-        router.connected(route, backend)
+        affinity = router.connected(route, backend)
+        rec = flow.rec
+        if rec is not None:  # (before the re-pin's reason is let go)
+            rec.connected_at = self._loop.time()
+            rec.routed = (
+                router.name,
+                flow.service,
+                affinity,
+                route.reason,
+                backend.name,
+                backend.address,
+                port,
+                len(route.tried),
+                True,
+            )
         # From here on the flow holds this pin: a later move is a re-pin away from it.
         route.pinned = backend
         route.reason = ""
         route.fresh = False
         self._loop.add_reader(sock.fileno(), flow.from_backend)
-        rec, sink = flow.rec, router.log
-        if rec is not None and sink is not None:
-            rec.connected_at = self._loop.time()
-            rec.middle = sink[0].routed(router, route, backend, flow.service, rec.arrived, True)
-            rec.arrived = backend.name
         return True
 
     def unreachable(self, flow: Flow, exc: OSError) -> None:
@@ -444,11 +451,8 @@ class UdpListener:
         if rec is not None and sink is not None:
             writer = sink[0]
             rec.end(termination)
-            if not rec.middle:
-                tries = len(route.tried)
-                rec.middle = writer.middle(
-                    router.name, flow.service, "none", "", None, tries, udp=True
-                )
+            if rec.routed is None:
+                rec.routed = unrouted(router.name, flow.service, len(route.tried), True)
             writer.log(rec, self._loop.time(), None, flow.bytes_in, flow.bytes_out, True)
 
     def sweep(self, now: float) -> None:

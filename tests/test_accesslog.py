@@ -224,7 +224,7 @@ async def test_a_log_that_cannot_keep_up_drops_lines_and_counts_them(tmp_path: P
     counted, and the loop never waits. Once read, what was kept arrives whole."""
     import os
 
-    from l4lb.accesslog import AccessLog, Record
+    from l4lb.accesslog import AccessLog, Record, unrouted
     from l4lb.config import AccessLogSpec
 
     fifo = tmp_path / "log.fifo"
@@ -233,19 +233,19 @@ async def test_a_log_that_cannot_keep_up_drops_lines_and_counts_them(tmp_path: P
     try:
         out = AccessLog(AccessLogSpec(path=str(fifo)), max_pending=1000)
         rec = Record(("127.0.0.1", 4000), time.monotonic())
-        rec.middle = out.middle("web", 80, "none", "", None, 0)
+        rec.routed = unrouted("web", 80, 0)
         t0 = time.monotonic()
         for _ in range(5000):
             out.log(rec, rec.started, None, 0, 0, True)
             await asyncio.sleep(0)  # a loop turn: a flush that is due runs
         assert time.monotonic() - t0 < 5  # nothing blocked
-        assert out.dropped > 0 and out.written + out.dropped + len(out._pending) <= 5000
+        assert out.dropped > 0 and out.written + out.dropped + len(out._rows) <= 5000
         got = b""
         while True:
             try:
                 chunk = os.read(reader, 1 << 20)
             except BlockingIOError:
-                if not out._pending and not out._tail:
+                if not out._rows and not out._tail:
                     break
                 await asyncio.sleep(0.01)
                 continue
