@@ -467,9 +467,9 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     on, off = median("l4lb-log", "conn_per_s"), median("l4lb", "conn_per_s")
     cpu_on, cpu_off = median("l4lb-log", "cpu_us_per_conn"), median("l4lb", "cpu_us_per_conn")
     lines.append(
-        f"connection log (JSON, a line per connection): {on:,.0f} new connections/s with it on"
-        f" against {off:,.0f} off ({on / off:.2f}x); CPU per connection {cpu_on:.0f} us"
-        f" against {cpu_off:.0f} us ({cpu_on / cpu_off - 1:+.1%})"
+        f"connection log (JSON, a line per connection), one run after the other: {on:,.0f} new"
+        f" connections/s with it on against {off:,.0f} off ({on / off:.2f}x); CPU per connection"
+        f" {cpu_on:.0f} us against {cpu_off:.0f} us ({cpu_on / cpu_off - 1:+.1%})"
     )
     bare, haproxy = median("bare", "cpu_us_per_conn"), median("haproxy", "cpu_us_per_conn")
     lines.append(
@@ -548,7 +548,24 @@ def main() -> int:
             for t in targets if r % 2 == 0 else targets[::-1]:
                 print(f"round {r + 1}/{rounds}: {t}", file=sys.stderr, flush=True)
                 results[t].append(run_round(bench, t, marks, args.only_conn))
+        side: dict[str, dict[str, object]] = {}
+        if targets == TARGETS and not args.only_conn:
+            # The log's cost, side by side (bench/ab.py): one after the other, the l4lb and
+            # l4lb-log columns move by 10-20% from run to run, more than what is measured.
+            import ab  # bench/ab.py, beside this file
+
+            for variant, n in (("log", 2 * rounds), ("same", rounds)):
+                print(f"side by side: l4lb, l4lb ({variant})", file=sys.stderr, flush=True)
+                side[variant] = ab.side_by_side(bench, variant, n, seconds)
     text = table(results) if targets == TARGETS and not args.only_conn else brief(results)
+    if side:
+        import ab
+
+        text += (
+            "\nconnection log, side by side (l4lb with it and without, both at once on the proxy"
+            f" core, {2 * rounds} rounds): {ab.summary(side['log'])} the new connections per second"
+            f" without it; l4lb against itself, {rounds} rounds: {ab.summary(side['same'])}"
+        )
     print(text)
     udp: dict[str, list[dict[str, float]]] = {}
     if targets == TARGETS and not args.only_conn and not args.no_udp:
@@ -573,6 +590,7 @@ def main() -> int:
                 "seconds": seconds,
                 "results": results,
                 "udp": udp,
+                "side_by_side": side,
                 "not_quiet": marks,
                 "table": text,
                 "python": sys.version.split()[0],
