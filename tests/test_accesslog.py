@@ -256,3 +256,85 @@ async def test_a_log_that_cannot_keep_up_drops_lines_and_counts_them(tmp_path: P
         out.close()
     finally:
         os.close(reader)
+
+
+async def test_a_batch_of_mixed_rows_gives_each_line_its_own_facts(tmp_path: Path) -> None:
+    """Lines are made in batches, reusing the texts consecutive rows share (the time, routing's
+    outcome, the end): interleaved rows of two outcomes, three ends, a connect line, a PROXY
+    client and an IPv4 client of a dual-stack listener each get their own, in both formats."""
+    from l4lb.accesslog import AccessLog, Record, unrouted
+    from l4lb.config import AccessLogSpec
+
+    for fmt in ("json", "text"):
+        path = tmp_path / f"log.{fmt}"
+        out = AccessLog(AccessLogSpec(path=str(path), format=fmt), worker=3)
+        a = Record(("127.0.0.1", 4001), 100.0)
+        a.connected_at = 100.002
+        a.routed = ("web", 80, "hit", "", "b1", "127.0.0.1", 8080, 1, False)
+        b = Record(("::ffff:127.0.0.2", 4002), 100.0)
+        b.connected_at = 100.004
+        b.routed = ("web", 443, "repin", "unavailable", "b2", "::1", 8443, 2, False)
+        c = Record(("127.0.0.3", 4003), 100.5)
+        c.routed = unrouted("web", 80, 3)
+        rows = [  # (record, time, PROXY client, bytes in, bytes out, termination)
+            (a, 100.010, None, 5, 1500, "client_fin"),
+            (b, 100.010, None, 7, 9, "backend_rst"),
+            (a, 100.020, ("10.9.9.9", 555), 0, 0, None),
+            (a, 101.000, None, 1000, 999, "client_fin"),
+            (c, 101.000, None, 0, 0, "no_backend"),
+            (b, 101.000, None, 1, 2, ""),
+        ]
+        for rec, now, via, bi, bo, how in rows:
+            rec.termination = how or ""
+            out.log(rec, now, via, bi, bo, how is not None)
+        out.close()
+        got = path.read_text().splitlines()
+        assert len(got) == 6
+        if fmt == "text":
+            assert got[0].endswith(
+                " 127.0.0.1:4001 -> web:80 -> b1@127.0.0.1:8080 affinity=hit tries=1 connect_ms=2"
+                " duration_ms=10 bytes_in=5 bytes_out=1500 end client_fin worker=3"
+            )
+            assert (
+                " 127.0.0.2:4002 -> web:443 -> b2@[::1]:8443 affinity=repin(unavailable)" in got[1]
+            )
+            assert " 10.9.9.9:555 (via 127.0.0.1:4001) -> web:80 " in got[2]
+            assert got[2].endswith(" connect open worker=3")
+            assert "-> web:80 -> - affinity=none tries=3 connect_ms=-" in got[4]
+            assert got[5].endswith(" end unknown worker=3")
+            continue
+        lines = [json.loads(x) for x in got]
+        assert [x["event"] for x in lines] == ["end", "end", "connect", "end", "end", "end"]
+        assert [x["client"] for x in lines] == [
+            "127.0.0.1",
+            "127.0.0.2",
+            "10.9.9.9",
+            "127.0.0.1",
+            "127.0.0.3",
+            "127.0.0.2",
+        ]
+        assert [x["client_port"] for x in lines] == [4001, 4002, 555, 4001, 4003, 4002]
+        assert lines[2]["peer"] == "127.0.0.1" and lines[2]["peer_port"] == 4001
+        assert all("peer" not in x for i, x in enumerate(lines) if i != 2)
+        assert [x["affinity"] for x in lines] == ["hit", "repin", "hit", "hit", "none", "repin"]
+        assert lines[1]["repin_reason"] == "unavailable" and "repin_reason" not in lines[0]
+        assert [x["backend"] for x in lines] == ["b1", "b2", "b1", "b1", None, "b2"]
+        assert lines[1]["backend_address"] == "[::1]:8443"
+        assert lines[0]["backend_address"] == "127.0.0.1:8080" and "backend_address" not in lines[4]
+        assert [x["tries"] for x in lines] == [1, 2, 1, 1, 3, 2]
+        assert [x["connect_ms"] for x in lines] == [2, 4, 2, 2, None, 4]
+        assert [x["duration_ms"] for x in lines] == [10, 10, 20, 1000, 500, 1000]
+        assert [x["bytes_in"] for x in lines] == [5, 7, 0, 1000, 0, 1]
+        assert [x["bytes_out"] for x in lines] == [1500, 9, 0, 999, 0, 2]
+        assert [x.get("termination") for x in lines] == [
+            "client_fin",
+            "backend_rst",
+            None,
+            "client_fin",
+            "no_backend",
+            "unknown",
+        ]
+        assert {x["worker"] for x in lines} == {3}
+        # The time is each row's own: the loop's clock to the wall clock, whole milliseconds.
+        stamps = [x["time"] for x in lines]
+        assert stamps[0] == stamps[1] != stamps[2] != stamps[3] == stamps[4] == stamps[5]
