@@ -36,8 +36,13 @@ import logging
 import math
 import os
 import time
+from typing import TYPE_CHECKING
 
 from .config import AccessLogSpec
+
+if TYPE_CHECKING:
+    from .backends import Backend
+    from .routing import Route
 
 log = logging.getLogger("l4lb.accesslog")
 
@@ -111,6 +116,30 @@ CLOCK = _Clock()
 
 def address_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def reached(
+    group: str,
+    port: int,
+    affinity: str,
+    route: Route,
+    backend: Backend,
+    backend_port: int,
+    udp: bool = False,
+) -> Routed:
+    """The `Routed` of a connection or flow of `group` that reached `backend` on its
+    `backend_port` for service `port` (`affinity`: what `Router.connected` said)."""
+    return (
+        group,
+        port,
+        affinity,
+        route.reason,
+        backend.name,
+        backend.address,
+        backend_port,
+        len(route.tried),
+        udp,
+    )
 
 
 def unrouted(group: str, port: int, tries: int, udp: bool = False) -> Routed:

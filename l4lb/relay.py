@@ -27,7 +27,7 @@ from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from . import proxyproto, splice
-from .accesslog import Record, unrouted
+from .accesslog import Record, reached, unrouted
 from .dialer import dial
 from .routing import Route, Router
 from .splice import SpliceSession
@@ -251,15 +251,15 @@ class ClientSide(Half):
             return
         self._start(peer)
 
-    def log_line(self, now: float, end: bool = True) -> None:
+    def log_line(self, now: float, end: bool = True, route: Route | None = None) -> None:
         """Hand this connection's line to its group's connection log at loop time `now`: at
-        its end, or (`end` false) when it is established. (`finish`, the common end, does
-        the same inline.)"""
+        its end, or (`end` false) when it is established. (`route`: the one `finish` has just
+        let go.)"""
         rec, sink = self.rec, self.router.log
         if rec is None or sink is None:
             return
-        if rec.routed is None:  # refused before any dial
-            route = self.route
+        if rec.routed is None:  # refused before any dial, or gone while it went on
+            route = route or self.route
             tries = len(route.tried) if route is not None else 0
             rec.routed = unrouted(self.router.name, self.service_port, tries)
         peer = self.peer
@@ -413,17 +413,7 @@ class ClientSide(Half):
         rec = self.rec
         if rec is not None:  # the dial's outcome, for the log
             rec.connected_at = connected_at
-            rec.routed = (
-                router.name,
-                self.service_port,
-                affinity,
-                route.reason,
-                backend.name,
-                backend.address,
-                port,
-                len(route.tried),
-                False,
-            )
+            rec.routed = reached(router.name, self.service_port, affinity, route, backend, port)
             sink = router.log
             if sink is not None and sink[1].log_on_connect:
                 self.log_line(connected_at, end=False)
@@ -470,19 +460,8 @@ class ClientSide(Half):
         if backend is not None and backend.waiting:
             self.server.slots.wake(backend)
         self.server.forget(self)
-        rec, sink = self.rec, router.log
-        if rec is not None and sink is not None:
-            if rec.routed is None:  # gone while its dial went on
-                rec.routed = unrouted(router.name, self.service_port, len(route.tried))
-            peer = self.peer
-            sink[0].log(
-                rec,
-                now,
-                self.client_addr,
-                self.nbytes,
-                peer.nbytes if peer is not None else 0,
-                True,
-            )
+        if self.rec is not None:
+            self.log_line(now, route=route)
 
     # ------------------------------------------------------------------ zero copy
 

@@ -42,7 +42,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from .accesslog import Record, unrouted
+from .accesslog import Record, reached, unrouted
 from .listeners import ListenSpec, is_wildcard
 from .routing import RESOURCE_ERRNOS
 
@@ -379,17 +379,7 @@ class UdpListener:
         rec = flow.rec
         if rec is not None:  # (before the re-pin's reason is let go)
             rec.connected_at = self._loop.time()
-            rec.routed = (
-                router.name,
-                flow.service,
-                affinity,
-                route.reason,
-                backend.name,
-                backend.address,
-                port,
-                len(route.tried),
-                True,
-            )
+            rec.routed = reached(router.name, flow.service, affinity, route, backend, port, True)
         # From here on the flow holds this pin: a later move is a re-pin away from it.
         route.pinned = backend
         route.reason = ""
