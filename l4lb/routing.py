@@ -308,9 +308,9 @@ class Router:
     def connected(self, route: Route, backend: Backend) -> str:
         """`route` reached `backend`: counted, and the client's entry pinned there. Returns
         what became of the pin, as the connection log names it: `sorry`, `none` (no
-        persistence), `unpinned` (no entry: the table was full), `full` (routed past a full
-        table's busy entries), `new`, `hit`, or `repin` (why: `route.reason`, "" for a
-        failure)."""
+        persistence), `unpinned` (no entry: the table was full), `full` (the pinned backend
+        was full: sent elsewhere, the pin kept), `new`, `hit`, or `repin` (why:
+        `route.reason`, "" for a failure)."""
         backend.connections += 1
         backend.failures_in_row = 0
         if backend is self.sorry:
