@@ -15,8 +15,9 @@ Lines are made in batches, not one by one: `log` only queues a row (the record, 
 counts and how it ended; a record's facts do not change once it is queued), and the flush turns
 every queued row into its line in one loop. A line's text is a Python f-string either way; made
 in a batch it costs no call of its own, its constants are locals, and the texts rows share
-(routing's outcome, the time, the end) are made once per batch rather than looked up per line.
-That halves what a line costs a new connection.
+(routing's outcome, the time, the end) are made once for the rows that share them rather than
+looked up per line. Measured side by side (bench/ab.py), that took the log from 8.5% of a new
+connection to 5.5%.
 
 Writing never blocks the relay: rows go to a bounded buffer, and the loop flushes it every
 50 ms (or at 256 rows) with one `os.write` on a descriptor in non-blocking mode (a file of our
