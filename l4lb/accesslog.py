@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("l4lb.accesslog")
 
-MAX_PENDING = 64 * 1024 * 1024 // 256  # lines held while the output is slow: about 64 MiB
+MAX_PENDING = 64 * 1024 * 1024 // 512  # rows held while the output is slow: a row and its
+# record are about 500 bytes, so about 64 MiB
 FLUSH_DELAY = 0.05  # seconds a line may wait, so that one write carries many lines
 FLUSH_LINES = 256  # or this many lines, whichever comes first
 
