@@ -4,10 +4,11 @@ real sockets on loopback, with many 127/8 sources as many clients."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,19 @@ def with_admin(started: Started) -> tuple[Config, int]:
     (admin_port,) = free_ports(1)
     top = f"admin: {{listen: '127.0.0.1:{admin_port}'}}\n"
     return config_of(shop_yaml(started), top=top), admin_port
+
+
+@contextlib.asynccontextmanager
+async def shop_with_a_flow(
+    backends: Callable[..., Awaitable[list[NamedBackend]]], cleanup: Cleanup, source: str
+) -> AsyncIterator[tuple[Started, int, str]]:
+    """A running shop of two backends with an admin listener, and one flow open from `source`
+    (answered): the shop, the admin port, and the backend that answered the flow."""
+    started = await shop(backends, cleanup, n=2)
+    config, admin_port = with_admin(started)
+    async with running(config):
+        flow = cleanup(await UdpClient.open(started[3], source))
+        yield started, admin_port, await flow.who()
 
 
 def open_clients(cleanup: Cleanup) -> Callable[..., Awaitable[UdpClient]]:
@@ -430,12 +444,8 @@ async def test_udp_checks_send_a_datagram_and_match_the_answer(
 async def test_the_api_and_metrics_show_flows(
     backends: Callable[..., Awaitable[list[NamedBackend]]], cleanup: Cleanup
 ) -> None:
-    started = await shop(backends, cleanup, n=2)
-    _, _, tp, up = started
-    config, admin_port = with_admin(started)
-    async with running(config):
-        c = cleanup(await UdpClient.open(up, "127.0.11.7"))
-        name = await c.who()
+    async with shop_with_a_flow(backends, cleanup, "127.0.11.7") as (started, admin_port, name):
+        _, _, tp, up = started
         _, _r, w = await greet(tp, "127.0.11.8")
         base = f"http://127.0.0.1:{admin_port}"
         async with aiohttp.ClientSession() as http:
@@ -504,12 +514,8 @@ async def test_the_status_page_shows_udp_ports_and_flows(
     cleanup: Cleanup,
     tmp_path: Path,
 ) -> None:
-    started = await shop(backends, cleanup, n=2)
-    _, _, _, up = started
-    config, admin_port = with_admin(started)
-    async with running(config):
-        c = cleanup(await UdpClient.open(up, "127.0.14.1"))
-        name = await c.who()
+    async with shop_with_a_flow(backends, cleanup, "127.0.14.1") as (started, admin_port, name):
+        up = started[3]
         async with browser(tmp_path, f"http://127.0.0.1:{admin_port}/") as page:
             rows = "[...document.querySelectorAll('#backends tbody tr')]"
             await page.until(f"{rows}.length === 2")
