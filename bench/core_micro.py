@@ -13,12 +13,12 @@ import statistics
 import time
 import tracemalloc
 
-from l4lb.affinity import AffinityTable
-from l4lb.backends import Backend
 from l4lb.config import BackendSpec, ClientLimitsSpec
-from l4lb.keys import make_keyer
-from l4lb.limits import ClientLimits
-from l4lb.schedulers import make_scheduler
+from l4lb.core.affinity import AffinityTable
+from l4lb.core.backends import Backend
+from l4lb.core.keys import make_keyer
+from l4lb.core.limits import ClientLimits
+from l4lb.core.schedulers import make_scheduler
 
 
 def per_op(fn, n: int, rounds: int = 5) -> float:  # type: ignore[no-untyped-def]

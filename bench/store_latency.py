@@ -23,7 +23,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from l4lb.config import load_config_text
-from l4lb.server import Server
+from l4lb.runtime.server import Server
 from tests.helpers import free_ports
 from tests.procs import wait_for_line
 

@@ -12,9 +12,10 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import __version__, sdnotify
+from . import __version__
 from .config import SCHEDULERS, Config, ConfigError, load_config, load_config_text
-from .server import ReloadError, Server, StartupError
+from .runtime import sdnotify
+from .runtime.server import ReloadError, Server, StartupError
 
 log = logging.getLogger("l4lb")
 
@@ -44,7 +45,7 @@ async def _serve(config: Config, demo: bool, log_level: str) -> int:
     signals_seen = 0
     balancer: Balancer
     if config.workers > 1:
-        from .supervisor import Supervisor
+        from .workers.supervisor import Supervisor
 
         balancer = Supervisor(config, log_level)
     else:
@@ -120,7 +121,7 @@ def _flags_config(args: argparse.Namespace) -> str | None:
     if args.config:
         print("l4lb run: -c FILE or the -l/-b flags, not both", file=sys.stderr)
         return ""
-    from .quick import FlagError, to_yaml
+    from .config.quick import FlagError, to_yaml
 
     try:
         return to_yaml(args.listen, args.backend, args.persistence, args.scheduler, args.admin)
@@ -160,7 +161,7 @@ def _healthcheck(path: str) -> int:
 
 
 def _import_keepalived(args: argparse.Namespace) -> int:
-    from .keepalived import KeepalivedError, convert
+    from .config.keepalived import KeepalivedError, convert
 
     marks: dict[int, list[int]] = {}
     for spec in args.fwmark_ports:
@@ -180,7 +181,7 @@ def _import_keepalived(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     if notes:
-        from .ctl import plural
+        from .admin.ctl import plural
 
         print(
             f"{plural(notes, 'option was', 'options were')} not carried over: see the"
@@ -214,7 +215,7 @@ def _setup_logging(level: str, who: str = "") -> None:
 
 
 def _worker(log_level: str) -> int:
-    from .worker import environment, serve
+    from .workers.worker import environment, serve
 
     try:
         env = environment()
@@ -277,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("-c", "--config", required=True, help="the YAML configuration file")
     sub.add_parser("version", help="print the version")
     sub.add_parser("worker")  # started by the supervisor of `workers: N`, with L4LB_WORKER set
-    from .ctl import add_parser as add_ctl
+    from .admin.ctl import add_parser as add_ctl
 
     add_ctl(sub)
     hc = sub.add_parser("healthcheck", help="exit 0 if the admin API of a running l4lb answers")
@@ -313,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "worker":
         return _worker(args.log_level)
     if args.command == "ctl":
-        from .ctl import run as run_ctl
+        from .admin.ctl import run as run_ctl
 
         return run_ctl(args)
     _setup_logging(args.log_level)
@@ -332,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config) if not text else load_config_text(text, "<flags>")
     except ConfigError as exc:
         if text:
-            from .quick import explain
+            from .config.quick import explain
 
             for line in exc.lines:
                 print(f"l4lb run: {explain(line, text)}", file=sys.stderr)
@@ -343,11 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in config.warnings:
         print(line, file=sys.stderr)
     if args.command == "check":
-        from .names import names_in
+        from .config.names import names_in
 
         names = names_in(config)
         if names:
-            from .resolver import lookup_now
+            from .runtime.resolver import lookup_now
 
             for answer in lookup_now(names).values():
                 if isinstance(answer, str):  # l4lb would start, with these backends down
@@ -355,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = sum(len(g.backends) for g in config.groups)
         extra = f", {config.workers} workers" if config.workers > 1 else ""
         if config.affinity_store is not None:
-            from .store import redact
+            from .dataplane.store import redact
 
             extra += f", pins shared through {redact(config.affinity_store.url)}"
         g = len(config.groups)

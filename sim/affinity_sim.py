@@ -11,11 +11,11 @@ Designs:
   instance in front of a shared table; a new pin or a re-pin is claimed in Redis with a
   compare-and-set (the first instance's choice is everyone's); the group's scheduler (wlc,
   modelled as a weighted random pick) chooses new pins; with Redis down, the rendezvous hash
-  (l4lb.schedulers.rendezvous, the same function) chooses; when Redis returns, each instance
+  (l4lb.core.schedulers.rendezvous, the same function) chooses; when Redis returns, each instance
   writes its pins with SET NX and takes Redis's where it already has one.
 - l4lb (mh): the same with `scheduler: mh`: new pins by Maglev, and so is the fallback.
 - maglev: stateless Maglev (Eisenbud et al. 2016), the table rebuilt over the live backends
-  (l4lb.schedulers.Maglev builds it).
+  (l4lb.core.schedulers.Maglev builds it).
 - rendezvous: stateless weighted rendezvous hashing over the live backends.
 - local tables: a table per instance and no sharing (N independent LVS directors without
   the sync daemon, or N HAProxies without peers).
@@ -38,10 +38,10 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from l4lb.backends import Backend
 from l4lb.config import BackendSpec
-from l4lb.keys import hash_key, hash_name
-from l4lb.schedulers import Maglev, rendezvous
+from l4lb.core.backends import Backend
+from l4lb.core.keys import hash_key, hash_name
+from l4lb.core.schedulers import Maglev, rendezvous
 
 U64 = np.uint64
 Ints = npt.NDArray[np.int64]
@@ -49,7 +49,7 @@ DESIGNS = ("l4lb (wlc)", "l4lb (mh)", "maglev", "rendezvous", "local tables")
 
 
 def mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """l4lb.keys.hash_key for keys below 2**64, on arrays (uint64 arithmetic wraps)."""
+    """l4lb.core.keys.hash_key for keys below 2**64, on arrays (uint64 arithmetic wraps)."""
     z = x.copy()
     z = (z ^ (z >> U64(30))) * U64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> U64(27))) * U64(0x94D049BB133111EB)
@@ -86,7 +86,7 @@ class World:
 
 
 def hrw(keys: npt.NDArray[np.uint64], world: World) -> Ints:
-    """l4lb.schedulers.rendezvous over the live backends, for every key at once."""
+    """l4lb.core.schedulers.rendezvous over the live backends, for every key at once."""
     kh = mix(keys)
     live = world.live()
     best = np.full(len(keys), -1.0)

@@ -1,6 +1,6 @@
 import pytest
 
-from l4lb.affinity import AffinityTable
+from l4lb.core.affinity import AffinityTable
 from tests.helpers import FakeClock
 
 
@@ -119,7 +119,7 @@ def test_an_expired_entry_is_a_miss_even_between_sweeps() -> None:
 
 
 def test_throttle_holds_back_and_counts() -> None:
-    from l4lb.throttle import Throttle
+    from l4lb.core.throttle import Throttle
 
     clock = FakeClock()
     t = Throttle(1.0, clock)

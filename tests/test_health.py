@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from l4lb.backends import State
-from l4lb.checks import probe
+from l4lb.checks.probes import probe
 from l4lb.config import HealthCheckSpec, load_config_text
-from l4lb.health import Quorum, Verdict
-from l4lb.routing import Router
+from l4lb.core.backends import State
+from l4lb.core.health import Quorum, Verdict
+from l4lb.core.routing import Router
 from tests.helpers import (
     FakeClock,
     config_of,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from l4lb.config import load_config, load_config_text
-from l4lb.keepalived import KeepalivedError, convert
+from l4lb.config.keepalived import KeepalivedError, convert
 from tests.helpers import free_ports, hello, running
 from tests.procs import ROOT
 

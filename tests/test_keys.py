@@ -3,7 +3,7 @@ import ipaddress
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4lb.keys import V6_TAG, format_key, make_keyer, mask_prefix_len, v6_mask
+from l4lb.core.keys import V6_TAG, format_key, make_keyer, mask_prefix_len, v6_mask
 
 
 def test_ipv4_masking() -> None:

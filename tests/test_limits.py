@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from l4lb.backends import State
 from l4lb.config import ClientLimitsSpec, ConfigError, load_config_text
-from l4lb.limits import MAX_TRACKED, ClientLimits
-from l4lb.routing import Router
+from l4lb.core.backends import State
+from l4lb.core.limits import MAX_TRACKED, ClientLimits
+from l4lb.core.routing import Router
 from tests.helpers import FakeClock, config_of, free_ports, greet, group_yaml, hello, running
 
 # ------------------------------------------------------------------ the rules

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from l4lb.config import ConfigError, load_config_text
-from l4lb.names import expand, names_in
+from l4lb.config.names import expand, names_in
 from tests.helpers import free_ports
 from tests.procs import l4lb_cli, processes, start_backend, start_l4lb
 

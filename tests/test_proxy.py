@@ -10,8 +10,8 @@ import struct
 
 import pytest
 
-from l4lb.relay import HIGH_WATER
-from l4lb.server import Server
+from l4lb.dataplane.relay import HIGH_WATER
+from l4lb.runtime.server import Server
 from tests.helpers import (
     FakeClock,
     NamedBackend,
@@ -131,8 +131,8 @@ async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> N
     failure of the backend; a cancel from outside (the client left) stays a cancel, also when
     the deadline passed in the same turn of the loop."""
     from l4lb.config import load_config_text
-    from l4lb.dialer import Deadlines, SlotQueue, dial
-    from l4lb.routing import Router
+    from l4lb.core.routing import Router
+    from l4lb.dataplane.dialer import Deadlines, SlotQueue, dial
 
     tarpit = cleanup(socket.socket())
     tarpit.bind(("127.0.0.1", 0))

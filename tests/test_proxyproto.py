@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l4lb.proxyproto import MAX_HEADER, V2_SIGNATURE, ProxyError, encode, parse
+from l4lb.core.proxyproto import MAX_HEADER, V2_SIGNATURE, ProxyError, encode, parse
 from tests.helpers import config_of, free_ports, group_yaml, running
 from tests.procs import ROOT, processes, start_backend, start_l4lb, wait_port
 

@@ -1,8 +1,8 @@
 import random
 
-from l4lb.backends import State
 from l4lb.config import load_config_text
-from l4lb.routing import Router
+from l4lb.core.backends import State
+from l4lb.core.routing import Router
 from tests.helpers import FakeClock
 
 CONFIG = """

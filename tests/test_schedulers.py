@@ -3,9 +3,9 @@ from collections import Counter
 
 import pytest
 
-from l4lb.backends import Backend, State
 from l4lb.config import BackendSpec
-from l4lb.schedulers import SCHEDULER_CLASSES, make_scheduler
+from l4lb.core.backends import Backend, State
+from l4lb.core.schedulers import SCHEDULER_CLASSES, make_scheduler
 
 
 def pool(*weights: int) -> list[Backend]:

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from l4lb.backends import Backend
 from l4lb.config import BackendSpec, Config
-from l4lb.schedulers import rendezvous
+from l4lb.core.backends import Backend
+from l4lb.core.schedulers import rendezvous
 from tests.helpers import config_of, free_ports, greet, group_yaml, hello, running
 from tests.procs import processes, start_backend, start_l4lb, wait_for_line, wait_port
 
@@ -440,7 +440,7 @@ async def test_a_new_clients_parallel_connections_all_follow_the_shared_pin(
 
 
 def test_a_store_password_never_reaches_the_logs() -> None:
-    from l4lb.store import redact
+    from l4lb.dataplane.store import redact
 
     assert redact("redis://:s3cret@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
     assert (

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from l4lb.reuseport import attach, program, steer
+from l4lb.core.reuseport import attach, program, steer
 from tests.helpers import free_ports
 from tests.procs import (
     ROOT,

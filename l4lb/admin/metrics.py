@@ -19,12 +19,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .backends import State
+from .. import __version__
+from ..core.backends import State
 
 if TYPE_CHECKING:
-    from .server import Server
-    from .store import StoreStats
+    from ..dataplane.store import StoreStats
+    from ..runtime.server import Server
 
 
 RELOADS_HELP = "Configuration reloads: result=ok (applied), failed (refused: nothing changed)"

@@ -23,12 +23,12 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from .admin import ROUTES, ApiBase, ApiError, backends_csv
-from .config import AdminSpec
+from ..config import AdminSpec
+from .api import ROUTES, ApiBase, ApiError, backends_csv
 from .metrics import REFUSED_HELP, RELOADS_HELP
 
 if TYPE_CHECKING:
-    from .supervisor import Supervisor, WorkerProc
+    from ..workers.supervisor import Supervisor, WorkerProc
 
 log = logging.getLogger("l4lb.admin")
 ASK_TIMEOUT = 10.0  # seconds for every worker to answer one request

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .routing import Router
+from ..core.routing import Router
 
 VERSION = 1
 

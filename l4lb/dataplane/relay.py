@@ -26,15 +26,16 @@ import socket
 from functools import partial
 from typing import TYPE_CHECKING, cast
 
-from . import proxyproto, splice
+from ..core import proxyproto
+from ..core.routing import Route, Router
+from ..core.throttle import Throttle, held_note
+from . import splice
 from .accesslog import Record, reached, unrouted
 from .dialer import dial
-from .routing import Route, Router
 from .splice import SpliceSession
-from .throttle import Throttle, held_note
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..runtime.server import Server
 
 log = logging.getLogger("l4lb.relay")
 

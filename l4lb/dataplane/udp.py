@@ -42,14 +42,14 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from ..core.routing import RESOURCE_ERRNOS
 from .accesslog import Record, reached, unrouted
 from .listeners import ListenSpec, is_wildcard
-from .routing import RESOURCE_ERRNOS
 
 if TYPE_CHECKING:
-    from .backends import Backend
-    from .routing import Route, Router
-    from .server import Server
+    from ..core.backends import Backend
+    from ..core.routing import Route, Router
+    from ..runtime.server import Server
 
 log = logging.getLogger("l4lb.udp")
 

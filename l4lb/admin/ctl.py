@@ -10,7 +10,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from .config import AdminSpec, ConfigError, load_admin_section, load_config
+from ..config import AdminSpec, ConfigError, load_admin_section, load_config
 
 
 class CtlError(Exception):

@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
-from .throttle import Throttle, held_note
+from ..core.throttle import Throttle, held_note
 
 log = logging.getLogger("l4lb.admin")
 

@@ -24,12 +24,12 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .backends import Backend, State
-from .checks import probe
-from .config import HealthCheckSpec
-from .health import Event, Verdict
-from .histogram import Histogram
-from .routing import Router
+from ..config import HealthCheckSpec
+from ..core.backends import Backend, State
+from ..core.health import Event, Verdict
+from ..core.histogram import Histogram
+from ..core.routing import Router
+from .probes import probe
 
 log = logging.getLogger("l4lb.health")
 RECENT_CHECKS = 60  # check results kept per backend for the status page

@@ -39,11 +39,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import Config, ConfigError, load_config_text
+from ..core.reuseport import attach, program
+from ..dataplane.listeners import ListenSpec, Where, bind, close_all, listen_specs, steering_masks
+from ..runtime.server import ReloadError, StartupError, describe
 from . import control
-from .config import Config, ConfigError, load_config_text
-from .listeners import ListenSpec, Where, bind, close_all, listen_specs, steering_masks
-from .reuseport import attach, program
-from .server import ReloadError, StartupError, describe
 from .worker import ENV
 
 log = logging.getLogger("l4lb.supervisor")
@@ -288,7 +288,7 @@ class Supervisor:
     async def _start_admin(self) -> None:
         if self.config.admin is None:
             return
-        from .fanout import FrontAdmin
+        from ..admin.fanout import FrontAdmin
 
         front = FrontAdmin(self, self.config.admin)
         try:

@@ -21,10 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config_text
+from ..config import Config, ConfigError, load_config_text
+from ..dataplane.listeners import Where
+from ..runtime.server import ReloadError, Server, StartupError
 from .control import Channel
-from .listeners import Where
-from .server import ReloadError, Server, StartupError
 
 log = logging.getLogger("l4lb.worker")
 ENV = "L4LB_WORKER"

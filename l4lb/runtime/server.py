@@ -26,10 +26,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import statefile
-from .accesslog import AccessLog
-from .backends import Backend
-from .config import (
+from ..checks.monitor import HealthMonitor
+from ..config import (
     Config,
     ConfigError,
     GroupPorts,
@@ -37,10 +35,16 @@ from .config import (
     is_local_address,
     load_config,
 )
-from .config import changes as config_changes
-from .dialer import Deadlines, SlotQueue
-from .keys import V6_TAG, format_netmask
-from .listeners import (
+from ..config import changes as config_changes
+from ..config.names import Answer, expand, names_in
+from ..core.backends import Backend
+from ..core.keys import V6_TAG, format_netmask
+from ..core.reuseport import steer
+from ..core.routing import RESOURCE_ERRNOS, Router
+from ..core.throttle import Throttle, held_note
+from ..dataplane.accesslog import AccessLog
+from ..dataplane.dialer import Deadlines, SlotQueue
+from ..dataplane.listeners import (
     BACKLOG,
     MARKS,
     ListenSpec,
@@ -50,17 +54,13 @@ from .listeners import (
     listen_specs,
     steering_masks,
 )
-from .monitor import HealthMonitor
-from .names import Answer, expand, names_in
-from .relay import ClientSide, MarkedClientSide, ProxyClientSide
+from ..dataplane.relay import ClientSide, MarkedClientSide, ProxyClientSide
+from ..dataplane.udp import UdpListener, UdpStats
+from . import statefile
 from .resolver import lookup
-from .reuseport import steer
-from .routing import RESOURCE_ERRNOS, Router
-from .throttle import Throttle, held_note
-from .udp import UdpListener, UdpStats
 
 if TYPE_CHECKING:
-    from .store import RedisStore
+    from ..dataplane.store import RedisStore
 
 log = logging.getLogger("l4lb.server")
 
@@ -172,7 +172,7 @@ class Server:
         self.deadlines = Deadlines()  # the dials' connect deadlines, one sweep for all
         self.store: RedisStore | None = None
         if config.affinity_store is not None:
-            from .store import RedisStore  # redis loads only when a store is configured
+            from ..dataplane.store import RedisStore  # redis loads only when a store is configured
 
             self.store = RedisStore(config.affinity_store, lambda: self.routers)
         # Workers: the leader checks and tells (`on_health`); followers take its verdicts.
@@ -475,7 +475,7 @@ class Server:
     async def _start_admin(self) -> None:
         if self.config.admin is None:
             return
-        from .admin import AdminServer  # aiohttp loads only when the admin API is configured
+        from ..admin.api import AdminServer  # aiohttp loads only when the admin API is configured
 
         admin = AdminServer(self, self.config.admin, self.admin_path)
         try:

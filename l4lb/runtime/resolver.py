@@ -8,7 +8,7 @@ import asyncio
 import socket
 from collections.abc import Iterable
 
-from .names import Answer
+from ..config.names import Answer
 
 LOOKUP_TIMEOUT = 5.0  # seconds one name may take; then it counts as not resolving
 

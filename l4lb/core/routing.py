@@ -43,10 +43,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..config import AccessLogSpec, BackendSpec, GroupSpec
+from ..config import changes as config_changes
 from .affinity import AffinityTable, Entry
 from .backends import Backend, State
-from .config import AccessLogSpec, BackendSpec, GroupSpec
-from .config import changes as config_changes
 from .health import Event, Quorum
 from .histogram import Histogram
 from .keys import Keyer, make_keyer, make_matcher
@@ -57,7 +57,7 @@ from .schedulers import Scheduler, make_scheduler, rendezvous
 # not that a backend failed.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 if TYPE_CHECKING:
-    from .accesslog import AccessLog
+    from ..dataplane.accesslog import AccessLog
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

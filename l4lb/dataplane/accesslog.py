@@ -39,11 +39,11 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from .config import AccessLogSpec
+from ..config import AccessLogSpec
 
 if TYPE_CHECKING:
-    from .backends import Backend
-    from .routing import Route
+    from ..core.backends import Backend
+    from ..core.routing import Route
 
 log = logging.getLogger("l4lb.accesslog")
 

@@ -11,8 +11,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from .backends import Backend
-from .routing import RESOURCE_ERRNOS, Route, Router
+from ..core.backends import Backend
+from ..core.routing import RESOURCE_ERRNOS, Route, Router
 
 if TYPE_CHECKING:
     from .store import RedisStore

@@ -45,10 +45,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .backends import Backend
-from .config import StoreSpec
-from .routing import Route, Router
-from .throttle import Throttle, held_note
+from ..config import StoreSpec
+from ..core.backends import Backend
+from ..core.routing import Route, Router
+from ..core.throttle import Throttle, held_note
 
 log = logging.getLogger("l4lb.store")
 CLAIM = """

@@ -22,18 +22,18 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .admin_guard import MAX_BODY, Guard, reason_of, runner_options
-from .affinity import Entry
-from .backends import Backend, State
-from .config import MAX_WEIGHT, AdminSpec
-from .keys import V6_TAG, format_key, format_netmask
+from ..config import MAX_WEIGHT, AdminSpec
+from ..core.affinity import Entry
+from ..core.backends import Backend, State
+from ..core.keys import V6_TAG, format_key, format_netmask
+from ..core.routing import Router
+from ..dataplane.udp import UdpStats
+from ..runtime.server import ReloadError
+from .guard import MAX_BODY, Guard, reason_of, runner_options
 from .metrics import make_registry
-from .routing import Router
-from .server import ReloadError
-from .udp import UdpStats
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..runtime.server import Server
 
 log = logging.getLogger("l4lb.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -208,7 +208,9 @@ class ApiBase:
         self.runner: web.AppRunner | None = None
         self._guard: Guard | None = None
         self._listener: asyncio.AbstractServer | None = None
-        self._status_page = resources.files("l4lb").joinpath("static/status.html").read_bytes()
+        self._status_page = (
+            resources.files("l4lb.admin").joinpath("static/status.html").read_bytes()
+        )
 
     async def start(self) -> None:
         app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY)

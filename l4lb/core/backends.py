@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from .config import BackendSpec
+from ..config import BackendSpec
 from .keys import hash_name
 
 
