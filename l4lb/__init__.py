@@ -1,7 +1,27 @@
-"""l4lb: a userspace L4 (TCP and UDP) load balancer with LVS-style persistence and mark groups."""
+"""l4lb: a userspace L4 (TCP and UDP) load balancer with LVS-style persistence and mark groups.
 
-from .config import Config, ConfigError, load_config
-from .runtime.server import Server
+`from l4lb import Server, Config, ConfigError, load_config` is the public API; the names load
+lazily (PEP 562), so that `import l4lb.core.affinity` does not bring in the event loop.
+"""
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
+
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .balancer import Server
+    from .config import Config, ConfigError, load_config
+
 __all__ = ["Config", "ConfigError", "Server", "__version__", "load_config"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Server":
+        from .balancer import Server
+
+        return Server
+    if name in ("Config", "ConfigError", "load_config"):
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'l4lb' has no attribute {name!r}")

@@ -12,10 +12,10 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import __version__
 from .config import SCHEDULERS, Config, ConfigError, load_config, load_config_text
 from .runtime import sdnotify
 from .runtime.server import ReloadError, Server, StartupError
+from .version import __version__
 
 log = logging.getLogger("l4lb")
 

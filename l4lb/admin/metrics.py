@@ -19,8 +19,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .. import __version__
 from ..core.backends import State
+from ..version import __version__
 
 if TYPE_CHECKING:
     from ..dataplane.store import StoreStats

@@ -28,7 +28,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import replace
 
-from . import BackendSpec, Config, GroupSpec
+from ..core.spec import BackendSpec, Config, GroupSpec
 
 # What the resolver said of a name: its addresses in the resolver's order, or why it has none.
 Answer = tuple[str, ...] | str

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from ..config import BackendSpec
 from .keys import hash_name
+from .spec import BackendSpec
 
 
 class State(StrEnum):

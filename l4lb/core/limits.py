@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..config import ClientLimitsSpec
+from .spec import ClientLimitsSpec
 
 if TYPE_CHECKING:
     from cachetools import TTLCache

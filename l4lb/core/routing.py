@@ -43,15 +43,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..config import AccessLogSpec, BackendSpec, GroupSpec
-from ..config import changes as config_changes
 from .affinity import AffinityTable, Entry
 from .backends import Backend, State
+from .diff import changes as config_changes
 from .health import Event, Quorum
 from .histogram import Histogram
 from .keys import Keyer, make_keyer, make_matcher
 from .limits import ClientLimits
 from .schedulers import Scheduler, make_scheduler, rendezvous
+from .spec import AccessLogSpec, BackendSpec, GroupSpec
 
 # Errors of socket() and connect() that say this process (or the system) is out of something,
 # not that a backend failed.

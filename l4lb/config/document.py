@@ -1,0 +1,182 @@
+"""The whole document: the top-level keys (admin, the shared store, ...), then each group, then
+the checks across groups."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core.spec import MAX_WORKERS, AdminSpec, Config, GroupSpec, KernelMarksSpec, StoreSpec
+from .crosscheck import _check_loops, _listen_overlaps
+from .groups import _LOG_OFF, _access_log, _group
+from .validator import _scalars, _Validator
+from .values import (
+    _NAME_RE,
+    _beside,
+    _bool,
+    _budget,
+    _choice,
+    _duration,
+    _host_port,
+    _int_in,
+    _positive_duration,
+    _redis_url,
+    _text,
+)
+
+_TOP_KEYS = (
+    "groups",
+    "workers",
+    "affinity_store",
+    "shutdown_timeout",
+    "admin",
+    "state_file",
+    "state_interval",
+    "kernel_marks",
+    "access_log",
+    "resolve_interval",
+)
+
+
+def _admin(v: _Validator, node: yaml.Node, path: str) -> AdminSpec | None:
+    m = v.mapping(node, path, ("listen", "token_file", "request_timeout", "max_connections"))
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    limits = {"request_timeout": _positive_duration, "max_connections": _int_in(1, 100_000)}
+    if not _scalars(v, m, path, limits, kw):
+        return None
+    if "listen" in m:
+        hp = v.field(m["listen"][1], f"{path}.listen", _host_port)
+        if hp is None:
+            return None
+        kw["host"], kw["port"] = hp
+    if "token_file" in m:
+        tf = v.field(m["token_file"][1], f"{path}.token_file", _text)
+        if tf is None:
+            return None
+        tf = _beside(v.source, tf)
+        try:
+            if not Path(tf).read_text(encoding="utf-8").strip():
+                v.error(m["token_file"][1], f"{path}.token_file", f"{tf} is empty")
+                return None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            v.error(m["token_file"][1], f"{path}.token_file", f"cannot read {tf}: {reason}")
+            return None
+        kw["token_file"] = tf
+    return AdminSpec(**kw)
+
+
+def _store(v: _Validator, node: yaml.Node, path: str) -> StoreSpec | None:
+    m = v.mapping(node, path, ("type", "url", "key_prefix", "budget", "retry_interval", "cluster"))
+    if m is None:
+        return None
+    kind = "redis"
+    if "type" in m:
+        kind = v.field(m["type"][1], f"{path}.type", _choice("local", "redis")) or ""
+    kw: dict[str, Any] = {}
+    checks: dict[str, Callable[[Any], Any]] = {
+        "url": _redis_url,
+        "key_prefix": _text,
+        "budget": _budget,
+        "retry_interval": _positive_duration,
+        "cluster": _bool,
+    }
+    if not _scalars(v, m, path, checks, kw) or kind != "redis":
+        return None
+    return StoreSpec(**kw)
+
+
+def _document(v: _Validator, root: yaml.Node) -> Config | None:
+    m = v.mapping(root, "", _TOP_KEYS)
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    checks: dict[str, Callable[[Any], Any]] = {
+        "shutdown_timeout": _duration,
+        "state_file": _text,
+        "state_interval": _positive_duration,
+        "workers": _int_in(1, MAX_WORKERS, "a number of worker processes"),
+        "resolve_interval": _positive_duration,
+    }
+    _scalars(v, m, "", checks, kw)
+    if "affinity_store" in m:
+        kw["affinity_store"] = _store(v, m["affinity_store"][1], "affinity_store")
+    if "state_file" in kw:
+        kw["state_file"] = _beside(v.source, kw["state_file"])
+    if "admin" in m:
+        kw["admin"] = _admin(v, m["admin"][1], "admin")
+    if "access_log" in m:
+        top_log = _access_log(v, m["access_log"][1], "access_log")
+        kw["access_log"] = None if top_log is _LOG_OFF else top_log
+    if "kernel_marks" in m:
+        km = v.mapping(m["kernel_marks"][1], "kernel_marks", ("listen",))
+        if km is not None and "listen" in km:
+            hp = v.field(km["listen"][1], "kernel_marks.listen", _host_port)
+            if hp is not None:
+                kw["kernel_marks"] = KernelMarksSpec(*hp)
+        elif km is not None:
+            v.error(m["kernel_marks"][1], "kernel_marks", "missing required key 'listen'")
+    if "groups" not in m:
+        v.error(root, "", "missing required key 'groups'")
+        return None
+    gnode = m["groups"][1]
+    gm = v.mapping(gnode, "groups", ())
+    if gm is None:
+        return None
+    if not gm:
+        v.error(gnode, "groups", "must define at least one group")
+    groups: list[GroupSpec] = []
+    marks: dict[int, str] = {}
+    for index, (gname, (knode, vnode)) in enumerate(gm.items()):
+        if not _NAME_RE.match(gname):
+            v.error(knode, f"groups.{gname}", "a group name is letters, digits, '_', '.', '-'")
+            continue
+        group = _group(v, gname, vnode, index)
+        if group is None:
+            continue
+        if group.mark in marks:
+            v.error(
+                vnode,
+                f"groups.{gname}.mark",
+                f"mark {group.mark} is also used by group {marks[group.mark]!r}",
+            )
+            continue
+        if group.kernel_mark is not None:
+            if "kernel_marks" not in m:
+                v.error(
+                    vnode,
+                    f"groups.{gname}.kernel_mark",
+                    "needs the top-level kernel_marks listener",
+                )
+            clash = next((g.name for g in groups if g.kernel_mark == group.kernel_mark), None)
+            if clash is not None:
+                v.error(
+                    vnode,
+                    f"groups.{gname}.kernel_mark",
+                    f"mark {group.kernel_mark} is also group {clash!r}'s",
+                )
+        for other in groups:
+            for addr, common in _listen_overlaps(group, other):
+                v.error(
+                    vnode,
+                    f"groups.{gname}.ports",
+                    f"{addr} port {common} is also bound by group {other.name!r}",
+                )
+        marks[group.mark] = gname
+        groups.append(group)
+    default_log = kw.get("access_log")
+    for i, g in enumerate(groups):  # a group's own log, `off`, or the top level's
+        own = g.access_log
+        if own is None or own is _LOG_OFF:
+            groups[i] = replace(g, access_log=None if own is _LOG_OFF else default_log)
+    if not v.errors:
+        _check_loops(v, groups, kw.get("kernel_marks"))
+    if v.errors:
+        return None
+    return Config(groups=tuple(groups), source=v.source, warnings=tuple(v.warnings), **kw)
