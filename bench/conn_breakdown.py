@@ -72,8 +72,8 @@ async def _run(
         cycle = itertools.cycle([bport])
         server = await loop.create_server(lambda: Client(cycle), "127.0.0.1", port)
     else:
+        from l4lb import Server
         from l4lb.config import load_config_text
-        from l4lb.runtime.server import Server
 
         balancer = Server(
             load_config_text(

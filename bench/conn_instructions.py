@@ -36,8 +36,8 @@ VARIANTS = {
 
 async def run(n: int, extra: str, tmp: str) -> None:
     sys.path.insert(0, str(ROOT))
+    from l4lb import Server
     from l4lb.config import load_config_text
-    from l4lb.runtime.server import Server
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(b"hi\n")

@@ -22,8 +22,8 @@ from pathlib import Path
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from l4lb import Server
 from l4lb.config import load_config_text
-from l4lb.runtime.server import Server
 from tests.helpers import free_ports
 from tests.procs import wait_for_line
 

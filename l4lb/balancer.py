@@ -1,5 +1,26 @@
-"""`Server`: the balancer as `l4lb run`, a worker and `from l4lb import Server` get it."""
+"""`Server`: the runtime with its admin plane, as `l4lb run`, a worker and `from l4lb import
+Server` get it. The runtime does not import the admin API (it sits above the runtime and reads
+it through a Protocol); this is where the two are put together."""
 
-from .runtime.server import Server
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .core.spec import AdminSpec
+from .runtime import server as runtime
+
+if TYPE_CHECKING:
+    from .admin.api import AdminServer
+
+
+def admin_api(server: runtime.Server, spec: AdminSpec, unix_path: str | None) -> AdminServer:
+    from .admin.api import AdminServer  # aiohttp loads only when the admin API is configured
+
+    return AdminServer(server, spec, unix_path)
+
+
+class Server(runtime.Server):
+    admin_factory = admin_api
+
 
 __all__ = ["Server"]

@@ -12,9 +12,10 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from .balancer import Server
 from .config import SCHEDULERS, Config, ConfigError, load_config, load_config_text
 from .runtime import sdnotify
-from .runtime.server import ReloadError, Server, StartupError
+from .runtime.errors import ReloadError, StartupError
 from .version import __version__
 
 log = logging.getLogger("l4lb")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import cast
 
 from .config import Config
-from .runtime.server import StartupError
+from .runtime.errors import StartupError
 
 log = logging.getLogger("l4lb.demo")
 TLS_SERVICE_PORTS = (443, 8443)

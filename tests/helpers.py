@@ -11,8 +11,8 @@ import textwrap
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from l4lb import Server
 from l4lb.config import Config, load_config_text
-from l4lb.runtime.server import Server
 from tests.lab_backend import greet_and_echo
 
 _rng = random.Random()

@@ -225,7 +225,8 @@ async def test_a_log_that_cannot_keep_up_drops_lines_and_counts_them(tmp_path: P
     import os
 
     from l4lb.config import AccessLogSpec
-    from l4lb.dataplane.accesslog import AccessLog, Record, unrouted
+    from l4lb.core.record import Record, unrouted
+    from l4lb.dataplane.accesslog import AccessLog
 
     fifo = tmp_path / "log.fifo"
     os.mkfifo(fifo)
@@ -263,7 +264,8 @@ async def test_a_batch_of_mixed_rows_gives_each_line_its_own_facts(tmp_path: Pat
     outcome, the end): interleaved rows of two outcomes, three ends, a connect line, a PROXY
     client and an IPv4 client of a dual-stack listener each get their own, in both formats."""
     from l4lb.config import AccessLogSpec
-    from l4lb.dataplane.accesslog import AccessLog, Record, unrouted
+    from l4lb.core.record import Record, unrouted
+    from l4lb.dataplane.accesslog import AccessLog
 
     for fmt in ("json", "text"):
         path = tmp_path / f"log.{fmt}"

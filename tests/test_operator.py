@@ -10,8 +10,8 @@ from pathlib import Path
 
 import aiohttp
 
+from l4lb import Server
 from l4lb.config import load_config
-from l4lb.runtime.server import Server
 from tests.helpers import free_ports, hello
 from tests.procs import ROOT
 from tests.test_ops import TOKEN

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from l4lb.config import load_config_text
-from l4lb.runtime.server import ReloadError
+from l4lb.runtime.errors import ReloadError
 from tests.cdp import FLAGS as CHROMIUM_FLAGS
 from tests.helpers import config_of, free_ports, greet, group_yaml, hello, running
 from tests.procs import ROOT, STARTUP, processes, start_backend, start_l4lb, wait_for_line

@@ -7,11 +7,12 @@ import contextlib
 import os
 import socket
 import struct
+from types import SimpleNamespace
 
 import pytest
 
+from l4lb import Server
 from l4lb.dataplane.relay import HIGH_WATER
-from l4lb.runtime.server import Server
 from tests.helpers import (
     FakeClock,
     NamedBackend,
@@ -156,9 +157,8 @@ async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> N
         deadlines = Deadlines()  # (its sweep's first tick is TICK after this dial starts)
         router = Router(spec, loop.time)
         route = router.begin(1)
-        coro = dial(
-            router, route, 80, asyncio.Protocol, within, SlotQueue(), None, loop, None, deadlines
-        )
+        ctx = SimpleNamespace(loop=loop, slots=SlotQueue(), deadlines=deadlines, store=None)
+        coro = dial(router, route, 80, asyncio.Protocol, ctx, connect_timeout=within)
         return router, loop.create_task(coro, name="dial")  # type: ignore[arg-type]
 
     router, task = start(0.05)
@@ -207,7 +207,7 @@ async def test_no_backend_closes_the_client_at_once() -> None:
         w.close()
         stats = server.routers["web"].stats
         assert stats.no_backend == 1 and stats.connect_failures == 2
-        assert not server.live
+        assert not server.plane.live
 
 
 async def test_table_bound_evicts_oldest_idle_then_goes_unpinned(backends) -> None:
@@ -351,7 +351,7 @@ async def test_slow_reader_keeps_the_relay_bounded(cleanup) -> None:
         s.setblocking(False)
         await loop.sock_connect(s, ("127.0.0.1", port))
         await asyncio.wait_for(backend_blocked.wait(), 10)
-        (conn,) = server.live
+        (conn,) = server.plane.live
         # The proxy's buffer towards the client: at most the high-water mark plus one read.
         assert conn.transport.get_write_buffer_size() <= HIGH_WATER + 256 * 1024
         assert conn.peer is not None and conn.peer.transport.get_write_buffer_size() == 0
@@ -423,7 +423,7 @@ async def test_spliced_connections_pass_resets_time_out_when_idle_and_are_reset_
         await loop.sock_connect(s, ("127.0.0.1", port))
         await loop.sock_sendall(s, b"ping")
         assert await loop.sock_recv(s, 4) == b"ping"
-        (conn,) = server.live
+        (conn,) = server.plane.live
         assert conn.splice is not None  # really on the zero-copy path
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()

@@ -11,8 +11,8 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from l4lb import Server
 from l4lb.dataplane import splice
-from l4lb.runtime.server import Server
 from tests.helpers import config_of, free_ports, group_yaml
 
 LOOPS = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}

@@ -261,8 +261,8 @@ async def test_at_run_time_a_connection_from_our_own_dial_is_refused(backends) -
         w.close()
         # A loop or two (when our accept ran before the dial's own callback, the inner
         # connection had begun its dial), never the hundreds until the descriptors run out.
-        assert 1 <= server.loops <= 3 and server.routers["web"].stats.accepted <= 4
+        assert 1 <= server.plane.loops <= 3 and server.routers["web"].stats.accepted <= 4
         (looping_backend,) = server.routers["web"].backends
         assert not looping_backend.healthy  # so that no further dial repeats it
         await asyncio.wait_for(server.wait_quiet(), 5)
-        assert server.inbound == {} and server.outgoing == {}
+        assert server.plane.inbound == {} and server.plane.outgoing == {}

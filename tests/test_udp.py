@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from l4lb import Server
 from l4lb.config import Config, ConfigError, load_config_text
 from l4lb.core.backends import State
-from l4lb.runtime.server import Server
 from tests.cdp import CHROMIUM, browser
 from tests.helpers import (
     NamedBackend,

@@ -14,7 +14,7 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,15 +25,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..config import MAX_WEIGHT, AdminSpec
 from ..core.affinity import Entry
 from ..core.backends import Backend, State
+from ..core.flowstats import UdpStats
 from ..core.keys import V6_TAG, format_key, format_netmask
 from ..core.routing import Router
-from ..dataplane.udp import UdpStats
-from ..runtime.server import ReloadError
+from ..runtime.errors import ReloadError
 from .guard import MAX_BODY, Guard, reason_of, runner_options
 from .metrics import make_registry
 
 if TYPE_CHECKING:
-    from ..runtime.server import Server
+    from .view import Balancer
 
 log = logging.getLogger("l4lb.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -302,7 +302,7 @@ class ApiBase:
 
 
 class AdminServer(ApiBase):
-    def __init__(self, server: Server, spec: AdminSpec, unix_path: str | None = None) -> None:
+    def __init__(self, server: Balancer, spec: AdminSpec, unix_path: str | None = None) -> None:
         super().__init__(spec, server.admin_refused, unix_path, server.reload_from_file)
         self.server = server
         self.registry = make_registry(server)
@@ -381,7 +381,7 @@ class AdminServer(ApiBase):
         return {"ok": r.ok, "detail": r.detail, "duration": round(r.duration, 6), "time": r.time}
 
     def _backend(
-        self, router: Router, b: Backend, flowing: dict[Any, list[int]], flows: dict[Any, int]
+        self, router: Router, b: Backend, flowing: Mapping[Any, list[int]], flows: Mapping[Any, int]
     ) -> dict[str, Any]:
         recent = self.server.monitor.recent.get((router.name, b.name), ())
         checks = [{"ok": r.ok, "time": r.time, "detail": r.detail} for r in recent]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -26,9 +27,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..config import AdminSpec
 from .api import ROUTES, ApiBase, ApiError, backends_csv
 from .metrics import REFUSED_HELP, RELOADS_HELP
-
-if TYPE_CHECKING:
-    from ..workers.supervisor import Supervisor, WorkerProc
 
 log = logging.getLogger("l4lb.admin")
 ASK_TIMEOUT = 10.0  # seconds for every worker to answer one request
@@ -60,10 +58,68 @@ BACKEND_SUMS = (
 )
 
 
+class _Process(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+
+class _Channel(Protocol):
+    @property
+    def closed(self) -> bool: ...
+
+
+class Member(Protocol):
+    """One worker, as the front API asks it (`workers.supervisor.Member`)."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def proc(self) -> _Process: ...
+
+    @property
+    def channel(self) -> _Channel: ...
+
+    @property
+    def ready(self) -> asyncio.Event: ...
+
+    @property
+    def admin_path(self) -> str | None: ...
+
+
+class Fleet(Protocol):
+    """The workers of one balancer, as the front API reads them (`workers.Fleet`)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def workers(self) -> Sequence[Member | None]: ...
+
+    @property
+    def restarts(self) -> int: ...
+
+    @property
+    def reloads_ok(self) -> int: ...
+
+    @property
+    def reloads_failed(self) -> int: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def admin_refused(self) -> dict[str, int]: ...  # the API counts its refusals here
+
+    def live_workers(self) -> Sequence[Member]: ...
+
+    async def reload_from_file(self) -> list[str]: ...
+
+
 class FrontAdmin(ApiBase):
     routes = (*ROUTES, ("GET", "/api/v1/workers", "workers"))
 
-    def __init__(self, sup: Supervisor, spec: AdminSpec) -> None:
+    def __init__(self, sup: Fleet, spec: AdminSpec) -> None:
         super().__init__(spec, sup.admin_refused, None, sup.reload_from_file)
         self.sup = sup
         self._sessions: dict[int, tuple[aiohttp.ClientSession, int]] = {}  # by worker: pid
@@ -76,7 +132,7 @@ class FrontAdmin(ApiBase):
         await asyncio.gather(*self._closing, return_exceptions=True)
         await super().stop()
 
-    def _session(self, w: WorkerProc) -> aiohttp.ClientSession:
+    def _session(self, w: Member) -> aiohttp.ClientSession:
         """One session per worker process: a worker started again gets a new one, so that no
         kept-alive connection to its predecessor is reused."""
         assert w.admin_path is not None
@@ -107,7 +163,7 @@ class FrontAdmin(ApiBase):
         if body is not None:
             headers["Content-Type"] = "application/json"
 
-        async def one(w: WorkerProc) -> tuple[int, int, Any]:
+        async def one(w: Member) -> tuple[int, int, Any]:
             url = f"http://worker{request.rel_url}"
             async with self._session(w).request(
                 request.method, url, data=body, headers=headers
@@ -261,7 +317,7 @@ class FrontAdmin(ApiBase):
         return web.json_response({"samples": samples})
 
 
-def _uptime(sup: Supervisor) -> float:
+def _uptime(sup: Fleet) -> float:
     import time
 
     return time.time() - sup.started_at
@@ -314,7 +370,7 @@ def merge_metrics(texts: list[str]) -> list[Metric]:
 class _Merged:
     """A collector over the merged families, and the supervisor's own."""
 
-    def __init__(self, families: list[Metric], sup: Supervisor) -> None:
+    def __init__(self, families: list[Metric], sup: Fleet) -> None:
         self.families = families
         self.sup = sup
 

@@ -24,7 +24,7 @@ from ..version import __version__
 
 if TYPE_CHECKING:
     from ..dataplane.store import StoreStats
-    from ..runtime.server import Server
+    from .view import Balancer
 
 
 RELOADS_HELP = "Configuration reloads: result=ok (applied), failed (refused: nothing changed)"
@@ -37,7 +37,7 @@ REFUSED_HELP = (
 
 
 class L4lbCollector(Collector):
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Balancer) -> None:
         self.server = server
 
     def describe(self) -> Iterator[Metric]:
@@ -246,7 +246,7 @@ class L4lbCollector(Collector):
         unmatched = CounterMetricFamily(
             "l4lb_connections_unmatched_mark", "Connections whose firewall mark no group claims"
         )
-        unmatched.add_metric([], s.unmatched_marks)
+        unmatched.add_metric([], s.plane.unmatched_marks)
         yield unmatched
         accept_errors = CounterMetricFamily(
             "l4lb_accept_errors",
@@ -254,7 +254,7 @@ class L4lbCollector(Collector):
             " refused one near its descriptor limit (RLIMIT_NOFILE), or accept() failed",
             labels=["errno"],
         )
-        for name, n in sorted(s.accept_errors.items()):
+        for name, n in sorted(s.plane.accept_errors.items()):
             accept_errors.add_metric([name], n)
         yield accept_errors
         loops = CounterMetricFamily(
@@ -262,7 +262,7 @@ class L4lbCollector(Collector):
             "Connections refused because they came from l4lb's own outgoing socket (a backend"
             " that points at one of l4lb's listeners)",
         )
-        loops.add_metric([], s.loops)
+        loops.add_metric([], s.plane.loops)
         yield loops
         dropped = CounterMetricFamily(
             "l4lb_access_log_dropped",
@@ -287,7 +287,7 @@ class L4lbCollector(Collector):
             yield from _store_metrics(s.store.up, s.store.stats)
 
 
-def _udp_metrics(s: Server) -> Iterator[Metric]:
+def _udp_metrics(s: Balancer) -> Iterator[Metric]:
     flows = GaugeMetricFamily(
         "l4lb_udp_flows",
         "UDP flows open (a client address and port with a backend socket; each holds its"
@@ -367,7 +367,7 @@ def _store_metrics(up: bool, st: StoreStats) -> Iterator[Metric]:
         yield c
 
 
-def make_registry(server: Server) -> CollectorRegistry:
+def make_registry(server: Balancer) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(L4lbCollector(server))
     ProcessCollector(registry=registry)

@@ -37,11 +37,9 @@ operator states, quorum) go through `set_health` / `set_admin`, which emit `Even
 
 from __future__ import annotations
 
-import errno
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from .affinity import AffinityTable, Entry
 from .backends import Backend, State
@@ -50,14 +48,9 @@ from .health import Event, Quorum
 from .histogram import Histogram
 from .keys import Keyer, make_keyer, make_matcher
 from .limits import ClientLimits
+from .record import LogSink, Record, Routed, unrouted
 from .schedulers import Scheduler, make_scheduler, rendezvous
-from .spec import AccessLogSpec, BackendSpec, GroupSpec
-
-# Errors of socket() and connect() that say this process (or the system) is out of something,
-# not that a backend failed.
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-if TYPE_CHECKING:
-    from ..dataplane.accesslog import AccessLog
+from .spec import BackendSpec, GroupSpec
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -66,6 +59,30 @@ CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 def _trusted(spec: GroupSpec) -> Callable[[str], bool] | None:
     """Which peers may send a PROXY header, when the group takes them."""
     return make_matcher(list(spec.accept_proxy.trusted)) if spec.accept_proxy is not None else None
+
+
+def reached(
+    group: str,
+    port: int,
+    affinity: str,
+    route: Route,
+    backend: Backend,
+    backend_port: int,
+    udp: bool = False,
+) -> Routed:
+    """The `Routed` of a connection or flow of `group` that reached `backend` on its
+    `backend_port` for service `port` (`affinity`: what `Router.connected` said)."""
+    return (
+        group,
+        port,
+        affinity,
+        route.reason,
+        backend.name,
+        backend.address,
+        backend_port,
+        len(route.tried),
+        udp,
+    )
 
 
 class GroupStats:
@@ -166,8 +183,10 @@ class Router:
         self.limits = ClientLimits(spec.client_limits, clock) if spec.client_limits else None
         self.clock = clock
         self.ramping: list[Backend] = []  # backends in their slow start
-        # The connection log's (writer, spec) when the group logs, set by the server.
-        self.log: tuple[AccessLog, AccessLogSpec] | None = None
+        # The connection log's writer when the group logs, set by the runtime; and whether a
+        # line is written when a connection is established too.
+        self.log: LogSink | None = None
+        self.log_on_connect = False
         self.stats = GroupStats()
         self.listener: Callable[[Event], None] | None = None
         self._return = spec.on_up == "return"
@@ -350,6 +369,44 @@ class Router:
         if entry is not None and entry.refs == 1:
             entry.backend = route.pinned
         self.finish(route)
+
+    def end(
+        self,
+        route: Route,
+        backend: Backend | None,
+        nbytes_in: int,
+        nbytes_out: int,
+        duration: float | None,
+        given_up: bool,
+        rec: Record | None,
+        now: float = 0.0,
+        via: tuple[str, int] | None = None,
+        port: int = 0,
+        udp: bool = False,
+    ) -> None:
+        """The end of a connection or flow, whatever its protocol, in one place so that no
+        protocol forgets a step: its bytes to `backend` (the one it reached, if any), its
+        `duration` observed (None: not counted), its entry released (`given_up`: no backend
+        took it, and the pin stays as it was), its client network's `client_limits` slot
+        released, and, with a `rec`, its line handed to the log at loop time `now` (`via`:
+        the client a PROXY header named; `port`, `udp`: its service, for a line that reached
+        no backend)."""
+        if backend is not None:
+            backend.bytes_in += nbytes_in
+            backend.bytes_out += nbytes_out
+        if duration is not None:
+            self.stats.duration.observe(duration)
+        if given_up:
+            self.give_up(route)
+        else:
+            self.finish(route)
+        if self.limits is not None:
+            self.limits.release(route.key)
+        sink = self.log
+        if rec is not None and sink is not None:
+            if rec.routed is None:  # refused before any dial, or gone while it went on
+                rec.routed = unrouted(self.name, port, len(route.tried), udp)
+            sink.log(rec, now, via, nbytes_in, nbytes_out, True)
 
     def finish(self, route: Route) -> None:
         backend = route.backend

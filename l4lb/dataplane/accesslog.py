@@ -37,13 +37,11 @@ import logging
 import math
 import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
-from ..config import AccessLogSpec
-
-if TYPE_CHECKING:
-    from ..core.backends import Backend
-    from ..core.routing import Route
+from ..core.record import Record, Routed
+from ..core.routing import Router
+from ..core.spec import AccessLogSpec
 
 log = logging.getLogger("l4lb.accesslog")
 
@@ -51,32 +49,6 @@ MAX_PENDING = 64 * 1024 * 1024 // 512  # rows held while the output is slow: a r
 # record are about 500 bytes, so about 64 MiB
 FLUSH_DELAY = 0.05  # seconds a line may wait, so that one write carries many lines
 FLUSH_LINES = 256  # or this many lines, whichever comes first
-
-
-# What routing did for a connection or flow, as its line says it: group, service port, affinity
-# (`Router.connected`), re-pin reason, backend name, backend address and port (as dialed: a
-# reload may change them later), tries, UDP. Rows that share one are given one text.
-Routed = tuple[str, int, str, str, str, str, int, int, bool]
-
-
-class Record:
-    """What one connection or flow did, for its log line. Times are the event loop's clock
-    (`loop.time()`: whole milliseconds under uvloop, as HAProxy's `now_ms`); the client a PROXY
-    header named is the connection's own `client_addr`, handed to `AccessLog.log`."""
-
-    __slots__ = ("connected_at", "peer", "routed", "started", "termination")
-
-    def __init__(self, peer: tuple[str, int] | None, started: float) -> None:
-        self.peer = peer  # the socket's peer
-        self.started = started  # the accept, or the flow's first datagram
-        self.connected_at = 0.0
-        self.routed: Routed | None = None  # None: no backend reached (refused, or none left)
-        self.termination = ""
-
-    def end(self, how: str) -> None:
-        """The first cause of the end wins (a FIN, then the other side's reset, say)."""
-        if not self.termination:
-            self.termination = how
 
 
 class _Clock:
@@ -118,35 +90,6 @@ CLOCK = _Clock()
 
 def address_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def reached(
-    group: str,
-    port: int,
-    affinity: str,
-    route: Route,
-    backend: Backend,
-    backend_port: int,
-    udp: bool = False,
-) -> Routed:
-    """The `Routed` of a connection or flow of `group` that reached `backend` on its
-    `backend_port` for service `port` (`affinity`: what `Router.connected` said)."""
-    return (
-        group,
-        port,
-        affinity,
-        route.reason,
-        backend.name,
-        backend.address,
-        backend_port,
-        len(route.tried),
-        udp,
-    )
-
-
-def unrouted(group: str, port: int, tries: int, udp: bool = False) -> Routed:
-    """The `Routed` of a connection or flow that reached no backend."""
-    return (group, port, "none", "", "", "", 0, tries, udp)
 
 
 Row = tuple[Record, float, tuple[str, int] | None, int, int, str | None]
@@ -399,3 +342,34 @@ class AccessLog:
             self._limit = min(FLUSH_LINES, self.max_pending)
             with contextlib.suppress(NotImplementedError, ValueError, OSError, RuntimeError):
                 asyncio.get_running_loop().remove_writer(fd)
+
+
+Writers = dict[tuple[str, str], AccessLog]  # by path and format
+
+
+def attach_writers(routers: Iterable[Router], current: Writers, worker: int | None) -> Writers:
+    """Give each router the writer of its group's log: one writer per log path and format,
+    shared by the groups that log there; one no group uses any more is closed. (Two formats
+    to one path: each group's lines in its own.) An OSError (a log that cannot be opened)
+    leaves the routers and the writers as they were, but for the writers already opened."""
+    routers = list(routers)
+    wanted: Writers = {}
+    for router in routers:
+        spec = router.spec.access_log
+        if spec is None:
+            continue
+        where = (spec.path, spec.format)
+        writer = wanted.get(where) or current.get(where)
+        if writer is None:
+            writer = AccessLog(spec, worker)
+        wanted[where] = writer
+    for router in routers:
+        spec = router.spec.access_log
+        router.log = None if spec is None else wanted[(spec.path, spec.format)]
+        router.log_on_connect = spec is not None and spec.log_on_connect
+    for writer in wanted.values():
+        writer.forget()  # the backends its cached texts name may have changed
+    for where, writer in current.items():
+        if where not in wanted:
+            writer.close()
+    return wanted

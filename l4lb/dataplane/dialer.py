@@ -9,16 +9,20 @@ import errno
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ..core.backends import Backend
-from ..core.routing import RESOURCE_ERRNOS, Route, Router
+from ..core.routing import Route, Router
 
 if TYPE_CHECKING:
     from .store import RedisStore
 
 log = logging.getLogger("l4lb.dialer")
 P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+# Errors of socket(), connect() and accept() that say this process (or the system) is out of
+# something, not that a backend failed.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class SlotQueue:
@@ -88,31 +92,37 @@ class Deadlines:
         self._timer = loop.call_later(self.TICK, self._sweep, loop) if waiting else None
 
 
+class DialContext(Protocol):
+    """The dial's share of the data plane's context (`context.DataPlane`)."""
+
+    loop: asyncio.AbstractEventLoop
+    slots: SlotQueue
+    deadlines: Deadlines
+    store: RedisStore | None
+
+
 async def dial(
     router: Router,
     route: Route,
     service_port: int,
     factory: Callable[[], P],
-    connect_timeout: float,
-    slots: SlotQueue,
-    store: RedisStore | None = None,
-    loop: asyncio.AbstractEventLoop | None = None,
+    ctx: DialContext,
     task: asyncio.Task[None] | None = None,
-    deadlines: Deadlines | None = None,
+    connect_timeout: float | None = None,
 ) -> tuple[Backend, int, float, str, P] | None:
     """Connect to a backend for `route`: the backend, the port dialed, the loop time the
     connection was made, what became of the client's pin (`Router.connected`), and the
     connection's protocol; None when every backend the router offers failed.
-    A fresh pin is first settled with the shared store, when there is one. `loop` and `task`
-    (the one running this) save looking them up on the hot path; `deadlines` is the server's
-    sweep (one of its own otherwise)."""
-    if deadlines is None:
-        deadlines = Deadlines()
-    if loop is None:
-        loop = asyncio.get_running_loop()
+    A fresh pin is first settled with the shared store, when there is one. `task` (the one
+    running this) saves looking it up on the hot path; `connect_timeout` is the group's
+    unless given."""
+    loop = ctx.loop
     if task is None:
         task = asyncio.current_task()
     assert task is not None
+    if connect_timeout is None:
+        connect_timeout = router.spec.connect_timeout
+    store = ctx.store
     while True:
         backend = router.next_backend(route)
         if backend is None:
@@ -120,7 +130,7 @@ async def dial(
             if full is None:
                 return None
             route.queued = True
-            await slots.wait(full, router.spec.queue_timeout)
+            await ctx.slots.wait(full, router.spec.queue_timeout)
             continue
         if store is not None and backend is not router.sorry:
             if route.fresh:
@@ -134,6 +144,7 @@ async def dial(
         # dial). A cancel the sweep did not make is the client's leaving, which must still
         # cancel the dial; when it did, the cancellation count tells ours alone from ours and
         # the client's.
+        deadlines = ctx.deadlines
         deadlines.add(loop, task, t0 + connect_timeout)
         exc: OSError | None = None
         try:
@@ -151,26 +162,35 @@ async def dial(
         finally:
             deadlines.waiting.pop(task, None)
         if exc is not None:
-            if exc.errno in RESOURCE_ERRNOS:
-                # This process is out of descriptors: not the backend's fault, so no passive
-                # failure, and no other backend would do better.
-                router.local_failure(route, backend, errno.errorcode[exc.errno])
+            if not _failed(router, route, backend, port, exc, ctx.slots):
                 return None
-            router.failed(route, backend, _reason(exc))
-            log.debug(
-                "group %s: backend %s (%s:%d) failed: %s",
-                router.name,
-                backend.name,
-                backend.address,
-                port,
-                exc.strerror or type(exc).__name__,
-            )
-            if backend.waiting:
-                slots.wake(backend)
             continue
         now = loop.time()
         router.stats.connect.observe(now - t0)
         return backend, port, now, router.connected(route, backend), protocol
+
+
+def _failed(
+    router: Router, route: Route, backend: Backend, port: int, exc: OSError, slots: SlotQueue
+) -> bool:
+    """A dial of `backend` failed with `exc`; whether another backend is worth a try."""
+    if exc.errno in RESOURCE_ERRNOS:
+        # This process is out of descriptors: not the backend's fault, so no passive
+        # failure, and no other backend would do better.
+        router.local_failure(route, backend, errno.errorcode[exc.errno])
+        return False
+    router.failed(route, backend, _reason(exc))
+    log.debug(
+        "group %s: backend %s (%s:%d) failed: %s",
+        router.name,
+        backend.name,
+        backend.address,
+        port,
+        exc.strerror or type(exc).__name__,
+    )
+    if backend.waiting:
+        slots.wake(backend)
+    return True
 
 
 def _reason(exc: OSError) -> str:

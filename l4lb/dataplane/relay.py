@@ -27,15 +27,15 @@ from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from ..core import proxyproto
-from ..core.routing import Route, Router
+from ..core.record import Record, unrouted
+from ..core.routing import Route, Router, reached
 from ..core.throttle import Throttle, held_note
 from . import splice
-from .accesslog import Record, reached, unrouted
 from .dialer import dial
 from .splice import SpliceSession
 
 if TYPE_CHECKING:
-    from ..runtime.server import Server
+    from .context import DataPlane
 
 log = logging.getLogger("l4lb.relay")
 
@@ -187,16 +187,16 @@ class BackendSide(Half):
         client.dialed = self  # so that a dial cancelled from here on closes this socket
         route = client.route
         if route is not None and route.backend is not None and route.backend.may_loop:
-            server = client.server
+            plane = client.plane
             self.local = local = transport.get_extra_info("sockname")[:2]
-            server.outgoing[local] = (client.router, route.backend)
-            inner = server.inbound.get(local)  # accepted before this callback ran
+            plane.outgoing[local] = (client.router, route.backend)
+            inner = plane.inbound.get(local)  # accepted before this callback ran
             if inner is not None:
                 inner.looped(local)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.local is not None:
-            self.client.server.outgoing.pop(self.local, None)
+            self.client.plane.outgoing.pop(self.local, None)
         self._pass_on_loss(exc)
         if self.client.lost:
             self.client.finish()
@@ -210,12 +210,12 @@ class ClientSide(Half):
         "dialed",
         "idle_since",
         "inbound",
+        "plane",
         "proxy_buf",
         "proxy_timer",
         "rec",
         "route",
         "router",
-        "server",
         "service_port",
         "splice",
         "started",
@@ -223,48 +223,48 @@ class ClientSide(Half):
         "task",
     )
 
-    def __init__(self, server: Server, router: Router, service_port: int) -> None:
+    def __init__(self, plane: DataPlane, router: Router, service_port: int) -> None:
         super().__init__()
         self.owner = self
         self.switching = False
         self.splice: SpliceSession | None = None
-        self.server = server
+        self.plane = plane
         self.router = router
         self.service_port = service_port
         self.route: Route | None = None
         self.task: asyncio.Task[None] | None = None
         self.dialed: BackendSide | None = None  # the last backend socket the dial opened
         self.idle_since = 0.0
-        self.started = 0.0  # loop time of `Server.track`, for the duration histogram
+        self.started = 0.0  # loop time of `DataPlane.track`, for the duration histogram
         # The client as a PROXY header named it; None: the peer itself (not kept, to save memory).
         self.client_addr: tuple[str, int] | None = None
         self.proxy_buf: bytes | None = None
         self.proxy_timer: asyncio.TimerHandle | None = None
-        self.inbound: tuple[str, int] | None = None  # the peer, while in `server.inbound`
+        self.inbound: tuple[str, int] | None = None  # the peer, while in `plane.inbound`
         self.rec: Record | None = None  # what the connection log will say (when it is on)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         if self.router.log is not None:
-            self.rec = Record(peer, self.server.loop_time())
-        if self.server.loop_watch and peer is not None and self.from_ourselves(peer):
+            self.rec = Record(peer, self.plane.loop_time())
+        if self.plane.loop_watch and peer is not None and self.from_ourselves(peer):
             return
         self._start(peer)
 
-    def log_line(self, now: float, end: bool = True, route: Route | None = None) -> None:
-        """Hand this connection's line to its group's connection log at loop time `now`: at
-        its end, or (`end` false) when it is established. (`route`: the one `finish` has just
-        let go.)"""
+    def log_line(self, now: float, end: bool = True) -> None:
+        """Hand this connection's line to its group's connection log at loop time `now`: when
+        l4lb refuses it before routing, or (`end` false) when it is established. (A routed
+        connection's last line comes from `Router.end`.)"""
         rec, sink = self.rec, self.router.log
         if rec is None or sink is None:
             return
-        if rec.routed is None:  # refused before any dial, or gone while it went on
-            route = route or self.route
+        if rec.routed is None:  # refused before any dial, or while it went on
+            route = self.route
             tries = len(route.tried) if route is not None else 0
             rec.routed = unrouted(self.router.name, self.service_port, tries)
         peer = self.peer
-        sink[0].log(
+        sink.log(
             rec,
             now,
             self.client_addr,
@@ -279,28 +279,28 @@ class ClientSide(Half):
             self.rec.end(how)
 
     def from_ourselves(self, peer: tuple[str, int]) -> bool:
-        """While some backend could lead back to us (`Server.loop_watch`), a client may be
+        """While some backend could lead back to us (`DataPlane.loop_watch`), a client may be
         l4lb itself: refused if it is one of our open dials, else remembered so that a dial
         completing just after this accept can tell (`BackendSide`)."""
         where = (peer[0].removeprefix("::ffff:"), peer[1])
-        if where in self.server.outgoing:
+        if where in self.plane.outgoing:
             self.looped(where)
             return True
         self.inbound = where
-        self.server.inbound[where] = self
+        self.plane.inbound[where] = self
         return False
 
     def looped(self, where: tuple[str, int]) -> None:
         """Refuse (counted) a connection from l4lb's own dial, and take the backend that
         brought it down, so that no further dial repeats the loop until the descriptors run
         out (its checks bring it back, and one loop takes it down again)."""
-        server = self.server
-        server.loops += 1
+        plane = self.plane
+        plane.loops += 1
         self.reject(
             f"a connection from l4lb's own outgoing socket {where[0]}:{where[1]}"
             " (a backend points at a listener of l4lb)"
         )
-        router, backend = server.outgoing.get(where, (None, None))
+        router, backend = plane.outgoing.get(where, (None, None))
         if router is not None and backend is not None and backend is not router.sorry:
             router.set_health(backend, False, "it leads back to l4lb itself")
 
@@ -311,24 +311,24 @@ class ClientSide(Half):
         except (TypeError, ValueError, OSError):
             self.reject(f"an unusable address {client!r}")
             return
-        server = self.server
+        plane = self.plane
         limits = self.router.limits
         if limits is not None:
             over = limits.admit(key)
             if over is not None:
                 self.refuse_over_limit(over)
                 return
-        if len(server.live) >= server.max_live:
+        if len(plane.live) >= plane.max_live:
             # Out of descriptors (or about to be): refuse now, counted, rather than let the
             # loop drop the connections it can no longer accept without a word.
-            server.accept_error("EMFILE", "refused a connection: the descriptor limit is near")
+            plane.accept_error("EMFILE", "refused a connection: the descriptor limit is near")
             if limits is not None:
                 limits.release(key)
             self.refuse("descriptors")
             return
         self.route = self.router.begin(key)
-        server.track(self)
-        self.task = server.loop.create_task(self._connect())
+        plane.track(self)
+        self.task = plane.loop.create_task(self._connect())
 
     def refuse_over_limit(self, which: str) -> None:
         """Reset a client whose network is over its `client_limits` (counted, logged at most
@@ -349,7 +349,7 @@ class ClientSide(Half):
         """Reset a client that gets no backend at all, and log its line."""
         self.ended(how)
         reset(self.transport)
-        self.log_line(self.server.loop_time())
+        self.log_line(self.plane.loop_time())
 
     def reject(self, why: str) -> None:
         """Refuse the client with a reset before any byte of it reaches a backend; counted, and
@@ -366,16 +366,7 @@ class ClientSide(Half):
         router = self.router
         try:
             result = await dial(
-                router,
-                route,
-                self.service_port,
-                partial(BackendSide, self),
-                router.spec.connect_timeout,
-                self.server.slots,
-                self.server.store,
-                self.server.loop,
-                self.task,
-                self.server.deadlines,
+                router, route, self.service_port, partial(BackendSide, self), self.plane, self.task
             )
         except asyncio.CancelledError:  # the client left while we dialed
             dialed = self.dialed
@@ -399,24 +390,30 @@ class ClientSide(Half):
                     self.service_port,
                     held_note(held),
                 )
-            router.give_up(route)
-            if router.limits is not None:
-                router.limits.release(route.key)
             self.route = None
-            self.server.forget(self)
-            if self.rec is not None:
-                self.rec.routed = unrouted(router.name, self.service_port, len(route.tried))
-                self.rec.end("no_backend")
+            self.ended("no_backend")
             self.transport.close()
-            self.log_line(self.server.loop_time())
+            now = self.plane.loop_time()
+            router.end(
+                route,
+                None,
+                self.nbytes,
+                0,
+                None,
+                True,
+                self.rec,
+                now,
+                self.client_addr,
+                self.service_port,
+            )
+            self.plane.forget(self)
             return
         backend, port, connected_at, affinity, backend_side = result
         rec = self.rec
         if rec is not None:  # the dial's outcome, for the log
             rec.connected_at = connected_at
             rec.routed = reached(router.name, self.service_port, affinity, route, backend, port)
-            sink = router.log
-            if sink is not None and sink[1].log_on_connect:
+            if router.log_on_connect:
                 self.log_line(connected_at, end=False)
         mode = backend.send_proxy or router.spec.send_proxy
         if mode is not None and mode != "none":
@@ -434,7 +431,7 @@ class ClientSide(Half):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.inbound is not None:
-            self.server.inbound.pop(self.inbound, None)
+            self.plane.inbound.pop(self.inbound, None)
         self._pass_on_loss(exc)
         task = self.task
         if task is not None and not task.done():
@@ -448,21 +445,24 @@ class ClientSide(Half):
             return
         self.route = None
         backend = route.backend
-        if backend is not None:
-            backend.bytes_in += self.nbytes
-            if self.peer is not None:
-                backend.bytes_out += self.peer.nbytes
-        router = self.router
-        router.finish(route)
-        now = self.server.loop_time()
-        router.stats.duration.observe(now - self.started)
-        if router.limits is not None:
-            router.limits.release(route.key)
+        peer = self.peer
+        plane = self.plane
+        now = plane.loop_time()
+        self.router.end(
+            route,
+            backend,
+            self.nbytes,
+            peer.nbytes if peer is not None else 0,
+            now - self.started,
+            False,
+            self.rec,
+            now,
+            self.client_addr,
+            self.service_port,
+        )
         if backend is not None and backend.waiting:
-            self.server.slots.wake(backend)
-        self.server.forget(self)
-        if self.rec is not None:
-            self.log_line(now, route=route)
+            plane.slots.wake(backend)
+        plane.forget(self)
 
     # ------------------------------------------------------------------ zero copy
 
@@ -557,8 +557,8 @@ class ProxyClientSide(ClientSide):
         Half.connection_made(self, transport)
         peer = transport.get_extra_info("peername")
         if self.router.log is not None:
-            self.rec = Record(peer, self.server.loop_time())
-        if self.server.loop_watch and peer is not None and self.from_ourselves(peer):
+            self.rec = Record(peer, self.plane.loop_time())
+        if self.plane.loop_watch and peer is not None and self.from_ourselves(peer):
             return
         trusted = self.router.proxy_trusted
         spec = self.router.spec.accept_proxy
@@ -610,14 +610,14 @@ class ProxyClientSide(ClientSide):
             ClientSide.connection_lost(self, exc)
             return
         if self.inbound is not None:
-            self.server.inbound.pop(self.inbound, None)
+            self.plane.inbound.pop(self.inbound, None)
         self.lost = True
         if self.proxy_timer is not None:
             self.proxy_timer.cancel()
         rec = self.rec
         if rec is not None and not rec.termination:  # gone before its header: not refused
             rec.end("client_rst" if exc is not None else "client_close")
-            self.log_line(self.server.loop_time())
+            self.log_line(self.plane.loop_time())
 
 
 SO_ORIGINAL_DST = 80  # netfilter's, for IPv4 (SOL_IP) and IPv6 (SOL_IPV6) alike
@@ -641,11 +641,9 @@ class MarkedClientSide(ClientSide):
 
     __slots__ = ()
 
-    def __init__(self, server: Server) -> None:
-        placeholder = next(iter(server.by_mark.values()), None) or next(
-            iter(server.routers.values())
-        )
-        super().__init__(server, placeholder, 0)
+    def __init__(self, plane: DataPlane) -> None:
+        placeholder = next(iter(plane.by_mark.values()), None) or next(iter(plane.routers.values()))
+        super().__init__(plane, placeholder, 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         Half.connection_made(self, transport)
@@ -655,11 +653,11 @@ class MarkedClientSide(ClientSide):
             with contextlib.suppress(OSError):
                 mark = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
         peer = transport.get_extra_info("peername")
-        if self.server.loop_watch and peer is not None and self.from_ourselves(peer):
+        if self.plane.loop_watch and peer is not None and self.from_ourselves(peer):
             return  # a REDIRECT rule that sends l4lb's own dials back to it
-        router = self.server.by_mark.get(mark)
+        router = self.plane.by_mark.get(mark)
         if router is None or sock is None:
-            self.server.unmatched_marks += 1
+            self.plane.unmatched_marks += 1
             held = _throttle.allow(("mark", mark))
             if held is not None:
                 log.warning(
@@ -672,5 +670,5 @@ class MarkedClientSide(ClientSide):
         self.router = router
         self.service_port = original_port(sock, transport.get_extra_info("sockname")[1])
         if router.log is not None:
-            self.rec = Record(peer, self.server.loop_time())
+            self.rec = Record(peer, self.plane.loop_time())
         self._start(peer)

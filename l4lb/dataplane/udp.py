@@ -42,14 +42,16 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from ..core.routing import RESOURCE_ERRNOS
-from .accesslog import Record, reached, unrouted
+from ..core.flowstats import UdpStats
+from ..core.record import Record
+from ..core.routing import reached
+from .dialer import RESOURCE_ERRNOS
 from .listeners import ListenSpec, is_wildcard
 
 if TYPE_CHECKING:
     from ..core.backends import Backend
     from ..core.routing import Route, Router
-    from ..runtime.server import Server
+    from .context import DataPlane
 
 log = logging.getLogger("l4lb.udp")
 
@@ -57,45 +59,6 @@ MAX_DATAGRAM = 65536  # a recv buffer that holds any UDP payload whole
 BATCH = 64  # datagrams read per wakeup before the loop serves other sockets
 PENDING = 8  # datagrams a flow holds while its backend is being settled
 CMSG_SPACE = socket.CMSG_SPACE(20)  # in_pktinfo (12 bytes) or in6_pktinfo (20)
-
-# Why a datagram was dropped; `l4lb_udp_dropped_total{reason}`.
-DROP_REASONS = (
-    "no_backend",  # no backend accepted the flow
-    "pending_full",  # its backend was not settled yet, and a few were waiting already
-    "backend_busy",  # the backend socket's send buffer was full
-    "backend_error",  # the backend socket reported an error (ICMP) on this datagram
-    "client_send",  # the answer could not be sent to the client
-    "descriptors",  # no descriptor left for a new flow's socket
-    "rejected",  # a source address that could not be keyed
-    "client_limit",  # over the client network's client_limits
-)
-
-
-class UdpStats:
-    """One group's UDP counters (flows, datagrams, bytes, drops), read at scrape time."""
-
-    __slots__ = (
-        "bytes_in",
-        "bytes_out",
-        "datagrams_in",
-        "datagrams_out",
-        "drops",
-        "evicted",
-        "flows",
-        "opened",
-        "unreachable",
-    )
-
-    def __init__(self) -> None:
-        self.flows = 0  # open now
-        self.opened = 0
-        self.evicted = 0  # flows ended early by the udp_max_flows bound
-        self.unreachable = 0  # ICMP errors on backend sockets
-        self.datagrams_in = 0  # client -> backend
-        self.datagrams_out = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.drops = dict.fromkeys(DROP_REASONS, 0)
 
 
 class Flow:
@@ -182,8 +145,8 @@ class Flow:
 class UdpListener:
     """One UDP service socket: its flows, and the datagrams both ways."""
 
-    def __init__(self, server: Server, spec: ListenSpec, sock: socket.socket) -> None:
-        self.server = server
+    def __init__(self, plane: DataPlane, spec: ListenSpec, sock: socket.socket) -> None:
+        self.plane = plane
         self.spec = spec
         self.sock = sock
         self.wildcard = is_wildcard(spec.host)
@@ -253,8 +216,10 @@ class UdpListener:
         self, key: object, addr: tuple[str, int], anc: list[tuple[int, int, bytes]] | None
     ) -> Flow | None:
         """A datagram from a new client address and port: a flow routed by its group."""
-        server = self.server
-        binding = server.udp_binding(self.spec)
+        plane = self.plane
+        runner = plane.host
+        assert runner is not None
+        binding = runner.udp_binding(self.spec)
         if binding is None:
             return None
         router, port, stats = binding
@@ -265,10 +230,10 @@ class UdpListener:
             stats.drops["rejected"] += 1
             return None
         if stats.flows >= router.spec.udp_max_flows:
-            server.evict_udp(router.name)
-        if server.descriptors_full() and not server.evict_udp(router.name):
+            runner.evict_udp(router.name)
+        if plane.descriptors_full() and not runner.evict_udp(router.name):
             stats.drops["descriptors"] += 1
-            server.accept_error("EMFILE", "no descriptor left for a new UDP flow")
+            plane.accept_error("EMFILE", "no descriptor left for a new UDP flow")
             return None
         limits = router.limits
         if limits is not None and limits.admit(akey) is not None:  # (None: admitted)
@@ -288,7 +253,7 @@ class UdpListener:
         self.flows[key] = flow
         stats.flows += 1
         stats.opened += 1
-        server.flows_changed(1)
+        plane.flows_changed(1)
         return flow
 
     # ------------------------------------------------------------------ the backend side
@@ -314,7 +279,7 @@ class UdpListener:
             flow.stats.drops["no_backend"] += 1
             self.end(flow, "no_backend", give_up=True)
             return False
-        store = self.server.store
+        store = self.plane.store
         if store is not None and backend is not router.sorry and (route.fresh or store.pending):
             flow.pending = []
             self._loop.create_task(self._settle(flow, backend))
@@ -322,7 +287,7 @@ class UdpListener:
         return self._attach(flow, backend)
 
     async def _settle(self, flow: Flow, candidate: Backend) -> None:
-        store = self.server.store
+        store = self.plane.store
         assert store is not None
         router, route = flow.router, flow.route
         try:
@@ -359,7 +324,7 @@ class UdpListener:
             if exc.errno in RESOURCE_ERRNOS:
                 router.local_failure(route, backend, errno.errorcode[exc.errno])
                 flow.stats.drops["descriptors"] += 1
-                self.server.accept_error(errno.errorcode[exc.errno], "socket() for a UDP flow")
+                self.plane.accept_error(errno.errorcode[exc.errno], "socket() for a UDP flow")
                 self.end(flow, "descriptors", give_up=False)
                 return False
             router.failed(route, backend, "error")  # (no such family here, say)
@@ -423,27 +388,24 @@ class UdpListener:
         if self.flows.pop(flow.key, None) is None:
             return
         flow.stats.flows -= 1
-        self.server.flows_changed(-1)
+        self.plane.flows_changed(-1)
         self._drop_socket(flow)
-        router, route = flow.router, flow.route
-        backend = flow.backend
-        if backend is not None:
-            backend.bytes_in += flow.bytes_in
-            backend.bytes_out += flow.bytes_out
-        router.stats.duration.observe(time.monotonic() - flow.started)
-        if give_up:
-            router.give_up(route)
-        else:
-            router.finish(route)
-        if router.limits is not None:
-            router.limits.release(route.key)
-        rec, sink = flow.rec, router.log
-        if rec is not None and sink is not None:
-            writer = sink[0]
+        rec = flow.rec
+        if rec is not None:
             rec.end(termination)
-            if rec.routed is None:
-                rec.routed = unrouted(router.name, flow.service, len(route.tried), True)
-            writer.log(rec, self._loop.time(), None, flow.bytes_in, flow.bytes_out, True)
+        flow.router.end(
+            flow.route,
+            flow.backend,
+            flow.bytes_in,
+            flow.bytes_out,
+            time.monotonic() - flow.started,
+            give_up,
+            rec,
+            self._loop.time(),
+            None,
+            flow.service,
+            True,
+        )
 
     def sweep(self, now: float) -> None:
         """Move the coarse clock on, and end the flows idle past their group's

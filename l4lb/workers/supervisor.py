@@ -37,14 +37,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config, ConfigError, load_config_text
+from ..config.describe import describe
 from ..core.reuseport import attach, program
 from ..dataplane.listeners import ListenSpec, Where, bind, close_all, listen_specs, steering_masks
-from ..runtime.server import ReloadError, StartupError, describe
+from ..runtime.errors import ReloadError, StartupError
 from . import control
 from .worker import ENV
+
+if TYPE_CHECKING:
+    from ..admin.fanout import FrontAdmin
 
 log = logging.getLogger("l4lb.supervisor")
 
@@ -85,7 +89,7 @@ class Supervisor:
         self._failures = [0] * self.n  # quick deaths in a row, per worker
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
-        self._front: Any = None
+        self._front: FrontAdmin | None = None
 
     @property
     def ready(self) -> bool:
@@ -288,7 +292,7 @@ class Supervisor:
     async def _start_admin(self) -> None:
         if self.config.admin is None:
             return
-        from ..admin.fanout import FrontAdmin
+        from ..admin.fanout import FrontAdmin  # aiohttp loads only with the admin API
 
         front = FrontAdmin(self, self.config.admin)
         try:

@@ -21,9 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..balancer import Server
 from ..config import Config, ConfigError, load_config_text
 from ..dataplane.listeners import Where
-from ..runtime.server import ReloadError, Server, StartupError
+from ..runtime.errors import ReloadError, StartupError
 from .control import Channel
 
 log = logging.getLogger("l4lb.worker")
@@ -117,8 +118,8 @@ async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> No
             for fd in fds:
                 os.close(fd)
             continue
-        assert server.inherited is not None
-        server.inherited.update(_sockets(message.get("sockets", []), fds))
+        assert server.listeners.inherited is not None
+        server.listeners.inherited.update(_sockets(message.get("sockets", []), fds))
         try:
             config = load_snapshot(env)
             changes = await server.apply(config)
@@ -129,9 +130,9 @@ async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> No
             channel.send({"op": "reloaded", "ok": False, "lines": [f"reload failed: {exc!r}"]})
         else:
             channel.send({"op": "reloaded", "ok": True, "changes": changes})
-        for sock in server.inherited.values():  # offered but not taken: not ours to keep
+        for sock in server.listeners.inherited.values():  # offered but not taken: not ours to keep
             sock.close()
-        server.inherited.clear()
+        server.listeners.inherited.clear()
 
 
 def environment() -> dict[str, Any]:

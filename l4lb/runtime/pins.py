@@ -1,4 +1,5 @@
-"""Pins that survive a restart: the affinity tables written to a file and read back.
+"""Pins that survive a restart: the affinity tables written to a file and read back (`Pins`,
+from the runtime's start, its shutdown and every `state_interval`).
 
 The file is JSON, written atomically (a temporary file in the same folder, fsync, rename), so
 a crash mid-write leaves the previous file whole. Each entry carries its time left; at load,
@@ -8,7 +9,10 @@ are dropped, and a corrupt file is reported and ignored, never fatal.
 
 from __future__ import annotations
 
+import asyncio
+import glob
 import json
+import logging
 import os
 import tempfile
 import time
@@ -16,8 +20,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..core.keys import V6_TAG
+from ..core.reuseport import steer
 from ..core.routing import Router
+from ..core.spec import Config
+from ..dataplane.listeners import MARKS, ListenSpec, steering_masks
 
+log = logging.getLogger("l4lb.server")
 VERSION = 1
 
 
@@ -120,3 +129,80 @@ def restore(
         loaded += n
         dropped += len(items) - n
     return loaded, dropped
+
+
+class Pins:
+    """The state file of one process: each worker keeps the pins of its own clients in a file
+    of its own (`path.N`), and takes at start the pins of its clients from any of them."""
+
+    def __init__(self, routers: Mapping[str, Router], worker: int | None) -> None:
+        self.routers = routers
+        self.worker = worker
+
+    def path(self, config: Config) -> str | None:
+        path = config.state_file
+        return f"{path}.{self.worker}" if path and self.worker is not None else path
+
+    def load(self, config: Config) -> None:
+        path = config.state_file
+        if not path:
+            return
+        if self.worker is None:
+            sources = [path]
+        else:
+            # Every worker's file and a single process's: the pins of this worker's clients
+            # are in any of them when `workers` changed since they were written.
+            sources = [path, *sorted(glob.glob(glob.escape(path) + ".[0-9]*"))]
+        found: list[tuple[str, dict[str, Any]]] = []
+        for source in sources:
+            try:
+                data = read(source)
+            except StateFileError as exc:
+                log.warning("ignoring the state file: %s", exc)
+                continue
+            if data is not None:
+                found.append((source, data))
+        if not found:
+            log.info("state file %s does not exist yet", self.path(config))
+            return
+        found.sort(key=lambda f: -float(f[1].get("saved_at", 0) or 0))  # newest first
+        keep = self._mine(config) if self.worker is not None else None
+        for source, data in found:
+            try:
+                loaded, dropped = restore(self.routers, data, keep)
+            except StateFileError as exc:
+                log.warning("ignoring the state file: %s", exc)
+                continue
+            log.info("state file %s: restored %d pins, dropped %d", source, loaded, dropped)
+
+    def _mine(self, config: Config) -> Callable[[str, int], bool]:
+        """Whether a group's key is steered to this worker (reuseport.steer, as the kernel)."""
+        masks: dict[str, tuple[int, int] | None] = {}
+        for g in config.groups:
+            listener = MARKS if g.kernel_mark is not None else g.name
+            masks[g.name] = steering_masks(config, ListenSpec(listener, "", 0, False))
+        n, me = config.workers, self.worker
+
+        def keep(group: str, key: int) -> bool:
+            m = masks.get(group)
+            if m is None:
+                return me == 0  # not steered: one worker takes them
+            packed = (key ^ V6_TAG).to_bytes(16, "big") if key & V6_TAG else key.to_bytes(4, "big")
+            return steer(packed, m[0], m[1], n) == me
+
+        return keep
+
+    async def save(self, config: Config) -> None:
+        path = self.path(config)
+        if not path:
+            return
+        data = snapshot(self.routers)
+        try:
+            await asyncio.to_thread(write, path, data)
+        except OSError as exc:
+            log.warning("cannot write the state file %s: %s", path, exc.strerror or exc)
+
+    async def save_periodically(self, config: Callable[[], Config]) -> None:
+        while True:
+            await asyncio.sleep(config().state_interval)
+            await self.save(config())

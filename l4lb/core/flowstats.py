@@ -1,0 +1,42 @@
+"""A group's UDP counters: plain ints the data plane bumps and the metrics read at scrape time."""
+
+from __future__ import annotations
+
+# Why a datagram was dropped; `l4lb_udp_dropped_total{reason}`.
+DROP_REASONS = (
+    "no_backend",  # no backend accepted the flow
+    "pending_full",  # its backend was not settled yet, and a few were waiting already
+    "backend_busy",  # the backend socket's send buffer was full
+    "backend_error",  # the backend socket reported an error (ICMP) on this datagram
+    "client_send",  # the answer could not be sent to the client
+    "descriptors",  # no descriptor left for a new flow's socket
+    "rejected",  # a source address that could not be keyed
+    "client_limit",  # over the client network's client_limits
+)
+
+
+class UdpStats:
+    """One group's UDP counters (flows, datagrams, bytes, drops), read at scrape time."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "datagrams_in",
+        "datagrams_out",
+        "drops",
+        "evicted",
+        "flows",
+        "opened",
+        "unreachable",
+    )
+
+    def __init__(self) -> None:
+        self.flows = 0  # open now
+        self.opened = 0
+        self.evicted = 0  # flows ended early by the udp_max_flows bound
+        self.unreachable = 0  # ICMP errors on backend sockets
+        self.datagrams_in = 0  # client -> backend
+        self.datagrams_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.drops = dict.fromkeys(DROP_REASONS, 0)

@@ -1,0 +1,161 @@
+"""The listening sockets of one process, and which group and service port each serves.
+
+Listeners are keyed by (address, port, protocol), and each accept (or a UDP listener's new flow)
+looks up the group and service port it serves in `bindings`, so a reload that keeps a port keeps
+its socket open and never refuses a connection; only new ports are bound (before anything else
+changes, all or nothing) and removed ones closed. `Listeners` is the data plane's `Host`: the
+UDP listeners ask it for their group and to make room for a new flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Mapping
+
+from ..core.flowstats import UdpStats
+from ..core.routing import Router
+from ..dataplane.context import DataPlane
+from ..dataplane.listeners import BACKLOG, MARKS, ListenSpec, Where, bind, close_all
+from ..dataplane.relay import ClientSide, MarkedClientSide, ProxyClientSide
+from ..dataplane.udp import UdpListener
+from .errors import StartupError
+
+Serving = asyncio.AbstractServer | UdpListener
+
+
+class Listeners:
+    def __init__(
+        self,
+        plane: DataPlane,
+        routers: Mapping[str, Router],
+        inherited: dict[Where, socket.socket] | None,
+    ) -> None:
+        self.plane = plane
+        self.routers = routers
+        # As a worker: the listening sockets the supervisor opened, by (address, port); a
+        # worker never binds one itself, since its place in the reuseport group matters.
+        self.inherited = inherited
+        self.listening: list[ListenSpec] = []
+        self.serving: dict[Where, tuple[ListenSpec, Serving]] = {}
+        self.bindings: dict[Where, tuple[Router, int]] = {}
+        self.udp_stats: dict[str, UdpStats] = {}  # per group, kept across reloads
+        plane.host = self
+
+    def bind_new(self, specs: list[ListenSpec]) -> list[tuple[ListenSpec, socket.socket]]:
+        """Bind every spec not bound yet; all or nothing."""
+        bound: list[tuple[ListenSpec, socket.socket]] = []
+        for spec in specs:
+            current = self.serving.get(spec.where)
+            if current is not None and current[0].v6only == spec.v6only:
+                continue
+            if self.inherited is not None:
+                sock = self.inherited.pop(spec.where, None)
+                if sock is None:
+                    close_all(s for _, s in bound)
+                    raise StartupError(f"the supervisor passed no socket for {spec}")
+                bound.append((spec, sock))
+                continue
+            try:
+                bound.append((spec, bind(spec)))
+            except OSError as exc:
+                close_all(s for _, s in bound)
+                raise StartupError(
+                    f"cannot listen on {spec} for group {spec.group!r}: {exc.strerror or exc}"
+                ) from None
+        return bound
+
+    async def serve(self, bound: list[tuple[ListenSpec, socket.socket]]) -> None:
+        loop = asyncio.get_running_loop()
+        bindings = self.bindings
+        plane = self.plane
+        for spec, sock in bound:
+            where = spec.where
+            if spec.proto == "udp":
+                self.serving[where] = (spec, UdpListener(plane, spec, sock))
+                continue
+
+            if spec.group == MARKS:
+
+                def marked() -> ClientSide:
+                    return MarkedClientSide(plane)
+
+                self.serving[where] = (
+                    spec,
+                    await loop.create_server(marked, sock=sock, backlog=BACKLOG),
+                )
+                continue
+
+            def factory(where: Where = where) -> ClientSide:
+                router, service_port = bindings[where]
+                if router.proxy_trusted is not None:
+                    return ProxyClientSide(plane, router, service_port)
+                return ClientSide(plane, router, service_port)
+
+            srv = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+            self.serving[where] = (spec, srv)
+
+    def set_bindings(self, specs: list[ListenSpec]) -> None:
+        """Point every listener at its group's router as the routers are now."""
+        self.bindings.clear()
+        for spec in specs:
+            if spec.group != MARKS:
+                self.bindings[spec.where] = (self.routers[spec.group], spec.port)
+                if spec.proto == "udp":
+                    self.udp_stats.setdefault(spec.group, UdpStats())
+        self.plane.by_mark = {
+            r.spec.kernel_mark: r for r in self.routers.values() if r.spec.kernel_mark is not None
+        }
+        self.listening = specs
+
+    def close_flipped(self, wanted: Mapping[Where, ListenSpec]) -> None:
+        """v6-only flips need the old socket gone first: the one change that cannot be
+        seamless."""
+        for where, (spec, srv) in list(self.serving.items()):
+            if where in wanted and wanted[where].v6only != spec.v6only:
+                srv.close()
+                del self.serving[where]
+
+    def close_unwanted(self, wanted: Mapping[Where, ListenSpec]) -> list[str]:
+        """Stop listening where no group listens any more (open connections carry on)."""
+        changes = []
+        for where, (spec, srv) in list(self.serving.items()):
+            if where not in wanted:
+                srv.close()
+                del self.serving[where]
+                changes.append(f"stopped listening on {spec}")
+        return changes
+
+    def close(self) -> None:
+        for _, srv in self.serving.values():
+            srv.close()
+
+    async def wait_closed(self) -> None:
+        for _, srv in self.serving.values():
+            await srv.wait_closed()
+
+    # ------------------------------------------------------------------ the data plane's Host
+
+    def udp_binding(self, spec: ListenSpec) -> tuple[Router, int, UdpStats] | None:
+        """The group, service port and counters a UDP listener's new flow belongs to."""
+        bound = self.bindings.get(spec.where)
+        if bound is None:
+            return None
+        router, port = bound
+        return router, port, self.udp_stats[router.name]
+
+    def udp_listeners(self) -> list[UdpListener]:
+        return [x for _, x in self.serving.values() if isinstance(x, UdpListener)]
+
+    def evict_udp(self, group: str) -> bool:
+        """The group is at udp_max_flows (or the descriptors are all taken): its flow idle
+        longest goes. False if it has none."""
+        candidates = [
+            (oldest, i, x)
+            for i, x in enumerate(self.udp_listeners())
+            if x.spec.group == group and (oldest := x.oldest()) is not None
+        ]
+        for _, _, listener in sorted(candidates, key=lambda c: (c[0], c[1])):
+            if listener.evict_oldest():
+                return True
+        return False
