@@ -227,16 +227,7 @@ def _worker(log_level: str) -> int:
     return _run_loop(serve(env))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="l4lb", description=__doc__)
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="least severe events to log on stderr (default: info)",
-    )
-    parser.add_argument("--version", action="version", version=f"l4lb {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run the balancer",
@@ -275,15 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also start demo HTTP/HTTPS servers for the loopback backends of the config",
     )
-    check = sub.add_parser("check", help="validate a configuration file and exit")
-    check.add_argument("-c", "--config", required=True, help="the YAML configuration file")
-    sub.add_parser("version", help="print the version")
-    sub.add_parser("worker")  # started by the supervisor of `workers: N`, with L4LB_WORKER set
-    from .admin.ctl import add_parser as add_ctl
+    return run
 
-    add_ctl(sub)
-    hc = sub.add_parser("healthcheck", help="exit 0 if the admin API of a running l4lb answers")
-    hc.add_argument("-c", "--config", required=True, help="the YAML configuration file")
+
+def _add_import(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     imp = sub.add_parser("import-keepalived", help="convert a keepalived.conf's virtual servers")
     imp.add_argument("file", help="the keepalived.conf (its include files are followed)")
     imp.add_argument("-o", "--output", help="write here instead of to standard output")
@@ -299,12 +285,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="HOST:PORT",
         help="make fwmark services groups chosen by the kernel's mark, on this REDIRECT target",
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="l4lb", description=__doc__)
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe events to log on stderr (default: info)",
+    )
+    parser.add_argument("--version", action="version", version=f"l4lb {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = _add_run(sub)
+    check = sub.add_parser("check", help="validate a configuration file and exit")
+    check.add_argument("-c", "--config", required=True, help="the YAML configuration file")
+    sub.add_parser("version", help="print the version")
+    sub.add_parser("worker")  # started by the supervisor of `workers: N`, with L4LB_WORKER set
+    from .admin.ctl import add_parser as add_ctl
+
+    add_ctl(sub)
+    hc = sub.add_parser("healthcheck", help="exit 0 if the admin API of a running l4lb answers")
+    hc.add_argument("-c", "--config", required=True, help="the YAML configuration file")
+    _add_import(sub)
     for p in (run, check):
         p.add_argument(
             "--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"]
         )
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _load(args: argparse.Namespace, text: str | None) -> Config | int:
+    """The configuration of `run` or `check` (from the file, or from the flags' YAML `text`),
+    or the exit code after its errors are printed."""
+    try:
+        config = load_config(args.config) if not text else load_config_text(text, "<flags>")
+    except ConfigError as exc:
+        if text:
+            from .config.quick import explain
+
+            for line in exc.lines:
+                print(f"l4lb run: {explain(line, text)}", file=sys.stderr)
+            return 2
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        return 1
+    for line in config.warnings:
+        print(line, file=sys.stderr)
+    return config
+
+
+def _check(path: str, config: Config) -> int:
+    """`l4lb check`: the names looked up once, then one line of what the file holds."""
+    from .config.names import names_in
+
+    names = names_in(config)
+    if names:
+        from .runtime.resolver import lookup_now
+
+        for answer in lookup_now(names).values():
+            if isinstance(answer, str):  # l4lb would start, with these backends down
+                print(f"{path}: warning: {answer}", file=sys.stderr)
+    n = sum(len(g.backends) for g in config.groups)
+    extra = f", {config.workers} workers" if config.workers > 1 else ""
+    if config.affinity_store is not None:
+        from .dataplane.store import redact
+
+        extra += f", pins shared through {redact(config.affinity_store.url)}"
+    g = len(config.groups)
+    groups = f"{g} group{'' if g == 1 else 's'}, {n} backend{'' if n == 1 else 's'}"
+    print(f"{path}: ok ({groups}{extra})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"l4lb {__version__}")
         return 0
@@ -330,39 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if text == "":
             return 2
-    try:
-        config = load_config(args.config) if not text else load_config_text(text, "<flags>")
-    except ConfigError as exc:
-        if text:
-            from .config.quick import explain
-
-            for line in exc.lines:
-                print(f"l4lb run: {explain(line, text)}", file=sys.stderr)
-            return 2
-        for line in exc.lines:
-            print(line, file=sys.stderr)
-        return 1
-    for line in config.warnings:
-        print(line, file=sys.stderr)
+    config = _load(args, text)
+    if isinstance(config, int):
+        return config
     if args.command == "check":
-        from .config.names import names_in
-
-        names = names_in(config)
-        if names:
-            from .runtime.resolver import lookup_now
-
-            for answer in lookup_now(names).values():
-                if isinstance(answer, str):  # l4lb would start, with these backends down
-                    print(f"{args.config}: warning: {answer}", file=sys.stderr)
-        n = sum(len(g.backends) for g in config.groups)
-        extra = f", {config.workers} workers" if config.workers > 1 else ""
-        if config.affinity_store is not None:
-            from .dataplane.store import redact
-
-            extra += f", pins shared through {redact(config.affinity_store.url)}"
-        g = len(config.groups)
-        groups = f"{g} group{'' if g == 1 else 's'}, {n} backend{'' if n == 1 else 's'}"
-        print(f"{args.config}: ok ({groups}{extra})")
-        return 0
+        return _check(args.config, config)
     _raise_nofile()
     return _run_loop(_serve(config, args.demo, args.log_level))

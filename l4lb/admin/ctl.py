@@ -153,85 +153,95 @@ def _show(answer: dict[str, Any], address: str) -> str:
     return "\n".join(out)
 
 
+def _status(base: str, token: str | None) -> tuple[Any, str]:
+    groups = _call(base, "GET", "/api/v1/groups", token)
+    backends = _call(base, "GET", "/api/v1/backends", token)
+    g_rows = [
+        [
+            g["name"],
+            g["mark"],
+            ",".join([*map(str, g["ports"]), *(f"{p}/udp" for p in g.get("udp_ports", []))]),
+            g["scheduler"],
+            g["persistence"]["entries"],
+            g["stats"]["accepted"],
+            g["stats"]["repins"],
+            "serving" if g["sorry_server_serving"] else "standby",
+        ]
+        for g in groups["groups"]
+    ]
+    b_rows = [
+        [
+            b["group"],
+            b["name"],
+            b["address"],
+            b["state"],
+            b["weight"],
+            b["active"],
+            b["connections"],
+            (b["last_check"] or {}).get("detail"),
+        ]
+        for b in backends["backends"]
+    ]
+    text = _table(
+        g_rows, ["GROUP", "MARK", "PORTS", "SCHED", "PINNED", "ACCEPTED", "REPINS", "SORRY"]
+    )
+    text += "\n\n" + _table(
+        b_rows,
+        ["GROUP", "BACKEND", "ADDRESS", "STATE", "WEIGHT", "OPEN", "CONNS", "LAST CHECK"],
+    )
+    return {"groups": groups["groups"], "backends": backends["backends"]}, text
+
+
+def _affinity(args: argparse.Namespace, base: str, token: str | None) -> tuple[Any, str]:
+    query = {k: v for k in ("group", "client", "backend") if (v := getattr(args, k)) is not None}
+    if args.action == "show":
+        if not args.address:
+            raise CtlError("affinity show ADDRESS: the client address is missing")
+        query["client"] = args.address
+        answer = _call(base, "GET", "/api/v1/affinity?" + urllib.parse.urlencode(query), token)
+        return answer, _show(answer, args.address)
+    if args.address:
+        raise CtlError(f"affinity {args.action} takes --client, not {args.address!r}")
+    if args.action == "list":
+        query["limit"] = str(args.limit)
+        answer = _call(base, "GET", "/api/v1/affinity?" + urllib.parse.urlencode(query), token)
+        rows = [
+            [
+                e["group"],
+                e["client"],
+                e["backend"],
+                e["connections"],
+                e.get("flows", 0),
+                "open" if e["expires_in"] is None else f"{e['expires_in']:.0f}s",
+            ]
+            for e in answer["entries"]
+        ]
+        text = _table(rows, ["GROUP", "CLIENT", "BACKEND", "CONNS", "FLOWS", "EXPIRES IN"])
+        if answer["total"] > len(rows):
+            text += f"\n({len(rows)} of {answer['total']} shown; see --limit)"
+        return answer, text
+    answer = _call(base, "DELETE", "/api/v1/affinity?" + urllib.parse.urlencode(query), token)
+    return answer, f"flushed {plural(answer['deleted'], 'entry', 'entries')}"
+
+
+def _backend(args: argparse.Namespace, base: str, token: str | None) -> tuple[Any, str]:
+    path = f"/api/v1/backends/{urllib.parse.quote(args.group)}/{urllib.parse.quote(args.name)}"
+    if args.action == "weight":
+        if args.weight is None:
+            raise CtlError("backend weight GROUP NAME WEIGHT: the weight is missing")
+        body: dict[str, Any] = {"weight": args.weight}
+    else:
+        body = {"state": {"drain": "drain", "enable": "up", "disable": "disabled"}[args.action]}
+    b = _call(base, "POST", path, token, body)
+    return b, f"{b['group']}/{b['name']}: state {b['state']}, weight {b['weight']}"
+
+
 def _do(args: argparse.Namespace, base: str, token: str | None) -> tuple[Any, str]:
     if args.what == "status":
-        groups = _call(base, "GET", "/api/v1/groups", token)
-        backends = _call(base, "GET", "/api/v1/backends", token)
-        g_rows = [
-            [
-                g["name"],
-                g["mark"],
-                ",".join([*map(str, g["ports"]), *(f"{p}/udp" for p in g.get("udp_ports", []))]),
-                g["scheduler"],
-                g["persistence"]["entries"],
-                g["stats"]["accepted"],
-                g["stats"]["repins"],
-                "serving" if g["sorry_server_serving"] else "standby",
-            ]
-            for g in groups["groups"]
-        ]
-        b_rows = [
-            [
-                b["group"],
-                b["name"],
-                b["address"],
-                b["state"],
-                b["weight"],
-                b["active"],
-                b["connections"],
-                (b["last_check"] or {}).get("detail"),
-            ]
-            for b in backends["backends"]
-        ]
-        text = _table(
-            g_rows, ["GROUP", "MARK", "PORTS", "SCHED", "PINNED", "ACCEPTED", "REPINS", "SORRY"]
-        )
-        text += "\n\n" + _table(
-            b_rows,
-            ["GROUP", "BACKEND", "ADDRESS", "STATE", "WEIGHT", "OPEN", "CONNS", "LAST CHECK"],
-        )
-        return {"groups": groups["groups"], "backends": backends["backends"]}, text
+        return _status(base, token)
     if args.what == "affinity":
-        query = {
-            k: v for k in ("group", "client", "backend") if (v := getattr(args, k)) is not None
-        }
-        if args.action == "show":
-            if not args.address:
-                raise CtlError("affinity show ADDRESS: the client address is missing")
-            query["client"] = args.address
-            answer = _call(base, "GET", "/api/v1/affinity?" + urllib.parse.urlencode(query), token)
-            return answer, _show(answer, args.address)
-        if args.address:
-            raise CtlError(f"affinity {args.action} takes --client, not {args.address!r}")
-        if args.action == "list":
-            query["limit"] = str(args.limit)
-            answer = _call(base, "GET", "/api/v1/affinity?" + urllib.parse.urlencode(query), token)
-            rows = [
-                [
-                    e["group"],
-                    e["client"],
-                    e["backend"],
-                    e["connections"],
-                    e.get("flows", 0),
-                    "open" if e["expires_in"] is None else f"{e['expires_in']:.0f}s",
-                ]
-                for e in answer["entries"]
-            ]
-            text = _table(rows, ["GROUP", "CLIENT", "BACKEND", "CONNS", "FLOWS", "EXPIRES IN"])
-            if answer["total"] > len(rows):
-                text += f"\n({len(rows)} of {answer['total']} shown; see --limit)"
-            return answer, text
-        answer = _call(base, "DELETE", "/api/v1/affinity?" + urllib.parse.urlencode(query), token)
-        return answer, f"flushed {plural(answer['deleted'], 'entry', 'entries')}"
+        return _affinity(args, base, token)
     if args.what == "backend":
-        path = f"/api/v1/backends/{urllib.parse.quote(args.group)}/{urllib.parse.quote(args.name)}"
-        if args.action == "weight":
-            if args.weight is None:
-                raise CtlError("backend weight GROUP NAME WEIGHT: the weight is missing")
-            body: dict[str, Any] = {"weight": args.weight}
-        else:
-            body = {"state": {"drain": "drain", "enable": "up", "disable": "disabled"}[args.action]}
-        b = _call(base, "POST", path, token, body)
-        return b, f"{b['group']}/{b['name']}: state {b['state']}, weight {b['weight']}"
+        return _backend(args, base, token)
     answer = _call(base, "POST", "/api/v1/reload", token, {})
     return answer, "reloaded: " + ("; ".join(answer["changes"]) or "no changes")

@@ -92,10 +92,8 @@ def _store(v: _Validator, node: yaml.Node, path: str) -> StoreSpec | None:
     return StoreSpec(**kw)
 
 
-def _document(v: _Validator, root: yaml.Node) -> Config | None:
-    m = v.mapping(root, "", _TOP_KEYS)
-    if m is None:
-        return None
+def _top(v: _Validator, m: dict[str, Any]) -> dict[str, Any]:
+    """The top-level keys but `groups`, as keyword arguments of `Config`."""
     kw: dict[str, Any] = {}
     checks: dict[str, Callable[[Any], Any]] = {
         "shutdown_timeout": _duration,
@@ -122,15 +120,38 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
                 kw["kernel_marks"] = KernelMarksSpec(*hp)
         elif km is not None:
             v.error(m["kernel_marks"][1], "kernel_marks", "missing required key 'listen'")
-    if "groups" not in m:
-        v.error(root, "", "missing required key 'groups'")
-        return None
-    gnode = m["groups"][1]
-    gm = v.mapping(gnode, "groups", ())
-    if gm is None:
-        return None
-    if not gm:
-        v.error(gnode, "groups", "must define at least one group")
+    return kw
+
+
+def _clashes(
+    v: _Validator, group: GroupSpec, vnode: yaml.Node, groups: list[GroupSpec], marked: bool
+) -> None:
+    """A group's kernel mark and listeners against the groups before it (`marked`: the
+    top-level kernel_marks listener is there)."""
+    gname = group.name
+    if group.kernel_mark is not None:
+        if not marked:
+            v.error(
+                vnode, f"groups.{gname}.kernel_mark", "needs the top-level kernel_marks listener"
+            )
+        clash = next((g.name for g in groups if g.kernel_mark == group.kernel_mark), None)
+        if clash is not None:
+            v.error(
+                vnode,
+                f"groups.{gname}.kernel_mark",
+                f"mark {group.kernel_mark} is also group {clash!r}'s",
+            )
+    for other in groups:
+        for addr, common in _listen_overlaps(group, other):
+            v.error(
+                vnode,
+                f"groups.{gname}.ports",
+                f"{addr} port {common} is also bound by group {other.name!r}",
+            )
+
+
+def _groups(v: _Validator, gm: dict[str, Any], marked: bool) -> list[GroupSpec]:
+    """Every group, each checked against the ones before it."""
     groups: list[GroupSpec] = []
     marks: dict[int, str] = {}
     for index, (gname, (knode, vnode)) in enumerate(gm.items()):
@@ -147,29 +168,27 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
                 f"mark {group.mark} is also used by group {marks[group.mark]!r}",
             )
             continue
-        if group.kernel_mark is not None:
-            if "kernel_marks" not in m:
-                v.error(
-                    vnode,
-                    f"groups.{gname}.kernel_mark",
-                    "needs the top-level kernel_marks listener",
-                )
-            clash = next((g.name for g in groups if g.kernel_mark == group.kernel_mark), None)
-            if clash is not None:
-                v.error(
-                    vnode,
-                    f"groups.{gname}.kernel_mark",
-                    f"mark {group.kernel_mark} is also group {clash!r}'s",
-                )
-        for other in groups:
-            for addr, common in _listen_overlaps(group, other):
-                v.error(
-                    vnode,
-                    f"groups.{gname}.ports",
-                    f"{addr} port {common} is also bound by group {other.name!r}",
-                )
+        _clashes(v, group, vnode, groups, marked)
         marks[group.mark] = gname
         groups.append(group)
+    return groups
+
+
+def _document(v: _Validator, root: yaml.Node) -> Config | None:
+    m = v.mapping(root, "", _TOP_KEYS)
+    if m is None:
+        return None
+    kw = _top(v, m)
+    if "groups" not in m:
+        v.error(root, "", "missing required key 'groups'")
+        return None
+    gnode = m["groups"][1]
+    gm = v.mapping(gnode, "groups", ())
+    if gm is None:
+        return None
+    if not gm:
+        v.error(gnode, "groups", "must define at least one group")
+    groups = _groups(v, gm, "kernel_marks" in m)
     default_log = kw.get("access_log")
     for i, g in enumerate(groups):  # a group's own log, `off`, or the top level's
         own = g.access_log

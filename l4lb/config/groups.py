@@ -158,6 +158,26 @@ def _addresses(v: _Validator, node: yaml.Node, path: str) -> tuple[str, ...] | N
     return tuple(listen) if ok else None
 
 
+# A group's scalar keys and their parsers.
+_GROUP_SCALARS: dict[str, Callable[[Any], Any]] = {
+    "mark": _int_in(1, 2**32 - 1),
+    "scheduler": _scheduler,
+    "connect_timeout": _positive_duration,
+    "idle_timeout": _duration,
+    "quorum": _int_in(1, 100_000),
+    "hysteresis": _int_in(0, 100_000),
+    "on_down": _choice("keep", "close"),
+    "on_up": _choice("stay", "return"),
+    "queue_timeout": _duration,
+    "relay": _choice("copy", "auto", "splice"),
+    "send_proxy": _choice("v1", "v2"),
+    "kernel_mark": _int_in(1, 2**32 - 1),
+    "slow_start": _duration,
+    "udp_idle_timeout": _positive_duration,
+    "udp_max_flows": _int_in(1, 10_000_000),
+}
+
+
 def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec | None:
     path = f"groups.{name}"
     m = v.mapping(node, path, _GROUP_KEYS)
@@ -169,24 +189,7 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         if required not in m:
             v.error(node, path, f"missing required key {required!r}")
             ok = False
-    checks: dict[str, Callable[[Any], Any]] = {
-        "mark": _int_in(1, 2**32 - 1),
-        "scheduler": _scheduler,
-        "connect_timeout": _positive_duration,
-        "idle_timeout": _duration,
-        "quorum": _int_in(1, 100_000),
-        "hysteresis": _int_in(0, 100_000),
-        "on_down": _choice("keep", "close"),
-        "on_up": _choice("stay", "return"),
-        "queue_timeout": _duration,
-        "relay": _choice("copy", "auto", "splice"),
-        "send_proxy": _choice("v1", "v2"),
-        "kernel_mark": _int_in(1, 2**32 - 1),
-        "slow_start": _duration,
-        "udp_idle_timeout": _positive_duration,
-        "udp_max_flows": _int_in(1, 10_000_000),
-    }
-    ok = _scalars(v, m, path, checks, kw) and ok
+    ok = _scalars(v, m, path, _GROUP_SCALARS, kw) and ok
     if "listen" in m:
         listen = _addresses(v, m["listen"][1], f"{path}.listen")
         ok = ok and listen is not None
@@ -223,6 +226,13 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
     if not ok:
         return None
     group = GroupSpec(name=name, **kw)
+    return group if _consistent(v, group, m, path) else None
+
+
+def _consistent(
+    v: _Validator, group: GroupSpec, m: dict[str, tuple[yaml.Node, yaml.Node]], path: str
+) -> bool:
+    """What no single key can tell: an error (False) or a warning on the group as a whole."""
     if group.udp_ports and group.kernel_mark is not None:
         v.error(
             m["ports"][1],
@@ -230,7 +240,7 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
             "a kernel_mark group is TCP only (its traffic comes through the kernel_marks"
             " listener): move the UDP ports to a group of their own",
         )
-        return None
+        return False
     if len(group.ports) + len(group.udp_ports) > 1 and not group.persistence.enabled:
         v.warn(
             m["ports"][1],
@@ -240,4 +250,4 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         )
     if "quorum" in m and group.sorry_server is None:
         v.warn(m["quorum"][1], f"{path}.quorum", "has no effect without a sorry_server")
-    return group
+    return True

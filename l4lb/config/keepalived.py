@@ -200,12 +200,41 @@ def _check(
     chk = checks[0]
     for extra in checks[1:]:
         out.note(indent, extra, "l4lb runs one check a backend (keepalived requires all to pass)")
+    fields = _timing(out, chk, rs_port, delay, indent)
+    handled = {*_CHECK_TIMING, "connect_port"}
+    if chk.keyword == "TCP_CHECK":
+        kind = "tcp"
+    elif chk.keyword == "UDP_CHECK":
+        kind = "udp"
+        _udp_check(out, chk, indent, fields, handled)
+    elif chk.keyword == "SMTP_CHECK":
+        kind = "tcp"
+        fields.append('expect: "^220"')  # the server's greeting; l4lb sends no HELO
+        handled.add("helo_name")
+        helo = chk.child("helo_name")
+        if helo is not None:
+            out.note(indent, helo, "l4lb reads the SMTP greeting and sends no HELO")
+    elif chk.keyword in ("HTTP_GET", "SSL_GET"):
+        kind = "http" if chk.keyword == "HTTP_GET" else "tls"
+        _http_check(out, chk, indent, vhost, fields, handled)
+    else:
+        kind = "exec"
+        if not _misc_check(out, chk, delay, indent, fields, handled):
+            return
+    for sub in chk.children or []:
+        if sub.keyword not in handled:
+            out.note(indent, sub, "no l4lb equivalent")
+    out.add(indent, f"health_check: {{type: {kind}, " + ", ".join(fields) + "}")
+
+
+def _timing(out: _Out, chk: Node, rs_port: int | None, delay: float, indent: int) -> list[str]:
+    """A check's interval, timeout, rise and fall, with notes for the timing l4lb does not
+    take."""
     # keepalived's defaults: connect_timeout 5 s, retry 1 (MISC_CHECK 0) extra attempts
     timeout = _seconds(chk.child("connect_timeout"), 5.0)
     retry_node = chk.child("retry") or chk.child("nb_get_retry")
     fall = int(_seconds(retry_node, 0.0 if chk.keyword == "MISC_CHECK" else 1.0)) + 1
     fields = [f"interval: {delay:g}s", f"timeout: {timeout:g}s", "rise: 1", f"fall: {fall}"]
-    handled = {*_CHECK_TIMING, "connect_port"}
     connect_port = chk.child("connect_port")
     if (
         connect_port is not None
@@ -222,82 +251,79 @@ def _check(
         node = chk.child(timing)
         if node is not None:
             out.note(indent, node, "l4lb retries at its interval and spreads first checks itself")
-    if chk.keyword == "TCP_CHECK":
-        kind = "tcp"
-    elif chk.keyword == "UDP_CHECK":
-        kind = "udp"
-        handled |= {"payload", "require_reply"}
-        for option, field in (("payload", "send"), ("require_reply", "expect")):
-            node = chk.child(option)
-            if node is None or not node.args:
-                continue
-            try:
-                data = bytes.fromhex("".join(node.args))
-            except ValueError:
-                out.note(indent, node, f"{option} is not hex: left out")
-                continue
-            escaped = "".join(f"\\x{b:02x}" for b in data)
-            # send: YAML's escapes make the bytes; expect: a regex of them, from the start
-            fields.append(f'send: "{escaped}"' if field == "send" else f"expect: '^{escaped}'")
-    elif chk.keyword == "SMTP_CHECK":
-        kind = "tcp"
-        fields.append('expect: "^220"')  # the server's greeting; l4lb sends no HELO
-        handled.add("helo_name")
-        helo = chk.child("helo_name")
-        if helo is not None:
-            out.note(indent, helo, "l4lb reads the SMTP greeting and sends no HELO")
-    elif chk.keyword in ("HTTP_GET", "SSL_GET"):
-        kind = "http" if chk.keyword == "HTTP_GET" else "tls"
-        handled |= {"url", "virtualhost"}
-        urls = chk.all("url")
-        url = urls[0] if urls else None
-        path = url.child("path") if url else None
-        fields.append(f"path: {_q(path.args[0]) if path and path.args else _q('/')}")
-        fields.append(f"status: [{_statuses(out, indent, url)}]")
-        host = (url.child("virtualhost") if url else None) or chk.child("virtualhost")
-        if host is not None and host.args:
-            fields.append(f"host: {_q(host.args[0])}")
-        elif vhost is not None:
-            fields.append(f"host: {_q(vhost)}")
-        for sub in (url.children or []) if url else []:
-            if sub.keyword not in ("path", "status_code", "virtualhost"):
-                why = (
-                    "l4lb matches the status, not a digest of the body"
-                    if sub.keyword == "digest"
-                    else "not checked by l4lb"
-                )
-                out.note(indent, sub, why)
-        for more in urls[1:]:
-            more_path = more.child("path")
-            shown = more_path.args[0] if more_path and more_path.args else "/"
-            out.note(
-                indent,
-                more,
-                f"another url ({shown}): l4lb checks one url a backend (keepalived: all must pass)",
+    return fields
+
+
+def _udp_check(out: _Out, chk: Node, indent: int, fields: list[str], handled: set[str]) -> None:
+    handled |= {"payload", "require_reply"}
+    for option, key in (("payload", "send"), ("require_reply", "expect")):
+        node = chk.child(option)
+        if node is None or not node.args:
+            continue
+        try:
+            data = bytes.fromhex("".join(node.args))
+        except ValueError:
+            out.note(indent, node, f"{option} is not hex: left out")
+            continue
+        escaped = "".join(f"\\x{b:02x}" for b in data)
+        # send: YAML's escapes make the bytes; expect: a regex of them, from the start
+        fields.append(f'send: "{escaped}"' if key == "send" else f"expect: '^{escaped}'")
+
+
+def _http_check(
+    out: _Out, chk: Node, indent: int, vhost: str | None, fields: list[str], handled: set[str]
+) -> None:
+    handled |= {"url", "virtualhost"}
+    urls = chk.all("url")
+    url = urls[0] if urls else None
+    path = url.child("path") if url else None
+    fields.append(f"path: {_q(path.args[0]) if path and path.args else _q('/')}")
+    fields.append(f"status: [{_statuses(out, indent, url)}]")
+    host = (url.child("virtualhost") if url else None) or chk.child("virtualhost")
+    if host is not None and host.args:
+        fields.append(f"host: {_q(host.args[0])}")
+    elif vhost is not None:
+        fields.append(f"host: {_q(vhost)}")
+    for sub in (url.children or []) if url else []:
+        if sub.keyword not in ("path", "status_code", "virtualhost"):
+            why = (
+                "l4lb matches the status, not a digest of the body"
+                if sub.keyword == "digest"
+                else "not checked by l4lb"
             )
-    else:
-        kind = "exec"
-        handled |= {"misc_path", "misc_timeout"}
-        misc = chk.child("misc_path")
-        if misc is None or not misc.args:
-            out.note(indent, chk, "a MISC_CHECK without misc_path")
-            return
-        argv = shlex.split(" ".join(misc.args))
-        fields.append("command: [" + ", ".join(_q(a) for a in argv) + "]")
-        # keepalived: misc_timeout, else delay_loop (not connect_timeout)
-        fields[1] = f"timeout: {_seconds(chk.child('misc_timeout'), delay):g}s"
-        for option, why in (
-            ("misc_dynamic", "l4lb takes the exit status as up or down, not as a weight"),
-            ("user", "l4lb runs the command as its own user"),
-        ):
-            node = chk.child(option)
-            handled.add(option)
-            if node is not None:
-                out.note(indent, node, why)
-    for sub in chk.children or []:
-        if sub.keyword not in handled:
-            out.note(indent, sub, "no l4lb equivalent")
-    out.add(indent, f"health_check: {{type: {kind}, " + ", ".join(fields) + "}")
+            out.note(indent, sub, why)
+    for more in urls[1:]:
+        more_path = more.child("path")
+        shown = more_path.args[0] if more_path and more_path.args else "/"
+        out.note(
+            indent,
+            more,
+            f"another url ({shown}): l4lb checks one url a backend (keepalived: all must pass)",
+        )
+
+
+def _misc_check(
+    out: _Out, chk: Node, delay: float, indent: int, fields: list[str], handled: set[str]
+) -> bool:
+    """MISC_CHECK as an exec check; False (with a note) when it names no command."""
+    handled |= {"misc_path", "misc_timeout"}
+    misc = chk.child("misc_path")
+    if misc is None or not misc.args:
+        out.note(indent, chk, "a MISC_CHECK without misc_path")
+        return False
+    argv = shlex.split(" ".join(misc.args))
+    fields.append("command: [" + ", ".join(_q(a) for a in argv) + "]")
+    # keepalived: misc_timeout, else delay_loop (not connect_timeout)
+    fields[1] = f"timeout: {_seconds(chk.child('misc_timeout'), delay):g}s"
+    for option, why in (
+        ("misc_dynamic", "l4lb takes the exit status as up or down, not as a weight"),
+        ("user", "l4lb runs the command as its own user"),
+    ):
+        node = chk.child(option)
+        handled.add(option)
+        if node is not None:
+            out.note(indent, node, why)
+    return True
 
 
 def _statuses(out: _Out, indent: int, url: Node | None) -> str:
@@ -398,9 +424,17 @@ def convert(
     return "\n".join(out.lines) + "\n", out.notes
 
 
-def _virtual_server(
-    out: _Out, vs: Node, groups: dict[str, Node], fwmark_ports: dict[int, list[int]]
-) -> int:
+def _svc(p: int, udp: bool) -> str:
+    """A service port as the ports list and the port maps write it."""
+    return f'"{p}/udp"' if udp else str(p)
+
+
+Where = tuple[str, list[str], list[int], list[int], list[tuple[Node, str]]]
+
+
+def _where(out: _Out, vs: Node, groups: dict[str, Node]) -> Where | None:
+    """A virtual server's name, addresses, ports, firewall marks, and the notes that belong
+    under its name; None (noted) when it names no address."""
     listen: list[str] = []
     ports: list[int] = []
     marks: list[int] = []
@@ -432,31 +466,19 @@ def _virtual_server(
             address, port = _addr_port(vs.args)
         except (ValueError, IndexError):
             out.note(1, vs, "not an address and port")
-            return 0
+            return None
         listen.append(address)
         name = f"vs_{address.replace(':', '_').replace('.', '_')}_{port}"
         if port is not None:
             ports.append(port)
-    protocol = vs.child("protocol")
-    proto = protocol.args[0].upper() if protocol is not None and protocol.args else "TCP"
-    if proto not in ("TCP", "UDP"):
-        out.note(
-            1, vs, f"protocol {protocol.args[0] if protocol else proto}: l4lb balances TCP and UDP"
-        )
-        return 0
-    udp = proto == "UDP"
+    return name, listen, ports, marks, later
 
-    def svc(p: int) -> str:  # a service port as the ports list and the port maps write it
-        return f'"{p}/udp"' if udp else str(p)
 
-    for m in marks:
-        if m in fwmark_ports:
-            ports += [p for p in fwmark_ports[m] if p not in ports]
-    if udp:
-        name += "_udp"  # beside a TCP virtual server of the same address and port
-    out.add(1, f"{name}:")
-    for node, why in later:
-        out.note(2, node, why)
+def _marks(
+    out: _Out, marks: list[int], listen: list[str], ports: list[int], udp: bool, known: bool
+) -> None:
+    """The group's firewall marks (`known`: the ports of each are given), and what l4lb
+    cannot take of them or of its addresses, said as comments."""
     if len(listen) > 1 and len(ports) > 1:
         out.add(2, "# l4lb listens on every address below with every port (keepalived: the pairs)")
     if marks and out.kernel and not listen and not udp:
@@ -466,18 +488,17 @@ def _virtual_server(
             out.notes += 1
     if marks:
         out.add(2, f"mark: {marks[0]}")
-        if not all(m in fwmark_ports for m in marks):
+        if not known:
             marked = ", ".join(map(str, marks))
             out.add(2, f"# fwmark {marked}: the marked ports come from your firewall rules;")
             out.add(
                 2, "# give them with --fwmark-ports MARK=PORT,PORT (until then: placeholder port 1)"
             )
             out.notes += 1
-    if not ports:
-        ports = [1]
-    if listen:
-        out.add(2, "listen: [" + ", ".join(_q(a) for a in listen) + "]")
-    out.add(2, "ports: [" + ", ".join(svc(p) for p in ports) + "]")
+
+
+def _schedule(out: _Out, vs: Node) -> None:
+    """The scheduler and persistence of a virtual server."""
     algo = vs.child("lb_algo") or vs.child("lvs_sched")
     sched = "wlc"
     if algo is not None and algo.args:
@@ -496,32 +517,25 @@ def _virtual_server(
             g = gran.args[0]
             persist.append(f"netmask: {g}" if "." in g else f"ipv6_prefix: {g}")
         out.add(2, "persistence: {" + ", ".join(persist) + "}")
-    weights = [_weight(rs) for rs in vs.all("real_server") if not _is_own(rs, listen, ports)]
-    _quorum(out, vs, weights)
-    hyst = vs.child("hysteresis")
-    if hyst is not None and hyst.args and hyst.args[0].isdigit():
-        out.add(2, f"hysteresis: {int(hyst.args[0])}")
-    for kind in ("lb_kind", "lvs_method"):
-        opt = vs.child(kind)
-        if opt is not None:
-            how = " ".join(opt.args)
-            out.add(2, f"# {kind} {how}: l4lb is a full proxy (like NAT, without the routing)")
-    delay = _seconds(vs.child("delay_loop"), 60.0)
-    vh = vs.child("virtualhost")
-    vhost = vh.args[0] if vh is not None and vh.args else None  # the checks' default Host
+
+
+def _sorry(out: _Out, vs: Node, ports: list[int], udp: bool) -> None:
     sorry = vs.child("sorry_server")
     if sorry is not None and len(sorry.args) >= 1:
         address, sport = _addr_port(sorry.args)
         maps = (
-            (", ports: {" + ", ".join(f"{svc(p)}: {sport}" for p in ports) + "}")
+            (", ports: {" + ", ".join(f"{_svc(p, udp)}: {sport}" for p in ports) + "}")
             if sport and any(p != sport for p in ports)
             else ""
         )
         out.add(2, f"sorry_server: {{address: {_q(address)}{maps}}}")
-    for child in vs.children or []:
-        if child.keyword not in _VS_DONE:
-            out.note(2, child, "no l4lb equivalent")
-    out.add(2, "backends:")
+
+
+def _real_servers(out: _Out, vs: Node, listen: list[str], ports: list[int], udp: bool) -> bool:
+    """The backends; False when there is none."""
+    delay = _seconds(vs.child("delay_loop"), 60.0)
+    vh = vs.child("virtualhost")
+    vhost = vh.args[0] if vh is not None and vh.args else None  # the checks' default Host
     names: set[str] = set()
     for rs in vs.all("real_server"):
         try:
@@ -550,7 +564,7 @@ def _virtual_server(
         if weight is not None and weight.args:
             out.add(4, f"weight: {min(int(weight.args[0]), 65535)}")
         if rs_port and any(p != rs_port for p in ports):
-            out.add(4, "ports: {" + ", ".join(f"{svc(p)}: {rs_port}" for p in ports) + "}")
+            out.add(4, "ports: {" + ", ".join(f"{_svc(p, udp)}: {rs_port}" for p in ports) + "}")
         if rs.child("inhibit_on_failure") is not None or vs.child("inhibit_on_failure") is not None:
             out.add(4, "inhibit_on_failure: true")
         _check(out, rs, rs_port, delay, 4, vhost)
@@ -560,6 +574,54 @@ def _virtual_server(
                 "inhibit_on_failure",
             ):
                 out.note(4, child, "no l4lb equivalent")
-    if not names:
+    return bool(names)
+
+
+def _virtual_server(
+    out: _Out, vs: Node, groups: dict[str, Node], fwmark_ports: dict[int, list[int]]
+) -> int:
+    where = _where(out, vs, groups)
+    if where is None:
+        return 0
+    name, listen, ports, marks, later = where
+    protocol = vs.child("protocol")
+    proto = protocol.args[0].upper() if protocol is not None and protocol.args else "TCP"
+    if proto not in ("TCP", "UDP"):
+        out.note(
+            1, vs, f"protocol {protocol.args[0] if protocol else proto}: l4lb balances TCP and UDP"
+        )
+        return 0
+    udp = proto == "UDP"
+    for m in marks:
+        if m in fwmark_ports:
+            ports += [p for p in fwmark_ports[m] if p not in ports]
+    if udp:
+        name += "_udp"  # beside a TCP virtual server of the same address and port
+    out.add(1, f"{name}:")
+    for node, why in later:
+        out.note(2, node, why)
+    _marks(out, marks, listen, ports, udp, all(m in fwmark_ports for m in marks))
+    if not ports:
+        ports = [1]
+    if listen:
+        out.add(2, "listen: [" + ", ".join(_q(a) for a in listen) + "]")
+    out.add(2, "ports: [" + ", ".join(_svc(p, udp) for p in ports) + "]")
+    _schedule(out, vs)
+    weights = [_weight(rs) for rs in vs.all("real_server") if not _is_own(rs, listen, ports)]
+    _quorum(out, vs, weights)
+    hyst = vs.child("hysteresis")
+    if hyst is not None and hyst.args and hyst.args[0].isdigit():
+        out.add(2, f"hysteresis: {int(hyst.args[0])}")
+    for kind in ("lb_kind", "lvs_method"):
+        opt = vs.child(kind)
+        if opt is not None:
+            how = " ".join(opt.args)
+            out.add(2, f"# {kind} {how}: l4lb is a full proxy (like NAT, without the routing)")
+    _sorry(out, vs, ports, udp)
+    for child in vs.children or []:
+        if child.keyword not in _VS_DONE:
+            out.note(2, child, "no l4lb equivalent")
+    out.add(2, "backends:")
+    if not _real_servers(out, vs, listen, ports, udp):
         out.add(3, "[]   # no real_server: l4lb check will refuse this group")
     return 1
