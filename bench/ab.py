@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench import LOAD_CORE, PROXY_CORE, Bench, free_ports  # noqa: E402
-from tests.procs import wait_port  # noqa: E402
+from tests.support.procs import wait_port  # noqa: E402
 
 EXTRA = {
     "log": ("access_log: {{path: {tmp}/access.log, format: json}}\n", ""),

@@ -39,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.procs import wait_port  # noqa: E402
+from tests.support.procs import wait_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TARGETS = ("direct", "haproxy", "nginx", "bare", "l4lb", "l4lb-log", "l4lb-auto")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.procs import processes, start_l4lb  # noqa: E402
+from tests.support.procs import processes, start_l4lb  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:

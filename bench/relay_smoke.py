@@ -23,8 +23,8 @@ import uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.helpers import free_ports  # noqa: E402
-from tests.procs import processes, start_l4lb, wait_for_line  # noqa: E402
+from tests.support.helpers import free_ports  # noqa: E402
+from tests.support.procs import processes, start_l4lb, wait_for_line  # noqa: E402
 
 BACKEND = """
 import asyncio, sys, uvloop

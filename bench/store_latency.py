@@ -24,8 +24,8 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from l4lb import Server
 from l4lb.config import load_config_text
-from tests.helpers import free_ports
-from tests.procs import wait_for_line
+from tests.support.helpers import free_ports
+from tests.support.procs import wait_for_line
 
 
 async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:

@@ -39,7 +39,7 @@ from bench import (  # noqa: E402
     nginx_stream_head,
     rss_kib,
 )
-from tests.procs import wait_port  # noqa: E402
+from tests.support.procs import wait_port  # noqa: E402
 
 TARGETS = ("direct", "nginx", "l4lb")
 IDLE_FLOWS = 5000

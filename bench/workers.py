@@ -50,7 +50,7 @@ groups:
         [sys.executable, "-m", "l4lb", "--log-level", "warning", "run", "-c", str(conf)],
         ALL_CORES,
     )
-    from tests.procs import wait_port
+    from tests.support.procs import wait_port
 
     wait_port(bench.l_http)
     time.sleep(1.0 if workers > 1 else 0.2)  # the port answers once the supervisor binds it
@@ -73,7 +73,7 @@ backend web
 """
     )
     p = bench.spawn(["haproxy", "-db", "-f", str(conf)], ALL_CORES)
-    from tests.procs import wait_port
+    from tests.support.procs import wait_port
 
     wait_port(bench.h_http)
     return Proxy(f"haproxy nbthread={threads}", bench.h_http, bench.h_bulk, [p.pid])

@@ -8,7 +8,7 @@ import pytest
 import pytest_asyncio
 import uvloop
 
-from tests.helpers import NamedBackend
+from tests.support.helpers import NamedBackend
 
 
 @pytest_asyncio.fixture

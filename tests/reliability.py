@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers import free_ports
-from tests.lab import (
+from tests.support.helpers import free_ports
+from tests.support.lab import (
     TOKEN,
     Lab,
     cpu_seconds,
@@ -45,8 +45,8 @@ from tests.lab import (
     rss_kib,
     source,
 )
-from tests.lab_backend import pattern
-from tests.procs import output, processes, wait_for_line
+from tests.support.lab_backend import pattern
+from tests.support.procs import output, processes, wait_for_line
 
 MIB = 1 << 20
 
@@ -815,7 +815,7 @@ def lossy_link(tmp: Path, scale: Scale) -> Row:
                     *inside,
                     sys.executable,
                     "-m",
-                    "tests.lab_backend",
+                    "tests.support.lab_backend",
                     "--name",
                     "b0",
                     "--echo",
@@ -875,7 +875,7 @@ def lossy_link(tmp: Path, scale: Scale) -> Row:
 
 @experiment("fuzz-config")
 def fuzz_config(tmp: Path, scale: Scale) -> Row:
-    from tests.fuzz import fuzz_config_loader
+    from tests.support.fuzz import fuzz_config_loader
 
     n = scale.pick(300, 5000)
     found = fuzz_config_loader(n)
@@ -890,7 +890,7 @@ def fuzz_config(tmp: Path, scale: Scale) -> Row:
 
 @experiment("fuzz-admin")
 def fuzz_admin(tmp: Path, scale: Scale) -> Row:
-    from tests.fuzz import fuzz_admin_api
+    from tests.support.fuzz import fuzz_admin_api
 
     n = scale.pick(200, 3000)
     with lab(tmp) as lb_:
@@ -953,7 +953,7 @@ def soak(tmp: Path, seconds: float) -> Row:
                     for mode in ("echo", "stream", "sink"):
                         fresh.ports[mode] = dead.ports[mode]
                     fresh.kill()
-                    argv = [sys.executable, "-m", "tests.lab_backend", "--name", dead.name]
+                    argv = [sys.executable, "-m", "tests.support.lab_backend", "--name", dead.name]
                     for mode in ("echo", "stream", "sink"):
                         argv += [f"--{mode}", f"127.0.0.1:{dead.ports[mode]}"]
                     proc = subprocess.Popen(

@@ -1,0 +1,277 @@
+"""The container image for real: built from docker/Dockerfile on a Debian base made here
+(mmdebstrap; no registry can be pulled from), with wheels prepared outside the build, then run
+as the two shapes docker/ ships, with its own compose files and examples:
+
+- the sidecar: an app container (two real backend processes, on its own loopback only) and l4lb
+  sharing its network namespace; clients are curl inside that namespace (nsenter);
+- the edge: l4lb on the host's network, backends and curl on this host's loopback.
+
+Checked: stickiness over both ports per client /24, the HEALTHCHECK turning healthy, the state
+file written in the volume by the non-root user and its pins surviving a container restart, and
+`docker stop` draining within shutdown_timeout with exit code 0. All traffic stays on loopback.
+Needs root, docker.io, docker-compose and mmdebstrap (`make deps`); dockerd is started here
+(its own data root) when none runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import ROOT, processes, start_backend
+
+BASE = "l4lb-test-base:bookworm"
+IMAGE = "l4lb:test"
+TOOLS = ("docker", "dockerd", "docker-compose", "mmdebstrap", "nsenter", "curl")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or any(shutil.which(t) is None for t in TOOLS),
+    reason="container tests need root and " + ", ".join(TOOLS) + " (make deps installs them)",
+)
+
+
+def run(*argv: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)}: {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def engine_answers() -> bool:
+    return run("docker", "info", timeout=30, check=False).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[None]:
+    """A running dockerd: the machine's, or one started here (and ended by its PID)."""
+    if engine_answers():
+        yield
+        return
+    root = Path("/var/lib/l4lb-test-docker")
+    root.mkdir(exist_ok=True)
+    log = open(root / "dockerd.log", "w")  # noqa: SIM115 (open for the daemon's life)
+    daemon = subprocess.Popen(
+        [
+            "dockerd",
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--data-root",
+            str(root),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not engine_answers():
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"dockerd could not start: {(root / 'dockerd.log').read_text()[-400:]}")
+            time.sleep(0.5)
+        yield
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def image(engine: None) -> str:
+    """l4lb's image, built on a Debian base made by mmdebstrap (kept between runs)."""
+    if run("docker", "image", "inspect", BASE, check=False).returncode != 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            tar = f"{tmp}/base.tar"
+            run(
+                "mmdebstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,ca-certificates",
+                "bookworm",
+                tar,
+                "http://deb.debian.org/debian",
+                timeout=600,
+            )
+            run("docker", "import", tar, BASE, timeout=300)
+    with tempfile.TemporaryDirectory() as ctx:
+        for part in ("pyproject.toml", "README.md"):
+            shutil.copy(ROOT / part, ctx)
+        shutil.copytree(ROOT / "l4lb", f"{ctx}/l4lb", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "docker", f"{ctx}/docker")
+        wheels = f"{ctx}/docker/wheels"
+        pip = (sys.executable, "-m", "pip")
+        run(*pip, "wheel", "-q", str(ROOT), "-w", wheels, timeout=600)
+        # Debian 12's Python is 3.11.2: redis wants async-timeout below 3.11.3
+        run(*pip, "download", "-q", "async-timeout", "-d", wheels, timeout=600)
+        run("docker", "build", "-q", "-f", f"{ctx}/docker/Dockerfile", "--build-arg",
+            f"BASE={BASE}", "-t", IMAGE, ctx, timeout=900)  # fmt: skip
+    return IMAGE
+
+
+@contextlib.contextmanager
+def compose(shape: str, override: str) -> Iterator[list[str]]:
+    """docker-compose with the shipped file and examples, plus a test override (the app's image
+    and command, the image built here); everything it made is removed afterwards."""
+    project = f"l4lbtest{shape}{hashlib.sha1(str(time.time()).encode()).hexdigest()[:6]}"
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT / "docker") as extra:
+        extra.write(override)
+        extra.flush()
+        argv = ["docker-compose", "-p", project, "-f", str(ROOT / "docker" / f"compose.{shape}.yaml"),
+                "-f", extra.name]  # fmt: skip
+        try:
+            run(*argv, "up", "-d", "--no-build", timeout=300)
+            yield argv
+        finally:
+            run(*argv, "down", "-v", "-t", "20", timeout=300, check=False)
+
+
+def container(argv: list[str], service: str) -> str:
+    return run(*argv, "ps", "-q", service).stdout.strip()
+
+
+def wait_healthy(cid: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = json.loads(run("docker", "inspect", cid).stdout)[0]["State"]
+        if state.get("Health", {}).get("Status") == "healthy":
+            return
+        if not state["Running"] or time.monotonic() > deadline:
+            logs = run("docker", "logs", cid, check=False)
+            raise AssertionError(f"not healthy: {state}\n{logs.stdout}{logs.stderr}")
+        time.sleep(0.5)
+
+
+def curl(url: str, source: str, netns_pid: int | None = None) -> str:
+    argv = ["curl", "-sk", "--max-time", "5", "--interface", source, url]
+    if netns_pid is not None:
+        argv = ["nsenter", f"--net=/proc/{netns_pid}/ns/net", *argv]
+    return run(*argv, timeout=15, check=False).stdout.strip()
+
+
+def sticky(ports: tuple[int, int], netns_pid: int | None = None) -> dict[int, str]:
+    """Two hosts of each of six /24s over both ports: the backend each /24 reached."""
+    seen: dict[int, set[str]] = {}
+    for net in range(6):
+        for host in (1, 2):
+            for scheme, port in zip(("http", "https"), ports, strict=True):
+                answer = curl(
+                    f"{scheme}://127.0.0.1:{port}/", f"127.0.{net + 30}.{host}", netns_pid
+                )
+                seen.setdefault(net, set()).add(answer)
+    assert all(len(v) == 1 for v in seen.values()), seen
+    return {net: next(iter(v)) for net, v in seen.items()}
+
+
+def stop_drains(
+    cid: str, shutdown_timeout: float, idle: contextlib.AbstractContextManager[object]
+) -> None:
+    """`docker stop` with an idle client connected (`idle`): l4lb waits for it up to
+    shutdown_timeout, then exits 0, well before docker's own deadline would SIGKILL it."""
+    with idle:
+        t0 = time.monotonic()
+        run("docker", "stop", "-t", "30", cid, timeout=60)
+        took = time.monotonic() - t0
+    state = json.loads(run("docker", "inspect", cid).stdout)[0]["State"]
+    assert state["ExitCode"] == 0 and not state["OOMKilled"], state
+    assert took <= shutdown_timeout + 3, took
+
+
+@contextlib.contextmanager
+def idle_client_in(netns_pid: int, port: int) -> Iterator[None]:
+    """A client connected from inside a network namespace, idle until the block ends."""
+    proc = subprocess.Popen(
+        ["nsenter", f"--net=/proc/{netns_pid}/ns/net", sys.executable, "-c",
+         f"import socket,sys; s=socket.create_connection(('127.0.0.1',{port}));"
+         "print('up',flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    with proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+            yield
+        finally:
+            proc.kill()
+
+
+def pid_of(cid: str) -> int:
+    return int(run("docker", "inspect", "-f", "{{.State.Pid}}", cid).stdout)
+
+
+def in_volume(cid: str) -> str:
+    """Owner and mode of the state file in the volume."""
+    return run("docker", "exec", cid, "stat", "-c", "%U %a", "/var/lib/l4lb/pins.json").stdout
+
+
+def test_the_sidecar_shape(image: str) -> None:
+    # (a backend_server runs until its stdin closes: a pipe from sleep keeps it open)
+    workers = " & ".join(
+        "sleep infinity | python3 -m tests.support.backend_server"
+        f" --name {n} --http 127.0.0.1:{h} --https 127.0.0.1:{s}"
+        for n, h, s in (("worker1", 9001, 9441), ("worker2", 9002, 9442))
+    )
+    override = f"""
+services:
+  app:
+    image: {BASE}
+    network_mode: none
+    volumes: ["{ROOT}:/src:ro"]
+    working_dir: /src
+    command: ["sh", "-c", "{workers} & wait"]
+  l4lb:
+    image: {image}
+"""
+    with compose("sidecar", override) as argv:
+        app, lb = container(argv, "app"), container(argv, "l4lb")
+        wait_healthy(lb)
+        netns = pid_of(app)
+        before = sticky((8080, 8443), netns)
+        assert set(before.values()) == {"worker1", "worker2"}
+        run("docker", "restart", "-t", "20", lb, timeout=60)  # SIGTERM: the pins are saved
+        assert in_volume(lb).startswith("l4lb ")  # written by the image's own user
+        wait_healthy(lb)
+        assert sticky((8080, 8443), netns) == before  # the pins came back from the volume
+
+        stop_drains(lb, 10, idle_client_in(netns, 8080))
+
+
+def test_the_edge_shape(image: str) -> None:
+    override = f"""
+services:
+  l4lb:
+    image: {image}
+"""
+    for port in (8080, 8443, 9090, 18081, 18082, 18444, 18445):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is taken on this host"
+    with processes() as procs:
+        procs.append(start_backend("shop1", http="127.0.0.1:18081", https="127.0.0.1:18444"))
+        procs.append(start_backend("shop2", http="127.0.0.1:18082", https="127.0.0.1:18445"))
+        with compose("edge", override) as argv:
+            lb = container(argv, "l4lb")
+            wait_healthy(lb)
+            before = sticky((8080, 8443))
+            assert set(before.values()) == {"shop1", "shop2"}
+            token = (ROOT / "docker" / "examples" / "admin.token").read_text().strip()
+            drained = run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                          "-H", f"Authorization: Bearer {token}", "-d", '{"state": "up"}',
+                          "http://127.0.0.1:9090/api/v1/backends/shop/shop1")  # fmt: skip
+            assert drained.stdout == "200"  # the mounted token file is the one l4lb reads
+            run("docker", "restart", "-t", "20", lb, timeout=60)
+            assert in_volume(lb).startswith("l4lb ")
+            wait_healthy(lb)
+            assert sticky((8080, 8443)) == before
+
+            stop_drains(lb, 10, socket.create_connection(("127.0.0.1", 8080), timeout=5))

@@ -1,0 +1,128 @@
+"""systemd: l4lb speaks sd_notify to a real Unix datagram socket (READY once it listens,
+RELOADING then READY around a reload, STOPPING on shutdown), alone and with workers; the unit
+file passes `systemd-analyze verify` where systemd is installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.helpers import free_ports
+from tests.support.procs import ROOT, processes, wait_for_line
+
+UNIT = ROOT / "contrib" / "systemd" / "l4lb.service"
+
+
+def messages(sock: socket.socket, n: int) -> list[dict[str, str]]:
+    out = []
+    for _ in range(n):
+        data = sock.recv(4096).decode()
+        out.append(dict(line.split("=", 1) for line in data.splitlines()))
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ready_reloading_ready_stopping_in_that_order(tmp_path: Path, workers: int) -> None:
+    port, b1 = free_ports(2)
+    config = tmp_path / "l4lb.yaml"
+    config.write_text(
+        f"workers: {workers}\ngroups:\n  web:\n    listen: [127.0.0.1]\n    ports: [{port}]\n"
+        f"    backends: [{{name: a, address: '127.0.0.1:{b1}'}}]\n"
+    )
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, processes() as procs:
+        sock.bind(str(path))
+        sock.settimeout(30)
+        lb = subprocess.Popen(
+            [sys.executable, "-m", "l4lb", "run", "-c", str(config)],
+            cwd=ROOT,
+            env=dict(os.environ, NOTIFY_SOCKET=str(path), PYTHONUNBUFFERED="1"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(lb)
+        (ready,) = messages(sock, 1)
+        assert ready["READY"] == "1" and ready["MAINPID"] == str(lb.pid)
+        assert ready["STATUS"] == (f"{workers} workers" if workers > 1 else "serving") + (
+            ": 1 group, 1 port"
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # READY meant it: the port takes connections
+        config.write_text(config.read_text().replace("backends:", "scheduler: rr\n    backends:"))
+        lb.send_signal(signal.SIGHUP)
+        reloading, again = messages(sock, 2)
+        assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
+        assert again["READY"] == "1" and again["STATUS"] == "reloaded: 1 change"
+        config.write_text("groups: [")  # a refused reload is still answered with READY
+        lb.send_signal(signal.SIGHUP)
+        reloading, again = messages(sock, 2)
+        assert "RELOADING" in reloading and again["STATUS"].startswith("reload refused (")
+        lb.send_signal(signal.SIGTERM)
+        (stopping,) = messages(sock, 1)
+        assert stopping["STOPPING"] == "1"
+        assert lb.wait(30) == 0
+
+
+def test_without_notify_socket_nothing_is_sent_and_a_dead_socket_is_not_fatal(
+    tmp_path: Path,
+) -> None:
+    port, b1 = free_ports(2)
+    config = tmp_path / "l4lb.yaml"
+    config.write_text(
+        f"groups:\n  web:\n    listen: [127.0.0.1]\n    ports: [{port}]\n"
+        f"    backends: [{{name: a, address: '127.0.0.1:{b1}'}}]\n"
+    )
+    with processes() as procs:
+        lb = subprocess.Popen(
+            [sys.executable, "-m", "l4lb", "run", "-c", str(config)],
+            cwd=ROOT,
+            env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "nobody.sock")),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(lb)
+        wait_for_line(lb, "stderr", "cannot notify systemd")
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+
+
+def test_the_unit_file() -> None:
+    text = UNIT.read_text()
+    for line in (
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "StateDirectory=l4lb",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        "NoNewPrivileges=yes",
+        "KillSignal=SIGTERM",
+    ):
+        assert f"\n{line}\n" in text, line
+    assert "LimitNOFILE=" in text and "DynamicUser=yes" in text
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
+    unit = tmp_path / "l4lb.service"
+    # verify wants the ExecStart binary to exist: point it at this checkout's
+    unit.write_text(
+        UNIT.read_text().replace("/usr/local/bin/l4lb", str(Path(sys.executable).parent / "l4lb"))
+    )
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    problems = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if "l4lb.service" in line and "Failed to" not in line.split(":", 1)[0]
+    ]
+    assert out.returncode == 0 and not problems, out.stdout + out.stderr

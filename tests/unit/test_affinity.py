@@ -1,0 +1,146 @@
+import pytest
+
+from l4lb.core.affinity import AffinityTable
+from tests.support.helpers import FakeClock
+
+
+def table(timeout: float = 60, max_entries: int = 100) -> tuple[AffinityTable[str], FakeClock]:
+    clock = FakeClock()
+    return AffinityTable(timeout, max_entries, clock), clock
+
+
+def pin(t: AffinityTable[str], key: int, backend: str) -> None:
+    e = t.acquire(key)
+    assert e is not None
+    e.backend = backend
+    t.release(e)
+
+
+def test_miss_then_hit() -> None:
+    t, _ = table()
+    e = t.acquire(1)
+    assert e is not None and e.backend is None and t.misses == 1
+    e.backend = "a"
+    t.release(e)
+    e2 = t.acquire(1)
+    assert e2 is e and e2.backend == "a" and t.hits == 1
+
+
+def test_expires_timeout_after_last_close() -> None:
+    t, clock = table(timeout=60)
+    pin(t, 1, "a")
+    clock.advance(59.9)
+    e = t.acquire(1)
+    assert e is not None and e.backend == "a"
+    clock.advance(30)  # held open: the clock does not run against it
+    t.release(e)  # the close restarts the 60 s
+    clock.advance(59.9)
+    assert t.get(1) is not None
+    clock.advance(0.2)
+    assert t.get(1) is None
+    e = t.acquire(1)
+    assert e is not None and e.backend is None
+    assert t.expirations == 1
+
+
+def test_entry_held_by_open_connection_never_expires() -> None:
+    t, clock = table(timeout=10)
+    e = t.acquire(7)
+    assert e is not None
+    e.backend = "b"
+    clock.advance(10_000)
+    assert t.expire() == 0
+    e2 = t.acquire(7)
+    assert e2 is e and e2.backend == "b" and e2.refs == 2
+    t.release(e2)
+    t.release(e)
+    assert t.idle_count == 1 and t.active_count == 0
+
+
+def test_never_pinned_entry_is_not_kept() -> None:
+    t, _ = table()
+    e = t.acquire(3)
+    assert e is not None
+    t.release(e)
+    assert len(t) == 0
+
+
+def test_full_table_evicts_oldest_idle() -> None:
+    t, clock = table(max_entries=3)
+    for k in (1, 2, 3):
+        pin(t, k, f"b{k}")
+        clock.advance(1)
+    pin(t, 4, "b4")
+    assert t.evictions == 1
+    assert t.get(1) is None
+    assert {e.key for e in t.entries()} == {2, 3, 4}
+
+
+def test_busy_entries_are_never_evicted_and_overflow_is_unpinned() -> None:
+    t, _ = table(max_entries=2)
+    a, b = t.acquire(1), t.acquire(2)
+    assert a is not None and b is not None
+    a.backend = b.backend = "x"
+    assert t.acquire(3) is None
+    assert t.overflows == 1
+    assert t.acquire(1) is a  # existing busy entries still hit
+    t.release(a)
+    t.release(a)
+    assert t.acquire(3) is not None  # the idle one can now go
+    assert t.evictions == 1 and t.get(1) is None
+
+
+def test_forget() -> None:
+    t, _ = table()
+    pin(t, 1, "a")
+    assert t.forget(1) and t.get(1) is None
+    e = t.acquire(2)
+    assert e is not None
+    e.backend = "a"
+    assert t.forget(2)  # busy: stays, but unpinned
+    assert e.backend is None
+    assert not t.forget(99)
+
+
+def test_zero_timeout_is_refused() -> None:
+    with pytest.raises(ValueError):
+        AffinityTable(0, 10, FakeClock())
+
+
+def test_an_expired_entry_is_a_miss_even_between_sweeps() -> None:
+    t, clock = table(timeout=0.5)
+    pin(t, 1, "a")
+    clock.advance(0.1)
+    pin(t, 2, "b")  # this lookup sweeps; the next sweep is a second away
+    clock.advance(0.45)  # key 1 expired 0.05 s ago, before any new sweep
+    e = t.acquire(1)
+    assert e is not None and e.backend is None
+    assert t.expirations == 1 and t.misses == 3
+
+
+def test_throttle_holds_back_and_counts() -> None:
+    from l4lb.core.throttle import Throttle
+
+    clock = FakeClock()
+    t = Throttle(1.0, clock)
+    assert t.allow("a") == 0
+    assert [t.allow("a") for _ in range(5)] == [None] * 5
+    assert t.allow("b") == 0  # keys are independent
+    clock.advance(1.0)
+    assert t.allow("a") == 5
+    assert t.allow("a") is None
+
+
+def test_what_became_active_or_was_released_since_a_moment() -> None:
+    t, clock = table(timeout=60)
+    pin(t, 1, "a")  # released at 1000
+    clock.advance(5)
+    pin(t, 2, "b")  # released at 1005
+    e1 = t.acquire(1)  # active again at 1005
+    clock.advance(5)
+    e3 = t.acquire(3)  # new at 1010
+    assert e1 is not None and e3 is not None
+    assert [e.key for e in t.activated_since(1005)] == [3, 1]
+    assert [e.key for e in t.activated_since(1006)] == [3]
+    assert [e.key for e in t.released_since(1000 + 60)] == [2]  # released after 1000
+    assert [e.key for e in t.active()] == [1, 3]
