@@ -1,6 +1,6 @@
 """The admin API of a supervisor: one answer for the whole process, made from every worker's.
 
-Each worker serves the ordinary admin API (admin.py) on a private Unix socket; this front asks
+Each worker serves the ordinary admin API (api.py) on a private Unix socket; this front asks
 all of them and merges, so the URLs, bodies and metric names are the same with one process or
 many. Counters add up; per-client entries are disjoint (a client's key lives in one worker) and
 are concatenated; settings that every worker holds alike (states, weights) come from the first.

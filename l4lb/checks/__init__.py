@@ -1,0 +1,1 @@
+"""Health checks: one probe of each kind, and the monitor that runs them and feeds the routers."""

@@ -424,7 +424,7 @@ class Router:
         self, bs: BackendSpec, wanted: set[str], previous: dict[str, BackendSpec]
     ) -> Backend | None:
         """A name that went from one address to several, or back (`NAME` and `NAME-ADDRESS`,
-        l4lb/names.py): the backend at the same address, of the same name, keeps its pins."""
+        l4lb/config/names.py): the backend at the same address, of the same name, keeps its pins."""
         for b in self.backends:
             if (
                 b.hostname == bs.hostname

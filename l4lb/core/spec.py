@@ -45,7 +45,7 @@ class AcceptProxySpec:
 @dataclass(frozen=True, slots=True)
 class BackendSpec:
     name: str
-    address: str  # a normalised IP literal, or a DNS name (see l4lb/names.py)
+    address: str  # a normalised IP literal, or a DNS name (see l4lb/config/names.py)
     weight: int = 1
     ports: Mapping[int, int] = field(default_factory=dict)  # service port -> backend port
     max_conns: int = 0  # 0: unlimited (a UDP flow counts as a connection)
@@ -61,7 +61,7 @@ class BackendSpec:
 
     @property
     def is_name(self) -> bool:
-        """An address still to resolve (the configuration as written, before l4lb/names.py)."""
+        """An address still to resolve (the configuration as written, before config/names.py)."""
         return not self.hostname and not is_ip(self.address)
 
     def port_for(self, service_port: int) -> int:
@@ -128,7 +128,7 @@ class GroupSpec:
     client_limits: ClientLimitsSpec | None = None
     slow_start: float = 0.0  # seconds over which a backend that comes up ramps to its weight
     access_log: AccessLogSpec | None = None  # the group's own, else the top level's; None: off
-    udp_ports: tuple[int, ...] = ()  # "443/udp" in `ports`: datagram services (l4lb/udp.py)
+    udp_ports: tuple[int, ...] = ()  # "443/udp" in `ports`: datagrams (l4lb/dataplane/udp.py)
     udp_idle_timeout: float = 60.0  # a flow ends after this long without a datagram either way
     udp_max_flows: int = 100_000  # flows at once; beyond, the oldest idle one goes
 

@@ -1,0 +1,2 @@
+"""One process's lifecycle: the server that composes the rooms, its listeners, state file, read
+models, reload and sweeps."""

@@ -1,0 +1,1 @@
+"""`workers: N`: the supervisor, its workers and the control channel between them."""
