@@ -38,7 +38,7 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("table", ("affinity.py:",)),
     ("router and scheduler", ("routing.py:", "schedulers.py:", "backends.py:", "limits.py:")),
     ("accept and key", ("keys.py:", "relay.py:connection_made", "relay.py:_start",
-                        "relay.py:__init__", "<method 'get_extra_info'", "server.py:track")),
+                        "relay.py:__init__", "<method 'get_extra_info'", "context.py:track")),
     ("dial", ("dialer.py:", "timeouts.py:", "<method 'create_connection'", "<method 'create_task'",
               "tasks.py:", "<method 'setsockopt'", "base_events.py:create_task",
               "relay.py:_connect", "bare_relay.py:dial")),
@@ -47,7 +47,7 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
                   "relay.py:resume", "<method 'write'", "<method 'write_eof'",
                   "bare_relay.py:data_received", "bare_relay.py:eof_received")),
     ("close and finish", ("relay.py:connection_lost", "relay.py:finish", "relay.py:_pass_on",
-                          "relay.py:log_line", "server.py:forget", "histogram.py:",
+                          "relay.py:log_line", "context.py:forget", "histogram.py:",
                           "<method 'close'", "bare_relay.py:connection_lost")),
 ]  # fmt: skip
 
