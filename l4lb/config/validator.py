@@ -3,6 +3,7 @@ helpers that check a mapping's keys and read its scalars."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -92,6 +93,11 @@ class _Validator:
         except Exception:  # a malformed !!binary or !!timestamp, say
             tag = node.tag.replace("tag:yaml.org,2002:", "!!")
             self.error(node, path, f"cannot read {node.value!r} as {tag}")
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            # YAML's .nan and .inf: no key takes them (a NaN timeout turns persistence off
+            # silently, and the API could not say it as JSON)
+            self.error(node, path, f"{node.value} is not a finite number")
             return None
         try:
             return check(value)

@@ -384,3 +384,30 @@ def test_scale_out_settings() -> None:
 def test_scale_out_errors(top: str, expected: str) -> None:
     lines = errors_of(top + GOOD_GROUP)
     assert any(line.startswith(expected) for line in lines), lines
+
+
+@pytest.mark.parametrize("value", [".nan", ".NaN", ".inf", "+.inf", "-.inf", ".Inf"])
+@pytest.mark.parametrize(
+    ("where", "path"),
+    [
+        ("    persistence: {{timeout: {v}}}\n", "groups.web.persistence.timeout"),
+        ("    health_check: {{type: tcp, interval: {v}}}\n", "groups.web.health_check.interval"),
+        ("    connect_timeout: {v}\n", "groups.web.connect_timeout"),
+        ("    idle_timeout: {v}\n", "groups.web.idle_timeout"),
+        ("    slow_start: {v}\n", "groups.web.slow_start"),
+        ("    udp_idle_timeout: {v}\n", "groups.web.udp_idle_timeout"),
+        ("    client_limits: {{rate: {v}}}\n", "groups.web.client_limits.rate"),
+        ("shutdown_timeout: {v}\n", "shutdown_timeout"),
+        ("affinity_store: {{budget: {v}}}\n", "affinity_store.budget"),
+    ],
+)
+def test_non_finite_numbers_are_refused_one_line_each(value: str, where: str, path: str) -> None:
+    """YAML's .nan and .inf (any sign or case) are no number a key can take: a NaN timeout
+    would turn persistence off without a word, and the API could not say it in JSON."""
+    text = where.format(v=value)
+    doc = GOOD_GROUP + text if where.startswith("    ") else text + GOOD_GROUP
+    lines = errors_of(doc)
+    assert len(lines) == 1, lines
+    assert (
+        lines[0].startswith("f.yaml:") and f": {path}: {value} is not a finite number" in lines[0]
+    )
