@@ -3,7 +3,8 @@ address across a proxy. Pure: bytes in, bytes or a parsed header out.
 
 `parse` is written for hostile input: it never reads past what it was given, says "need more"
 for a prefix of a valid header, and rejects anything else, including headers longer than
-`MAX_HEADER`. TLVs of version 2 are skipped (their length is checked, their content ignored).
+`MAX_HEADER`. TLVs of version 2 are walked, each length checked against what the header
+announced (a refusal when one does not fit), and their content ignored.
 """
 
 from __future__ import annotations
@@ -86,7 +87,20 @@ def _v2(data: bytes) -> ProxyHeader | None:
     src = socket.inet_ntop(family, body[:size])
     dst = socket.inet_ntop(family, body[size : 2 * size])
     sport, dport = struct.unpack("!HH", body[2 * size :])
-    return ProxyHeader((src, sport), (dst, dport), 16 + length)  # TLVs after: skipped
+    _check_tlvs(data, 16 + 2 * size + 4, 16 + length)
+    return ProxyHeader((src, sport), (dst, dport), 16 + length)
+
+
+def _check_tlvs(data: bytes, start: int, end: int) -> None:
+    """Walk the TLVs between `start` and `end` (type, a 2-byte length, the value): each must
+    fit in what the header announced. Their content is not used."""
+    at = start
+    while at < end:
+        if at + 3 > end:
+            raise ProxyError("a v2 header with a truncated TLV")
+        at += 3 + struct.unpack("!H", data[at + 1 : at + 3])[0]
+        if at > end:
+            raise ProxyError("a v2 TLV longer than its header")
 
 
 def parse(data: bytes) -> ProxyHeader | None:

@@ -77,3 +77,22 @@ def test_spec_cases() -> None:
     ):
         with pytest.raises(ProxyError):
             parse(bad)
+
+
+def _v2_with(tlvs: bytes) -> bytes:
+    """A v2 PROXY header for 10.0.0.1:1111 -> 10.0.0.2:80 carrying `tlvs` after its addresses."""
+    addresses = bytes([10, 0, 0, 1, 10, 0, 0, 2]) + struct.pack("!HH", 1111, 80)
+    body = addresses + tlvs
+    return V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
+
+
+def test_v2_tlvs_are_walked_and_each_length_checked() -> None:
+    # well-formed: an ALPN TLV (0x01) and a NOOP (0x04) of length 0
+    good = _v2_with(b"\x01" + struct.pack("!H", 2) + b"h2" + b"\x04\x00\x00")
+    parsed = parse(good + b"data")
+    assert parsed is not None and parsed.source == ("10.0.0.1", 1111)
+    assert parsed.length == len(good)
+    # a TLV announcing 65,535 bytes with 3 present; a TLV cut inside its own type and length
+    for bad in (b"\x01" + struct.pack("!H", 65535) + b"abc", b"\x01\x00", b"\x01"):
+        with pytest.raises(ProxyError, match="TLV"):
+            parse(_v2_with(bad) + b"data")
