@@ -380,14 +380,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if text is None and not args.config:
             print("l4lb run: give -c FILE, or -l PORT and -b HOST:PORT", file=sys.stderr)
             return 2
-        if text is not None and args.print_config:
-            print(text, end="")
-            return 0
-        if text == "":
+        if text == "":  # a bad flag, said on stderr: nothing on stdout, whatever was asked
             return 2
     config = _load(args, text)
     if isinstance(config, int):
         return config
+    if text and args.print_config:  # (checked first, as it would run)
+        print(text, end="")
+        return 0
     if args.command == "check":
         return _check(args.config, config)
     _raise_nofile()

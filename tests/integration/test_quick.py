@@ -49,24 +49,36 @@ def test_a_udp_port_is_a_flag_too() -> None:
     assert (dict(b.ports), dict(b.udp_ports)) == ({8443: 9443}, {8443: 9443})
 
 
-@pytest.mark.parametrize(
-    ("flags", "says"),
-    [
-        (["-l", "8080", "-b", "127.0.0.1"], "-b 127.0.0.1: expected HOST:PORT"),
-        (["-l", "8080", "-l", "8443", "-b", "h:1,2,3"], "-b h:1,2,3: 3 ports for 2 -l ports"),
-        (["-l", "99999", "-b", "h:1"], "-l 99999: the port must be from 1 to 65535"),
-        (["-b", "h:1"], "needs at least one -l"),
-        (["-l", "80", "-b", "h:1", "--persistence", "5x"], "--persistence 5x: expected"),
-        (["-l", "80", "-b", "no_such!:1"], "-b no_such!:1: expected an IP address or a DNS name"),
-        (["-l", "80", "-l", "80", "-b", "h:1"], "-l 80: port 80 is given twice"),
-        (["-l", "53/udp", "-l", "53/UDP", "-b", "h:1"], "-l 53/UDP: port 53/udp is given twice"),
-        (["-c", "x.yaml", "-l", "80", "-b", "h:1"], "-c FILE or the -l/-b flags, not both"),
-        ([], "give -c FILE, or -l PORT and -b HOST:PORT"),
-    ],
-)
+BAD_FLAGS = [
+    (["-l", "8080", "-b", "127.0.0.1"], "-b 127.0.0.1: expected HOST:PORT"),
+    (["-l", "8080", "-l", "8443", "-b", "h:1,2,3"], "-b h:1,2,3: 3 ports for 2 -l ports"),
+    (["-l", "99999", "-b", "h:1"], "-l 99999: the port must be from 1 to 65535"),
+    (["-b", "h:1"], "needs at least one -l"),
+    (["-l", "80", "-b", "h:1", "--persistence", "5x"], "--persistence 5x: expected"),
+    (["-l", "80", "-b", "no_such!:1"], "-b no_such!:1: expected an IP address or a DNS name"),
+    (["-l", "80", "-l", "80", "-b", "h:1"], "-l 80: port 80 is given twice"),
+    (["-l", "53/udp", "-l", "53/UDP", "-b", "h:1"], "-l 53/UDP: port 53/udp is given twice"),
+    (["-c", "x.yaml", "-l", "80", "-b", "h:1"], "-c FILE or the -l/-b flags, not both"),
+    ([], "give -c FILE, or -l PORT and -b HOST:PORT"),
+]
+
+
+@pytest.mark.parametrize(("flags", "says"), BAD_FLAGS)
 def test_a_bad_flag_is_one_line_saying_which(flags: list[str], says: str) -> None:
     out = l4lb("run", *flags)
     assert out.returncode == 2
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(("flags", "says"), BAD_FLAGS[:-1])
+def test_print_config_of_a_bad_flag_exits_2_with_nothing_on_stdout(
+    flags: list[str], says: str
+) -> None:
+    """docs/deployment.md: a bad flag is exit 2, also with --print-config (which exited 0
+    with an empty YAML on stdout)."""
+    out = l4lb("run", *flags, "--print-config")
+    assert out.returncode == 2 and out.stdout == ""
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and says in lines[0] and "Traceback" not in out.stderr
 
