@@ -23,6 +23,7 @@ from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import MAX_WEIGHT, AdminSpec
+from ..config.values import token_problem
 from ..core.affinity import Entry
 from ..core.backends import Backend, State
 from ..core.flowstats import UdpStats
@@ -151,25 +152,52 @@ def backends_answer(request: web.Request, rows: list[dict[str, Any]]) -> web.Res
 
 
 def authorize(spec: AdminSpec, request: web.Request) -> None:
-    """Changes need the bearer token of `spec.token_file`; raises ApiError otherwise."""
+    """The bearer token of `spec.token_file` is required; raises ApiError otherwise."""
     if spec.token_file is None:
         raise ApiError(
             403, "changes are disabled: set admin.token_file in the configuration", "forbidden"
         )
     try:
         token = Path(spec.token_file).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ApiError(403, f"cannot read the token file: {exc.strerror}", "forbidden") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise ApiError(403, f"cannot read the token file: {why}", "forbidden") from None
+    if token_problem(token) is not None:  # (edited since l4lb check passed it)
+        raise ApiError(403, "the token file holds no usable token", "forbidden")
     given = request.headers.get("Authorization", "")
     scheme, _, value = given.partition(" ")
+    value = value.strip()
     if (
         scheme.lower() != "bearer"
-        or not token
-        or not hmac.compare_digest(value.strip().encode(), token.encode())
+        or not value.isascii()
+        or not hmac.compare_digest(value.encode(), token.encode())
     ):
         raise ApiError(
             401, "a valid 'Authorization: Bearer <token>' header is required", "unauthorized"
         )
+
+
+def host_allowed(host: str, spec: AdminSpec) -> bool:
+    """Whether a request's `Host` names this API: an IP address (no DNS rebinding can forge
+    one), `localhost`, or a name the operator lists in `admin.hosts`. A page that a rebound
+    name loaded in a browser carries that name, and is refused before it can read a thing."""
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.lower().rstrip(".")
+    if name == "localhost" or name in spec.hosts:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+# On every answer: no page of the admin API may be framed by another (clickjacking its buttons).
+FRAME_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # answered without a token, even with read_token
 
 
 ROUTES = (
@@ -214,6 +242,7 @@ class ApiBase:
 
     async def start(self) -> None:
         app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY)
+        app.on_response_prepare.append(self._frame_headers)
         app.add_routes([web.route(m, path, getattr(self, name)) for m, path, name in self.routes])
         spec = self.spec
         options = runner_options(self._refuse, spec.request_timeout)
@@ -221,7 +250,11 @@ class ApiBase:
         await self.runner.setup()
         assert self.runner.server is not None
         self._guard = Guard(
-            self.runner.server, self._refuse, spec.request_timeout, spec.max_connections
+            self.runner.server,
+            self._refuse,
+            spec.request_timeout,
+            spec.max_connections,
+            spec.max_connections_per_peer,
         )
         loop = asyncio.get_running_loop()
         try:
@@ -253,13 +286,7 @@ class ApiBase:
         if self._guard is not None:
             self._guard.served.add(request.protocol)
         try:
-            size = request.content_length
-            if size is not None and size > MAX_BODY:
-                raise ApiError(
-                    413, f"a request body is at most {MAX_BODY} bytes, not {size}", "too_large"
-                )
-            if request.method not in ("GET", "HEAD"):
-                authorize(self.spec, request)
+            self._screen(request)
             return await handler(request)
         except ApiError as exc:
             self._refuse(exc.reason)
@@ -273,6 +300,33 @@ class ApiBase:
         except http_exceptions.HttpProcessingError as exc:  # a broken body, read by a handler
             self._refuse(reason_of(exc))
             return web.json_response({"error": f"malformed request: {exc.message}"}, status=400)
+
+    def _screen(self, request: web.Request) -> None:
+        """What is refused before any handler parses a thing; raises ApiError."""
+        for name, value in request.headers.items():
+            if not value.isascii():
+                raise ApiError(400, f"the {name} header is not ASCII", "bad_header")
+        host = request.headers.get("Host")
+        if self.unix_path is None and host is not None and not host_allowed(host, self.spec):
+            raise ApiError(
+                403,
+                f"Host {host!r} is not this admin API's: use its address, localhost, or a name"
+                " listed in admin.hosts",
+                "bad_host",
+            )
+        size = request.content_length
+        if size is not None and size > MAX_BODY:
+            raise ApiError(
+                413, f"a request body is at most {MAX_BODY} bytes, not {size}", "too_large"
+            )
+        if request.method not in ("GET", "HEAD") or (
+            self.spec.read_token and request.path not in OPEN_PATHS
+        ):
+            authorize(self.spec, request)
+
+    @staticmethod
+    async def _frame_headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(FRAME_HEADERS)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, within `request_timeout` (its size is bounded by `client_max_size`)."""

@@ -3,7 +3,9 @@
 aiohttp parses HTTP; this module bounds what a peer may cost before a request reaches a
 handler, and keeps the log readable whatever it sends:
 
-- at most `max_connections` connections at once; more are answered 503 and closed;
+- at most `max_connections` connections at once, and `max_connections_per_peer` from one
+  address, so that one peer holding slow connections cannot shut another out (its `/healthz`,
+  Docker's HEALTHCHECK, say); more are answered 503 and closed, counted;
 - a request's head must arrive within `request_timeout` of the connection opening (a client
   that sends half a header is closed then, counted as `header_timeout`), and an idle keep-alive
   connection is closed after the same time;
@@ -122,24 +124,93 @@ class _Busy(asyncio.Protocol):
         t.close()
 
 
+class _PerPeer(asyncio.Protocol):
+    """aiohttp's handler for one connection, counted against its peer address's share: the
+    peer is known only once the connection is made, after the factory ran."""
+
+    __slots__ = ("guard", "host", "inner")
+
+    def __init__(self, guard: Guard, inner: RequestHandler) -> None:
+        self.guard = guard
+        self.inner: RequestHandler | None = inner
+        self.host: str | None = None  # counted under this address
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert self.inner is not None
+        guard = self.guard
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""  # "": a Unix socket
+        n = guard.peers.get(host, 0)
+        if host and n >= guard.per_peer:
+            guard.refuse(
+                "too_many_from_peer",
+                "admin listener: %d connections open from %s, refusing more from it",
+                n,
+                host,
+            )
+            self.inner = None
+            t: Any = transport
+            t.write(BUSY)
+            t.close()
+            return
+        guard.peers[host] = n + 1
+        self.host = host
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        host = self.host
+        if host is not None:
+            self.host = None
+            left = self.guard.peers[host] - 1
+            if left:
+                self.guard.peers[host] = left
+            else:
+                del self.guard.peers[host]
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> None:
+        if self.inner is not None:
+            self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+
 class Guard:
-    """The protocol factory of the admin listener, around aiohttp's: the connection limit and
+    """The protocol factory of the admin listener, around aiohttp's: the connection limits and
     the deadline of the first request's head. `served` is told of each request by the API's
     middleware (`request.protocol`)."""
 
     def __init__(
-        self, server: web.Server, count: Callable[[str], None], timeout: float, limit: int
+        self,
+        server: web.Server,
+        count: Callable[[str], None],
+        timeout: float,
+        limit: int,
+        per_peer: int,
     ) -> None:
         self.server = server
         self.count = count
         self.timeout = timeout
         self.limit = limit
+        self.per_peer = per_peer
+        self.peers: dict[str, int] = {}  # connections open by peer address
         # Connections that have sent a request, until their deadline passes (each has one, so
         # the set holds at most the connections of the last `timeout` seconds).
         self.served: set[object] = set()
         self._throttle = Throttle()
 
-    def _refuse(self, reason: str, message: str, *args: object) -> None:
+    def refuse(self, reason: str, message: str, *args: object) -> None:
         """Count a refusal; log it at most once a second per reason."""
         self.count(reason)
         held = self._throttle.allow(reason)
@@ -148,7 +219,7 @@ class Guard:
 
     def __call__(self) -> asyncio.BaseProtocol:
         if len(self.server.connections) >= self.limit:
-            self._refuse(
+            self.refuse(
                 "too_many_connections",
                 "admin listener: %d connections open, refusing more",
                 self.limit,
@@ -156,7 +227,7 @@ class Guard:
             return _Busy()
         handler = self.server()
         asyncio.get_running_loop().call_later(self.timeout, self._deadline, handler)
-        return handler
+        return _PerPeer(self, handler)
 
     def _deadline(self, handler: RequestHandler) -> None:
         if handler in self.served:
@@ -164,7 +235,7 @@ class Guard:
             return
         if handler.transport is None or handler.transport.is_closing():
             return
-        self._refuse(
+        self.refuse(
             "header_timeout",
             "closed an admin connection from %s that sent no complete request in %gs",
             handler.peername,

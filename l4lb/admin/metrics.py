@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 RELOADS_HELP = "Configuration reloads: result=ok (applied), failed (refused: nothing changed)"
 REFUSED_HELP = (
     "Admin requests refused, by reason: unauthorized, forbidden, not_found, bad_request (the"
-    " API's), header_timeout, body_timeout, too_many_connections, too_large, and the kinds"
+    " API's), bad_header (not ASCII), bad_host (not this API's Host), header_timeout,"
+    " body_timeout, too_many_connections, too_many_from_peer, too_large, and the kinds"
     " of malformed HTTP (bad_version, header_too_long, too_many_headers, bad_content_length,"
     " bad_chunking, bad_method, ...)"
 )

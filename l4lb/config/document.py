@@ -3,6 +3,7 @@ the checks across groups."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,7 @@ import yaml
 from ..core.spec import MAX_WORKERS, AdminSpec, Config, GroupSpec, KernelMarksSpec, StoreSpec
 from .crosscheck import _check_loops, _listen_overlaps
 from .groups import _LOG_OFF, _access_log, _group
-from .validator import _scalars, _Validator
+from .validator import _list_of, _scalars, _Validator
 from .values import (
     _NAME_RE,
     _beside,
@@ -21,11 +22,13 @@ from .values import (
     _budget,
     _choice,
     _duration,
+    _host_name,
     _host_port,
     _int_in,
     _positive_duration,
     _redis_url,
     _text,
+    token_problem,
 )
 
 _TOP_KEYS = (
@@ -42,34 +45,88 @@ _TOP_KEYS = (
 )
 
 
+_ADMIN_KEYS = (
+    "listen",
+    "token_file",
+    "request_timeout",
+    "max_connections",
+    "max_connections_per_peer",
+    "read_token",
+    "hosts",
+)
+_ADMIN_SCALARS: dict[str, Callable[[Any], Any]] = {
+    "request_timeout": _positive_duration,
+    "max_connections": _int_in(1, 100_000),
+    "max_connections_per_peer": _int_in(1, 100_000),
+    "read_token": _bool,
+}
+TOKEN_HINT = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE makes one"
+
+
 def _admin(v: _Validator, node: yaml.Node, path: str) -> AdminSpec | None:
-    m = v.mapping(node, path, ("listen", "token_file", "request_timeout", "max_connections"))
+    m = v.mapping(node, path, _ADMIN_KEYS)
     if m is None:
         return None
     kw: dict[str, Any] = {}
-    limits = {"request_timeout": _positive_duration, "max_connections": _int_in(1, 100_000)}
-    if not _scalars(v, m, path, limits, kw):
+    if not _scalars(v, m, path, _ADMIN_SCALARS, kw):
         return None
     if "listen" in m:
         hp = v.field(m["listen"][1], f"{path}.listen", _host_port)
         if hp is None:
             return None
         kw["host"], kw["port"] = hp
+    if "hosts" in m:
+        hosts = _list_of(v, m["hosts"][1], f"{path}.hosts", _host_name)
+        if hosts is None:
+            return None
+        kw["hosts"] = tuple(hosts)
     if "token_file" in m:
-        tf = v.field(m["token_file"][1], f"{path}.token_file", _text)
+        tf = _token_file(v, m["token_file"][1], f"{path}.token_file")
         if tf is None:
             return None
-        tf = _beside(v.source, tf)
-        try:
-            if not Path(tf).read_text(encoding="utf-8").strip():
-                v.error(m["token_file"][1], f"{path}.token_file", f"{tf} is empty")
-                return None
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            v.error(m["token_file"][1], f"{path}.token_file", f"cannot read {tf}: {reason}")
-            return None
         kw["token_file"] = tf
-    return AdminSpec(**kw)
+    spec = AdminSpec(**kw)
+    if not spec.read_token and not _is_loopback(spec.host):
+        v.warn(
+            m["listen"][1] if "listen" in m else node,
+            f"{path}.listen",
+            f"the admin API listens on {spec.host}, beyond loopback, and anyone who reaches it"
+            " can read it (client addresses in /api/v1/affinity): set read_token: true with a"
+            " token_file, or listen on 127.0.0.1",
+        )
+    if spec.read_token and spec.token_file is None:
+        v.error(m["read_token"][1], f"{path}.read_token", "needs a token_file")
+        return None
+    return spec
+
+
+def _token_file(v: _Validator, node: yaml.Node, path: str) -> str | None:
+    """The token file's path, once it holds a token fit to be a secret."""
+    tf = v.field(node, path, _text)
+    if tf is None:
+        return None
+    tf = _beside(v.source, tf)
+    try:
+        token = Path(tf).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        v.error(node, path, f"cannot read {tf}: {reason}")
+        return None
+    if not token:
+        v.error(node, path, f"{tf} is empty")
+        return None
+    problem = token_problem(token)
+    if problem is not None:
+        v.error(node, path, f"{tf} {problem} ({TOKEN_HINT})")
+        return None
+    return tf
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _store(v: _Validator, node: yaml.Node, path: str) -> StoreSpec | None:

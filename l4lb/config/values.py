@@ -118,6 +118,13 @@ def _backend_address(v: Any) -> tuple[str, int | None]:
     return host.lower().rstrip("."), port
 
 
+def _host_name(v: Any) -> str:
+    """A DNS name the admin API answers to (`admin.hosts`), lower case, no trailing dot."""
+    if not isinstance(v, str) or is_ip(v) or not _HOSTNAME_RE.match(v):
+        raise ValueError(f"expected a DNS name, got {v!r}")
+    return v.lower().rstrip(".")
+
+
 def _port_text(text: str, whole: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise ValueError(f"the port in {whole!r} must be a number from 1 to 65535")
@@ -238,3 +245,16 @@ def _budget(x: Any) -> float:
     if seconds > 1.0:
         raise ValueError("a lookup budget is at most 1s: Redis must never hold a connection long")
     return seconds
+
+
+MIN_TOKEN = 16  # bytes: shorter is no secret
+EXAMPLE_TOKENS = frozenset({"replace-me-with-a-long-random-token"})  # shipped by earlier versions
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` (a token file's content, stripped) cannot be the admin API's secret."""
+    if token in EXAMPLE_TOKENS:
+        return "holds the example's placeholder, which anyone who read the repository knows"
+    if len(token.encode()) < MIN_TOKEN:
+        return f"holds {len(token.encode())} bytes: a token is at least {MIN_TOKEN}"
+    return None

@@ -145,6 +145,9 @@ class AdminSpec:
     token_file: str | None = None  # a bearer token for mutating calls; without one they are refused
     request_timeout: float = 10.0  # for a request's head, and again for its body
     max_connections: int = 64  # open at once; more are answered 503
+    max_connections_per_peer: int = 16  # from one address at once, so one cannot shut others out
+    read_token: bool = False  # reads need the token too (but /healthz and /readyz)
+    hosts: tuple[str, ...] = ()  # names the API answers to in Host, beside localhost and addresses
 
     @property
     def url(self) -> str:

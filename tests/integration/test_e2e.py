@@ -214,7 +214,7 @@ def test_health_as_a_user_kill_drain_and_sorry_server(tmp_path: Path) -> None:
     no failed connection and in the stated time; draining another keeps its clients and takes no
     new ones; with all down, the sorry server answers."""
     http, admin, sorry_port, *bports = free_ports(6)
-    (tmp_path / "token").write_text("tok")
+    (tmp_path / "token").write_text("a-token-of-the-e2e-test")
     backends = "\n".join(
         f"      - {{name: {n}, address: 127.0.0.1, ports: {{{http}: {p}}}}}"
         for n, p in zip(NAMES, bports, strict=True)

@@ -23,7 +23,7 @@ from tests.support.cdp import FLAGS as CHROMIUM_FLAGS
 from tests.support.helpers import config_of, free_ports, greet, group_yaml, hello, running
 from tests.support.procs import ROOT, STARTUP, processes, start_backend, start_l4lb, wait_for_line
 
-TOKEN = "t0ken-for-tests"
+TOKEN = "t0ken-for-the-ops-tests"
 
 
 def admin_top(tmp_path: Path, port: int, token: bool = True) -> str:

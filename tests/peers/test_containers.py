@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.helpers import free_ports
 from tests.support.procs import ROOT, processes, start_backend
 
 BASE = "l4lb-test-base:bookworm"
@@ -247,31 +249,57 @@ services:
         stop_drains(lb, 10, idle_client_in(netns, 8080))
 
 
+def edge_config(folder: Path, p80: int, p443: int, admin: int, b: list[int]) -> None:
+    """The shipped edge example on free ports (it takes the host's network, where 8080 and
+    9090 may be taken), with a token of the test's own beside it, readable by the image's
+    user."""
+    text = (ROOT / "docker" / "examples" / "edge.yaml").read_text()
+    shipped = text
+    text = text.replace('listen: "127.0.0.1:9090"', f'listen: "127.0.0.1:{admin}"')
+    text = text.replace("ports: [8080, 8443]", f"ports: [{p80}, {p443}]")
+    text = text.replace(
+        'address: "127.0.0.1:18081"',
+        f"address: 127.0.0.1, ports: {{{p80}: {b[0]}, {p443}: {b[1]}}}",
+    )
+    text = text.replace(
+        'address: "127.0.0.1:18082"',
+        f"address: 127.0.0.1, ports: {{{p80}: {b[2]}, {p443}: {b[3]}}}",
+    )
+    assert text.count(str(p80)) == 3 and text != shipped, "the edge example changed shape"
+    folder.chmod(0o755)
+    (folder / "edge.yaml").write_text(text)
+    (folder / "admin.token").write_text(secrets.token_urlsafe(24))
+    for f in folder.iterdir():
+        f.chmod(0o644)
+
+
 def test_the_edge_shape(image: str) -> None:
-    override = f"""
+    p80, p443, admin, *b = free_ports(7)
+    with tempfile.TemporaryDirectory(dir=ROOT / "docker") as mounted, processes() as procs:
+        edge_config(Path(mounted), p80, p443, admin, b)
+        override = f"""
 services:
   l4lb:
     image: {image}
+    volumes:
+      - {mounted}/edge.yaml:/etc/l4lb/l4lb.yaml:ro
+      - {mounted}/admin.token:/etc/l4lb/admin.token:ro
 """
-    for port in (8080, 8443, 9090, 18081, 18082, 18444, 18445):
-        with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is taken on this host"
-    with processes() as procs:
-        procs.append(start_backend("shop1", http="127.0.0.1:18081", https="127.0.0.1:18444"))
-        procs.append(start_backend("shop2", http="127.0.0.1:18082", https="127.0.0.1:18445"))
+        procs.append(start_backend("shop1", http=f"127.0.0.1:{b[0]}", https=f"127.0.0.1:{b[1]}"))
+        procs.append(start_backend("shop2", http=f"127.0.0.1:{b[2]}", https=f"127.0.0.1:{b[3]}"))
         with compose("edge", override) as argv:
             lb = container(argv, "l4lb")
             wait_healthy(lb)
-            before = sticky((8080, 8443))
+            before = sticky((p80, p443))
             assert set(before.values()) == {"shop1", "shop2"}
-            token = (ROOT / "docker" / "examples" / "admin.token").read_text().strip()
+            token = (Path(mounted) / "admin.token").read_text().strip()
             drained = run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
                           "-H", f"Authorization: Bearer {token}", "-d", '{"state": "up"}',
-                          "http://127.0.0.1:9090/api/v1/backends/shop/shop1")  # fmt: skip
+                          f"http://127.0.0.1:{admin}/api/v1/backends/shop/shop1")  # fmt: skip
             assert drained.stdout == "200"  # the mounted token file is the one l4lb reads
             run("docker", "restart", "-t", "20", lb, timeout=60)
             assert in_volume(lb).startswith("l4lb ")
             wait_healthy(lb)
-            assert sticky((8080, 8443)) == before
+            assert sticky((p80, p443)) == before
 
-            stop_drains(lb, 10, socket.create_connection(("127.0.0.1", 8080), timeout=5))
+            stop_drains(lb, 10, socket.create_connection(("127.0.0.1", p80), timeout=5))

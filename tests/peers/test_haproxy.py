@@ -77,7 +77,7 @@ def test_send_proxy_to_haproxy_logs_the_real_client(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_behind_haproxy_sending_proxy_each_real_client_keeps_one_backend(tmp_path: Path) -> None:
     front, lb_port, admin, b1, b2 = free_ports(5)
-    (tmp_path / "token").write_text("t")
+    (tmp_path / "token").write_text("a-token-of-the-haproxy-test")
     with processes() as procs:
         procs.append(start_backend("web1", http=f"127.0.0.1:{b1}"))
         procs.append(start_backend("web2", http=f"127.0.0.1:{b2}"))

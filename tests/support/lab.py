@@ -16,7 +16,7 @@ from pathlib import Path
 from tests.support.helpers import free_ports
 from tests.support.procs import ROOT, output, processes, start_l4lb, wait_for_line
 
-TOKEN = "lab-token"
+TOKEN = "a-token-of-the-lab"
 
 
 def raise_nofile(n: int = 65536) -> None:
