@@ -63,6 +63,25 @@ FLUSH_INTERVAL = 1.0
 PIPELINE = 1000  # commands in one round trip
 MAX_LEASE = 30.0
 MARKER_TTL = 60  # seconds; renewed every round, so it outlives only a process that died
+MAX_PIN = 256  # bytes: a backend's name (a name and an address, for a DNS name's addresses)
+
+
+class BadAnswer(ValueError):
+    """Redis answered something no command of ours can get: a store failure, never a client's."""
+
+
+def pin_of(reply: object) -> str | None:
+    """The backend name a claim or a SET GET answered (None: nobody held the client); raises
+    BadAnswer for anything else (the wrong type, too long, not UTF-8)."""
+    if reply is None:
+        return None
+    if not isinstance(reply, bytes) or not 0 < len(reply) <= MAX_PIN:
+        shown = reply[:40] if isinstance(reply, bytes) else reply
+        raise BadAnswer(f"a pin of the wrong shape: {type(reply).__name__} {shown!r}")
+    try:
+        return reply.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadAnswer("a pin that is not UTF-8") from None
 
 
 def redact(url: str) -> str:
@@ -105,6 +124,8 @@ class RedisStore:
     ) -> None:
         from redis.asyncio import Redis  # imported only when a store is configured
 
+        from .resp import BoundedParser
+
         self.spec = spec
         self.routers = routers
         self.clock = clock
@@ -115,10 +136,16 @@ class RedisStore:
         if spec.cluster:
             from redis.asyncio.cluster import RedisCluster
 
-            self.client = RedisCluster.from_url(spec.url, socket_connect_timeout=0.5)
+            # (RedisCluster takes no parser: its replies are checked, not bounded as read)
+            self.client = RedisCluster.from_url(spec.url, socket_connect_timeout=0.5, protocol=2)
         else:
             self.client = Redis.from_url(
-                spec.url, socket_connect_timeout=0.5, socket_timeout=1.0, max_connections=64
+                spec.url,
+                socket_connect_timeout=0.5,
+                socket_timeout=1.0,
+                max_connections=64,
+                protocol=2,  # RESP2, as every Redis and Valkey speaks it, read by a bounded parser
+                parser_class=BoundedParser,
             )
         # One round trip claims a pin: set it if nobody holds the client or if it still holds
         # the pin being replaced (a dead backend's); else answer what it holds.
@@ -223,8 +250,8 @@ class RedisStore:
             )
             try:
                 async with asyncio.timeout(self.spec.budget):
-                    old = await asyncio.shield(claim)
-            except Exception as exc:  # whatever Redis did, the client goes on
+                    name = pin_of(await asyncio.shield(claim))
+            except Exception as exc:  # whatever Redis did or said, the client goes on
                 self._failed(exc)
                 if not claim.done():  # it may still be applied: hear how it ended
                     self.late_claims.add(claim)
@@ -232,11 +259,10 @@ class RedisStore:
                         lambda c, key=route.key: self._claimed_late(c, router, key, candidate)
                     )
             else:
-                if old is None:
+                if name is None:
                     self.stats.stored += 1
                     route.shared = candidate.name
                     return candidate
-                name = old.decode("utf-8", "replace")
                 found = router.usable_pin(name)
                 if found is None:  # pinned where this process cannot send it: ours wins
                     self.stats.stale += 1
@@ -268,8 +294,11 @@ class RedisStore:
         entry = table.get(key) if table is not None else None
         if entry is None or entry.backend is None:
             return
-        old = claim.result()
-        held = router.usable_pin(candidate.name if old is None else old.decode("utf-8", "replace"))
+        try:
+            old = pin_of(claim.result())
+        except BadAnswer:
+            return  # (its own failure was counted when the budget ran out)
+        held = router.usable_pin(candidate.name if old is None else old)
         if held is not None:
             entry.backend = held  # open connections stay; new ones go there
 
@@ -343,10 +372,10 @@ class RedisStore:
                         pipe.set(self.key(router, key), name, nx=True, get=True, px=ms)
                     results = await pipe.execute()
             for (router, key, name, _ms), old in zip(batch, results, strict=True):
-                if old is None:
+                theirs = pin_of(old)
+                if theirs is None:
                     written += 1
                     continue
-                theirs = old.decode("utf-8", "replace")
                 found = router.usable_pin(theirs) if theirs != name else None
                 entry = router.table.get(key) if router.table is not None else None
                 if found is not None and entry is not None:
