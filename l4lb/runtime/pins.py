@@ -13,6 +13,7 @@ import asyncio
 import glob
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -20,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..core.backends import Backend
 from ..core.keys import V6_TAG
 from ..core.reuseport import steer
 from ..core.routing import Router
@@ -63,72 +65,124 @@ def write(path: str, data: dict[str, Any]) -> None:
         raise
 
 
+MAX_FILE = 256 << 20  # bytes: about 6 million pins; a larger file is not one of ours
+MAX_NAME = 256  # characters of a backend's name (a name and an address, for a DNS name's)
+V4_END = 1 << 32
+
+
 def read(path: str) -> dict[str, Any] | None:
-    """The saved data; None when there is no file yet."""
+    """The saved data; None when there is no file yet. Anything that is not a state file
+    (not JSON, nested too deep, numbers too long, the wrong shape, too large) is a
+    StateFileError, never another exception."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE + 1)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StateFileError(f"cannot read {path}: {exc}") from None
+    except OSError as exc:
+        raise StateFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE:
+        raise StateFileError(f"{path} is over {MAX_FILE >> 20} MiB: not a state file of l4lb's")
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise StateFileError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise StateFileError(
             f"{path} is not valid JSON (truncated?): {exc.msg} at line {exc.lineno}"
         ) from None
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit number, nesting 100,000 deep
+        raise StateFileError(f"{path} is not a state file: {type(exc).__name__}") from None
     if (
         not isinstance(data, dict)
         or data.get("version") != VERSION
         or not isinstance(data.get("groups"), dict)
     ):
         raise StateFileError(f"{path} is not an l4lb state file of version {VERSION}")
+    saved = data.get("saved_at")
+    if not isinstance(saved, int | float) or isinstance(saved, bool) or not math.isfinite(saved):
+        raise StateFileError(f"{path}: saved_at is not a time ({str(saved)[:40]!r})")
     return data
+
+
+def saved_at(data: Mapping[str, Any]) -> float:
+    """When a file `read` accepted was written."""
+    return float(data["saved_at"])
+
+
+def _is_key(key: object) -> bool:
+    """A key as keys.py makes them: an IPv4 address as an int, or an IPv6 one tagged V6_TAG."""
+    if not isinstance(key, int) or isinstance(key, bool):
+        return False
+    return 0 <= key < V4_END or V6_TAG <= key < 2 * V6_TAG
+
+
+def _entry(item: object, by_name: Mapping[str, Backend]) -> tuple[int, Backend, float] | str:
+    """A saved entry checked field by field: (key, backend, seconds left), or why it is
+    dropped."""
+    if not isinstance(item, list) or len(item) != 3:
+        return "not [key, backend, seconds left]"
+    key, name, left = item
+    if not _is_key(key):
+        return "a key out of range"
+    if not isinstance(name, str) or len(name) > MAX_NAME:
+        return "a backend that is not a name"
+    backend = by_name.get(name)
+    if backend is None:
+        return "a backend this group no longer has"
+    if not isinstance(left, int | float) or isinstance(left, bool) or not math.isfinite(left):
+        return "a time left that is not a number"
+    return key, backend, float(left)
 
 
 def restore(
     routers: Mapping[str, Router],
     data: dict[str, Any],
     keep: Callable[[str, int], bool] | None = None,
-) -> tuple[int, int]:
-    """Load saved pins into the tables; (loaded, dropped). `keep(group, key)` picks the pins
-    that belong here (a worker takes the clients steered to it); the others are passed over."""
-    try:
-        elapsed = max(0.0, time.time() - float(data.get("saved_at", 0)))
-    except (TypeError, ValueError):
-        raise StateFileError("saved_at is not a number") from None
-    loaded = dropped = 0
+) -> tuple[int, dict[str, int]]:
+    """Load saved pins into the tables, entry by entry; returns how many were loaded and, by
+    reason, how many were dropped. `keep(group, key)` picks the pins that belong here (a
+    worker takes the clients steered to it); the others are passed over, not dropped."""
+    elapsed = max(0.0, time.time() - saved_at(data))
+    loaded = 0
+    dropped: dict[str, int] = {}
+
+    def drop(why: str, n: int = 1) -> None:
+        dropped[why] = dropped.get(why, 0) + n
+
     for name, group in data["groups"].items():
         entries = group.get("entries") if isinstance(group, dict) else None
         if not isinstance(entries, list):
-            raise StateFileError(f"group {name!r} has no list of entries")
+            drop("a group with no list of entries")
+            continue
         router = routers.get(name)
         p = router.spec.persistence if router is not None else None
-        if (
-            router is None
-            or router.table is None
-            or p is None
-            or group.get("netmask") != p.netmask
-            or group.get("ipv6_prefix") != p.ipv6_prefix
-        ):
-            dropped += len(entries)
+        if router is None or router.table is None or p is None:
+            drop("a group without persistence here", len(entries))
+            continue
+        if group.get("netmask") != p.netmask or group.get("ipv6_prefix") != p.ipv6_prefix:
+            drop("a group whose netmask changed", len(entries))
             continue
         items = []
         for item in entries:
-            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int)):
-                raise StateFileError(f"group {name!r}: malformed entry {item!r}")
-            key, backend_name, left = item
-            if keep is not None and not keep(name, key):
-                continue
-            backend = router.by_name.get(backend_name)
-            if backend is None or not isinstance(left, int | float):
-                dropped += 1
-                continue
-            items.append((key, backend, float(left) - elapsed))
+            got = _entry(item, router.by_name)
+            if isinstance(got, str):
+                drop(got)
+            elif keep is None or keep(name, got[0]):
+                items.append((got[0], got[1], got[2] - elapsed))
         n = router.table.restore(items)
         loaded += n
-        dropped += len(items) - n
+        if len(items) > n:
+            drop("expired, or over max_entries", len(items) - n)
     return loaded, dropped
+
+
+def said(dropped: Mapping[str, int]) -> str:
+    """`dropped` as the log line says it."""
+    if not dropped:
+        return "dropped 0"
+    total = sum(dropped.values())
+    return f"dropped {total} (" + ", ".join(f"{n}: {why}" for why, n in dropped.items()) + ")"
 
 
 class Pins:
@@ -165,15 +219,15 @@ class Pins:
         if not found:
             log.info("state file %s does not exist yet", self.path(config))
             return
-        found.sort(key=lambda f: -float(f[1].get("saved_at", 0) or 0))  # newest first
+        found.sort(key=lambda f: -saved_at(f[1]))  # newest first
         keep = self._mine(config) if self.worker is not None else None
         for source, data in found:
             try:
                 loaded, dropped = restore(self.routers, data, keep)
-            except StateFileError as exc:
-                log.warning("ignoring the state file: %s", exc)
+            except Exception as exc:  # a bug here must not stop the start: the file is no must
+                log.warning("ignoring the state file %s: %r", source, exc)
                 continue
-            log.info("state file %s: restored %d pins, dropped %d", source, loaded, dropped)
+            log.info("state file %s: restored %d pins, %s", source, loaded, said(dropped))
 
     def _mine(self, config: Config) -> Callable[[str, int], bool]:
         """Whether a group's key is steered to this worker (reuseport.steer, as the kernel)."""
