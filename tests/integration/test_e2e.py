@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 
 from tests.support.helpers import free_ports
-from tests.support.procs import processes, start_backend, start_l4lb, stop, wait_for_line
+from tests.support.procs import (
+    can_make_netns,
+    private_netns,
+    processes,
+    start_backend,
+    start_l4lb,
+    stop,
+    wait_for_line,
+)
 
 pytestmark = pytest.mark.e2e
 if shutil.which("curl") is None:
@@ -180,19 +188,21 @@ def test_sigterm_stops_promptly_and_cleanly(tmp_path: Path) -> None:
         assert r.returncode == 7  # connection refused: no longer listening
 
 
+@pytest.mark.skipif(
+    not can_make_netns(),
+    reason="needs root and iproute2: the demo's ports, in a namespace of its own",
+)
 def test_make_run_serves_the_demo() -> None:
-    """What `make run` runs: the embedded default config with its demo backends."""
-    for port in (8080, 8443, 18081, 18082, 18083, 18441, 18442, 18443):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                pytest.skip(f"port {port} is in use (is `make run` already running?)")
+    """What `make run` runs: the embedded default config with its demo backends, on its own
+    ports (8080, 8443, 8053/udp), in a network namespace of the test's own, so that a busy host
+    (its own `make run`, say) is no matter."""
     root = Path(__file__).resolve().parents[2]
-    with processes() as procs:
-        lb = start_l4lb(root / "config" / "l4lb.yaml", "--demo")
+    with private_netns("demo") as ns, processes() as procs:
+        lb = start_l4lb(root / "config" / "l4lb.yaml", "--demo", prefix=ns)
         procs.append(lb)
         wait_for_line(lb, "stdout", "Be another client")
         out = subprocess.run(
-            ["curl", "-sk", "http://127.0.0.1:8080/", "https://127.0.0.1:8443/"],
+            [*ns, "curl", "-sk", "http://127.0.0.1:8080/", "https://127.0.0.1:8443/"],
             capture_output=True,
             text=True,
             timeout=20,
@@ -202,11 +212,24 @@ def test_make_run_serves_the_demo() -> None:
         name_http, name_https = (line.split()[0] for line in out)
         assert name_http == name_https and name_http in ("demo1", "demo2", "demo3")
         assert "(https)" in out[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:  # and the UDP echo
-            udp.settimeout(5)
-            udp.sendto(b"hi", ("127.0.0.1", 8053))
-            assert udp.recv(999).decode().startswith(f"{name_http} (udp) answered 127.0.0.1: hi")
-    assert stop(lb) == 0
+        echo = subprocess.run(  # and the UDP echo
+            [*ns, sys.executable, "-c", UDP_HI],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+        assert echo.startswith(f"{name_http} (udp) answered 127.0.0.1: hi")
+        assert stop(lb) == 0
+
+
+UDP_HI = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(b"hi", ("127.0.0.1", 8053))
+print(s.recv(999).decode())
+"""
 
 
 def test_health_as_a_user_kill_drain_and_sorry_server(tmp_path: Path) -> None:

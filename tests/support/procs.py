@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -169,3 +170,22 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
                     reader[1].join(10)  # the pump closes the pipe at EOF
                 elif getattr(p, stream) is not None:
                     getattr(p, stream).close()
+
+
+def can_make_netns() -> bool:
+    """Root with iproute2: a test may take a network namespace of its own."""
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+@contextlib.contextmanager
+def private_netns(tag: str) -> Iterator[tuple[str, ...]]:
+    """A network namespace of the test's own with its loopback up, where every port is free
+    whatever this host runs; yields the prefix that runs a command in it."""
+    name = f"l4lb{tag}{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
+    try:
+        ns = ("ip", "netns", "exec", name)
+        subprocess.run([*ns, "ip", "link", "set", "lo", "up"], check=True, timeout=30)
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
