@@ -103,8 +103,11 @@ async def _reload(balancer: Balancer) -> object:
     sdnotify.reloading()
     try:
         changes = await balancer.reload_from_file()
-    except ReloadError as exc:  # logged by the server, line by line; the configuration stays
-        sdnotify.ready(f"reload refused ({exc.lines[0]}); serving the previous configuration")
+    except ReloadError as exc:  # logged by the server, line by line
+        if exc.partial:
+            sdnotify.ready(f"reload not applied by every worker ({exc.lines[0]})")
+        else:
+            sdnotify.ready(f"reload refused ({exc.lines[0]}); serving the previous configuration")
         return None
     n = len(changes)
     sdnotify.ready(f"reloaded: {n} change{'' if n == 1 else 's'}" if n else "reloaded: no changes")

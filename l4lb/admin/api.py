@@ -349,6 +349,16 @@ class ApiBase:
         try:
             changes = await self._reloader()
         except ReloadError as exc:
+            if exc.partial:  # some workers applied it, some did not: an error, said so
+                self._refuse("reload_partial")
+                return web.json_response(
+                    {
+                        "ok": False,
+                        "error": "reload not applied by every worker",
+                        "lines": exc.lines,
+                    },
+                    status=503,
+                )
             raise ApiError(
                 400, "reload refused, nothing changed: " + " | ".join(exc.lines)
             ) from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -98,6 +98,9 @@ class Fleet(Protocol):
 
     @property
     def restarts(self) -> int: ...
+
+    @property
+    def restarts_by(self) -> Mapping[str, int]: ...
 
     @property
     def reloads_ok(self) -> int: ...
@@ -379,9 +382,13 @@ class _Merged:
         workers = GaugeMetricFamily("l4lb_workers", "Worker processes serving")
         workers.add_metric([], len([w for w in sup.live_workers() if w.ready.is_set()]))
         restarts = CounterMetricFamily(
-            "l4lb_worker_restarts", "Workers started again after they exited"
+            "l4lb_worker_restarts",
+            "Workers started again: reason=exited (it ended), unresponsive (it answered no"
+            " ping for three seconds, stopped or stuck, and was killed)",
+            labels=["reason"],
         )
-        restarts.add_metric([], sup.restarts)
+        for reason, n in sorted(sup.restarts_by.items()):
+            restarts.add_metric([reason], n)
         reloads = CounterMetricFamily("l4lb_reloads", RELOADS_HELP, labels=["result"])
         reloads.add_metric(["ok"], sup.reloads_ok)
         reloads.add_metric(["failed"], sup.reloads_failed)

@@ -7,8 +7,10 @@ class StartupError(Exception):
 
 
 class ReloadError(Exception):
-    """A reload was refused and nothing changed; `lines` say why."""
+    """A reload was refused and nothing changed; `lines` say why. `partial`: with workers, some
+    applied it and some did not (stopped, say), and `lines` say which."""
 
-    def __init__(self, lines: list[str]) -> None:
+    def __init__(self, lines: list[str], partial: bool = False) -> None:
         super().__init__("\n".join(lines))
         self.lines = lines
+        self.partial = partial

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -58,6 +59,10 @@ MAX_BACKOFF = 30.0
 VERDICTS_PER_MESSAGE = 200  # a message stays well under the socket buffer
 
 
+PING_INTERVAL = 1.0  # seconds between the supervisor's pings of each worker
+PINGS_MISSED = 3  # pings a worker may leave unanswered before it is killed and replaced
+
+
 @dataclass
 class WorkerProc:
     index: int
@@ -65,7 +70,11 @@ class WorkerProc:
     channel: control.Channel
     started: float
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    replies: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    # Requests awaiting their reply, by id: a reply that comes after its request gave up finds
+    # no one here and is dropped, never taken for a later request's.
+    pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    answered: float = 0.0  # when it last answered a ping (monotonic)
+    unresponsive: bool = False  # killed for missing its pings
     admin_path: str | None = None
 
 
@@ -80,6 +89,8 @@ class Supervisor:
         self.workers: list[WorkerProc | None] = [None] * self.n
         self.stopping = False
         self.restarts = 0
+        self.restarts_by: dict[str, int] = {"exited": 0, "unresponsive": 0}
+        self._ids = itertools.count(1)  # control requests' ids
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.admin_refused: dict[str, int] = {}
@@ -197,6 +208,7 @@ class Supervisor:
         self.workers[i] = w
         self._background(self._listen(w))
         self._background(self._watch(w))
+        self._background(self._heartbeat(w))
         log.info("worker %d started (pid %d)", i, proc.pid)
         return w
 
@@ -214,7 +226,10 @@ class Supervisor:
             for fd in fds:
                 os.close(fd)
             op = message.get("op")
-            if op == "ready":
+            if op == "pong":
+                w.answered = time.monotonic()
+            elif op == "ready":
+                w.answered = time.monotonic()
                 w.ready.set()
                 log.info("worker %d ready (pid %d)", w.index, w.proc.pid)
                 known = list(self.health.values())  # what the checks found so far
@@ -223,7 +238,11 @@ class Supervisor:
                         {"op": "health", "verdicts": known[i : i + VERDICTS_PER_MESSAGE]}
                     )
             elif op == "reloaded":
-                w.replies.put_nowait(message)
+                waiter = w.pending.pop(message.get("id", -1), None)
+                if waiter is None or waiter.done():
+                    log.info("worker %d: dropped a late reload reply", w.index)
+                else:
+                    waiter.set_result(message)
             elif op == "health" and w.index == 0:
                 verdict = {k: message.get(k) for k in ("group", "backend", "ok", "why")}
                 self.health[(str(verdict["group"]), str(verdict["backend"]))] = verdict
@@ -231,13 +250,39 @@ class Supervisor:
                     if other is not w:
                         other.channel.send({"op": "health", "verdicts": [verdict]})
 
+    async def _heartbeat(self, w: WorkerProc) -> None:
+        """Ping the worker every second once it is ready; one that leaves `PINGS_MISSED` in a
+        row unanswered (stopped, or its loop stuck) is killed, and `_watch` replaces it."""
+        await w.ready.wait()
+        while not w.channel.closed and not self.stopping:
+            await asyncio.sleep(PING_INTERVAL)
+            silent = time.monotonic() - w.answered
+            if silent > PING_INTERVAL * PINGS_MISSED:
+                log.warning(
+                    "worker %d (pid %d) answered no ping for %.1fs: killing it and starting"
+                    " another on the same sockets",
+                    w.index,
+                    w.proc.pid,
+                    silent,
+                )
+                w.unresponsive = True
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()  # (SIGKILL ends a stopped process too)
+                return
+            w.channel.send({"op": "ping", "id": next(self._ids)})
+
     async def _watch(self, w: WorkerProc) -> None:
         code = await w.proc.wait()
         w.channel.close()
+        for waiter in w.pending.values():  # nothing it was asked will be answered now
+            if not waiter.done():
+                waiter.set_result({"ok": False, "gone": True})
+        w.pending.clear()
         if self.stopping or self.workers[w.index] is not w:
             return
         lived = time.monotonic() - w.started
         self.restarts += 1
+        self.restarts_by["unresponsive" if w.unresponsive else "exited"] += 1
         if lived < 5.0:
             self._failures[w.index] += 1
         else:
@@ -245,7 +290,7 @@ class Supervisor:
         delay = min(MAX_BACKOFF, 0.5 * 2 ** (self._failures[w.index] - 1))
         if self._failures[w.index] == 0:
             delay = 0.0
-        how = f"signal {-code}" if code < 0 else f"code {code}"
+        how = "no answer" if w.unresponsive else f"signal {-code}" if code < 0 else f"code {code}"
         log.warning(
             "worker %d (pid %d) exited with %s; starting it again on the same sockets%s",
             w.index,
@@ -388,26 +433,50 @@ class Supervisor:
         failures: list[str] = []
         for w in self.live_workers():
             fds = [self.sockets[k][1][w.index].fileno() for k in added]
-            if not w.channel.send({"op": "reload", "sockets": [list(k) for k in added]}, fds):
-                continue  # it died: its respawn reads the new snapshot
-            try:
-                async with asyncio.timeout(REPLY_TIMEOUT):
-                    reply = await w.replies.get()
-            except TimeoutError:
-                failures.append(f"worker {w.index} did not answer the reload")
-                continue
-            if reply.get("ok"):
+            reply = await self._ask(w, {"op": "reload", "sockets": [list(k) for k in added]}, fds)
+            if reply is None:
+                failures.append(
+                    f"worker {w.index} did not answer the reload within {REPLY_TIMEOUT:g}s"
+                )
+            elif reply.get("gone"):
+                failures.append(
+                    f"worker {w.index} ended during the reload: its replacement starts on the"
+                    " new configuration"
+                )
+            elif reply.get("ok"):
                 changes = changes if changes is not None else list(reply.get("changes", []))
             else:
                 failures += [f"worker {w.index}: {line}" for line in reply.get("lines", [])]
         for where in [k for k in self.sockets if k not in wanted]:
             close_all(self.sockets.pop(where)[1])
-        for line in failures:
-            log.error("reload: %s", line)
+        if failures:  # not every worker applied it: said as it is, not as a success
+            applied = "; ".join(changes or []) or "no changes"
+            raise ReloadError(
+                [*failures, f"the workers that answered applied: {applied}"], partial=True
+            )
         self.reloads_ok += 1
         result = (changes or []) + notes
         log.info("reloaded %s: %s", source, "; ".join(result) or "no changes")
         return result
+
+    async def _ask(
+        self, w: WorkerProc, message: dict[str, Any], fds: list[int]
+    ) -> dict[str, Any] | None:
+        """Send a request with an id of its own and wait for the reply that carries it; None
+        when none came in time (a late one is dropped when it comes)."""
+        ident = next(self._ids)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        w.pending[ident] = waiter
+        if not w.channel.send({**message, "id": ident}, fds):
+            w.pending.pop(ident, None)
+            return {"ok": False, "gone": True}  # it died: its respawn reads the new snapshot
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                return await waiter
+        except TimeoutError:
+            return None
+        finally:
+            w.pending.pop(ident, None)
 
 
 def _with_workers(config: Config, n: int) -> Config:

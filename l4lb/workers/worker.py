@@ -108,6 +108,8 @@ async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> No
         if got is None:
             return
         message, fds = got
+        if message.get("op") == "ping":  # answered from the loop: a stuck loop cannot answer
+            channel.send({"op": "pong", "id": message.get("id")})
         if message.get("op") == "health":
             for v in message.get("verdicts", []):
                 try:
@@ -118,18 +120,20 @@ async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> No
             for fd in fds:
                 os.close(fd)
             continue
+        ident = message.get("id")  # the reply carries it: a late one is known as late
         assert server.listeners.inherited is not None
         server.listeners.inherited.update(_sockets(message.get("sockets", []), fds))
         try:
             config = load_snapshot(env)
             changes = await server.apply(config)
         except (ConfigError, ReloadError) as exc:
-            channel.send({"op": "reloaded", "ok": False, "lines": exc.lines})
+            channel.send({"op": "reloaded", "id": ident, "ok": False, "lines": exc.lines})
         except Exception as exc:  # a bug must not stop this loop: the supervisor waits on it
             log.exception("reload failed")
-            channel.send({"op": "reloaded", "ok": False, "lines": [f"reload failed: {exc!r}"]})
+            lines = [f"reload failed: {exc!r}"]
+            channel.send({"op": "reloaded", "id": ident, "ok": False, "lines": lines})
         else:
-            channel.send({"op": "reloaded", "ok": True, "changes": changes})
+            channel.send({"op": "reloaded", "id": ident, "ok": True, "changes": changes})
         for sock in server.listeners.inherited.values():  # offered but not taken: not ours to keep
             sock.close()
         server.listeners.inherited.clear()

@@ -3,6 +3,7 @@ workers, real backend processes and curl as the clients."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -403,3 +404,62 @@ def test_one_worker_checks_and_every_worker_follows(tmp_path: Path) -> None:
         wait_for_line(lb, "stderr", "[worker 1] l4lb.health: group web: backend b0 down -> up")
         assert new_clients(140) == {"b0", "b1"}
         assert set(map(int, (tmp_path / "probes").read_text().split())) == {pids[0]}
+
+
+def reload_via_api(port: int) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1/reload",
+        data=b"{}",
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def test_a_stopped_worker_is_replaced_and_reloads_say_what_happened(tmp_path: Path) -> None:
+    """SIGSTOP one of two workers: it answers no ping, so it is killed and replaced on the same
+    sockets within five seconds, after which every client network is served; a reload while a
+    worker is stopped is an error that says which worker applied it, and the next reload is
+    answered with its own replies, never a late one of the last."""
+    http, https, aport, *bp = free_ports(7)
+    bports = [bp[0:2], bp[2:4]]
+    cfg = write_config(tmp_path, [http, https], bports, aport)
+    with processes() as procs:
+        lb = start_site(procs, cfg, bports)
+        workers = admin_get(aport, "/api/v1/workers")["workers"]
+        stopped = workers[1]["pid"]
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            # A reload meanwhile: worker 0 applies it, worker 1 cannot: an error, said so.
+            cfg.write_text(cfg.read_text().replace("scheduler: rr", "scheduler: wlc"))
+            status, answer = reload_via_api(aport)
+            assert status == 503 and answer["ok"] is False, answer
+            lines = " | ".join(answer["lines"])
+            assert "worker 1 ended during the reload" in lines or "worker 1 did not answer" in lines
+            assert "scheduler rr -> wlc" in lines  # what worker 0 applied
+            wait_for_line(lb, "stderr", "worker 1 (pid")  # answered no ping: killed
+            wait_for_line(lb, "stderr", "worker 1 ready")
+            replaced = time.monotonic() - t0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)  # (killed by then; never left stopped)
+        assert replaced < 5 + 3, replaced  # (3 s of it spent in the reload's own wait)
+        served = {
+            net: curl(f"http://127.0.0.1:{http}/", f"127.0.{net}.1") for net in range(60, 100)
+        }
+        assert len(served) == 40 and set(served.values()) <= {"b0", "b1"}
+        info = admin_get(aport, "/api/v1/workers")
+        assert (
+            info["workers"][1]["pid"] != stopped and info["workers"][0]["pid"] == workers[0]["pid"]
+        )
+        metrics = admin_get(aport, "/metrics")
+        assert 'l4lb_worker_restarts_total{reason="unresponsive"} 1.0' in metrics
+        # The next reload is answered by both workers, with its own change.
+        cfg.write_text(cfg.read_text().replace("scheduler: wlc", "scheduler: lc"))
+        status, answer = reload_via_api(aport)
+        assert status == 200 and answer["ok"] is True, answer
+        assert any("scheduler wlc -> lc" in c for c in answer["changes"]), answer
