@@ -467,7 +467,7 @@ def admin_abuse(tmp: Path, scale: Scale) -> Row:
         b = lb_.backend("b0")
         (port,) = free_ports(1)
         lb, admin = lb_.l4lb(group_yaml([b], [port]))
-        hdr = b"POST /api/v1/reload HTTP/1.1\r\nHost: x\r\n"
+        hdr = b"POST /api/v1/reload HTTP/1.1\r\nHost: localhost\r\n"
         auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
         kinds = [
             b"GET / HTTP/9.9\r\n\r\n",
@@ -476,7 +476,7 @@ def admin_abuse(tmp: Path, scale: Scale) -> Row:
             hdr + b"Content-Length: -1\r\n\r\n",
             hdr + auth + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
             hdr + b"Content-Length: 10000000000\r\n\r\n",
-            b"POST /api/v1/backends/web/b0 HTTP/1.1\r\nHost: x\r\n"
+            b"POST /api/v1/backends/web/b0 HTTP/1.1\r\nHost: localhost\r\n"
             + auth
             + b"Content-Length: 30006\r\n\r\n"
             + b"[" * 15003

@@ -120,7 +120,8 @@ def status_of(answer: bytes) -> int:
 def test_admin_abuse_is_refused_counted_and_never_a_traceback(tmp_path: Path) -> None:
     site = Site(tmp_path, extra_top="")
     site.top = site.top.replace(
-        "token_file: token}", "token_file: token, request_timeout: 1s, max_connections: 40}"
+        "token_file: token}",
+        "token_file: token, request_timeout: 1s, max_connections: 40, max_connections_per_peer: 100}",
     )
     site.write()
     auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
@@ -128,7 +129,7 @@ def test_admin_abuse_is_refused_counted_and_never_a_traceback(tmp_path: Path) ->
         site.start_backends(procs)
         lb = site.start(procs)
         port = site.admin
-        post = b"POST /api/v1/backends/web/web1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        post = b"POST /api/v1/backends/web/web1 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
 
         def body(b: bytes) -> bytes:
             return (
@@ -136,7 +137,7 @@ def test_admin_abuse_is_refused_counted_and_never_a_traceback(tmp_path: Path) ->
             )
 
         answers = {
-            "bad_version": raw(port, b"GET / HTTP/9.9\r\nHost: x\r\n\r\n"),
+            "bad_version": raw(port, b"GET / HTTP/9.9\r\nHost: localhost\r\n\r\n"),
             "header_too_long": raw(port, b"GET / HTTP/1.1\r\nX-A: " + b"a" * 100_000 + b"\r\n\r\n"),
             "too_many_headers": raw(
                 port,
@@ -173,7 +174,7 @@ def test_admin_abuse_is_refused_counted_and_never_a_traceback(tmp_path: Path) ->
         # (a connection of the requests above may still be closing: one 503 more)
         assert busy + closed == 60 and 20 <= busy <= 22 and time.monotonic() - t0 < 5
         metrics = raw(
-            port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            port, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         ).decode()
         refused = "l4lb_admin_requests_refused_total"
         assert metric(metrics, refused, reason="header_timeout") == closed
