@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +17,7 @@ from hypothesis import strategies as st
 from l4lb import Server
 from l4lb.config import load_config_text
 from tests.support.helpers import free_ports, group_yaml, hello, running
+from tests.support.hostile import CORRUPT_STATE
 
 V6_TAG = 1 << 128
 
@@ -37,29 +36,7 @@ def config_text(tmp: Path, port: int, admin: int, backend_port: int) -> str:
     )
 
 
-def saved(entries: list[Any], **top: Any) -> str:
-    doc = {"version": 1, "saved_at": time.time(), "groups": {}}
-    doc["groups"]["web"] = {"netmask": 0xFFFFFF00, "ipv6_prefix": 128, "entries": entries}
-    doc.update(top)
-    return json.dumps(doc)
-
-
-GOOD = [(127 << 24) + (9 << 8), "a", 60.0]  # 127.0.9.0/24 on a, a minute left
-CORRUPT = {
-    "deep nesting": "[" * 100_000 + "]" * 100_000,
-    "a 5,000-digit key": saved([["9" * 5000, "a", 60]]).replace('"' + "9" * 5000 + '"', "9" * 5000),
-    "a backend name that is a list": saved([[1, ["a"], 60], GOOD]),
-    "saved_at yesterday": saved([GOOD], saved_at="yesterday"),
-    "keys out of range": saved([[-1, "a", 60], [2**40, "a", 60], [2**200, "a", 60], GOOD]),
-    "NaN and Infinity": saved([GOOD]).replace("60.0", "NaN") + "",
-    "time left Infinity": saved([[1 << 8, "a", 1e999], GOOD]).replace("1e999", "Infinity"),
-    "bytes": "\x00\xff\xfe garbage",
-    "not a list of entries": saved([]).replace('"entries": []', '"entries": {"x": 1}'),
-    "true as a key": saved([[True, "a", 60], GOOD]),
-}
-
-
-@pytest.mark.parametrize("content", list(CORRUPT.values()), ids=list(CORRUPT))
+@pytest.mark.parametrize("content", list(CORRUPT_STATE.values()), ids=list(CORRUPT_STATE))
 async def test_l4lb_starts_and_serves_whatever_the_state_file_holds(
     backends, tmp_path: Path, content: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -5,71 +5,14 @@ throttled line says so, and nothing of the lie is read past its announced length
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import resource
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
 from tests.support.helpers import config_of, free_ports, group_yaml, hello, running
-
-
-def commands(buf: bytearray) -> list[list[bytes]]:
-    """The complete RESP commands at the start of `buf` (taken out of it)."""
-    out = []
-    while True:
-        try:
-            end = buf.index(b"\r\n")
-            n = int(buf[1:end])
-            at, args = end + 2, []
-            for _ in range(n):
-                e = buf.index(b"\r\n", at)
-                size = int(buf[at + 1 : e])
-                if len(buf) < e + 2 + size + 2:
-                    raise ValueError
-                args.append(bytes(buf[e + 2 : e + 2 + size]))
-                at = e + 2 + size + 2
-        except ValueError:
-            return out
-        del buf[:at]
-        out.append(args)
-
-
-@contextlib.asynccontextmanager
-async def liar(port: int, answer: Callable[[list[bytes]], bytes]) -> AsyncIterator[list[bytes]]:
-    """A server on `port` that speaks RESP and answers each command with `answer(command)`;
-    yields the names of the commands it was sent."""
-    seen: list[bytes] = []
-
-    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        buf = bytearray()
-        with contextlib.suppress(ConnectionError):
-            while data := await r.read(65536):
-                buf += data
-                for cmd in commands(buf):
-                    seen.append(cmd[0].upper())
-                    w.write(answer(cmd))
-                await w.drain()
-        w.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", port)
-    try:
-        yield seen
-    finally:
-        server.close()
-
-
-def integers(cmd: list[bytes]) -> bytes:
-    return b":1\r\n"
-
-
-def huge(cmd: list[bytes]) -> bytes:
-    """A claim answered with 300 MB announced (and 4 MB of it sent), anything else an OK."""
-    if cmd[0].upper() in (b"EVALSHA", b"EVAL"):
-        return b"$314572800\r\n" + b"x" * (4 << 20)
-    return b"+OK\r\n"
+from tests.support.hostile import huge, integers, liar
 
 
 @pytest.mark.parametrize("answer", [integers, huge], ids=["integers", "300MB"])
