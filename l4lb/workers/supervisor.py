@@ -253,7 +253,11 @@ class Supervisor:
     async def _heartbeat(self, w: WorkerProc) -> None:
         """Ping the worker every second once it is ready; one that leaves `PINGS_MISSED` in a
         row unanswered (stopped, or its loop stuck) is killed, and `_watch` replaces it."""
-        await w.ready.wait()
+        ready = asyncio.ensure_future(w.ready.wait())
+        gone = asyncio.ensure_future(w.channel.gone.wait())  # (dead before it was ready)
+        await asyncio.wait([ready, gone], return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        gone.cancel()
         while not w.channel.closed and not self.stopping:
             await asyncio.sleep(PING_INTERVAL)
             silent = time.monotonic() - w.answered
