@@ -213,7 +213,7 @@ def test_make_run_serves_the_demo() -> None:
         assert name_http == name_https and name_http in ("demo1", "demo2", "demo3")
         assert "(https)" in out[1]
         echo = subprocess.run(  # and the UDP echo
-            [*ns, sys.executable, "-c", UDP_HI],
+            [*ns, sys.executable, "-c", UDP_HI, "8053"],
             capture_output=True,
             text=True,
             timeout=20,
@@ -224,10 +224,10 @@ def test_make_run_serves_the_demo() -> None:
 
 
 UDP_HI = """
-import socket
+import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(5)
-s.sendto(b"hi", ("127.0.0.1", 8053))
+s.sendto(b"hi", ("127.0.0.1", int(sys.argv[1])))
 print(s.recv(999).decode())
 """
 

@@ -249,23 +249,23 @@ services:
         stop_drains(lb, 10, idle_client_in(netns, 8080))
 
 
-def edge_config(folder: Path, p80: int, p443: int, admin: int, b: list[int]) -> None:
+def edge_config(folder: Path, front_http: int, front_https: int, admin: int, b: list[int]) -> None:
     """The shipped edge example on free ports (it takes the host's network, where 8080 and
     9090 may be taken), with a token of the test's own beside it, readable by the image's
     user."""
     text = (ROOT / "docker" / "examples" / "edge.yaml").read_text()
     shipped = text
     text = text.replace('listen: "127.0.0.1:9090"', f'listen: "127.0.0.1:{admin}"')
-    text = text.replace("ports: [8080, 8443]", f"ports: [{p80}, {p443}]")
+    text = text.replace("ports: [8080, 8443]", f"ports: [{front_http}, {front_https}]")
     text = text.replace(
         'address: "127.0.0.1:18081"',
-        f"address: 127.0.0.1, ports: {{{p80}: {b[0]}, {p443}: {b[1]}}}",
+        f"address: 127.0.0.1, ports: {{{front_http}: {b[0]}, {front_https}: {b[1]}}}",
     )
     text = text.replace(
         'address: "127.0.0.1:18082"',
-        f"address: 127.0.0.1, ports: {{{p80}: {b[2]}, {p443}: {b[3]}}}",
+        f"address: 127.0.0.1, ports: {{{front_http}: {b[2]}, {front_https}: {b[3]}}}",
     )
-    assert text.count(str(p80)) == 3 and text != shipped, "the edge example changed shape"
+    assert text.count(str(front_http)) == 3 and text != shipped, "the edge example changed shape"
     folder.chmod(0o755)
     (folder / "edge.yaml").write_text(text)
     (folder / "admin.token").write_text(secrets.token_urlsafe(24))
@@ -274,9 +274,9 @@ def edge_config(folder: Path, p80: int, p443: int, admin: int, b: list[int]) -> 
 
 
 def test_the_edge_shape(image: str) -> None:
-    p80, p443, admin, *b = free_ports(7)
+    front_http, front_https, admin, *b = free_ports(7)
     with tempfile.TemporaryDirectory(dir=ROOT / "docker") as mounted, processes() as procs:
-        edge_config(Path(mounted), p80, p443, admin, b)
+        edge_config(Path(mounted), front_http, front_https, admin, b)
         override = f"""
 services:
   l4lb:
@@ -290,7 +290,7 @@ services:
         with compose("edge", override) as argv:
             lb = container(argv, "l4lb")
             wait_healthy(lb)
-            before = sticky((p80, p443))
+            before = sticky((front_http, front_https))
             assert set(before.values()) == {"shop1", "shop2"}
             token = (Path(mounted) / "admin.token").read_text().strip()
             drained = run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
@@ -300,6 +300,6 @@ services:
             run("docker", "restart", "-t", "20", lb, timeout=60)
             assert in_volume(lb).startswith("l4lb ")
             wait_healthy(lb)
-            assert sticky((p80, p443)) == before
+            assert sticky((front_http, front_https)) == before
 
-            stop_drains(lb, 10, socket.create_connection(("127.0.0.1", p80), timeout=5))
+            stop_drains(lb, 10, socket.create_connection(("127.0.0.1", front_http), timeout=5))
