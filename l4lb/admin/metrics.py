@@ -339,7 +339,8 @@ def _udp_metrics(s: Balancer) -> Iterator[Metric]:
         " backend_busy (the backend socket's buffer was full), backend_error (the backend"
         " socket reported an error), client_send (the answer could not be sent), descriptors"
         " (no descriptor for a new flow), rejected (an unusable source address), client_limit"
-        " (its network over client_limits)",
+        " (its network over client_limits), unvalidated (an answer past the 3 a client gets"
+        " before its second datagram: reflection toward a forged source is bounded)",
         labels=["group", "reason"],
     )
     for group, st in sorted(s.udp_stats.items()):

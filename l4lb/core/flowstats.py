@@ -12,6 +12,7 @@ DROP_REASONS = (
     "descriptors",  # no descriptor left for a new flow's socket
     "rejected",  # a source address that could not be keyed
     "client_limit",  # over the client network's client_limits
+    "unvalidated",  # an answer past the few a client gets before its second datagram
 )
 
 

@@ -58,6 +58,11 @@ log = logging.getLogger("l4lb.udp")
 MAX_DATAGRAM = 65536  # a recv buffer that holds any UDP payload whole
 BATCH = 64  # datagrams read per wakeup before the loop serves other sockets
 PENDING = 8  # datagrams a flow holds while its backend is being settled
+# Answers a flow passes back before its client has sent a second datagram: a source address
+# that never speaks again may be forged, and the backend's answers would go to whoever owns it
+# (reflection). QUIC's own rule for an unvalidated address (RFC 9000, 8.1: three times the bytes
+# of a >= 1,200-byte Initial) fits in three datagrams; a DNS answer is one.
+UNVALIDATED_ANSWERS = 3
 CMSG_SPACE = socket.CMSG_SPACE(20)  # in_pktinfo (12 bytes) or in6_pktinfo (20)
 
 
@@ -69,6 +74,7 @@ class Flow:
         "bytes_in",
         "bytes_out",
         "client",
+        "heard",
         "key",
         "last",
         "listener",
@@ -79,6 +85,7 @@ class Flow:
         "router",
         "service",
         "sock",
+        "spare",
         "started",
         "stats",
     )
@@ -110,6 +117,8 @@ class Flow:
         self.started = now
         self.bytes_in = 0
         self.bytes_out = 0
+        self.heard = 0  # datagrams from the client (2: its address is validated)
+        self.spare = UNVALIDATED_ANSWERS  # answers it may still get until then
         self.rec: Record | None = None
 
     def from_backend(self) -> None:
@@ -127,6 +136,11 @@ class Flow:
             except OSError as exc:
                 listener.unreachable(self, exc)
                 return
+            if self.heard < 2:  # not validated yet: a few answers, then none (reflection)
+                if self.spare <= 0:
+                    stats.drops["unvalidated"] += 1
+                    continue
+                self.spare -= 1
             listener.flows.move_to_end(self.key)
             self.last = listener.now
             n = len(data)
@@ -190,6 +204,7 @@ class UdpListener:
             n = len(data)
             stats.bytes_in += n
             flow.bytes_in += n
+            flow.heard += 1
             backend = flow.backend
             if backend is None or not backend.accepts_pinned:
                 if flow.pending is None:

@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -544,3 +544,37 @@ async def test_client_limits_count_a_flow_as_a_connection(cleanup: Cleanup) -> N
         assert st.drops["client_limit"] == 1 and server.routers["shop"].stats.client_limit == 1
         await wait_until(lambda: st.flows == 0)  # idle: their slots are released
         assert await three.who() == "e"
+
+
+class Amplifier(asyncio.DatagramProtocol):
+    """A backend that answers every datagram with ten."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        for i in range(10):
+            self.transport.sendto(b"%d" % i, addr)
+
+
+async def test_a_source_that_never_speaks_again_gets_three_answers_at_most(
+    cleanup: Cleanup,
+) -> None:
+    """Reflection: a datagram's source may be forged, so until the client sends a second one
+    its flow passes back three answers at most (counted); then every answer."""
+    loop = asyncio.get_running_loop()
+    amp, _ = await loop.create_datagram_endpoint(Amplifier, local_addr=("127.0.0.1", 0))
+    cleanup(amp)
+    (up,) = free_ports(1)
+    group = udp_group([], [up], [backend_yaml("amp", {}, {up: amp.get_extra_info("sockname")[1]})])
+    async with running(config_of(group)) as server:
+        c = cleanup(await UdpClient.open(up, "127.0.0.6"))
+        assert c.transport is not None
+        c.transport.sendto(b"q")
+        first = [await asyncio.wait_for(c.answers.get(), 2) for _ in range(3)]
+        drops = server.udp_stats["shop"].drops
+        await wait_until(lambda: drops["unvalidated"] == 7)
+        assert first == [b"0", b"1", b"2"] and c.answers.empty()
+        c.transport.sendto(b"q")  # its second datagram: an address that answers is no forgery
+        again = [await asyncio.wait_for(c.answers.get(), 2) for _ in range(10)]
+        assert again == [b"%d" % i for i in range(10)] and drops["unvalidated"] == 7
