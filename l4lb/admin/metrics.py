@@ -340,7 +340,8 @@ def _udp_metrics(s: Balancer) -> Iterator[Metric]:
         " socket reported an error), client_send (the answer could not be sent), descriptors"
         " (no descriptor for a new flow), rejected (an unusable source address), client_limit"
         " (its network over client_limits), unvalidated (an answer past the 3 a client gets"
-        " before its second datagram: reflection toward a forged source is bounded)",
+        " before its second datagram: reflection toward a forged source is bounded), looped"
+        " (from one of l4lb's own flow sockets: its backend leads back, and is taken down)",
         labels=["group", "reason"],
     )
     for group, st in sorted(s.udp_stats.items()):

@@ -13,6 +13,7 @@ DROP_REASONS = (
     "rejected",  # a source address that could not be keyed
     "client_limit",  # over the client network's client_limits
     "unvalidated",  # an answer past the few a client gets before its second datagram
+    "looped",  # from one of l4lb's own flow sockets: a backend that leads back to l4lb
 )
 
 

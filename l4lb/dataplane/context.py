@@ -109,6 +109,7 @@ class DataPlane:
         # to us, and open clients from such addresses (`relay.ClientSide.looped`).
         self.loop_watch = False  # some backend could lead back to us (`watch_loops`)
         self.outgoing: dict[tuple[str, int], tuple[Router, Backend]] = {}
+        self.udp_outgoing: dict[tuple[str, int], tuple[Router, Backend]] = {}  # flows' sockets
         self.inbound: dict[tuple[str, int], Connection] = {}
         self.loops = 0
         self.by_mark: dict[int, Router] = {}  # kernel_mark -> group, for the marks listener
@@ -155,17 +156,23 @@ class DataPlane:
             conn.close()
         return len(doomed)
 
-    def watch_loops(self, routers: Mapping[str, Router], ports: set[int], redirect: bool) -> None:
-        """Which backends a dial could come back to us from: a local address with one of our
-        listening `ports` (`l4lb check` refuses those, but a reload's or an inherited config may
-        not have been checked here), or any local one when kernel marks REDIRECT traffic to us
-        (`redirect`). Only their dials are remembered, and clients compared with them."""
+    def watch_loops(
+        self, routers: Mapping[str, Router], tcp: set[int], udp: set[int], redirect: bool
+    ) -> None:
+        """Which backends a dial or a flow could come back to us from: a local address with
+        one of our listening ports, `tcp` or `udp` (`l4lb check` refuses those, but not names,
+        which are judged here once resolved, at start and at every resolve; nor a reload's or
+        an inherited config), or any local one when kernel marks REDIRECT traffic to us
+        (`redirect`). Only their sockets are remembered, and clients compared with them."""
         local: dict[str, bool] = {}
         watch = False
         for router in routers.values():
+            spec = router.spec
             for b in router.all_backends():
                 ours = not b.unresolved and (
-                    redirect or any(b.port_for(p) in ports for p in router.spec.ports)
+                    redirect
+                    or any(b.port_for(p) in tcp for p in spec.ports)
+                    or any(b.udp_port_for(p) in udp for p in spec.udp_ports)
                 )
                 if ours and b.address not in local:
                     local[b.address] = is_local_address(b.address)

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 from ..core.flowstats import UdpStats
 from ..core.record import Record
 from ..core.routing import reached
+from ..core.throttle import Throttle, held_note
 from .dialer import RESOURCE_ERRNOS
 from .listeners import ListenSpec, is_wildcard
 
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from .context import DataPlane
 
 log = logging.getLogger("l4lb.udp")
+_throttle = Throttle()
 
 MAX_DATAGRAM = 65536  # a recv buffer that holds any UDP payload whole
 BATCH = 64  # datagrams read per wakeup before the loop serves other sockets
@@ -78,6 +80,7 @@ class Flow:
         "key",
         "last",
         "listener",
+        "local",
         "pending",
         "rec",
         "reply",
@@ -118,6 +121,7 @@ class Flow:
         self.bytes_in = 0
         self.bytes_out = 0
         self.heard = 0  # datagrams from the client (2: its address is validated)
+        self.local: tuple[str, int] | None = None  # its socket's, while it could loop
         self.spare = UNVALIDATED_ANSWERS  # answers it may still get until then
         self.rec: Record | None = None
 
@@ -238,6 +242,8 @@ class UdpListener:
         if binding is None:
             return None
         router, port, stats = binding
+        if plane.loop_watch and plane.udp_outgoing and self._looped(addr, stats):
+            return None
         host = addr[0]
         try:
             akey = router.keyer(host)
@@ -270,6 +276,30 @@ class UdpListener:
         stats.opened += 1
         plane.flows_changed(1)
         return flow
+
+    def _looped(self, addr: tuple[str, int], stats: UdpStats) -> bool:
+        """A datagram from one of l4lb's own flow sockets: a backend that leads back to a
+        listener of ours. Dropped (counted), and that backend taken down as a looping TCP dial
+        takes it, so that one datagram makes a handful of loops, not a storm."""
+        hit = self.plane.udp_outgoing.get((addr[0].removeprefix("::ffff:"), addr[1]))
+        if hit is None:
+            return False
+        stats.drops["looped"] += 1
+        router, backend = hit
+        held = _throttle.allow(("udp loop", router.name, backend.name))
+        if held is not None:
+            log.warning(
+                "group %s: a datagram from l4lb's own flow socket %s:%d: backend %s leads back"
+                " to l4lb%s",
+                router.name,
+                addr[0],
+                addr[1],
+                backend.name,
+                held_note(held),
+            )
+        if backend is not router.sorry:
+            router.set_health(backend, False, "it leads back to l4lb itself")
+        return True
 
     # ------------------------------------------------------------------ the backend side
 
@@ -355,6 +385,9 @@ class UdpListener:
             return False
         flow.sock = sock
         flow.backend = backend
+        if backend.may_loop:  # its datagrams could come back to us: known by their source
+            flow.local = local = sock.getsockname()[:2]
+            self.plane.udp_outgoing[local] = (router, backend)
         affinity = router.connected(route, backend)
         rec = flow.rec
         if rec is not None:  # (before the re-pin's reason is let go)
@@ -390,6 +423,9 @@ class UdpListener:
 
     def _drop_socket(self, flow: Flow) -> None:
         sock = flow.sock
+        if flow.local is not None:
+            self.plane.udp_outgoing.pop(flow.local, None)
+            flow.local = None
         if sock is not None:
             flow.sock = None
             self._loop.remove_reader(sock.fileno())

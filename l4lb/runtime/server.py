@@ -256,8 +256,9 @@ class Server:
     def _set_bindings(self) -> None:
         """The listeners, the loop guard and the logs, for the routers as they are now."""
         self.listeners.set_bindings(listen_specs(self.config))
-        ports = {s.port for s in self.listeners.listening}
-        self.plane.watch_loops(self.routers, ports, self.config.kernel_marks is not None)
+        tcp = {s.port for s in self.listeners.listening if s.proto == "tcp"}
+        udp = {s.port for s in self.listeners.listening if s.proto == "udp"}
+        self.plane.watch_loops(self.routers, tcp, udp, self.config.kernel_marks is not None)
         try:
             self.access_logs = attach_writers(self.routers.values(), self.access_logs, self.worker)
         except OSError as exc:

@@ -578,3 +578,28 @@ async def test_a_source_that_never_speaks_again_gets_three_answers_at_most(
         c.transport.sendto(b"q")  # its second datagram: an address that answers is no forgery
         again = [await asyncio.wait_for(c.answers.get(), 2) for _ in range(10)]
         assert again == [b"%d" % i for i in range(10)] and drops["unvalidated"] == 7
+
+
+async def test_a_udp_backend_that_leads_back_to_l4lb_is_taken_down_after_a_handful_of_loops(
+    cleanup: Cleanup,
+) -> None:
+    """A backend named `localhost` with no port map sends a UDP port's datagrams back to l4lb's
+    own listener (the config check cannot know a name's address): one datagram used to loop for
+    ever at 100% of a core. Now the datagram from l4lb's own flow socket is dropped, counted, and
+    the backend taken down; then the port is quiet."""
+    (up,) = free_ports(1)
+    group = udp_group([], [up], ["- {name: me, address: localhost}"])
+    async with running(config_of(group)) as server:
+        me = server.routers["shop"].by_name["me"]
+        assert me.address == "127.0.0.1"  # resolved at start
+        c = cleanup(await UdpClient.open(up, "127.0.0.7"))
+        assert c.transport is not None
+        c.transport.sendto(b"once")
+        stats = server.udp_stats["shop"]
+        await wait_until(lambda: stats.drops["looped"] >= 1 and me.state is State.DOWN)
+        loops = stats.datagrams_in
+        assert loops <= 5, loops  # a handful, not a storm
+        quiet = asyncio.get_running_loop().create_future()  # a second with nothing more:
+        asyncio.get_running_loop().call_later(1.0, quiet.set_result, None)
+        await quiet
+        assert stats.datagrams_in == loops
