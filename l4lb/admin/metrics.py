@@ -355,7 +355,13 @@ def _udp_metrics(s: Balancer) -> Iterator[Metric]:
         nbytes.add_metric([group, "out"], st.bytes_out)
         for reason, n in st.drops.items():
             drops.add_metric([group, reason], n)
-    yield from (flows, opened, evicted, unreachable, dgrams, nbytes, drops)
+    yielded = CounterMetricFamily(
+        "l4lb_udp_flows_yielded",
+        "UDP flows ended (the idle longest first) so that a TCP connection could be accepted:"
+        " the flows never hold more than half the descriptors, nor keep TCP out",
+    )
+    yielded.add_metric([], s.plane.yielded)
+    yield from (flows, opened, evicted, unreachable, dgrams, nbytes, drops, yielded)
 
 
 def _store_metrics(up: bool, st: StoreStats) -> Iterator[Metric]:

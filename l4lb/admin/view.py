@@ -31,6 +31,9 @@ class PlaneCounts(Protocol):
     @property
     def unmatched_marks(self) -> int: ...
 
+    @property
+    def yielded(self) -> int: ...
+
 
 class StoreView(Protocol):
     @property

@@ -130,7 +130,7 @@ class GroupSpec:
     access_log: AccessLogSpec | None = None  # the group's own, else the top level's; None: off
     udp_ports: tuple[int, ...] = ()  # "443/udp" in `ports`: datagrams (l4lb/dataplane/udp.py)
     udp_idle_timeout: float = 60.0  # a flow ends after this long without a datagram either way
-    udp_max_flows: int = 100_000  # flows at once; beyond, the oldest idle one goes
+    udp_max_flows: int = 0  # flows at once (0: half the descriptors); beyond, the oldest idle goes
 
     @property
     def first_port(self) -> int:

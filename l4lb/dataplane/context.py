@@ -9,8 +9,11 @@ below both: the data plane imports nothing of the runtime.
 
 The descriptor budget: a relayed TCP connection holds two descriptors, a UDP flow one. `budget`
 is how many connections fit under RLIMIT_NOFILE (less a reserve for listeners, checks, the
-admin API and logs); `max_live` is that less the flows' share, and an accept beyond it is
-refused (counted) rather than left for the loop to drop silently.
+admin API and logs); `max_live` is that less what the flows hold, and an accept beyond it is
+refused (counted) rather than left for the loop to drop silently. Neither protocol can starve
+the other: UDP flows never hold more than half the descriptors (a flow costs an attacker one
+forged datagram, a connection a handshake), and a TCP connection that finds the budget full
+ends the flows idle longest to make room (`make_room`, counted as `yielded`).
 """
 
 from __future__ import annotations
@@ -86,8 +89,8 @@ class Host(Protocol):
     def udp_binding(self, spec: ListenSpec) -> tuple[Router, int, UdpStats] | None:
         """The group, service port and counters a UDP listener's new flow belongs to."""
 
-    def evict_udp(self, group: str) -> bool:
-        """End the group's flow idle longest (a bound is reached); False if it has none."""
+    def evict_udp(self, group: str | None) -> bool:
+        """End the group's flow idle longest (None: any group's); False if there is none."""
 
 
 class DataPlane:
@@ -103,6 +106,7 @@ class DataPlane:
         self._quiet: asyncio.Event | None = None
         self.budget = self.max_live = connection_budget()
         self.udp_open = 0  # UDP flows open, all groups
+        self.yielded = 0  # flows ended to make room for a TCP connection
         # Connections refused for want of descriptors, by errno name
         self.accept_errors: dict[str, int] = {}
         # The loop guard: local (address, port) of open dials to backends that could lead back
@@ -213,5 +217,20 @@ class DataPlane:
         self.max_live = self.budget - (self.udp_open + 1) // 2
 
     def descriptors_full(self) -> bool:
-        """No descriptor left for one more UDP flow (beside the open TCP connections')."""
-        return self.udp_open + 2 * len(self.live) >= 2 * self.budget
+        """No descriptor left for one more UDP flow: the flows' half is taken, or every
+        descriptor is (beside the open TCP connections')."""
+        return self.udp_open >= self.budget or self.udp_open + 2 * len(self.live) >= 2 * self.budget
+
+    def flow_bound(self, configured: int) -> int:
+        """A group's udp_max_flows: as configured, or (0) the flows' half of the descriptors."""
+        return configured or self.budget
+
+    def make_room(self) -> bool:
+        """A TCP connection finds the budget full: end the flows idle longest (any group's)
+        until it fits; whether it does."""
+        host = self.host
+        while len(self.live) >= self.max_live and self.udp_open and host is not None:
+            if not host.evict_udp(None):
+                break
+            self.yielded += 1
+        return len(self.live) < self.max_live

@@ -318,7 +318,7 @@ class ClientSide(Half):
             if over is not None:
                 self.refuse_over_limit(over)
                 return
-        if len(plane.live) >= plane.max_live:
+        if len(plane.live) >= plane.max_live and not plane.make_room():
             # Out of descriptors (or about to be): refuse now, counted, rather than let the
             # loop drop the connections it can no longer accept without a word.
             plane.accept_error("EMFILE", "refused a connection: the descriptor limit is near")

@@ -250,7 +250,7 @@ class UdpListener:
         except (OSError, ValueError):
             stats.drops["rejected"] += 1
             return None
-        if stats.flows >= router.spec.udp_max_flows:
+        if stats.flows >= plane.flow_bound(router.spec.udp_max_flows):
             runner.evict_udp(router.name)
         if plane.descriptors_full() and not runner.evict_udp(router.name):
             stats.drops["descriptors"] += 1

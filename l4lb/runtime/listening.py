@@ -147,13 +147,14 @@ class Listeners:
     def udp_listeners(self) -> list[UdpListener]:
         return [x for _, x in self.serving.values() if isinstance(x, UdpListener)]
 
-    def evict_udp(self, group: str) -> bool:
+    def evict_udp(self, group: str | None) -> bool:
         """The group is at udp_max_flows (or the descriptors are all taken): its flow idle
-        longest goes. False if it has none."""
+        longest goes (None: the flow idle longest of any group, for a TCP connection). False
+        if there is none."""
         candidates = [
             (oldest, i, x)
             for i, x in enumerate(self.udp_listeners())
-            if x.spec.group == group and (oldest := x.oldest()) is not None
+            if (group is None or x.spec.group == group) and (oldest := x.oldest()) is not None
         ]
         for _, _, listener in sorted(candidates, key=lambda c: (c[0], c[1])):
             if listener.evict_oldest():

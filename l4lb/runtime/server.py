@@ -180,14 +180,23 @@ class Server:
             log.log(logging.DEBUG if self.worker is not None else logging.INFO, "%s", line)
 
     def _warn_udp_descriptors(self) -> None:
-        flows = sum(g.udp_max_flows for g in self.config.groups if g.udp_ports)
-        if flows > 2 * self.plane.budget:
+        udp = [g for g in self.config.groups if g.udp_ports]
+        half = self.plane.budget
+        if any(g.udp_max_flows == 0 for g in udp):
+            log.info(
+                "UDP flows: at most %d per group without udp_max_flows, half of the %d"
+                " descriptors RLIMIT_NOFILE leaves (TCP connections keep the other half)",
+                half,
+                2 * half,
+            )
+        flows = sum(g.udp_max_flows for g in udp)
+        if flows > half:
             log.warning(
-                "udp_max_flows allows %d UDP flows, but the descriptor limit leaves room for"
+                "udp_max_flows allows %d UDP flows, but they may hold half of the descriptors,"
                 " about %d (a flow holds one): beyond that the longest idle flow gives way;"
                 " raise LimitNOFILE or ulimit -n",
                 flows,
-                2 * self.plane.budget,
+                half,
             )
 
     async def _start_admin(self) -> None:

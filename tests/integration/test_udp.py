@@ -29,6 +29,7 @@ from tests.support.helpers import (
     hello,
     running,
 )
+from tests.support.procs import output, processes, start_backend, start_l4lb, stop, wait_port
 
 Cleanup = Callable[[Any], Any]
 
@@ -172,7 +173,7 @@ groups:
     (g,) = load_config_text(
         "groups: {g: {ports: ['53/udp'], backends: [{name: a, address: 10.0.0.1}]}}"
     ).groups
-    assert (g.udp_idle_timeout, g.udp_max_flows) == (60, 100_000)
+    assert (g.udp_idle_timeout, g.udp_max_flows) == (60, 0)  # 0: half the descriptors
 
 
 @pytest.mark.parametrize(
@@ -603,3 +604,48 @@ async def test_a_udp_backend_that_leads_back_to_l4lb_is_taken_down_after_a_handf
         asyncio.get_running_loop().call_later(1.0, quiet.set_result, None)
         await quiet
         assert stats.datagrams_in == loops
+
+
+def test_a_flood_of_udp_sources_cannot_take_the_descriptors_tcp_needs(tmp_path: Path) -> None:
+    """nofile 4096 and a group with a UDP port: 4,100 one-byte datagrams from distinct source
+    ports (forged, as far as l4lb can tell) used to take every descriptor, and TCP was refused
+    (0/20) until the flows idled out. Flows may hold half the descriptors, and a TCP connection
+    at the limit ends the flows idle longest: 20/20 TCP served during and after."""
+    tcp_port, udp_port, b_tcp, b_udp = free_ports(4)
+    cfg = tmp_path / "l4lb.yaml"
+    cfg.write_text(
+        "groups:\n"
+        + udp_group(
+            [tcp_port],
+            [udp_port],
+            [backend_yaml("b", {tcp_port: b_tcp}, {udp_port: b_udp})],
+        )
+    )
+    with processes() as procs:
+        procs.append(start_backend("b", http=f"127.0.0.1:{b_tcp}", udp=f"127.0.0.1:{b_udp}"))
+        wait_port(b_tcp)
+        lb = start_l4lb(cfg, prefix=("prlimit", "--nofile=4096:4096"))
+        procs.append(lb)
+        for _ in range(4100):  # one datagram from each of 4,100 source ports
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("127.0.0.8", 0))
+                s.sendto(b"x", ("127.0.0.1", udp_port))
+        during = [http_get(tcp_port, f"127.0.9.{i}") for i in range(1, 21)]
+        for _ in range(2000):  # and more while they are open
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("127.0.0.8", 0))
+                s.sendto(b"x", ("127.0.0.1", udp_port))
+        after = [http_get(tcp_port, f"127.0.10.{i}") for i in range(1, 21)]
+        assert during == after == ["b"] * 20, (during, after)
+        assert stop(lb) == 0
+        assert "Traceback" not in output(lb)
+
+
+def http_get(port: int, src: str) -> str:
+    """The name the demo-style backend answers with, over TCP from `src`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(src, 0)) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[-1].strip().decode()
