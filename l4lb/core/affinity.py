@@ -28,6 +28,14 @@ The table is bounded by `max_entries` over both containers. A new client when th
 evicts the oldest idle entry; when every entry is active the connection goes unpinned
 (`acquire` returns None) and `overflows` counts it.
 
+Entries a UDP flow made are *provisional* until the flow is validated (its client sent again
+after the backend answered): a datagram's source costs nothing to forge, so such an entry must
+not cost a real client its pin. A provisional entry never evicts a confirmed one: when the table
+is full it may only take the place of an idle provisional entry (`_prov` indexes those, in
+`_idle`'s order), else its flow goes unpinned; a confirmed new entry evicts idle provisional
+entries first. Idle provisional entries are also bounded on their own (`max_entries // 4`). A
+TCP connection or a validated flow under an entry confirms it (`confirm`).
+
 The table does not judge backends: the router decides whether the pinned backend may still be
 used, and re-pins by assigning `entry.backend`. The clock is injected, so tests use a fake one.
 """
@@ -42,7 +50,7 @@ B = TypeVar("B")
 
 
 class Entry(Generic[B]):
-    __slots__ = ("backend", "expires", "home", "key", "refs", "repin", "since")
+    __slots__ = ("backend", "expires", "home", "key", "provisional", "refs", "repin", "since")
 
     def __init__(self, key: int) -> None:
         self.key = key
@@ -54,6 +62,7 @@ class Entry(Generic[B]):
         # Idle: when it expires. Active: when it became active (a shared store renews what
         # became active since its last round; `_active`'s order is the activation order).
         self.expires = 0.0
+        self.provisional = False  # made by an unvalidated UDP flow (see above)
 
 
 class AffinityTable(Generic[B]):
@@ -67,6 +76,7 @@ class AffinityTable(Generic[B]):
         self.clock = clock
         self._active: dict[int, Entry[B]] = {}
         self._idle: OrderedDict[int, Entry[B]] = OrderedDict()
+        self._prov: OrderedDict[int, None] = OrderedDict()  # the idle provisional, in order
         self._sweep_at = 0.0
         # Plain counters, read by whoever reports them.
         self.hits = 0
@@ -86,16 +96,19 @@ class AffinityTable(Generic[B]):
     def idle_count(self) -> int:
         return len(self._idle)
 
-    def acquire(self, key: int) -> Entry[B] | None:
+    def acquire(self, key: int, provisional: bool = False) -> Entry[B] | None:
         """Take a reference on `key`'s entry for a new connection, creating it if needed.
 
         A new entry has `backend` None: the caller pins it. None is returned only when the table
-        is full of active entries.
+        is full of entries this one may not evict (active ones; confirmed ones, for a
+        `provisional` one). A confirmed acquire confirms a provisional entry.
         """
         entry = self._active.get(key)
         if entry is not None:
             entry.refs += 1
             self.hits += 1
+            if not provisional:
+                entry.provisional = False
             return entry
         idle = self._idle
         if idle:
@@ -104,6 +117,9 @@ class AffinityTable(Generic[B]):
                 self._expire(now)
             entry = idle.pop(key, None)
             if entry is not None:
+                if entry.provisional:
+                    del self._prov[key]
+                    entry.provisional = provisional
                 if entry.expires > now:
                     entry.refs = 1
                     entry.expires = now
@@ -112,17 +128,36 @@ class AffinityTable(Generic[B]):
                     return entry
                 self.expirations += 1
         self.misses += 1
-        if len(self._active) + len(idle) >= self.max_entries:
-            if not idle:
-                self.overflows += 1
-                return None
-            idle.popitem(last=False)
-            self.evictions += 1
+        if len(self._active) + len(idle) >= self.max_entries and not self._evict(provisional):
+            self.overflows += 1
+            return None
         entry = Entry(key)
         entry.refs = 1
+        entry.provisional = provisional
         entry.expires = self.clock()
         self._active[key] = entry
         return entry
+
+    def _evict(self, provisional: bool) -> bool:
+        """Make room for a new entry: the oldest idle provisional entry, else (for a confirmed
+        one only) the oldest idle entry. False: nothing it may evict."""
+        prov = self._prov
+        if prov:
+            key, _ = prov.popitem(last=False)
+            del self._idle[key]
+        elif provisional or not self._idle:
+            return False
+        else:
+            self._idle.popitem(last=False)
+        self.evictions += 1
+        return True
+
+    def confirm(self, entry: Entry[B]) -> None:
+        """A provisional entry's client proved its address (it sent again after an answer)."""
+        if entry.provisional:
+            entry.provisional = False
+            if entry.key in self._prov:  # (idle: an active entry is not indexed)
+                del self._prov[entry.key]
 
     def release(self, entry: Entry[B]) -> None:
         """Drop a connection's reference; the last one starts the entry's timeout."""
@@ -134,6 +169,13 @@ class AffinityTable(Generic[B]):
             return
         entry.expires = self.clock() + self.timeout
         self._idle[entry.key] = entry
+        if entry.provisional:
+            prov = self._prov
+            prov[entry.key] = None
+            if len(prov) > max(1, self.max_entries // 4):  # a pool of its own, bounded
+                key, _ = prov.popitem(last=False)
+                del self._idle[key]
+                self.evictions += 1
 
     def expire(self) -> int:
         """Drop every idle entry whose time is up; returns how many went."""
@@ -143,11 +185,14 @@ class AffinityTable(Generic[B]):
         self._sweep_at = now + self.SWEEP_INTERVAL
         idle = self._idle
         n = 0
+        prov = self._prov
         while idle:
             first = next(iter(idle.values()))
             if first.expires > now:
                 break
             idle.popitem(last=False)
+            if first.provisional:
+                del prov[first.key]
             n += 1
         self.expirations += n
         return n
@@ -231,4 +276,5 @@ class AffinityTable(Generic[B]):
         if entry is not None:
             entry.backend = None
             return True
+        self._prov.pop(key, None)
         return self._idle.pop(key, None) is not None

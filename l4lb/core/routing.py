@@ -198,12 +198,13 @@ class Router:
 
     # ------------------------------------------------------------------ routing
 
-    def begin(self, key: int) -> Route:
+    def begin(self, key: int, provisional: bool = False) -> Route:
+        """`provisional`: a UDP flow not yet validated (see affinity.py)."""
         self.stats.accepted += 1
         table = self.table
         if table is None:
             return Route(key, None, None)
-        entry = table.acquire(key)
+        entry = table.acquire(key, provisional)
         if entry is None:
             self.stats.unpinned += 1
             return Route(key, None, None)

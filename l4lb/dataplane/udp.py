@@ -122,7 +122,7 @@ class Flow:
         self.bytes_out = 0
         self.heard = 0  # datagrams from the client (2: its address is validated)
         self.local: tuple[str, int] | None = None  # its socket's, while it could loop
-        self.spare = UNVALIDATED_ANSWERS  # answers it may still get until then
+        self.spare = UNVALIDATED_ANSWERS  # answers it may still get until then (-1: validated)
         self.rec: Record | None = None
 
     def from_backend(self) -> None:
@@ -209,6 +209,9 @@ class UdpListener:
             stats.bytes_in += n
             flow.bytes_in += n
             flow.heard += 1
+            if flow.spare >= 0 and flow.bytes_out and flow.heard >= 2:
+                flow.spare = -1  # it sent again after an answer: validated, once
+                self._validated(flow)
             backend = flow.backend
             if backend is None or not backend.accepts_pinned:
                 if flow.pending is None:
@@ -268,7 +271,8 @@ class UdpListener:
                 reply = [(level, kind, b"\0\0\0\0" + data[8:12] + b"\0\0\0\0")]
             else:  # in6_pktinfo: the address, any interface
                 reply = [(level, kind, data[:16] + b"\0\0\0\0")]
-        flow = Flow(self, key, addr, reply, router, port, router.begin(akey), stats, self.now)
+        route = router.begin(akey, True)  # provisional until validated (see affinity.py)
+        flow = Flow(self, key, addr, reply, router, port, route, stats, self.now)
         if router.log is not None:
             flow.rec = Record((host, addr[1]), self._loop.time())
         self.flows[key] = flow
@@ -276,6 +280,13 @@ class UdpListener:
         stats.opened += 1
         plane.flows_changed(1)
         return flow
+
+    @staticmethod
+    def _validated(flow: Flow) -> None:
+        """Its client owns its address: the entry it made holds like a TCP client's."""
+        entry, table = flow.route.entry, flow.router.table
+        if entry is not None and table is not None:
+            table.confirm(entry)
 
     def _looped(self, addr: tuple[str, int], stats: UdpStats) -> bool:
         """A datagram from one of l4lb's own flow sockets: a backend that leads back to a

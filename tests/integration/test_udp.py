@@ -649,3 +649,33 @@ def http_get(port: int, src: str) -> str:
         while chunk := s.recv(65536):
             data += chunk
     return data.split(b"\r\n\r\n", 1)[-1].strip().decode()
+
+
+async def test_forged_single_datagrams_cost_no_tcp_client_its_pin(
+    backends: Callable[..., Awaitable[list[NamedBackend]]], cleanup: Cleanup
+) -> None:
+    """max_entries 2000, five TCP clients pinned and gone idle, then 3,000 single datagrams from
+    3,000 /24s (sources anyone can forge): they used to evict the five pins (the oldest idle).
+    A flow's entry is provisional until its client speaks again after an answer, and never
+    evicts a confirmed pin: the five keep their backends."""
+    started = await shop(backends, cleanup, n=3)
+    _tcp, _udp, tp, up = started
+    config = config_of(
+        shop_yaml(started).replace("timeout: 60s,", "timeout: 60s, max_entries: 2000,")
+    )
+    async with running(config) as server:
+        router = server.routers["shop"]
+        clients = [f"127.0.{200 + i}.1" for i in range(5)]
+        before = [await hello(tp, src) for src in clients]
+        table = router.table
+        assert table is not None and table.max_entries == 2000
+        for i in range(3000):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((f"127.{20 + i // 250}.{i % 250}.1", 0))
+                s.sendto(b"x", ("127.0.0.1", up))
+        stats = server.udp_stats["shop"]
+        await wait_until(lambda: stats.opened == 3000, within=20)
+        for src in clients:
+            assert table.get(router.keyer(src)) is not None, src  # still pinned
+        assert [await hello(tp, src) for src in clients] == before
+        assert table.overflows > 0  # the flood's later flows went unpinned instead

@@ -144,3 +144,42 @@ def test_what_became_active_or_was_released_since_a_moment() -> None:
     assert [e.key for e in t.activated_since(1006)] == [3]
     assert [e.key for e in t.released_since(1000 + 60)] == [2]  # released after 1000
     assert [e.key for e in t.active()] == [1, 3]
+
+
+def test_provisional_entries_never_evict_a_confirmed_pin() -> None:
+    """A UDP flow's entry is provisional until the flow is validated: when the table is full it
+    may only take an idle provisional entry's place (else it goes unpinned); a confirmed entry
+    evicts idle provisional ones first; a confirmed acquire or `confirm` makes it confirmed."""
+    clock = FakeClock()
+    t: AffinityTable[str] = AffinityTable(60, 4, clock)
+    for key in (1, 2):  # two TCP clients, pinned, gone idle
+        pin(t, key, "tcp")
+    flows = [t.acquire(10 + i, provisional=True) for i in range(2)]  # two forged sources
+    assert all(e is not None and e.provisional for e in flows)
+    assert t.acquire(20, provisional=True) is None  # full: it may not evict a TCP pin
+    assert t.get(1) is not None and t.get(2) is not None and t.overflows == 1
+    for e in flows:  # their flows end: idle provisional entries
+        assert e is not None
+        e.backend = "udp"
+        t.release(e)
+    later = t.acquire(21, provisional=True)  # takes the oldest provisional's place
+    assert later is not None and t.get(10) is None and t.get(1) is not None
+    tcp = t.acquire(30)  # a new TCP client: evicts the remaining idle provisional first
+    assert tcp is not None and not tcp.provisional and t.get(11) is None
+    assert t.get(1) is not None and t.get(2) is not None
+    t.confirm(later)  # its client spoke again after an answer
+    assert not later.provisional
+    again = t.acquire(21)  # (and a confirmed acquire confirms too)
+    assert again is later and not again.provisional
+
+
+def test_idle_provisional_entries_are_a_bounded_pool() -> None:
+    clock = FakeClock()
+    t: AffinityTable[str] = AffinityTable(60, 8, clock)  # a pool of 8 // 4 = 2
+    for key in range(5):
+        e = t.acquire(key, provisional=True)
+        assert e is not None
+        e.backend = "udp"
+        t.release(e)
+    assert len(t) == 2 and t.get(3) is not None and t.get(4) is not None
+    assert t.evictions == 3
