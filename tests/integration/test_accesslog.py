@@ -272,7 +272,7 @@ async def test_a_batch_of_mixed_rows_gives_each_line_its_own_facts(tmp_path: Pat
         out = AccessLog(AccessLogSpec(path=str(path), format=fmt), worker=3)
         a = Record(("127.0.0.1", 4001), 100.0)
         a.connected_at = 100.002
-        a.routed = ("web", 80, "hit", "", "b1", "127.0.0.1", 8080, 1, False)
+        a.routed = ("web", 80, "hit", "", "b1", "127.0.0.1", 18080, 1, False)
         b = Record(("::ffff:127.0.0.2", 4002), 100.0)
         b.connected_at = 100.004
         b.routed = ("web", 443, "repin", "unavailable", "b2", "::1", 8443, 2, False)
@@ -294,7 +294,7 @@ async def test_a_batch_of_mixed_rows_gives_each_line_its_own_facts(tmp_path: Pat
         assert len(got) == 6
         if fmt == "text":
             assert got[0].endswith(
-                " 127.0.0.1:4001 -> web:80 -> b1@127.0.0.1:8080 affinity=hit tries=1 connect_ms=2"
+                " 127.0.0.1:4001 -> web:80 -> b1@127.0.0.1:18080 affinity=hit tries=1 connect_ms=2"
                 " duration_ms=10 bytes_in=5 bytes_out=1500 end client_fin worker=3"
             )
             assert (
@@ -322,7 +322,9 @@ async def test_a_batch_of_mixed_rows_gives_each_line_its_own_facts(tmp_path: Pat
         assert lines[1]["repin_reason"] == "unavailable" and "repin_reason" not in lines[0]
         assert [x["backend"] for x in lines] == ["b1", "b2", "b1", "b1", None, "b2"]
         assert lines[1]["backend_address"] == "[::1]:8443"
-        assert lines[0]["backend_address"] == "127.0.0.1:8080" and "backend_address" not in lines[4]
+        assert (
+            lines[0]["backend_address"] == "127.0.0.1:18080" and "backend_address" not in lines[4]
+        )
         assert [x["tries"] for x in lines] == [1, 2, 1, 1, 3, 2]
         assert [x["connect_ms"] for x in lines] == [2, 4, 2, 2, None, 4]
         assert [x["duration_ms"] for x in lines] == [10, 10, 20, 1000, 500, 1000]

@@ -231,9 +231,9 @@ async def test_exec_probe(tmp_path: Path) -> None:
     ok_spec = HealthCheckSpec(
         type="exec",
         timeout=5,
-        command=("sh", "-c", 'test "$L4LB_BACKEND_ADDRESS:$L4LB_BACKEND_PORT" = 127.0.0.1:8080'),
+        command=("sh", "-c", 'test "$L4LB_BACKEND_ADDRESS:$L4LB_BACKEND_PORT" = 127.0.0.1:18080'),
     )
-    assert await probe(ok_spec, "127.0.0.1", 8080, "x") == (True, "exit status 0")
+    assert await probe(ok_spec, "127.0.0.1", 18080, "x") == (True, "exit status 0")
     assert await probe(
         HealthCheckSpec(type="exec", timeout=5, command=("false",)), "127.0.0.1", 1, "x"
     ) == (False, "exit status 1")
