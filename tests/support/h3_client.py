@@ -1,6 +1,6 @@
 """An HTTP/3 client from a chosen source address (aioquic), for the tests and by hand:
 
-    python -m tests.support.h3_client --source 127.0.5.9 --cafile ca.crt https://localhost:8443/
+    python -m tests.support.h3_client --source 127.0.5.9 --cafile ca.crt https://localhost:PORT/
 
 Prints the response's body. aioquic's own `connect` binds only a port; this one builds the
 same endpoint on an address, so that many 127/8 sources can be many clients."""
