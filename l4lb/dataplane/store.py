@@ -49,6 +49,7 @@ from ..config import StoreSpec
 from ..core.backends import Backend
 from ..core.routing import Route, Router
 from ..core.throttle import Throttle, held_note
+from . import walk
 
 log = logging.getLogger("l4lb.store")
 CLAIM = """
@@ -172,8 +173,7 @@ class RedisStore:
 
     async def start(self) -> None:
         """Never blocks start-up on Redis: an unreachable store starts down and is probed."""
-        for router in self.routers().values():
-            router.repinned = []
+        self.routers_changed()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._flush_forever()))
         try:
@@ -200,9 +200,12 @@ class RedisStore:
         await self.client.aclose()
 
     def routers_changed(self) -> None:
+        """What this store hears of: moved pins and released entries (a new table too)."""
         for router in self.routers().values():
             if router.repinned is None:
                 router.repinned = []
+            if router.table is not None and router.table.released is None:
+                router.table.released = []
 
     # ------------------------------------------------------------------ the fresh pin
 
@@ -292,7 +295,7 @@ class RedisStore:
             return
         table = router.table
         entry = table.get(key) if table is not None else None
-        if entry is None or entry.backend is None:
+        if table is None or entry is None or entry.backend is None:
             return
         try:
             old = pin_of(claim.result())
@@ -300,7 +303,7 @@ class RedisStore:
             return  # (its own failure was counted when the budget ran out)
         held = router.usable_pin(candidate.name if old is None else old)
         if held is not None:
-            entry.backend = held  # open connections stay; new ones go there
+            table.repin(key, held)  # open connections stay; new ones go there
 
     # ------------------------------------------------------------------ health of the store
 
@@ -357,30 +360,33 @@ class RedisStore:
     async def _reconcile(self) -> tuple[int, int]:
         """Write every local pin that Redis lacks; where Redis has another (an instance that
         got there first), take it, so that all instances agree again. Returns both counts."""
-        pins = [
-            (router, key, backend.name, max(1, int(left * 1000)))
-            for router in self.routers().values()
-            if router.table is not None
-            for key, backend, left in router.table.snapshot()
-        ]
         written = adopted = 0
-        for i in range(0, len(pins), PIPELINE):
-            batch = pins[i : i + PIPELINE]
-            async with asyncio.timeout(5.0):
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for router, key, name, ms in batch:
-                        pipe.set(self.key(router, key), name, nx=True, get=True, px=ms)
-                    results = await pipe.execute()
-            for (router, key, name, _ms), old in zip(batch, results, strict=True):
-                theirs = pin_of(old)
-                if theirs is None:
-                    written += 1
-                    continue
-                found = router.usable_pin(theirs) if theirs != name else None
-                entry = router.table.get(key) if router.table is not None else None
-                if found is not None and entry is not None:
-                    entry.backend = found  # open connections stay; new ones go there
-                    adopted += 1
+        for router in list(self.routers().values()):
+            table = router.table
+            if table is None:
+                continue
+            async for chunk in walk.pins(table):  # (in slices: the relay goes on meanwhile)
+                for i in range(0, len(chunk), PIPELINE):
+                    batch = chunk[i : i + PIPELINE]
+                    async with asyncio.timeout(5.0):
+                        async with self.client.pipeline(transaction=False) as pipe:
+                            for key, backend, left in batch:
+                                pipe.set(
+                                    self.key(router, key),
+                                    backend.name,
+                                    nx=True,
+                                    get=True,
+                                    px=max(1, int(left * 1000)),
+                                )
+                            results = await pipe.execute()
+                    for (key, backend, _left), old in zip(batch, results, strict=True):
+                        theirs = pin_of(old)
+                        if theirs is None:
+                            written += 1
+                            continue
+                        found = router.usable_pin(theirs) if theirs != backend.name else None
+                        if found is not None and table.repin(key, found):
+                            adopted += 1  # open connections stay; new ones go there
         return written, adopted
 
     # ------------------------------------------------------------------ writing pins
@@ -392,6 +398,8 @@ class RedisStore:
                 for router in self.routers().values():
                     if router.repinned:
                         router.repinned.clear()  # the reconcile writes everything
+                    if router.table is not None and router.table.released:
+                        router.table.released.clear()
                 continue
             try:
                 await self._flush()
@@ -449,11 +457,12 @@ class RedisStore:
             for entry in table.activated_since(since):  # a new connection renews the TTL
                 if entry.backend is not None:
                     yield self.key(router, entry.key), entry.backend.name, ttl
-            for entry in table.released_since(since + table.timeout):
-                if entry.backend is not None:
+            for key in table.take_released():  # the last connection closed: a new TTL
+                entry = table.get(key)
+                if entry is not None and entry.backend is not None and not entry.refs:
                     left = int((entry.expires - self.clock()) * 1000)
                     if left > 0:
-                        yield self.key(router, entry.key), entry.backend.name, left
+                        yield self.key(router, key), entry.backend.name, left
             if lease:
                 for entry in table.active():
                     if entry.backend is not None:

@@ -23,7 +23,7 @@ def test_miss_then_hit() -> None:
     e.backend = "a"
     t.release(e)
     e2 = t.acquire(1)
-    assert e2 is e and e2.backend == "a" and t.hits == 1
+    assert e2 is not None and e2.key == 1 and e2.backend == "a" and t.hits == 1
 
 
 def test_expires_timeout_after_last_close() -> None:
@@ -134,6 +134,7 @@ def test_throttle_holds_back_and_counts() -> None:
 def test_what_became_active_or_was_released_since_a_moment() -> None:
     t, clock = table(timeout=60)
     pin(t, 1, "a")  # released at 1000
+    t.released = []  # a shared store starts listening
     clock.advance(5)
     pin(t, 2, "b")  # released at 1005
     e1 = t.acquire(1)  # active again at 1005
@@ -142,7 +143,8 @@ def test_what_became_active_or_was_released_since_a_moment() -> None:
     assert e1 is not None and e3 is not None
     assert [e.key for e in t.activated_since(1005)] == [3, 1]
     assert [e.key for e in t.activated_since(1006)] == [3]
-    assert [e.key for e in t.released_since(1000 + 60)] == [2]  # released after 1000
+    assert t.take_released() == [2]  # released since the store listened
+    assert t.take_released() == []
     assert [e.key for e in t.active()] == [1, 3]
 
 
@@ -183,3 +185,53 @@ def test_idle_provisional_entries_are_a_bounded_pool() -> None:
         t.release(e)
     assert len(t) == 2 and t.get(3) is not None and t.get(4) is not None
     assert t.evictions == 3
+
+
+def test_a_busy_client_keeps_one_place_and_is_not_the_first_evicted() -> None:
+    """An idle entry is stored packed and ordered by a queue of keys: a client that connects
+    again and again keeps one place (the queue does not grow with its connections), and a full
+    table evicts the client idle the longest, not the busy one whose first place is oldest."""
+    t, clock = table(timeout=60, max_entries=3)
+    for k in (1, 2, 3):
+        pin(t, k, f"b{k}")
+        clock.advance(1)
+    for _ in range(1000):  # client 1 keeps coming back
+        e = t.acquire(1)
+        assert e is not None and e.backend == "b1"
+        t.release(e)
+    assert len(t._order) <= 4
+    pin(t, 4, "b4")  # full: the oldest idle is client 2
+    assert t.get(2) is None and t.get(1) is not None and t.evictions == 1
+
+
+def test_a_flushed_key_pinned_again_is_swept_at_its_own_time() -> None:
+    t, clock = table(timeout=10)
+    pin(t, 1, "a")
+    assert t.forget(1) and t.get(1) is None
+    clock.advance(5)
+    pin(t, 1, "b")  # a new place; the old one is a ghost
+    clock.advance(6)
+    assert t.expire() == 0 and t.get(1) is not None and t.get(1).backend == "b"  # type: ignore[union-attr]
+    clock.advance(5)
+    assert t.expire() == 1 and len(t) == 0 and not t._order
+
+
+def test_a_mass_expiry_is_swept_in_slices() -> None:
+    t, clock = table(timeout=10, max_entries=20_000)
+    t.restore((k, "a", 5.0) for k in range(10_000))
+    assert len(t) == 10_000
+    clock.advance(6)
+    assert t.expire() == t.SWEEP_SLICE  # one slice, not the whole table at once
+    while t.expire():
+        pass
+    assert len(t) == 0
+
+
+def test_an_idle_entry_can_be_repinned_and_restored_entries_keep_their_time() -> None:
+    t, clock = table(timeout=60)
+    assert t.restore([(1, "a", 30.0), (2, "a", 0.0), (3, "b", 90.0)]) == 2  # 2 had expired
+    assert t.repin(1, "c") and not t.repin(9, "c")
+    e = t.get(1)
+    assert e is not None and e.backend == "c" and 29.9 < e.expires - clock() <= 30.01
+    e3 = t.get(3)
+    assert e3 is not None and 59.9 < e3.expires - clock() <= 60.01  # capped at the timeout
