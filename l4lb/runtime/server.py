@@ -158,8 +158,9 @@ class Server:
         specs = listen_specs(self.config)
         bound = self.listeners.bind_new(specs)
         self._set_bindings()
+        restoring = self.pins.index(self.config)  # (meanwhile, clients wait in the backlog)
         await self.listeners.serve(bound)
-        self.pins.load(self.config)
+        restore = loop.create_task(restoring.run()) if restoring is not None else None
         if self.store is not None:
             await self.store.start()
         self._wire_health()
@@ -170,6 +171,8 @@ class Server:
             loop.create_task(self._resolve_periodically()),
             loop.create_task(self._sweep_udp()),
         ]
+        if restore is not None:  # the pins load while the listeners serve
+            self._tasks.append(restore)
         if self.config.state_file:
             self._tasks.append(loop.create_task(self.pins.save_periodically(lambda: self.config)))
         await self._start_admin()

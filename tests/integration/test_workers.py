@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from l4lb.core.reuseport import attach, program, steer
-from tests.support.helpers import free_ports
+from tests.support.helpers import free_ports, saved_pins
 from tests.support.procs import (
     ROOT,
     l4lb_cli,
@@ -327,11 +327,7 @@ def test_the_kernel_steers_ipv6_clients_by_their_prefix() -> None:
 
 
 def saved_keys(path: Path) -> set[int]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return set()
-    return {e[0] for g in data["groups"].values() for e in g["entries"]}
+    return {key for pins in saved_pins(path).values() for key in pins}
 
 
 def test_pins_survive_a_move_to_workers_and_a_worker_crash(tmp_path: Path) -> None:

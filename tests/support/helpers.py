@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import random
 import socket
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from l4lb import Server
 from l4lb.config import Config, load_config_text
@@ -239,3 +241,20 @@ async def hello(port: int, src: str = "127.0.0.1", host: str = "127.0.0.1") -> s
     with contextlib.suppress(ConnectionError, OSError):
         await w.wait_closed()
     return name
+
+
+def saved_pins(path: Path | str) -> dict[str, dict[int, tuple[str, float]]]:
+    """A state file's pins (version 2: a header line, then chunks of columns), by group:
+    key -> (backend, seconds left); {} when there is no file or it is being replaced."""
+    try:
+        head, *lines = Path(path).read_text().splitlines()
+        header = json.loads(head)
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, dict[int, tuple[str, float]]] = {g: {} for g in header["groups"]}
+    for line in lines:
+        c = json.loads(line)
+        names = header["groups"][c["group"]]["backends"]
+        for key, b, left in zip(c["keys"], c["backends"], c["left"], strict=True):
+            out[c["group"]][key] = (names[b], left)
+    return out
