@@ -9,12 +9,15 @@ error, is counted, and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +32,7 @@ from ..core.backends import Backend, State
 from ..core.flowstats import UdpStats
 from ..core.keys import V6_TAG, format_key, format_netmask
 from ..core.routing import Router
+from ..dataplane import walk
 from ..runtime.errors import ReloadError
 from .guard import MAX_BODY, Guard, reason_of, runner_options
 from .metrics import make_registry
@@ -507,64 +511,125 @@ class AdminServer(ApiBase):
 
     # ------------------------------------------------------------------ affinity
 
-    def _matching(self, request: web.Request) -> list[tuple[Router, Entry[Backend]]]:
-        """The entries the filters select. `client` is an address (the entry of the network it
+    def _filter(self, request: web.Request) -> Filter:
+        """The entries the query selects. `client` is an address (the entry of the network it
         is in, by each group's own netmask) or a prefix (the entries inside it)."""
         group = request.query.get("group")
         client = request.query.get("client")
-        backend = request.query.get("backend")
         if group is not None:
             self._router(group)
-        net: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
-        address: str | None = None
+        f = Filter(group, request.query.get("backend"))
         if client:
             try:
                 if "/" in client:
-                    net = ipaddress.ip_network(client, strict=False)
+                    f.span = key_span(ipaddress.ip_network(client, strict=False))
                 else:
-                    address = str(ipaddress.ip_address(client))
+                    f.address = str(ipaddress.ip_address(client))
             except ValueError:
                 raise ApiError(
                     400,
                     f"client must be an address or a prefix such as 203.0.113.0/24, not {client!r}",
                 ) from None
-        out = []
-        for name, router in self.server.routers.items():
-            table = router.table
-            if table is None or (group is not None and name != group):
-                continue
-            if address is not None:
-                found = table.get(router.keyer(address))
-                candidates: Iterable[Entry[Backend]] = [found] if found is not None else []
-            else:
-                candidates = table.entries()
-            for e in candidates:
-                if backend is not None and (e.backend is None or e.backend.name != backend):
-                    continue
-                if net is not None and not _key_in(e.key, net):
-                    continue
-                out.append((router, e))
-        return out
+        return f
 
-    async def affinity(self, request: web.Request) -> web.Response:
+    async def _select(self, f: Filter) -> AsyncIterator[tuple[Router, list[int]]]:
+        """The keys `f` selects, by group (in name order), a slice at a time: a million entries
+        are looked at a slice per turn of the loop, never in one go (see dataplane/walk.py)."""
+        for name in sorted(self.server.routers):
+            router = self.server.routers.get(name)
+            table = router.table if router is not None else None
+            if router is None or table is None or (f.group is not None and name != f.group):
+                continue
+            if f.address is not None:
+                key = router.keyer(f.address)
+                e = table.get(key)
+                if e is not None and f.backend in (None, e.backend and e.backend.name):
+                    yield router, [key]
+                continue
+            lo, hi = f.span
+            keys = table.keys()
+            for i in range(0, len(keys), walk.SLICE):
+                part = [k for k in keys[i : i + walk.SLICE] if lo <= k < hi]
+                if f.backend is None:
+                    part = [e.key for e in table.views(part)]
+                else:
+                    part = [
+                        e.key
+                        for e in table.views(part)
+                        if e.backend is not None and e.backend.name == f.backend
+                    ]
+                yield router, part
+                await asyncio.sleep(0)
+
+    async def affinity(self, request: web.Request) -> web.StreamResponse:
+        """A page of entries, sorted by group name and client, after `cursor` (the `next` of
+        the page before); streamed, a slice at a time."""
         try:
-            limit = int(request.query.get("limit", "10000"))
+            limit = max(0, min(int(request.query.get("limit", "10000")), MAX_LIST))
         except ValueError:
             raise ApiError(400, "limit must be an integer") from None
-        matching = self._matching(request)
+        after = parse_cursor(request.query.get("cursor"))
+        f = self._filter(request)
+        runs: dict[str, list[list[int]]] = {}
+        routers: dict[str, Router] = {}
+        total = 0
+        async for router, keys in self._select(f):
+            total += len(keys)
+            routers[router.name] = router
+            if after is not None and router.name < after[0]:
+                continue
+            if after is not None and router.name == after[0]:
+                keys = [k for k in keys if k > after[1]]
+            keys.sort()
+            runs.setdefault(router.name, []).append(keys)
+        page: list[tuple[Router, int]] = []
+        for name in sorted(runs):
+            if len(page) >= limit:
+                break
+            merged = heapq.merge(*runs[name])
+            while len(page) < limit:
+                part = list(itertools.islice(merged, min(walk.SLICE, limit - len(page))))
+                if not part:
+                    break
+                page += [(routers[name], k) for k in part]
+                await asyncio.sleep(0)
+        more = len(page) == limit and sum(len(r) for rs in runs.values() for r in rs) > limit
+        nxt = cursor_of(page[-1][0].name, page[-1][1]) if more and page else None
+        return await self._stream_entries(request, page, total, nxt)
+
+    async def _stream_entries(
+        self, request: web.Request, page: list[tuple[Router, int]], total: int, nxt: str | None
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await self._frame_headers(request, response)
+        await response.prepare(request)
+        await response.write(b'{"entries":[')
         flows = self.server.flows_by_entry()
-        entries = [
-            entry_json(router, e, flows.get(id(e), 0))
-            for router, e in matching[: max(0, min(limit, MAX_LIST))]
-        ]
-        return web.json_response({"entries": entries, "total": len(matching)})
+        first = True
+        for i in range(0, len(page), walk.SLICE):
+            rows = []
+            for router, key in page[i : i + walk.SLICE]:
+                table = router.table
+                e = table.get(key) if table is not None else None
+                if e is not None:
+                    rows.append(entry_json(router, e, flows.get(id(e), 0)))
+            if rows:
+                text = json.dumps(rows, separators=(",", ":"))[1:-1]
+                await response.write((text if first else "," + text).encode())
+                first = False
+            await asyncio.sleep(0)
+        tail = {"total": total, "next": nxt}
+        await response.write(b"]," + json.dumps(tail)[1:].encode())
+        await response.write_eof()
+        return response
 
     async def flush_affinity(self, request: web.Request) -> web.Response:
-        matching = self._matching(request)
+        f = self._filter(request)
         n = 0
-        for router, e in matching:
-            if router.table is not None and router.table.forget(e.key):
-                n += 1
+        async for router, keys in self._select(f):
+            table = router.table
+            if table is not None:
+                n += sum(1 for key in keys if table.forget(key))
         log.info("flushed %d affinity entries (%s) for %s", n, dict(request.query), request.remote)
         return web.json_response({"deleted": n})
 
@@ -631,7 +696,40 @@ def entry_json(router: Router, e: Entry[Backend], flows: int = 0) -> dict[str, A
     }
 
 
-def _key_in(key: int, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
-    if key & V6_TAG:
-        return net.version == 6 and ipaddress.IPv6Address(key ^ V6_TAG) in net
-    return net.version == 4 and ipaddress.IPv4Address(key) in net
+@dataclass
+class Filter:
+    """What an affinity query selects: a group, a backend, one client address or a span of
+    keys (a prefix; all of them by default)."""
+
+    group: str | None
+    backend: str | None
+    address: str | None = None
+    span: tuple[int, int] = (0, 2 * V6_TAG)
+
+
+def key_span(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
+    """The keys of the entries inside a prefix, as [lo, hi) (see core/keys.py)."""
+    lo = int(net.network_address) | (V6_TAG if net.version == 6 else 0)
+    return lo, lo + net.num_addresses
+
+
+def client_key(client: str) -> int:
+    """An entry's `client` ("203.0.113.0/24") as its key, to sort by."""
+    return key_span(ipaddress.ip_network(client, strict=False))[0]
+
+
+def cursor_of(group: str, key: int) -> str:
+    """A page's `next`: the last entry it held (its key in hex, then its group)."""
+    return f"{key:x}@{group}"
+
+
+def parse_cursor(text: str | None) -> tuple[str, int] | None:
+    if text is None:
+        return None
+    key, sep, group = text.partition("@")
+    try:
+        if not sep or len(key) > 40:
+            raise ValueError
+        return group, int(key, 16)
+    except ValueError:
+        raise ApiError(400, f"cursor must be a page's next, not {text[:60]!r}") from None

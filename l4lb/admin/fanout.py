@@ -25,7 +25,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..config import AdminSpec
-from .api import ROUTES, ApiBase, ApiError, backends_csv
+from .api import MAX_LIST, ROUTES, ApiBase, ApiError, backends_csv, client_key, cursor_of
 from .metrics import REFUSED_HELP, RELOADS_HELP
 
 log = logging.getLogger("l4lb.admin")
@@ -273,12 +273,21 @@ class FrontAdmin(ApiBase):
         if error is not None:
             return error
         try:
-            limit = int(request.query.get("limit", "10000"))
+            limit = max(0, min(int(request.query.get("limit", "10000")), MAX_LIST))
         except ValueError:
             raise ApiError(400, "limit must be an integer") from None
-        entries = [dict(e, worker=w) for w, _, data in each for e in data["entries"]]
+        # Each worker answered its page after the cursor; the fleet's page is the first
+        # `limit` of their union, in the same order (group, then client).
+        entries = sorted(
+            (dict(e, worker=w) for w, _, data in each for e in data["entries"]),
+            key=lambda e: (e["group"], client_key(e["client"])),
+        )
+        more = len(entries) > limit or any(data.get("next") for _, data in answers)
+        entries = entries[:limit]
+        last = entries[-1] if entries else None
+        nxt = cursor_of(last["group"], client_key(last["client"])) if more and last else None
         total = sum(data["total"] for _, data in answers)
-        return web.json_response({"entries": entries[: max(0, limit)], "total": total})
+        return web.json_response({"entries": entries, "total": total, "next": nxt})
 
     async def flush_affinity(self, request: web.Request) -> web.Response:
         answers = await self._ask(request)
