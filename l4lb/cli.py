@@ -16,6 +16,7 @@ from .balancer import Server
 from .config import SCHEDULERS, Config, ConfigError, load_config, load_config_text
 from .runtime import sdnotify
 from .runtime.errors import ReloadError, StartupError
+from .runtime.heap import settle_heap
 from .version import __version__
 
 log = logging.getLogger("l4lb")
@@ -84,6 +85,7 @@ async def _serve(config: Config, demo: bool, log_level: str) -> int:
 
             demo_servers = await start_demo_backends(config)
         await balancer.start()
+        settle_heap()
         if demo:
             print_hints(config)
         sdnotify.ready(_status(config))

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("l4lb.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIST = 100_000  # affinity entries in one answer, at most
+RUN = 16_384  # keys a listing sorts at once
 
 
 class ApiError(Exception):
@@ -534,7 +535,7 @@ class AdminServer(ApiBase):
 
     async def _select(self, f: Filter) -> AsyncIterator[tuple[Router, list[int]]]:
         """The keys `f` selects, by group (in name order), a slice at a time: a million entries
-        are looked at a slice per turn of the loop, never in one go (see dataplane/walk.py)."""
+        are looked at a batch at a time, paced, never in one go (see dataplane/walk.py)."""
         for name in sorted(self.server.routers):
             router = self.server.routers.get(name)
             table = router.table if router is not None else None
@@ -547,9 +548,8 @@ class AdminServer(ApiBase):
                     yield router, [key]
                 continue
             lo, hi = f.span
-            keys = table.keys()
-            for i in range(0, len(keys), walk.SLICE):
-                part = [k for k in keys[i : i + walk.SLICE] if lo <= k < hi]
+            async for part in walk.batches(table.keys()):
+                part = [k for k in part if lo <= k < hi]
                 if f.backend is None:
                     part = [e.key for e in table.views(part)]
                 else:
@@ -559,7 +559,6 @@ class AdminServer(ApiBase):
                         if e.backend is not None and e.backend.name == f.backend
                     ]
                 yield router, part
-                await asyncio.sleep(0)
 
     async def affinity(self, request: web.Request) -> web.StreamResponse:
         """A page of entries, sorted by group name and client, after `cursor` (the `next` of
@@ -570,35 +569,64 @@ class AdminServer(ApiBase):
             raise ApiError(400, "limit must be an integer") from None
         after = parse_cursor(request.query.get("cursor"))
         f = self._filter(request)
+        # Sorted runs of RUN keys each (a sort of that size is about a ms), merged lazily: the
+        # page is the first `limit` keys of the merge, taken a batch at a time.
         runs: dict[str, list[list[int]]] = {}
         routers: dict[str, Router] = {}
-        total = 0
+        total = candidates = 0
+        run: list[int] = []
+        current: str | None = None
+
+        def close_run(name: str) -> None:
+            nonlocal run
+            if run:
+                run.sort()
+                runs.setdefault(name, []).append(run)
+                run = []
+
         async for router, keys in self._select(f):
             total += len(keys)
-            routers[router.name] = router
+            if router.name != current:
+                if current is not None:
+                    close_run(current)
+                current = router.name
+                routers[current] = router
             if after is not None and router.name < after[0]:
                 continue
             if after is not None and router.name == after[0]:
                 keys = [k for k in keys if k > after[1]]
-            keys.sort()
-            runs.setdefault(router.name, []).append(keys)
-        page: list[tuple[Router, int]] = []
+            candidates += len(keys)
+            run += keys
+            if len(run) >= RUN:
+                close_run(router.name)
+        if current is not None:
+            close_run(current)
+        page: list[tuple[Router, list[int]]] = []
+        taken = 0
+        pacer = walk.Pacer()
         for name in sorted(runs):
-            if len(page) >= limit:
-                break
             merged = heapq.merge(*runs[name])
-            while len(page) < limit:
-                part = list(itertools.islice(merged, min(walk.SLICE, limit - len(page))))
+            keys = []
+            while taken < limit:
+                part = list(itertools.islice(merged, min(walk.BATCH, limit - taken)))
                 if not part:
                     break
-                page += [(routers[name], k) for k in part]
-                await asyncio.sleep(0)
-        more = len(page) == limit and sum(len(r) for rs in runs.values() for r in rs) > limit
-        nxt = cursor_of(page[-1][0].name, page[-1][1]) if more and page else None
+                keys += part
+                taken += len(part)
+                await pacer.pause()
+            page.append((routers[name], keys))
+            if taken >= limit:
+                break
+        last = next(((r.name, keys[-1]) for r, keys in reversed(page) if keys), None)
+        nxt = cursor_of(*last) if last is not None and candidates > taken else None
         return await self._stream_entries(request, page, total, nxt)
 
     async def _stream_entries(
-        self, request: web.Request, page: list[tuple[Router, int]], total: int, nxt: str | None
+        self,
+        request: web.Request,
+        page: list[tuple[Router, list[int]]],
+        total: int,
+        nxt: str | None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await self._frame_headers(request, response)
@@ -606,18 +634,21 @@ class AdminServer(ApiBase):
         await response.write(b'{"entries":[')
         flows = self.server.flows_by_entry()
         first = True
-        for i in range(0, len(page), walk.SLICE):
-            rows = []
-            for router, key in page[i : i + walk.SLICE]:
-                table = router.table
-                e = table.get(key) if table is not None else None
-                if e is not None:
-                    rows.append(entry_json(router, e, flows.get(id(e), 0)))
-            if rows:
-                text = json.dumps(rows, separators=(",", ":"))[1:-1]
-                await response.write((text if first else "," + text).encode())
-                first = False
-            await asyncio.sleep(0)
+        pacer = walk.Pacer()
+        for router, keys in page:
+            table = router.table
+            if table is None:
+                continue
+            for i in range(0, len(keys), walk.BATCH):
+                rows = [
+                    entry_json(router, e, flows.get(id(e), 0))
+                    for e in table.views(keys[i : i + walk.BATCH])
+                ]
+                if rows:
+                    text = json.dumps(rows, separators=(",", ":"))[1:-1]
+                    await response.write((text if first else "," + text).encode())
+                    first = False
+                await pacer.pause()
         tail = {"total": total, "next": nxt}
         await response.write(b"]," + json.dumps(tail)[1:].encode())
         await response.write_eof()

@@ -25,6 +25,7 @@ from ..balancer import Server
 from ..config import Config, ConfigError, load_config_text
 from ..dataplane.listeners import Where
 from ..runtime.errors import ReloadError, StartupError
+from ..runtime.heap import settle_heap
 from .control import Channel
 
 log = logging.getLogger("l4lb.worker")
@@ -83,6 +84,7 @@ async def serve(env: dict[str, Any]) -> int:
         log.error("%s", exc)
         await server.shutdown(0)
         return 1
+    settle_heap()
     channel.send({"op": "ready", "pid": os.getpid()})
     commands = loop.create_task(_commands(server, channel, env))
     lost = loop.create_task(_orphaned(channel))

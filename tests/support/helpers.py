@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import random
 import socket
 import textwrap
@@ -244,17 +243,19 @@ async def hello(port: int, src: str = "127.0.0.1", host: str = "127.0.0.1") -> s
 
 
 def saved_pins(path: Path | str) -> dict[str, dict[int, tuple[str, float]]]:
-    """A state file's pins (version 2: a header line, then chunks of columns), by group:
-    key -> (backend, seconds left); {} when there is no file or it is being replaced."""
+    """A state file's pins, by group: key -> (backend, seconds left); {} when there is no file
+    or it is being replaced. Read with l4lb's reader (`pins.read`: the format's round trip is
+    what the state-file tests check)."""
+    from l4lb.runtime import pins
+
     try:
-        head, *lines = Path(path).read_text().splitlines()
-        header = json.loads(head)
-    except (OSError, ValueError):
+        state = pins.read(str(path))
+    except pins.StateFileError:
         return {}
-    out: dict[str, dict[int, tuple[str, float]]] = {g: {} for g in header["groups"]}
-    for line in lines:
-        c = json.loads(line)
-        names = header["groups"][c["group"]]["backends"]
-        for key, b, left in zip(c["keys"], c["backends"], c["left"], strict=True):
-            out[c["group"]][key] = (names[b], left)
+    if state is None:
+        return {}
+    out: dict[str, dict[int, tuple[str, float]]] = {g: {} for g in state.groups}
+    for c in state.chunks:
+        for key, b, left in zip(c.keys, c.backends, c.left, strict=True):
+            out[c.group][key] = (c.names[b] if c.names is not None else b, left * c.scale)
     return out
