@@ -235,3 +235,27 @@ def test_an_idle_entry_can_be_repinned_and_restored_entries_keep_their_time() ->
     assert e is not None and e.backend == "c" and 29.9 < e.expires - clock() <= 30.01
     e3 = t.get(3)
     assert e3 is not None and 59.9 < e3.expires - clock() <= 60.01  # capped at the timeout
+
+
+def test_an_idle_entry_costs_at_most_150_bytes() -> None:
+    """Issue 24, point 6: counted by tracemalloc (every allocation the entries make: the dict,
+    the packed ints, the keys, the queue), not by a clock. It was about 490 bytes."""
+    import tracemalloc
+
+    n = 200_000
+    t, _clock = table(timeout=600, max_entries=n)
+    backends = ["a", "b", "c"]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):  # as connections leave them: acquired, pinned, released
+            e = t.acquire((10 << 24) + (i << 8))
+            assert e is not None
+            e.backend = backends[i % 3]
+            t.release(e)
+        per_entry = (tracemalloc.get_traced_memory()[0] - before) / n
+        print(f"{per_entry:.0f} bytes per entry")
+    finally:
+        tracemalloc.stop()
+    assert len(t) == n and t.idle_count == n
+    assert per_entry <= 150, per_entry
