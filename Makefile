@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test deps lint typecheck bench bench-quick bench-tools sim bench-workers reliability soak clean
+.PHONY: run test deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers reliability soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,9 +46,9 @@ soak: $(STAMP)
 
 # The side-by-side benchmark (README, "Performance"): Debian's peers and load tools, then the run.
 bench-tools:
-	@for t in haproxy nginx wrk iperf3; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@for t in haproxy nginx wrk iperf3 redis-server; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ] || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx libnginx-mod-stream wrk iperf3; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx libnginx-mod-stream wrk iperf3 redis-server; \
 	fi
 
 bench: $(STAMP) bench-tools
@@ -56,6 +56,9 @@ bench: $(STAMP) bench-tools
 
 bench-quick: $(STAMP) bench-tools
 	$(BIN)/python bench/bench.py --quick
+
+bench-table: $(STAMP) bench-tools
+	$(BIN)/python bench/table_scale.py
 
 bench-workers: $(STAMP) bench-tools
 	$(BIN)/python bench/workers.py

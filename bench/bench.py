@@ -14,7 +14,8 @@ Measured: new connections per second (wrk, `Connection: close`), small keepalive
 second with p50/p99 latency (wrk), bulk Gbit/s (iperf3, one stream), the proxy's CPU per new
 connection and per GiB (from /proc), and its RSS with 50 and 5,000 idle connections. Then the
 UDP table (bench/udp_bench.py): datagrams and new flows per second against nginx's stream
-module and direct, and the memory per idle flow.
+module and direct, and the memory per idle flow. Last, the table-scale row (bench/table_scale.py):
+a million pins, the start, the bytes per entry and the relay's latency while the table is walked.
 Everything binds 127.0.0.1; every process started here is ended by its PID.
 """
 
@@ -519,6 +520,9 @@ def main() -> int:
     )
     ap.add_argument("--no-udp", action="store_true", help="leave out the UDP table")
     ap.add_argument(
+        "--no-table", action="store_true", help="leave out the table-scale row (a million pins)"
+    )
+    ap.add_argument(
         "--only-conn",
         action="store_true",
         help="new connections only (conn/s and CPU per connection): for A/B runs of many rounds",
@@ -575,6 +579,15 @@ def main() -> int:
         print("\nUDP (l4lb: a group of a TCP and a UDP port; nginx: listen ... udp, hash):")
         print(udp_text)
         text += "\n\n" + udp_text
+    scale: dict[str, object] = {}
+    if targets == TARGETS and not args.only_conn and not args.no_table:
+        import table_scale  # bench/table_scale.py, beside this file
+
+        entries = 200_000 if args.quick else 1_000_000
+        print(f"table scale: {entries:,} entries", file=sys.stderr, flush=True)
+        scale_text, scale = table_scale.run(entries, shutil.which("redis-server") is not None)
+        print("\n" + scale_text)
+        text += "\n\n" + scale_text
     print(
         f"\n{rounds} round(s) of {seconds:g} s per measurement, {time.time() - started:.0f} s in all; "
         "load generator and backends on core 0, proxy on core 1."
@@ -591,6 +604,7 @@ def main() -> int:
                 "results": results,
                 "udp": udp,
                 "side_by_side": side,
+                "table_scale": scale,
                 "not_quiet": marks,
                 "table": text,
                 "python": sys.version.split()[0],
