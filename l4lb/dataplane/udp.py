@@ -169,6 +169,9 @@ class UdpListener:
         self.sock = sock
         self.wildcard = is_wildcard(spec.host)
         self.flows: OrderedDict[object, Flow] = OrderedDict()  # least recently active first
+        # Flows whose client has not proved its address yet, oldest first: a bound evicts
+        # these before any validated flow, so that forged sources cost no real client its flow.
+        self.unvalidated: OrderedDict[object, None] = OrderedDict()
         self.now = time.monotonic()  # the coarse clock of the flows' `last` (see above)
         self.closed = False
         self._loop = asyncio.get_running_loop()
@@ -211,6 +214,7 @@ class UdpListener:
             flow.heard += 1
             if flow.spare >= 0 and flow.bytes_out and flow.heard >= 2:
                 flow.spare = -1  # it sent again after an answer: validated, once
+                self.unvalidated.pop(key, None)
                 self._validated(flow)
             backend = flow.backend
             if backend is None or not backend.accepts_pinned:
@@ -276,6 +280,7 @@ class UdpListener:
         if router.log is not None:
             flow.rec = Record((host, addr[1]), self._loop.time())
         self.flows[key] = flow
+        self.unvalidated[key] = None
         stats.flows += 1
         stats.opened += 1
         plane.flows_changed(1)
@@ -449,6 +454,7 @@ class UdpListener:
         starts), its line logged."""
         if self.flows.pop(flow.key, None) is None:
             return
+        self.unvalidated.pop(flow.key, None)
         flow.stats.flows -= 1
         self.plane.flows_changed(-1)
         self._drop_socket(flow)
@@ -481,16 +487,24 @@ class UdpListener:
             self.end(flow, "idle_timeout")
 
     def evict_oldest(self) -> bool:
-        """End the flow idle longest (the bound is reached); False when there is none."""
-        if not self.flows:
+        """End the oldest unvalidated flow, else the flow idle longest (the bound is reached);
+        False when there is none."""
+        if self.unvalidated:
+            flow = self.flows[next(iter(self.unvalidated))]
+        elif self.flows:
+            flow = next(iter(self.flows.values()))
+        else:
             return False
-        flow = next(iter(self.flows.values()))
         flow.stats.evicted += 1
         self.end(flow, "evicted")
         return True
 
-    def oldest(self) -> float | None:
-        return next(iter(self.flows.values())).last if self.flows else None
+    def oldest(self) -> tuple[bool, float] | None:
+        """(validated, last heard) of the flow `evict_oldest` would end: listeners are asked
+        in that order, so that an unvalidated flow of any group goes before a validated one."""
+        if self.unvalidated:
+            return False, self.flows[next(iter(self.unvalidated))].last
+        return (True, next(iter(self.flows.values())).last) if self.flows else None
 
     def close(self, termination: str = "shutdown") -> None:
         if self.closed:

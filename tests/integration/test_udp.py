@@ -386,6 +386,28 @@ async def test_a_flood_of_source_ports_stays_within_the_bound_and_spares_a_busy_
 
 
 @pytest.mark.asyncio
+async def test_a_flood_of_forged_sources_never_evicts_a_validated_flow(cleanup: Cleanup) -> None:
+    """A client that proved its address (it sent again after an answer) keeps its flow while
+    it is idle and 500 single datagrams from forged sources hit a bound of 50 flows: the flood
+    evicts its own unvalidated flows, oldest first (it used to evict the idle real one, the
+    oldest of all, and its next datagram opened a new flow)."""
+    up, group = await echo_group(cleanup, "udp_max_flows: 50")
+    async with running(config_of(group)) as server:
+        real = cleanup(await UdpClient.open(up, "127.0.6.1"))
+        assert await real.ask(b"one") is not None
+        assert await real.ask(b"two") is not None  # validated
+        st = server.udp_stats["shop"]
+        for i in range(500):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((f"127.0.{10 + i // 200}.{1 + i % 200}", 0))
+                s.sendto(b"x", ("127.0.0.1", up))
+        await wait_until(lambda: st.opened == 501)
+        assert st.flows == 50 and st.evicted == 451
+        assert await real.ask(b"three") is not None
+        assert st.opened == 501  # its own flow still: no new one
+
+
+@pytest.mark.asyncio
 async def test_a_flow_counts_as_a_connection_for_max_conns(
     backends: Callable[..., Awaitable[list[NamedBackend]]], cleanup: Cleanup
 ) -> None:
