@@ -61,17 +61,18 @@ class Lab:
         self.balancers: list[subprocess.Popen[str]] = []
         (tmp / "token").write_text(TOKEN)
 
-    def backend(self, name: str, sink_pace: float = 0.01) -> Backend:
-        echo, stream, sink = free_ports(3)
+    def backend(self, name: str, sink_pace: float = 0.01, udp_answers: int = 1) -> Backend:
+        echo, stream, sink, udp = free_ports(4)
         argv = [sys.executable, "-m", "tests.support.lab_backend", "--name", name]
         argv += ["--echo", f"127.0.0.1:{echo}", "--stream", f"127.0.0.1:{stream}"]
         argv += ["--sink", f"127.0.0.1:{sink}", "--sink-pace", str(sink_pace)]
+        argv += ["--udp", f"127.0.0.1:{udp}", "--udp-answers", str(udp_answers)]
         proc = subprocess.Popen(
             argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         self.procs.append(proc)
         wait_for_line(proc, "stdout", "ready")
-        return Backend(name, proc, {"echo": echo, "stream": stream, "sink": sink})
+        return Backend(name, proc, {"echo": echo, "stream": stream, "sink": sink, "udp": udp})
 
     def l4lb(
         self,
@@ -117,7 +118,7 @@ def lab(tmp: Path) -> Iterator[Lab]:
 
 def group_yaml(
     backends: list[Backend],
-    ports: list[int],
+    ports: list[int] | list[int | str],
     mode: str = "echo",
     *,
     name: str = "web",
@@ -127,12 +128,15 @@ def group_yaml(
     lines = [
         f"  {name}:",
         "    listen: [127.0.0.1]",
-        f"    ports: [{', '.join(map(str, ports))}]",
+        f"    ports: [{', '.join(f'{p!r}' if isinstance(p, str) else str(p) for p in ports)}]",
     ]
     lines += [f"    {x}" for x in extra.splitlines() if x.strip()]
     lines.append("    backends:")
     for b in backends:
-        pm = ", ".join(f"{p}: {b.ports[mode]}" for p in ports)
+        pm = ", ".join(
+            f'"{p}": {b.ports["udp"]}' if str(p).endswith("/udp") else f"{p}: {b.ports[mode]}"
+            for p in ports
+        )
         lines.append(f"      - {{name: {b.name}, address: 127.0.0.1, ports: {{{pm}}}}}")
     return "\n".join(lines) + "\n"
 

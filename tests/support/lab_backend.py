@@ -8,7 +8,9 @@ connections without a thread each. Prints 'ready' when bound; runs until stdin c
 - stream: reads a decimal byte count and a newline, then sends that many bytes of `pattern()`
   and closes (a download that a client can check byte for byte);
 - sink: greets with its name, reads everything slowly (64 KiB every `--sink-pace` seconds),
-  and at the client's FIN answers the byte count (an upload into a slow reader).
+  and at the client's FIN answers the byte count (an upload into a slow reader);
+- udp: answers each datagram with `--udp-answers` datagrams ("NAME i", i from 0), to its
+  source (1: an echo of its name; more: a backend whose answers outnumber the queries).
 """
 
 from __future__ import annotations
@@ -59,8 +61,18 @@ async def main() -> None:
     ap.add_argument("--stream")
     ap.add_argument("--sink")
     ap.add_argument("--sink-pace", type=float, default=0.01)
+    ap.add_argument("--udp")
+    ap.add_argument("--udp-answers", type=int, default=1)
     args = ap.parse_args()
     greeting = f"{args.name}\n".encode()
+
+    class Answers(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: asyncio.DatagramTransport = transport  # type: ignore[assignment]
+
+        def datagram_received(self, data: bytes, peer: tuple[str, int]) -> None:
+            for i in range(args.udp_answers):
+                self.transport.sendto(f"{args.name} {i}".encode(), peer)
 
     async def close(w: asyncio.StreamWriter) -> None:
         w.close()
@@ -104,8 +116,10 @@ async def main() -> None:
         if where:
             host, port = addr(where)
             servers.append(await asyncio.start_server(handler, host, port, backlog=4096))
-    print("ready", flush=True)
     loop = asyncio.get_running_loop()
+    if args.udp:
+        await loop.create_datagram_endpoint(Answers, local_addr=addr(args.udp))
+    print("ready", flush=True)
     await loop.run_in_executor(None, sys.stdin.read)
     for srv in servers:
         srv.close()
