@@ -243,7 +243,7 @@ def test_an_idle_entry_costs_at_most_150_bytes() -> None:
     import tracemalloc
 
     n = 200_000
-    t, _clock = table(timeout=600, max_entries=n)
+    t, clock = table(timeout=600, max_entries=n)
     backends = ["a", "b", "c"]
     tracemalloc.start()
     try:
@@ -253,9 +253,28 @@ def test_an_idle_entry_costs_at_most_150_bytes() -> None:
             assert e is not None
             e.backend = backends[i % 3]
             t.release(e)
+        clock.advance(2)  # a released entry is packed a second after (it may come back)
+        while t._young:
+            t.expire()
         per_entry = (tracemalloc.get_traced_memory()[0] - before) / n
         print(f"{per_entry:.0f} bytes per entry")
     finally:
         tracemalloc.stop()
     assert len(t) == n and t.idle_count == n
     assert per_entry <= 150, per_entry
+
+
+def test_a_released_entry_is_packed_a_second_later_unless_it_came_back() -> None:
+    t, clock = table(timeout=60)
+    pin(t, 1, "a")
+    pin(t, 2, "b")
+    assert not isinstance(t._entries[1], int)  # young: an object still
+    e = t.acquire(2)  # back at once: the same object, nothing unpacked
+    assert e is not None and e.backend == "b"
+    clock.advance(t.YOUNG + 0.5)
+    t.expire()
+    assert isinstance(t._entries[1], int)  # idle for a second: packed
+    assert not isinstance(t._entries[2], int) and t._entries[2] is e  # active
+    t.release(e)
+    again = t.get(1)
+    assert again is not None and again.backend == "a" and 58 < again.expires - clock() <= 60
