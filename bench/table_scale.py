@@ -42,20 +42,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import free_ports, rss_kib  # noqa: E402  (bench/bench.py, beside this file)
 from l4lb.runtime import pins  # noqa: E402  (the writer l4lb itself uses)
 
 TOKEN = "bench-token-" + "x" * 20
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -67,13 +57,6 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.01)
     raise RuntimeError(f"nothing listens on {port}")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def first_byte(port: int, timeout: float = 2.0) -> float | None:
@@ -288,7 +271,7 @@ http {{ access_log off;
         # The empty table first: the RSS baseline and the start without a file.
         proc, first_empty, _, _ = start_l4lb(spawn, tmp, port, "empty")
         time.sleep(1.0)
-        rss_empty = rss_kib(proc.pid)
+        rss_empty = rss_kib([proc.pid])
         proc.terminate()
         proc.wait(30)
         (tmp / "pins.json").unlink(missing_ok=True)
@@ -303,7 +286,7 @@ http {{ access_log off;
         proc, first, restored, log = start_l4lb(spawn, tmp, port, "full")
         out.update(first_empty_s=first_empty, first_s=first, restored_s=restored)
         time.sleep(1.0)  # (start_l4lb returned once the pins were restored)
-        rss_full = rss_kib(proc.pid)
+        rss_full = rss_kib([proc.pid])
         out["rss_per_entry"] = (rss_full - rss_empty) * 1024 / n
         out["rss_mib"] = rss_full / 1024
 
