@@ -72,7 +72,8 @@ def _traffic(routers: Mapping[str, Router]) -> Iterator[Metric]:
         "Connect attempts and connections that failed: reason=refused, timeout, error (one"
         " dial of a backend; the connection may still reach another), no_backend (none"
         " accepted: the client was closed), rejected (refused before routing: an untrusted"
-        " or malformed PROXY header, an unusable address, a loop), client_limit (its"
+        " or malformed PROXY header, an unusable address, a loop), denied (the group's allow"
+        " and deny lists), client_limit (its"
         " network over client_limits), descriptors (no descriptor left to dial with)",
         labels=["group", "reason"],
     )
@@ -110,6 +111,7 @@ def _traffic(routers: Mapping[str, Router]) -> Iterator[Metric]:
         failed.add_metric([g, "rejected"], st.rejected)
         failed.add_metric([g, "descriptors"], st.descriptors)
         failed.add_metric([g, "client_limit"], st.client_limit)
+        failed.add_metric([g, "denied"], st.denied)
         if router.limits is not None:
             limited.add_metric([g], router.limits.tracked)
         sorry.add_metric([g], st.sorry)
@@ -339,7 +341,8 @@ def _udp_metrics(s: Balancer) -> Iterator[Metric]:
         " backend_busy (the backend socket's buffer was full), backend_error (the backend"
         " socket reported an error), client_send (the answer could not be sent), descriptors"
         " (no descriptor for a new flow), rejected (an unusable source address), client_limit"
-        " (its network over client_limits), unvalidated (an answer past the 3 a client gets"
+        " (its network over client_limits), denied (the group's allow and deny lists),"
+        " unvalidated (an answer past the 3 a client gets"
         " before its second datagram: reflection toward a forged source is bounded), looped"
         " (from one of l4lb's own flow sockets: its backend leads back, and is taken down)",
         labels=["group", "reason"],

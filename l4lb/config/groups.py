@@ -53,6 +53,8 @@ _GROUP_KEYS = (
     "access_log",
     "udp_idle_timeout",
     "udp_max_flows",
+    "allow",
+    "deny",
 )
 _PERSIST_KEYS = ("timeout", "netmask", "ipv6_prefix", "max_entries")
 
@@ -207,6 +209,10 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         argv = _list_of(v, node, p, _text)
         return None if argv is None else tuple(argv)
 
+    def networks(node: yaml.Node, p: str) -> tuple[tuple[int, int, int], ...] | None:
+        nets = _list_of(v, node, p, _cidr)
+        return None if nets is None else tuple(nets)
+
     # key -> (GroupSpec field, parser of the key's node); a parser reports its own errors.
     sections: dict[str, tuple[str, Callable[[yaml.Node, str], Any]]] = {
         "backends": ("backends", lambda node, p: _backends(v, node, p, ports)),
@@ -217,6 +223,8 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         "accept_proxy": ("accept_proxy", lambda node, p: _accept_proxy(v, node, p)),
         "client_limits": ("client_limits", lambda node, p: _client_limits(v, node, p)),
         "access_log": ("access_log", lambda node, p: _access_log(v, node, p)),
+        "allow": ("allow", networks),
+        "deny": ("deny", networks),
     }
     for key, (field_name, parse) in sections.items():
         if key in m:

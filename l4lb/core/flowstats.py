@@ -14,6 +14,7 @@ DROP_REASONS = (
     "client_limit",  # over the client network's client_limits
     "unvalidated",  # an answer past the few a client gets before its second datagram
     "looped",  # from one of l4lb's own flow sockets: a backend that leads back to l4lb
+    "denied",  # from a network the group's allow and deny lists refuse
 )
 
 

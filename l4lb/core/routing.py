@@ -61,6 +61,22 @@ def _trusted(spec: GroupSpec) -> Callable[[str], bool] | None:
     return make_matcher(list(spec.accept_proxy.trusted)) if spec.accept_proxy is not None else None
 
 
+def _admits(spec: GroupSpec) -> Callable[[str], bool] | None:
+    """The group's access lists as one test of a client host (None: no list, everyone in):
+    a denied network is refused, then an allow list, when there is one, must match."""
+    if not spec.allow and not spec.deny:
+        return None
+    deny = make_matcher(list(spec.deny)) if spec.deny else None
+    allow = make_matcher(list(spec.allow)) if spec.allow else None
+
+    def admits(host: str) -> bool:
+        if deny is not None and deny(host):
+            return False
+        return allow is None or allow(host)
+
+    return admits
+
+
 def reached(
     group: str,
     port: int,
@@ -93,6 +109,7 @@ class GroupStats:
         "client_limit",
         "connect",
         "connect_failures",
+        "denied",
         "descriptors",
         "duration",
         "failed_refused",
@@ -110,6 +127,7 @@ class GroupStats:
         self.accepted = 0
         self.rejected = 0  # clients refused before routing (an address we could not key)
         self.client_limit = 0  # clients refused over their network's client_limits
+        self.denied = 0  # clients refused by the group's allow and deny lists
         self.no_backend = 0  # connections closed because no backend accepted them
         self.connect_failures = 0  # single dial attempts that were refused or timed out
         self.descriptors = 0  # connections given up: no descriptor left to dial with
@@ -180,6 +198,7 @@ class Router:
         )
         self.quorum = Quorum(spec.quorum, spec.hysteresis, self.up_count())
         self.proxy_trusted = _trusted(spec)
+        self.admits = _admits(spec)
         self.limits = ClientLimits(spec.client_limits, clock) if spec.client_limits else None
         self.clock = clock
         self.ramping: list[Backend] = []  # backends in their slow start
@@ -504,6 +523,7 @@ class Router:
             self.table.max_entries = p.max_entries
         self.quorum = Quorum(spec.quorum, spec.hysteresis, self.up_count())
         self.proxy_trusted = _trusted(spec)
+        self.admits = _admits(spec)
         if spec.client_limits is None:
             self.limits = None
         elif self.limits is None:

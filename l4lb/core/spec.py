@@ -131,6 +131,10 @@ class GroupSpec:
     udp_ports: tuple[int, ...] = ()  # "443/udp" in `ports`: datagrams (l4lb/dataplane/udp.py)
     udp_idle_timeout: float = 60.0  # a flow ends after this long without a datagram either way
     udp_max_flows: int = 0  # flows at once (0: half the descriptors); beyond, the oldest idle goes
+    # Client networks (version, network, prefix length) let in / refused; deny wins; an empty
+    # allow lets everyone in.
+    allow: tuple[tuple[int, int, int], ...] = ()
+    deny: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def first_port(self) -> int:

@@ -306,8 +306,12 @@ class ClientSide(Half):
 
     def _start(self, client: tuple[str, int] | None) -> None:
         """Key the client, take its route, and dial."""
+        router = self.router
         try:
-            key = self.router.keyer(client[0])  # type: ignore[index]
+            key = router.keyer(client[0])  # type: ignore[index]
+            if router.admits is not None and not router.admits(client[0]):  # type: ignore[index]
+                self.deny()
+                return
         except (TypeError, ValueError, OSError):
             self.reject(f"an unusable address {client!r}")
             return
@@ -350,6 +354,12 @@ class ClientSide(Half):
         self.ended(how)
         reset(self.transport)
         self.log_line(self.plane.loop_time())
+
+    def deny(self) -> None:
+        """Reset a client of a network the group's allow and deny lists refuse, before any
+        other work (counted; no entry is made, nothing logged but the connection's line)."""
+        self.router.stats.denied += 1
+        self.refuse("denied")
 
     def reject(self, why: str) -> None:
         """Refuse the client with a reset before any byte of it reaches a backend; counted, and

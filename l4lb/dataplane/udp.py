@@ -254,6 +254,10 @@ class UdpListener:
         host = addr[0]
         try:
             akey = router.keyer(host)
+            if router.admits is not None and not router.admits(host):
+                stats.drops["denied"] += 1
+                router.stats.denied += 1
+                return None
         except (OSError, ValueError):
             stats.drops["rejected"] += 1
             return None
