@@ -94,6 +94,7 @@ def backend_json(
         "admin_state": b.admin.value,
         "healthy": b.healthy,
         "weight": b.weight,
+        "backup": b.backup,  # takes new clients only when no other backend can
         "max_conns": b.max_conns,
         "active": b.active,
         "connections": b.connections,
@@ -113,6 +114,7 @@ CSV_COLUMNS = (
     "downtime",
     "weight",
     "effective_weight",
+    "backup",
     "max_conns",
     "active",
     "peak",

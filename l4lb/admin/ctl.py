@@ -172,7 +172,7 @@ def _status(base: str, token: str | None) -> tuple[Any, str]:
     b_rows = [
         [
             b["group"],
-            b["name"],
+            b["name"] + (" (backup)" if b.get("backup") else ""),
             b["address"],
             b["state"],
             b["weight"],

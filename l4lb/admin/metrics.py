@@ -205,8 +205,9 @@ def _backends(
     where = GaugeMetricFamily(
         "l4lb_backend_info",
         "1 per backend: address (as resolved, or the name while it does not resolve),"
-        " hostname (the DNS name it was given by, empty for an IP)",
-        labels=["group", "backend", "address", "hostname"],
+        " hostname (the DNS name it was given by, empty for an IP), backup (true: it takes new"
+        " clients only when no other backend can)",
+        labels=["group", "backend", "address", "hostname", "backup"],
     )
     effective = GaugeMetricFamily(
         "l4lb_backend_effective_weight",
@@ -219,7 +220,7 @@ def _backends(
             router.ramp()  # effective weights as of now
         for b in router.all_backends():
             labels = [g, b.name]
-            where.add_metric([g, b.name, b.address, b.hostname], 1)
+            where.add_metric([g, b.name, b.address, b.hostname, str(b.backup).lower()], 1)
             active.add_metric(labels, b.active)
             conns.add_metric(labels, b.connections)
             live_in, live_out = in_flight.get((g, b.name), (0, 0))

@@ -38,6 +38,7 @@ _BACKEND_KEYS = (
     "send_proxy",
     "slow_start",
     "resolve",
+    "backup",
 )
 _CHECK_COMMON = ("type", "interval", "timeout", "rise", "fall", "port")
 _CHECK_KEYS = {
@@ -132,6 +133,7 @@ def _backend(v: _Validator, node: yaml.Node, path: str, ports: GroupPorts) -> Ba
         "weight": _int_in(0, MAX_WEIGHT),
         "max_conns": _int_in(0, 10_000_000),
         "inhibit_on_failure": _bool,
+        "backup": _bool,
         "state": _choice("up", "drain", "disabled"),
         "send_proxy": _choice("v1", "v2", "none"),
         "slow_start": _duration,

@@ -37,6 +37,7 @@ class Backend:
         "active",
         "address",
         "admin",
+        "backup",
         "bytes_in",
         "bytes_out",
         "changed_at",
@@ -86,6 +87,7 @@ class Backend:
         self.ramp_since: float | None = None  # when a ramp (slow start) began
         self.max_conns = spec.max_conns
         self.inhibit = spec.inhibit_on_failure
+        self.backup = spec.backup  # new clients only when no other backend can take one
         self.send_proxy = spec.send_proxy  # None: as the group says
         self.index = index  # position in the group's list; schedulers use it for ties
         self.admin = State(spec.state)
@@ -198,6 +200,7 @@ class Backend:
         self.udp_ports = dict(spec.udp_ports)
         self.max_conns = spec.max_conns
         self.inhibit = spec.inhibit_on_failure
+        self.backup = spec.backup
         self.send_proxy = spec.send_proxy
         self.slow_start = spec.slow_start
         self.index = index

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from .affinity import AffinityTable, Entry
 from .backends import Backend, State
@@ -190,7 +190,8 @@ class Router:
             b.changed_at = self._wall()
         self.by_name = {b.name: b for b in self.backends}
         self.sorry = Backend(spec.sorry_server) if spec.sorry_server is not None else None
-        self.scheduler: Scheduler = make_scheduler(spec.scheduler, self.backends, rng)
+        self.scheduler: Scheduler = make_scheduler(spec.scheduler, self._primaries(), rng)
+        self.backups = [b for b in self.backends if b.backup]
         p = spec.persistence
         self.keyer: Keyer = make_keyer(p.netmask, p.ipv6_prefix)
         self.table: AffinityTable[Backend] | None = (
@@ -267,19 +268,33 @@ class Router:
                     return None
                 # Full for now: this connection goes elsewhere, the pin stays.
                 route.reason = "full"
-                return self.scheduler.pick(route.key, tried)
+                return self.pick(route.key, tried)
             elif not route.reason:
                 route.reason = "unavailable"
         elif pinned is not None and not route.reason:
             route.reason = "failed"
         if self.ramping:
             self.ramp()
-        choice = self.scheduler.pick(route.key, tried)
+        choice = self.pick(route.key, tried)
         if choice is not None and entry is not None:
             if pinned is not None and entry.home is None and not pinned.accepts_pinned:
                 entry.home = pinned
             entry.backend = choice  # tentative pin, confirmed by `connected`
             route.fresh = True
+        return choice
+
+    def _primaries(self) -> list[Backend]:
+        return [b for b in self.backends if not b.backup]
+
+    def pick(self, key: int, exclude: Collection[Backend] = ()) -> Backend | None:
+        """A new client's backend: the scheduler's among the backends that are not backups;
+        when none of them can take it, the first backup that can, in the listed order (as
+        HAProxy uses its first backup)."""
+        choice = self.scheduler.pick(key, exclude)
+        if choice is None:
+            for b in self.backups:
+                if b.schedulable and b not in exclude:
+                    return b
         return choice
 
     def slow_start_of(self, backend: Backend) -> float:
@@ -296,8 +311,10 @@ class Router:
         own scheduler when it is a consistent hash (sh, mh), else rendezvous hashing over the
         backends that take new clients."""
         if self.spec.scheduler in ("sh", "mh"):
-            return self.scheduler.pick(key)
-        return rendezvous(key, [b for b in self.backends if b.schedulable])
+            return self.pick(key)
+        return rendezvous(key, [b for b in self.backends if b.schedulable and not b.backup]) or (
+            self.pick(key)
+        )
 
     def usable_pin(self, name: str) -> Backend | None:
         """The backend another instance pinned a client to, if this one may send it there."""
@@ -505,13 +522,15 @@ class Router:
         self.by_name = {b.name: b for b in backends}
         if spec.sorry_server != old.sorry_server:
             self.sorry = Backend(spec.sorry_server) if spec.sorry_server is not None else None
-        if spec.scheduler != old.scheduler or [b.name for b in backends] != [
-            b.name for b in old.backends
+        primaries = self._primaries()
+        if spec.scheduler != old.scheduler or [b.name for b in primaries] != [
+            b.name for b in old.backends if not b.backup
         ]:
-            self.scheduler = make_scheduler(spec.scheduler, backends, rng)
+            self.scheduler = make_scheduler(spec.scheduler, primaries, rng)
         else:
-            self.scheduler.backends = backends  # type: ignore[attr-defined]
+            self.scheduler.backends = primaries  # type: ignore[attr-defined]
             self.scheduler.rebuild()
+        self.backups = [b for b in backends if b.backup]
         p = spec.persistence
         self.keyer = make_keyer(p.netmask, p.ipv6_prefix)
         if not p.enabled:

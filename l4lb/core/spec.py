@@ -58,6 +58,7 @@ class BackendSpec:
     hostname: str = ""  # the name this backend was resolved from ("" for an IP literal)
     unresolved: str = ""  # why its name did not resolve (then `address` is the name, down)
     udp_ports: Mapping[int, int] = field(default_factory=dict)  # UDP service port -> backend's
+    backup: bool = False  # new clients only while no other backend of the group can take one
 
     @property
     def is_name(self) -> bool:

@@ -191,8 +191,8 @@ def test_names_from_localhost_and_etc_hosts_serve_and_one_that_does_not_resolve_
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
             metrics = r.read().decode()
         assert (
-            'l4lb_backend_info{address="127.0.0.1",backend="b1",group="web",hostname="localhost"} 1.0'
-            in metrics
+            'l4lb_backend_info{address="127.0.0.1",backend="b1",backup="false",group="web",'
+            'hostname="localhost"} 1.0' in metrics
         )
         assert 'address="nowhere.invalid",backend="b3"' in metrics
 
