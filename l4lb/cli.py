@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -118,7 +119,14 @@ async def _reload(balancer: Balancer) -> object:
 
 def _flags_config(args: argparse.Namespace) -> str | None:
     """The YAML for -l/-b, None when the run has a file instead, "" after a bad flag."""
-    flags = [args.listen, args.backend, args.persistence, args.scheduler, args.admin]
+    flags = [
+        args.listen,
+        args.backend,
+        args.persistence,
+        args.scheduler,
+        args.admin,
+        args.admin_token_file,
+    ]
     if not any(flags):
         if args.print_config:
             print("l4lb run --print-config: prints what -l/-b amount to", file=sys.stderr)
@@ -129,11 +137,35 @@ def _flags_config(args: argparse.Namespace) -> str | None:
         return ""
     from .config.quick import FlagError, to_yaml
 
+    token_file = args.admin_token_file
     try:
-        return to_yaml(args.listen, args.backend, args.persistence, args.scheduler, args.admin)
+        if token_file is not None:
+            token_file = _token_file(token_file)
+        return to_yaml(
+            args.listen, args.backend, args.persistence, args.scheduler, args.admin, token_file
+        )
     except FlagError as exc:
         print(f"l4lb run: {exc}", file=sys.stderr)
         return ""
+
+
+def _token_file(path: str) -> str:
+    """--admin-token-file's absolute path; a file that does not exist yet is made, with a new
+    token (readable by its owner only), and said once: local dev needs no openssl step."""
+    from .config.quick import FlagError
+
+    target = Path(path).expanduser().resolve()
+    if not target.exists():
+        import secrets
+
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+        except OSError as exc:
+            raise FlagError(f"--admin-token-file {path}: {exc.strerror or exc}") from None
+        print(f"l4lb: wrote a new admin token to {target}", file=sys.stderr)
+    return str(target)
 
 
 def _status(config: Config) -> str:
@@ -263,6 +295,12 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     )
     dev.add_argument("--scheduler", choices=SCHEDULERS, help="default: wlc")
     dev.add_argument("--admin", metavar="[HOST:]PORT", help="the admin API and status page")
+    dev.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help="the token that changes need (ctl, the status page's buttons); a FILE that does"
+        " not exist is made with a new token",
+    )
     dev.add_argument(
         "--print-config", action="store_true", help="print the YAML the flags amount to, and exit"
     )

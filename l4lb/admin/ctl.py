@@ -22,7 +22,12 @@ def add_parser(sub: Any) -> None:
     ctl.add_argument(
         "-c", "--config", help="take the admin address and token file from this config"
     )
-    ctl.add_argument("--admin", help="the admin API's URL (default http://127.0.0.1:9090)")
+    ctl.add_argument(
+        "--admin",
+        metavar="URL|[HOST:]PORT",
+        help="the admin API: a URL, or HOST:PORT or PORT as `l4lb run --admin` takes it"
+        " (default http://127.0.0.1:9090)",
+    )
     ctl.add_argument("--token-file", help="a file holding the bearer token for changes")
     ctl.add_argument("--json", action="store_true", help="print the API's JSON answer")
     what = ctl.add_subparsers(dest="what", required=True)
@@ -88,8 +93,25 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     )
 
 
+def admin_url(text: str) -> str:
+    """`--admin` as a base URL: a URL as it is; PORT, HOST:PORT or [V6]:PORT on http."""
+    if "://" in text:
+        return text.rstrip("/")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise CtlError(f"--admin {text}: expected a URL, HOST:PORT or PORT")
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def run(args: argparse.Namespace) -> int:
-    base = args.admin
+    try:
+        base = admin_url(args.admin) if args.admin else None
+    except CtlError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     token_file = args.token_file
     if args.config:
         admin = _admin_of(args.config)

@@ -48,6 +48,7 @@ def to_yaml(
     persistence: str | None = None,
     scheduler: str | None = None,
     admin: str | None = None,
+    admin_token_file: str | None = None,
 ) -> str:
     """The YAML the flags amount to; FlagError for a bad one."""
     if not listens:
@@ -105,10 +106,13 @@ def to_yaml(
         else:
             line = f"      - {{name: b{i}, address: '{address}:{port}'}}"
         lines.append(f"{line}  # -b {text}")
+    if admin_token_file is not None and admin is None:
+        raise FlagError("--admin-token-file needs --admin [HOST:]PORT")
     if admin is not None:
         host, port = _host_port(admin, "--admin")
         where = f"[{host}]" if host and ":" in host else (host or DEFAULT_HOST)
-        lines.insert(1, f"admin: {{listen: '{where}:{port}'}}")
+        token = f", token_file: '{admin_token_file}'" if admin_token_file is not None else ""
+        lines.insert(1, f"admin: {{listen: '{where}:{port}'{token}}}")
     return "\n".join(lines) + "\n"
 
 

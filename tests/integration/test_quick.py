@@ -12,8 +12,8 @@ import pytest
 
 from l4lb.config import load_config, load_config_text
 from tests.support.helpers import free_ports
+from tests.support.procs import STARTUP, processes, start_backend, start_l4lb
 from tests.support.procs import l4lb_cli as l4lb
-from tests.support.procs import processes, start_backend, start_l4lb
 
 
 def test_print_config_round_trips(tmp_path: Path) -> None:
@@ -120,3 +120,41 @@ def test_serves_a_sticky_group_over_two_ports_with_no_file() -> None:
                     seen.setdefault(net, set()).add(answer)
         assert all(len(names) == 1 and names <= {"one", "two"} for names in seen.values()), seen
         assert set().union(*seen.values()) == {"one", "two"}  # rr spread the networks
+
+
+def test_local_dev_changes_with_the_token_of_admin_token_file(tmp_path: Path) -> None:
+    """Issue 25: `--admin PORT --admin-token-file FILE` (a FILE that does not exist is made with
+    a new token, said once); `l4lb ctl --admin PORT` (or HOST:PORT) drains a backend with that
+    token, and without it is refused."""
+    port, admin, b1 = free_ports(3)
+    token = tmp_path / "token"
+    with processes() as procs:
+        procs.append(start_backend("one", http=f"127.0.0.1:{b1}"))
+        lb = start_l4lb(
+            Path("-"),
+            *("-l", str(port), "-b", f"127.0.0.1:{b1}"),
+            *("--admin", str(admin), "--admin-token-file", str(token)),
+            config_flag=False,
+        )
+        procs.append(lb)
+        assert any("wrote a new admin token" in line for line in STARTUP[lb.pid])
+        assert token.stat().st_mode & 0o077 == 0  # the owner's only
+        refused = l4lb("ctl", "--admin", str(admin), "backend", "drain", "local", "b1")
+        assert refused.returncode == 1 and "401" in refused.stderr
+        drained = l4lb(
+            "ctl",
+            "--admin",
+            str(admin),
+            "--token-file",
+            str(token),
+            "backend",
+            "drain",
+            "local",
+            "b1",
+        )
+        assert drained.returncode == 0, drained.stderr
+        assert drained.stdout.strip() == "local/b1: state drain, weight 1"
+        status = l4lb("ctl", "--admin", f"127.0.0.1:{admin}", "status")
+        assert status.returncode == 0 and "drain" in status.stdout
+        bad = l4lb("ctl", "--admin", "127.0.0.1", "status")
+        assert bad.returncode == 2 and "expected a URL, HOST:PORT or PORT" in bad.stderr
