@@ -339,7 +339,11 @@ def _parser() -> argparse.ArgumentParser:
         help="least severe events to log on stderr (default: info)",
     )
     parser.add_argument("--version", action="version", version=f"l4lb {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="{run,check,version,ctl,healthcheck,import-keepalived}",  # (not `worker`)
+    )
     run = _add_run(sub)
     check = sub.add_parser("check", help="validate a configuration file and exit")
     check.add_argument("-c", "--config", required=True, help="the YAML configuration file")

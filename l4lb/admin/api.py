@@ -9,6 +9,7 @@ error, is counted, and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import hmac
 import ipaddress
@@ -633,6 +634,17 @@ class AdminServer(ApiBase):
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await self._frame_headers(request, response)
         await response.prepare(request)
+        with contextlib.suppress(ConnectionError):  # the client left mid-answer: not our error
+            await self._write_entries(response, page, total, nxt)
+        return response
+
+    async def _write_entries(
+        self,
+        response: web.StreamResponse,
+        page: list[tuple[Router, list[int]]],
+        total: int,
+        nxt: str | None,
+    ) -> None:
         await response.write(b'{"entries":[')
         flows = self.server.flows_by_entry()
         first = True
@@ -654,7 +666,6 @@ class AdminServer(ApiBase):
         tail = {"total": total, "next": nxt}
         await response.write(b"]," + json.dumps(tail)[1:].encode())
         await response.write_eof()
-        return response
 
     async def flush_affinity(self, request: web.Request) -> web.Response:
         f = self._filter(request)

@@ -28,21 +28,36 @@ def add_parser(sub: Any) -> None:
         help="the admin API: a URL, or HOST:PORT or PORT as `l4lb run --admin` takes it"
         " (default http://127.0.0.1:9090)",
     )
-    ctl.add_argument("--token-file", help="a file holding the bearer token for changes")
+    ctl.add_argument(
+        "--token-file", metavar="FILE", help="a file holding the bearer token that changes need"
+    )
     ctl.add_argument("--json", action="store_true", help="print the API's JSON answer")
-    what = ctl.add_subparsers(dest="what", required=True)
-    what.add_parser("status", help="groups and backends")
+    what = ctl.add_subparsers(
+        dest="what", required=True, metavar="{status,affinity,backend,reload}"
+    )
+    what.add_parser("status", help="groups and backends, with their addresses and states")
     aff = what.add_parser("affinity", help="list, flush or show affinity entries")
-    aff.add_argument("action", choices=["list", "flush", "show"])
+    aff.add_argument(
+        "action",
+        choices=["list", "flush", "show"],
+        help="list entries (sorted by group and client), flush them, or show one client's",
+    )
     aff.add_argument("address", nargs="?", help="show: a client address (or a prefix)")
-    for name in ("group", "client", "backend"):
-        aff.add_argument(f"--{name}")
-    aff.add_argument("--limit", type=int, default=1000)
+    aff.add_argument("--group", help="only this group's entries")
+    aff.add_argument(
+        "--client", help="an address (its network's entry) or a prefix such as 10.0.0.0/8"
+    )
+    aff.add_argument("--backend", help="only the entries pinned to this backend")
+    aff.add_argument("--limit", type=int, default=1000, help="list: at most this many (1000)")
     be = what.add_parser("backend", help="drain, enable, disable a backend or set its weight")
-    be.add_argument("action", choices=["drain", "enable", "disable", "weight"])
-    be.add_argument("group")
-    be.add_argument("name")
-    be.add_argument("weight", nargs="?", type=int)
+    be.add_argument(
+        "action",
+        choices=["drain", "enable", "disable", "weight"],
+        help="drain: no new clients, pins kept; disable: as down; enable: up again",
+    )
+    be.add_argument("group", help="the backend's group")
+    be.add_argument("name", help="the backend's name")
+    be.add_argument("weight", nargs="?", type=int, help="weight: the new weight (0-65535)")
     what.add_parser("reload", help="reload the configuration file")
 
 
@@ -195,7 +210,7 @@ def _status(base: str, token: str | None) -> tuple[Any, str]:
         [
             b["group"],
             b["name"] + (" (backup)" if b.get("backup") else ""),
-            b["address"],
+            ", ".join(f"{a} ({sp})" for sp, a in b["addresses"].items()) or b["address"],
             b["state"],
             b["weight"],
             b["active"],
@@ -221,6 +236,8 @@ def _affinity(args: argparse.Namespace, base: str, token: str | None) -> tuple[A
             raise CtlError("affinity show ADDRESS: the client address is missing")
         query["client"] = args.address
         answer = _call(base, "GET", "/api/v1/affinity?" + urllib.parse.urlencode(query), token)
+        if not answer["entries"]:  # (a script can tell: exit 1)
+            raise CtlError(f"{args.address}: no affinity entry in any group")
         return answer, _show(answer, args.address)
     if args.address:
         raise CtlError(f"affinity {args.action} takes --client, not {args.address!r}")

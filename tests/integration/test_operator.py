@@ -98,8 +98,9 @@ groups:
             code, out, _ = await ctl(cfg, "affinity", "flush", "--client", "127.102.0.5")
             assert (code, out.strip()) == (0, "flushed 1 entry")
             assert await lookup("127.102.0.5") == []
-            code, out, _ = await ctl(cfg, "affinity", "show", "127.102.0.5")
-            assert out.strip() == "127.102.0.5: no affinity entry in any group"
+            code, out, err = await ctl(cfg, "affinity", "show", "127.102.0.5")
+            assert (code, out) == (1, "")  # unknown: exit 1, for a script to tell
+            assert err.strip() == "l4lb ctl: 127.102.0.5: no affinity entry in any group"
             # `affinity list | head -1` over more than a pipe holds: quiet, not a traceback.
             for i in range(2000):
                 await hello(p4, f"127.{110 + i // 256}.{i % 256}.1")

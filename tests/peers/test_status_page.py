@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -65,6 +66,10 @@ async def look_and_click(tmp_path: Path, admin: int, bs: list[Backend], ports: l
         )
         assert len(points) == 3 and min(points) >= 2, points
         assert await page.js("document.querySelectorAll('#chart-conns text.tick').length") == 5
+        # The bytes axis in units (a rate is fractional: "565.1047717922443 B" was a bug)
+        top = await page.js("document.querySelectorAll('#chart-bytes text')[1].textContent")
+        assert re.fullmatch(r"\d+ B|\d+\.\d KiB|\d+\.\d MiB|\d+\.\d GiB", top), top
+        assert await page.js("bytes(565.1047717922443)") == "565 B"
         rate = await page.js("document.querySelector('#groups tbody tr').children[7].textContent")
         assert float(rate) > 0, rate
         rows = await page.js(f"{ROWS}.map(r => [...r.children].map(c => c.textContent))")
