@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers reliability soak clean
+.PHONY: run test deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers reliability soak clean install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,3 +70,22 @@ sim: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# `make install` (as root): l4lb in a venv of its own under PREFIX, BINDIR/l4lb linking to it,
+# the systemd unit in UNITDIR (its paths made these) and a sample configuration in CONFDIR
+# when there is none. Every path can be moved (`make install PREFIX=/srv/l4lb ...`).
+PREFIX  ?= /opt/l4lb
+BINDIR  ?= /usr/local/bin
+UNITDIR ?= /etc/systemd/system
+CONFDIR ?= /etc/l4lb
+install:
+	$(PYTHON) -m venv --clear $(PREFIX)
+	$(PREFIX)/bin/python -m pip install --quiet --upgrade pip
+	$(PREFIX)/bin/python -m pip install --quiet .
+	install -d $(BINDIR) $(UNITDIR) $(CONFDIR)
+	ln -sfn $(PREFIX)/bin/l4lb $(BINDIR)/l4lb
+	sed -e 's|/usr/local/bin/l4lb|$(BINDIR)/l4lb|g' -e 's|/etc/l4lb/|$(CONFDIR)/|g' \
+	  contrib/systemd/l4lb.service > $(UNITDIR)/l4lb.service
+	test -e $(CONFDIR)/l4lb.yaml || install -m 0640 contrib/systemd/l4lb.yaml $(CONFDIR)/l4lb.yaml
+	@echo "installed $$($(BINDIR)/l4lb version) in $(PREFIX); $(BINDIR)/l4lb, $(UNITDIR)/l4lb.service,"\
+	  "$(CONFDIR)/l4lb.yaml. Then: systemctl daemon-reload && systemctl enable --now l4lb"

@@ -1,11 +1,10 @@
 """systemd: l4lb speaks sd_notify to a real Unix datagram socket (READY once it listens,
 RELOADING then READY around a reload, STOPPING on shutdown), alone and with workers; the unit
-file passes `systemd-analyze verify` where systemd is installed."""
+file is installed by `make install` and verified there (tests/peers/test_install.py)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -108,21 +107,3 @@ def test_the_unit_file() -> None:
     ):
         assert f"\n{line}\n" in text, line
     assert "LimitNOFILE=" in text and "DynamicUser=yes" in text
-
-
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
-    unit = tmp_path / "l4lb.service"
-    # verify wants the ExecStart binary to exist: point it at this checkout's
-    unit.write_text(
-        UNIT.read_text().replace("/usr/local/bin/l4lb", str(Path(sys.executable).parent / "l4lb"))
-    )
-    out = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
-    )
-    problems = [
-        line
-        for line in (out.stdout + out.stderr).splitlines()
-        if "l4lb.service" in line and "Failed to" not in line.split(":", 1)[0]
-    ]
-    assert out.returncode == 0 and not problems, out.stdout + out.stderr
