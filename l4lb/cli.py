@@ -218,12 +218,12 @@ def _import_keepalived(args: argparse.Namespace) -> int:
         Path(args.output).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
-    if notes:
-        from .admin.ctl import plural
-
+    if notes:  # (counted from the comments themselves, so that the two always agree)
+        dropped, changed = text.count("# not carried over ("), text.count("# changed")
+        said = [f"{dropped} not carried over"] if dropped else []
+        said += [f"{changed} carried over but changed"] if changed else []
         print(
-            f"{plural(notes, 'option was', 'options were')} not carried over: see the"
-            " '# not carried over' comments",
+            f"{' and '.join(said)}: see the comments that say so",
             file=sys.stderr,
         )
     return 0

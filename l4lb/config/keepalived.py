@@ -16,6 +16,7 @@ import glob
 import ipaddress
 import re
 import shlex
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,12 @@ class _Out:
     def note(self, indent: int, node: Node, why: str) -> None:
         what = " ".join([node.keyword, *node.args])
         self.add(indent, f"# not carried over ({node.source}:{node.line}): {what}: {why}")
+        self.notes += 1
+
+    def change(self, indent: int, node: Node, why: str) -> None:
+        """Carried over, but not as written: each such comment begins `# changed`."""
+        what = " ".join([node.keyword, *node.args])
+        self.add(indent, f"# changed ({node.source}:{node.line}): {what}: {why}")
         self.notes += 1
 
 
@@ -365,12 +372,12 @@ def _quorum(out: _Out, vs: Node, weights: list[int]) -> None:
         return
     out.add(2, f"quorum: {count}")
     shown = ", ".join(map(str, weights))
-    out.add(
+    out.change(
         2,
-        f"# quorum {needed} ({opt.source}:{opt.line}) counts weights ({shown}): any {count}"
-        f" backends up carry at least {needed}; keepalived may serve with fewer",
+        opt,
+        f"keepalived counts weights ({shown}): any {count} backends up carry at least"
+        f" {needed}; keepalived may serve with fewer",
     )
-    out.notes += 1
 
 
 def _q(s: str) -> str:
@@ -484,20 +491,61 @@ def _marks(
     if marks and out.kernel and not listen and not udp:
         out.add(2, f"kernel_mark: {marks[0]}   # chosen by the firewall mark, as LVS does")
         for extra_mark in marks[1:]:
-            out.add(2, f"# fwmark {extra_mark}: one mark a group in l4lb; set {marks[0]} instead")
+            out.add(2, f"# changed: fwmark {extra_mark}: one mark a group in l4lb; set {marks[0]}")
             out.notes += 1
     if marks:
         out.add(2, f"mark: {marks[0]}")
         if not known:
             marked = ", ".join(map(str, marks))
-            out.add(2, f"# fwmark {marked}: the marked ports come from your firewall rules;")
+            out.add(2, f"# changed: fwmark {marked}: the marked ports come from your firewall;")
             out.add(
                 2, "# give them with --fwmark-ports MARK=PORT,PORT (until then: placeholder port 1)"
             )
             out.notes += 1
 
 
-def _schedule(out: _Out, vs: Node) -> None:
+def _family(vs: Node, listen: list[str]) -> int | None:
+    """The virtual server's address family as keepalived knows it when it reads the
+    granularity: from its address; a fwmark's from `ip_family`, else unknown (None)."""
+    if listen:
+        return 6 if ":" in listen[0] else 4
+    fam = vs.child("ip_family")
+    if fam is not None and fam.args:
+        return {"inet": 4, "inet6": 6}.get(fam.args[0])
+    return None
+
+
+def _granularity(out: _Out, node: Node, family: int | None) -> str | None:
+    """`persistence_granularity` as keepalived reads it (check_parser.c): on an IPv4 service
+    a netmask as inet_aton takes it (a bare number is an address: 24 is 0.0.0.24), on an IPv6
+    one a prefix length 1-128, and where the family is unknown, IPv4 if the value has a dot.
+    What keepalived refuses, it ignores (the default, /32 or /128). None: that default."""
+    g = node.args[0]
+    if family is None:
+        family = 4 if "." in g else 6
+    if family == 6:
+        if g.isdigit() and 1 <= int(g) <= 128:
+            return f"ipv6_prefix: {int(g)}"
+        out.change(2, node, "keepalived refuses it on an IPv6 service: each client alone (/128)")
+        return None
+    try:
+        mask = int.from_bytes(socket.inet_aton(g), "big")
+    except OSError:
+        out.change(2, node, "keepalived refuses it on an IPv4 service: each client alone (/32)")
+        return None
+    dotted = socket.inet_ntoa(mask.to_bytes(4, "big"))
+    inverted = ~mask & 0xFFFFFFFF
+    if g.count(".") != 3 or inverted & (inverted + 1):
+        out.change(
+            2,
+            node,
+            f"keepalived reads it as the netmask {dotted} (kept: LVS masks with it as it is);"
+            " a /24 is 255.255.255.0",
+        )
+    return f'netmask: "{dotted}"'
+
+
+def _schedule(out: _Out, vs: Node, listen: list[str]) -> None:
     """The scheduler and persistence of a virtual server."""
     algo = vs.child("lb_algo") or vs.child("lvs_sched")
     sched = "wlc"
@@ -513,9 +561,12 @@ def _schedule(out: _Out, vs: Node) -> None:
     else:
         timeout = _seconds(pto, 360.0)
         persist = [f"timeout: {timeout:g}s"]
-        if gran is not None and gran.args:
-            g = gran.args[0]
-            persist.append(f"netmask: {g}" if "." in g else f"ipv6_prefix: {g}")
+        mask = _granularity(out, gran, _family(vs, listen)) if gran and gran.args else None
+        if pto is None and gran is not None and gran.args and mask is None:
+            out.add(2, "persistence: {timeout: 0}   # keepalived: none, its granularity refused")
+            return
+        if mask is not None:
+            persist.append(mask)
         out.add(2, "persistence: {" + ", ".join(persist) + "}")
 
 
@@ -606,7 +657,7 @@ def _virtual_server(
     if listen:
         out.add(2, "listen: [" + ", ".join(_q(a) for a in listen) + "]")
     out.add(2, "ports: [" + ", ".join(_svc(p, udp) for p in ports) + "]")
-    _schedule(out, vs)
+    _schedule(out, vs, listen)
     weights = [_weight(rs) for rs in vs.all("real_server") if not _is_own(rs, listen, ports)]
     _quorum(out, vs, weights)
     hyst = vs.child("hysteresis")
@@ -615,8 +666,13 @@ def _virtual_server(
     for kind in ("lb_kind", "lvs_method"):
         opt = vs.child(kind)
         if opt is not None:
-            how = " ".join(opt.args)
-            out.add(2, f"# {kind} {how}: l4lb is a full proxy (like NAT, without the routing)")
+            out.change(
+                2,
+                opt,
+                "l4lb is a full proxy: the real servers see l4lb's address, not the client's"
+                " (LVS keeps it); `send_proxy: v2` passes it to servers that read the PROXY"
+                " protocol",
+            )
     _sorry(out, vs, ports, udp)
     for child in vs.children or []:
         if child.keyword not in _VS_DONE:

@@ -13,6 +13,7 @@ from l4lb.config import load_config, load_config_text
 from l4lb.config.keepalived import KeepalivedError, convert
 from tests.support.helpers import free_ports, hello, running
 from tests.support.procs import ROOT
+from tests.support.procs import l4lb_cli as l4lb
 
 FWMARK = """\
 ! Sample configuration for use Linux FWMARK, in keepalived's style
@@ -117,12 +118,12 @@ def test_fwmark_service_with_its_ports(tmp_path: Path) -> None:
         a.health_check.timeout,
     ) == ("tcp", 6, 3)
     assert (a.health_check.fall, b.health_check.fall, a.health_check.rise) == (2, 3, 1)  # retry + 1
-    assert notes == 0
+    assert notes == 1 and "# changed (" in text and "lb_kind NAT: l4lb is a full proxy" in text
 
 
 def test_fwmark_without_ports_says_so_and_still_checks(tmp_path: Path) -> None:
     text, notes = convert(write(tmp_path, FWMARK))
-    assert "--fwmark-ports" in text and notes == 1
+    assert "--fwmark-ports" in text and notes == 2  # (and lb_kind NAT)
     load_config_text(text, "out.yaml")
 
 
@@ -304,7 +305,7 @@ def test_every_keepalived_point_carried_or_commented_with_file_and_line(tmp_path
     out.write_text(text)
     group, dns = load_config(out).groups
     comments = [line.strip() for line in text.splitlines() if "# not carried over" in line]
-    assert notes == len(comments) + text.count("# quorum ")
+    assert notes == len(comments) + text.count("# changed")
     assert all(f"({conf}:" in c for c in comments), comments
 
     def commented(line: int, words: str) -> bool:
@@ -333,7 +334,7 @@ def test_every_keepalived_point_carried_or_commented_with_file_and_line(tmp_path
     assert b4.health_check is not None and b4.health_check.type == "tls"
     assert b4.health_check.host == "api.example"  # the url's own virtualhost wins
     # quorum 4 of weights 3, 1, 1, 2: any 3 backends carry at least 4 (1 + 1 + 2)
-    assert group.quorum == 3 and "# quorum 4 (" in text
+    assert group.quorum == 3 and ": quorum 4: keepalived counts weights" in text
     # UDP_CHECK without payload or require_reply: an empty datagram, up unless an ICMP error
     (b,) = dns.backends
     assert dns.udp_ports == (53,) and b.health_check is not None
@@ -371,3 +372,44 @@ def test_udp_services_and_their_udp_checks_are_carried(tmp_path: Path) -> None:
     assert check.send == "\x00\x01\xff" and check.expect == "^\\x2a"  # bytes; their regex
     assert (tcp.ports, tcp.udp_ports) == ((53,), ())
     assert notes == 1 and f"({conf}:18): virtual_server 10.0.0.1 9: protocol SCTP" in text
+
+
+@pytest.mark.parametrize(
+    ("vs", "granularity", "netmask", "prefix", "changed"),
+    [
+        ("10.0.0.1 80", "255.255.255.0", 0xFFFFFF00, 128, False),
+        ("10.0.0.1 80", "24", 0x00000018, 128, True),  # inet_aton: the address 0.0.0.24
+        ("10.0.0.1 80", "/24", 0xFFFFFFFF, 128, True),  # refused by keepalived: /32
+        ("fwmark 7", "64", 0xFFFFFFFF, 64, False),  # family unknown, no dot: IPv6
+        ("fwmark 7", "255.255.0.0", 0xFFFF0000, 128, False),
+        ("2001:db8::1 80", "/64", 0xFFFFFFFF, 128, True),  # refused: /128
+    ],
+)
+def test_granularity_as_keepalived_reads_it(
+    tmp_path: Path, vs: str, granularity: str, netmask: int, prefix: int, changed: bool
+) -> None:
+    """Issue 25: `persistence_granularity 24` on an IPv4 service became `ipv6_prefix: 24` and
+    `/24` a value l4lb check refused; keepalived (check_parser.c) reads an IPv4 service's value
+    with inet_aton (24 is 0.0.0.24), an IPv6 one's as a prefix length, and guesses the family of
+    a fwmark service from a dot; what it refuses it ignores. A comment says each surprise, and
+    the count agrees with the comments."""
+    conf = write(
+        tmp_path,
+        f"virtual_server {vs} {{\n  persistence_timeout 60\n"
+        f"  persistence_granularity {granularity}\n  lb_algo rr\n"
+        "  real_server 10.0.0.11 80 {\n  }\n}\n"
+        if ":" not in vs
+        else f"virtual_server {vs} {{\n  persistence_timeout 60\n"
+        f"  persistence_granularity {granularity}\n  real_server 2001:db8::11 80 {{\n  }}\n}}\n",
+    )
+    text, notes = convert(conf, {7: [80]})
+    (g,) = load_config_text(text, "out.yaml").groups  # l4lb check accepts it
+    assert (g.persistence.netmask, g.persistence.ipv6_prefix) == (netmask, prefix)
+    assert g.persistence.timeout == 60
+    assert (f"persistence_granularity {granularity}:" in text) is changed
+    assert notes == text.count("# changed") + text.count("# not carried over")
+    cli = l4lb("import-keepalived", str(conf), "--fwmark-ports", "7=80")
+    said = cli.stderr.strip()
+    assert said == (
+        f"{notes} carried over but changed: see the comments that say so" if notes else ""
+    )
