@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 # The Debian packages the tests use as real peers and clients (the only list: .ci/run uses it).
 DEBS := curl openssl make python3-venv util-linux iproute2 iptables chromium haproxy \
         redis-server docker.io docker-compose mmdebstrap systemd \
-        caddy dnsmasq-base bind9-dnsutils ngtcp2-client
+        caddy dnsmasq-base bind9-dnsutils ngtcp2-client nginx
 deps:
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -z "$$missing" ]; then echo "deps: all installed"; \

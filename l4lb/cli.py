@@ -393,6 +393,17 @@ def _check(path: str, config: Config) -> int:
         for answer in lookup_now(names).values():
             if isinstance(answer, str):  # l4lb would start, with these backends down
                 print(f"{path}: warning: {answer}", file=sys.stderr)
+    transparent = [g.name for g in config.groups if g.source == "client"]
+    if transparent:
+        from .dataplane.transparent import has_net_admin
+
+        if not has_net_admin():
+            print(
+                f"{path}: warning: groups.{transparent[0]}.source: client needs CAP_NET_ADMIN"
+                " (IP_TRANSPARENT), which this process lacks: run l4lb with it"
+                " (systemd: AmbientCapabilities=CAP_NET_ADMIN)",
+                file=sys.stderr,
+            )
     n = sum(len(g.backends) for g in config.groups)
     extra = f", {config.workers} workers" if config.workers > 1 else ""
     if config.affinity_store is not None:

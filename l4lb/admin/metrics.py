@@ -73,7 +73,8 @@ def _traffic(routers: Mapping[str, Router]) -> Iterator[Metric]:
         " dial of a backend; the connection may still reach another), no_backend (none"
         " accepted: the client was closed), rejected (refused before routing: an untrusted"
         " or malformed PROXY header, an unusable address, a loop), denied (the group's allow"
-        " and deny lists), client_limit (its"
+        " and deny lists), source (a dial that could not come from the group's source: this"
+        " host's capability or routing, not the backend), client_limit (its"
         " network over client_limits), descriptors (no descriptor left to dial with)",
         labels=["group", "reason"],
     )
@@ -112,6 +113,7 @@ def _traffic(routers: Mapping[str, Router]) -> Iterator[Metric]:
         failed.add_metric([g, "descriptors"], st.descriptors)
         failed.add_metric([g, "client_limit"], st.client_limit)
         failed.add_metric([g, "denied"], st.denied)
+        failed.add_metric([g, "source"], st.source)
         if router.limits is not None:
             limited.add_metric([g], router.limits.tracked)
         sorry.add_metric([g], st.sorry)

@@ -22,6 +22,7 @@ from .values import (
     _positive_duration,
     _rate,
     _scheduler,
+    _source,
     _text,
     parse_netmask,
 )
@@ -55,6 +56,7 @@ _GROUP_KEYS = (
     "udp_max_flows",
     "allow",
     "deny",
+    "source",
 )
 _PERSIST_KEYS = ("timeout", "netmask", "ipv6_prefix", "max_entries")
 
@@ -177,6 +179,7 @@ _GROUP_SCALARS: dict[str, Callable[[Any], Any]] = {
     "slow_start": _duration,
     "udp_idle_timeout": _positive_duration,
     "udp_max_flows": _int_in(1, 10_000_000),
+    "source": _source,
 }
 
 

@@ -258,3 +258,15 @@ def token_problem(token: str) -> str | None:
     if len(token.encode()) < MIN_TOKEN:
         return f"holds {len(token.encode())} bytes: a token is at least {MIN_TOKEN}"
     return None
+
+
+def _source(x: Any) -> str:
+    """A group's `source`: `client`, or an address of this host to dial from."""
+    if x == "client":
+        return "client"
+    if isinstance(x, str):
+        try:
+            return str(ipaddress.ip_address(x))
+        except ValueError:
+            pass
+    raise ValueError(f"expected client or an IP address to dial from, got {x!r}")

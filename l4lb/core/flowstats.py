@@ -15,6 +15,7 @@ DROP_REASONS = (
     "unvalidated",  # an answer past the few a client gets before its second datagram
     "looped",  # from one of l4lb's own flow sockets: a backend that leads back to l4lb
     "denied",  # from a network the group's allow and deny lists refuse
+    "source",  # the flow's socket could not take its source address (see transparent.py)
 )
 
 

@@ -120,6 +120,7 @@ class GroupStats:
         "repins_returned",
         "repins_unavailable",
         "sorry",
+        "source",
         "unpinned",
     )
 
@@ -128,6 +129,7 @@ class GroupStats:
         self.rejected = 0  # clients refused before routing (an address we could not key)
         self.client_limit = 0  # clients refused over their network's client_limits
         self.denied = 0  # clients refused by the group's allow and deny lists
+        self.source = 0  # dials that could not come from `source` (this host's setup)
         self.no_backend = 0  # connections closed because no backend accepted them
         self.connect_failures = 0  # single dial attempts that were refused or timed out
         self.descriptors = 0  # connections given up: no descriptor left to dial with
@@ -200,6 +202,9 @@ class Router:
         self.quorum = Quorum(spec.quorum, spec.hysteresis, self.up_count())
         self.proxy_trusted = _trusted(spec)
         self.admits = _admits(spec)
+        # False once the runtime found this host unready for `source: client` (the way back
+        # for the answers is missing): a dial that times out is then this host's failure.
+        self.source_ready = True
         self.limits = ClientLimits(spec.client_limits, clock) if spec.client_limits else None
         self.clock = clock
         self.ramping: list[Backend] = []  # backends in their slow start
@@ -353,6 +358,13 @@ class Router:
         n = self.spec.passive_failures
         if n and backend.failures_in_row >= n and backend.healthy and backend is not self.sorry:
             self.set_health(backend, False, f"{backend.failures_in_row} connect failures in a row")
+
+    def source_failure(self, route: Route, backend: Backend) -> None:
+        """A dial could not come from its `source` (a missing capability or route on this
+        host): the connection is given up, and neither the backend nor the pin is blamed."""
+        backend.free_slot()
+        route.backend = None
+        self.stats.source += 1
 
     def local_failure(self, route: Route, backend: Backend, name: str) -> None:
         """A dial this process could not even start (out of descriptors): the connection is

@@ -136,6 +136,9 @@ class GroupSpec:
     # allow lets everyone in.
     allow: tuple[tuple[int, int, int], ...] = ()
     deny: tuple[tuple[int, int, int], ...] = ()
+    # Where dials to the backends come from: None (the kernel's choice), "client" (the
+    # client's own address: transparent, IP_TRANSPARENT), or an IP literal to bind.
+    source: str | None = None
 
     @property
     def first_port(self) -> int:

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ..core.backends import Backend
 from ..core.routing import Route, Router
+from ..core.throttle import Throttle, held_note
+from .transparent import SourceError
+from .transparent import connect as from_source
 
 if TYPE_CHECKING:
     from .store import RedisStore
@@ -109,13 +112,15 @@ async def dial(
     ctx: DialContext,
     task: asyncio.Task[None] | None = None,
     connect_timeout: float | None = None,
+    source: str | None = None,
+    transparent: bool = False,
 ) -> tuple[Backend, int, float, str, P] | None:
     """Connect to a backend for `route`: the backend, the port dialed, the loop time the
     connection was made, what became of the client's pin (`Router.connected`), and the
     connection's protocol; None when every backend the router offers failed.
     A fresh pin is first settled with the shared store, when there is one. `task` (the one
     running this) saves looking it up on the hot path; `connect_timeout` is the group's
-    unless given."""
+    unless given. `source`: the address to dial from (`transparent`: the client's own)."""
     loop = ctx.loop
     if task is None:
         task = asyncio.current_task()
@@ -148,7 +153,12 @@ async def dial(
         deadlines.add(loop, task, t0 + connect_timeout)
         exc: OSError | None = None
         try:
-            _, protocol = await loop.create_connection(factory, backend.address, port)
+            if source is None:
+                _, protocol = await loop.create_connection(factory, backend.address, port)
+            else:
+                protocol = await from_source(
+                    loop, factory, backend.address, port, source, transparent
+                )
         except asyncio.CancelledError:
             expired = deadlines.expired
             if task not in expired:
@@ -157,10 +167,18 @@ async def dial(
             if task.uncancel() != 0:
                 raise
             exc = TimeoutError()  # ours alone: the backend did not answer in time
+        except SourceError as error:
+            _source_failed(router, route, backend, str(error))
+            return None
         except OSError as error:
             exc = error
         finally:
             deadlines.waiting.pop(task, None)
+        if exc is not None and transparent and not router.source_ready:
+            # Unanswered for want of the way back on this host (said at start): not the
+            # backend's failure, and no other backend would do better.
+            _source_failed(router, route, backend, "the way back for the answers is missing")
+            return None
         if exc is not None:
             if not _failed(router, route, backend, port, exc, ctx.slots):
                 return None
@@ -168,6 +186,23 @@ async def dial(
         now = loop.time()
         router.stats.connect.observe(now - t0)
         return backend, port, now, router.connected(route, backend), protocol
+
+
+_throttle = Throttle()  # a line a second at most, however many dials fail alike
+
+
+def _source_failed(router: Router, route: Route, backend: Backend, why: str) -> None:
+    router.source_failure(route, backend)
+    held = _throttle.allow(("source", router.name))
+    if held is not None:
+        log.warning(
+            "group %s: a dial from source %s failed: %s (counted as"
+            ' l4lb_connections_failed_total{reason="source"}; see docs/deployment.md)%s',
+            router.name,
+            router.spec.source,
+            why,
+            held_note(held),
+        )
 
 
 def _failed(

@@ -217,6 +217,7 @@ class ClientSide(Half):
         "route",
         "router",
         "service_port",
+        "source",
         "splice",
         "started",
         "switching",
@@ -242,6 +243,7 @@ class ClientSide(Half):
         self.proxy_timer: asyncio.TimerHandle | None = None
         self.inbound: tuple[str, int] | None = None  # the peer, while in `plane.inbound`
         self.rec: Record | None = None  # what the connection log will say (when it is on)
+        self.source: str | None = None  # the address to dial from (group `source`), if any
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -330,6 +332,9 @@ class ClientSide(Half):
                 limits.release(key)
             self.refuse("descriptors")
             return
+        source = router.spec.source
+        if source is not None:  # (the client's own address, or a fixed one)
+            self.source = client[0] if source == "client" else source  # type: ignore[index]
         self.route = self.router.begin(key)
         plane.track(self)
         self.task = plane.loop.create_task(self._connect())
@@ -375,9 +380,27 @@ class ClientSide(Half):
         assert route is not None
         router = self.router
         try:
-            result = await dial(
-                router, route, self.service_port, partial(BackendSide, self), self.plane, self.task
-            )
+            if self.source is None:
+                result = await dial(
+                    router,
+                    route,
+                    self.service_port,
+                    partial(BackendSide, self),
+                    self.plane,
+                    self.task,
+                )
+            else:
+                result = await dial(
+                    router,
+                    route,
+                    self.service_port,
+                    partial(BackendSide, self),
+                    self.plane,
+                    self.task,
+                    None,
+                    self.source,
+                    router.spec.source == "client",
+                )
         except asyncio.CancelledError:  # the client left while we dialed
             dialed = self.dialed
             if dialed is not None and dialed.peer is None:

@@ -48,6 +48,7 @@ from ..core.routing import reached
 from ..core.throttle import Throttle, held_note
 from .dialer import RESOURCE_ERRNOS
 from .listeners import ListenSpec, is_wildcard
+from .transparent import SourceError, source_socket
 
 if TYPE_CHECKING:
     from ..core.backends import Backend
@@ -383,8 +384,25 @@ class UdpListener:
         router, route = flow.router, flow.route
         port = backend.udp_port_for(flow.service)
         family = socket.AF_INET6 if ":" in backend.address else socket.AF_INET
+        source = router.spec.source
         try:
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            if source is None:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+            else:  # from the client's own address and port, or a fixed address
+                client = source == "client"
+                sock = source_socket(
+                    socket.SOCK_DGRAM,
+                    backend.address,
+                    flow.client[0] if client else source,
+                    flow.client[1] if client else 0,
+                    client,
+                )
+        except SourceError as exc:
+            router.source_failure(route, backend)
+            flow.stats.drops["source"] += 1
+            self.end(flow, "source", give_up=False)
+            log.warning("group %s: a UDP flow from source %s: %s", router.name, source, exc)
+            return False
         except OSError as exc:
             if exc.errno in RESOURCE_ERRNOS:
                 router.local_failure(route, backend, errno.errorcode[exc.errno])

@@ -33,6 +33,7 @@ from ..core.spec import AdminSpec
 from ..dataplane.accesslog import Writers, attach_writers
 from ..dataplane.context import DataPlane
 from ..dataplane.listeners import Where, listen_specs
+from ..dataplane.transparent import has_net_admin, routing_problems
 from . import stats
 from .errors import ReloadError, StartupError
 from .listening import Listeners
@@ -150,6 +151,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self.plane.attach(loop)
         self._warn_udp_descriptors()
+        self._check_source()
         if self.config.kernel_marks is not None:
             check_fwmark_accept()
         if names_in(self.written):
@@ -181,6 +183,42 @@ class Server:
             # (a worker's supervisor says it once for all of them)
             line = describe(self.config, self.listeners.listening, g.name)
             log.log(logging.DEBUG if self.worker is not None else logging.INFO, "%s", line)
+
+    def _check_source(self) -> None:
+        """For `source: client`: say at start whether this host can do it (the capability, and
+        the way back for the answers, read from the kernel), and if not, mark the groups so that
+        their failing dials are counted as this host's failures, not the backends'."""
+        for g in self.config.groups:
+            if g.source != "client":
+                continue
+            router = self.routers[g.name]
+            if not has_net_admin():
+                log.warning(
+                    "group %s: source: client needs CAP_NET_ADMIN (IP_TRANSPARENT): every dial"
+                    " will fail, counted as reason=source (systemd: AmbientCapabilities="
+                    "CAP_NET_ADMIN; see docs/deployment.md)",
+                    g.name,
+                )
+            v6 = any(":" in b.address for b in g.backends)
+            problems = routing_problems(v6)
+            if problems is None:
+                log.info("group %s: source: client: cannot read the routing rules (no ip)", g.name)
+            elif problems:
+                router.source_ready = False
+                log.warning(
+                    "group %s: source: client: the backends' answers to clients cannot come back"
+                    " to l4lb: %s. Dials will time out, counted as reason=source, not against"
+                    " the backends (see docs/deployment.md)",
+                    g.name,
+                    "; ".join(problems),
+                )
+            else:
+                router.source_ready = True
+                log.info(
+                    "group %s: source: client: backends see each client's own address (the"
+                    " policy rule and local route are in place)",
+                    g.name,
+                )
 
     def _warn_udp_descriptors(self) -> None:
         udp = [g for g in self.config.groups if g.udp_ports]
