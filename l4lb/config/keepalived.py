@@ -570,6 +570,47 @@ def _schedule(out: _Out, vs: Node, listen: list[str]) -> None:
         out.add(2, "persistence: {" + ", ".join(persist) + "}")
 
 
+_WAY_BACK = (
+    "this host needs `ip rule add iif <the real servers' side> lookup 100` and"
+    " `ip route add local 0.0.0.0/0 dev lo table 100` (docs/deployment.md)"
+)
+
+
+def _forwarding(out: _Out, vs: Node) -> None:
+    """`lb_kind` (`lvs_method`): NAT and DR keep the client's address on the real servers, so
+    the group dials them from it (`source: client`); TUN is said only."""
+    for kind in ("lb_kind", "lvs_method"):
+        opt = vs.child(kind)
+        if opt is None or not opt.args:
+            continue
+        how = opt.args[0].upper()
+        if how == "NAT":
+            out.add(2, "source: client   # lb_kind NAT: the real servers see the client's address")
+            out.change(
+                2,
+                opt,
+                "l4lb dials the real servers from each client's address (source: client); their"
+                " answers must come back through this host, as NAT's already do, and " + _WAY_BACK,
+            )
+        elif how == "DR":
+            out.add(2, "source: client   # lb_kind DR: the real servers see the client's address")
+            out.change(
+                2,
+                opt,
+                "l4lb dials the real servers from each client's address (source: client); with"
+                " DR they answered clients directly: route their answers through this host"
+                " (their default gateway) instead, and " + _WAY_BACK,
+            )
+        else:
+            out.change(
+                2,
+                opt,
+                f"l4lb is a full proxy and dials the real servers itself (no {how} tunnel); they"
+                " see l4lb's address: `send_proxy: v2` passes the client's to those that read"
+                " the PROXY protocol",
+            )
+
+
 def _sorry(out: _Out, vs: Node, ports: list[int], udp: bool) -> None:
     sorry = vs.child("sorry_server")
     if sorry is not None and len(sorry.args) >= 1:
@@ -663,16 +704,7 @@ def _virtual_server(
     hyst = vs.child("hysteresis")
     if hyst is not None and hyst.args and hyst.args[0].isdigit():
         out.add(2, f"hysteresis: {int(hyst.args[0])}")
-    for kind in ("lb_kind", "lvs_method"):
-        opt = vs.child(kind)
-        if opt is not None:
-            out.change(
-                2,
-                opt,
-                "l4lb is a full proxy: the real servers see l4lb's address, not the client's"
-                " (LVS keeps it); `send_proxy: v2` passes it to servers that read the PROXY"
-                " protocol",
-            )
+    _forwarding(out, vs)
     _sorry(out, vs, ports, udp)
     for child in vs.children or []:
         if child.keyword not in _VS_DONE:

@@ -118,7 +118,8 @@ def test_fwmark_service_with_its_ports(tmp_path: Path) -> None:
         a.health_check.timeout,
     ) == ("tcp", 6, 3)
     assert (a.health_check.fall, b.health_check.fall, a.health_check.rise) == (2, 3, 1)  # retry + 1
-    assert notes == 1 and "# changed (" in text and "lb_kind NAT: l4lb is a full proxy" in text
+    assert notes == 1 and "lb_kind NAT: l4lb dials the real servers from each client's" in text
+    assert g.source == "client"  # NAT kept the client's address: so does l4lb
 
 
 def test_fwmark_without_ports_says_so_and_still_checks(tmp_path: Path) -> None:
@@ -413,3 +414,22 @@ def test_granularity_as_keepalived_reads_it(
     assert said == (
         f"{notes} carried over but changed: see the comments that say so" if notes else ""
     )
+
+
+@pytest.mark.parametrize(("kind", "source"), [("NAT", "client"), ("DR", "client"), ("TUN", None)])
+def test_lb_kind_says_what_lvs_did_with_the_clients_address(
+    tmp_path: Path, kind: str, source: str | None
+) -> None:
+    """Issue 25: `lb_kind NAT` imported as "l4lb is a full proxy (like NAT)", though NAT keeps
+    the client's address and l4lb did not; NAT and DR now import as `source: client` with the
+    route the host needs, TUN with a comment; `l4lb check` accepts each."""
+    conf = write(
+        tmp_path,
+        f"virtual_server 10.0.0.1 80 {{\n  lb_kind {kind}\n  real_server 10.0.0.11 80 {{\n  }}\n}}\n",
+    )
+    text, notes = convert(conf)
+    (g,) = load_config_text(text, "out.yaml").groups
+    assert g.source == source and notes == 1
+    assert (f"lb_kind {kind}:" in text) and (("ip rule add iif" in text) is (source == "client"))
+    check = l4lb("check", "-c", str(write(tmp_path, text, "out.yaml")))
+    assert check.returncode == 0 and "ok (1 group, 1 backend)" in check.stdout
