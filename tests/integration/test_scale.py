@@ -10,6 +10,7 @@ latency figures at a million entries are `make bench`'s (docs/performance.md).""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
@@ -73,6 +74,7 @@ def fill(server: Server, n: int, names: list[str]) -> list[Backend]:
     assert router.table is not None
     backends = [router.by_name[name] for name in names]
     items = [(BASE + (i << 8), backends[i % len(backends)], 1800.0) for i in range(n)]
+    items.reverse()  # (the table's own order, descending, is then not the listing's)
     assert router.table.restore(items) == n
     return backends
 
@@ -111,6 +113,8 @@ async def test_a_listing_pages_through_every_entry_with_its_cursor(big) -> None:
         assert ticks >= 10, ticks
         assert page["total"] == N and len(page["entries"]) == N and page["next"] is None
         clients = [e["client"] for e in page["entries"]]
+        keys = [int(ipaddress.ip_network(c).network_address) for c in clients]
+        assert keys == sorted(keys)  # sorted by client (the table's own order is not)
         assert (
             clients[0] == "10.0.0.0/24" and clients[-1] == f"10.{(N - 1) >> 8}.{(N - 1) & 255}.0/24"
         )
