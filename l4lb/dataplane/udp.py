@@ -401,7 +401,15 @@ class UdpListener:
             router.source_failure(route, backend)
             flow.stats.drops["source"] += 1
             self.end(flow, "source", give_up=False)
-            log.warning("group %s: a UDP flow from source %s: %s", router.name, source, exc)
+            held = _throttle.allow(("source", router.name))
+            if held is not None:  # (a line a second at most, however many flows fail alike)
+                log.warning(
+                    "group %s: a UDP flow from source %s: %s%s",
+                    router.name,
+                    source,
+                    exc,
+                    held_note(held),
+                )
             return False
         except OSError as exc:
             if exc.errno in RESOURCE_ERRNOS:
