@@ -117,10 +117,10 @@ async def dial(
 ) -> tuple[Backend, int, float, str, P] | None:
     """Connect to a backend for `route`: the backend, the port dialed, the loop time the
     connection was made, what became of the client's pin (`Router.connected`), and the
-    connection's protocol; None when every backend the router offers failed.
-    A fresh pin is first settled with the shared store, when there is one. `task` (the one
-    running this) saves looking it up on the hot path; `connect_timeout` is the group's
-    unless given. `source`: the address to dial from (`transparent`: the client's own)."""
+    connection's protocol; None when every backend the router offers failed. A fresh pin is
+    first settled with the shared store, when there is one. `task` (the one running this)
+    saves looking it up; `connect_timeout` is the group's unless given; `source` the address
+    to dial from (`transparent`: the client's own)."""
     loop = ctx.loop
     if task is None:
         task = asyncio.current_task()
@@ -144,11 +144,9 @@ async def dial(
                 backend = await store.follow(router, route, backend)
         port = backend.port_for(service_port)
         t0 = loop.time()
-        # The connect timeout: the shared sweep cancels this task at its deadline (instead of
-        # `asyncio.timeout`'s context manager, a third of a dial's own cost, or a timer per
-        # dial). A cancel the sweep did not make is the client's leaving, which must still
-        # cancel the dial; when it did, the cancellation count tells ours alone from ours and
-        # the client's.
+        # The connect timeout: the shared sweep cancels this task at its deadline (cheaper than
+        # `asyncio.timeout` or a timer per dial). A cancel it did not make is the client's leaving;
+        # when it did, the cancellation count tells ours alone from ours and the client's.
         deadlines = ctx.deadlines
         deadlines.add(loop, task, t0 + connect_timeout)
         exc: OSError | None = None

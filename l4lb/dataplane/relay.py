@@ -380,27 +380,18 @@ class ClientSide(Half):
         assert route is not None
         router = self.router
         try:
-            if self.source is None:
-                result = await dial(
-                    router,
-                    route,
-                    self.service_port,
-                    partial(BackendSide, self),
-                    self.plane,
-                    self.task,
-                )
-            else:
-                result = await dial(
-                    router,
-                    route,
-                    self.service_port,
-                    partial(BackendSide, self),
-                    self.plane,
-                    self.task,
-                    None,
-                    self.source,
-                    router.spec.source == "client",
-                )
+            source = self.source
+            result = await dial(
+                router,
+                route,
+                self.service_port,
+                partial(BackendSide, self),
+                self.plane,
+                self.task,
+                None,
+                source,
+                source is not None and router.spec.source == "client",
+            )
         except asyncio.CancelledError:  # the client left while we dialed
             dialed = self.dialed
             if dialed is not None and dialed.peer is None:
