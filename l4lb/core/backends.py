@@ -82,7 +82,7 @@ class Backend:
         self.ports = dict(spec.ports)
         self.udp_ports = dict(spec.udp_ports)
         self.weight = spec.weight
-        self.eff: float = spec.weight
+        self.eff: float = float(spec.weight)
         self.slow_start = spec.slow_start  # None: as the group says
         self.ramp_since: float | None = None  # when a ramp (slow start) began
         self.max_conns = spec.max_conns
@@ -145,7 +145,7 @@ class Backend:
     def set_weight(self, weight: int) -> None:
         self.weight = weight
         if self.ramp_since is None:
-            self.eff = weight
+            self.eff = float(weight)
         self.refresh()
 
     def note_state(self, now: float) -> None:
@@ -168,7 +168,7 @@ class Backend:
         since = self.ramp_since
         if since is None or duration <= 0 or now - since >= duration:
             self.ramp_since = None
-            self.eff = self.weight
+            self.eff = float(self.weight)
             return False
         self.eff = self.weight * (0.1 + 0.9 * max(0.0, now - since) / duration)
         return True
@@ -207,7 +207,7 @@ class Backend:
         if spec.weight != previous.weight:
             self.weight = spec.weight
             if self.ramp_since is None:
-                self.eff = spec.weight
+                self.eff = float(spec.weight)
         if spec.state != previous.state:
             self.admin = State(spec.state)
         self.refresh()

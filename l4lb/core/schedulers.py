@@ -89,7 +89,7 @@ class WeightedRoundRobin(_Base):
 
     def pick(self, key: int, exclude: Collection[Backend] = _EMPTY) -> Backend | None:
         current = self._current
-        total: float = 0  # ints, unless a backend is ramping up (slow start)
+        total: float = 0.0  # ints, unless a backend is ramping up (slow start)
         best = -1
         for i, b in enumerate(self.backends):
             if not b.schedulable or b in exclude:

@@ -451,7 +451,7 @@ class ClientSide(Half):
         if mode == "splice" and splice.AVAILABLE:
             self.begin_splice()
         elif mode == "auto" and splice.AVAILABLE:
-            self.splice_at = backend_side.splice_at = splice.SPLICE_AFTER
+            self.splice_at = backend_side.splice_at = float(splice.SPLICE_AFTER)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.inbound is not None:
