@@ -184,12 +184,13 @@ class Server:
             line = describe(self.config, self.listeners.listening, g.name)
             log.log(logging.DEBUG if self.worker is not None else logging.INFO, "%s", line)
 
-    def _check_source(self) -> None:
-        """For `source: client`: say at start whether this host can do it (the capability, and
-        the way back for the answers, read from the kernel), and if not, mark the groups so that
-        their failing dials are counted as this host's failures, not the backends'."""
+    def _check_source(self, changed: set[str] | None = None) -> None:
+        """For `source: client`: say at start (or at the reload that set it: the groups
+        `changed`) whether this host can do it (the capability, and the way back for the
+        answers, read from the kernel), and if not, mark the groups so that their failing dials
+        are counted as this host's failures, not the backends'."""
         for g in self.config.groups:
-            if g.source != "client":
+            if g.source != "client" or (changed is not None and g.name not in changed):
                 continue
             router = self.routers[g.name]
             if not has_net_admin():
@@ -407,6 +408,8 @@ class Server:
             changes.append(f"group {name} removed")
         old, self.config = self.config, new
         self._set_bindings()
+        was = {g.name: g.source for g in old.groups}
+        self._check_source({g.name for g in new.groups if g.source != was.get(g.name)})
         await self.listeners.serve(bound)
         changes += self.listeners.close_unwanted(wanted)
         changes += [f"listening on {spec}" for spec, _ in bound]

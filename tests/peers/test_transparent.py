@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import STARTUP, can_make_netns, output, processes, start_l4lb, stop
+from tests.support.procs import (
+    STARTUP,
+    can_make_netns,
+    output,
+    processes,
+    start_l4lb,
+    stop,
+    wait_for_line,
+)
 
 NGINX = shutil.which("nginx")
 pytestmark = pytest.mark.skipif(
@@ -211,4 +220,24 @@ def test_without_the_way_back_l4lb_says_so_and_counts_the_dials_as_its_own(
         assert 'l4lb_connections_failed_total{group="shop",reason="source"} 1.0' in text
         assert 'l4lb_backend_state{backend="b1",group="shop",state="up"} 1.0' in text
         assert 'l4lb_backend_state{backend="b2",group="shop",state="up"} 1.0' in text
+        assert stop(lb) == 0 and "Traceback" not in output(lb)
+
+
+def test_a_reload_that_sets_source_client_says_what_the_host_lacks(tmp_path: Path) -> None:
+    """The check runs at the reload that turns `source: client` on, not only at start."""
+    with topology(), processes() as procs:
+        backends(tmp_path, procs)
+        cfg = config(tmp_path)
+        cfg.write_text(cfg.read_text().replace("    source: client\n", ""))
+        lb = start_l4lb(cfg, prefix=("ip", "netns", "exec", NS["l"]))
+        procs.append(lb)
+        name, peer = ask_tcp(CLIENTS[0]).split()
+        assert peer == "10.211.2.1"  # l4lb's own address, before
+        cfg.write_text(
+            cfg.read_text().replace("    backends:\n", "    source: client\n    backends:\n")
+        )
+        lb.send_signal(signal.SIGHUP)
+        wait_for_line(lb, "stderr", "cannot come back to l4lb: no policy rule", timeout=10)
+        way_back(True)  # the host set up after the warning: the dials work from then on
+        assert ask_tcp(CLIENTS[0]).split() == [name, CLIENTS[0]]  # its own address now
         assert stop(lb) == 0 and "Traceback" not in output(lb)
