@@ -58,7 +58,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 B = TypeVar("B")
 
@@ -85,14 +85,16 @@ class Entry(Generic[B]):
         "key",
         "moved",
         "provisional",
+        "ref",
         "refs",
         "repin",
         "since",
         "ticket",
     )
 
-    def __init__(self, key: int) -> None:
+    def __init__(self, key: int, ref: object) -> None:
         self.key = key
+        self.ref = ref  # the key as the table's dict and queues hold it (see "Storage")
         self.backend: B | None = None
         self.home: B | None = None  # where the client was before its backend failed
         self.refs = 0
@@ -118,10 +120,12 @@ class AffinityTable(Generic[B]):
         self.timeout = timeout
         self.max_entries = max_entries
         self.clock = clock
-        self._entries: dict[int, Entry[B] | int] = {}
-        self._active: dict[int, Entry[B]] = {}  # in the order they became active
-        self._order: deque[int] = deque()  # places of confirmed idle entries
-        self._prov: deque[int] = deque()  # places of provisional idle entries
+        # Keys are typed `object` in the containers so that, compiled, they share one boxed int
+        # (mypyc holds an `int` unboxed and would box a new one for each container).
+        self._entries: dict[object, Entry[B] | int] = {}
+        self._active: dict[object, Entry[B]] = {}  # in the order they became active
+        self._order: deque[object] = deque()  # places of confirmed idle entries
+        self._prov: deque[object] = deque()  # places of provisional idle entries
         self._placed = [0, 0]  # places ever made in _order, in _prov (the next ticket)
         self._nprov = 0  # idle provisional entries
         self._young: deque[tuple[Entry[B], float]] = deque()  # released, not packed yet
@@ -180,8 +184,8 @@ class AffinityTable(Generic[B]):
             | since << _SINCE_SHIFT
         )
 
-    def _unpack(self, key: int, v: int) -> Entry[B]:
-        e: Entry[B] = Entry(key)
+    def _unpack(self, ref: object, v: int) -> Entry[B]:
+        e: Entry[B] = Entry(cast(int, ref), ref)
         e.backend = self._backends[v >> _BACKEND_SHIFT & _BACKEND]
         e.expires = (v & _EXP) / 1000
         e.provisional = bool(v & _PROV)
@@ -239,12 +243,13 @@ class AffinityTable(Generic[B]):
         if len(entries) >= self.max_entries and not self._evict(provisional):
             self.overflows += 1
             return None
-        entry = Entry(key)
+        ref: object = key  # (boxed once: the dict, the queue and _active share it)
+        entry = Entry(key, ref)
         entry.refs = 1
         entry.provisional = provisional
         entry.expires = self.clock()
-        entries[key] = entry
-        self._active[key] = entry
+        entries[ref] = entry
+        self._active[ref] = entry
         return entry
 
     def confirm(self, entry: Entry[B]) -> None:
@@ -256,7 +261,7 @@ class AffinityTable(Generic[B]):
         entry.refs -= 1
         if entry.refs > 0:
             return
-        key = entry.key
+        key = entry.ref
         del self._active[key]
         if entry.backend is None:  # never pinned (every dial failed): nothing to remember
             del self._entries[key]
@@ -269,7 +274,7 @@ class AffinityTable(Generic[B]):
             self._place(entry, prov)
         self._young.append((entry, entry.expires))  # (packed a second or so later)
         if self.released is not None:
-            self.released.append(key)
+            self.released.append(entry.key)
         if prov:
             self._nprov += 1
             if self._nprov > max(1, self.max_entries // 4):  # a pool of its own, bounded
@@ -279,14 +284,14 @@ class AffinityTable(Generic[B]):
         queue = self._prov if prov else self._order
         n = self._placed[prov]
         self._placed[prov] = n + 1
-        queue.append(entry.key)
+        queue.append(entry.ref)
         entry.ticket = n & _TICKET
         entry.in_prov = prov
         entry.moved = False
 
     # ------------------------------------------------------------------ the queues
 
-    def _front(self, prov: bool) -> tuple[int, Entry[B] | int | None, bool]:
+    def _front(self, prov: bool) -> tuple[object, Entry[B] | int | None, bool]:
         """The front place of a queue: (key, its entry, whether the place is the entry's own).
         The queue must not be empty."""
         queue = self._prov if prov else self._order
@@ -305,12 +310,12 @@ class AffinityTable(Generic[B]):
                 mine = False
         return key, v, mine
 
-    def _remove_idle(self, key: int, v: Entry[B] | int) -> None:
+    def _remove_idle(self, key: object, v: Entry[B] | int) -> None:
         del self._entries[key]
         if (v & _PROV) if isinstance(v, int) else v.provisional:
             self._nprov -= 1
 
-    def _evict_front(self, queue: deque[int], prov: bool) -> bool:
+    def _evict_front(self, queue: deque[object], prov: bool) -> bool:
         """Evict the idle entry at the front of a queue, skipping ghosts and putting moved
         entries (released again since they got their place) at the back, a slice of them at
         most (then the front goes, moved or not); False: none."""
@@ -327,7 +332,7 @@ class AffinityTable(Generic[B]):
                 return True
         return False
 
-    def _requeue(self, key: int, v: Entry[B] | int, prov: bool) -> bool:
+    def _requeue(self, key: object, v: Entry[B] | int, prov: bool) -> bool:
         """A moved entry whose place left the front gets a place at the back; False: it was
         not moved (its place was the right one)."""
         if not ((v & _MOVED) if isinstance(v, int) else v.moved):
@@ -385,8 +390,8 @@ class AffinityTable(Generic[B]):
                 break
             young.popleft()
             budget -= 1
-            if not entry.refs and entry.expires == expires and entries.get(entry.key) is entry:
-                entries[entry.key] = self._pack(entry)
+            if not entry.refs and entry.expires == expires and entries.get(entry.ref) is entry:
+                entries[entry.ref] = self._pack(entry)
         return budget
 
     # ------------------------------------------------------------------ looking and walking
@@ -407,7 +412,7 @@ class AffinityTable(Generic[B]):
 
     def keys(self) -> list[int]:
         """Every key, as a list (one C-speed copy): walk it in slices with `view`."""
-        return list(self._entries)
+        return cast("list[int]", list(self._entries))
 
     def views(self, keys: Iterable[int]) -> list[Entry[B]]:
         """The live entries of `keys` (a slice of `keys()`)."""
@@ -473,9 +478,9 @@ class AffinityTable(Generic[B]):
         ones, then each queue (oldest first) with the ticket of its first place and whether it
         is the provisional one. Walk them in slices with `export_places`."""
         return [
-            (list(self._active), -1, False),
-            (list(self._order), self._placed[False] - len(self._order), False),
-            (list(self._prov), self._placed[True] - len(self._prov), True),
+            (cast("list[int]", list(self._active)), -1, False),
+            (cast("list[int]", list(self._order)), self._placed[False] - len(self._order), False),
+            (cast("list[int]", list(self._prov)), self._placed[True] - len(self._prov), True),
         ]
 
     def export_places(
@@ -517,12 +522,13 @@ class AffinityTable(Generic[B]):
         for key, backend, left in items:
             if left <= 0 or key in entries or len(entries) >= self.max_entries:
                 continue
-            entry: Entry[B] = Entry(key)
+            ref: object = key
+            entry: Entry[B] = Entry(key, ref)
             entry.backend = backend
             entry.expires = now + min(left, self.timeout)
             entry.provisional = provisional
             self._place(entry, provisional)
-            entries[key] = self._pack(entry)
+            entries[ref] = self._pack(entry)
             n += 1
         if provisional:
             self._nprov += n

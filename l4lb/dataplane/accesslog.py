@@ -270,8 +270,8 @@ class AccessLog:
             # Whole milliseconds, rounded (math.floor: a third of int()'s cost); numbers under
             # 1000 are looked up, not formatted (formatting an int costs ten lookups).
             d = floor((now - started) * 1000.0 + 0.5)
-            c = rec.connected_at
-            c = floor((c - started) * 1000.0 + 0.5) if c else -1
+            at = rec.connected_at
+            c = floor((at - started) * 1000.0 + 0.5) if at else -1
             if via is None:
                 client, client_port, extra = peer_host, peer_port, ""
             else:

@@ -42,6 +42,11 @@ _throttle = Throttle()
 
 # Descriptors kept for what is not a relayed connection: listeners, the admin API and its
 # clients, health checks, the shared store, the state file, logs.
+# A socket address as the socket module gives it: (host, port), or IPv6's (host, port, flowinfo,
+# scope_id). Kept whole where it is sent back to (a UDP client); compiled code checks a
+# `tuple[str, int]` for its length, so raw addresses are typed as this.
+SockAddr = tuple[Any, ...]
+
 FD_RESERVE = 64
 
 

@@ -9,7 +9,7 @@ import errno
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar, cast
 
 from ..core.backends import Backend
 from ..core.routing import Route, Router
@@ -21,7 +21,15 @@ if TYPE_CHECKING:
     from .store import RedisStore
 
 log = logging.getLogger("l4lb.dialer")
-P = TypeVar("P", bound=asyncio.BaseProtocol)
+P = TypeVar("P")  # a protocol: the relay's are native classes, not asyncio.Protocol's
+
+
+def as_factory(factory: Callable[[], object]) -> Callable[[], asyncio.BaseProtocol]:
+    """A protocol factory as asyncio's types want it. uvloop duck-types a protocol (it asks only
+    whether it is an asyncio.Protocol and whether it has `get_buffer`), so the relay's protocols
+    need not subclass asyncio.Protocol, which would keep them out of mypyc's native classes."""
+    return cast("Callable[[], asyncio.BaseProtocol]", factory)
+
 
 # Errors of socket(), connect() and accept() that say this process (or the system) is out of
 # something, not that a backend failed.
@@ -73,7 +81,7 @@ class Deadlines:
     cost an allocation, a heap push and a cancel. A dial may so run up to `TICK` past its
     connect_timeout before it is cancelled."""
 
-    TICK = 0.05
+    TICK: ClassVar[float] = 0.05  # (a class attribute: compiled, a plain one is per instance)
 
     def __init__(self) -> None:
         self.waiting: dict[asyncio.Task[None], float] = {}
@@ -152,11 +160,12 @@ async def dial(
         exc: OSError | None = None
         try:
             if source is None:
-                _, protocol = await loop.create_connection(factory, backend.address, port)
+                _, made = await loop.create_connection(as_factory(factory), backend.address, port)
             else:
-                protocol = await from_source(
-                    loop, factory, backend.address, port, source, transparent
+                made = await from_source(
+                    loop, as_factory(factory), backend.address, port, source, transparent
                 )
+            protocol = cast(P, made)
         except asyncio.CancelledError:
             expired = deadlines.expired
             if task not in expired:

@@ -1,4 +1,5 @@
-"""The relay: a pair of `asyncio.Protocol`s, one on the client's socket, one on the backend's.
+"""The relay: a pair of protocols, one on the client's socket, one on the backend's (native
+classes when compiled: they subclass nothing, and uvloop duck-types a protocol).
 
 Each side writes what it receives straight into the other side's transport; flow control is the
 transports' own: when one side's write buffer passes the high-water mark, its `pause_writing`
@@ -7,9 +8,10 @@ Memory per connection is therefore bounded by two write buffers plus one read ch
 whatever the peers do. The limits are set explicitly: uvloop's default low-water mark is 16
 bytes, which makes a paused relay stall stop-and-go.
 
-Both sides start paused and buffer what arrives until they are paired (uvloop delivers one
-`data_received` even after `pause_reading()` in `connection_made`, so the buffer is one read
-chunk at most). A FIN from one side is passed on as `write_eof()` while the other direction
+Both sides buffer what arrives until they are paired; the client's side stops reading (`held`)
+once that buffer passes the high-water mark, so it is one write buffer and a read chunk at most.
+The usual first request is well under it: no pause and resume (two epoll changes) per
+connection. A FIN from one side is passed on as `write_eof()` while the other direction
 keeps flowing; once both sides have sent FIN, both transports close. A reset or error on one side
 resets the other (SO_LINGER 0, then abort), so the far end learns of it as it would without us.
 
@@ -55,11 +57,19 @@ def reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
-class Half(asyncio.Protocol):
+def peer_of(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+    """The peer's (host, port): IPv6's (host, port, flowinfo, scope_id) cut to two (a
+    link-local host keeps its "%scope" in the host)."""
+    peer = transport.get_extra_info("peername")
+    return None if peer is None else (peer[0], peer[1])
+
+
+class Half:
     """One socket of a relayed connection."""
 
     __slots__ = (
         "eof",
+        "held",
         "lost",
         "nbytes",
         "owner",
@@ -77,13 +87,13 @@ class Half(asyncio.Protocol):
         self.peer: Half | None = None
         self.pending: list[bytes] | None = None  # bytes that arrived before pairing
         self.eof = False  # this side has sent its FIN
+        self.held = False  # reading paused until paired: the buffer before pairing is full
         self.lost = False
         self.seen = False  # traffic since the idle sweeper last looked
         self.nbytes = 0  # bytes received on this side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)
-        t.pause_reading()
         t.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         self.transport = t
 
@@ -99,6 +109,9 @@ class Half(asyncio.Protocol):
             self.pending = [data]
         else:
             self.pending.append(data)
+            if self.nbytes > HIGH_WATER and not self.held:
+                self.held = True  # (resumed by `pair`)
+                self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -145,13 +158,15 @@ class Half(asyncio.Protocol):
 
 
 def pair(a: ClientSide, b: BackendSide) -> None:
-    """Join the client's half and the backend's: resume reading the client (the backend's was
-    never paused: it is paired in the same turn of the loop as its connect, so it holds one
-    read at most), then hand over what each buffered (in that order, so a flush that fills a
-    write buffer pauses the reader it should)."""
+    """Join the client's half and the backend's: resume reading the client if its buffer held it
+    (the backend's is paired in the same turn of the loop as its connect, so it holds one read
+    at most), then hand over what each buffered (in that order, so a flush that fills a write
+    buffer pauses the reader it should)."""
     a.peer, b.peer = b, a
-    if not a.eof:
-        a.transport.resume_reading()
+    if a.held:
+        a.held = False
+        if not a.eof:
+            a.transport.resume_reading()
     for src, dst in ((a, b), (b, a)):
         if src.pending:
             for chunk in src.pending:
@@ -247,7 +262,7 @@ class ClientSide(Half):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
+        peer = peer_of(transport)
         if self.router.log is not None:
             self.rec = Record(peer, self.plane.loop_time())
         if self.plane.loop_watch and peer is not None and self.from_ourselves(peer):
@@ -579,7 +594,7 @@ class ProxyClientSide(ClientSide):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         Half.connection_made(self, transport)
-        peer = transport.get_extra_info("peername")
+        peer = peer_of(transport)
         if self.router.log is not None:
             self.rec = Record(peer, self.plane.loop_time())
         if self.plane.loop_watch and peer is not None and self.from_ourselves(peer):
@@ -591,7 +606,6 @@ class ProxyClientSide(ClientSide):
             return
         self.proxy_buf = b""
         self.proxy_timer = asyncio.get_running_loop().call_later(spec.timeout, self._late)
-        self.transport.resume_reading()
 
     def _late(self) -> None:
         self.reject("no complete PROXY header in time")
@@ -614,14 +628,13 @@ class ProxyClientSide(ClientSide):
             return
         if self.proxy_timer is not None:
             self.proxy_timer.cancel()
-        self.transport.pause_reading()
         self.proxy_buf = None
         rest = buf[header.length :]
         if rest:
             self.pending = [rest]
             self.nbytes += len(rest)
         self.client_addr = header.source
-        self._start(header.source or self.transport.get_extra_info("peername"))
+        self._start(header.source or peer_of(self.transport))
 
     def eof_received(self) -> bool:
         if self.proxy_buf is None:
@@ -676,7 +689,7 @@ class MarkedClientSide(ClientSide):
         if sock is not None:
             with contextlib.suppress(OSError):
                 mark = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
-        peer = transport.get_extra_info("peername")
+        peer = peer_of(transport)
         if self.plane.loop_watch and peer is not None and self.from_ourselves(peer):
             return  # a REDIRECT rule that sends l4lb's own dials back to it
         router = self.plane.by_mark.get(mark)

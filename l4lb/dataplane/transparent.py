@@ -31,12 +31,10 @@ import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)  # linux/in.h
 IPV6_TRANSPARENT = 75  # linux/in6.h
 CAP_NET_ADMIN = 12
-P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
 class SourceError(OSError):
@@ -78,12 +76,12 @@ def source_socket(
 
 async def connect(
     loop: asyncio.AbstractEventLoop,
-    factory: Callable[[], P],
+    factory: Callable[[], asyncio.BaseProtocol],
     host: str,
     port: int,
     source: str,
     transparent: bool,
-) -> P:
+) -> asyncio.BaseProtocol:
     """`loop.create_connection(factory, host, port)` from `source`."""
     sock = source_socket(socket.SOCK_STREAM, host, source, 0, transparent)
     try:

@@ -53,7 +53,7 @@ from .transparent import SourceError, source_socket
 if TYPE_CHECKING:
     from ..core.backends import Backend
     from ..core.routing import Route, Router
-    from .context import DataPlane
+    from .context import DataPlane, SockAddr
 
 log = logging.getLogger("l4lb.udp")
 _throttle = Throttle()
@@ -98,7 +98,7 @@ class Flow:
         self,
         listener: UdpListener,
         key: object,
-        client: tuple[str, int],
+        client: SockAddr,
         reply: list[tuple[int, int, bytes]] | None,
         router: Router,
         service: int,
@@ -240,7 +240,7 @@ class UdpListener:
                 self.unreachable(flow, exc)
 
     def _open(
-        self, key: object, addr: tuple[str, int], anc: list[tuple[int, int, bytes]] | None
+        self, key: object, addr: SockAddr, anc: list[tuple[int, int, bytes]] | None
     ) -> Flow | None:
         """A datagram from a new client address and port: a flow routed by its group."""
         plane = self.plane
@@ -298,7 +298,7 @@ class UdpListener:
         if entry is not None and table is not None:
             table.confirm(entry)
 
-    def _looped(self, addr: tuple[str, int], stats: UdpStats) -> bool:
+    def _looped(self, addr: SockAddr, stats: UdpStats) -> bool:
         """A datagram from one of l4lb's own flow sockets: a backend that leads back to a
         listener of ours. Dropped (counted), and that backend taken down as a looping TCP dial
         takes it, so that one datagram makes a handful of loops, not a storm."""

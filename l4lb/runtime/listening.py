@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from ..core.flowstats import UdpStats
 from ..core.routing import Router
 from ..dataplane.context import DataPlane
+from ..dataplane.dialer import as_factory
 from ..dataplane.listeners import BACKLOG, MARKS, ListenSpec, Where, bind, close_all
 from ..dataplane.relay import ClientSide, MarkedClientSide, ProxyClientSide
 from ..dataplane.udp import UdpListener
@@ -82,7 +83,7 @@ class Listeners:
 
                 self.serving[where] = (
                     spec,
-                    await loop.create_server(marked, sock=sock, backlog=BACKLOG),
+                    await loop.create_server(as_factory(marked), sock=sock, backlog=BACKLOG),
                 )
                 continue
 
@@ -92,7 +93,7 @@ class Listeners:
                     return ProxyClientSide(plane, router, service_port)
                 return ClientSide(plane, router, service_port)
 
-            srv = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+            srv = await loop.create_server(as_factory(factory), sock=sock, backlog=BACKLOG)
             self.serving[where] = (spec, srv)
 
     def set_bindings(self, specs: list[ListenSpec]) -> None:

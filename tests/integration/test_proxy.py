@@ -22,6 +22,7 @@ from tests.support.helpers import (
     group_yaml,
     hello,
     running,
+    wait_until,
 )
 
 
@@ -125,6 +126,61 @@ async def test_connect_timeout_fails_over_to_the_next_backend(backends, cleanup)
     async with running(cfg) as server:
         assert await hello(port) == good.name
         assert server.routers["web"].stats.connect_failures == 1
+
+
+async def test_a_client_that_sends_while_its_dial_waits_is_held_at_the_high_water_mark(
+    cleanup,
+) -> None:
+    """Issue 26: a client is not paused when accepted (no pause and resume per connection);
+    what it sends before its backend is connected is buffered until the buffer passes the
+    high-water mark, then its reading stops (`held`) until the pair is made. Every byte
+    arrives, in order."""
+    received = bytearray()
+    done = asyncio.Event()
+
+    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while chunk := await r.read(65536):
+            received.extend(chunk)
+        done.set()
+        w.close()
+
+    srv = cleanup(await asyncio.start_server(sink, "127.0.0.1", 0))
+    sink_port = srv.sockets[0].getsockname()[1]
+    tarpit = cleanup(socket.socket())  # (see the failover test above)
+    tarpit.bind(("127.0.0.1", 0))
+    tarpit.listen(0)
+    for _ in range(3):
+        f = cleanup(socket.socket())
+        f.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            f.connect(tarpit.getsockname())
+    (port,) = free_ports(1)
+    tport = tarpit.getsockname()[1]
+    cfg = config_of(
+        group_yaml(
+            "web",
+            [port],
+            [
+                f"- {{name: tarpit, address: 127.0.0.1, weight: 10, ports: {{{port}: {tport}}}}}",
+                f"- {{name: sink, address: 127.0.0.1, ports: {{{port}: {sink_port}}}}}",
+            ],
+            scheduler="fo",
+            extra="connect_timeout: 1s",
+        ).replace("    connect_timeout: 1s\n", "", 1)
+    )
+    async with running(cfg) as server:
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+        payload = os.urandom(8 << 20)
+        w.write(payload)  # more than l4lb's buffer and the kernel's together
+        await wait_until(lambda: any(c.held for c in server.plane.live))
+        (conn,) = server.plane.live
+        assert conn.peer is None  # still dialing the tarpit
+        assert sum(map(len, conn.pending or [])) <= HIGH_WATER + 256 * 1024
+        await w.drain()  # flows once the dial fails over to the sink
+        w.write_eof()
+        await asyncio.wait_for(done.wait(), 20)
+        assert received == payload
+        w.close()
 
 
 async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> None:

@@ -28,19 +28,11 @@ from tests.support.helpers import (
     greet,
     hello,
     running,
+    wait_until,
 )
 from tests.support.procs import output, processes, start_backend, start_l4lb, stop, wait_port
 
 Cleanup = Callable[[Any], Any]
-
-
-async def wait_until(test: Callable[[], bool], within: float = 5.0) -> None:
-    """For what the balancer does on its own clock (a sweep, a check): polled, bounded."""
-    deadline = time.monotonic() + within
-    while not test():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the condition did not hold in time")
-        await asyncio.sleep(0.02)
 
 
 def port_free(port: int) -> bool:
@@ -403,7 +395,15 @@ async def test_a_flood_of_forged_sources_never_evicts_a_validated_flow(cleanup: 
                 s.sendto(b"x", ("127.0.0.1", up))
         await wait_until(lambda: st.opened == 501)
         assert st.flows == 50 and st.evicted == 451
-        assert await real.ask(b"three") is not None
+        # The flood l4lb passed on fills the test backend's receive queue (about 256 datagrams;
+        # on the standard loop it reads one per turn), which may drop the next datagram as any
+        # full queue would: a real client sends again, as QUIC does.
+        answer = None
+        for _ in range(3):
+            answer = await real.ask(b"three")
+            if answer is not None:
+                break
+        assert answer is not None
         assert st.opened == 501  # its own flow still: no new one
 
 

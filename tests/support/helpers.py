@@ -8,6 +8,7 @@ import errno
 import random
 import socket
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,3 +260,12 @@ def saved_pins(path: Path | str) -> dict[str, dict[int, tuple[str, float]]]:
         for key, b, left in zip(c.keys, c.backends, c.left, strict=True):
             out[c.group][key] = (c.names[b] if c.names is not None else b, left * c.scale)
     return out
+
+
+async def wait_until(test: Callable[[], bool], within: float = 5.0) -> None:
+    """For what the balancer does on its own clock (a sweep, a check): polled, bounded."""
+    deadline = time.monotonic() + within
+    while not test():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the condition did not hold in time")
+        await asyncio.sleep(0.02)
