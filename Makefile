@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers reliability soak clean install
+.PHONY: run test test-pure native deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers reliability soak clean install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,17 +12,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-# The Debian packages the tests use as real peers and clients (the only list: .ci/run uses it).
+# The Debian packages the tests use as real peers and clients, and the compiled build's C
+# compiler and headers (the only list: .ci/run uses it).
 DEBS := curl openssl make python3-venv util-linux iproute2 iptables chromium haproxy \
         redis-server docker.io docker-compose mmdebstrap systemd \
-        caddy dnsmasq-base bind9-dnsutils ngtcp2-client nginx
+        caddy dnsmasq-base bind9-dnsutils ngtcp2-client nginx gcc libc6-dev python3-dev
 deps:
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -z "$$missing" ]; then echo "deps: all installed"; \
 	elif [ "$$(id -u)" != 0 ]; then echo "deps: missing $$missing: run make deps as root"; exit 1; \
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
-run: $(STAMP)
+# The compiled hot path (l4lb/native.py): built when its sources changed, where a C compiler and
+# Python's headers exist; pure Python otherwise. One line says which.
+native: $(STAMP)
+	@$(BIN)/python -W ignore setup.py -q native
+
+run: $(STAMP) native
 	$(BIN)/l4lb run -c config/l4lb.yaml --demo
 
 lint: $(STAMP)
@@ -33,15 +39,25 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict l4lb
 
-test: lint typecheck
+# The suite against the build `native` made; then the tests of the compiled modules once more
+# as pure Python, so that the two cannot drift (CI: `make test-pure` runs the whole suite so).
+PURE_TESTS := tests/unit tests/integration/test_e2e.py tests/integration/test_udp.py \
+              tests/integration/test_relay_exact.py tests/integration/test_proxyproto.py \
+              tests/integration/test_limits.py tests/integration/test_accesslog.py
+test: lint typecheck native
 	$(BIN)/pytest
+	@if $(BIN)/l4lb version | grep -q compiled; then \
+	  echo "make test: again as pure Python: $(PURE_TESTS)"; L4LB_PURE=1 $(BIN)/pytest -q $(PURE_TESTS); fi
+
+test-pure: $(STAMP)
+	L4LB_PURE=1 $(BIN)/pytest
 
 # Faults, floods and hostile input at full load, one table (docs/reliability.md); `make test`
 # runs the fast ones at small loads. The soak: 10 minutes of churn, descriptors and RSS flat.
-reliability: $(STAMP)
+reliability: $(STAMP) native
 	$(BIN)/python -m tests.reliability
 
-soak: $(STAMP)
+soak: $(STAMP) native
 	$(BIN)/python -m tests.reliability --soak 600
 
 # The side-by-side benchmark (README, "Performance"): Debian's peers and load tools, then the run.
@@ -51,16 +67,16 @@ bench-tools:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx libnginx-mod-stream wrk iperf3 redis-server; \
 	fi
 
-bench: $(STAMP) bench-tools
+bench: $(STAMP) native bench-tools
 	$(BIN)/python bench/bench.py
 
-bench-quick: $(STAMP) bench-tools
+bench-quick: $(STAMP) native bench-tools
 	$(BIN)/python bench/bench.py --quick
 
-bench-table: $(STAMP) bench-tools
+bench-table: $(STAMP) native bench-tools
 	$(BIN)/python bench/table_scale.py
 
-bench-workers: $(STAMP) bench-tools
+bench-workers: $(STAMP) native bench-tools
 	$(BIN)/python bench/workers.py
 
 # The internet-scale affinity simulation (README, "Scale-out"): figures, and the plot in docs/.
@@ -69,7 +85,8 @@ sim: $(STAMP)
 	$(BIN)/python sim/affinity_sim.py --plot docs/sim-affinity.png --json sim/results.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis l4lb/native.stamp
+	find l4lb -name '*.so' -delete
 
 # `make install` (as root): l4lb in a venv of its own under PREFIX, BINDIR/l4lb linking to it,
 # the systemd unit in UNITDIR (its paths made these) and a sample configuration in CONFDIR

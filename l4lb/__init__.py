@@ -6,7 +6,10 @@ lazily (PEP 562), so that `import l4lb.core.affinity` does not bring in the even
 
 from typing import TYPE_CHECKING, Any
 
+from . import native
 from .version import __version__
+
+native.select()  # before any compiled module loads: the build, or pure Python
 
 if TYPE_CHECKING:
     from .balancer import Server

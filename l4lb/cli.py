@@ -47,6 +47,7 @@ async def _serve(config: Config, demo: bool, log_level: str) -> int:
     stop = asyncio.Event()
     signals_seen = 0
     balancer: Balancer
+    log.info("%s", _version())  # which build runs, compiled or pure Python (l4lb/native.py)
     if config.workers > 1:
         from .workers.supervisor import Supervisor
 
@@ -338,7 +339,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="least severe events to log on stderr (default: info)",
     )
-    parser.add_argument("--version", action="version", version=f"l4lb {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and build")
     sub = parser.add_subparsers(
         dest="command",
         required=True,
@@ -416,10 +417,24 @@ def _check(path: str, config: Config) -> int:
     return 0
 
 
+def _version() -> str:
+    from . import native
+
+    return f"l4lb {__version__}, {native.describe()}"
+
+
+class _Version(argparse.Action):
+    """--version: the build is looked up only when asked (it imports the core)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(_version())
+        parser.exit()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
-        print(f"l4lb {__version__}")
+        print(_version())
         return 0
     if args.command == "healthcheck":
         return _healthcheck(args.config)

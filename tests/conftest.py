@@ -8,7 +8,13 @@ import pytest
 import pytest_asyncio
 import uvloop
 
+from l4lb import native
 from tests.support.helpers import NamedBackend
+
+
+def pytest_report_header() -> str:
+    """Which build the suite runs: compiled (mypyc) or pure Python, and why (l4lb/native.py)."""
+    return f"l4lb build: {native.describe()}"
 
 
 @pytest_asyncio.fixture

@@ -19,6 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .. import native
 from ..core.backends import State
 from ..version import __version__
 
@@ -48,8 +49,10 @@ class L4lbCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.server
-        info = GaugeMetricFamily("l4lb_build_info", "l4lb's version", labels=["version"])
-        info.add_metric([__version__], 1)
+        info = GaugeMetricFamily(
+            "l4lb_build_info", "l4lb's version, and its build", labels=["version", "build"]
+        )
+        info.add_metric([__version__, "compiled" if native.is_compiled() else "pure"], 1)
         yield info
         yield from _traffic(s.routers)
         yield from _affinity(s.routers)
