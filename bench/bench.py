@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +43,9 @@ sys.path.insert(0, str(ROOT))
 from tests.support.procs import wait_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-TARGETS = ("direct", "haproxy", "nginx", "bare", "l4lb", "l4lb-log", "l4lb-auto")
+# l4lb: the build `make native` made (compiled where it can be); l4lb-pure: the same source as
+# pure Python (L4LB_PURE=1), so the two builds stand side by side in one run.
+TARGETS = ("direct", "haproxy", "nginx", "bare", "l4lb", "l4lb-pure", "l4lb-log", "l4lb-auto")
 TOOLS = ("haproxy", "nginx", "wrk", "iperf3", "taskset")
 LOAD_CORE, PROXY_CORE = "0", "1"
 
@@ -130,13 +132,16 @@ class Spawner:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, argv: list[str], core: str) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, argv: list[str], core: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         p = subprocess.Popen(
             ["taskset", "-c", core, *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=self.tmp,
+            env={**os.environ, **(env or {})},
         )
         self.procs.append(p)
         return p
@@ -201,6 +206,8 @@ http {{
             return self._l4lb(relay="auto")
         if name == "l4lb-log":  # the connection log on (JSON, to a file): what it costs
             return self._l4lb(log=True)
+        if name == "l4lb-pure":
+            return self._l4lb(pure=True)
         return {
             "direct": self._direct,
             "haproxy": self._haproxy,
@@ -269,7 +276,7 @@ stream {{
         wait_port(self.n_http)
         return Proxy("nginx", self.n_http, self.n_bulk, [p.pid])
 
-    def _l4lb(self, relay: str = "copy", log: bool = False) -> Proxy:
+    def _l4lb(self, relay: str = "copy", log: bool = False, pure: bool = False) -> Proxy:
         conf = self.tmp / "l4lb.yaml"
         top = f"access_log: {{path: {self.tmp / 'access.log'}, format: json}}\n" if log else ""
         conf.write_text(f"""{top}
@@ -287,9 +294,11 @@ groups:
         p = self.spawn(
             [sys.executable, "-m", "l4lb", "--log-level", "warning", "run", "-c", str(conf)],
             PROXY_CORE,
+            {"L4LB_PURE": "1"} if pure else {},
         )
         wait_port(self.l_http)
-        name = "l4lb-log" if log else "l4lb" if relay == "copy" else f"l4lb-{relay}"
+        name = "l4lb-log" if log else "l4lb-pure" if pure else "l4lb"
+        name = name if relay == "copy" else f"l4lb-{relay}"
         return Proxy(name, self.l_http, self.l_bulk, [p.pid])
 
     def stop(self, proxy: Proxy) -> None:
@@ -434,7 +443,7 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     lines = [
         f"{'':26}"
         + "".join(f"{t:>22}" for t in TARGETS)
-        + f"{'l4lb/HAProxy':>14}{'l4lb/bare':>11}{'l4lb/direct':>13}"
+        + f"{'l4lb/HAProxy':>14}{'l4lb/bare':>11}{'pure/bare':>11}{'l4lb/direct':>13}"
     ]
     for key, label, fmt, _higher in ROWS:
         cells = []
@@ -455,12 +464,15 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
             cells.append(f"{fmt.format(med[t]) + spread:>22}")
         ratio_h = f"{med['l4lb'] / med['haproxy']:.2f}x" if med["haproxy"] else "-"
         ratio_b = f"{med['l4lb'] / med['bare']:.2f}x" if med["bare"] else "-"
+        ratio_p = f"{med['l4lb-pure'] / med['bare']:.2f}x" if med["bare"] else "-"
         ratio_d = (
             f"{med['l4lb'] / med['direct']:.2f}x"
             if med["direct"] and key in ("conn_per_s", "req_per_s", "bulk_gbit", "p50_ms", "p99_ms")
             else "-"
         )
-        lines.append(f"{label:26}" + "".join(cells) + f"{ratio_h:>14}{ratio_b:>11}{ratio_d:>13}")
+        lines.append(
+            f"{label:26}" + "".join(cells) + f"{ratio_h:>14}{ratio_b:>11}{ratio_p:>11}{ratio_d:>13}"
+        )
 
     def median(target: str, key: str) -> float:
         return statistics.median(r[key] for r in results[target])
@@ -476,9 +488,42 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     lines.append(
         f"per new connection, CPU: l4lb {cpu_off:.0f} us, the bare relay on the same loop"
         f" {bare:.0f} us, HAProxy {haproxy:.0f} us: l4lb's own machinery {cpu_off - bare:.0f} us"
-        f" ({cpu_off / bare - 1:+.0%} over the loop)"
+        f" ({cpu_off / bare - 1:+.0%} over the loop); pure Python"
+        f" {median('l4lb-pure', 'cpu_us_per_conn'):.0f} us"
     )
-    return "\n".join(lines)
+    return "\n".join([*lines, *goals(median)])
+
+
+def goals(median: Callable[[str, str], float]) -> list[str]:
+    """Issue 26's targets, each with both builds' figure and its gap (a figure gates nothing)."""
+
+    def per_core(t: str) -> float:  # new connections per busy core: 1 / CPU per connection
+        return 1e6 / median(t, "cpu_us_per_conn")
+
+    def line(what: str, goal: float, higher: bool, fig: Callable[[str], float], unit: str) -> str:
+        cells = []
+        for t in ("l4lb", "l4lb-pure"):
+            v = fig(t)
+            met = v >= goal if higher else v <= goal
+            gap = "met" if met else f"gap {abs(v / goal - 1):.0%}"
+            cells.append(f"{t} {v:.2f}{unit} ({gap})")
+        return f"target: {what}: " + ", ".join(cells)
+
+    bare, hap = per_core("bare"), per_core("haproxy")
+    return [
+        line("new connections per busy core >= 1.0x the bare relay", 1.0, True,
+             lambda t: per_core(t) / bare, "x"),
+        line("stretch: new connections per busy core >= 0.6x HAProxy", 0.6, True,
+             lambda t: per_core(t) / hap, "x"),
+        line("keepalive requests/s >= 1.0x HAProxy", 1.0, True,
+             lambda t: median(t, "req_per_s") / median("haproxy", "req_per_s"), "x"),
+        line("bulk >= 1.0x the bare relay", 1.0, True,
+             lambda t: median(t, "bulk_gbit") / median("bare", "bulk_gbit"), "x"),
+        line("RSS at 5,000 idle connections <= 40 MiB", 40.0, False,
+             lambda t: median(t, "rss_mib_5000"), " MiB"),
+        line("at most 3 KiB per idle connection", 3.0, False,
+             lambda t: median(t, "kib_per_idle_conn"), " KiB"),
+    ]  # fmt: skip
 
 
 def brief(results: dict[str, list[dict[str, float]]]) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -28,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = {
     "bare": "",  # bench/bare_relay.py instead of l4lb (--proxy-only): the loop's own cost
-    "plain": "",
+    "plain": "",  # the build `make native` made (compiled where it can be)
+    "pure": "",  # plain, as pure Python (L4LB_PURE=1): the two builds side by side
     "limits": "    client_limits: {{max_conns: 100, rate: 100000/s}}\n",
     "log": "access_log: {{path: {tmp}/access.log, format: json}}\n",
 }
@@ -72,6 +74,10 @@ async def run(n: int, extra: str, tmp: str) -> None:
     backend.close()
 
 
+def build_env(variant: str) -> dict[str, str]:
+    return {**os.environ, "L4LB_PURE": "1"} if variant == "pure" else dict(os.environ)
+
+
 def count(variant: str, n: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
@@ -90,6 +96,7 @@ def count(variant: str, n: int) -> int:
             text=True,
             cwd=ROOT,
             timeout=900,
+            env=build_env(variant),
         )
     m = re.search(r"Collected : (\d+)", out.stderr)
     if m is None:
@@ -153,13 +160,14 @@ def count_proxy(variant: str, n: int) -> int:
             [
                 "valgrind",
                 "--tool=callgrind",
-                "--callgrind-out-file=/dev/null",
+                f"--callgrind-out-file={os.environ.get('CALLGRIND_OUT', '/dev/null')}",
                 sys.executable,
                 *target,
             ],
             cwd=ROOT,
             stderr=subprocess.PIPE,
             text=True,
+            env=build_env(variant),
         )
         for _ in range(600):  # under valgrind, l4lb takes a while to listen
             with socket.socket() as probe:
