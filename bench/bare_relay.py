@@ -7,16 +7,27 @@ is buffered until the backend is connected, then it relays both ways with flow c
 
     python bench/bare_relay.py LISTEN_PORT:BACKEND_PORT[,BACKEND_PORT...] [...]
 
+BARE_DIAL (issue 26, point 3: the ways to dial on uvloop, measured with
+`bench/conn_instructions.py --proxy-only --variant bare`): `task` (the default, as above), `drive`
+(the same coroutine stepped by a callback on its futures, no Task), `raw` (a non-blocking
+connect() and a writer callback, then the connected socket handed to the loop, stepped alike:
+uvloop turns a socket into a transport only in a coroutine).
+
 Binds 127.0.0.1 only; prints "ready" once listening.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import itertools
+import os
 import signal
+import socket
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import uvloop
 
@@ -79,9 +90,41 @@ class Client(Side):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        task = asyncio.get_running_loop().create_task(self.dial(next(self.backends)))
+        port = next(self.backends)
+        if DIAL == "drive":
+            drive(self.dial(port))
+            return
+        if DIAL == "raw":
+            self.raw_dial(port)
+            return
+        task = asyncio.get_running_loop().create_task(self.dial(port))
         DIALS.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(DIALS.discard)
+
+    def raw_dial(self, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        err = sock.connect_ex(("127.0.0.1", port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self.transport.close()
+            return
+
+        def writable() -> None:
+            loop.remove_writer(sock)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                sock.close()
+                self.transport.close()
+                return
+            drive(self.attach(sock))
+
+        loop.add_writer(sock, writable)
+
+    async def attach(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        backend_t, _ = await loop.create_connection(lambda: Side(self), sock=sock)
+        self.paired(backend_t)
 
     async def dial(self, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -90,6 +133,9 @@ class Client(Side):
         except OSError:
             self.transport.close()
             return
+        self.paired(backend_t)
+
+    def paired(self, backend_t: asyncio.Transport) -> None:
         if self.transport.is_closing():
             backend_t.close()
             return
@@ -97,6 +143,27 @@ class Client(Side):
         for data in self.pending:  # what the client sent while the dial went on
             backend_t.write(data)
         self.pending = []
+
+
+DIAL = os.environ.get("BARE_DIAL", "task")
+
+
+def drive(coro: Coroutine[Any, Any, None]) -> None:
+    """Step a coroutine from the done callbacks of the futures it awaits: a Task's work without
+    the Task (its allocation, its first call_soon, its context)."""
+
+    def step(_: object = None) -> None:
+        try:
+            fut = coro.send(None)
+        except StopIteration:
+            return
+        if fut is None:  # a bare yield (sleep(0))
+            asyncio.get_running_loop().call_soon(step)
+            return
+        fut._asyncio_future_blocking = False
+        fut.add_done_callback(step)
+
+    step()
 
 
 async def main(specs: list[str]) -> None:

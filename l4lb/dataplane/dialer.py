@@ -8,8 +8,8 @@ import asyncio
 import errno
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
 
 from ..core.backends import Backend
 from ..core.routing import Route, Router
@@ -41,23 +41,24 @@ class SlotQueue:
     queue holds at most `max_conns` clients; beyond that a client is rescheduled at once."""
 
     def __init__(self) -> None:
-        self._waiters: dict[Backend, deque[asyncio.Future[None]]] = {}
+        self._waiters: dict[Backend, deque[asyncio.Future[bool]]] = {}
 
     async def wait(self, backend: Backend, patience: float) -> bool:
         """True when a slot came free within `patience` seconds."""
         if backend.waiting >= max(backend.max_conns, 1):
             return False
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
         queue = self._waiters.setdefault(backend, deque())
         queue.append(fut)
         backend.waiting += 1
+        # A timer, not `asyncio.timeout`: that needs a Task, and a dial may run without one
+        # (`Stepper`).
+        timer = loop.call_later(patience, _lapse, fut)
         try:
-            async with asyncio.timeout(patience):
-                await fut
-            return True
-        except TimeoutError:
-            return False
+            return await fut
         finally:
+            timer.cancel()
             backend.waiting -= 1
             if not fut.done():
                 fut.cancel()
@@ -71,8 +72,94 @@ class SlotQueue:
         while queue:
             fut = queue.popleft()
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(True)
                 return
+
+
+def _lapse(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
+class Cancellable(Protocol):
+    """What a dial's deadline needs of what runs it: an asyncio.Task, or a `Stepper`."""
+
+    def cancel(self, msg: Any | None = None) -> bool: ...
+    def uncancel(self) -> int: ...
+    def done(self) -> bool: ...
+
+
+class Stepper:
+    """Runs a coroutine as a Task would, stepped from the done callbacks of the futures it
+    awaits, without the Task: its allocation, its context copy and its first turn of the loop
+    (measured on the bare relay: 100,131 instructions a connection with a Task, 88,485 so;
+    bench/bare_relay.py, BARE_DIAL). What it does not give: `asyncio.current_task()` is not it,
+    so the coroutine must not use `asyncio.timeout` (the store's calls do: a dial with a store
+    runs in a Task). `cancel` cancels the awaited future, whose callback resumes the coroutine
+    with CancelledError, as Task.cancel does; a coroutine that ends with an exception other
+    than a cancel is logged."""
+
+    __slots__ = ("_cancels", "_coro", "_finished", "_must_cancel", "_waiting")
+
+    def __init__(self) -> None:
+        self._coro: Coroutine[Any, Any, None] | None = None
+        self._waiting: asyncio.Future[Any] | None = None
+        self._finished = False
+        self._cancels = 0
+        self._must_cancel = False  # cancelled when its future had completed already
+
+    def start(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` to its first await, now (a Task would wait for the next turn)."""
+        self._coro = coro
+        self._step()
+
+    def _step(self, _: object = None) -> None:
+        coro = self._coro
+        assert coro is not None
+        self._waiting = None
+        try:
+            if self._must_cancel:
+                self._must_cancel = False
+                fut = coro.throw(asyncio.CancelledError())
+            else:
+                fut = coro.send(None)
+        except StopIteration:
+            self._end()
+            return
+        except asyncio.CancelledError:
+            self._end()
+            return
+        except Exception:
+            log.exception("a dial ended with an error")
+            self._end()
+            return
+        if fut is None:  # a bare yield: the next turn
+            asyncio.get_running_loop().call_soon(self._step)
+            return
+        fut._asyncio_future_blocking = False
+        self._waiting = fut
+        fut.add_done_callback(self._step)
+
+    def _end(self) -> None:
+        self._finished = True
+        self._coro = None  # (its frame and locals go now)
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if self._finished:
+            return False
+        self._cancels += 1
+        waiting = self._waiting
+        if waiting is None or not waiting.cancel():  # (done: its callback is on its way)
+            self._must_cancel = True
+        return True
+
+    def uncancel(self) -> int:
+        if self._cancels > 0:
+            self._cancels -= 1
+        return self._cancels
+
+    def done(self) -> bool:
+        return self._finished
 
 
 class Deadlines:
@@ -84,11 +171,11 @@ class Deadlines:
     TICK: ClassVar[float] = 0.05  # (a class attribute: compiled, a plain one is per instance)
 
     def __init__(self) -> None:
-        self.waiting: dict[asyncio.Task[None], float] = {}
-        self.expired: set[asyncio.Task[None]] = set()  # cancelled by the sweep, not yet seen
+        self.waiting: dict[Cancellable, float] = {}
+        self.expired: set[Cancellable] = set()  # cancelled by the sweep, not yet seen
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None], at: float) -> None:
+    def add(self, loop: asyncio.AbstractEventLoop, task: Cancellable, at: float) -> None:
         self.waiting[task] = at
         if self._timer is None:
             self._timer = loop.call_later(self.TICK, self._sweep, loop)
@@ -118,7 +205,7 @@ async def dial(
     service_port: int,
     factory: Callable[[], P],
     ctx: DialContext,
-    task: asyncio.Task[None] | None = None,
+    task: Cancellable | None = None,
     connect_timeout: float | None = None,
     source: str | None = None,
     transparent: bool = False,

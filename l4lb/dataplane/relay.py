@@ -33,11 +33,12 @@ from ..core.record import Record, unrouted
 from ..core.routing import Route, Router, reached
 from ..core.throttle import Throttle, held_note
 from . import splice
-from .dialer import dial
+from .dialer import Stepper, dial
 from .splice import SpliceSession
 
 if TYPE_CHECKING:
     from .context import DataPlane
+    from .dialer import Cancellable
 
 log = logging.getLogger("l4lb.relay")
 
@@ -198,7 +199,7 @@ class BackendSide(Half):
         if earlier is not None and earlier.peer is None:
             # A connect that completed in the very turn its deadline passed was taken for a
             # timeout, and the dial moved on: that socket is nobody's.
-            earlier.transport.close()
+            earlier.discard()
         client.dialed = self  # so that a dial cancelled from here on closes this socket
         route = client.route
         if route is not None and route.backend is not None and route.backend.may_loop:
@@ -208,6 +209,16 @@ class BackendSide(Half):
             inner = plane.inbound.get(local)  # accepted before this callback ran
             if inner is not None:
                 inner.looped(local)
+
+    def discard(self) -> None:
+        """Close a socket the dial made but no longer wants. Its `connection_lost` may never
+        come: uvloop closes the transport of a connect whose wait was cancelled after its
+        connection_made was scheduled without calling connection_lost (seen when a dial
+        started in the accept's own turn, `Stepper`), so the loop guard's entry goes here."""
+        self.transport.close()
+        if self.local is not None:
+            self.client.plane.outgoing.pop(self.local, None)
+            self.local = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.local is not None:
@@ -248,7 +259,7 @@ class ClientSide(Half):
         self.router = router
         self.service_port = service_port
         self.route: Route | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.task: Cancellable | None = None  # the dial: a Stepper, a Task with a store
         self.dialed: BackendSide | None = None  # the last backend socket the dial opened
         self.idle_since = 0.0
         self.started = 0.0  # loop time of `DataPlane.track`, for the duration histogram
@@ -352,7 +363,12 @@ class ClientSide(Half):
             self.source = client[0] if source == "client" else source  # type: ignore[index]
         self.route = self.router.begin(key)
         plane.track(self)
-        self.task = plane.loop.create_task(self._connect())
+        if plane.store is None:
+            stepper = Stepper()
+            self.task = stepper
+            stepper.start(self._connect())
+        else:  # (the store's calls use asyncio.timeout, which needs a Task)
+            self.task = plane.loop.create_task(self._connect())
 
     def refuse_over_limit(self, which: str) -> None:
         """Reset a client whose network is over its `client_limits` (counted, logged at most
@@ -410,7 +426,7 @@ class ClientSide(Half):
         except asyncio.CancelledError:  # the client left while we dialed
             dialed = self.dialed
             if dialed is not None and dialed.peer is None:
-                dialed.transport.close()  # connected just as the client left: not to be leaked
+                dialed.discard()  # connected just as the client left: not to be leaked
             self.finish()
             raise
         except Exception:
@@ -419,7 +435,7 @@ class ClientSide(Half):
         if result is None:
             dialed = self.dialed
             if dialed is not None and dialed.peer is None:
-                dialed.transport.close()  # (connected in the turn its deadline passed)
+                dialed.discard()  # (connected in the turn its deadline passed)
                 self.dialed = None
             held = _throttle.allow(("no backend", router.name))
             if held is not None:
