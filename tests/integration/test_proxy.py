@@ -505,3 +505,48 @@ async def test_spliced_connections_pass_resets_time_out_when_idle_and_are_reset_
         w.close()
     finally:
         await server.shutdown(grace=0)
+
+
+async def test_a_stepper_runs_a_coroutine_as_a_task_would_and_cancels_alike() -> None:
+    """Issue 26, point 3: the dial runs without a Task (`dialer.Stepper`). It runs the
+    coroutine to its first await at once; a cancel while it waits cancels the awaited future;
+    a cancel after that future completed but before the coroutine resumed still reaches the
+    coroutine (as a Task's `_must_cancel`); `uncancel` counts down the cancels."""
+    from l4lb.dataplane.dialer import Stepper
+
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+
+    async def body(fut: asyncio.Future[int]) -> None:
+        seen.append("started")
+        try:
+            seen.append(f"got {await fut}")
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    fut: asyncio.Future[int] = loop.create_future()
+    s = Stepper()
+    s.start(body(fut))
+    assert seen == ["started"] and not s.done()  # ran to its first await, now
+    fut.set_result(7)
+    await asyncio.sleep(0)
+    assert seen == ["started", "got 7"] and s.done() and not s.cancel()
+
+    seen.clear()
+    fut = loop.create_future()
+    s = Stepper()
+    s.start(body(fut))
+    assert s.cancel() and fut.cancelled()  # the awaited future is cancelled ...
+    await asyncio.sleep(0)
+    assert seen == ["started", "cancelled"] and s.done()  # ... and the coroutine sees it
+
+    seen.clear()
+    fut = loop.create_future()
+    s = Stepper()
+    s.start(body(fut))
+    fut.set_result(1)  # done: its callback (the next step) is on its way ...
+    assert s.cancel() and s.cancel()  # ... when two cancels come
+    assert s.uncancel() == 1  # one of them taken back: one still stands
+    await asyncio.sleep(0)
+    assert seen == ["started", "cancelled"] and s.done()
