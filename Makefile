@@ -62,9 +62,9 @@ soak: $(STAMP) native
 
 # The side-by-side benchmark (README, "Performance"): Debian's peers and load tools, then the run.
 bench-tools:
-	@for t in haproxy nginx wrk iperf3 redis-server; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@for t in haproxy nginx wrk iperf3 redis-server valgrind; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ] || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx libnginx-mod-stream wrk iperf3 redis-server; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx libnginx-mod-stream wrk iperf3 redis-server valgrind; \
 	fi
 
 bench: $(STAMP) native bench-tools

@@ -12,7 +12,10 @@ the ratios to HAProxy and to direct. Before each measurement the machine must be
 
 Measured: new connections per second (wrk, `Connection: close`), small keepalive requests per
 second with p50/p99 latency (wrk), bulk Gbit/s (iperf3, one stream), the proxy's CPU per new
-connection and per GiB (from /proc), and its RSS with 50 and 5,000 idle connections. Then the
+connection and per GiB (from /proc), and its RSS with 50 and 5,000 idle connections; l4lb as
+built (compiled by `make native` where it can be) and as pure Python (`l4lb-pure`), with issue
+26's targets and each build's gap, and the instructions a connection costs each (callgrind,
+beside the bare relay's). Then the
 UDP table (bench/udp_bench.py): datagrams and new flows per second against nginx's stream
 module and direct, and the memory per idle flow. Last, the table-scale row (bench/table_scale.py):
 a million pins, the start, the bytes per entry and the relay's latency while the table is walked.
@@ -542,6 +545,29 @@ def brief(results: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def instruction_counts(n: int) -> tuple[str, dict[str, float]]:
+    """Instructions per new connection (callgrind, bench/conn_instructions.py --proxy-only):
+    the bare relay, l4lb as built and l4lb as pure Python; repeatable where the CPU time moves
+    by 10-20% from run to run."""
+    if shutil.which("valgrind") is None:
+        return "instructions per connection: valgrind is missing (apt-get install valgrind)", {}
+    import conn_instructions  # bench/conn_instructions.py, beside this file
+
+    counts: dict[str, float] = {}
+    for variant in ("bare", "plain", "pure"):
+        print(f"instructions: {variant}", file=sys.stderr, flush=True)
+        counts[variant] = conn_instructions.per_connection(variant, n)
+    bare = counts["bare"]
+    names = {"bare": "the bare relay", "plain": "l4lb (as built)", "pure": "l4lb, pure Python"}
+    lines = [
+        f"instructions per new connection (callgrind, the proxy process alone, {n} connections):"
+    ]
+    lines += [
+        f"  {names[v]:22} {c:10,.0f}  {c / bare:.3f}x the bare relay" for v, c in counts.items()
+    ]
+    return "\n".join(lines), counts
+
+
 @contextmanager
 def bench_env(seconds: float) -> Iterator[Bench]:
     with tempfile.TemporaryDirectory(prefix="l4lb-bench-") as tmp:
@@ -564,6 +590,11 @@ def main() -> int:
         "--targets", help=f"a comma-separated subset of {','.join(TARGETS)} (default: all)"
     )
     ap.add_argument("--no-udp", action="store_true", help="leave out the UDP table")
+    ap.add_argument(
+        "--no-instructions",
+        action="store_true",
+        help="leave out the instruction counts (callgrind, about four minutes)",
+    )
     ap.add_argument(
         "--no-table", action="store_true", help="leave out the table-scale row (a million pins)"
     )
@@ -616,6 +647,11 @@ def main() -> int:
             f" without it; l4lb against itself, {rounds} rounds: {ab.summary(side['same'])}"
         )
     print(text)
+    instructions: dict[str, float] = {}
+    if targets == TARGETS and not args.only_conn and not args.no_instructions:
+        instr_text, instructions = instruction_counts(100 if args.quick else 500)
+        print("\n" + instr_text)
+        text += "\n\n" + instr_text
     udp: dict[str, list[dict[str, float]]] = {}
     if targets == TARGETS and not args.only_conn and not args.no_udp:
         import udp_bench  # bench/udp_bench.py, beside this file
@@ -648,6 +684,7 @@ def main() -> int:
                 "seconds": seconds,
                 "results": results,
                 "udp": udp,
+                "instructions": instructions,
                 "side_by_side": side,
                 "table_scale": scale,
                 "not_quiet": marks,

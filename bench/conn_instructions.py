@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,6 +189,12 @@ def count_proxy(variant: str, n: int) -> int:
     return int(m.group(1))
 
 
+def per_connection(variant: str, n: int, counter: Callable[[str, int], int] | None = None) -> float:
+    """Instructions one connection costs: the difference of a run of `n` and a run of none."""
+    counter = counter or count_proxy
+    return (counter(variant, n) - counter(variant, 0)) / n
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--inner":
         import uvloop
@@ -210,8 +217,7 @@ def main() -> None:
     if "bare" in variants and not args.proxy_only:
         raise SystemExit("the bare relay is measured as a process of its own: add --proxy-only")
     for variant in variants:
-        few, many = counter(variant, 0), counter(variant, args.connections)
-        per = (many - few) / args.connections
+        per = per_connection(variant, args.connections, counter)
         base = base or per
         print(f"{variant:7} {per:10,.0f} instructions per connection ({per / base - 1:+.1%})")
 
