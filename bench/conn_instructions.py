@@ -148,6 +148,7 @@ def count_proxy(variant: str, n: int) -> int:
             [sys.executable, "-c", PEER, str(port), str(bport), str(n)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # (its handlers' cancels at the end are no news)
             text=True,
         )
         assert peer.stdout is not None and peer.stdin is not None
