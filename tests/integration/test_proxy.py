@@ -95,22 +95,24 @@ async def test_killed_pinned_backend_is_replaced_without_a_failed_connection(bac
         assert stats.repins == 1 and stats.no_backend == 0
 
 
-async def test_connect_timeout_fails_over_to_the_next_backend(backends, cleanup) -> None:
-    (port,) = free_ports(1)
-    (good,) = await backends(1, [port], prefix="good")
-    # A listener that never accepts: once its backlog is full, SYNs are dropped and
-    # connects time out.
-    tarpit = cleanup(socket.socket())
-    tarpit.bind(("127.0.0.1", 0))
-    tarpit.listen(0)
-    fillers = []
+def tarpit(cleanup) -> int:
+    """A listener that never accepts: once its backlog is full, SYNs are dropped and connects
+    time out. Its port."""
+    sock = cleanup(socket.socket())
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(0)
     for _ in range(3):
         f = cleanup(socket.socket())
         f.setblocking(False)
         with contextlib.suppress(BlockingIOError):
-            f.connect(tarpit.getsockname())
-        fillers.append(f)
-    tport = tarpit.getsockname()[1]
+            f.connect(sock.getsockname())
+    return sock.getsockname()[1]
+
+
+async def test_connect_timeout_fails_over_to_the_next_backend(backends, cleanup) -> None:
+    (port,) = free_ports(1)
+    (good,) = await backends(1, [port], prefix="good")
+    tport = tarpit(cleanup)
     cfg = config_of(
         group_yaml(
             "web",
@@ -146,16 +148,8 @@ async def test_a_client_that_sends_while_its_dial_waits_is_held_at_the_high_wate
 
     srv = cleanup(await asyncio.start_server(sink, "127.0.0.1", 0))
     sink_port = srv.sockets[0].getsockname()[1]
-    tarpit = cleanup(socket.socket())  # (see the failover test above)
-    tarpit.bind(("127.0.0.1", 0))
-    tarpit.listen(0)
-    for _ in range(3):
-        f = cleanup(socket.socket())
-        f.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            f.connect(tarpit.getsockname())
+    tport = tarpit(cleanup)
     (port,) = free_ports(1)
-    tport = tarpit.getsockname()[1]
     cfg = config_of(
         group_yaml(
             "web",
@@ -191,15 +185,7 @@ async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> N
     from l4lb.core.routing import Router
     from l4lb.dataplane.dialer import Deadlines, SlotQueue, dial
 
-    tarpit = cleanup(socket.socket())
-    tarpit.bind(("127.0.0.1", 0))
-    tarpit.listen(0)
-    for _ in range(3):
-        f = cleanup(socket.socket())
-        f.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            f.connect(tarpit.getsockname())
-    port = tarpit.getsockname()[1]
+    port = tarpit(cleanup)
     loop = asyncio.get_running_loop()
     spec = load_config_text(
         "groups: {g: {ports: [80], backends: [{name: t, address: 127.0.0.1,"
