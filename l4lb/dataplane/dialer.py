@@ -103,7 +103,9 @@ class Stepper:
 
     def __init__(self) -> None:
         self._coro: Coroutine[Any, Any, None] | None = None
-        self._waiting: asyncio.Future[Any] | None = None
+        # Any, not a Future: uvloop's socket futures (sock_connect's) answer None to cancel(),
+        # where a Future's types say bool, and compiled code checks the types it is told.
+        self._waiting: Any = None
         self._finished = False
         self._cancels = 0
         self._must_cancel = False  # cancelled when its future had completed already
@@ -149,7 +151,9 @@ class Stepper:
             return False
         self._cancels += 1
         waiting = self._waiting
-        if waiting is None or not waiting.cancel():  # (done: its callback is on its way)
+        if waiting is not None:
+            waiting.cancel()
+        if waiting is None or not waiting.cancelled():  # (done: its callback is on its way)
             self._must_cancel = True
         return True
 

@@ -536,3 +536,15 @@ async def test_a_stepper_runs_a_coroutine_as_a_task_would_and_cancels_alike() ->
     assert s.uncancel() == 1  # one of them taken back: one still stands
     await asyncio.sleep(0)
     assert seen == ["started", "cancelled"] and s.done()
+
+    class NoneOnCancel(asyncio.Future):  # as uvloop's sock_connect future answers
+        def cancel(self, msg=None):  # type: ignore[no-untyped-def]
+            super().cancel(msg)
+
+    seen.clear()
+    fut = NoneOnCancel()
+    s = Stepper()
+    s.start(body(fut))
+    assert s.cancel()  # (it failed here, compiled: "bool object expected; got None")
+    await asyncio.sleep(0)
+    assert seen == ["started", "cancelled"] and s.done()
