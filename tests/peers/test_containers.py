@@ -37,10 +37,15 @@ from tests.support.procs import ROOT, processes, start_backend
 BASE = "l4lb-test-base:bookworm"
 IMAGE = "l4lb:test"
 TOOLS = ("docker", "dockerd", "docker-compose", "mmdebstrap", "nsenter", "curl")
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or any(shutil.which(t) is None for t in TOOLS),
-    reason="container tests need root and " + ", ".join(TOOLS) + " (make deps installs them)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or any(shutil.which(t) is None for t in TOOLS),
+        reason="container tests need root and " + ", ".join(TOOLS) + " (make deps installs them)",
+    ),
+    # The first test's setup builds the image: the wheels, l4lb's compiled (mypyc, 40-60 s on a
+    # busy 2-core machine), and the docker build; 120 s (the suite's) was overrun in CI.
+    pytest.mark.timeout(600),
+]
 
 
 def run(
