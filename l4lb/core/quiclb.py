@@ -1,0 +1,137 @@
+"""QUIC-LB connection IDs: the server ID a QUIC server wrote into the connection IDs it issues.
+
+Theory of operation
+-------------------
+After draft-ietf-quic-load-balancers (the editor's copy of 28 February 2025, after -20; its
+sections cited below). A QUIC-LB connection ID is
+
+    First Octet (8) = Config Rotation (3) || CID Len or Random Bits (5)     (section 2.4)
+    Server ID (server_id_length octets) || Nonce (nonce_length octets)       (section 4.1)
+
+The config rotation bits name the configuration (`config_id`, 0-6); 0b111 is the unroutable
+codepoint (section 2.2: route by the 4-tuple). Without a key the server ID is in plain text
+(section 4.4). With a 16-octet AES-128 key the server ID and nonce are encrypted: when their
+lengths sum to exactly 16, as one AES-ECB block (single pass, sections 4.3.1 and 4.4.1);
+otherwise by a four-round Feistel network whose round function is AES-ECB of an `expand`ed half
+(sections 4.3.2 and 4.4.2). For an odd length the two halves share the middle octet, four bits
+each, and the round results are masked to keep them so. A load balancer needs three rounds when
+the server ID fits in the left half (the nonce is at least as long), four otherwise.
+
+`Codec.server_id(cid)` is the load balancer's side: the server ID of a connection ID, or None
+when it is unroutable (another config, the unroutable codepoint, too short). `Codec.encode` is
+the server's side, used by the tests' QUIC servers and by the test vectors (Appendix B).
+Pure: no sockets, no clock; AES comes from `cryptography`, imported only when a key is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+UNROUTABLE = 0b111  # config rotation codepoint: route by the 4-tuple (section 2.2)
+MAX_CONFIG_ID = 6
+
+
+class Codec:
+    """One QUIC-LB configuration: its config ID, the lengths and the key (None: plaintext)."""
+
+    def __init__(
+        self, config_id: int, server_id_length: int, nonce_length: int, key: bytes | None = None
+    ) -> None:
+        if not 0 <= config_id <= MAX_CONFIG_ID:
+            raise ValueError(f"config_id must be 0 to {MAX_CONFIG_ID}")
+        if server_id_length < 1 or nonce_length < 4 or server_id_length + nonce_length > 19:
+            raise ValueError(
+                "server_id_length must be at least 1 and nonce_length at least 4,"
+                " together at most 19 (section 4.2)"
+            )
+        if key is not None and len(key) != 16:
+            raise ValueError("the key must be 16 octets (AES-128)")
+        self.config_id = config_id
+        self.sid_len = server_id_length
+        self.nonce_len = nonce_length
+        self.length = server_id_length + nonce_length  # the CID's length after its first octet
+        self._enc: Any = None
+        self._dec: Any = None
+        if key is not None:
+            from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+            cipher = Cipher(algorithms.AES(key), modes.ECB())
+            self._enc = cipher.encryptor()  # (ECB keeps no state between blocks: reused)
+            self._dec = cipher.decryptor()
+
+    # ------------------------------------------------------------------ the load balancer's side
+
+    def server_id(self, cid: bytes) -> bytes | None:
+        """The server ID `cid` carries, or None: not this configuration's, or too short."""
+        if len(cid) < 1 + self.length or cid[0] >> 5 != self.config_id:
+            return None
+        body = cid[1 : 1 + self.length]
+        if self._enc is None:
+            return body[: self.sid_len]
+        if self.length == 16:
+            return bytes(self._dec.update(body))[: self.sid_len]
+        return self._four_pass_decrypt(body)
+
+    # ------------------------------------------------------------------ the server's side
+
+    def encode(self, server_id: bytes, nonce: bytes, length_bits: int | None = None) -> bytes:
+        """A connection ID for `server_id` with `nonce`; the first octet's low five bits say the
+        length that follows unless `length_bits` gives them (section 2.3)."""
+        if len(server_id) != self.sid_len or len(nonce) != self.nonce_len:
+            raise ValueError("server ID or nonce of the wrong length")
+        low = self.length if length_bits is None else length_bits
+        first = bytes([self.config_id << 5 | (low & 0x1F)])
+        plain = server_id + nonce
+        if self._enc is None:
+            return first + plain
+        if self.length == 16:
+            return first + bytes(self._enc.update(plain))
+        return first + self._four_pass_encrypt(plain)
+
+    # ------------------------------------------------------------------ the Feistel network
+
+    def _round(self, half: bytes, pass_: int) -> bytes:
+        """AES-ECB of expand(length, pass, half), truncated to the half's length (4.3.2.2)."""
+        block = half + bytes(14 - len(half)) + bytes([self.length, pass_])
+        return bytes(self._enc.update(block))[: len(half)]
+
+    def _split(self, plain: bytes) -> tuple[bytes, bytes]:
+        half = (self.length + 1) // 2
+        left, right = bytearray(plain[:half]), bytearray(plain[self.length - half :])
+        if self.length % 2:  # the middle octet: its high nibble left, its low nibble right
+            left[-1] &= 0xF0
+            right[0] &= 0x0F
+        return bytes(left), bytes(right)
+
+    def _xor(self, a: bytes, b: bytes, odd_side: str) -> bytes:
+        out = bytearray(x ^ y for x, y in zip(a, b, strict=True))
+        if self.length % 2:
+            if odd_side == "left":
+                out[-1] &= 0xF0
+            else:
+                out[0] &= 0x0F
+        return bytes(out)
+
+    def _join(self, left: bytes, right: bytes) -> bytes:
+        if self.length % 2:
+            return left[:-1] + bytes([left[-1] | right[0]]) + right[1:]
+        return left + right
+
+    def _four_pass_encrypt(self, plain: bytes) -> bytes:
+        left0, right0 = self._split(plain)
+        right1 = self._xor(right0, self._round(left0, 1), "right")
+        left1 = self._xor(left0, self._round(right1, 2), "left")
+        right2 = self._xor(right1, self._round(left1, 3), "right")
+        left2 = self._xor(left1, self._round(right2, 4), "left")
+        return self._join(left2, right2)
+
+    def _four_pass_decrypt(self, body: bytes) -> bytes:
+        left2, right2 = self._split(body)
+        left1 = self._xor(left2, self._round(right2, 4), "left")
+        right1 = self._xor(right2, self._round(left1, 3), "right")
+        left0 = self._xor(left1, self._round(right1, 2), "left")
+        half = (self.length + 1) // 2
+        if self.sid_len <= half - (self.length % 2):  # all in left_0, whole octets: 3 passes
+            return left0[: self.sid_len]
+        right0 = self._xor(right1, self._round(left0, 1), "right")
+        return self._join(left0, right0)[: self.sid_len]
