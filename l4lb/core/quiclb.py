@@ -135,3 +135,32 @@ class Codec:
             return left0[: self.sid_len]
         right0 = self._xor(right1, self._round(left0, 1), "right")
         return self._join(left0, right0)[: self.sid_len]
+
+
+# ---------------------------------------------------------------------- reading a datagram
+
+QUIC_V1 = 0x00000001
+_CLIENT_CHOSEN_V1 = (0, 1)  # long header types of v1 whose DCID the client chose: Initial, 0-RTT
+
+
+def destination_cid(datagram: bytes, short_length: int) -> tuple[bytes, bool] | None:
+    """The destination connection ID of a QUIC packet and whether the client may have chosen it
+    (a v1 Initial or 0-RTT, or a long header of a version this does not know: RFC 8999 lets
+    only the first bit be read alike across versions); None for a datagram too short to carry
+    one. Reads the first octets only: a short header's DCID is `short_length` octets (the
+    configuration's whole CID, first octet included), a long header's says its own length."""
+    if not datagram:
+        return None
+    first = datagram[0]
+    if not first & 0x80:  # short header (RFC 9000, 17.3): the DCID follows the first octet
+        end = 1 + short_length
+        return (datagram[1:end], False) if len(datagram) >= end else None
+    if len(datagram) < 6:  # first octet, version (4), DCID length (RFC 8999, 5.1)
+        return None
+    version = int.from_bytes(datagram[1:5], "big")
+    n = datagram[5]
+    if len(datagram) < 6 + n:
+        return None
+    dcid = datagram[6 : 6 + n]
+    client_chosen = version != QUIC_V1 or (first >> 4) & 0x3 in _CLIENT_CHOSEN_V1
+    return dcid, client_chosen

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from l4lb.core.quiclb import Codec
 
@@ -74,3 +76,35 @@ def test_bad_configurations_are_refused() -> None:
             Codec(*args)
     with pytest.raises(ValueError):
         Codec(0, 2, 6, bytes(15))
+
+
+def test_the_destination_cid_of_short_and_long_headers() -> None:
+    from l4lb.core.quiclb import destination_cid
+
+    cid = bytes.fromhex("07c4605e4504cc4f")
+    assert destination_cid(bytes([0x40]) + cid + b"payload", 8) == (cid, False)  # short
+    assert destination_cid(bytes([0x40]) + cid[:5], 8) is None  # too short for its DCID
+    v1 = (1).to_bytes(4, "big")
+    handshake = bytes([0xE0]) + v1 + bytes([8]) + cid + b"\x00rest"
+    assert destination_cid(handshake, 8) == (cid, False)  # the server's CID: routable
+    initial = bytes([0xC0]) + v1 + bytes([8]) + b"clientid" + b"\x00rest"
+    assert destination_cid(initial, 8) == (b"clientid", True)  # the client's own choice
+    zero_rtt = bytes([0xD0]) + v1 + bytes([8]) + cid
+    assert destination_cid(zero_rtt, 8) == (cid, True)
+    other = bytes([0xE0]) + (0x6B3343CF).to_bytes(4, "big") + bytes([8]) + cid
+    assert destination_cid(other, 8) == (cid, True)  # another version: not read further
+    assert destination_cid(bytes([0xC0]) + v1 + bytes([20]) + bytes(5), 8) is None
+    assert destination_cid(b"", 8) is None and destination_cid(b"\xc0\x00", 8) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64), st.integers(min_value=5, max_value=20))
+def test_any_bytes_read_without_an_exception(datagram: bytes, short_length: int) -> None:
+    """Whatever a peer sends: a CID or None, never an exception (issue 27, point 2)."""
+    from l4lb.core.quiclb import destination_cid
+
+    found = destination_cid(datagram, short_length)
+    for codec in (Codec(0, 3, 4), Codec(0, 3, 4, KEY), Codec(0, 8, 8, KEY)):
+        codec.server_id(datagram)
+        if found is not None:
+            codec.server_id(found[0])
