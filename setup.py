@@ -84,8 +84,19 @@ class Native(Command):
                 so.unlink()
             print(f"l4lb: pure Python (the compile failed: {LOG.relative_to(ROOT)})")
             return
+        self.drop_strays()
         took = time.monotonic() - start
         print(f"l4lb: compiled hot path (mypyc, {n} modules) in {took:.0f} s")
+
+    @staticmethod
+    def drop_strays() -> None:
+        """An extension module of a module no longer in COMPILED would still be imported (the
+        stamp guards only the listed ones): gone."""
+        keep = {native.source_of(m).with_suffix("") for m in native.COMPILED}
+        for so in native.PACKAGE.rglob("*.so"):
+            stem = so.with_name(so.name.split(".", 1)[0])
+            if stem not in keep and not so.name.startswith("native__mypyc"):
+                so.unlink()
 
     @staticmethod
     def missing() -> str:
@@ -103,8 +114,9 @@ class Native(Command):
         return ""
 
 
-compile_ = os.environ.get("L4LB_COMPILE") == "1"
-setup(
-    ext_modules=extensions() if compile_ else [],
-    cmdclass={"build_ext": BuildExt, "native": Native},
-)
+if __name__ == "__main__":  # (as setuptools' build backend runs it too)
+    compile_ = os.environ.get("L4LB_COMPILE") == "1"
+    setup(
+        ext_modules=extensions() if compile_ else [],
+        cmdclass={"build_ext": BuildExt, "native": Native},
+    )
