@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from l4lb import Server
 from l4lb.config import load_config_text
 from tests.support.helpers import free_ports
-from tests.support.procs import wait_for_line
+from tests.support.procs import redis_argv, wait_for_line
 
 
 async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -92,7 +92,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     port = free_ports(1)[0]
     redis = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        redis_argv(port),
         stdout=subprocess.PIPE,
         text=True,
     )

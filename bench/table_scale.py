@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import free_ports, rss_kib  # noqa: E402  (bench/bench.py, beside this file)
 from l4lb.runtime import pins  # noqa: E402  (the writer l4lb itself uses)
+from tests.support.procs import redis_argv  # noqa: E402
 
 TOKEN = "bench-token-" + "x" * 20
 
@@ -247,20 +248,7 @@ http {{ access_log off;
 """)
         spawn(["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf")])
         if store:
-            spawn(
-                [
-                    "redis-server",
-                    "--port",
-                    str(redis),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                stdout=subprocess.DEVNULL,
-            )
+            spawn(redis_argv(redis), stdout=subprocess.DEVNULL)
             wait_port(redis)
         for p in (b1, b2):
             wait_port(p)

@@ -22,7 +22,14 @@ from l4lb.config import BackendSpec, Config
 from l4lb.core.backends import Backend
 from l4lb.core.schedulers import rendezvous
 from tests.support.helpers import config_of, free_ports, greet, group_yaml, hello, running
-from tests.support.procs import processes, start_backend, start_l4lb, wait_for_line, wait_port
+from tests.support.procs import (
+    processes,
+    redis_argv,
+    start_backend,
+    start_l4lb,
+    wait_for_line,
+    wait_port,
+)
 
 needs_redis = pytest.mark.skipif(
     shutil.which("redis-server") is None,
@@ -37,17 +44,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
+            redis_argv(self.port),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -328,23 +325,15 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
             d = tmp_path / f"node{p}"
             d.mkdir()
             proc = subprocess.Popen(
-                [
-                    "redis-server",
-                    "--port",
-                    str(p),
-                    "--bind",
-                    "127.0.0.1",
+                redis_argv(
+                    p,
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
                     str(d / "nodes.conf"),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
                     "--dir",
                     str(d),
-                ],
+                ),
                 stdout=subprocess.PIPE,
                 text=True,
             )

@@ -74,6 +74,12 @@ def output(proc: subprocess.Popen[str], stream: str = "stderr") -> str:
     return "\n".join(_history[(proc.pid, stream)])
 
 
+def redis_argv(port: int, *extra: str) -> list[str]:
+    """A throwaway redis-server on 127.0.0.1:`port`: nothing saved, no append-only file."""
+    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", *extra]  # fmt: skip
+
+
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
     """Until something accepts on host:port (for peers that print nothing when ready)."""
     deadline = time.monotonic() + timeout
