@@ -33,6 +33,7 @@ from ..core.backends import Backend, State
 from ..core.flowstats import UdpStats
 from ..core.keys import V6_TAG, format_key, format_netmask
 from ..core.routing import Router
+from ..core.spec import QuicLbSpec
 from ..dataplane import walk
 from ..runtime.errors import ReloadError
 from .guard import MAX_BODY, Guard, reason_of, runner_options
@@ -79,6 +80,7 @@ def backend_json(
             **{f"{p}/udp": f"{host}:{b.udp_port_for(p)}" for p in udp_ports},
         },
         "udp_ports": {str(k): v for k, v in b.udp_ports.items()},
+        "server_id": b.server_id or None,  # QUIC-LB
         "flows": flows,  # UDP flows open (of `active`)
         "state_since": round(now - b.changed_at, 1) if b.changed_at else None,
         "downtime": round(b.downtime(now), 1),
@@ -442,6 +444,7 @@ class AdminServer(ApiBase):
                         "sorry": st.sorry,
                     },
                     "udp": udp_json(self.server.udp_stats.get(name)),
+                    "quic_lb": quic_lb_json(g.quic_lb),
                 }
             )
         return web.json_response({"groups": out, "uptime": time.time() - self.server.started_at})
@@ -715,7 +718,19 @@ def udp_json(st: UdpStats | None) -> dict[str, Any] | None:
         "bytes_in": st.bytes_in,
         "bytes_out": st.bytes_out,
         "dropped": dict(st.drops),
+        "quic": dict(st.quic),  # quic_lb: how datagrams that opened a flow were routed
+        "migrations": st.migrations,  # quic_lb: flows a connection ID brought from elsewhere
     }
+
+
+QUIC_FIELDS = ("config_id", "server_id_length", "nonce_length", "key_file")
+
+
+def quic_lb_json(q: QuicLbSpec | None) -> dict[str, Any] | None:
+    """A group's QUIC-LB configuration (never its key)."""
+    if q is None:
+        return None
+    return {**{k: getattr(q, k) for k in QUIC_FIELDS}, "encrypted": q.key is not None}
 
 
 def entry_json(router: Router, e: Entry[Backend], flows: int = 0) -> dict[str, Any]:

@@ -209,7 +209,9 @@ def _status(base: str, token: str | None) -> tuple[Any, str]:
     b_rows = [
         [
             b["group"],
-            b["name"] + (" (backup)" if b.get("backup") else ""),
+            b["name"]
+            + (" (backup)" if b.get("backup") else "")
+            + (f" [server ID {b['server_id']}]" if b.get("server_id") else ""),
             ", ".join(f"{a} ({sp})" for sp, a in b["addresses"].items()) or b["address"],
             b["state"],
             b["weight"],
@@ -222,11 +224,25 @@ def _status(base: str, token: str | None) -> tuple[Any, str]:
     text = _table(
         g_rows, ["GROUP", "MARK", "PORTS", "SCHED", "PINNED", "ACCEPTED", "REPINS", "SORRY"]
     )
+    for g in groups["groups"]:
+        if g.get("quic_lb"):
+            text += "\n" + _quic_line(g)
     text += "\n\n" + _table(
         b_rows,
         ["GROUP", "BACKEND", "ADDRESS", "STATE", "WEIGHT", "OPEN", "CONNS", "LAST CHECK"],
     )
     return {"groups": groups["groups"], "backends": backends["backends"]}, text
+
+
+def _quic_line(g: dict[str, Any]) -> str:
+    """A quic_lb group's line: its configuration and how its new flows were routed."""
+    q, udp = g["quic_lb"], g.get("udp") or {}
+    routes = ", ".join(f"{k} {v}" for k, v in (udp.get("quic") or {}).items())
+    return (
+        f"{g['name']}: quic_lb config {q['config_id']}, server IDs of {q['server_id_length']}"
+        f" octets, {'encrypted' if q['encrypted'] else 'plaintext'}; new flows by {routes};"
+        f" {plural(udp.get('migrations', 0), 'migration')}"
+    )
 
 
 def _affinity(args: argparse.Namespace, base: str, token: str | None) -> tuple[Any, str]:

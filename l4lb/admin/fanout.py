@@ -236,9 +236,9 @@ class FrontAdmin(ApiBase):
                     g["persistence"][k] += other["persistence"][k]
                 if g.get("udp") and other.get("udp"):
                     for k, v in other["udp"].items():
-                        if k == "dropped":
+                        if isinstance(v, dict):  # dropped, quic: by reason
                             for r, n in v.items():
-                                g["udp"]["dropped"][r] = g["udp"]["dropped"].get(r, 0) + n
+                                g["udp"][k][r] = g["udp"][k].get(r, 0) + n
                         else:
                             g["udp"][k] += v
         first["uptime"] = _uptime(self.sup)

@@ -313,6 +313,7 @@ def _process(s: Balancer) -> Iterator[Metric]:
 
 
 def _udp_metrics(s: Balancer) -> Iterator[Metric]:
+    quic_groups = {name for name, r in s.routers.items() if r.quic is not None}
     flows = GaugeMetricFamily(
         "l4lb_udp_flows",
         "UDP flows open (a client address and port with a backend socket; each holds its"
@@ -350,8 +351,24 @@ def _udp_metrics(s: Balancer) -> Iterator[Metric]:
         " (its network over client_limits), denied (the group's allow and deny lists),"
         " unvalidated (an answer past the 3 a client gets"
         " before its second datagram: reflection toward a forged source is bounded), looped"
-        " (from one of l4lb's own flow sockets: its backend leads back, and is taken down)",
+        " (from one of l4lb's own flow sockets: its backend leads back, and is taken down),"
+        " quic_unroutable (quic_lb: a short header whose connection ID no available backend"
+        " owns, from a network with no pin), quic_malformed (quic_lb: too short for its"
+        " connection ID)",
         labels=["group", "reason"],
+    )
+    quic = CounterMetricFamily(
+        "l4lb_quic_packets",
+        "quic_lb: datagrams that opened a flow, by how they were routed: cid (the server ID in"
+        " the connection ID), pin (a client-chosen ID: the network's pin, else the scheduler),"
+        " fallback (an unroutable ID: the same rule), unroutable (dropped)",
+        labels=["group", "route"],
+    )
+    migrations = CounterMetricFamily(
+        "l4lb_quic_migrations",
+        "quic_lb: flows a connection ID brought to its server from an address and port new to"
+        " l4lb (a client that moved network, or a NAT that rebound it)",
+        labels=["group"],
     )
     for group, st in sorted(s.udp_stats.items()):
         flows.add_metric([group], st.flows)
@@ -364,6 +381,10 @@ def _udp_metrics(s: Balancer) -> Iterator[Metric]:
         nbytes.add_metric([group, "out"], st.bytes_out)
         for reason, n in st.drops.items():
             drops.add_metric([group, reason], n)
+        if group in quic_groups:
+            for how, n in st.quic.items():
+                quic.add_metric([group, how], n)
+            migrations.add_metric([group], st.migrations)
     yielded = CounterMetricFamily(
         "l4lb_udp_flows_yielded",
         "UDP flows ended (the idle longest first) so that a TCP connection could be accepted:"
@@ -371,6 +392,7 @@ def _udp_metrics(s: Balancer) -> Iterator[Metric]:
     )
     yielded.add_metric([], s.plane.yielded)
     yield from (flows, opened, evicted, unreachable, dgrams, nbytes, drops, yielded)
+    yield from (quic, migrations)
 
 
 def _store_metrics(up: bool, st: StoreStats) -> Iterator[Metric]:

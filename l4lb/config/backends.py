@@ -15,6 +15,7 @@ from .values import (
     _bool,
     _choice,
     _duration,
+    _hex_id,
     _int_in,
     _ip,
     _name,
@@ -39,6 +40,7 @@ _BACKEND_KEYS = (
     "slow_start",
     "resolve",
     "backup",
+    "server_id",
 )
 _CHECK_COMMON = ("type", "interval", "timeout", "rise", "fall", "port")
 _CHECK_KEYS = {
@@ -138,6 +140,7 @@ def _backend(v: _Validator, node: yaml.Node, path: str, ports: GroupPorts) -> Ba
         "send_proxy": _choice("v1", "v2", "none"),
         "slow_start": _duration,
         "resolve": _choice("all", "first"),
+        "server_id": _hex_id,
     }
     ok = _scalars(v, m, path, checks, kw) and ok
     inline_port: int | None = None

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..core.spec import AcceptProxySpec, AccessLogSpec, ClientLimitsSpec, GroupSpec, PersistenceSpec
+from ..core.quiclb import MAX_CONFIG_ID, Codec
+from ..core.spec import (
+    AcceptProxySpec,
+    AccessLogSpec,
+    ClientLimitsSpec,
+    GroupSpec,
+    PersistenceSpec,
+    QuicLbSpec,
+)
 from .backends import _backends, _health_check, _passive, _sorry_server
 from .ports import GroupPorts, _ports
 from .validator import _list_of, _scalars, _Validator
@@ -57,6 +66,7 @@ _GROUP_KEYS = (
     "allow",
     "deny",
     "source",
+    "quic_lb",
 )
 _PERSIST_KEYS = ("timeout", "netmask", "ipv6_prefix", "max_entries")
 
@@ -139,6 +149,61 @@ def _client_limits(v: _Validator, node: yaml.Node, path: str) -> ClientLimitsSpe
         # Default burst: one second's worth (at least one connection).
         kw["burst"] = float(kw.get("burst", max(1.0, float(int(kw["rate"] + 0.999)))))
     return ClientLimitsSpec(**kw)
+
+
+def _quic_lb(v: _Validator, node: yaml.Node, path: str) -> QuicLbSpec | None:
+    keys = ("server_id_length", "nonce_length", "config_id", "key_file")
+    m = v.mapping(node, path, keys)
+    if m is None:
+        return None
+    ok = True
+    for required in keys[:2]:
+        if required not in m:
+            v.error(node, path, f"missing required key {required!r}")
+            ok = False
+    kw: dict[str, Any] = {}
+    checks: dict[str, Callable[[Any], Any]] = {
+        "server_id_length": _int_in(1, 15),
+        "nonce_length": _int_in(4, 18),
+        "config_id": _int_in(0, MAX_CONFIG_ID),
+        "key_file": _text,
+    }
+    if not (_scalars(v, m, path, checks, kw) and ok):
+        return None
+    if kw["server_id_length"] + kw["nonce_length"] > 19:
+        v.error(
+            node,
+            path,
+            "server_id_length and nonce_length sum to at most 19 (a QUIC v1 connection ID is"
+            " 20 octets with its first)",
+        )
+        return None
+    if "key_file" in kw:
+        kw["key_file"] = _beside(v.source, kw["key_file"])
+        kw["key"] = _quic_key(v, m["key_file"][1], f"{path}.key_file", kw["key_file"])
+        if kw["key"] is None:
+            return None
+    spec = QuicLbSpec(**kw)
+    Codec(spec.config_id, spec.server_id_length, spec.nonce_length, spec.key)  # (it loads)
+    return spec
+
+
+def _quic_key(v: _Validator, node: yaml.Node, path: str, file: str) -> bytes | None:
+    """The 16-octet AES-128 key in `file`: 32 hex digits (whitespace and a 0x aside)."""
+    try:
+        text = Path(file).read_text(errors="replace")
+    except OSError as exc:
+        v.error(node, path, f"cannot read {file}: {exc.strerror}")
+        return None
+    digits = "".join(text.split()).lower().removeprefix("0x")
+    try:
+        key = bytes.fromhex(digits)
+    except ValueError:
+        key = b""
+    if len(key) != 16:
+        v.error(node, path, f"{file} must hold a 16-octet AES-128 key as 32 hex digits")
+        return None
+    return key
 
 
 def _addresses(v: _Validator, node: yaml.Node, path: str) -> tuple[str, ...] | None:
@@ -228,6 +293,7 @@ def _group(v: _Validator, name: str, node: yaml.Node, index: int) -> GroupSpec |
         "access_log": ("access_log", lambda node, p: _access_log(v, node, p)),
         "allow": ("allow", networks),
         "deny": ("deny", networks),
+        "quic_lb": ("quic_lb", lambda node, p: _quic_lb(v, node, p)),
     }
     for key, (field_name, parse) in sections.items():
         if key in m:
@@ -261,4 +327,47 @@ def _consistent(
         )
     if "quorum" in m and group.sorry_server is None:
         v.warn(m["quorum"][1], f"{path}.quorum", "has no effect without a sorry_server")
+    return _server_ids(v, group, m, path)
+
+
+def _server_ids(
+    v: _Validator, group: GroupSpec, m: dict[str, tuple[yaml.Node, yaml.Node]], path: str
+) -> bool:
+    """QUIC-LB: every backend has a server ID of the configured length, no two alike; and
+    neither a server ID nor quic_lb without the other (or without a UDP port)."""
+    quic = group.quic_lb
+    if quic is not None and not group.udp_ports:
+        v.error(
+            m["quic_lb"][0],
+            f"{path}.quic_lb",
+            'routes QUIC: the group needs a UDP port ("443/udp")',
+        )
+        return False
+    seen: dict[str, str] = {}
+    for i, b in enumerate(group.backends):
+        where = f"{path}.backends[{i}]"
+        node = v.nodes.get(where)
+        if quic is None:
+            if b.server_id:
+                v.error(node, f"{where}.server_id", "has no use without the group's quic_lb")
+                return False
+            continue
+        want = quic.server_id_length
+        if not b.server_id:
+            v.error(node, where, f"needs a server_id ({want} octets in hex): the group has quic_lb")
+            return False
+        if len(b.server_id) != 2 * want:
+            v.error(
+                node,
+                f"{where}.server_id",
+                f"{b.server_id} is {len(b.server_id) // 2} octets;"
+                f" quic_lb.server_id_length is {want}",
+            )
+            return False
+        if b.server_id in seen:
+            v.error(
+                node, f"{where}.server_id", f"{b.server_id} is also backend {seen[b.server_id]}'s"
+            )
+            return False
+        seen[b.server_id] = b.name
     return True

@@ -219,6 +219,16 @@ def _rate(x: Any) -> float:
     raise ValueError(f'expected a rate such as "50/s" or "600/m", got {x!r}')
 
 
+def _hex_id(x: Any) -> str:
+    """A QUIC-LB server ID: hex digits in quotes ("0a1b"), lower-cased."""
+    if not isinstance(x, str):
+        raise ValueError(f'expected hex digits in quotes, such as "0a1b", got {x!r}')
+    text = x.lower().removeprefix("0x")
+    if not text or len(text) % 2 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"expected whole octets of hex digits, such as 0a1b, got {x!r}")
+    return text
+
+
 def _beside(source: str, path: str) -> str:
     """A relative path in a file means relative to that file's folder."""
     if source.startswith("<") or Path(path).is_absolute():

@@ -63,6 +63,7 @@ class Backend:
         "schedulable",
         "seed",
         "send_proxy",
+        "server_id",
         "slow_start",
         "udp_ports",
         "unresolved",
@@ -89,6 +90,7 @@ class Backend:
         self.inhibit = spec.inhibit_on_failure
         self.backup = spec.backup  # new clients only when no other backend can take one
         self.send_proxy = spec.send_proxy  # None: as the group says
+        self.server_id = spec.server_id  # QUIC-LB, hex ("": none)
         self.index = index  # position in the group's list; schedulers use it for ties
         self.admin = State(spec.state)
         self.hostname = spec.hostname  # the DNS name it was resolved from, if any
@@ -202,6 +204,7 @@ class Backend:
         self.inhibit = spec.inhibit_on_failure
         self.backup = spec.backup
         self.send_proxy = spec.send_proxy
+        self.server_id = spec.server_id
         self.slow_start = spec.slow_start
         self.index = index
         if spec.weight != previous.weight:

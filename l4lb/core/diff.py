@@ -12,6 +12,8 @@ def _shown(value: object) -> str:
         return "none"
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, bytes):  # a key: said to have changed, never shown
+        return f"({len(value)} octets)"
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_shown(v) for v in value) + "]"
     if isinstance(value, Mapping):

@@ -16,7 +16,12 @@ DROP_REASONS = (
     "looped",  # from one of l4lb's own flow sockets: a backend that leads back to l4lb
     "denied",  # from a network the group's allow and deny lists refuse
     "source",  # the flow's socket could not take its source address (see transparent.py)
+    "quic_unroutable",  # quic_lb: a short header no backend owns, from a network with no pin
+    "quic_malformed",  # quic_lb: too short to carry the connection ID it announces
 )
+# quic_lb: how datagrams that opened a flow were routed; `l4lb_quic_packets_total{route}`
+# (unroutable ones are dropped, and counted among the drops too).
+QUIC_ROUTES = ("cid", "pin", "fallback", "unroutable")
 
 
 class UdpStats:
@@ -30,7 +35,9 @@ class UdpStats:
         "drops",
         "evicted",
         "flows",
+        "migrations",
         "opened",
+        "quic",
         "unreachable",
     )
 
@@ -44,3 +51,5 @@ class UdpStats:
         self.bytes_in = 0
         self.bytes_out = 0
         self.drops = dict.fromkeys(DROP_REASONS, 0)
+        self.quic = dict.fromkeys(QUIC_ROUTES, 0)
+        self.migrations = 0  # quic_lb: flows a connection ID brought from a new address

@@ -139,28 +139,31 @@ class Codec:
 
 # ---------------------------------------------------------------------- reading a datagram
 
-QUIC_V1 = 0x00000001
-_CLIENT_CHOSEN_V1 = (0, 1)  # long header types of v1 whose DCID the client chose: Initial, 0-RTT
+QUIC_V1 = b"\x00\x00\x00\x01"
+# What the first octets say of a packet's destination connection ID (RFC 9000, 17; RFC 8999):
+SHORT = 0  # a short header: a CID its server issued
+LONG = 1  # a v1 long header of a type whose DCID the server chose (Handshake)
+CHOSEN = 2  # a v1 Initial or 0-RTT: the client may have chosen the DCID itself
+OTHER = 3  # a long header of a version this does not know: only the invariants are read
 
 
-def destination_cid(datagram: bytes, short_length: int) -> tuple[bytes, bool] | None:
-    """The destination connection ID of a QUIC packet and whether the client may have chosen it
-    (a v1 Initial or 0-RTT, or a long header of a version this does not know: RFC 8999 lets
-    only the first bit be read alike across versions); None for a datagram too short to carry
-    one. Reads the first octets only: a short header's DCID is `short_length` octets (the
-    configuration's whole CID, first octet included), a long header's says its own length."""
+def destination_cid(datagram: bytes, short_length: int) -> tuple[bytes, int] | None:
+    """The destination connection ID of a QUIC packet and what kind of header carried it
+    (SHORT, LONG, CHOSEN, OTHER); None for a datagram too short to carry one. Reads the first
+    octets only: a short header's DCID is `short_length` octets (the configuration's whole CID,
+    first octet included), a long header's says its own length (RFC 8999, 5.1)."""
     if not datagram:
         return None
     first = datagram[0]
     if not first & 0x80:  # short header (RFC 9000, 17.3): the DCID follows the first octet
         end = 1 + short_length
-        return (datagram[1:end], False) if len(datagram) >= end else None
-    if len(datagram) < 6:  # first octet, version (4), DCID length (RFC 8999, 5.1)
+        return (datagram[1:end], SHORT) if len(datagram) >= end else None
+    if len(datagram) < 6:  # first octet, version (4), DCID length
         return None
-    version = int.from_bytes(datagram[1:5], "big")
     n = datagram[5]
     if len(datagram) < 6 + n:
         return None
     dcid = datagram[6 : 6 + n]
-    client_chosen = version != QUIC_V1 or (first >> 4) & 0x3 in _CLIENT_CHOSEN_V1
-    return dcid, client_chosen
+    if datagram[1:5] != QUIC_V1:
+        return dcid, OTHER
+    return dcid, CHOSEN if (first >> 4) & 0x3 in (0, 1) else LONG

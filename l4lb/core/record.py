@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Protocol
 
 # What routing did for a connection or flow, as its line says it: group, service port, affinity
-# (`Router.connected`), re-pin reason, backend name, backend address and port (as dialed: a
-# reload may change them later), tries, UDP. Rows that share one are given one text.
+# (`Router.connected`), re-pin reason (for `cid`: the QUIC server ID), backend name, backend
+# address and port (as dialed: a reload may change them later), tries, UDP. Rows that share one
+# are given one text.
 Routed = tuple[str, int, str, str, str, str, int, int, bool]
 
 

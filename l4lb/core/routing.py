@@ -48,6 +48,7 @@ from .health import Event, Quorum
 from .histogram import Histogram
 from .keys import Keyer, make_keyer, make_matcher
 from .limits import ClientLimits
+from .quiclb import CHOSEN, OTHER, SHORT, Codec, destination_cid
 from .record import LogSink, Record, Routed, unrouted
 from .schedulers import Scheduler, make_scheduler, rendezvous
 from .spec import BackendSpec, GroupSpec
@@ -87,12 +88,13 @@ def reached(
     udp: bool = False,
 ) -> Routed:
     """The `Routed` of a connection or flow of `group` that reached `backend` on its
-    `backend_port` for service `port` (`affinity`: what `Router.connected` said)."""
+    `backend_port` for service `port` (`affinity`: what `Router.connected` said; for `cid`,
+    the reason's place holds the server ID that chose the backend)."""
     return (
         group,
         port,
         affinity,
-        route.reason,
+        backend.server_id if affinity == "cid" else route.reason,
         backend.name,
         backend.address,
         backend_port,
@@ -158,6 +160,7 @@ class Route:
         "queued",
         "reason",
         "shared",
+        "steered",
         "tried",
         "wait_for",
     )
@@ -175,6 +178,7 @@ class Route:
         self.reason = ""  # why the pin moves, if it does
         self.wait_for: Backend | None = None  # a full pinned backend worth waiting for
         self.queued = False
+        self.steered = False  # sent by a QUIC connection ID, whatever the pin (`steer`)
 
 
 class Router:
@@ -220,6 +224,9 @@ class Router:
         # Told of every health verdict that changes a backend (workers: the one that checks
         # tells the others through the supervisor).
         self.health_hook: Callable[[Backend, bool, str], None] | None = None
+        self.quic: Codec | None = None  # QUIC-LB: the group's connection ID codec
+        self.owners: dict[bytes, Backend] = {}  # QUIC-LB: server ID -> its backend
+        self._quic_setup(spec)
 
     # ------------------------------------------------------------------ routing
 
@@ -381,6 +388,12 @@ class Router:
         `route.reason`, "" for a failure)."""
         backend.connections += 1
         backend.failures_in_row = 0
+        if route.steered:
+            entry = route.entry
+            if entry is not None and entry.backend is backend and not entry.since:
+                entry.since = self.clock()
+            route.pinned = entry.backend if entry is not None else None
+            return "cid"
         if backend is self.sorry:
             self.stats.sorry += 1
             return "sorry"
@@ -563,7 +576,66 @@ class Router:
             self.limits.reconfigure(spec.client_limits)
         self._return = spec.on_up == "return"
         self.spec = spec
+        self._quic_setup(spec)
         return changes
+
+    # ------------------------------------------------------------------ QUIC-LB
+
+    def _quic_setup(self, spec: GroupSpec) -> None:
+        q = spec.quic_lb
+        if q is None:
+            self.quic = None
+            self.owners = {}
+            return
+        self.quic = Codec(q.config_id, q.server_id_length, q.nonce_length, q.key)
+        owners: dict[bytes, Backend] = {}
+        for b in self.backends:  # (a name resolved to many addresses: its first owns the ID)
+            if b.server_id:
+                owners.setdefault(bytes.fromhex(b.server_id), b)
+        self.owners = owners
+
+    def quic_route(self, datagram: bytes, key: int) -> tuple[str, Backend | None]:
+        """How a QUIC datagram that opens a flow (a client address and port new to l4lb) is
+        routed, after the draft's section 3.1: `cid` to the backend whose server ID its
+        destination connection ID carries (returned), when that backend takes pinned clients;
+        `pin` by today's rule when the client chose the ID (a v1 Initial or 0-RTT);
+        `fallback` by today's rule for a long header whose ID is unroutable (another config,
+        the 0b111 codepoint, an unknown or unavailable server), and for a short header whose
+        client network is pinned to a backend that takes it; `unroutable` (dropped) for any
+        other short header: no server asked for it (a random ID from a fresh network); and
+        `malformed` (dropped) when the first octets cannot carry a connection ID."""
+        codec = self.quic
+        assert codec is not None
+        got = destination_cid(datagram, 1 + codec.length)
+        if got is None:
+            return "malformed", None
+        dcid, kind = got
+        if kind == CHOSEN:
+            return "pin", None
+        sid = codec.server_id(dcid)
+        owner = self.owners.get(sid) if sid is not None else None
+        if owner is not None and owner.accepts_pinned and not owner.removed:
+            return "cid", owner
+        if kind != SHORT:
+            return "pin" if kind == OTHER else "fallback", None
+        table = self.table
+        entry = table.get(key) if table is not None else None
+        pinned = entry.backend if entry is not None else None
+        if pinned is not None and pinned.accepts_pinned:
+            return "fallback", None
+        return "unroutable", None
+
+    def steer(self, route: Route, backend: Backend) -> None:
+        """A QUIC connection ID names `backend`: this flow goes there whatever the pin says. The
+        client network's entry is pinned there only if it had no pin (a migrated client's new
+        network: its TCP follows); a network pinned elsewhere keeps its pin."""
+        route.steered = True
+        route.tried.append(backend)
+        backend.take_slot()
+        route.backend = backend
+        entry = route.entry
+        if entry is not None and entry.backend is None:
+            entry.backend = backend
 
     # ------------------------------------------------------------------ state changes
 

@@ -59,6 +59,7 @@ class BackendSpec:
     unresolved: str = ""  # why its name did not resolve (then `address` is the name, down)
     udp_ports: Mapping[int, int] = field(default_factory=dict)  # UDP service port -> backend's
     backup: bool = False  # new clients only while no other backend of the group can take one
+    server_id: str = ""  # QUIC-LB: the server ID its QUIC server writes in its connection IDs (hex)
 
     @property
     def is_name(self) -> bool:
@@ -103,6 +104,19 @@ class ClientLimitsSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class QuicLbSpec:
+    """QUIC-LB (draft-ietf-quic-load-balancers): how the group's QUIC servers write their server
+    ID into the connection IDs they issue, so that any packet of a connection, from any address,
+    can be routed to the server that owns it (l4lb/core/quiclb.py)."""
+
+    server_id_length: int  # octets (section 4.2: at least 1)
+    nonce_length: int  # octets (at least 4; the two sum to 19 at most)
+    config_id: int = 0  # the config rotation codepoint (section 2.1), 0-6
+    key_file: str = ""  # where the AES-128 key came from ("": plaintext)
+    key: bytes | None = field(default=None, repr=False)  # read from key_file at load
+
+
+@dataclass(frozen=True, slots=True)
 class GroupSpec:
     name: str
     mark: int
@@ -139,6 +153,7 @@ class GroupSpec:
     # Where dials to the backends come from: None (the kernel's choice), "client" (the
     # client's own address: transparent, IP_TRANSPARENT), or an IP literal to bind.
     source: str | None = None
+    quic_lb: QuicLbSpec | None = None  # route QUIC by the server ID in its connection IDs
 
     @property
     def first_port(self) -> int:

@@ -168,10 +168,13 @@ class AccessLog:
         """Routing's outcome as text (a UDP flow's line says `"protocol":"udp"`; a TCP line
         says no protocol)."""
         group, port, affinity, reason, name, address, backend_port, tries, udp = routed
+        sid = ""
         if affinity == "repin":
             reason = reason or "failed"
         elif affinity == "full":
             reason = "full"
+        elif affinity == "cid":  # (`reached` put the server ID there)
+            sid, reason = reason, ""
         else:
             reason = ""
         where = address_text(address, backend_port)
@@ -181,6 +184,7 @@ class AccessLog:
                 + (',"protocol":"udp"' if udp else "")
                 + f',"affinity":"{affinity}"'
                 + (f',"repin_reason":"{reason}"' if reason else "")
+                + (f',"server_id":"{sid}"' if sid else "")
                 + (
                     f',"backend":"{name}","backend_address":"{where}"'
                     if name
@@ -189,7 +193,7 @@ class AccessLog:
                 + f',"tries":{tries}'
             )
         else:
-            pin = f"{affinity}({reason})" if reason else affinity
+            pin = f"{affinity}({reason or sid})" if reason or sid else affinity
             to = f"{name}@{where}" if name else "-"
             text = f"{group}:{port}{'/udp' if udp else ''} -> {to} affinity={pin} tries={tries}"
         if len(self._middles) >= 10_000:  # backends come and go with reloads: stay bounded

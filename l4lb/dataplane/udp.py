@@ -201,7 +201,7 @@ class UdpListener:
                 continue
             flow = flows.get(key)
             if flow is None:
-                flow = self._open(key, addr, anc if wildcard else None)
+                flow = self._open(key, addr, anc if wildcard else None, data)
                 if flow is None:
                     continue
             else:
@@ -240,9 +240,10 @@ class UdpListener:
                 self.unreachable(flow, exc)
 
     def _open(
-        self, key: object, addr: SockAddr, anc: list[tuple[int, int, bytes]] | None
+        self, key: object, addr: SockAddr, anc: list[tuple[int, int, bytes]] | None, data: bytes
     ) -> Flow | None:
-        """A datagram from a new client address and port: a flow routed by its group."""
+        """A datagram from a new client address and port: a flow routed by its group (with
+        quic_lb, by the server ID in its connection ID first: `Router.quic_route`)."""
         plane = self.plane
         runner = plane.host
         assert runner is not None
@@ -262,6 +263,17 @@ class UdpListener:
         except (OSError, ValueError):
             stats.drops["rejected"] += 1
             return None
+        owner: Backend | None = None
+        if router.quic is not None:  # (before any eviction: a dropped datagram costs nobody)
+            how, owner = router.quic_route(data, akey)
+            if how == "malformed":
+                stats.quic["unroutable"] += 1
+                stats.drops["quic_malformed"] += 1
+                return None
+            stats.quic[how] += 1
+            if owner is None and how == "unroutable":
+                stats.drops["quic_unroutable"] += 1
+                return None
         if stats.flows >= plane.flow_bound(router.spec.udp_max_flows):
             runner.evict_udp(router.name)
         if plane.descriptors_full() and not runner.evict_udp(router.name):
@@ -281,6 +293,9 @@ class UdpListener:
             else:  # in6_pktinfo: the address, any interface
                 reply = [(level, kind, data[:16] + b"\0\0\0\0")]
         route = router.begin(akey, True)  # provisional until validated (see affinity.py)
+        if owner is not None:
+            router.steer(route, owner)
+            stats.migrations += 1
         flow = Flow(self, key, addr, reply, router, port, route, stats, self.now)
         if router.log is not None:
             flow.rec = Record((host, addr[1]), self._loop.time())
@@ -337,6 +352,11 @@ class UdpListener:
             route.backend = None
             flow.backend = None
             route.reason = "unavailable"
+            route.steered = False  # (a QUIC connection's owner gone: today's rule, the draft's)
+        elif route.steered:  # a QUIC connection ID chose its backend
+            if route.backend is not None:
+                return self._attach(flow, route.backend)
+            route.steered = False  # that backend failed: today's rule
         backend = router.next_backend(route)
         if backend is None and route.wait_for is not None:
             route.queued = True  # a datagram does not wait for a full backend's slot
@@ -440,7 +460,8 @@ class UdpListener:
             rec.connected_at = self._loop.time()
             rec.routed = reached(router.name, flow.service, affinity, route, backend, port, True)
         # From here on the flow holds this pin: a later move is a re-pin away from it.
-        route.pinned = backend
+        if not route.steered:  # (a steered flow leaves its network's pin as it was)
+            route.pinned = backend
         route.reason = ""
         route.fresh = False
         self._loop.add_reader(sock.fileno(), flow.from_backend)

@@ -79,20 +79,20 @@ def test_bad_configurations_are_refused() -> None:
 
 
 def test_the_destination_cid_of_short_and_long_headers() -> None:
-    from l4lb.core.quiclb import destination_cid
+    from l4lb.core.quiclb import CHOSEN, LONG, OTHER, SHORT, destination_cid
 
     cid = bytes.fromhex("07c4605e4504cc4f")
-    assert destination_cid(bytes([0x40]) + cid + b"payload", 8) == (cid, False)  # short
+    assert destination_cid(bytes([0x40]) + cid + b"payload", 8) == (cid, SHORT)  # short
     assert destination_cid(bytes([0x40]) + cid[:5], 8) is None  # too short for its DCID
     v1 = (1).to_bytes(4, "big")
     handshake = bytes([0xE0]) + v1 + bytes([8]) + cid + b"\x00rest"
-    assert destination_cid(handshake, 8) == (cid, False)  # the server's CID: routable
+    assert destination_cid(handshake, 8) == (cid, LONG)  # the server's CID: routable
     initial = bytes([0xC0]) + v1 + bytes([8]) + b"clientid" + b"\x00rest"
-    assert destination_cid(initial, 8) == (b"clientid", True)  # the client's own choice
+    assert destination_cid(initial, 8) == (b"clientid", CHOSEN)  # the client's own choice
     zero_rtt = bytes([0xD0]) + v1 + bytes([8]) + cid
-    assert destination_cid(zero_rtt, 8) == (cid, True)
+    assert destination_cid(zero_rtt, 8) == (cid, CHOSEN)
     other = bytes([0xE0]) + (0x6B3343CF).to_bytes(4, "big") + bytes([8]) + cid
-    assert destination_cid(other, 8) == (cid, True)  # another version: not read further
+    assert destination_cid(other, 8) == (cid, OTHER)  # another version: not read further
     assert destination_cid(bytes([0xC0]) + v1 + bytes([20]) + bytes(5), 8) is None
     assert destination_cid(b"", 8) is None and destination_cid(b"\xc0\x00", 8) is None
 
