@@ -1,16 +1,23 @@
-"""QUIC-LB connection IDs (issue 27, the first step): the draft's own test vectors (Appendix B of
-draft-ietf-quic-load-balancers, editor's copy of 28 February 2025) and its worked four-pass
-example (section 4.3.2.4), both ways."""
+"""QUIC-LB (issue 27): the connection ID codec against the draft's own test vectors (Appendix B
+of draft-ietf-quic-load-balancers, editor's copy of 28 February 2025) and its worked four-pass
+example (section 4.3.2.4), both ways; the router's rule for each kind of packet; the
+configuration's errors, one line each; a reload's report."""
 
 from __future__ import annotations
 
 import os
+import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from l4lb.config import ConfigError, load_config_text
+from l4lb.core.backends import State
 from l4lb.core.quiclb import Codec
+from l4lb.core.routing import Router
+from tests.support.helpers import FakeClock
 
 KEY = bytes.fromhex("8f95f09245765f80256934e50c66207f")
 
@@ -108,3 +115,202 @@ def test_any_bytes_read_without_an_exception(datagram: bytes, short_length: int)
         codec.server_id(datagram)
         if found is not None:
             codec.server_id(found[0])
+
+
+# ---------------------------------------------------------------------- the router's rules
+
+QUIC_CONFIG = """
+groups:
+  web:
+    ports: [443, "443/udp"]
+    scheduler: rr
+    persistence: {timeout: 60s, netmask: /24}
+    quic_lb: {server_id_length: 1, nonce_length: 4}
+    backends:
+      - {name: a, address: 10.0.0.1, server_id: "0a"}
+      - {name: b, address: 10.0.0.2, server_id: "0b"}
+"""
+
+
+def quic_router() -> Router:
+    return Router(load_config_text(QUIC_CONFIG).groups[0], FakeClock(), random.Random(0))
+
+
+PLAIN = Codec(0, 1, 4)
+V1 = (1).to_bytes(4, "big")
+
+
+def short_to(sid: str, codec: Codec = PLAIN) -> bytes:
+    return bytes([0x40]) + codec.encode(bytes.fromhex(sid), b"\x01\x02\x03\x04") + b"x" * 20
+
+
+def long_to(kind: int, cid: bytes, version: bytes = V1) -> bytes:
+    return bytes([0xC0 | kind << 4]) + version + bytes([len(cid)]) + cid + b"\x00" * 20
+
+
+def test_each_kind_of_packet_is_routed_as_the_draft_says() -> None:
+    """Section 3.1: a routable ID goes to its server; a client's own (Initial, 0-RTT) by the
+    pin; a long header's unroutable ID by the fallback; a short header's unroutable ID only to
+    its network's pin, else dropped; too short for its ID: malformed."""
+    r = quic_router()
+    a, b = r.by_name["a"], r.by_name["b"]
+    fresh, pinned = 1, 2
+    route = r.begin(pinned)
+    r.steer(route, a)  # the network's first flow came by a's ID: pinned there
+    assert r.connected(route, a) == "cid"
+    r.finish(route)
+    sid_b = PLAIN.encode(b"\x0b", b"\x05\x06\x07\x08")
+    assert r.quic_route(short_to("0b"), fresh) == ("cid", b)
+    assert r.quic_route(long_to(2, sid_b), fresh) == ("cid", b)  # a Handshake
+    assert r.quic_route(long_to(0, sid_b), fresh) == ("pin", None)  # an Initial: the client's
+    assert r.quic_route(long_to(1, b"anything"), fresh) == ("pin", None)  # 0-RTT
+    other = (0x6B3343CF).to_bytes(4, "big")
+    assert r.quic_route(long_to(2, sid_b, other), fresh) == ("cid", b)  # unknown version: DCID
+    assert r.quic_route(long_to(2, b"\xe0" * 5, other), fresh) == ("pin", None)
+    unknown = short_to("0c")
+    assert r.quic_route(unknown, fresh) == ("unroutable", None)
+    assert r.quic_route(unknown, pinned) == ("fallback", None)
+    codepoint_7 = bytes([0x40, 0xE5]) + b"\x0b" * 4 + b"payload"  # the 0b111 codepoint
+    assert r.quic_route(codepoint_7, fresh) == ("unroutable", None)
+    assert r.quic_route(codepoint_7, pinned) == ("fallback", None)
+    rotated = bytes([0x40]) + Codec(3, 1, 4).encode(b"\x0b", b"abcd") + b"payload"
+    assert r.quic_route(rotated, fresh) == ("unroutable", None)  # another config's ID
+    assert r.quic_route(long_to(2, b"\x00\x0c1234"), fresh) == ("fallback", None)
+    assert r.quic_route(bytes([0x40, 0x0B]), fresh) == ("malformed", None)
+    assert r.quic_route(bytes([0xC0]) + V1, fresh) == ("malformed", None)
+
+
+def test_a_down_or_disabled_owner_is_routed_by_the_fallback_and_a_drained_one_keeps_its_own() -> (
+    None
+):
+    r = quic_router()
+    a, b = r.by_name["a"], r.by_name["b"]
+    pinned = 2
+    route = r.begin(pinned)
+    r.steer(route, a)
+    r.connected(route, a)
+    r.finish(route)
+    r.set_admin(b, State.DRAIN)
+    assert r.quic_route(short_to("0b"), 1) == ("cid", b)  # drained: its connections stay
+    for state in (State.DISABLED, State.UP):
+        r.set_admin(b, state)
+        if state is State.UP:
+            r.set_health(b, False, "test")
+        assert r.quic_route(short_to("0b"), 1) == ("unroutable", None)  # short, fresh: dropped
+        assert r.quic_route(short_to("0b"), pinned) == ("fallback", None)  # to its pin, a
+        assert r.quic_route(long_to(2, PLAIN.encode(b"\x0b", b"abcd")), 1) == ("fallback", None)
+
+
+def test_a_steered_flow_pins_only_a_network_without_a_pin() -> None:
+    r = quic_router()
+    a, b = r.by_name["a"], r.by_name["b"]
+    route = r.begin(5)
+    if r.next_backend(route) is b:  # (rr starts anywhere): the names follow the pick
+        a, b = b, a
+    r.connected(route, a)
+    # the same network, a QUIC connection of b's arriving: b carries it, the pin stays a
+    moved = r.begin(5)
+    r.steer(moved, b)
+    assert r.connected(moved, b) == "cid" and moved.backend is b
+    r.finish(moved)
+    r.finish(route)
+    assert r.table is not None
+    entry = r.table.get(5)
+    assert entry is not None and entry.backend is a and r.stats.repins == 0
+    # a network with no pin: pinned to the connection's server
+    fresh = r.begin(6)
+    r.steer(fresh, b)
+    assert r.connected(fresh, b) == "cid"
+    r.finish(fresh)
+    entry = r.table.get(6)
+    assert entry is not None and entry.backend is b
+
+
+def test_a_reload_that_changes_server_ids_applies_at_once_and_is_reported() -> None:
+    r = quic_router()
+    old_b = short_to("0b")
+    text = QUIC_CONFIG.replace('server_id: "0b"', 'server_id: "1b"').replace(
+        "nonce_length: 4}", "nonce_length: 4, config_id: 2}"
+    )
+    changes = r.reconfigure(load_config_text(text).groups[0], FakeClock(), None)
+    assert "quic_lb.config_id 0 -> 2" in changes
+    assert "backend b changed: server_id 0b -> 1b" in changes
+    assert r.quic_route(old_b, 1) == ("unroutable", None)
+    new_b = short_to("1b", Codec(2, 1, 4))
+    assert r.quic_route(new_b, 1) == ("cid", r.by_name["b"])
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (
+            ("quic_lb: {server_id_length: 1, nonce_length: 4}", "quic_lb: {nonce_length: 4}"),
+            "t.yaml:7: groups.web.quic_lb: missing required key 'server_id_length'",
+        ),
+        (
+            ("nonce_length: 4}", "nonce_length: 3}"),
+            "t.yaml:7: groups.web.quic_lb.nonce_length: must be from 4 to 18, got 3",
+        ),
+        (
+            ("server_id_length: 1, nonce_length: 4", "server_id_length: 10, nonce_length: 10"),
+            "t.yaml:7: groups.web.quic_lb: server_id_length and nonce_length sum to at most 19",
+        ),
+        (
+            ("nonce_length: 4}", "nonce_length: 4, config_id: 7}"),
+            "t.yaml:7: groups.web.quic_lb.config_id: must be from 0 to 6, got 7",
+        ),
+        (
+            ("nonce_length: 4}", "nonce_length: 4, key_file: /nonexistent/quic.key}"),
+            "t.yaml:7: groups.web.quic_lb.key_file: cannot read /nonexistent/quic.key:",
+        ),
+        (
+            ('server_id: "0b"', 'server_id: "0b0b"'),
+            "t.yaml:10: groups.web.backends[1].server_id: 0b0b is 2 octets;"
+            " quic_lb.server_id_length is 1",
+        ),
+        (
+            ('server_id: "0b"', 'server_id: "0A"'),
+            "t.yaml:10: groups.web.backends[1].server_id: 0a is also backend a's",
+        ),
+        (
+            (', server_id: "0b"', ""),
+            "t.yaml:10: groups.web.backends[1]: needs a server_id (1 octets in hex)",
+        ),
+        (
+            ('server_id: "0b"', "server_id: 11"),
+            't.yaml:10: groups.web.backends[1].server_id: expected hex digits in quotes, such as "0a1b", got 11',
+        ),
+        (
+            ('server_id: "0b"', 'server_id: "0x1"'),
+            "t.yaml:10: groups.web.backends[1].server_id: expected whole octets of hex digits",
+        ),
+        (
+            ('ports: [443, "443/udp"]', "ports: [443]"),
+            'groups.web.quic_lb: routes QUIC: the group needs a UDP port ("443/udp")',
+        ),
+        (
+            ("    quic_lb: {server_id_length: 1, nonce_length: 4}\n", ""),
+            "t.yaml:8: groups.web.backends[0].server_id: has no use without the group's quic_lb",
+        ),
+    ],
+)
+def test_quic_lb_config_errors_are_one_line_each(change: tuple[str, str], error: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config_text(QUIC_CONFIG.replace(*change), "t.yaml")
+    (line,) = err.value.lines
+    assert error in line, line
+
+
+def test_a_key_file_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    key = tmp_path / "quic.key"
+    key.write_text("00112233")
+    text = QUIC_CONFIG.replace("nonce_length: 4}", f"nonce_length: 4, key_file: {key}}}")
+    with pytest.raises(ConfigError) as err:
+        load_config_text(text, "t.yaml")
+    assert err.value.lines == [
+        f"t.yaml:7: groups.web.quic_lb.key_file: {key} must hold a 16-octet AES-128 key as"
+        " 32 hex digits"
+    ]
+    key.write_text(KEY.hex().upper() + "\n")
+    spec = load_config_text(text, "t.yaml").groups[0].quic_lb
+    assert spec is not None and spec.key == KEY and KEY.hex() not in repr(spec)
