@@ -1,0 +1,100 @@
+"""A QUIC server (aioquic) that issues QUIC-LB connection IDs carrying its server ID, as Envoy,
+quic-go or ngtcp2 would with a QUIC-LB generator; and a TCP server beside it. Both answer with
+the server's name: a QUIC stream gets `NAME` back for whatever it sent, a TCP connection is
+greeted with `NAME\\n`. For the tests, and by hand:
+
+    python -m tests.support.quic_server --name a --quic 127.0.0.1:4433 --tcp 127.0.0.1:8443 \\
+        --server-id 0a11 --nonce-length 6 [--key 8f95...] [--config-id 0]
+
+aioquic takes only a connection ID length and draws its IDs at random (`os.urandom`), so the
+connection class its server builds is replaced by one whose IDs (the first, and every one
+NEW_CONNECTION_ID announces) are `Codec.encode(server_id, random nonce)`. Prints `ready`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from typing import Any
+
+import aioquic.asyncio.server as aioquic_server
+from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection, QuicConnectionId
+from aioquic.quic.events import QuicEvent, StreamDataReceived
+
+from l4lb.core.quiclb import Codec
+from tests.support.backend_server import TLS, addr
+
+ALPN = "l4lb-test"
+
+
+def lb_connection(codec: Codec, server_id: bytes) -> type[QuicConnection]:
+    def new_cid() -> bytes:
+        return codec.encode(server_id, os.urandom(codec.nonce_len))
+
+    class LbConnection(QuicConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            first = self._host_cids[0]
+            first.cid = new_cid()
+            self.host_cid = self._local_initial_source_connection_id = first.cid
+
+        def _replenish_connection_ids(self) -> None:
+            while len(self._host_cids) < min(8, self._remote_active_connection_id_limit):
+                self._host_cids.append(
+                    QuicConnectionId(
+                        cid=new_cid(),
+                        sequence_number=self._host_cid_seq,
+                        stateless_reset_token=os.urandom(16),
+                    )
+                )
+                self._host_cid_seq += 1
+
+    return LbConnection
+
+
+def who_protocol(name: bytes) -> type[QuicConnectionProtocol]:
+    class Who(QuicConnectionProtocol):
+        def quic_event_received(self, event: QuicEvent) -> None:
+            if isinstance(event, StreamDataReceived) and event.end_stream:
+                self._quic.send_stream_data(event.stream_id, name, end_stream=True)
+                self.transmit()
+
+    return Who
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--name", required=True)
+    p.add_argument("--quic", type=addr, required=True)
+    p.add_argument("--tcp", type=addr)
+    p.add_argument("--server-id", required=True, help="hex")
+    p.add_argument("--nonce-length", type=int, default=6)
+    p.add_argument("--config-id", type=int, default=0)
+    p.add_argument("--key", help="the AES-128 key in hex (none: plaintext)")
+    a = p.parse_args()
+    sid = bytes.fromhex(a.server_id)
+    key = bytes.fromhex(a.key) if a.key else None
+    codec = Codec(a.config_id, len(sid), a.nonce_length, key)
+    aioquic_server.QuicConnection = lb_connection(codec, sid)  # type: ignore[misc]
+    config = QuicConfiguration(
+        is_client=False, alpn_protocols=[ALPN], connection_id_length=1 + codec.length
+    )
+    config.load_cert_chain(TLS / "cert.pem", TLS / "key.pem")
+    name = a.name.encode()
+    await serve(a.quic[0], a.quic[1], configuration=config, create_protocol=who_protocol(name))
+    if a.tcp is not None:
+
+        async def greet(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(name + b"\n")
+            await w.drain()
+            w.close()
+
+        await asyncio.start_server(greet, a.tcp[0], a.tcp[1])
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
