@@ -43,7 +43,8 @@ typecheck: $(STAMP)
 # as pure Python, so that the two cannot drift (CI: `make test-pure` runs the whole suite so).
 PURE_TESTS := tests/unit tests/integration/test_e2e.py tests/integration/test_udp.py \
               tests/integration/test_relay_exact.py tests/integration/test_proxyproto.py \
-              tests/integration/test_limits.py tests/integration/test_accesslog.py
+              tests/integration/test_limits.py tests/integration/test_accesslog.py \
+              tests/integration/test_quic_lb.py
 test: lint typecheck native
 	$(BIN)/pytest
 	@if $(BIN)/l4lb version | grep -q compiled; then \

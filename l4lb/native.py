@@ -40,6 +40,7 @@ COMPILED = (
     "l4lb.core.throttle",
     "l4lb.core.flowstats",
     "l4lb.core.proxyproto",
+    "l4lb.core.quiclb",
     "l4lb.dataplane.context",
     "l4lb.dataplane.dialer",
     "l4lb.dataplane.relay",

@@ -52,6 +52,14 @@ class Codec:
         self.length = server_id_length + nonce_length  # the CID's length after its first octet
         self._enc: Any = None
         self._dec: Any = None
+        # The four-pass network's half length, its masks (an odd length's halves share the
+        # middle octet: the left keeps its high nibble, the right its low one) and the tail of
+        # each pass's AES input: zeros, the length, the pass (expand, section 4.3.2.2).
+        h = self._half = (self.length + 1) // 2
+        full = (1 << 8 * h) - 1
+        self._ml = full ^ 0x0F if self.length % 2 else full
+        self._mr = full >> 4 if self.length % 2 else full
+        self._tails = [bytes(14 - h) + bytes([self.length, p]) for p in range(5)]
         if key is not None:
             from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -89,51 +97,44 @@ class Codec:
         return first + self._four_pass_encrypt(plain)
 
     # ------------------------------------------------------------------ the Feistel network
+    # The halves are held as integers (XOR and the odd length's nibble masks are then one
+    # operation each: a new flow's decode is ~1 us, most of it the three AES calls).
 
-    def _round(self, half: bytes, pass_: int) -> bytes:
-        """AES-ECB of expand(length, pass, half), truncated to the half's length (4.3.2.2)."""
-        block = half + bytes(14 - len(half)) + bytes([self.length, pass_])
-        return bytes(self._enc.update(block))[: len(half)]
+    def _round(self, half: int, pass_: int) -> int:
+        """AES-ECB of expand(length, pass, half), truncated to a half (4.3.2.2)."""
+        h = self._half
+        block = half.to_bytes(h, "big") + self._tails[pass_]
+        return int.from_bytes(self._enc.update(block)[:h], "big")
 
-    def _split(self, plain: bytes) -> tuple[bytes, bytes]:
-        half = (self.length + 1) // 2
-        left, right = bytearray(plain[:half]), bytearray(plain[self.length - half :])
-        if self.length % 2:  # the middle octet: its high nibble left, its low nibble right
-            left[-1] &= 0xF0
-            right[0] &= 0x0F
-        return bytes(left), bytes(right)
+    def _halves(self, body: bytes) -> tuple[int, int]:
+        h = self._half
+        left = int.from_bytes(body[:h], "big") & self._ml
+        return left, int.from_bytes(body[self.length - h :], "big") & self._mr
 
-    def _xor(self, a: bytes, b: bytes, odd_side: str) -> bytes:
-        out = bytearray(x ^ y for x, y in zip(a, b, strict=True))
-        if self.length % 2:
-            if odd_side == "left":
-                out[-1] &= 0xF0
-            else:
-                out[0] &= 0x0F
-        return bytes(out)
-
-    def _join(self, left: bytes, right: bytes) -> bytes:
-        if self.length % 2:
-            return left[:-1] + bytes([left[-1] | right[0]]) + right[1:]
-        return left + right
+    def _join(self, left: int, right: int) -> bytes:
+        h = self._half
+        if self.length % 2:  # the middle octet: the left's high nibble, the right's low one
+            return ((left << (8 * h - 8)) | right).to_bytes(self.length, "big")
+        return left.to_bytes(h, "big") + right.to_bytes(h, "big")
 
     def _four_pass_encrypt(self, plain: bytes) -> bytes:
-        left0, right0 = self._split(plain)
-        right1 = self._xor(right0, self._round(left0, 1), "right")
-        left1 = self._xor(left0, self._round(right1, 2), "left")
-        right2 = self._xor(right1, self._round(left1, 3), "right")
-        left2 = self._xor(left1, self._round(right2, 4), "left")
+        ml, mr, f = self._ml, self._mr, self._round
+        left0, right0 = self._halves(plain)
+        right1 = (right0 ^ f(left0, 1)) & mr
+        left1 = (left0 ^ f(right1, 2)) & ml
+        right2 = (right1 ^ f(left1, 3)) & mr
+        left2 = (left1 ^ f(right2, 4)) & ml
         return self._join(left2, right2)
 
     def _four_pass_decrypt(self, body: bytes) -> bytes:
-        left2, right2 = self._split(body)
-        left1 = self._xor(left2, self._round(right2, 4), "left")
-        right1 = self._xor(right2, self._round(left1, 3), "right")
-        left0 = self._xor(left1, self._round(right1, 2), "left")
-        half = (self.length + 1) // 2
-        if self.sid_len <= half - (self.length % 2):  # all in left_0, whole octets: 3 passes
-            return left0[: self.sid_len]
-        right0 = self._xor(right1, self._round(left0, 1), "right")
+        ml, mr, f = self._ml, self._mr, self._round
+        left2, right2 = self._halves(body)
+        left1 = (left2 ^ f(right2, 4)) & ml
+        right1 = (right2 ^ f(left1, 3)) & mr
+        left0 = (left1 ^ f(right1, 2)) & ml
+        if self.sid_len <= self._half - (self.length % 2):  # all in left_0, whole octets
+            return left0.to_bytes(self._half, "big")[: self.sid_len]
+        right0 = (right1 ^ f(left0, 1)) & mr
         return self._join(left0, right0)[: self.sid_len]
 
 

@@ -602,22 +602,24 @@ class Router:
         `fallback` by today's rule for a long header whose ID is unroutable (another config,
         the 0b111 codepoint, an unknown or unavailable server), and for a short header whose
         client network is pinned to a backend that takes it; `unroutable` (dropped) for any
-        other short header: no server asked for it (a random ID from a fresh network); and
-        `malformed` (dropped) when the first octets cannot carry a connection ID."""
+        other short header: no server asked for it (a random ID from a fresh network), one
+        too short for its ID included (the draft counts it unroutable); and `malformed`
+        (dropped) for a long header too short to say its connection ID."""
         codec = self.quic
         assert codec is not None
         got = destination_cid(datagram, 1 + codec.length)
-        if got is None:
+        if got is not None:
+            dcid, kind = got
+            if kind == CHOSEN:
+                return "pin", None
+            sid = codec.server_id(dcid)
+            owner = self.owners.get(sid) if sid is not None else None
+            if owner is not None and owner.accepts_pinned and not owner.removed:
+                return "cid", owner
+            if kind != SHORT:
+                return "pin" if kind == OTHER else "fallback", None
+        elif not datagram or datagram[0] & 0x80:  # a long header cut short, or nothing
             return "malformed", None
-        dcid, kind = got
-        if kind == CHOSEN:
-            return "pin", None
-        sid = codec.server_id(dcid)
-        owner = self.owners.get(sid) if sid is not None else None
-        if owner is not None and owner.accepts_pinned and not owner.removed:
-            return "cid", owner
-        if kind != SHORT:
-            return "pin" if kind == OTHER else "fallback", None
         table = self.table
         entry = table.get(key) if table is not None else None
         pinned = entry.backend if entry is not None else None

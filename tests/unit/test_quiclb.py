@@ -150,8 +150,9 @@ def long_to(kind: int, cid: bytes, version: bytes = V1) -> bytes:
 
 def test_each_kind_of_packet_is_routed_as_the_draft_says() -> None:
     """Section 3.1: a routable ID goes to its server; a client's own (Initial, 0-RTT) by the
-    pin; a long header's unroutable ID by the fallback; a short header's unroutable ID only to
-    its network's pin, else dropped; too short for its ID: malformed."""
+    pin; a long header's unroutable ID by the fallback; a short header's unroutable ID (or
+    one too short for its ID) only to its network's pin, else dropped; a long header too
+    short to say its ID: malformed."""
     r = quic_router()
     a, b = r.by_name["a"], r.by_name["b"]
     fresh, pinned = 1, 2
@@ -176,7 +177,9 @@ def test_each_kind_of_packet_is_routed_as_the_draft_says() -> None:
     rotated = bytes([0x40]) + Codec(3, 1, 4).encode(b"\x0b", b"abcd") + b"payload"
     assert r.quic_route(rotated, fresh) == ("unroutable", None)  # another config's ID
     assert r.quic_route(long_to(2, b"\x00\x0c1234"), fresh) == ("fallback", None)
-    assert r.quic_route(bytes([0x40, 0x0B]), fresh) == ("malformed", None)
+    assert r.quic_route(bytes([0x40, 0x0B]), fresh) == ("unroutable", None)  # too short
+    assert r.quic_route(bytes([0x40, 0x0B]), pinned) == ("fallback", None)
+    assert r.quic_route(b"", fresh) == ("malformed", None)
     assert r.quic_route(bytes([0xC0]) + V1, fresh) == ("malformed", None)
 
 
