@@ -272,6 +272,23 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def quic_target(results: dict[str, list[dict[str, float]]]) -> str:
+    """Issue 27's target: quic_lb's CPU per datagram within 10% of plain UDP flows (and, said
+    beside it, per new flow: the one place it parses)."""
+
+    def gap(key: str) -> float:
+        plain = statistics.median(r[key] for r in results["l4lb"])
+        quic = statistics.median(r[key] for r in results["l4lb+quic_lb"])
+        return quic / plain - 1 if plain else 0.0
+
+    per_dgram, per_flow = gap("cpu_us_per_dgram"), gap("cpu_us_per_flow")
+    verdict = "met" if per_dgram <= 0.10 else "missed"
+    return (
+        f"target: quic_lb's CPU per datagram within 10% of plain UDP flows: {per_dgram:+.0%}"
+        f" ({verdict}); per new flow (its connection ID read and decrypted): {per_flow:+.0%}"
+    )
+
+
 def run(rounds: int, seconds: float) -> tuple[str, dict[str, list[dict[str, float]]]]:
     results: dict[str, list[dict[str, float]]] = {t: [] for t in TARGETS}
     with tempfile.TemporaryDirectory(prefix="l4lb-udp-bench-") as tmp:
@@ -284,7 +301,7 @@ def run(rounds: int, seconds: float) -> tuple[str, dict[str, list[dict[str, floa
                     results[t].append(run_round(bench, t))
         finally:
             bench.stop_all()
-    return table(results), results
+    return table(results) + "\n" + quic_target(results), results
 
 
 def main() -> int:
