@@ -12,11 +12,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from l4lb.core.quiclb import Codec
-from tests.integration.test_udp import Started, backend_yaml, shop, udp_group
+from tests.integration.test_udp import Started, admin_views, backend_yaml, shop, udp_group
 from tests.support.helpers import NamedBackend, UdpClient, config_of, free_ports, hello, running
 
 Cleanup = Callable[[Any], Any]
@@ -96,16 +95,7 @@ async def test_a_pinned_network_keeps_its_tcp_while_its_quic_follows_the_other_s
         for _ in range(3):  # the flow, and each datagram of it
             assert await answered_by(client, short(codec, sid)) == other
         assert await hello(started[2], "127.0.50.3") == pinned  # the pin held
-        base = f"http://127.0.0.1:{admin_port}"
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{base}/api/v1/affinity", params={"client": "127.0.50.1"}) as r:
-                (entry,) = (await r.json())["entries"]
-            async with http.get(f"{base}/api/v1/groups") as r:
-                (group_json,) = (await r.json())["groups"]
-            async with http.get(f"{base}/api/v1/backends") as r:
-                rows = {b["name"]: b for b in (await r.json())["backends"]}
-            async with http.get(f"{base}/metrics") as r:
-                metrics = await r.text()
+        entry, group_json, rows, metrics = await admin_views(admin_port, "127.0.50.1")
         client.close()
     assert entry["backend"] == pinned
     assert group_json["quic_lb"] == {

@@ -123,6 +123,24 @@ async def shop_with_a_flow(
         yield started, admin_port, await flow.who()
 
 
+async def admin_views(
+    admin_port: int, client: str
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]], str]:
+    """What the admin API says of a one-group l4lb: `client`'s affinity entry, the group, the
+    backends by name, and the metrics' text."""
+    base = f"http://127.0.0.1:{admin_port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/api/v1/affinity", params={"client": client}) as r:
+            (entry,) = (await r.json())["entries"]
+        async with http.get(f"{base}/api/v1/groups") as r:
+            (group,) = (await r.json())["groups"]
+        async with http.get(f"{base}/api/v1/backends") as r:
+            rows = {b["name"]: b for b in (await r.json())["backends"]}
+        async with http.get(f"{base}/metrics") as r:
+            metrics = await r.text()
+    return entry, group, rows, metrics
+
+
 def open_clients(cleanup: Cleanup) -> Callable[..., Awaitable[UdpClient]]:
     async def make(port: int, src: str) -> UdpClient:
         return cleanup(await UdpClient.open(port, src))
@@ -470,16 +488,7 @@ async def test_the_api_and_metrics_show_flows(
     async with shop_with_a_flow(backends, cleanup, "127.0.11.7") as (started, admin_port, name):
         _, _, tp, up = started
         _, _r, w = await greet(tp, "127.0.11.8")
-        base = f"http://127.0.0.1:{admin_port}"
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{base}/api/v1/affinity", params={"client": "127.0.11.7"}) as r:
-                (entry,) = (await r.json())["entries"]
-            async with http.get(f"{base}/api/v1/groups") as r:
-                (group,) = (await r.json())["groups"]
-            async with http.get(f"{base}/api/v1/backends") as r:
-                rows = {b["name"]: b for b in (await r.json())["backends"]}
-            async with http.get(f"{base}/metrics") as r:
-                metrics = await r.text()
+        entry, group, rows, metrics = await admin_views(admin_port, "127.0.11.7")
         w.close()
     assert (entry["backend"], entry["connections"], entry["flows"]) == (name, 1, 1)
     assert group["udp_ports"] == [up] and group["udp"]["flows"] == 1
