@@ -317,3 +317,16 @@ def test_a_key_file_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
     key.write_text(KEY.hex().upper() + "\n")
     spec = load_config_text(text, "t.yaml").groups[0].quic_lb
     assert spec is not None and spec.key == KEY and KEY.hex() not in repr(spec)
+
+
+QUIC_ROUTER = quic_router()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=48), st.integers(min_value=0, max_value=3))
+def test_the_router_reads_any_datagram_without_an_exception(datagram: bytes, key: int) -> None:
+    """Whatever a peer sends as a flow's first datagram: one of the routes, never an exception
+    (a traceback in the log, or a flow lost to it)."""
+    how, owner = QUIC_ROUTER.quic_route(datagram, key)
+    assert how in ("cid", "pin", "fallback", "unroutable", "malformed")
+    assert (owner is not None) == (how == "cid")
