@@ -364,6 +364,14 @@ def _server_ids(
                 f" quic_lb.server_id_length is {want}",
             )
             return False
+        if b.is_name and b.resolve == "all":
+            v.error(
+                node,
+                f"{where}.resolve",
+                f"{b.address} may resolve to several servers, and a server ID names one:"
+                " give resolve: first, or an address",
+            )
+            return False
         if b.server_id in seen:
             v.error(
                 node, f"{where}.server_id", f"{b.server_id} is also backend {seen[b.server_id]}'s"

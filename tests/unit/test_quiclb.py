@@ -288,6 +288,11 @@ def test_a_reload_that_changes_server_ids_applies_at_once_and_is_reported() -> N
             "t.yaml:10: groups.web.backends[1].server_id: expected whole octets of hex digits",
         ),
         (
+            ("address: 10.0.0.2", "address: app.internal"),
+            "t.yaml:10: groups.web.backends[1].resolve: app.internal may resolve to several"
+            " servers, and a server ID names one: give resolve: first, or an address",
+        ),
+        (
             ('ports: [443, "443/udp"]', "ports: [443]"),
             'groups.web.quic_lb: routes QUIC: the group needs a UDP port ("443/udp")',
         ),
