@@ -117,25 +117,27 @@ class Codec:
             return ((left << (8 * h - 8)) | right).to_bytes(self.length, "big")
         return left.to_bytes(h, "big") + right.to_bytes(h, "big")
 
-    def _four_pass_encrypt(self, plain: bytes) -> bytes:
+    def _passes(self, left: int, right: int, passes: tuple[int, ...]) -> tuple[int, int]:
+        """The Feistel rounds, in the order given: an odd pass XORs the right half with the
+        round of the left (4.3.2.3, steps 3-5 and 8-9), an even one the left with the round of
+        the right (steps 6-7 and 10-11). Encryption runs 1-4; decryption undoes them, 4-1."""
         ml, mr, f = self._ml, self._mr, self._round
-        left0, right0 = self._halves(plain)
-        right1 = (right0 ^ f(left0, 1)) & mr
-        left1 = (left0 ^ f(right1, 2)) & ml
-        right2 = (right1 ^ f(left1, 3)) & mr
-        left2 = (left1 ^ f(right2, 4)) & ml
-        return self._join(left2, right2)
+        for p in passes:
+            if p % 2:
+                right = (right ^ f(left, p)) & mr
+            else:
+                left = (left ^ f(right, p)) & ml
+        return left, right
+
+    def _four_pass_encrypt(self, plain: bytes) -> bytes:
+        left, right = self._halves(plain)
+        return self._join(*self._passes(left, right, (1, 2, 3, 4)))
 
     def _four_pass_decrypt(self, body: bytes) -> bytes:
-        ml, mr, f = self._ml, self._mr, self._round
-        left2, right2 = self._halves(body)
-        left1 = (left2 ^ f(right2, 4)) & ml
-        right1 = (right2 ^ f(left1, 3)) & mr
-        left0 = (left1 ^ f(right1, 2)) & ml
+        left, right = self._passes(*self._halves(body), (4, 3, 2))
         if self.sid_len <= self._half - (self.length % 2):  # all in left_0, whole octets
-            return left0.to_bytes(self._half, "big")[: self.sid_len]
-        right0 = (right1 ^ f(left0, 1)) & mr
-        return self._join(left0, right0)[: self.sid_len]
+            return left.to_bytes(self._half, "big")[: self.sid_len]
+        return self._join(*self._passes(left, right, (1,)))[: self.sid_len]
 
 
 # ---------------------------------------------------------------------- reading a datagram
