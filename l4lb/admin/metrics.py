@@ -354,14 +354,15 @@ def _udp_metrics(s: Balancer) -> Iterator[Metric]:
         " (from one of l4lb's own flow sockets: its backend leads back, and is taken down),"
         " quic_unroutable (quic_lb: a short header whose connection ID no available backend"
         " owns, from a network with no pin), quic_malformed (quic_lb: too short for its"
-        " connection ID)",
+        " connection ID), quic_full (quic_lb: its connection ID's server is at its max_conns)",
         labels=["group", "reason"],
     )
     quic = CounterMetricFamily(
         "l4lb_quic_packets",
         "quic_lb: datagrams that opened a flow, by how they were routed: cid (the server ID in"
         " the connection ID), pin (a client-chosen ID: the network's pin, else the scheduler),"
-        " fallback (an unroutable ID: the same rule), unroutable (dropped)",
+        " fallback (an unroutable ID: the same rule), unroutable (dropped), full (its server at"
+        " its max_conns: dropped)",
         labels=["group", "route"],
     )
     migrations = CounterMetricFamily(

@@ -18,10 +18,12 @@ DROP_REASONS = (
     "source",  # the flow's socket could not take its source address (see transparent.py)
     "quic_unroutable",  # quic_lb: a short header no backend owns, from a network with no pin
     "quic_malformed",  # quic_lb: too short to carry the connection ID it announces
+    "quic_full",  # quic_lb: its connection ID's server is at its max_conns (the client retries)
 )
 # quic_lb: how datagrams that opened a flow were routed; `l4lb_quic_packets_total{route}`
-# (unroutable ones are dropped, and counted among the drops too).
-QUIC_ROUTES = ("cid", "pin", "fallback", "unroutable")
+# (unroutable ones, and those whose server was full, are dropped, and counted among the drops
+# too).
+QUIC_ROUTES = ("cid", "pin", "fallback", "unroutable", "full")
 
 
 class UdpStats:

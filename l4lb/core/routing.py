@@ -594,50 +594,64 @@ class Router:
                 owners.setdefault(bytes.fromhex(b.server_id), b)
         self.owners = owners
 
-    def quic_route(self, datagram: bytes, key: int) -> tuple[str, Backend | None]:
+    def quic_route(self, datagram: bytes, key: int) -> tuple[str, Backend | None, bytes]:
         """How a QUIC datagram that opens a flow (a client address and port new to l4lb) is
-        routed, after the draft's section 3.1: `cid` to the backend whose server ID its
-        destination connection ID carries (returned), when that backend takes pinned clients;
-        `pin` by today's rule when the client chose the ID (a v1 Initial or 0-RTT);
-        `fallback` by today's rule for a long header whose ID is unroutable (another config,
-        the 0b111 codepoint, an unknown or unavailable server), and for a short header whose
-        client network is pinned to a backend that takes it; `unroutable` (dropped) for any
-        other short header: no server asked for it (a random ID from a fresh network), one
-        too short for its ID included (the draft counts it unroutable); and `malformed`
-        (dropped) for a long header too short to say its connection ID."""
+        routed, after the draft's section 3.1, and the destination connection ID it was read
+        from (b"" when none was): `cid` to the backend whose server ID its destination
+        connection ID carries (returned), when that backend takes pinned clients and has a free
+        slot; `full` (dropped) when that backend is at its `max_conns`: the connection lives
+        on that server and no other can answer it, so the datagram waits for the client's
+        retransmission rather than meet another server's stateless reset; `pin` by today's
+        rule when the client chose the ID (a v1 Initial or 0-RTT); `fallback` by today's rule
+        for a long header whose ID is unroutable (another config, the 0b111 codepoint, an
+        unknown or unavailable server), and for a short header whose client network is pinned
+        to a backend that takes it; `unroutable` (dropped) for any other short header: no
+        server asked for it (a random ID from a fresh network), one too short for its ID
+        included (the draft counts it unroutable); and `malformed` (dropped) for a long header
+        too short to say its connection ID."""
         codec = self.quic
         assert codec is not None
         got = destination_cid(datagram, 1 + codec.length)
+        dcid = b""
         if got is not None:
             dcid, kind = got
             if kind == CHOSEN:
-                return "pin", None
+                return "pin", None, dcid
             sid = codec.server_id(dcid)
             owner = self.owners.get(sid) if sid is not None else None
             if owner is not None and owner.accepts_pinned and not owner.removed:
-                return "cid", owner
+                return ("full" if owner.full else "cid"), owner, dcid
             if kind != SHORT:
-                return "pin" if kind == OTHER else "fallback", None
+                return ("pin" if kind == OTHER else "fallback"), None, dcid
         elif not datagram or datagram[0] & 0x80:  # a long header cut short, or nothing
-            return "malformed", None
+            return "malformed", None, dcid
         table = self.table
         entry = table.get(key) if table is not None else None
         pinned = entry.backend if entry is not None else None
         if pinned is not None and pinned.accepts_pinned:
-            return "fallback", None
-        return "unroutable", None
+            return "fallback", None, dcid
+        return "unroutable", None, dcid
+
+    def takes_new(self, backend: Backend) -> bool:
+        """Whether `backend` may be given a client it has never had: schedulable (up, enabled,
+        weight above 0, a free slot), and for a backup, only while no primary is."""
+        if not backend.schedulable or backend.removed:
+            return False
+        return not backend.backup or not any(b.schedulable for b in self.backends if not b.backup)
 
     def steer(self, route: Route, backend: Backend) -> None:
         """A QUIC connection ID names `backend`: this flow goes there whatever the pin says. The
         client network's entry is pinned there only if it had no pin (a migrated client's new
-        network: its TCP follows); a network pinned elsewhere keeps its pin."""
+        network: its TCP follows) and the backend takes new clients (not draining, not a
+        backup while a primary can take them: a forged ID must not give a network a pin the
+        scheduler would never have made); a network pinned elsewhere keeps its pin."""
         route.steered = True
+        entry = route.entry
+        if entry is not None and entry.backend is None and self.takes_new(backend):
+            entry.backend = backend
         route.tried.append(backend)
         backend.take_slot()
         route.backend = backend
-        entry = route.entry
-        if entry is not None and entry.backend is None:
-            entry.backend = backend
 
     # ------------------------------------------------------------------ state changes
 

@@ -66,6 +66,9 @@ PENDING = 8  # datagrams a flow holds while its backend is being settled
 # (reflection). QUIC's own rule for an unvalidated address (RFC 9000, 8.1: three times the bytes
 # of a >= 1,200-byte Initial) fits in three datagrams; a DNS answer is one.
 UNVALIDATED_ANSWERS = 3
+# quic_lb: flows one connection ID may steer at once: a migrating connection's old path and its
+# new one (RFC 9000, 9: a client moves with a new ID; one ID on two addresses is a NAT's rebind).
+QUIC_PATHS = 2
 CMSG_SPACE = socket.CMSG_SPACE(20)  # in_pktinfo (12 bytes) or in6_pktinfo (20)
 
 
@@ -76,6 +79,7 @@ class Flow:
         "backend",
         "bytes_in",
         "bytes_out",
+        "cid",
         "client",
         "heard",
         "key",
@@ -125,6 +129,7 @@ class Flow:
         self.local: tuple[str, int] | None = None  # its socket's, while it could loop
         self.spare = UNVALIDATED_ANSWERS  # answers it may still get until then (-1: validated)
         self.rec: Record | None = None
+        self.cid: bytes | None = None  # quic_lb: the connection ID that steered it
 
     def from_backend(self) -> None:
         """The backend socket is readable: its datagrams go back to the client, each whole."""
@@ -173,6 +178,8 @@ class UdpListener:
         # Flows whose client has not proved its address yet, oldest first: a bound evicts
         # these before any validated flow, so that forged sources cost no real client its flow.
         self.unvalidated: OrderedDict[object, None] = OrderedDict()
+        # quic_lb: the flows each connection ID steered, oldest first (`_make_way`).
+        self.by_cid: dict[bytes, list[Flow]] = {}
         self.now = time.monotonic()  # the coarse clock of the flows' `last` (see above)
         self.closed = False
         self._loop = asyncio.get_running_loop()
@@ -264,16 +271,19 @@ class UdpListener:
             stats.drops["rejected"] += 1
             return None
         owner: Backend | None = None
+        cid = b""
         if router.quic is not None:  # (before any eviction: a dropped datagram costs nobody)
-            how, owner = router.quic_route(data, akey)
+            how, owner, cid = router.quic_route(data, akey)
             if how == "malformed":
                 stats.quic["unroutable"] += 1
                 stats.drops["quic_malformed"] += 1
                 return None
             stats.quic[how] += 1
-            if owner is None and how == "unroutable":
-                stats.drops["quic_unroutable"] += 1
+            if how == "unroutable" or how == "full":
+                stats.drops["quic_" + how] += 1
                 return None
+            if owner is not None:
+                self._make_way(cid)
         if stats.flows >= plane.flow_bound(router.spec.udp_max_flows):
             runner.evict_udp(router.name)
         if plane.descriptors_full() and not runner.evict_udp(router.name):
@@ -297,6 +307,9 @@ class UdpListener:
             router.steer(route, owner)
             stats.migrations += 1
         flow = Flow(self, key, addr, reply, router, port, route, stats, self.now)
+        if owner is not None:
+            flow.cid = cid
+            self.by_cid.setdefault(cid, []).append(flow)
         if router.log is not None:
             flow.rec = Record((host, addr[1]), self._loop.time())
         self.flows[key] = flow
@@ -305,6 +318,19 @@ class UdpListener:
         stats.opened += 1
         plane.flows_changed(1)
         return flow
+
+    def _make_way(self, cid: bytes) -> None:
+        """At most QUIC_PATHS flows at once are steered by one connection ID (a migrating
+        connection's old path and its new): one more ends the oldest of them whose client never
+        proved its address, else the oldest (the path the connection left), so that a replayed
+        ID from forged sources costs its backend no more than two slots and never locks a real
+        client out."""
+        paths = self.by_cid.get(cid)
+        if paths is None or len(paths) < QUIC_PATHS:
+            return
+        old = next((f for f in paths if f.spare >= 0), paths[0])
+        old.stats.evicted += 1
+        self.end(old, "evicted")
 
     @staticmethod
     def _validated(flow: Flow) -> None:
@@ -506,6 +532,12 @@ class UdpListener:
         if self.flows.pop(flow.key, None) is None:
             return
         self.unvalidated.pop(flow.key, None)
+        if flow.cid is not None:
+            paths = self.by_cid.get(flow.cid)
+            if paths is not None:
+                paths.remove(flow)
+                if not paths:
+                    del self.by_cid[flow.cid]
         flow.stats.flows -= 1
         self.plane.flows_changed(-1)
         self._drop_socket(flow)

@@ -5,9 +5,11 @@ by hand, so that each rule of `Router.quic_route` is seen alone."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,7 @@ async def test_short_headers_from_eight_fresh_networks_reach_the_server_named(
             # the new network follows its QUIC server: its TCP goes there too
             assert await hello(started[2], f"127.0.{40 + i}.10") == name, src
         stats = server.udp_stats["shop"]
-        assert stats.quic == {"cid": 8, "pin": 0, "fallback": 0, "unroutable": 0}
+        assert stats.quic == {"cid": 8, "pin": 0, "fallback": 0, "unroutable": 0, "full": 0}
         assert stats.migrations == 8
 
 
@@ -153,3 +155,75 @@ async def test_a_flood_of_random_connection_ids_reaches_no_server_and_costs_no_f
         assert stats.opened == 1 + routable and stats.evicted == 0
         assert len(table) == 1 + routable
         assert real.transport is not None and not real.errors
+
+
+def two_backends_yaml(started: Started, extra_b: str, group_extra: str = "") -> str:
+    """The shop's backends a and b with plaintext server IDs, `extra_b` on b."""
+    tcp, udp, tp, up = started
+    lines = [
+        backend_yaml(t.name, {tp: t.ports[tp]}, {up: u.port}, f", server_id: '{sid}'{extra}")
+        for t, u, sid, extra in zip(tcp, udp, SIDS, ("", extra_b), strict=True)
+    ]
+    quic = "quic_lb: {server_id_length: 2, nonce_length: 6}\n"
+    return udp_group([tp], [up], lines, quic + group_extra)
+
+
+@pytest.mark.asyncio
+async def test_one_replayed_connection_id_cannot_fill_its_server_past_max_conns(
+    backends: Callable[..., Awaitable[list[NamedBackend]]], cleanup: Cleanup
+) -> None:
+    """Issue 33, Q1 as the probe saw it: b has max_conns 5 and a network pinned to it; ten fresh
+    /24s send short headers carrying one ID of b's (learned from the prober's own connection).
+    Before: all ten flows reached b (11 active of 5) and the pinned network's TCP went
+    elsewhere. Now one ID steers two flows at most, b stays at or under 5, and the pinned
+    network's TCP stays on b."""
+    started = await shop(backends, cleanup, n=2)
+    codec = Codec(0, 2, 6)
+    b = started[0][1].name
+    async with running(config_of(two_backends_yaml(started, ", max_conns: 5"))) as server:
+        home = cleanup(await UdpClient.open(started[3], "127.0.70.5"))
+        assert await answered_by(home, short(codec, SIDS[1])) == b  # a fresh network: pinned to b
+        learned = short(codec, SIDS[1])  # the prober's own connection's ID, replayed
+        for i in range(10):
+            prober = cleanup(await UdpClient.open(started[3], f"127.0.{71 + i}.9"))
+            await answered_by(prober, learned)
+        router = server.routers["shop"]
+        assert router.by_name[b].active <= 5, router.by_name[b].active
+        assert await hello(started[2], "127.0.70.6") == b  # the pinned network's TCP
+        stats = server.udp_stats["shop"]
+        assert stats.quic["cid"] == 11 and stats.evicted == 8
+
+
+@pytest.mark.asyncio
+async def test_forged_ids_of_a_backup_pin_no_network_to_it(
+    backends: Callable[..., Awaitable[list[NamedBackend]]], cleanup: Cleanup
+) -> None:
+    """Issue 33, Q2 as the probe saw it: 3,000 forged /24s send short headers with the backup's
+    server ID while the primary is up (each a new ID: plaintext IDs are free to make). Before,
+    half of them were pinned to the backup; now the flows reach it (its connections live
+    there) and no network is pinned to it."""
+    started = await shop(backends, cleanup, n=2)
+    codec = Codec(0, 2, 6)
+    a, b = (t.name for t in started[0])
+    group = two_backends_yaml(started, ", backup: true", "udp_max_flows: 400")
+    async with running(config_of(group)) as server:
+        for i in range(3000):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((f"127.2.{i // 250}.{1 + i % 250}", 0))
+                s.sendto(short(codec, SIDS[1]), ("127.0.0.1", started[3]))
+            if i % 500 == 499:
+                await asyncio.sleep(0)  # (let l4lb read: the socket buffer is bounded)
+        real = cleanup(await UdpClient.open(started[3], "127.0.90.1"))
+        # (after the flood in the listener's order: every forged datagram was read)
+        assert await answered_by(real, short(codec, SIDS[0])) == a
+        router = server.routers["shop"]
+        table = router.table
+        assert table is not None
+        pinned = [
+            host
+            for i in range(3000)
+            if (e := table.get(router.keyer(host := f"127.2.{i // 250}.{1 + i % 250}")))
+            and e.backend is router.by_name[b]
+        ]
+        assert pinned == []
+        assert server.udp_stats["shop"].quic["cid"] > 0

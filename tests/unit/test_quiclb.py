@@ -161,26 +161,26 @@ def test_each_kind_of_packet_is_routed_as_the_draft_says() -> None:
     assert r.connected(route, a) == "cid"
     r.finish(route)
     sid_b = PLAIN.encode(b"\x0b", b"\x05\x06\x07\x08")
-    assert r.quic_route(short_to("0b"), fresh) == ("cid", b)
-    assert r.quic_route(long_to(2, sid_b), fresh) == ("cid", b)  # a Handshake
-    assert r.quic_route(long_to(0, sid_b), fresh) == ("pin", None)  # an Initial: the client's
-    assert r.quic_route(long_to(1, b"anything"), fresh) == ("pin", None)  # 0-RTT
+    assert r.quic_route(short_to("0b"), fresh)[:2] == ("cid", b)
+    assert r.quic_route(long_to(2, sid_b), fresh)[:2] == ("cid", b)  # a Handshake
+    assert r.quic_route(long_to(0, sid_b), fresh)[:2] == ("pin", None)  # an Initial: the client's
+    assert r.quic_route(long_to(1, b"anything"), fresh)[:2] == ("pin", None)  # 0-RTT
     other = (0x6B3343CF).to_bytes(4, "big")
-    assert r.quic_route(long_to(2, sid_b, other), fresh) == ("cid", b)  # unknown version: DCID
-    assert r.quic_route(long_to(2, b"\xe0" * 5, other), fresh) == ("pin", None)
+    assert r.quic_route(long_to(2, sid_b, other), fresh)[:2] == ("cid", b)  # unknown version: DCID
+    assert r.quic_route(long_to(2, b"\xe0" * 5, other), fresh)[:2] == ("pin", None)
     unknown = short_to("0c")
-    assert r.quic_route(unknown, fresh) == ("unroutable", None)
-    assert r.quic_route(unknown, pinned) == ("fallback", None)
+    assert r.quic_route(unknown, fresh)[:2] == ("unroutable", None)
+    assert r.quic_route(unknown, pinned)[:2] == ("fallback", None)
     codepoint_7 = bytes([0x40, 0xE5]) + b"\x0b" * 4 + b"payload"  # the 0b111 codepoint
-    assert r.quic_route(codepoint_7, fresh) == ("unroutable", None)
-    assert r.quic_route(codepoint_7, pinned) == ("fallback", None)
+    assert r.quic_route(codepoint_7, fresh)[:2] == ("unroutable", None)
+    assert r.quic_route(codepoint_7, pinned)[:2] == ("fallback", None)
     rotated = bytes([0x40]) + Codec(3, 1, 4).encode(b"\x0b", b"abcd") + b"payload"
-    assert r.quic_route(rotated, fresh) == ("unroutable", None)  # another config's ID
-    assert r.quic_route(long_to(2, b"\x00\x0c1234"), fresh) == ("fallback", None)
-    assert r.quic_route(bytes([0x40, 0x0B]), fresh) == ("unroutable", None)  # too short
-    assert r.quic_route(bytes([0x40, 0x0B]), pinned) == ("fallback", None)
-    assert r.quic_route(b"", fresh) == ("malformed", None)
-    assert r.quic_route(bytes([0xC0]) + V1, fresh) == ("malformed", None)
+    assert r.quic_route(rotated, fresh)[:2] == ("unroutable", None)  # another config's ID
+    assert r.quic_route(long_to(2, b"\x00\x0c1234"), fresh)[:2] == ("fallback", None)
+    assert r.quic_route(bytes([0x40, 0x0B]), fresh)[:2] == ("unroutable", None)  # too short
+    assert r.quic_route(bytes([0x40, 0x0B]), pinned)[:2] == ("fallback", None)
+    assert r.quic_route(b"", fresh)[:2] == ("malformed", None)
+    assert r.quic_route(bytes([0xC0]) + V1, fresh)[:2] == ("malformed", None)
 
 
 def test_a_down_or_disabled_owner_is_routed_by_the_fallback_and_a_drained_one_keeps_its_own() -> (
@@ -194,14 +194,14 @@ def test_a_down_or_disabled_owner_is_routed_by_the_fallback_and_a_drained_one_ke
     r.connected(route, a)
     r.finish(route)
     r.set_admin(b, State.DRAIN)
-    assert r.quic_route(short_to("0b"), 1) == ("cid", b)  # drained: its connections stay
+    assert r.quic_route(short_to("0b"), 1)[:2] == ("cid", b)  # drained: its connections stay
     for state in (State.DISABLED, State.UP):
         r.set_admin(b, state)
         if state is State.UP:
             r.set_health(b, False, "test")
-        assert r.quic_route(short_to("0b"), 1) == ("unroutable", None)  # short, fresh: dropped
-        assert r.quic_route(short_to("0b"), pinned) == ("fallback", None)  # to its pin, a
-        assert r.quic_route(long_to(2, PLAIN.encode(b"\x0b", b"abcd")), 1) == ("fallback", None)
+        assert r.quic_route(short_to("0b"), 1)[:2] == ("unroutable", None)  # short, fresh: dropped
+        assert r.quic_route(short_to("0b"), pinned)[:2] == ("fallback", None)  # to its pin, a
+        assert r.quic_route(long_to(2, PLAIN.encode(b"\x0b", b"abcd")), 1)[:2] == ("fallback", None)
 
 
 def test_a_steered_flow_pins_only_a_network_without_a_pin() -> None:
@@ -229,6 +229,56 @@ def test_a_steered_flow_pins_only_a_network_without_a_pin() -> None:
     assert entry is not None and entry.backend is b
 
 
+def test_a_full_owner_gets_no_steered_flow_and_its_datagram_is_dropped() -> None:
+    """Issue 33, Q1: a steered flow counts against its backend's max_conns like any other; at
+    the bound the connection ID still names its server (no other can answer it), so the
+    datagram is dropped as `full` and the client's retransmission gets through later."""
+    text = QUIC_CONFIG.replace('server_id: "0b"}', 'server_id: "0b", max_conns: 2}')
+    r = Router(load_config_text(text).groups[0], FakeClock(), random.Random(0))
+    b = r.by_name["b"]
+    routes = []
+    for key in (1, 2):
+        how, owner, cid = r.quic_route(short_to("0b"), key)
+        assert (how, owner) == ("cid", b) and len(cid) == 6
+        route = r.begin(key)
+        r.steer(route, b)
+        routes.append(route)
+    assert b.active == 2 and b.full
+    assert r.quic_route(short_to("0b"), 3)[:2] == ("full", b)
+    r.finish(routes.pop())
+    assert r.quic_route(short_to("0b"), 3)[:2] == ("cid", b)
+
+
+@pytest.mark.parametrize("how", ["drain", "backup"])
+def test_a_steered_flow_never_pins_a_network_where_new_clients_may_not_go(how: str) -> None:
+    """Issue 33, Q2: a connection ID naming a draining backend, or a backup while a primary can
+    take clients, carries its flow there (its connections live there) but pins no network."""
+    text = QUIC_CONFIG
+    if how == "backup":
+        text = text.replace('server_id: "0b"}', 'server_id: "0b", backup: true}')
+    r = Router(load_config_text(text).groups[0], FakeClock(), random.Random(0))
+    b = r.by_name["b"]
+    if how == "drain":
+        r.set_admin(b, State.DRAIN)
+    assert r.quic_route(short_to("0b"), 7)[:2] == ("cid", b)
+    route = r.begin(7)
+    r.steer(route, b)
+    assert r.connected(route, b) == "cid" and route.backend is b
+    r.finish(route)
+    assert r.table is not None
+    entry = r.table.get(7)
+    assert entry is None or entry.backend is None
+    # once no primary can take clients, a backup's ID does pin a fresh network
+    if how == "backup":
+        r.set_admin(r.by_name["a"], State.DISABLED)
+        route = r.begin(8)
+        r.steer(route, b)
+        r.connected(route, b)
+        r.finish(route)
+        entry = r.table.get(8)
+        assert entry is not None and entry.backend is b
+
+
 def test_a_reload_that_changes_server_ids_applies_at_once_and_is_reported() -> None:
     r = quic_router()
     old_b = short_to("0b")
@@ -238,9 +288,9 @@ def test_a_reload_that_changes_server_ids_applies_at_once_and_is_reported() -> N
     changes = r.reconfigure(load_config_text(text).groups[0], FakeClock(), None)
     assert "quic_lb.config_id 0 -> 2" in changes
     assert "backend b changed: server_id 0b -> 1b" in changes
-    assert r.quic_route(old_b, 1) == ("unroutable", None)
+    assert r.quic_route(old_b, 1)[:2] == ("unroutable", None)
     new_b = short_to("1b", Codec(2, 1, 4))
-    assert r.quic_route(new_b, 1) == ("cid", r.by_name["b"])
+    assert r.quic_route(new_b, 1)[:2] == ("cid", r.by_name["b"])
 
 
 @pytest.mark.parametrize(
@@ -332,6 +382,6 @@ QUIC_ROUTER = quic_router()
 def test_the_router_reads_any_datagram_without_an_exception(datagram: bytes, key: int) -> None:
     """Whatever a peer sends as a flow's first datagram: one of the routes, never an exception
     (a traceback in the log, or a flow lost to it)."""
-    how, owner = QUIC_ROUTER.quic_route(datagram, key)
+    how, owner, _cid = QUIC_ROUTER.quic_route(datagram, key)
     assert how in ("cid", "pin", "fallback", "unroutable", "malformed")
     assert (owner is not None) == (how == "cid")
