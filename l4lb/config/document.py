@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -107,7 +106,7 @@ def _token_file(v: _Validator, node: yaml.Node, path: str) -> str | None:
         return None
     tf = _beside(v.source, tf)
     try:
-        token = Path(tf).read_text(encoding="utf-8").strip()
+        token = v.read(tf).decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         v.error(node, path, f"cannot read {tf}: {reason}")
@@ -255,4 +254,6 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
         _check_loops(v, groups, kw.get("kernel_marks"))
     if v.errors:
         return None
-    return Config(groups=tuple(groups), source=v.source, warnings=tuple(v.warnings), **kw)
+    return Config(
+        groups=tuple(groups), source=v.source, warnings=tuple(v.warnings), files=v.files, **kw
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -191,7 +190,7 @@ def _quic_lb(v: _Validator, node: yaml.Node, path: str) -> QuicLbSpec | None:
 def _quic_key(v: _Validator, node: yaml.Node, path: str, file: str) -> bytes | None:
     """The 16-octet AES-128 key in `file`: 32 hex digits (whitespace and a 0x aside)."""
     try:
-        text = Path(file).read_text(errors="replace")
+        text = v.read(file).decode(errors="replace")
     except OSError as exc:
         v.error(node, path, f"cannot read {file}: {exc.strerror}")
         return None

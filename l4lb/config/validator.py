@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import yaml
+
+from .files import read_file
+
+NAMED_LIMIT = 4096  # bytes of a file the configuration names (a token, a QUIC-LB key)
 
 
 class ConfigError(Exception):
@@ -36,11 +40,24 @@ class _Invalid(Exception):
 
 
 class _Validator:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, given: Mapping[str, bytes] | None = None) -> None:
         self.source = source
+        # Files named by the configuration: as given (a worker's, from its supervisor), else
+        # read from disk; either way remembered in `files`, the bytes the configuration used.
+        self.given = given
+        self.files: dict[str, bytes] = {}
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.nodes: dict[str, yaml.Node] = {}  # backends' nodes by path, for later checks
+
+    def read(self, file: str) -> bytes:
+        """The bytes of a file the configuration names, a secret of a few octets (a token, a
+        key: NAMED_LIMIT at most); OSError as `files.read_file` raises it."""
+        data = self.given.get(file) if self.given is not None else None
+        if data is None:
+            data = read_file(file, NAMED_LIMIT)
+        self.files[file] = data
+        return data
 
     def error(self, node: yaml.Node | None, path: str, message: str) -> None:
         line = node.start_mark.line + 1 if node is not None else 1

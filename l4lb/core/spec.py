@@ -216,6 +216,10 @@ class Config:
     resolve_interval: float = 10.0  # how often backends given by DNS name are looked up again
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()
+    # The files the configuration named and the loader read (keys, the admin token), as read:
+    # a worker is given these bytes by its supervisor, never the disk's (only a reload reads
+    # the disk again).
+    files: Mapping[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
 
 def is_ip(text: str) -> bool:

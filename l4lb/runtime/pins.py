@@ -31,6 +31,8 @@ from __future__ import annotations
 import array
 import asyncio
 import base64
+import contextlib
+import errno
 import glob
 import json
 import logging
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config.files import FileRefused, read_file
 from ..core.backends import Backend
 from ..core.keys import V6_TAG
 from ..core.reuseport import steer
@@ -57,6 +60,8 @@ log = logging.getLogger("l4lb.server")
 VERSION = 2
 CHUNK = 2048  # entries in a line of the file, at most
 MAX_FILE = 256 << 20  # bytes: about 8 million pins; a larger file is not one of ours
+MAX_V1 = 16 << 20  # bytes of a version 1 file (one JSON document, parsed whole): 230,000 pins
+TEMP_PREFIX = ".l4lb-state-"  # a save's temporary file, beside the state file
 MAX_NAME = 256  # characters of a backend's name (a name and an address, for a DNS name's)
 V4_END = 1 << 32
 MAX_MS = (1 << 32) - 1  # time left in a file, at most: 49 days
@@ -163,7 +168,7 @@ def _unle(code: str, data: bytes) -> list[int]:
 def write(path: str, header: dict[str, Any], lines: list[str]) -> None:
     """Blocking: run it in a thread."""
     folder = Path(path).resolve().parent
-    fd, tmp = tempfile.mkstemp(prefix=".l4lb-state-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{Path(path).name}-", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(json.dumps(header, separators=(",", ":")) + "\n")
@@ -176,6 +181,23 @@ def write(path: str, header: dict[str, Any], lines: list[str]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_strays(path: str) -> list[str]:
+    """The temporary files a save of `path` left when its process was killed mid-write (its
+    own prefix: a worker's file is `path.N`, so a worker never removes another's save in
+    progress), and those of releases that named them `.l4lb-state-XXXXXXXX`; removed at
+    start, before this process saves. Blocking. Returns what was removed."""
+    folder = Path(path).resolve().parent
+    mine = glob.escape(f"{TEMP_PREFIX}{Path(path).name}-") + "*"
+    legacy = glob.escape(TEMP_PREFIX) + "[!.]" * 8  # mkstemp's 8 characters, no name
+    removed: list[str] = []
+    for pattern in (mine, legacy):
+        for stray in glob.glob(pattern, root_dir=folder, include_hidden=True):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / stray).unlink()
+                removed.append(stray)
+    return removed
 
 
 # ---------------------------------------------------------------------- reading
@@ -225,15 +247,26 @@ def read(path: str) -> StateFile | None:
     file (not JSON, nested too deep, numbers too long, the wrong shape, too large) is a
     StateFileError, never another exception; a bad line of a version 2 file is dropped."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE + 1)
+        raw = read_file(path, MAX_FILE)
     except FileNotFoundError:
         return None
+    except FileRefused as exc:
+        if exc.errno == errno.EFBIG:
+            raise StateFileError(
+                f"{path} is over {MAX_FILE >> 20} MiB: not a state file of l4lb's"
+            ) from None
+        raise StateFileError(f"cannot read {path}: {exc.strerror}") from None
     except OSError as exc:
         raise StateFileError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_FILE:
-        raise StateFileError(f"{path} is over {MAX_FILE >> 20} MiB: not a state file of l4lb's")
     first, _, rest = raw.partition(b"\n")
+    if not rest.strip() and len(raw) > MAX_V1:
+        # Version 1 is one JSON document, parsed whole into objects: about 14 times its size
+        # in memory (68 MB took 0.97 GB). Refused past a bound; the next save writes version 2.
+        raise StateFileError(
+            f"{path} is a state file of version 1 over {MAX_V1 >> 20} MiB: not read (it would"
+            " take about 14 times that in memory); its pins are lost once, and the next save"
+            " writes version 2"
+        )
     head = _json(first if rest.strip() else raw, path)
     if not isinstance(head, dict) or head.get("version") not in (1, VERSION):
         raise StateFileError(f"{path} is not an l4lb state file of version 1 or {VERSION}")
@@ -470,10 +503,24 @@ class Pins:
         return f"{path}.{self.worker}" if path and self.worker is not None else path
 
     def index(self, config: Config) -> Restoring | None:
-        """Step 1 of a start (see above): read and index the files; None: nothing to restore."""
+        """Step 1 of a start (see above): read and index the files; None: nothing to restore.
+        Blocking (a file of 256 MiB at most): the runtime runs it in a thread."""
         path = config.state_file
         if not path:
             return None
+        own = self.path(config)
+        assert own is not None
+        try:
+            strays = remove_strays(own)
+        except OSError as exc:
+            log.warning("cannot look for a killed save's temporary files: %s", exc)
+        else:
+            if strays:
+                log.info(
+                    "removed %d temporary file(s) of saves killed mid-write: %s",
+                    len(strays),
+                    ", ".join(strays),
+                )
         if self.worker is None:
             sources = [path]
         else:

@@ -160,7 +160,8 @@ class Server:
         specs = listen_specs(self.config)
         bound = self.listeners.bind_new(specs)
         self._set_bindings()
-        restoring = self.pins.index(self.config)  # (meanwhile, clients wait in the backlog)
+        # (meanwhile, clients wait in the backlog; in a thread, so that signals are heard)
+        restoring = await asyncio.to_thread(self.pins.index, self.config)
         await self.listeners.serve(bound)
         restore = loop.create_task(restoring.run()) if restoring is not None else None
         if self.store is not None:
@@ -326,7 +327,9 @@ class Server:
             log.error("reload refused: the configuration came from flags, not a file")
             raise ReloadError(["the configuration came from flags, not a file: nothing to re-read"])
         try:
-            config = load_config(self.config.source)
+            # (in a thread: the file, and the key and token files it names, may be slow or
+            # not files at all; the relay goes on meanwhile)
+            config = await asyncio.to_thread(load_config, self.config.source)
         except ConfigError as exc:
             self.reloads_failed += 1
             for line in exc.lines:
@@ -415,7 +418,7 @@ class Server:
         changes += [f"listening on {spec}" for spec, _ in bound]
         restart = ("admin", "affinity_store", "workers")
         for change in config_changes(
-            old, new, skip=("groups", "source", "warnings", "kernel_marks")
+            old, new, skip=("groups", "source", "warnings", "kernel_marks", "files")
         ):
             later = change.split(" ", 1)[0].split(".", 1)[0] in restart
             changes.append(change + (" (takes effect at the next restart)" if later else ""))

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Config, ConfigError, load_config_text
 from ..config.describe import describe
+from ..config.files import read_text
 from ..core.reuseport import attach, program
 from ..dataplane.listeners import ListenSpec, Where, bind, close_all, listen_specs, steering_masks
 from ..runtime.errors import ReloadError, StartupError
@@ -85,6 +86,7 @@ class Supervisor:
         self.log_level = log_level
         self.rundir = tempfile.mkdtemp(prefix="l4lb-")  # 0700: the workers' admin sockets
         self.snapshot = str(Path(self.rundir) / "config.yaml")
+        self.files: dict[str, bytes] = dict(config.files)  # the named files, as last read
         self.sockets: dict[Where, tuple[ListenSpec, list[socket.socket]]] = {}
         self.workers: list[WorkerProc | None] = [None] * self.n
         self.stopping = False
@@ -152,14 +154,25 @@ class Supervisor:
             if masks is not None:
                 attach(socks[0], program(masks[0], masks[1], self.n))
 
-    def _snapshot_source(self) -> tuple[str, Config]:
-        """The file's text and its configuration, read once so that both agree."""
+    async def _snapshot_source(self) -> tuple[str, Config]:
+        """The file's text and its configuration, read once so that both agree (in a thread:
+        the file and those it names may be slow, or not files at all)."""
         source = self.config.source
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([f"{source}: cannot read the file: {exc}"]) from None
-        return text, load_config_text(text, source)
+
+        def read() -> tuple[str, Config]:
+            try:
+                text = read_text(source)
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ConfigError([f"{source}: cannot read the file: {why}"]) from None
+            return text, load_config_text(text, source)
+
+        text, config = await asyncio.to_thread(read)
+        self.files = dict(config.files)  # what a worker is given (respawned ones too)
+        return text, config
+
+    def _files(self) -> dict[str, str]:
+        return {path: data.hex() for path, data in self.files.items()}
 
     def _write_snapshot(self, text: str) -> None:
         tmp = self.snapshot + ".new"
@@ -205,6 +218,9 @@ class Supervisor:
         finally:
             child.close()
         w = WorkerProc(i, proc, control.Channel(parent), time.monotonic(), admin_path=admin_path)
+        # First of all, the files its configuration names, as this process read them: a worker
+        # (a respawned one too) never reads a key or a token from disk (see worker.first_files).
+        w.channel.send({"op": "files", "files": self._files()})
         self.workers[i] = w
         self._background(self._listen(w))
         self._background(self._watch(w))
@@ -314,7 +330,7 @@ class Supervisor:
         self._bind(specs)
         self._steer()
         try:
-            text, _ = self._snapshot_source()
+            text, _ = await self._snapshot_source()
         except ConfigError as exc:
             raise StartupError(exc.lines[0]) from None
         self._write_snapshot(text)
@@ -408,7 +424,7 @@ class Supervisor:
     async def _reload(self) -> list[str]:
         source = self.config.source
         try:
-            text, new = self._snapshot_source()
+            text, new = await self._snapshot_source()
         except ConfigError as exc:
             raise ReloadError(exc.lines) from None
         except Exception as exc:  # a loader bug: still one refused, counted reload
@@ -437,7 +453,8 @@ class Supervisor:
         failures: list[str] = []
         for w in self.live_workers():
             fds = [self.sockets[k][1][w.index].fileno() for k in added]
-            reply = await self._ask(w, {"op": "reload", "sockets": [list(k) for k in added]}, fds)
+            message = {"op": "reload", "sockets": [list(k) for k in added], "files": self._files()}
+            reply = await self._ask(w, message, fds)
             if reply is None:
                 failures.append(
                     f"worker {w.index} did not answer the reload within {REPLY_TIMEOUT:g}s"

@@ -18,26 +18,57 @@ import os
 import signal
 import socket
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from ..balancer import Server
 from ..config import Config, ConfigError, load_config_text
+from ..config.files import read_text
 from ..dataplane.listeners import Where
 from ..runtime.errors import ReloadError, StartupError
 from ..runtime.heap import settle_heap
-from .control import Channel
+from .control import MAX_MESSAGE, Channel
 
 log = logging.getLogger("l4lb.worker")
 ENV = "L4LB_WORKER"
+FILES_TIMEOUT = 10.0  # seconds for the supervisor's first message (it is queued already)
 
 
-def load_snapshot(env: dict[str, Any]) -> Config:
+def load_snapshot(env: dict[str, Any], files: dict[str, bytes]) -> Config:
     """The configuration the supervisor accepted (a copy, so that a file edited since is not
-    half-applied), with paths in it resolved beside the original file, and the number of
-    workers the supervisor runs (a reload cannot change it)."""
-    text = Path(env["snapshot"]).read_text(encoding="utf-8")
-    return replace(load_config_text(text, env["source"]), workers=int(env["workers"]))
+    half-applied), with paths in it resolved beside the original file, the files it names as
+    the supervisor read them (`files`: a key renamed or rewritten since is not this worker's
+    to read; only a reload reads them again), and the number of workers the supervisor runs
+    (a reload cannot change it). Blocking: run it in a thread on a loop."""
+    text = read_text(env["snapshot"])
+    config = load_config_text(text, env["source"], files)
+    return replace(config, workers=int(env["workers"]))
+
+
+def files_of(message: dict[str, Any]) -> dict[str, bytes]:
+    """The files a supervisor's message carries (hex, by path); anything else is refused."""
+    got = message.get("files")
+    if not isinstance(got, dict):
+        raise ConfigError(["the supervisor sent no files"])
+    try:
+        return {str(k): bytes.fromhex(v) for k, v in got.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(["the supervisor's files are not hex"]) from None
+
+
+def first_files(control: socket.socket) -> dict[str, bytes]:
+    """The supervisor's first message: the files the configuration names (sent before the
+    worker started, so it waits in the socket; a few seconds at most)."""
+    control.settimeout(FILES_TIMEOUT)
+    try:
+        data = control.recv(MAX_MESSAGE)
+        message = json.loads(data) if data else {}
+    except (OSError, ValueError):
+        message = {}
+    finally:
+        control.settimeout(None)
+    if not isinstance(message, dict) or message.get("op") != "files":
+        raise ConfigError(["the supervisor sent no files first"])
+    return files_of(message)
 
 
 def _sockets(entries: list[list[Any]], fds: list[int]) -> dict[Where, socket.socket]:
@@ -52,9 +83,12 @@ async def serve(env: dict[str, Any]) -> int:
     control = socket.socket(fileno=int(env["control"]))
     inherited = _sockets(env["sockets"], [int(fd) for fd in env["fds"]])
     try:
-        config = load_snapshot(env)
+        config = await asyncio.to_thread(lambda: load_snapshot(env, first_files(control)))
     except ConfigError as exc:
         log.error("%s", exc.lines[0])
+        return 1
+    except (OSError, UnicodeDecodeError) as exc:
+        log.error("cannot read the supervisor's copy of the configuration: %s", exc)
         return 1
     channel = Channel(control)
 
@@ -126,7 +160,7 @@ async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> No
         assert server.listeners.inherited is not None
         server.listeners.inherited.update(_sockets(message.get("sockets", []), fds))
         try:
-            config = load_snapshot(env)
+            config = await asyncio.to_thread(load_snapshot, env, files_of(message))
             changes = await server.apply(config)
         except (ConfigError, ReloadError) as exc:
             channel.send({"op": "reloaded", "id": ident, "ok": False, "lines": exc.lines})
