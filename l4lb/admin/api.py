@@ -20,13 +20,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import MAX_WEIGHT, AdminSpec
+from ..config.files import read_text
+from ..config.validator import NAMED_LIMIT
 from ..config.values import token_problem
 from ..core.affinity import Entry
 from ..core.backends import Backend, State
@@ -161,14 +162,18 @@ def backends_answer(request: web.Request, rows: list[dict[str, Any]]) -> web.Res
     return web.json_response({"backends": rows})
 
 
-def authorize(spec: AdminSpec, request: web.Request) -> None:
-    """The bearer token of `spec.token_file` is required; raises ApiError otherwise."""
+async def authorize(spec: AdminSpec, request: web.Request) -> None:
+    """The bearer token of `spec.token_file` is required; raises ApiError otherwise. The file
+    is read at each request (a rotated token needs no reload), in a thread."""
     if spec.token_file is None:
         raise ApiError(
-            403, "changes are disabled: set admin.token_file in the configuration", "forbidden"
+            403,
+            "changes are disabled: this admin API has no token (admin.token_file in the"
+            " configuration; with `l4lb run -l ... -b ...`, --admin-token-file)",
+            "forbidden",
         )
     try:
-        token = Path(spec.token_file).read_text(encoding="utf-8").strip()
+        token = (await asyncio.to_thread(read_text, spec.token_file, NAMED_LIMIT)).strip()
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
         raise ApiError(403, f"cannot read the token file: {why}", "forbidden") from None
@@ -207,7 +212,9 @@ def host_allowed(host: str, spec: AdminSpec) -> bool:
 
 # On every answer: no page of the admin API may be framed by another (clickjacking its buttons).
 FRAME_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # answered without a token, even with read_token
+# Answered without a token, even with read_token: the probes, and the status page's HTML (it
+# holds no data: its reads ask for the token, which the page's box sends).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 
 
 ROUTES = (
@@ -296,7 +303,7 @@ class ApiBase:
         if self._guard is not None:
             self._guard.served.add(request.protocol)
         try:
-            self._screen(request)
+            await self._screen(request)
             return await handler(request)
         except ApiError as exc:
             self._refuse(exc.reason)
@@ -311,7 +318,7 @@ class ApiBase:
             self._refuse(reason_of(exc))
             return web.json_response({"error": f"malformed request: {exc.message}"}, status=400)
 
-    def _screen(self, request: web.Request) -> None:
+    async def _screen(self, request: web.Request) -> None:
         """What is refused before any handler parses a thing; raises ApiError."""
         for name, value in request.headers.items():
             if not value.isascii():
@@ -332,7 +339,7 @@ class ApiBase:
         if request.method not in ("GET", "HEAD") or (
             self.spec.read_token and request.path not in OPEN_PATHS
         ):
-            authorize(self.spec, request)
+            await authorize(self.spec, request)
 
     @staticmethod
     async def _frame_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -7,10 +7,11 @@ import json
 import os
 import sys
 import urllib.parse
-from pathlib import Path
 from typing import Any
 
 from ..config import AdminSpec, ConfigError, load_admin_section, load_config
+from ..config.files import read_text
+from ..config.validator import NAMED_LIMIT
 
 
 class CtlError(Exception):
@@ -139,9 +140,10 @@ def run(args: argparse.Namespace) -> int:
     token = None
     if token_file:
         try:
-            token = Path(token_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            print(f"cannot read the token file {token_file}: {exc.strerror}", file=sys.stderr)
+            token = read_text(token_file, NAMED_LIMIT).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            print(f"cannot read the token file {token_file}: {why}", file=sys.stderr)
             return 1
     try:
         answer, text = _do(args, base, token)

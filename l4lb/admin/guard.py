@@ -34,6 +34,12 @@ log = logging.getLogger("l4lb.admin")
 MAX_BODY = 64 * 1024
 MAX_HEADERS = 64
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+HEALTHY = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n"
+    b'Connection: close\r\n\r\n{"status": "ok"}'
+)
+BUSY_READ = 1.0  # seconds a connection over the limit has to send its request line
+BUSY_HEAD = 512  # bytes of it read at most
 
 
 def reason_of(exc: BaseException) -> str:
@@ -74,6 +80,9 @@ class _ParseErrors(logging.Logger):
 
     def _peer_error(self, msg: object, args: tuple[object, ...], exc_info: Any) -> bool:
         exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, ConnectionResetError):  # the client left before its answer: counted
+            self._count("client_gone")
+            return True
         if not isinstance(exc, http_exceptions.HttpProcessingError):
             return False
         reason = reason_of(exc)
@@ -116,11 +125,40 @@ def runner_options(count: Callable[[str], None], timeout: float) -> dict[str, An
 
 
 class _Busy(asyncio.Protocol):
-    """Answers a connection over the limit, without reading it."""
+    """Answers a connection over a limit: 503, except a liveness probe (`GET /healthz`), which
+    gets its 200 (an orchestrator must not restart l4lb because its admin API is busy). Only
+    the request line is read, a few hundred bytes within a second at most."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.head = b""
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        t: Any = transport
-        t.write(BUSY)
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(BUSY_READ, self._answer)
+
+    def data_received(self, data: bytes) -> None:
+        self.head += data
+        if b"\n" in self.head or len(self.head) >= BUSY_HEAD:
+            self._answer()
+
+    def eof_received(self) -> bool:
+        self._answer()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _answer(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        line = self.head.split(b"\r\n", 1)[0].split(b" ")
+        probe = len(line) == 3 and line[0] in (b"GET", b"HEAD") and line[1] == b"/healthz"
+        t.write(HEALTHY if probe else BUSY)
         t.close()
 
 
@@ -128,12 +166,13 @@ class _PerPeer(asyncio.Protocol):
     """aiohttp's handler for one connection, counted against its peer address's share: the
     peer is known only once the connection is made, after the factory ran."""
 
-    __slots__ = ("guard", "host", "inner")
+    __slots__ = ("busy", "guard", "host", "inner")
 
     def __init__(self, guard: Guard, inner: RequestHandler) -> None:
         self.guard = guard
         self.inner: RequestHandler | None = inner
         self.host: str | None = None  # counted under this address
+        self.busy: _Busy | None = None  # over its peer's share: answered as busy
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert self.inner is not None
@@ -149,9 +188,8 @@ class _PerPeer(asyncio.Protocol):
                 host,
             )
             self.inner = None
-            t: Any = transport
-            t.write(BUSY)
-            t.close()
+            self.busy = _Busy()
+            self.busy.connection_made(transport)
             return
         guard.peers[host] = n + 1
         self.host = host
@@ -168,14 +206,20 @@ class _PerPeer(asyncio.Protocol):
                 del self.guard.peers[host]
         if self.inner is not None:
             self.inner.connection_lost(exc)
+        elif self.busy is not None:
+            self.busy.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.inner is not None:
             self.inner.data_received(data)
+        elif self.busy is not None:
+            self.busy.data_received(data)
 
     def eof_received(self) -> None:
         if self.inner is not None:
             self.inner.eof_received()
+        elif self.busy is not None:
+            self.busy.eof_received()
 
     def pause_writing(self) -> None:
         if self.inner is not None:

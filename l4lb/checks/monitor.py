@@ -166,6 +166,18 @@ class HealthMonitor:
         """Until every notify command started so far has finished."""
         await asyncio.gather(*self._notifies, return_exceptions=True)
 
+    def note_reload(self, changes: list[str], now: float) -> None:
+        """A reload's changes, in the events the API and the status page show (the reload's
+        own log line says them already): one event each, the group's when it names one, with
+        `old` "configuration", `new` the change and `reason` "reload"."""
+        for change in changes:
+            group, sep, rest = change.partition(": ")
+            if sep and group.startswith("group "):
+                name, text = group.removeprefix("group "), rest
+            else:
+                name, text = "", change
+            self.events.append(Event(now, name, None, "configuration", text, "reload"))
+
     def on_event(self, event: Event) -> None:
         self.events.append(event)
         for match, fut in self._waiters:

@@ -92,15 +92,29 @@ async def _connect_only(address: str, port: int) -> tuple[bool, str]:
     return True, "connected"
 
 
+_contexts: dict[bool, ssl.SSLContext] = {}
+
+
+async def _tls_context(verify: bool) -> ssl.SSLContext:
+    """The TLS checks' two client contexts, made once: the verifying one loads the system's
+    certificate authorities from disk, in a thread (not at every probe, on the loop); the
+    other reads no file at all."""
+    context = _contexts.get(verify)
+    if context is None:
+        if verify:
+            context = await asyncio.to_thread(ssl.create_default_context)
+        else:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        context = _contexts.setdefault(verify, context)
+    return context
+
+
 async def _connect_and_talk(
     spec: HealthCheckSpec, address: str, port: int, hostname: str
 ) -> tuple[bool, str]:
-    tls: ssl.SSLContext | None = None
-    if spec.type == "tls":
-        tls = ssl.create_default_context()
-        if not spec.verify:
-            tls.check_hostname = False
-            tls.verify_mode = ssl.CERT_NONE
+    tls = await _tls_context(spec.verify) if spec.type == "tls" else None
     reader, writer = await asyncio.open_connection(
         address,
         port,

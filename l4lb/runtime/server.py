@@ -356,6 +356,7 @@ class Server:
             self.written, self.answers = new, answers
             self.reloads_ok += 1
             log.info("reloaded %s: %s", new.source, "; ".join(changes) or "no changes")
+            self.monitor.note_reload(changes, time.time())
             return changes
 
     def _resolved(self, new: Config) -> None:

@@ -134,13 +134,60 @@ async def test_read_token_makes_reads_need_the_token_but_health(tmp_path: Path) 
     port, token, top = admin_config(tmp_path, ", read_token: true")
     auth = f"Authorization: Bearer {token}\r\n".encode()
     async with running(config_of(GROUP, top=top)):
-        for path in (b"/api/v1/affinity", b"/api/v1/groups", b"/metrics", b"/"):
+        for path in (b"/api/v1/affinity", b"/api/v1/groups", b"/metrics"):
             head = b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n"
             assert (await ask(port, head + b"\r\n"))[0] == 401
             assert (await ask(port, head + auth + b"\r\n"))[0] == 200
         for path in (b"/healthz", b"/readyz"):
             assert (await ask(port, b"GET " + path + b" HTTP/1.1\r\nHost: x.1\r\n\r\n"))[0] == 403
             assert (await ask(port, b"GET " + path + b" HTTP/1.0\r\n\r\n"))[0] == 200
+        # Q8 (issue 33): the status page itself opens (it holds no data; its reads send the
+        # token typed in its box, and it says so on a 401)
+        status, answer = await ask(port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert status == 200, answer
+
+
+async def test_half_closed_requests_put_no_traceback_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Q7 (issue 33): 50 half-closed `GET /api/v1/affinity` (the client shuts its side down
+    after the request) put 50 tracebacks in the log; now each is counted as client_gone."""
+    port, _token, top = admin_config(tmp_path)
+    caplog.set_level(logging.DEBUG)
+    async with running(config_of(GROUP, top=top)) as server:
+        for _ in range(50):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /api/v1/affinity HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            w.write_eof()
+            await r.read()
+            w.close()
+        assert (await ask(port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"))[0] == 200
+        assert server.admin_refused.get("client_gone", 0) >= 1
+    assert not [r for r in caplog.records if r.exc_info], "a traceback in the log"
+    assert "Traceback" not in caplog.text
+
+
+async def test_healthz_answers_while_slow_peers_hold_every_admin_slot(tmp_path: Path) -> None:
+    """Q10 (issue 33): four loopback peers of 16 slow connections each (the listener's 64)
+    kept /healthz at 503; a liveness probe is answered over the limits, anything else 503."""
+    port, _token, top = admin_config(tmp_path)
+    async with running(config_of(GROUP, top=top)) as server:
+        slow = []
+        for i in range(64):
+            src = f"127.0.0.{2 + i // 16}"
+            r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
+            w.write(b"GET /healthz HTTP/1.1\r\nHost: localh")
+            slow.append((r, w))
+        try:
+            for src in ("127.0.0.1", "127.0.0.2"):  # a new peer, and one of the slow ones
+                probe = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                assert (await ask(port, probe, src))[0] == 200, src
+                other = b"GET /api/v1/groups HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                assert (await ask(port, other, src))[0] == 503, src
+            assert server.admin_refused["too_many_connections"] >= 2
+        finally:
+            for _r, w in slow:
+                w.close()
 
 
 def test_an_admin_api_open_to_the_network_is_warned_of(tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def test_a_fifo_as_key_file_at_reload_is_refused_at_once_and_stalls_nothing(
 ) -> None:
     """Q4: a FIFO named as key_file at SIGHUP froze UDP, TCP and the admin API for 10 s. Now
     the reload is refused in one line and every request meanwhile is answered."""
-    cfg, http, udp, aport, bp = quic_site(tmp_path, 1)
+    cfg, http, _udp, aport, bp = quic_site(tmp_path, 1)
     with processes() as procs:
         start_backends(procs, bp)
         lb = start_l4lb(cfg)
