@@ -48,6 +48,10 @@ def make_matcher(networks: list[tuple[int, int, int]]) -> Callable[[str], bool]:
     full = make_keyer(0xFFFFFFFF, 128)
     rules = []
     for version, net, plen in networks:
+        if version == 6 and plen >= 96 and net >> 32 == 0xFFFF:
+            # An IPv4-mapped network (::ffff:a.b.c.d/N) is the IPv4 network it maps: the keyer
+            # reads a mapped client (a dual-stack socket's) as IPv4 too, so both match it.
+            version, net, plen = 4, net & 0xFFFFFFFF, plen - 96
         if version == 4:
             mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
             rules.append((mask | V6_TAG, net & mask))  # the tag bit keeps IPv6 keys out

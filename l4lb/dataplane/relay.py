@@ -332,12 +332,13 @@ class ClientSide(Half):
         if router is not None and backend is not None and backend is not router.sorry:
             router.set_health(backend, False, "it leads back to l4lb itself")
 
-    def _start(self, client: tuple[str, int] | None) -> None:
-        """Key the client, take its route, and dial."""
+    def _start(self, client: tuple[str, int] | None, screen: bool = True) -> None:
+        """Key the client, take its route, and dial (`screen` False: a trusted proxy's own
+        connection, a PROXY LOCAL or UNKNOWN header, which the access lists do not judge)."""
         router = self.router
         try:
             key = router.keyer(client[0])  # type: ignore[index]
-            if router.admits is not None and not router.admits(client[0]):  # type: ignore[index]
+            if screen and router.admits is not None and not router.admits(client[0]):  # type: ignore[index]
                 self.deny()
                 return
         except (TypeError, ValueError, OSError):
@@ -650,7 +651,11 @@ class ProxyClientSide(ClientSide):
             self.pending = [rest]
             self.nbytes += len(rest)
         self.client_addr = header.source
-        self._start(header.source or peer_of(self.transport))
+        if header.source is None:  # LOCAL (a health check of the proxy's) or UNKNOWN: the
+            # proxy speaks for itself, and it is trusted; allow and deny name clients
+            self._start(peer_of(self.transport), screen=False)
+        else:
+            self._start(header.source)
 
     def eof_received(self) -> bool:
         if self.proxy_buf is None:

@@ -91,3 +91,25 @@ async def test_header_and_data_in_one_segment_or_apart(backends) -> None:
             w.close()
         assert server.routers["web"].stats.rejected == 0
         assert len(server.routers["web"].table) == 30  # thirty clients, by their headers
+
+
+V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00, 0x00, 0x00])
+
+
+@pytest.mark.parametrize("header", [V2_LOCAL, b"PROXY UNKNOWN\r\n"], ids=["v2-local", "v1-unknown"])
+async def test_a_trusted_proxys_own_connection_passes_the_allow_list(backends, header) -> None:
+    """Issue 33, Q6: with `allow` set, PROXY v2 LOCAL (HAProxy's send-proxy-v2 health checks)
+    and v1 UNKNOWN headers from the trusted proxy were reset as denied, so HAProxy marked l4lb
+    down. The proxy speaks for itself there; the lists judge the clients it names."""
+    (port,) = free_ports(1)
+    (b,) = await backends(1, [port])
+    extra = "accept_proxy: {trusted: [127.0.0.1/32]}\nallow: [198.51.100.0/24]"
+    async with running(config_of(group_yaml("web", [port], [b.yaml()], extra=extra))) as server:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(header + b"ping")
+        assert (await asyncio.wait_for(r.readline(), 5)).strip().decode() == b.name
+        assert await r.readexactly(4) == b"ping"
+        w.close()
+        # a client the header names is still judged by the lists
+        await refused_with_a_reset(port, encode("v2", ("203.0.113.9", 1), ("127.0.0.1", port)))
+        assert server.routers["web"].stats.denied == 1
