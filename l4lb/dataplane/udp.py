@@ -14,7 +14,8 @@ the entry's persistence timeout then starts, as after a TCP close.
 
 Each listener keeps its flows in an OrderedDict in the order of their last datagram (either
 way): a datagram moves its flow to the back (`move_to_end`, O(1) in C) and stamps it with the
-listener's coarse clock (`now`, set by the sweep every tick, so no clock is read per datagram).
+listener's clock (`now`, read once a wakeup, which serves up to BATCH datagrams: not a clock
+read per datagram, and never older than the datagram's wakeup, so no flow ends early).
 The front is therefore always the flow idle longest: the sweep ends flows from the front until
 one is younger than its timeout (it costs the flows it ends, not all of them), and the
 `udp_max_flows` bound evicts the front (a flood of spoofed source ports replaces idle flows,
@@ -121,7 +122,7 @@ class Flow:
         self.backend: Backend | None = None
         self.sock: socket.socket | None = None
         self.pending: list[bytes] | None = None  # datagrams held while the pin is settled
-        self.last = now  # the listener's coarse clock at its last datagram
+        self.last = now  # the listener's clock at its last datagram
         self.started = now
         self.bytes_in = 0
         self.bytes_out = 0
@@ -138,6 +139,7 @@ class Flow:
             return
         listener = self.listener
         stats = self.stats
+        now = listener.now = time.monotonic()  # (once a wakeup: see UdpListener._readable)
         for _ in range(BATCH):
             try:
                 data = sock.recv(MAX_DATAGRAM)
@@ -152,7 +154,7 @@ class Flow:
                     continue
                 self.spare -= 1
             listener.flows.move_to_end(self.key)
-            self.last = listener.now
+            self.last = now
             n = len(data)
             self.bytes_out += n
             stats.datagrams_out += 1
@@ -180,7 +182,7 @@ class UdpListener:
         self.unvalidated: OrderedDict[object, None] = OrderedDict()
         # quic_lb: the flows each connection ID steered, oldest first (`_make_way`).
         self.by_cid: dict[bytes, list[Flow]] = {}
-        self.now = time.monotonic()  # the coarse clock of the flows' `last` (see above)
+        self.now = time.monotonic()  # the clock of the flows' `last` (see above)
         self.closed = False
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
@@ -191,7 +193,9 @@ class UdpListener:
         sock = self.sock
         flows = self.flows
         to_end = flows.move_to_end
-        now = self.now
+        # One clock read a wakeup (up to BATCH datagrams): a stamp as late as the sweep's last
+        # tick would end a flow up to a tick (a tenth of its timeout) early.
+        now = self.now = time.monotonic()
         wildcard = self.wildcard
         for _ in range(BATCH):
             try:
@@ -559,7 +563,7 @@ class UdpListener:
         )
 
     def sweep(self, now: float) -> None:
-        """Move the coarse clock on, and end the flows idle past their group's
+        """Move the clock on, and end the flows idle past their group's
         udp_idle_timeout: from the front, the longest idle first (see the theory above)."""
         self.now = now
         flows = self.flows

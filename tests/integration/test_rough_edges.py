@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from l4lb.config import load_config, load_config_text
-from tests.support.helpers import NamedBackend, free_ports, hello, running
+from tests.support.helpers import NamedBackend, UdpBackend, UdpClient, free_ports, hello, running
 
 Cleanup = Callable[[Any], Any]
 
@@ -98,3 +98,39 @@ async def hello_or_raise(port: int, src: str) -> str:
         return line.decode().strip()
     finally:
         w.close()
+
+
+@pytest.mark.asyncio
+async def test_a_udp_flow_never_ends_before_its_idle_timeout(
+    cleanup: Cleanup,
+) -> None:
+    """A flow was logged `duration_ms: 9158`, `idle_timeout`, with `udp_idle_timeout: 10s`: its
+    last datagram was stamped with the clock of the sweep's last tick (a tenth of the timeout
+    behind). Ten flows opened at different moments of a tick: each lives its timeout."""
+    (port,) = free_ports(1)
+    echo = cleanup(await UdpBackend("e").start())
+    text = (
+        "groups:\n  dns:\n    listen: [127.0.0.1]\n"
+        f'    ports: ["{port}/udp"]\n    udp_idle_timeout: 500ms\n'
+        f"    backends:\n      - {{name: e, address: 127.0.0.1, ports: {{'{port}/udp': {echo.port}}}}}\n"
+    )
+    loop = asyncio.get_running_loop()
+    async with running(load_config_text(text, "t.yaml")) as server:
+        (listener,) = server.listeners.udp_listeners()
+        sent: dict[object, float] = {}
+        for i in range(10):
+            client = cleanup(await UdpClient.open(port, f"127.0.{30 + i}.1"))
+            await asyncio.sleep(0.007)  # (ten phases of the sweep's 50 ms tick)
+            sent_at = loop.time()
+            assert await client.ask(b"x") is not None
+            (key,) = [k for k, f in listener.flows.items() if f.client[0] == f"127.0.{30 + i}.1"]
+            sent[key] = sent_at
+        ended: dict[object, float] = {}
+        deadline = loop.time() + 5
+        while len(ended) < len(sent) and loop.time() < deadline:
+            await asyncio.sleep(0.002)  # (watching the listener's table: no event to await)
+            for key in sent:
+                if key not in ended and key not in listener.flows:
+                    ended[key] = loop.time()
+    lived = sorted(ended[k] - sent[k] for k in sent)
+    assert len(lived) == 10 and lived[0] >= 0.5, lived
