@@ -40,8 +40,6 @@ SHARED_GAUGES = {
     "l4lb_backend_effective_weight",
     "l4lb_health_check_duration_seconds",
     "l4lb_store_up",
-    "process_start_time_seconds",
-    "process_max_fds",
     "python_info",
 }
 OWN_METRICS = {"l4lb_reloads", "l4lb_admin_requests_refused"}  # the supervisor's, not summed
@@ -213,8 +211,10 @@ class FrontAdmin(ApiBase):
         return web.json_response({"workers": out, "restarts": self.sup.restarts})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        answers = await self._ask(request)
-        texts = [data for status, data in answers if status == 200 and isinstance(data, str)]
+        answers = await self._ask_each(request)
+        texts = [
+            (str(i), data) for i, status, data in answers if status == 200 and isinstance(data, str)
+        ]
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Merged(merge_metrics(texts), self.sup))
         body = generate_latest(registry)
@@ -355,11 +355,13 @@ def _sum_backends(per_worker: list[list[dict[str, Any]]]) -> list[dict[str, Any]
     return first
 
 
-def merge_metrics(texts: list[str]) -> list[Metric]:
-    """Sum the workers' samples by name and labels (SHARED_GAUGES: the first worker's)."""
+def merge_metrics(texts: list[tuple[str, str]]) -> list[Metric]:
+    """Sum the workers' samples (each `(worker index, text)`) by name and labels
+    (SHARED_GAUGES: the first worker's); a process's own metrics (`process_*`: its memory,
+    CPU, descriptors) are each worker's, labelled `worker`, never summed."""
     merged: dict[str, Metric] = {}
     index: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
-    for text in texts:
+    for worker, text in texts:
         for family in text_string_to_metric_families(text):
             if family.name in OWN_METRICS:
                 continue
@@ -367,7 +369,10 @@ def merge_metrics(texts: list[str]) -> list[Metric]:
             if mine is None:
                 mine = Metric(family.name, family.documentation, family.type, family.unit)
                 merged[family.name] = mine
+            own = family.name.startswith("process_")
             for s in family.samples:
+                if own:
+                    s = s._replace(labels={**s.labels, "worker": worker})
                 where = (s.name, tuple(sorted(s.labels.items())))
                 at = index.get(where)
                 if at is None:

@@ -72,7 +72,8 @@ def _traffic(routers: Mapping[str, Router]) -> Iterator[Metric]:
     )
     failed = CounterMetricFamily(
         "l4lb_connections_failed",
-        "Connect attempts and connections that failed: reason=refused, timeout, error (one"
+        "Connect attempts, TCP connections and UDP flows that failed (a refused flow counted"
+        " here once, not among the dropped datagrams): reason=refused, timeout, error (one"
         " dial of a backend; the connection may still reach another), no_backend (none"
         " accepted: the client was closed), rejected (refused before routing: an untrusted"
         " or malformed PROXY header, an unusable address, a loop), denied (the group's allow"
@@ -186,7 +187,9 @@ def _backends(
         labels=["group", "backend", "reason"],
     )
     active = GaugeMetricFamily(
-        "l4lb_connections_active", "Open or dialing connections", labels=["group", "backend"]
+        "l4lb_connections_active",
+        "Open or dialing TCP connections and open UDP flows",
+        labels=["group", "backend"],
     )
     conns = CounterMetricFamily(
         "l4lb_backend_connections", "Connections established", labels=["group", "backend"]
@@ -346,15 +349,14 @@ def _udp_metrics(s: Balancer) -> Iterator[Metric]:
         "UDP datagrams dropped, by reason: no_backend (none accepted the flow), pending_full"
         " (held while the shared store settled the pin, and a few were held already),"
         " backend_busy (the backend socket's buffer was full), backend_error (the backend"
-        " socket reported an error), client_send (the answer could not be sent), descriptors"
-        " (no descriptor for a new flow), rejected (an unusable source address), client_limit"
-        " (its network over client_limits), denied (the group's allow and deny lists),"
+        " socket reported an error), client_send (the answer could not be sent),"
         " unvalidated (an answer past the 3 a client gets"
         " before its second datagram: reflection toward a forged source is bounded), looped"
         " (from one of l4lb's own flow sockets: its backend leads back, and is taken down),"
         " quic_unroutable (quic_lb: a short header whose connection ID no available backend"
         " owns, from a network with no pin), quic_malformed (quic_lb: too short for its"
-        " connection ID), quic_full (quic_lb: its connection ID's server is at its max_conns)",
+        " connection ID), quic_full (quic_lb: its connection ID's server is at its max_conns)."
+        " A refused new flow (denied, client_limit, ...) is in l4lb_connections_failed_total",
         labels=["group", "reason"],
     )
     quic = CounterMetricFamily(

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-# Why a datagram was dropped; `l4lb_udp_dropped_total{reason}`.
+# Why a datagram was dropped; `l4lb_udp_dropped_total{reason}`. A datagram that would open a
+# flow and is refused (denied, client_limit, an unusable address, no descriptor, its source) is
+# a refused flow, counted once, with TCP's refusals (`l4lb_connections_failed_total{reason}`).
 DROP_REASONS = (
     "no_backend",  # no backend accepted the flow
     "pending_full",  # its backend was not settled yet, and a few were waiting already
     "backend_busy",  # the backend socket's send buffer was full
     "backend_error",  # the backend socket reported an error (ICMP) on this datagram
     "client_send",  # the answer could not be sent to the client
-    "descriptors",  # no descriptor left for a new flow's socket
-    "rejected",  # a source address that could not be keyed
-    "client_limit",  # over the client network's client_limits
     "unvalidated",  # an answer past the few a client gets before its second datagram
     "looped",  # from one of l4lb's own flow sockets: a backend that leads back to l4lb
-    "denied",  # from a network the group's allow and deny lists refuse
-    "source",  # the flow's socket could not take its source address (see transparent.py)
     "quic_unroutable",  # quic_lb: a short header no backend owns, from a network with no pin
     "quic_malformed",  # quic_lb: too short to carry the connection ID it announces
     "quic_full",  # quic_lb: its connection ID's server is at its max_conns (the client retries)

@@ -268,11 +268,10 @@ class UdpListener:
         try:
             akey = router.keyer(host)
             if router.admits is not None and not router.admits(host):
-                stats.drops["denied"] += 1
-                router.stats.denied += 1
+                router.stats.denied += 1  # (a refused flow: counted once, as TCP's refusals)
                 return None
         except (OSError, ValueError):
-            stats.drops["rejected"] += 1
+            router.stats.rejected += 1
             return None
         owner: Backend | None = None
         cid = b""
@@ -291,12 +290,11 @@ class UdpListener:
         if stats.flows >= plane.flow_bound(router.spec.udp_max_flows):
             runner.evict_udp(router.name)
         if plane.descriptors_full() and not runner.evict_udp(router.name):
-            stats.drops["descriptors"] += 1
+            router.stats.descriptors += 1
             plane.accept_error("EMFILE", "no descriptor left for a new UDP flow")
             return None
         limits = router.limits
         if limits is not None and limits.admit(akey) is not None:  # (None: admitted)
-            stats.drops["client_limit"] += 1
             router.stats.client_limit += 1
             return None
         reply = None
@@ -449,7 +447,6 @@ class UdpListener:
                 )
         except SourceError as exc:
             router.source_failure(route, backend)
-            flow.stats.drops["source"] += 1
             self.end(flow, "source", give_up=False)
             held = _throttle.allow(("source", router.name))
             if held is not None:  # (a line a second at most, however many flows fail alike)
@@ -464,7 +461,6 @@ class UdpListener:
         except OSError as exc:
             if exc.errno in RESOURCE_ERRNOS:
                 router.local_failure(route, backend, errno.errorcode[exc.errno])
-                flow.stats.drops["descriptors"] += 1
                 self.plane.accept_error(errno.errorcode[exc.errno], "socket() for a UDP flow")
                 self.end(flow, "descriptors", give_up=False)
                 return False

@@ -79,14 +79,14 @@ async def look_and_click(tmp_path: Path, admin: int, bs: list[Backend], ports: l
             for sp in ports:  # the address:port of each service port
                 assert f"127.0.0.1:{b.ports['echo']} ({sp})" in r[2]
             assert r[3].startswith("up for ")  # the state, and the time since it changed
-            assert r[4] == "0s"  # downtime
-            assert int(r[7]) >= 1  # peak connections
-            assert r[9] == "0"  # queue
-            assert r[12].endswith("B") and r[13].endswith("B")  # bytes in and out
-            assert "refused 0, timeout 0, error 0" in r[14]
-            assert r[15] == "connected"
-        assert by_name["b0"][8] == "50" and by_name["b1"][8] == "\u2013"  # the limit, or none
-        assert by_name["b2"][5] == "3"  # the new weight
+            assert r[5] == "0s"  # downtime
+            assert int(r[8]) >= 1  # peak connections
+            assert r[10] == "0"  # queue
+            assert r[13].endswith("B") and r[14].endswith("B")  # bytes in and out
+            assert "refused 0, timeout 0, error 0" in r[15]
+            assert r[16] == "connected"
+        assert by_name["b0"][9] == "50" and by_name["b1"][9] == "\u2013"  # the limit, or none
+        assert by_name["b2"][6] == "3"  # the new weight
         # The check history is the server's too: a fresh page shows many results.
         assert await page.js("document.querySelectorAll('#backends .hist span.ok').length") >= 30
         events = await page.js("document.querySelector('#events tbody').textContent")
