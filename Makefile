@@ -91,19 +91,29 @@ clean:
 
 # `make install` (as root): l4lb in a venv of its own under PREFIX, BINDIR/l4lb linking to it,
 # the systemd unit in UNITDIR (its paths made these) and a sample configuration in CONFDIR
-# when there is none. Every path can be moved (`make install PREFIX=/srv/l4lb ...`).
+# when there is none. Every path can be moved (`make install PREFIX=/srv/l4lb ...`), and
+# DESTDIR stages the whole tree under a root of its own for a package (nothing is written
+# outside it; the venv's scripts name PREFIX, where the package will put them).
+# The configuration is 0644: the unit's DynamicUser must read it, and it holds no secret (the
+# admin token and a QUIC-LB key go in files of their own: docs/deployment.md).
 PREFIX  ?= /opt/l4lb
 BINDIR  ?= /usr/local/bin
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/l4lb
+DESTDIR ?=
 install:
-	$(PYTHON) -m venv --clear $(PREFIX)
-	$(PREFIX)/bin/python -m pip install --quiet --upgrade pip
-	$(PREFIX)/bin/python -m pip install --quiet .
-	install -d $(BINDIR) $(UNITDIR) $(CONFDIR)
-	ln -sfn $(PREFIX)/bin/l4lb $(BINDIR)/l4lb
+	$(PYTHON) -m venv --clear $(DESTDIR)$(PREFIX)
+	$(DESTDIR)$(PREFIX)/bin/python -m pip install --quiet --upgrade pip
+	$(DESTDIR)$(PREFIX)/bin/python -m pip install --quiet .
+	@if [ -n "$(DESTDIR)" ]; then \
+	  grep -rlF '$(DESTDIR)$(PREFIX)' $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/pyvenv.cfg | \
+	    xargs -r sed -i 's|$(DESTDIR)$(PREFIX)|$(PREFIX)|g'; fi
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(CONFDIR)
+	ln -sfn $(PREFIX)/bin/l4lb $(DESTDIR)$(BINDIR)/l4lb
 	sed -e 's|/usr/local/bin/l4lb|$(BINDIR)/l4lb|g' -e 's|/etc/l4lb/|$(CONFDIR)/|g' \
-	  contrib/systemd/l4lb.service > $(UNITDIR)/l4lb.service
-	test -e $(CONFDIR)/l4lb.yaml || install -m 0640 contrib/systemd/l4lb.yaml $(CONFDIR)/l4lb.yaml
-	@echo "installed $$($(BINDIR)/l4lb version) in $(PREFIX); $(BINDIR)/l4lb, $(UNITDIR)/l4lb.service,"\
-	  "$(CONFDIR)/l4lb.yaml. Then: systemctl daemon-reload && systemctl enable --now l4lb"
+	  contrib/systemd/l4lb.service > $(DESTDIR)$(UNITDIR)/l4lb.service
+	test -e $(DESTDIR)$(CONFDIR)/l4lb.yaml || \
+	  install -m 0644 contrib/systemd/l4lb.yaml $(DESTDIR)$(CONFDIR)/l4lb.yaml
+	@echo "installed $$($(DESTDIR)$(PREFIX)/bin/python -m l4lb version) in $(DESTDIR)$(PREFIX);"\
+	  "$(DESTDIR)$(BINDIR)/l4lb, $(DESTDIR)$(UNITDIR)/l4lb.service, $(DESTDIR)$(CONFDIR)/l4lb.yaml."\
+	  "Then: systemctl daemon-reload && systemctl enable --now l4lb"

@@ -291,6 +291,10 @@ def test_reload_reaches_every_worker(tmp_path: Path) -> None:
         assert fresh == {"b1"}
         metrics = admin_get(aport, "/metrics")
         assert 'l4lb_admin_requests_refused_total{reason="unauthorized"} 1.0' in metrics
+        # each worker's own process metrics, labelled (issue 33: they were summed, unlabelled)
+        for i in (0, 1):
+            assert f'process_resident_memory_bytes{{worker="{i}"}}' in metrics
+        assert "\nprocess_resident_memory_bytes " not in metrics
         assert 'l4lb_reloads_total{result="ok"} 1.0' in metrics
 
 
