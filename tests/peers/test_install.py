@@ -95,7 +95,7 @@ def test_make_install_honours_destdir_and_the_units_user_can_read_what_it_instal
         os.chown(token, uid, uid)
         token.chmod(0o400)
         text = config.read_text().replace(
-            "# token_file: /etc/l4lb/admin.token", f"token_file: {token}"
+            "# token_file: /run/credentials/l4lb.service/admin.token", f"token_file: {token}"
         )
         assert f"token_file: {token}" in text
         config.write_text(text)
