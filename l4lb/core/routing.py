@@ -78,6 +78,12 @@ def _admits(spec: GroupSpec) -> Callable[[str], bool] | None:
     return admits
 
 
+def _checked(spec: GroupSpec) -> frozenset[str]:
+    return frozenset(
+        b.name for b in spec.backends if (b.health_check or spec.health_check) is not None
+    )
+
+
 def reached(
     group: str,
     port: int,
@@ -224,6 +230,8 @@ class Router:
         # Told of every health verdict that changes a backend (workers: the one that checks
         # tells the others through the supervisor).
         self.health_hook: Callable[[Backend, bool, str], None] | None = None
+        # Backends with an active health check of their own or the group's (`vouched`).
+        self.checked = _checked(spec)
         self.quic: Codec | None = None  # QUIC-LB: the group's connection ID codec
         self.owners: dict[bytes, Backend] = {}  # QUIC-LB: server ID -> its backend
         self._quic_setup(spec)
@@ -327,6 +335,12 @@ class Router:
         return rendezvous(key, [b for b in self.backends if b.schedulable and not b.backup]) or (
             self.pick(key)
         )
+
+    def vouched(self, backend: Backend) -> bool:
+        """Whether l4lb's own active check (from its own address) finds `backend` up: then a
+        dial from another source that goes unanswered is that source's way back failing,
+        not the backend (`source: client`)."""
+        return backend.healthy and backend.name in self.checked
 
     def usable_pin(self, name: str) -> Backend | None:
         """The backend another instance pinned a client to, if this one may send it there."""
@@ -576,6 +590,7 @@ class Router:
             self.limits.reconfigure(spec.client_limits)
         self._return = spec.on_up == "return"
         self.spec = spec
+        self.checked = _checked(spec)
         self._quic_setup(spec)
         return changes
 

@@ -277,6 +277,20 @@ async def dial(
             # backend's failure, and no other backend would do better.
             _source_failed(router, route, backend, "the way back for the answers is missing")
             return None
+        if transparent and isinstance(exc, TimeoutError) and router.vouched(backend):
+            # From the client's own address, a dial whose answer never came, to a backend
+            # that l4lb's own check (from l4lb's own address) finds up: the answer went the
+            # client's way, not back through this host (a policy rule gone since the start,
+            # or a client network without the way back). This host's failure, not the
+            # backend's: it is not marked down for it.
+            _source_failed(
+                router,
+                route,
+                backend,
+                f"no answer from {backend.name}, which l4lb's own check finds up: the answers"
+                " to this client do not come back through this host",
+            )
+            return None
         if exc is not None:
             if not _failed(router, route, backend, port, exc, ctx.slots):
                 return None

@@ -241,3 +241,35 @@ def test_a_reload_that_sets_source_client_says_what_the_host_lacks(tmp_path: Pat
         way_back(True)  # the host set up after the warning: the dials work from then on
         assert ask_tcp(CLIENTS[0]).split() == [name, CLIENTS[0]]  # its own address now
         assert stop(lb) == 0 and "Traceback" not in output(lb)
+
+
+def test_a_way_back_lost_after_the_start_blames_no_backend(tmp_path: Path) -> None:
+    """Issue 33: with the policy rule removed after start, connect timeouts marked every backend
+    down, though deployment.md says such failures count as `source`, never as the backend's.
+    A dial from the client's address that goes unanswered, to a backend that l4lb's own check
+    (from l4lb's own address) finds up, is this host's failure: counted as source, and the
+    backend stays up."""
+    with topology(), processes() as procs:
+        backends(tmp_path, procs)
+        way_back(True)
+        cfg = config(tmp_path)
+        cfg.write_text(
+            cfg.read_text().replace(
+                "    backends:\n", "    health_check: {type: tcp, interval: 300ms}\n    backends:\n"
+            )
+        )
+        lb = start_l4lb(cfg, prefix=("ip", "netns", "exec", NS["l"]))
+        procs.append(lb)
+        name, peer = ask_tcp(CLIENTS[0]).split()
+        assert peer == CLIENTS[0]
+        way_back(False)  # the rule removed while l4lb runs
+        for _ in range(4):  # more than passive_failures (3) dials go unanswered
+            assert ask_tcp(CLIENTS[0]) == ""
+        text = metrics()
+        assert 'l4lb_connections_failed_total{group="shop",reason="source"} 4.0' in text, text
+        assert 'l4lb_backend_state{backend="b1",group="shop",state="up"} 1.0' in text
+        assert 'l4lb_backend_state{backend="b2",group="shop",state="up"} 1.0' in text
+        way_back(True)
+        assert ask_tcp(CLIENTS[0]).split() == [name, CLIENTS[0]]
+        assert stop(lb) == 0 and "Traceback" not in output(lb)
+        assert "do not come back through this host" in output(lb)
