@@ -343,7 +343,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{run,check,version,ctl,healthcheck,import-keepalived}",  # (not `worker`)
+        metavar="{run,check,version,ctl,healthcheck,import-keepalived,quic-lb}",  # (not worker)
     )
     run = _add_run(sub)
     check = sub.add_parser("check", help="validate a configuration file and exit")
@@ -356,6 +356,9 @@ def _parser() -> argparse.ArgumentParser:
     hc = sub.add_parser("healthcheck", help="exit 0 if the admin API of a running l4lb answers")
     hc.add_argument("-c", "--config", required=True, help="the YAML configuration file")
     _add_import(sub)
+    from .admin.quickey import add_parser as add_quic_lb
+
+    add_quic_lb(sub)
     for p in (run, check):
         p.add_argument(
             "--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"]
@@ -446,6 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .admin.ctl import run as run_ctl
 
         return run_ctl(args)
+    if args.command == "quic-lb":
+        from .admin.quickey import run as run_quic_lb
+
+        return run_quic_lb(args)
     _setup_logging(args.log_level)
     text: str | None = None
     if args.command == "run":

@@ -140,9 +140,14 @@ def _backend(v: _Validator, node: yaml.Node, path: str, ports: GroupPorts) -> Ba
         "send_proxy": _choice("v1", "v2", "none"),
         "slow_start": _duration,
         "resolve": _choice("all", "first"),
-        "server_id": _hex_id,
     }
     ok = _scalars(v, m, path, checks, kw) and ok
+    if "server_id" in m:
+        # Read as written: YAML would make an unquoted 0b11 the number 3, or 1234 an int
+        sid = m["server_id"][1]
+        written = sid.value if isinstance(sid, yaml.ScalarNode) and sid.style is None else None
+        kw["server_id"] = v.field(sid, f"{path}.server_id", lambda x: _hex_id(written or x))
+        ok = ok and kw["server_id"] is not None
     inline_port: int | None = None
     if isinstance(kw.get("address"), tuple):
         kw["address"], inline_port = kw["address"]

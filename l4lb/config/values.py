@@ -220,7 +220,7 @@ def _rate(x: Any) -> float:
 
 
 def _hex_id(x: Any) -> str:
-    """A QUIC-LB server ID: hex digits in quotes ("0a1b"), lower-cased."""
+    """A QUIC-LB server ID: hex digits ("0a1b"; read as written when unquoted), lower-cased."""
     if not isinstance(x, str):
         raise ValueError(f'expected hex digits in quotes, such as "0a1b", got {x!r}')
     text = x.lower().removeprefix("0x")

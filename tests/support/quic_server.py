@@ -6,52 +6,24 @@ greeted with `NAME\\n`. For the tests, and by hand:
     python -m tests.support.quic_server --name a --quic 127.0.0.1:4433 --tcp 127.0.0.1:8443 \\
         --server-id 0a11 --nonce-length 6 [--key 8f95...] [--config-id 0]
 
-aioquic takes only a connection ID length and draws its IDs at random (`os.urandom`), so the
-connection class its server builds is replaced by one whose IDs (the first, and every one
-NEW_CONNECTION_ID announces) are `Codec.encode(server_id, random nonce)`. Prints `ready`."""
+The connection IDs are made as contrib/quic-lb/server.py makes them (its `install`); this
+server speaks a raw stream protocol rather than HTTP/3, for the tests' hand-driven client.
+Prints `ready`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-from typing import Any
 
-import aioquic.asyncio.server as aioquic_server
 from aioquic.asyncio import QuicConnectionProtocol, serve
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection, QuicConnectionId
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 
 from l4lb.core.quiclb import Codec
 from tests.support.backend_server import TLS, addr
+from tests.support.contrib import quic_lb_server
 
 ALPN = "l4lb-test"
-
-
-def lb_connection(codec: Codec, server_id: bytes) -> type[QuicConnection]:
-    def new_cid() -> bytes:
-        return codec.encode(server_id, os.urandom(codec.nonce_len))
-
-    class LbConnection(QuicConnection):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            first = self._host_cids[0]
-            first.cid = new_cid()
-            self.host_cid = self._local_initial_source_connection_id = first.cid
-
-        def _replenish_connection_ids(self) -> None:
-            while len(self._host_cids) < min(8, self._remote_active_connection_id_limit):
-                self._host_cids.append(
-                    QuicConnectionId(
-                        cid=new_cid(),
-                        sequence_number=self._host_cid_seq,
-                        stateless_reset_token=os.urandom(16),
-                    )
-                )
-                self._host_cid_seq += 1
-
-    return LbConnection
 
 
 def who_protocol(name: bytes) -> type[QuicConnectionProtocol]:
@@ -77,7 +49,7 @@ async def main() -> None:
     sid = bytes.fromhex(a.server_id)
     key = bytes.fromhex(a.key) if a.key else None
     codec = Codec(a.config_id, len(sid), a.nonce_length, key)
-    aioquic_server.QuicConnection = lb_connection(codec, sid)  # type: ignore[misc]
+    quic_lb_server.install(codec, sid)  # (the shipped example's connection class)
     config = QuicConfiguration(
         is_client=False, alpn_protocols=[ALPN], connection_id_length=1 + codec.length
     )

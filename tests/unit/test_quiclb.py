@@ -279,6 +279,24 @@ def test_a_steered_flow_never_pins_a_network_where_new_clients_may_not_go(how: s
         assert entry is not None and entry.backend is b
 
 
+@pytest.mark.parametrize(("written", "sid"), [("0b", "0b"), ("11", "11"), ("0x1b", "1b")])
+def test_an_unquoted_server_id_is_read_as_written(written: str, sid: str) -> None:
+    """Issue 33: an unquoted `server_id: 0b11` reported `got 3`, YAML's reading (a binary
+    number), not what the user wrote; server IDs are hex, so the text is what counts."""
+    text = QUIC_CONFIG.replace('server_id: "0b"', f"server_id: {written}")
+    spec = load_config_text(text, "t.yaml").groups[0]
+    assert spec.backends[1].server_id == sid
+    two = QUIC_CONFIG.replace("server_id_length: 1", "server_id_length: 2")
+    two = two.replace('server_id: "0a"', 'server_id: "0a0a"')
+    assert (
+        load_config_text(two.replace('server_id: "0b"', "server_id: 0b11"))
+        .groups[0]
+        .backends[1]
+        .server_id
+        == "0b11"
+    )
+
+
 def test_a_reload_that_changes_server_ids_applies_at_once_and_is_reported() -> None:
     r = quic_router()
     old_b = short_to("0b")
@@ -330,8 +348,8 @@ def test_a_reload_that_changes_server_ids_applies_at_once_and_is_reported() -> N
             "t.yaml:10: groups.web.backends[1]: needs a server_id (1 octets in hex)",
         ),
         (
-            ('server_id: "0b"', "server_id: 11"),
-            't.yaml:10: groups.web.backends[1].server_id: expected hex digits in quotes, such as "0a1b", got 11',
+            ('server_id: "0b"', "server_id: 1_1"),
+            "t.yaml:10: groups.web.backends[1].server_id: expected whole octets of hex digits, such as 0a1b, got '1_1'",
         ),
         (
             ('server_id: "0b"', 'server_id: "0x1"'),
