@@ -130,13 +130,13 @@ def _ports(v: _Validator, node: yaml.Node, path: str) -> GroupPorts | None:
             continue
         rng, proto = entry
         twice = [p for p in rng if p in seen[proto]]
-        if twice:
+        if twice:  # an error, said once: the ports are still known, so that nothing that
+            # names them (a backend's ports map, say) gets an error of its own from this one
             suffix = "/udp" if proto == "udp" else ""
             v.error(item, f"{path}[{i}]", f"port {compact_ports(twice)}{suffix} is listed twice")
-            ok = False
-            continue
-        seen[proto].update(rng)
-        ports[proto].extend(rng)
+        fresh = [p for p in rng if p not in seen[proto]]
+        seen[proto].update(fresh)
+        ports[proto].extend(fresh)
     if not items:
         v.error(node, path, "must list at least one port")
         ok = False

@@ -158,3 +158,22 @@ def test_local_dev_changes_with_the_token_of_admin_token_file(tmp_path: Path) ->
         assert status.returncode == 0 and "drain" in status.stdout
         bad = l4lb("ctl", "--admin", "127.0.0.1", "status")
         assert bad.returncode == 2 and "expected a URL, HOST:PORT or PORT" in bad.stderr
+
+
+def test_without_a_token_ctl_names_the_flag_that_gives_one() -> None:
+    """Issue 33's paper cut: `l4lb ctl ... drain` against `run --admin` without a token said
+    "set admin.token_file in the configuration", where there is none: the flag is
+    --admin-token-file. And --print-config's header names every flag given."""
+    port, admin, b1 = free_ports(3)
+    flags = ("-l", str(port), "-b", f"127.0.0.1:{b1}", "--persistence", "5m/24")
+    printed = l4lb("run", *flags, "--admin", str(admin), "--print-config")
+    assert printed.stdout.splitlines()[0] == (
+        f"# l4lb run -l {port} -b 127.0.0.1:{b1} --persistence 5m/24 --admin {admin}"
+    )
+    with processes() as procs:
+        procs.append(start_backend("one", http=f"127.0.0.1:{b1}"))
+        lb = start_l4lb(Path("-"), *flags, "--admin", str(admin), config_flag=False)
+        procs.append(lb)
+        refused = l4lb("ctl", "--admin", str(admin), "backend", "drain", "local", "b1")
+        assert refused.returncode == 1 and "403" in refused.stderr
+        assert "--admin-token-file" in refused.stderr, refused.stderr

@@ -221,6 +221,17 @@ def test_each_error_is_one_line_with_file_line_and_path(text: str, expected: str
     assert all(line.startswith("f.yaml:") and "\n" not in line for line in lines)
 
 
+def test_a_port_listed_twice_is_one_error_not_five() -> None:
+    """Issue 33: a port listed twice in one group gave follow-on errors from every backend
+    whose ports map named the group's ports (they read as 'not among the group's ports ()')."""
+    text = GOOD_GROUP.replace("ports: [80, 443]", "ports: [80, 443, 80]").replace(
+        "{name: a, address: 10.0.0.1}",
+        "{name: a, address: 10.0.0.1, ports: {80: 8080, 443: 8443}}\n"
+        "      - {name: b, address: 10.0.0.2, ports: {80: 8080, 443: 8443}}",
+    )
+    assert errors_of(text) == ["f.yaml:3: groups.web.ports[2]: port 80 is listed twice"]
+
+
 def test_all_errors_are_reported_at_once() -> None:
     lines = errors_of(
         GOOD_GROUP.replace(
