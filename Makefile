@@ -48,7 +48,7 @@ PURE_TESTS := tests/unit tests/integration/test_e2e.py tests/integration/test_ud
 test: lint typecheck native
 	$(BIN)/pytest
 	@if $(BIN)/l4lb version | grep -q compiled; then \
-	  echo "make test: again as pure Python: $(PURE_TESTS)"; L4LB_PURE=1 $(BIN)/pytest -q $(PURE_TESTS); fi
+	  echo "make test: again as pure Python: $(PURE_TESTS)"; L4LB_PURE=1 $(BIN)/pytest $(PURE_TESTS); fi
 
 test-pure: $(STAMP)
 	L4LB_PURE=1 $(BIN)/pytest

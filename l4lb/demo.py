@@ -33,13 +33,14 @@ class _DemoHTTP(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.peer = transport.get_extra_info("peername")
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if b"\r\n\r\n" not in self.buf and len(self.buf) < 65536:
             return
-        body = f"{self.name} ({self.scheme}) answered {self.peer[0]}\n".encode()
+        # (the backend's name only: its peer is l4lb's address, never the client's, which a
+        # reader of the README took it for)
+        body = f"{self.name} ({self.scheme})\n".encode()
         head = (
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
             f"X-Backend: {self.name}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -57,7 +58,7 @@ class _DemoUDP(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         text = data[:200].decode(errors="replace").strip()
-        self.transport.sendto(f"{self.name} (udp) answered {addr[0]}: {text}\n".encode(), addr)
+        self.transport.sendto(f"{self.name} (udp): {text}\n".encode(), addr)
 
 
 def _tls_context() -> ssl.SSLContext:

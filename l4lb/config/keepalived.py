@@ -499,8 +499,9 @@ def _marks(
             marked = ", ".join(map(str, marks))
             out.add(2, f"# changed: fwmark {marked}: the marked ports come from your firewall;")
             out.add(
-                2, "# give them with --fwmark-ports MARK=PORT,PORT (until then: placeholder port 1)"
+                2, "# give them with --fwmark-ports MARK=PORT,PORT (until then l4lb check refuses"
             )
+            out.add(2, "# the group: it would listen on no port)")
             out.notes += 1
 
 
@@ -693,11 +694,9 @@ def _virtual_server(
     for node, why in later:
         out.note(2, node, why)
     _marks(out, marks, listen, ports, udp, all(m in fwmark_ports for m in marks))
-    if not ports:
-        ports = [1]
     if listen:
         out.add(2, "listen: [" + ", ".join(_q(a) for a in listen) + "]")
-    out.add(2, "ports: [" + ", ".join(_svc(p, udp) for p in ports) + "]")
+    out.add(2, "ports: [" + ", ".join(_svc(p, udp) for p in ports) + "]")  # ([]: refused)
     _schedule(out, vs, listen)
     weights = [_weight(rs) for rs in vs.all("real_server") if not _is_own(rs, listen, ports)]
     _quorum(out, vs, weights)

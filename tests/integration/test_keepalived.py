@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from l4lb.config import load_config, load_config_text
+from l4lb.config import ConfigError, load_config, load_config_text
 from l4lb.config.keepalived import KeepalivedError, convert
 from tests.support.helpers import free_ports, hello, running
 from tests.support.procs import ROOT
@@ -122,10 +122,16 @@ def test_fwmark_service_with_its_ports(tmp_path: Path) -> None:
     assert g.source == "client"  # NAT kept the client's address: so does l4lb
 
 
-def test_fwmark_without_ports_says_so_and_still_checks(tmp_path: Path) -> None:
+def test_fwmark_without_ports_says_so_and_check_refuses_it(tmp_path: Path) -> None:
+    """Issue 33's paper cut: without --fwmark-ports the group got `ports: [1]`, which `l4lb
+    check` passed: a group listening on port 1. Now it has no port, and check says so."""
     text, notes = convert(write(tmp_path, FWMARK))
     assert "--fwmark-ports" in text and notes == 2  # (and lb_kind NAT)
-    load_config_text(text, "out.yaml")
+    with pytest.raises(ConfigError) as refused:
+        load_config_text(text, "out.yaml")
+    assert refused.value.lines == [
+        "out.yaml:8: groups.fwmark1.ports: must list at least one port"
+    ], refused.value.lines
 
 
 def test_a_shop_every_option_carried_or_commented(tmp_path: Path) -> None:
