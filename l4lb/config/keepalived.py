@@ -20,6 +20,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import read_text
+
 SCHEDULERS = {
     "rr": "rr",
     "wrr": "wrr",
@@ -30,6 +32,9 @@ SCHEDULERS = {
     "fo": "fo",
     "twos": "p2c",
 }
+
+
+KEEPALIVED_LIMIT = 16 << 20  # bytes of one keepalived.conf or included file
 
 
 class KeepalivedError(Exception):
@@ -64,7 +69,7 @@ def _tokens(path: Path, seen: set[Path]) -> list[_Token | None]:
         raise KeepalivedError(f"{path}: included twice (a loop?)")
     seen = seen | {path}
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, KEEPALIVED_LIMIT)
     except (OSError, UnicodeDecodeError) as exc:
         raise KeepalivedError(
             f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}"
