@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from l4lb.core.quiclb import Codec
@@ -94,6 +95,21 @@ def kill_worker(lb: subprocess.Popen[str], aport: int, index: int) -> None:
     wait_for_line(lb, "stderr", f"worker {index} ready", timeout=30)
 
 
+def served_then_stopped(
+    tmp_path: Path, state: Path, before_stop: Callable[[], object] = lambda: None
+) -> str:
+    """l4lb with `state_file: state` serves a client, then stops cleanly; what it logged."""
+    cfg, http, _udp, _aport, bp = quic_site(tmp_path, 1, f"state_file: {state}")
+    with processes() as procs:
+        start_backends(procs, bp)
+        lb = start_l4lb(cfg)
+        procs.append(lb)
+        assert curl(f"http://127.0.0.1:{http}/", "127.0.9.9") in ("b0", "b1")
+        before_stop()
+        assert stop(lb) == 0
+        return output(lb)
+
+
 def test_a_restarted_worker_keeps_the_supervisors_key_whatever_the_disk_says(
     tmp_path: Path,
 ) -> None:
@@ -158,16 +174,9 @@ def test_a_fifo_as_state_file_is_refused_with_a_line_and_the_start_goes_on(tmp_p
     """Q4: a FIFO as state_file hung the start with no line and ignored SIGTERM."""
     state = tmp_path / "pins.json"
     os.mkfifo(state)
-    cfg, http, _udp, _aport, bp = quic_site(tmp_path, 1, f"state_file: {state}")
-    with processes() as procs:
-        start_backends(procs, bp)
-        lb = start_l4lb(cfg)
-        procs.append(lb)
-        assert curl(f"http://127.0.0.1:{http}/", "127.0.9.9") in ("b0", "b1")
-        state.unlink()  # (so that the save at the stop writes a file, not into the FIFO)
-        assert stop(lb) == 0
-        assert "ignoring the state file: cannot read" in output(lb)
-        assert "pins.json: not a regular file" in output(lb)
+    said = served_then_stopped(tmp_path, state, before_stop=state.unlink)  # (a file at the save)
+    assert "ignoring the state file: cannot read" in said
+    assert "pins.json: not a regular file" in said
 
 
 def test_a_killed_saves_temporary_files_are_removed_at_start(tmp_path: Path) -> None:
@@ -178,16 +187,13 @@ def test_a_killed_saves_temporary_files_are_removed_at_start(tmp_path: Path) -> 
         stray.write_text("{" * 1000)
     neighbour = tmp_path / ".l4lb-state-other.json-ab12cd34"  # another file's save: kept
     neighbour.write_text("x")
-    cfg, http, _udp, _aport, bp = quic_site(tmp_path, 1, f"state_file: {state}")
-    with processes() as procs:
-        start_backends(procs, bp)
-        lb = start_l4lb(cfg)
-        procs.append(lb)
-        assert curl(f"http://127.0.0.1:{http}/", "127.0.9.9") in ("b0", "b1")
+
+    def removed() -> None:
         assert not any(s.exists() for s in strays) and neighbour.exists()
-        assert stop(lb) == 0
-        assert "removed 2 temporary file(s) of saves killed mid-write" in output(lb)
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".l4lb-state-pins")]
+
+    said = served_then_stopped(tmp_path, state, before_stop=removed)
+    assert "removed 2 temporary file(s) of saves killed mid-write" in said
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".l4lb-state-pins")]
 
 
 def test_a_large_state_file_of_the_old_format_is_refused_with_a_line(tmp_path: Path) -> None:
@@ -195,15 +201,9 @@ def test_a_large_state_file_of_the_old_format_is_refused_with_a_line(tmp_path: P
     is one JSON document parsed whole; past 16 MiB it is refused with a line, and the start
     goes on at once."""
     state = tmp_path / "pins.json"
-    cfg, http, _udp, _aport, bp = quic_site(tmp_path, 1, f"state_file: {state}")
     rows = ",".join(f'[{2130706432 + (n << 8)},"b0",100]' for n in range(1_000_000))
     head = json.dumps({"version": 1, "saved_at": time.time()})[:-1]
     state.write_text(head + f', "groups": {{"web": {{"netmask": 24, "entries": [{rows}]}}}}}}')
     assert state.stat().st_size > 16 << 20
-    with processes() as procs:
-        start_backends(procs, bp)
-        lb = start_l4lb(cfg)
-        procs.append(lb)
-        assert curl(f"http://127.0.0.1:{http}/", "127.0.9.9") in ("b0", "b1")
-        assert stop(lb) == 0
-        assert "is a state file of version 1 over 16 MiB: not read" in output(lb)
+    said = served_then_stopped(tmp_path, state)
+    assert "is a state file of version 1 over 16 MiB: not read" in said
