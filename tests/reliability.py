@@ -829,8 +829,10 @@ def lossy_link(tmp: Path, scale: Scale) -> Row:
             )
             procs.append(b)
             wait_for_line(b, "stdout", "ready")
+            access = tmp / "access.log"  # (on a failure, l4lb's own word on the connection)
             group = (
                 "  web:\n    listen: [10.213.0.2]\n    ports: [19380]\n"
+                f"    access_log: {{path: {access}, format: json}}\n"
                 f"    backends: [{{name: b0, address: 127.0.0.1, ports: {{19380: {echo}}}}}]\n"
             )
             _lb, _admin = lb_.l4lb(group, prefix=inside)
@@ -857,11 +859,16 @@ def lossy_link(tmp: Path, scale: Scale) -> Row:
             took = time.monotonic() - t0
             got = out.stdout.split()
             exact = got == [str(size), digest]
+            if not exact:  # (the connection's line is written when it ends: stop l4lb first)
+                _lb.terminate()
+                _lb.wait(15)
+                line = access.read_text()[-600:] if access.exists() else "no connection log"
+                out.stderr += f"; l4lb's connection log: {line}"
             row = Row(
                 name,
                 load,
                 expect,
-                f"{'exact' if exact else 'NOT exact: ' + out.stdout + out.stderr[-200:]}"
+                f"{'exact' if exact else 'NOT exact: ' + out.stdout + out.stderr[-900:]}"
                 f" in {took:.1f} s ({2 * size * 8 / took / 1e6:.1f} Mbit/s both ways)",
                 exact,
             )
