@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test test-pure native deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers reliability soak clean install
+.PHONY: run test test-pure test-containers native deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers reliability soak clean install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,17 +41,23 @@ typecheck: $(STAMP)
 
 # The suite against the build `native` made; then the tests of the compiled modules once more
 # as pure Python, so that the two cannot drift (CI: `make test-pure` runs the whole suite so).
+# The container images (built with mmdebstrap and docker, two to three minutes) have a target of
+# their own, `make test-containers`, which CI runs too: `make test` stays under ten minutes.
+CONTAINERS := tests/peers/test_containers.py
 PURE_TESTS := tests/unit tests/integration/test_e2e.py tests/integration/test_udp.py \
               tests/integration/test_relay_exact.py tests/integration/test_proxyproto.py \
               tests/integration/test_limits.py tests/integration/test_accesslog.py \
               tests/integration/test_quic_lb.py
 test: lint typecheck native
-	$(BIN)/pytest
+	$(BIN)/pytest --ignore=$(CONTAINERS)
 	@if $(BIN)/l4lb version | grep -q compiled; then \
 	  echo "make test: again as pure Python: $(PURE_TESTS)"; L4LB_PURE=1 $(BIN)/pytest $(PURE_TESTS); fi
 
 test-pure: $(STAMP)
-	L4LB_PURE=1 $(BIN)/pytest
+	L4LB_PURE=1 $(BIN)/pytest --ignore=$(CONTAINERS)
+
+test-containers: $(STAMP) native
+	$(BIN)/pytest $(CONTAINERS)
 
 # Faults, floods and hostile input at full load, one table (docs/reliability.md); `make test`
 # runs the fast ones at small loads. The soak: 10 minutes of churn, descriptors and RSS flat.
