@@ -45,6 +45,7 @@ from bench import (  # noqa: E402
 )
 from tests.support.procs import wait_port  # noqa: E402
 
+QUIC_CIDS = 65536  # connections the quic_lb flows belong to (a flow each, in turn)
 TARGETS = ("direct", "nginx", "l4lb", "l4lb+quic_lb")
 QUIC_KEY = bytes.fromhex("8f95f09245765f80256934e50c66207f")
 QUIC_SID = bytes.fromhex("0b22")
@@ -183,16 +184,21 @@ groups:
             "cpu_us_per_flow": (c1 - c0) / max(1, got["flows"]) * 1e6 if target.pids else 0.0,
         }
 
-    @staticmethod
-    def quic_args(target: Target) -> list[str]:
-        """The flows' datagrams for l4lb+quic_lb: short headers to a connection ID of the
-        backend's (from l4lb's own codec, as the server would issue it)."""
+    def quic_args(self, target: Target) -> list[str]:
+        """The flows' datagrams for l4lb+quic_lb: short headers to connection IDs of the
+        backend's (from l4lb's own codec, as the server would issue them), one a connection:
+        QUIC_CIDS of them, used in turn, more than the flows alive at once (one ID steers two
+        flows at most: a single ID for every flow would measure evictions)."""
         if target.name != "l4lb+quic_lb":
             return []
-        from l4lb.core.quiclb import Codec
+        path = self.tmp / "quic.cids"
+        if not path.exists():
+            from l4lb.core.quiclb import Codec
 
-        cid = Codec(0, 2, 6, QUIC_KEY).encode(QUIC_SID, bytes.fromhex("a1b2c3d4e5f6"))
-        return ["--quic-cid", cid.hex()]
+            codec = Codec(0, 2, 6, QUIC_KEY)
+            cids = (codec.encode(QUIC_SID, n.to_bytes(6, "big")).hex() for n in range(QUIC_CIDS))
+            path.write_text("\n".join(cids) + "\n")
+        return ["--quic-cids", str(path)]
 
     def idle_flows(self, target: Target) -> float:
         """KiB of the proxy's RSS per idle flow, over IDLE_FLOWS flows left open."""

@@ -7,8 +7,9 @@ JSON line: flows answered, per second, and how many went unanswered (within `--w
 `--hold N`: instead, open N flows one after the other and keep their sockets open until stdin
 closes (for the proxy's memory per idle flow); prints {"held": N} once all are answered.
 Sources cycle through 127.1.0.0/16, so that a closed socket's port coming back soon is
-another client's. `--quic-cid HEX`: each datagram is a QUIC short header to that connection ID
-(a quic_lb group routes every new flow by it). Bounded in count and time; sends only to
+another client's. `--quic-cids FILE`: each flow's datagram is a QUIC short header to one of
+the file's connection IDs, in turn (a quic_lb group routes every new flow by its ID; one ID
+steers two flows at most, so each flow is given an ID of its own connection). Bounded in count and time; sends only to
 127.0.0.1.
 """
 
@@ -26,7 +27,7 @@ def source(i: int) -> str:
     return f"127.1.{(i >> 8) & 0xFF}.{i & 0xFF or 1}"
 
 
-PAYLOAD = [b"flow"]  # what each flow sends (--quic-cid: a short header to that ID)
+PAYLOADS = [b"flow"]  # what flow i sends: the i-th, in turn (--quic-cids: short headers)
 
 
 def run(port: int, seconds: float, window: int, wait: float) -> dict[str, float]:
@@ -44,7 +45,7 @@ def run(port: int, seconds: float, window: int, wait: float) -> dict[str, float]
             s.setblocking(False)
             s.bind((source(i), 0))
             i += 1
-            s.sendto(PAYLOAD[0], target)
+            s.sendto(PAYLOADS[i % len(PAYLOADS)], target)
             sent += 1
             inflight[s.fileno()] = (s, now)
             poller.register(s.fileno(), select.EPOLLIN)
@@ -78,7 +79,7 @@ def hold(port: int, n: int) -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind((source(i), 0))
         s.settimeout(5)
-        s.sendto(PAYLOAD[0], ("127.0.0.1", port))
+        s.sendto(PAYLOADS[i % len(PAYLOADS)], ("127.0.0.1", port))
         s.recv(2048)
         socks.append(s)
     print(json.dumps({"held": n}), flush=True)
@@ -92,10 +93,15 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--wait", type=float, default=1.0)
     ap.add_argument("--hold", type=int, default=0)
-    ap.add_argument("--quic-cid", help="hex: send QUIC short headers to this connection ID")
+    ap.add_argument(
+        "--quic-cids",
+        help="a file of connection IDs, hex, one a line: flow i sends a QUIC"
+        " short header to the i-th (in turn), as flows of that many connections",
+    )
     args = ap.parse_args()
-    if args.quic_cid:
-        PAYLOAD[0] = b"\x40" + bytes.fromhex(args.quic_cid) + bytes(40)
+    if args.quic_cids:
+        with open(args.quic_cids) as f:
+            PAYLOADS[:] = [b"\x40" + bytes.fromhex(line) + bytes(40) for line in f if line.strip()]
     if args.hold:
         hold(args.port, args.hold)
         return

@@ -14,8 +14,10 @@ the entry's persistence timeout then starts, as after a TCP close.
 
 Each listener keeps its flows in an OrderedDict in the order of their last datagram (either
 way): a datagram moves its flow to the back (`move_to_end`, O(1) in C) and stamps it with the
-listener's clock (`now`, read once a wakeup, which serves up to BATCH datagrams: not a clock
-read per datagram, and never older than the datagram's wakeup, so no flow ends early).
+listener's coarse clock (`now`, set by the sweep every tick, so no clock is read per datagram).
+A stamp is so up to a tick older than its datagram: the sweep allows for it (SLACK times the
+time since its previous run), so that no flow ends before its timeout (at most a tick or two
+after it).
 The front is therefore always the flow idle longest: the sweep ends flows from the front until
 one is younger than its timeout (it costs the flows it ends, not all of them), and the
 `udp_max_flows` bound evicts the front (a flood of spoofed source ports replaces idle flows,
@@ -70,6 +72,8 @@ UNVALIDATED_ANSWERS = 3
 # quic_lb: flows one connection ID may steer at once: a migrating connection's old path and its
 # new one (RFC 9000, 9: a client moves with a new ID; one ID on two addresses is a NAT's rebind).
 QUIC_PATHS = 2
+# The sweep's allowance for a stamp's age, in times the time since its previous run (see sweep).
+SLACK = 1.25
 CMSG_SPACE = socket.CMSG_SPACE(20)  # in_pktinfo (12 bytes) or in6_pktinfo (20)
 
 
@@ -122,7 +126,7 @@ class Flow:
         self.backend: Backend | None = None
         self.sock: socket.socket | None = None
         self.pending: list[bytes] | None = None  # datagrams held while the pin is settled
-        self.last = now  # the listener's clock at its last datagram
+        self.last = now  # the listener's coarse clock at its last datagram
         self.started = now
         self.bytes_in = 0
         self.bytes_out = 0
@@ -139,7 +143,7 @@ class Flow:
             return
         listener = self.listener
         stats = self.stats
-        now = listener.now = time.monotonic()  # (once a wakeup: see UdpListener._readable)
+        now = listener.now
         for _ in range(BATCH):
             try:
                 data = sock.recv(MAX_DATAGRAM)
@@ -182,7 +186,7 @@ class UdpListener:
         self.unvalidated: OrderedDict[object, None] = OrderedDict()
         # quic_lb: the flows each connection ID steered, oldest first (`_make_way`).
         self.by_cid: dict[bytes, list[Flow]] = {}
-        self.now = time.monotonic()  # the clock of the flows' `last` (see above)
+        self.now = time.monotonic()  # the coarse clock of the flows' `last` (see above)
         self.closed = False
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
@@ -193,9 +197,7 @@ class UdpListener:
         sock = self.sock
         flows = self.flows
         to_end = flows.move_to_end
-        # One clock read a wakeup (up to BATCH datagrams): a stamp as late as the sweep's last
-        # tick would end a flow up to a tick (a tenth of its timeout) early.
-        now = self.now = time.monotonic()
+        now = self.now
         wildcard = self.wildcard
         for _ in range(BATCH):
             try:
@@ -559,13 +561,17 @@ class UdpListener:
         )
 
     def sweep(self, now: float) -> None:
-        """Move the clock on, and end the flows idle past their group's
-        udp_idle_timeout: from the front, the longest idle first (see the theory above)."""
+        """Move the coarse clock on, and end the flows idle past their group's
+        udp_idle_timeout: from the front, the longest idle first (see the theory above). A
+        flow's stamp may be up to the time since the previous sweep older than its last
+        datagram, so that much (with a margin for a late sweep) is added to the timeout: a flow
+        never ends early (one was logged at 9158 ms of a 10 s timeout)."""
+        slack = (now - self.now) * SLACK
         self.now = now
         flows = self.flows
         while flows:
             flow = next(iter(flows.values()))
-            if now - flow.last < flow.router.spec.udp_idle_timeout:
+            if now - flow.last < flow.router.spec.udp_idle_timeout + slack:
                 return
             self.end(flow, "idle_timeout")
 
