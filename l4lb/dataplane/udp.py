@@ -287,8 +287,6 @@ class UdpListener:
             if how == "unroutable" or how == "full":
                 stats.drops["quic_" + how] += 1
                 return None
-            if owner is not None:
-                self._make_way(cid)
         if stats.flows >= plane.flow_bound(router.spec.udp_max_flows):
             runner.evict_udp(router.name)
         if plane.descriptors_full() and not runner.evict_udp(router.name):
@@ -306,6 +304,8 @@ class UdpListener:
                 reply = [(level, kind, b"\0\0\0\0" + data[8:12] + b"\0\0\0\0")]
             else:  # in6_pktinfo: the address, any interface
                 reply = [(level, kind, data[:16] + b"\0\0\0\0")]
+        if owner is not None:  # (once admitted: a refused datagram ends no flow of its ID)
+            self._make_way(cid)
         route = router.begin(akey, True)  # provisional until validated (see affinity.py)
         if owner is not None:
             router.steer(route, owner)
