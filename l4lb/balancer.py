@@ -1,6 +1,6 @@
-"""`Server`: the runtime with its admin plane, as `l4lb run`, a worker and `from l4lb import
-Server` get it. The runtime does not import the admin API (it sits above the runtime and reads
-it through a Protocol); this is where the two are put together."""
+"""`Server`: the runtime (`runtime.server.Runtime`) with its admin plane, as `l4lb run`, a
+worker and `from l4lb import Server` get it. The runtime does not import the admin API (it sits
+above the runtime and reads it through a Protocol); this is where the two are put together."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ if TYPE_CHECKING:
     from .admin.api import AdminServer
 
 
-def admin_api(server: runtime.Server, spec: AdminSpec, unix_path: str | None) -> AdminServer:
+def admin_api(server: runtime.Runtime, spec: AdminSpec, unix_path: str | None) -> AdminServer:
     from .admin.api import AdminServer  # aiohttp loads only when the admin API is configured
 
     return AdminServer(server, spec, unix_path)
 
 
-class Server(runtime.Server):
+class Server(runtime.Runtime):
     admin_factory = admin_api
 
 

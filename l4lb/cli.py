@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .balancer import Server
-from .config import SCHEDULERS, Config, ConfigError, load_config, load_config_text
+from .config import ConfigError, load_config, load_config_text
+from .core.spec import SCHEDULERS, Config
 from .runtime import sdnotify
 from .runtime.errors import ReloadError, StartupError
 from .runtime.heap import settle_heap

@@ -15,7 +15,7 @@ import ssl
 from pathlib import Path
 from typing import cast
 
-from .config import Config
+from .core.spec import Config
 from .runtime.errors import StartupError
 
 log = logging.getLogger("l4lb.demo")

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..config import MAX_WEIGHT, AdminSpec
 from ..config.files import read_text
 from ..config.validator import NAMED_LIMIT
 from ..config.values import token_problem
@@ -34,7 +33,7 @@ from ..core.backends import Backend, State
 from ..core.flowstats import UdpStats
 from ..core.keys import V6_TAG, format_key, format_netmask
 from ..core.routing import Router
-from ..core.spec import QuicLbSpec
+from ..core.spec import MAX_WEIGHT, AdminSpec, QuicLbSpec
 from ..dataplane import walk
 from ..runtime.errors import ReloadError
 from .guard import MAX_BODY, Guard, reason_of, runner_options

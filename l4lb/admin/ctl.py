@@ -9,9 +9,10 @@ import sys
 import urllib.parse
 from typing import Any
 
-from ..config import AdminSpec, ConfigError, load_admin_section, load_config
+from ..config import ConfigError, load_admin_section, load_config
 from ..config.files import read_text
 from ..config.validator import NAMED_LIMIT
+from ..core.spec import AdminSpec
 
 
 class CtlError(Exception):

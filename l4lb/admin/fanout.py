@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..config import AdminSpec
+from ..core.spec import AdminSpec
 from .api import MAX_LIST, ROUTES, ApiBase, ApiError, backends_csv, client_key, cursor_of
 from .metrics import REFUSED_HELP, RELOADS_HELP
 

@@ -1,5 +1,5 @@
 """The running process as the admin API and the metrics read it: a Protocol that
-`runtime.Server` satisfies, so the control plane depends on what it reads, not on the server
+`runtime.Runtime` satisfies, so the control plane depends on what it reads, not on the server
 (Envoy's `ClusterManager` interface, hypercorn's `typing.py`)."""
 
 from __future__ import annotations

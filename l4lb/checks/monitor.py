@@ -24,11 +24,11 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ..config import HealthCheckSpec
 from ..core.backends import Backend, State
 from ..core.health import Event, Verdict
 from ..core.histogram import Histogram
 from ..core.routing import Router
+from ..core.spec import HealthCheckSpec
 from .probes import probe
 
 log = logging.getLogger("l4lb.health")

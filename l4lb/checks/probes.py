@@ -15,7 +15,7 @@ import signal
 import socket
 import ssl
 
-from ..config import HealthCheckSpec
+from ..core.spec import HealthCheckSpec
 
 READ_LIMIT = 64 * 1024
 

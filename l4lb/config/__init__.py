@@ -13,6 +13,7 @@ entry. Beside them: `names` (backends given by DNS name), `quick` (the flags of 
 """
 
 from ..core.diff import changes
+from ..core.local import is_local_address
 from ..core.spec import (
     MAX_WEIGHT,
     SCHEDULERS,
@@ -28,7 +29,6 @@ from ..core.spec import (
     PersistenceSpec,
     StoreSpec,
 )
-from .crosscheck import is_local_address
 from .load import load_admin_section, load_config, load_config_text
 from .ports import GroupPorts, compact_ports
 from .validator import ConfigError

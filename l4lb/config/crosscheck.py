@@ -4,9 +4,9 @@ that would lead back to one of l4lb's own listeners (they bind probe sockets to 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Callable, Iterator
 
+from ..core.local import is_local_address
 from ..core.spec import GroupSpec, KernelMarksSpec
 from .ports import GroupPorts
 from .validator import _Validator
@@ -27,20 +27,6 @@ def _listen_overlaps(a: GroupSpec, b: GroupSpec) -> Iterator[tuple[str, str]]:
             xa, ya = ipaddress.ip_address(x), ipaddress.ip_address(y)
             if x == y or (xa.version == ya.version and (xa.is_unspecified or ya.is_unspecified)):
                 yield (x, common)
-
-
-def is_local_address(address: str) -> bool:
-    """Whether `address` is one of this host's (loopback, or bindable here)."""
-    ip = ipaddress.ip_address(address)
-    if ip.is_loopback or ip.is_unspecified:
-        return True
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.bind((address, 0))
-    except OSError:
-        return False
-    return True
 
 
 def _own_listeners(

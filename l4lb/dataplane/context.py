@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..config.crosscheck import is_local_address
+from ..core.local import is_local_address
 from ..core.throttle import Throttle, held_note
 from .dialer import RESOURCE_ERRNOS, Deadlines, SlotQueue
 
@@ -89,7 +89,7 @@ class Connection(Protocol):
 
 
 class Host(Protocol):
-    """What the data plane asks of the process that runs it (`runtime.Server`)."""
+    """What the data plane asks of the process that runs it (`runtime.Runtime`)."""
 
     def udp_binding(self, spec: ListenSpec) -> tuple[Router, int, UdpStats] | None:
         """The group, service port and counters a UDP listener's new flow belongs to."""

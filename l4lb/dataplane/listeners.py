@@ -8,7 +8,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..config import Config
+from ..core.spec import Config
 
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 MARKS = "*kernel-marks*"  # the group name of the kernel_marks listener

@@ -45,9 +45,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ..config import StoreSpec
 from ..core.backends import Backend
 from ..core.routing import Route, Router
+from ..core.spec import StoreSpec
 from ..core.throttle import Throttle, held_note
 from . import walk
 

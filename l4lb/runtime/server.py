@@ -1,7 +1,7 @@
 """The balancer's lifecycle: start listeners, serve until told to stop, then drain and close; and
 reload a new configuration in place.
 
-`Server.serve(shutdown_trigger)` takes an awaitable to wait on instead of installing signal
+`Runtime.serve(shutdown_trigger)` takes an awaitable to wait on instead of installing signal
 handlers itself (the CLI wires SIGTERM/SIGINT to it; tests pass an Event), after hypercorn.
 The server composes its rooms and hands each only what it needs: the data plane gets its
 context (`DataPlane`), never the server; the listeners (`Listeners`) answer the data plane's
@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from ..checks.monitor import HealthMonitor
-from ..config import Config, ConfigError, load_config
+from ..config import ConfigError, load_config
 from ..config.describe import describe
 from ..config.names import Answer, expand, names_in
 from ..core.backends import Backend
 from ..core.diff import changes as config_changes
 from ..core.flowstats import UdpStats
 from ..core.routing import Router
-from ..core.spec import AdminSpec
+from ..core.spec import AdminSpec, Config
 from ..dataplane.accesslog import Writers, attach_writers
 from ..dataplane.context import DataPlane
 from ..dataplane.listeners import Where, listen_specs
@@ -72,7 +72,7 @@ class AdminPlane(Protocol):
 AdminFactory = Callable[[Any, AdminSpec, "str | None"], AdminPlane]
 
 
-class Server:
+class Runtime:
     admin_factory: ClassVar[AdminFactory | None] = None  # None: no admin API in this process
 
     def __init__(

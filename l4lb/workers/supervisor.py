@@ -40,10 +40,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import Config, ConfigError, load_config_text
+from ..config import ConfigError, load_config_text
 from ..config.describe import describe
 from ..config.files import read_text
 from ..core.reuseport import attach, program
+from ..core.spec import Config
 from ..dataplane.listeners import ListenSpec, Where, bind, close_all, listen_specs, steering_masks
 from ..runtime.errors import ReloadError, StartupError
 from . import control

@@ -21,8 +21,9 @@ from dataclasses import replace
 from typing import Any
 
 from ..balancer import Server
-from ..config import Config, ConfigError, load_config_text
+from ..config import ConfigError, load_config_text
 from ..config.files import read_text
+from ..core.spec import Config
 from ..dataplane.listeners import Where
 from ..runtime.errors import ReloadError, StartupError
 from ..runtime.heap import settle_heap
