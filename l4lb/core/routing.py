@@ -449,6 +449,7 @@ class Router:
     def end(
         self,
         route: Route,
+        *,
         backend: Backend | None,
         nbytes_in: int,
         nbytes_out: int,

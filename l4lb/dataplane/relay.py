@@ -452,15 +452,15 @@ class ClientSide(Half):
             now = self.plane.loop_time()
             router.end(
                 route,
-                None,
-                self.nbytes,
-                0,
-                None,
-                True,
-                self.rec,
-                now,
-                self.client_addr,
-                self.service_port,
+                backend=None,
+                nbytes_in=self.nbytes,
+                nbytes_out=0,
+                duration=None,
+                given_up=True,
+                rec=self.rec,
+                now=now,
+                via=self.client_addr,
+                port=self.service_port,
             )
             self.plane.forget(self)
             return
@@ -506,15 +506,15 @@ class ClientSide(Half):
         now = plane.loop_time()
         self.router.end(
             route,
-            backend,
-            self.nbytes,
-            peer.nbytes if peer is not None else 0,
-            now - self.started,
-            False,
-            self.rec,
-            now,
-            self.client_addr,
-            self.service_port,
+            backend=backend,
+            nbytes_in=self.nbytes,
+            nbytes_out=peer.nbytes if peer is not None else 0,
+            duration=now - self.started,
+            given_up=False,
+            rec=self.rec,
+            now=now,
+            via=self.client_addr,
+            port=self.service_port,
         )
         if backend is not None and backend.waiting:
             plane.slots.wake(backend)

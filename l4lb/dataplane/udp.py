@@ -548,16 +548,15 @@ class UdpListener:
             rec.end(termination)
         flow.router.end(
             flow.route,
-            flow.backend,
-            flow.bytes_in,
-            flow.bytes_out,
-            time.monotonic() - flow.started,
-            give_up,
-            rec,
-            self._loop.time(),
-            None,
-            flow.service,
-            True,
+            backend=flow.backend,
+            nbytes_in=flow.bytes_in,
+            nbytes_out=flow.bytes_out,
+            duration=time.monotonic() - flow.started,
+            given_up=give_up,
+            rec=rec,
+            now=self._loop.time(),
+            port=flow.service,
+            udp=True,
         )
 
     def sweep(self, now: float) -> None:
