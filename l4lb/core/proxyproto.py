@@ -44,7 +44,7 @@ def _v1(data: bytes) -> ProxyHeader | None:
     if parts[0] != b"PROXY" or len(parts) < 2:
         raise ProxyError("not a PROXY header")
     if parts[1] == b"UNKNOWN":
-        return ProxyHeader(None, None, end + 2)
+        return ProxyHeader(source=None, dest=None, length=end + 2)
     if len(parts) != 6 or parts[1] not in (b"TCP4", b"TCP6"):
         raise ProxyError("a v1 header needs TCP4|TCP6 and four fields")
     family = socket.AF_INET if parts[1] == b"TCP4" else socket.AF_INET6
@@ -73,11 +73,11 @@ def _v2(data: bytes) -> ProxyHeader | None:
         return None
     command = ver_cmd & 0x0F
     if command == 0x0:  # LOCAL: the proxy's own connection (a health check, say)
-        return ProxyHeader(None, None, 16 + length)
+        return ProxyHeader(source=None, dest=None, length=16 + length)
     if command != 0x1:
         raise ProxyError("a v2 header with an unknown command")
     if fam == 0x00:  # UNSPEC
-        return ProxyHeader(None, None, 16 + length)
+        return ProxyHeader(source=None, dest=None, length=16 + length)
     if fam not in _V2_FAMILIES:
         raise ProxyError("a v2 header for a family other than TCP over IPv4 or IPv6")
     family, size = _V2_FAMILIES[fam]

@@ -243,11 +243,11 @@ class Router:
         self.stats.accepted += 1
         table = self.table
         if table is None:
-            return Route(key, None, None)
+            return Route(key, entry=None, pinned=None)
         entry = table.acquire(key, provisional)
         if entry is None:
             self.stats.unpinned += 1
-            return Route(key, None, None)
+            return Route(key, entry=None, pinned=None)
         return Route(key, entry, entry.backend)
 
     def next_backend(self, route: Route) -> Backend | None:
