@@ -58,6 +58,7 @@ class ApiError(Exception):
 def backend_json(
     group: str,
     b: Backend,
+    *,
     last_check: dict[str, Any] | None = None,
     service_ports: tuple[int, ...] = (),
     checks: list[dict[str, Any]] | None = None,
@@ -470,12 +471,12 @@ class AdminServer(ApiBase):
         return backend_json(
             router.name,
             b,
-            self._last_check(router.name, b.name),
-            router.spec.ports,
-            checks,
-            (moving[0], moving[1]),
-            router.spec.udp_ports,
-            flows.get((router.name, b.name), 0),
+            last_check=self._last_check(router.name, b.name),
+            service_ports=router.spec.ports,
+            checks=checks,
+            flowing=(moving[0], moving[1]),
+            udp_ports=router.spec.udp_ports,
+            flows=flows.get((router.name, b.name), 0),
         )
 
     async def backends(self, request: web.Request) -> web.Response:

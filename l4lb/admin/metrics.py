@@ -316,7 +316,6 @@ def _process(s: Balancer) -> Iterator[Metric]:
 
 
 def _udp_metrics(s: Balancer) -> Iterator[Metric]:
-    quic_groups = {name for name, r in s.routers.items() if r.quic is not None}
     flows = GaugeMetricFamily(
         "l4lb_udp_flows",
         "UDP flows open (a client address and port with a backend socket; each holds its"
@@ -359,6 +358,30 @@ def _udp_metrics(s: Balancer) -> Iterator[Metric]:
         " A refused new flow (denied, client_limit, ...) is in l4lb_connections_failed_total",
         labels=["group", "reason"],
     )
+    for group, st in sorted(s.udp_stats.items()):
+        flows.add_metric([group], st.flows)
+        opened.add_metric([group], st.opened)
+        evicted.add_metric([group], st.evicted)
+        unreachable.add_metric([group], st.unreachable)
+        dgrams.add_metric([group, "in"], st.datagrams_in)
+        dgrams.add_metric([group, "out"], st.datagrams_out)
+        nbytes.add_metric([group, "in"], st.bytes_in)
+        nbytes.add_metric([group, "out"], st.bytes_out)
+        for reason, n in st.drops.items():
+            drops.add_metric([group, reason], n)
+    yielded = CounterMetricFamily(
+        "l4lb_udp_flows_yielded",
+        "UDP flows ended (the idle longest first) so that a TCP connection could be accepted:"
+        " the flows never hold more than half the descriptors, nor keep TCP out",
+    )
+    yielded.add_metric([], s.plane.yielded)
+    yield from (flows, opened, evicted, unreachable, dgrams, nbytes, drops, yielded)
+    yield from _quic_metrics(s)
+
+
+def _quic_metrics(s: Balancer) -> Iterator[Metric]:
+    """quic_lb's counters, for the groups that have it."""
+    quic_groups = {name for name, r in s.routers.items() if r.quic is not None}
     quic = CounterMetricFamily(
         "l4lb_quic_packets",
         "quic_lb: datagrams that opened a flow, by how they were routed: cid (the server ID in"
@@ -374,27 +397,10 @@ def _udp_metrics(s: Balancer) -> Iterator[Metric]:
         labels=["group"],
     )
     for group, st in sorted(s.udp_stats.items()):
-        flows.add_metric([group], st.flows)
-        opened.add_metric([group], st.opened)
-        evicted.add_metric([group], st.evicted)
-        unreachable.add_metric([group], st.unreachable)
-        dgrams.add_metric([group, "in"], st.datagrams_in)
-        dgrams.add_metric([group, "out"], st.datagrams_out)
-        nbytes.add_metric([group, "in"], st.bytes_in)
-        nbytes.add_metric([group, "out"], st.bytes_out)
-        for reason, n in st.drops.items():
-            drops.add_metric([group, reason], n)
         if group in quic_groups:
             for how, n in st.quic.items():
                 quic.add_metric([group, how], n)
             migrations.add_metric([group], st.migrations)
-    yielded = CounterMetricFamily(
-        "l4lb_udp_flows_yielded",
-        "UDP flows ended (the idle longest first) so that a TCP connection could be accepted:"
-        " the flows never hold more than half the descriptors, nor keep TCP out",
-    )
-    yielded.add_metric([], s.plane.yielded)
-    yield from (flows, opened, evicted, unreachable, dgrams, nbytes, drops, yielded)
     yield from (quic, migrations)
 
 

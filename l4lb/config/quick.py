@@ -72,15 +72,14 @@ def to_yaml(
             " (use a configuration file for more)"
         )
     listen = hosts[0] if hosts else DEFAULT_HOST
+    options = {
+        "--persistence": persistence,
+        "--scheduler": scheduler,
+        "--admin": admin,
+        "--admin-token-file": admin_token_file,
+    }
     said = [*(f"-l {x}" for x in listens), *(f"-b {x}" for x in backends)]
-    if persistence is not None:
-        said.append(f"--persistence {persistence}")
-    if scheduler is not None:
-        said.append(f"--scheduler {scheduler}")
-    if admin is not None:
-        said.append(f"--admin {admin}")
-    if admin_token_file is not None:
-        said.append(f"--admin-token-file {admin_token_file}")
+    said += [f"{flag} {value}" for flag, value in options.items() if value is not None]
     lines = [
         "# l4lb run " + " ".join(said),
         "groups:",

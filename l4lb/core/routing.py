@@ -91,6 +91,7 @@ def reached(
     route: Route,
     backend: Backend,
     backend_port: int,
+    *,
     udp: bool = False,
 ) -> Routed:
     """The `Routed` of a connection or flow of `group` that reached `backend` on its

@@ -209,6 +209,7 @@ async def dial(
     service_port: int,
     factory: Callable[[], P],
     ctx: DialContext,
+    *,
     task: Cancellable | None = None,
     connect_timeout: float | None = None,
     source: str | None = None,
@@ -272,24 +273,7 @@ async def dial(
             exc = error
         finally:
             deadlines.waiting.pop(task, None)
-        if exc is not None and transparent and not router.source_ready:
-            # Unanswered for want of the way back on this host (said at start): not the
-            # backend's failure, and no other backend would do better.
-            _source_failed(router, route, backend, "the way back for the answers is missing")
-            return None
-        if transparent and isinstance(exc, TimeoutError) and router.vouched(backend):
-            # From the client's own address, a dial whose answer never came, to a backend
-            # that l4lb's own check (from l4lb's own address) finds up: the answer went the
-            # client's way, not back through this host (a policy rule gone since the start,
-            # or a client network without the way back). This host's failure, not the
-            # backend's: it is not marked down for it.
-            _source_failed(
-                router,
-                route,
-                backend,
-                f"no answer from {backend.name}, which l4lb's own check finds up: the answers"
-                " to this client do not come back through this host",
-            )
+        if exc is not None and transparent and _hosts_failure(router, route, backend, exc):
             return None
         if exc is not None:
             if not _failed(router, route, backend, port, exc, ctx.slots):
@@ -301,6 +285,28 @@ async def dial(
 
 
 _throttle = Throttle()  # a line a second at most, however many dials fail alike
+
+
+def _hosts_failure(router: Router, route: Route, backend: Backend, exc: OSError) -> bool:
+    """A dial from the client's own address failed: whether it is this host's failure (counted
+    as `source`, the backend not blamed; no other backend would do better)."""
+    if not router.source_ready:
+        # Unanswered for want of the way back on this host (said at start).
+        _source_failed(router, route, backend, "the way back for the answers is missing")
+        return True
+    if isinstance(exc, TimeoutError) and router.vouched(backend):
+        # Its answer never came, from a backend that l4lb's own check (from l4lb's own
+        # address) finds up: the answer went the client's way, not back through this host (a
+        # policy rule gone since the start, or a client network without the way back).
+        _source_failed(
+            router,
+            route,
+            backend,
+            f"no answer from {backend.name}, which l4lb's own check finds up: the answers"
+            " to this client do not come back through this host",
+        )
+        return True
+    return False
 
 
 def _source_failed(router: Router, route: Route, backend: Backend, why: str) -> None:

@@ -419,10 +419,9 @@ class ClientSide(Half):
                 self.service_port,
                 partial(BackendSide, self),
                 self.plane,
-                self.task,
-                None,
-                source,
-                source is not None and router.spec.source == "client",
+                task=self.task,
+                source=source,
+                transparent=source is not None and router.spec.source == "client",
             )
         except asyncio.CancelledError:  # the client left while we dialed
             dialed = self.dialed

@@ -108,6 +108,7 @@ class Flow:
         listener: UdpListener,
         key: object,
         client: SockAddr,
+        *,
         reply: list[tuple[int, int, bytes]] | None,
         router: Router,
         service: int,
@@ -310,7 +311,10 @@ class UdpListener:
         if owner is not None:
             router.steer(route, owner)
             stats.migrations += 1
-        flow = Flow(self, key, addr, reply, router, port, route, stats, self.now)
+        flow = Flow(
+            self, key, addr, reply=reply, router=router, service=port, route=route, stats=stats,
+            now=self.now,
+        )  # fmt: skip
         if owner is not None:
             flow.cid = cid
             self.by_cid.setdefault(cid, []).append(flow)
@@ -486,7 +490,9 @@ class UdpListener:
         rec = flow.rec
         if rec is not None:  # (before the re-pin's reason is let go)
             rec.connected_at = self._loop.time()
-            rec.routed = reached(router.name, flow.service, affinity, route, backend, port, True)
+            rec.routed = reached(
+                router.name, flow.service, affinity, route, backend, port, udp=True
+            )
         # From here on the flow holds this pin: a later move is a re-pin away from it.
         if not route.steered:  # (a steered flow leaves its network's pin as it was)
             route.pinned = backend

@@ -80,6 +80,7 @@ class Runtime:
         config: Config,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        *,
         inherited: dict[Where, socket.socket] | None = None,
         worker: int | None = None,
         admin_path: str | None = None,

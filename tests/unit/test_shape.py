@@ -30,3 +30,28 @@ def test_no_call_passes_a_run_of_bare_flags_by_position() -> None:
                     found.append(f"{path.relative_to(SOURCE.parent)}:{node.lineno}")
                     break
     assert found == [], found
+
+
+def _functions() -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    out = []
+    for path in sorted(SOURCE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                out.append((f"{path.relative_to(SOURCE.parent)}:{node.lineno}", node))
+    return out
+
+
+def test_no_function_is_over_80_lines_or_takes_over_six_positional_parameters() -> None:
+    """Issue 34's size rules (dial was 95 lines of 9 parameters; Router.end took 11)."""
+    long = [
+        f"{where} {f.name}: {f.end_lineno - f.lineno + 1} lines"
+        for where, f in _functions()
+        if f.end_lineno is not None and f.end_lineno - f.lineno + 1 > 80
+    ]
+    many = [
+        f"{where} {f.name}: {n} positional"
+        for where, f in _functions()
+        if (n := len([a for a in f.args.posonlyargs + f.args.args if a.arg not in ("self", "cls")]))
+        > 6
+    ]
+    assert long == [] and many == [], long + many
