@@ -168,9 +168,7 @@ class Supervisor:
                 raise ConfigError([f"{source}: cannot read the file: {why}"]) from None
             return text, load_config_text(text, source)
 
-        text, config = await asyncio.to_thread(read)
-        self.files = dict(config.files)  # what a worker is given (respawned ones too)
-        return text, config
+        return await asyncio.to_thread(read)
 
     def _files(self) -> dict[str, str]:
         return {path: data.hex() for path, data in self.files.items()}
@@ -331,10 +329,11 @@ class Supervisor:
         self._bind(specs)
         self._steer()
         try:
-            text, _ = await self._snapshot_source()
+            text, first = await self._snapshot_source()
         except ConfigError as exc:
             raise StartupError(exc.lines[0]) from None
         self._write_snapshot(text)
+        self.files = dict(first.files)  # what a worker is given (a respawned one too)
         for i in range(self.n):
             await self._spawn(i)
         try:
@@ -449,6 +448,9 @@ class Supervisor:
         wanted = {s.where for s in specs}
         self._write_snapshot(text)
         self.config = new
+        # Only now, with the snapshot: a reload refused above leaves a respawned worker the
+        # files that go with the configuration it is given.
+        self.files = dict(new.files)
         self._steer()
         changes: list[str] | None = None
         failures: list[str] = []
