@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -62,6 +63,7 @@ CHUNK = 2048  # entries in a line of the file, at most
 MAX_FILE = 256 << 20  # bytes: about 8 million pins; a larger file is not one of ours
 MAX_V1 = 16 << 20  # bytes of a version 1 file (one JSON document, parsed whole): 230,000 pins
 TEMP_PREFIX = ".l4lb-state-"  # a save's temporary file, beside the state file
+_V1 = re.compile(rb'"version"\s*:\s*1\b')  # how a version 1 file says so, near its start
 MAX_NAME = 256  # characters of a backend's name (a name and an address, for a DNS name's)
 V4_END = 1 << 32
 MAX_MS = (1 << 32) - 1  # time left in a file, at most: 49 days
@@ -262,6 +264,8 @@ def read(path: str) -> StateFile | None:
     if not rest.strip() and len(raw) > MAX_V1:
         # Version 1 is one JSON document, parsed whole into objects: about 14 times its size
         # in memory (68 MB took 0.97 GB). Refused past a bound; the next save writes version 2.
+        if _V1.search(raw[:4096]) is None:
+            raise StateFileError(f"{path} is one line over {MAX_V1 >> 20} MiB: not a state file")
         raise StateFileError(
             f"{path} is a state file of version 1 over {MAX_V1 >> 20} MiB: not read (it would"
             " take about 14 times that in memory); its pins are lost once, and the next save"
