@@ -40,6 +40,7 @@ HEALTHY = (
 )
 BUSY_READ = 1.0  # seconds a connection over the limit has to send its request line
 BUSY_HEAD = 512  # bytes of it read at most
+BUSY_HELD = 64  # such connections held at once for their request line; more are answered 503
 
 
 def reason_of(exc: BaseException) -> str:
@@ -129,13 +130,18 @@ class _Busy(asyncio.Protocol):
     gets its 200 (an orchestrator must not restart l4lb because its admin API is busy). Only
     the request line is read, a few hundred bytes within a second at most."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: list[int]) -> None:
+        self.held = held  # the guard's count of them, shared: a flood is answered at once
         self.transport: Any = None
         self.head = b""
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        if self.held[0] >= BUSY_HELD:  # (so that refusals never hold descriptors unbounded)
+            self._answer()
+            return
+        self.held[0] += 1
         self.timer = asyncio.get_running_loop().call_later(BUSY_READ, self._answer)
 
     def data_received(self, data: bytes) -> None:
@@ -151,6 +157,7 @@ class _Busy(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+            self.held[0] -= 1
 
     def _answer(self) -> None:
         t = self.transport
@@ -188,7 +195,7 @@ class _PerPeer(asyncio.Protocol):
                 host,
             )
             self.inner = None
-            self.busy = _Busy()
+            self.busy = _Busy(guard.busy_held)
             self.busy.connection_made(transport)
             return
         guard.peers[host] = n + 1
@@ -249,6 +256,7 @@ class Guard:
         self.limit = limit
         self.per_peer = per_peer
         self.peers: dict[str, int] = {}  # connections open by peer address
+        self.busy_held = [0]  # connections over a limit, held for their request line
         # Connections that have sent a request, until their deadline passes (each has one, so
         # the set holds at most the connections of the last `timeout` seconds).
         self.served: set[object] = set()
@@ -268,7 +276,7 @@ class Guard:
                 "admin listener: %d connections open, refusing more",
                 self.limit,
             )
-            return _Busy()
+            return _Busy(self.busy_held)
         handler = self.server()
         asyncio.get_running_loop().call_later(self.timeout, self._deadline, handler)
         return _PerPeer(self, handler)
