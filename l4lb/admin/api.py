@@ -38,6 +38,7 @@ from ..dataplane import walk
 from ..runtime.errors import ReloadError
 from .guard import MAX_BODY, Guard, reason_of, runner_options
 from .metrics import make_registry
+from .paging import cursor_of, key_span
 
 if TYPE_CHECKING:
     from .view import Balancer
@@ -771,22 +772,6 @@ class Filter:
     backend: str | None
     address: str | None = None
     span: tuple[int, int] = (0, 2 * V6_TAG)
-
-
-def key_span(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
-    """The keys of the entries inside a prefix, as [lo, hi) (see core/keys.py)."""
-    lo = int(net.network_address) | (V6_TAG if net.version == 6 else 0)
-    return lo, lo + net.num_addresses
-
-
-def client_key(client: str) -> int:
-    """An entry's `client` ("203.0.113.0/24") as its key, to sort by."""
-    return key_span(ipaddress.ip_network(client, strict=False))[0]
-
-
-def cursor_of(group: str, key: int) -> str:
-    """A page's `next`: the last entry it held (its key in hex, then its group)."""
-    return f"{key:x}@{group}"
 
 
 def parse_cursor(text: str | None) -> tuple[str, int] | None:

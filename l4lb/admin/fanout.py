@@ -25,8 +25,9 @@ from prometheus_client.metrics_core import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..core.spec import AdminSpec
-from .api import MAX_LIST, ROUTES, ApiBase, ApiError, backends_csv, client_key, cursor_of
+from .api import MAX_LIST, ROUTES, ApiBase, ApiError, backends_csv
 from .metrics import REFUSED_HELP, RELOADS_HELP
+from .paging import client_key, cursor_of
 
 log = logging.getLogger("l4lb.admin")
 ASK_TIMEOUT = 10.0  # seconds for every worker to answer one request
