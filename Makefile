@@ -47,7 +47,7 @@ CONTAINERS := tests/peers/test_containers.py
 PURE_TESTS := tests/unit tests/integration/test_e2e.py tests/integration/test_udp.py \
               tests/integration/test_relay_exact.py tests/integration/test_proxyproto.py \
               tests/integration/test_limits.py tests/integration/test_accesslog.py \
-              tests/integration/test_quic_lb.py
+              tests/integration/test_quic_lb.py tests/integration/test_one_path.py
 test: lint typecheck native
 	$(BIN)/pytest --ignore=$(CONTAINERS)
 	@if $(BIN)/l4lb version | grep -q compiled; then \

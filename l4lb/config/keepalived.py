@@ -441,7 +441,16 @@ def _svc(p: int, udp: bool) -> str:
     return f'"{p}/udp"' if udp else str(p)
 
 
-Where = tuple[str, list[str], list[int], list[int], list[tuple[Node, str]]]
+@dataclass
+class Where:
+    """A virtual server's name, addresses, ports, firewall marks, and the notes that belong
+    under its name."""
+
+    name: str
+    listen: list[str]
+    ports: list[int]
+    marks: list[int]
+    later: list[tuple[Node, str]]
 
 
 def _where(out: _Out, vs: Node, groups: dict[str, Node]) -> Where | None:
@@ -483,7 +492,7 @@ def _where(out: _Out, vs: Node, groups: dict[str, Node]) -> Where | None:
         name = f"vs_{address.replace(':', '_').replace('.', '_')}_{port}"
         if port is not None:
             ports.append(port)
-    return name, listen, ports, marks, later
+    return Where(name, listen, ports, marks, later)
 
 
 def _marks(
@@ -681,7 +690,9 @@ def _virtual_server(
     where = _where(out, vs, groups)
     if where is None:
         return 0
-    name, listen, ports, marks, later = where
+    name, listen, ports, marks, later = (
+        where.name, where.listen, where.ports, where.marks, where.later
+    )  # fmt: skip
     protocol = vs.child("protocol")
     proto = protocol.args[0].upper() if protocol is not None and protocol.args else "TCP"
     if proto not in ("TCP", "UDP"):

@@ -4,15 +4,15 @@ tcplog.
 
 Theory of operation
 -------------------
-The relay keeps a `Record` per connection only in a group whose log is on (a `None` slot
-otherwise, so a log that is off costs one test per event). The record learns its facts where
-they happen: the accept, the dial's outcome (`Routed`: group, port, what became of the pin, the
-backend's name and address then, tries), the first FIN or reset and from which side, or the
-reason l4lb itself ended it (idle timeout, shutdown, a refusal). At the end the relay hands it
-to the group's `AccessLog`, with the time and the byte counts.
+Every connection and flow has its record (`core.connection.Conn`), which learns its facts
+where they happen: the accept, the dial's outcome (`Routed`, made only in a group whose log is
+on: group, port, what became of the pin, the backend's name and address then, tries), its
+bytes as they pass, the first FIN or reset and from which side, or the reason l4lb itself
+ended it (idle timeout, shutdown, a refusal). At the end the router hands it to the group's
+`AccessLog` (`Router.end`).
 
 Lines are made in batches, not one by one: `log` only queues a row (the record, the time, the
-counts and how it ended; a record's facts do not change once it is queued), and the flush turns
+counts and how it ended, read when it is queued), and the flush turns
 every queued row into its line in one loop. A line's text is a Python f-string either way; made
 in a batch it costs no call of its own, its constants are locals, and the texts rows share
 (routing's outcome, the time, the end) are made once for the rows that share them rather than
@@ -39,7 +39,7 @@ import os
 import time
 from collections.abc import Iterable
 
-from ..core.record import Record, Routed
+from ..core.connection import Conn, Routed, unrouted
 from ..core.routing import Router
 from ..core.spec import AccessLogSpec
 
@@ -83,7 +83,7 @@ class _Clock:
 _MILLIS = [f".{i:03d}Z" for i in range(1000)]
 _NUMBERS = [str(i) for i in range(1000)]
 _NOWHERE = ("", 0)
-_UNROUTED: Routed = ("", 0, "none", "", "", "", 0, 0, False)
+_UNROUTED = unrouted("", 0, 0)
 _floor = math.floor
 CLOCK = _Clock()
 
@@ -92,7 +92,7 @@ def address_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-Row = tuple[Record, float, tuple[str, int] | None, int, int, str | None]
+Row = tuple[Conn, float, tuple[str, int] | None, int, int, str | None]
 
 
 class AccessLog:
@@ -167,7 +167,9 @@ class AccessLog:
     def _middle(self, routed: Routed) -> str:
         """Routing's outcome as text (a UDP flow's line says `"protocol":"udp"`; a TCP line
         says no protocol)."""
-        group, port, affinity, reason, name, address, backend_port, tries, udp = routed
+        group, port, affinity, reason = routed.group, routed.port, routed.affinity, routed.reason
+        name, address, backend_port = routed.backend, routed.address, routed.backend_port
+        tries, udp = routed.tries, routed.udp
         sid = ""
         if affinity == "repin":
             reason = reason or "failed"
@@ -215,18 +217,9 @@ class AccessLog:
         self._tails[termination] = text
         return text
 
-    def log(
-        self,
-        rec: Record,
-        now: float,
-        via: tuple[str, int] | None,
-        bytes_in: int,
-        bytes_out: int,
-        end: bool,
-    ) -> None:
-        """Queue the line for `rec` (its `routed` set) at loop time `now`: at its end (`end`),
-        or when it is established; `via`: the client a PROXY header named (None: the peer is
-        the client)."""
+    def log(self, conn: Conn, now: float, *, end: bool) -> None:
+        """Queue the line for `conn` (its `routed` set) at loop time `now`: at its end (`end`),
+        or when it is established. Its counters and end are read now (the record lives on)."""
         rows = self._rows
         if len(rows) >= self._limit:
             if self._waiting:  # full while the output is slow: dropped, counted
@@ -234,7 +227,9 @@ class AccessLog:
                 return
             self.flush()
             rows = self._rows
-        rows.append((rec, now, via, bytes_in, bytes_out, rec.termination if end else None))
+        rows.append(
+            (conn, now, conn.via, conn.bytes_in, conn.bytes_out, conn.termination if end else None)
+        )
         if len(rows) == 1 and not self._waiting:  # a new batch: flushed in FLUSH_DELAY
             asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
 

@@ -32,8 +32,9 @@ from .dialer import RESOURCE_ERRNOS, Deadlines, SlotQueue
 
 if TYPE_CHECKING:
     from ..core.backends import Backend
+    from ..core.connection import Conn
     from ..core.flowstats import UdpStats
-    from ..core.routing import Route, Router
+    from ..core.routing import Router
     from .listeners import ListenSpec
     from .store import RedisStore
 
@@ -61,20 +62,17 @@ def connection_budget() -> int:
 class Side(Protocol):
     """One socket of a relayed connection, as the registry's readers see it."""
 
-    nbytes: int
     seen: bool
 
 
 class Connection(Protocol):
     """A relayed connection in the registry (`relay.ClientSide`), as the sweeper, the API's read
-    models and `on_down: close` see it."""
+    models and `on_down: close` see it: its record (`conn`) and its sockets' idle marks."""
 
     router: Router
-    route: Route | None
-    nbytes: int
+    conn: Conn
     seen: bool
     idle_since: float
-    started: float
 
     @property
     def peer(self) -> Side | None: ...
@@ -137,7 +135,7 @@ class DataPlane:
     # ------------------------------------------------------------------ the registry
 
     def track(self, conn: Connection) -> None:
-        conn.started = conn.idle_since = self.loop_time()
+        conn.idle_since = self.loop_time()
         self.live.add(conn)
 
     def forget(self, conn: Connection) -> None:
@@ -155,11 +153,11 @@ class DataPlane:
 
     def close_connections(self, router: Router, backend: Backend) -> int:
         """Close every open connection of `backend` in `router`'s group; how many."""
-        doomed = [
-            c
-            for c in self.live
-            if c.router is router and c.route is not None and c.route.backend is backend
-        ]
+        doomed = []
+        for c in self.live:
+            route = c.conn.route  # (its backend: the one connected, or being dialed)
+            if c.router is router and route is not None and route.backend is backend:
+                doomed.append(c)
         for conn in doomed:
             conn.ended("backend_down")
             conn.close()
@@ -221,14 +219,26 @@ class DataPlane:
         self.udp_open += delta
         self.max_live = self.budget - (self.udp_open + 1) // 2
 
-    def descriptors_full(self) -> bool:
+    def room_for_tcp(self) -> bool:
+        """Whether a new TCP connection has its descriptors (the dial's too), making room by
+        ending the UDP flows idle longest, any group's, if it must."""
+        return len(self.live) < self.max_live or self.make_room()
+
+    def room_for_flow(self, router: Router, flows: UdpStats) -> bool:
+        """Whether a new UDP flow of `router`'s group (its counters `flows`) has a descriptor:
+        at its group's `udp_max_flows` the group's flow idle longest ends first; then, with every
+        descriptor taken (beside the open TCP connections'), one more."""
+        host = self.host
+        if host is None:
+            return False
+        if flows.flows >= (router.spec.udp_max_flows or self.budget):
+            host.evict_udp(router.name)
+        return not self._descriptors_full() or host.evict_udp(router.name)
+
+    def _descriptors_full(self) -> bool:
         """No descriptor left for one more UDP flow: the flows' half is taken, or every
         descriptor is (beside the open TCP connections')."""
         return self.udp_open >= self.budget or self.udp_open + 2 * len(self.live) >= 2 * self.budget
-
-    def flow_bound(self, configured: int) -> int:
-        """A group's udp_max_flows: as configured, or (0) the flows' half of the descriptors."""
-        return configured or self.budget
 
     def make_room(self) -> bool:
         """A TCP connection finds the budget full: end the flows idle longest (any group's)

@@ -1,6 +1,7 @@
-"""Dialing a backend for one client: the pinned or scheduled backend first, the next on refusal
-or timeout, until one accepts or the router has none left. A pinned client whose backend is full
-may wait in a bounded queue for a free slot (`queue_timeout`)."""
+"""Dialing a backend: a TCP connection's connect step (`Dial`, which `path.connect` runs for
+each backend it tries), the shared sweep of the dials' deadlines (`Deadlines`), the runner that
+steps a dial without a Task (`Stepper`), and the bounded queue in which a pinned client whose
+backend is full may wait for a free slot (`SlotQueue`, `queue_timeout`)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,14 @@ import asyncio
 import errno
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
 
 from ..core.backends import Backend
-from ..core.routing import Route, Router
-from ..core.throttle import Throttle, held_note
-from .transparent import SourceError
 from .transparent import connect as from_source
 
 if TYPE_CHECKING:
-    from .store import RedisStore
+    pass
 
 log = logging.getLogger("l4lb.dialer")
 P = TypeVar("P")  # a protocol: the relay's are native classes, not asyncio.Protocol's
@@ -194,159 +192,34 @@ class Deadlines:
         self._timer = loop.call_later(self.TICK, self._sweep, loop) if waiting else None
 
 
-class DialContext(Protocol):
-    """The dial's share of the data plane's context (`context.DataPlane`)."""
+class Dial:
+    """A TCP connection's connect step (`path.Step`): one dial of a backend, from the group's
+    `source` when it has one. Its deadline (`timeout`, the group's connect_timeout) is kept by
+    `path.connect` with the shared sweep (`Deadlines`). What a dial makes, the backend side's
+    protocol, registers itself with its client (`BackendSide.connection_made`)."""
 
-    loop: asyncio.AbstractEventLoop
-    slots: SlotQueue
-    deadlines: Deadlines
-    store: RedisStore | None
+    __slots__ = ("factory", "loop", "source", "timeout", "transparent")
 
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        factory: Callable[[], object],
+        *,
+        timeout: float,
+        source: str | None,
+        transparent: bool,
+    ) -> None:
+        self.loop = loop
+        self.factory = factory  # the backend side's protocol
+        self.timeout = timeout
+        self.source = source  # the address to dial from (`transparent`: the client's own)
+        self.transparent = transparent
 
-async def dial(
-    router: Router,
-    route: Route,
-    service_port: int,
-    factory: Callable[[], P],
-    ctx: DialContext,
-    *,
-    task: Cancellable | None = None,
-    connect_timeout: float | None = None,
-    source: str | None = None,
-    transparent: bool = False,
-) -> tuple[Backend, int, float, str, P] | None:
-    """Connect to a backend for `route`: the backend, the port dialed, the loop time the
-    connection was made, what became of the client's pin (`Router.connected`), and the
-    connection's protocol; None when every backend the router offers failed. A fresh pin is
-    first settled with the shared store, when there is one. `task` (the one running this)
-    saves looking it up; `connect_timeout` is the group's unless given; `source` the address
-    to dial from (`transparent`: the client's own)."""
-    loop = ctx.loop
-    if task is None:
-        task = asyncio.current_task()
-    assert task is not None
-    if connect_timeout is None:
-        connect_timeout = router.spec.connect_timeout
-    store = ctx.store
-    while True:
-        backend = router.next_backend(route)
-        if backend is None:
-            full = route.wait_for
-            if full is None:
-                return None
-            route.queued = True
-            await ctx.slots.wait(full, router.spec.queue_timeout)
-            continue
-        if store is not None and backend is not router.sorry:
-            if route.fresh:
-                backend = await store.settle(router, route, backend)
-            elif store.pending:
-                backend = await store.follow(router, route, backend)
-        port = backend.port_for(service_port)
-        t0 = loop.time()
-        # The connect timeout: the shared sweep cancels this task at its deadline (cheaper than
-        # `asyncio.timeout` or a timer per dial). A cancel it did not make is the client's leaving;
-        # when it did, the cancellation count tells ours alone from ours and the client's.
-        deadlines = ctx.deadlines
-        deadlines.add(loop, task, t0 + connect_timeout)
-        exc: OSError | None = None
-        try:
-            if source is None:
-                _, made = await loop.create_connection(as_factory(factory), backend.address, port)
-            else:
-                made = await from_source(
-                    loop, as_factory(factory), backend.address, port, source, transparent
-                )
-            protocol = cast(P, made)
-        except asyncio.CancelledError:
-            expired = deadlines.expired
-            if task not in expired:
-                raise
-            expired.discard(task)
-            if task.uncancel() != 0:
-                raise
-            exc = TimeoutError()  # ours alone: the backend did not answer in time
-        except SourceError as error:
-            _source_failed(router, route, backend, str(error))
-            return None
-        except OSError as error:
-            exc = error
-        finally:
-            deadlines.waiting.pop(task, None)
-        if exc is not None and transparent and _hosts_failure(router, route, backend, exc):
-            return None
-        if exc is not None:
-            if not _failed(router, route, backend, port, exc, ctx.slots):
-                return None
-            continue
-        now = loop.time()
-        router.stats.connect.observe(now - t0)
-        return backend, port, now, router.connected(route, backend), protocol
-
-
-_throttle = Throttle()  # a line a second at most, however many dials fail alike
-
-
-def _hosts_failure(router: Router, route: Route, backend: Backend, exc: OSError) -> bool:
-    """A dial from the client's own address failed: whether it is this host's failure (counted
-    as `source`, the backend not blamed; no other backend would do better)."""
-    if not router.source_ready:
-        # Unanswered for want of the way back on this host (said at start).
-        _source_failed(router, route, backend, "the way back for the answers is missing")
-        return True
-    if isinstance(exc, TimeoutError) and router.vouched(backend):
-        # Its answer never came, from a backend that l4lb's own check (from l4lb's own
-        # address) finds up: the answer went the client's way, not back through this host (a
-        # policy rule gone since the start, or a client network without the way back).
-        _source_failed(
-            router,
-            route,
-            backend,
-            f"no answer from {backend.name}, which l4lb's own check finds up: the answers"
-            " to this client do not come back through this host",
-        )
-        return True
-    return False
-
-
-def _source_failed(router: Router, route: Route, backend: Backend, why: str) -> None:
-    router.source_failure(route, backend)
-    held = _throttle.allow(("source", router.name))
-    if held is not None:
-        log.warning(
-            "group %s: a dial from source %s failed: %s (counted as"
-            ' l4lb_connections_failed_total{reason="source"}; see docs/deployment.md)%s',
-            router.name,
-            router.spec.source,
-            why,
-            held_note(held),
-        )
-
-
-def _failed(
-    router: Router, route: Route, backend: Backend, port: int, exc: OSError, slots: SlotQueue
-) -> bool:
-    """A dial of `backend` failed with `exc`; whether another backend is worth a try."""
-    if exc.errno in RESOURCE_ERRNOS:
-        # This process is out of descriptors: not the backend's fault, so no passive
-        # failure, and no other backend would do better.
-        router.local_failure(route, backend, errno.errorcode[exc.errno])
-        return False
-    router.failed(route, backend, _reason(exc))
-    log.debug(
-        "group %s: backend %s (%s:%d) failed: %s",
-        router.name,
-        backend.name,
-        backend.address,
-        port,
-        exc.strerror or type(exc).__name__,
-    )
-    if backend.waiting:
-        slots.wake(backend)
-    return True
-
-
-def _reason(exc: OSError) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    return "refused" if isinstance(exc, ConnectionRefusedError) else "error"
+    def attempt(self, backend: Backend, port: int) -> Awaitable[object]:
+        """The dial of `backend` on `port` (no coroutine of its own: the loop's is awaited)."""
+        if self.source is None:
+            return self.loop.create_connection(as_factory(self.factory), backend.address, port)
+        return from_source(
+            self.loop, as_factory(self.factory), backend.address, port, self.source,
+            self.transparent,
+        )  # fmt: skip

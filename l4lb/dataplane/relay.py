@@ -29,11 +29,12 @@ from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from ..core import proxyproto
-from ..core.record import Record, unrouted
-from ..core.routing import Route, Router, reached
+from ..core.connection import CLOSING, ENDED, HALF_CLOSED, PAIRED, Conn, unrouted
+from ..core.routing import Router
 from ..core.throttle import Throttle, held_note
 from . import splice
-from .dialer import Stepper, dial
+from .dialer import Dial, Stepper
+from .path import NO_BACKEND, REACHED, Outcome, admit, connect, open_route, warn
 from .splice import SpliceSession
 
 if TYPE_CHECKING:
@@ -72,7 +73,6 @@ class Half:
         "eof",
         "held",
         "lost",
-        "nbytes",
         "owner",
         "peer",
         "pending",
@@ -91,7 +91,6 @@ class Half:
         self.held = False  # reading paused until paired: the buffer before pairing is full
         self.lost = False
         self.seen = False  # traffic since the idle sweeper last looked
-        self.nbytes = 0  # bytes received on this side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)
@@ -99,32 +98,41 @@ class Half:
         self.transport = t
 
     def data_received(self, data: bytes) -> None:
-        self.nbytes += len(data)
+        owner = self.owner
+        conn = owner.conn  # (the bytes are counted in the connection's record as they pass)
+        if self is owner:
+            conn.bytes_in += len(data)
+            total = conn.bytes_in
+        else:
+            conn.bytes_out += len(data)
+            total = conn.bytes_out
         self.seen = True
         peer = self.peer
         if peer is not None:
             peer.transport.write(data)
-            if self.nbytes >= self.splice_at:
-                self.owner.begin_splice()
+            if total >= self.splice_at:
+                owner.begin_splice()
         elif self.pending is None:
             self.pending = [data]
         else:
             self.pending.append(data)
-            if self.nbytes > HIGH_WATER and not self.held:
+            if total > HIGH_WATER and not self.held:
                 self.held = True  # (resumed by `pair`)
                 self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
-        rec = self.owner.rec
-        if rec is not None and not rec.termination:  # (inline: once per side and connection)
-            rec.termination = "client_fin" if self is self.owner else "backend_fin"
+        conn = self.owner.conn
+        if not conn.termination:  # (inline: once per side and connection)
+            conn.termination = "client_fin" if self is self.owner else "backend_fin"
         peer = self.peer
         if peer is not None and not peer.lost:
             if peer.eof:  # both directions are finished
+                conn.phase = CLOSING
                 self.transport.close()
                 peer.transport.close()
             else:
+                conn.phase = HALF_CLOSED
                 peer.transport.write_eof()
         return True  # keep the other direction flowing
 
@@ -143,13 +151,15 @@ class Half:
 
     def _pass_on_loss(self, exc: Exception | None) -> None:
         self.lost = True
-        rec = self.owner.rec
-        if rec is not None and not rec.termination:
+        conn = self.owner.conn
+        if not conn.termination:
             client = self is self.owner
             if exc is not None:
-                rec.termination = "client_rst" if client else "backend_rst"
+                conn.termination = "client_rst" if client else "backend_rst"
             else:
-                rec.termination = "client_close" if client else "backend_close"
+                conn.termination = "client_close" if client else "backend_close"
+        if conn.phase < CLOSING:
+            conn.phase = CLOSING
         peer = self.peer
         if peer is not None and not peer.lost:
             if exc is None:
@@ -164,6 +174,7 @@ def pair(a: ClientSide, b: BackendSide) -> None:
     at most), then hand over what each buffered (in that order, so a flush that fills a write
     buffer pauses the reader it should)."""
     a.peer, b.peer = b, a
+    a.conn.phase = PAIRED
     if a.held:
         a.held = False
         if not a.eof:
@@ -175,9 +186,11 @@ def pair(a: ClientSide, b: BackendSide) -> None:
             src.pending = None
         if src.eof:
             if dst.eof:
+                a.conn.phase = CLOSING
                 a.transport.close()
                 b.transport.close()
                 return
+            a.conn.phase = HALF_CLOSED
             dst.transport.write_eof()
 
 
@@ -201,7 +214,7 @@ class BackendSide(Half):
             # timeout, and the dial moved on: that socket is nobody's.
             earlier.discard()
         client.dialed = self  # so that a dial cancelled from here on closes this socket
-        route = client.route
+        route = client.conn.route
         if route is not None and route.backend is not None and route.backend.may_loop:
             plane = client.plane
             self.local = local = transport.get_extra_info("sockname")[:2]
@@ -229,23 +242,20 @@ class BackendSide(Half):
 
 
 class ClientSide(Half):
-    """The accepted socket; owns the connection's route and its dial."""
+    """The accepted socket; owns the connection's record (`conn`: its route, counters, times,
+    phase) and its dial."""
 
     __slots__ = (
-        "client_addr",
+        "conn",
         "dialed",
         "idle_since",
         "inbound",
         "plane",
         "proxy_buf",
         "proxy_timer",
-        "rec",
-        "route",
         "router",
-        "service_port",
         "source",
         "splice",
-        "started",
         "switching",
         "task",
     )
@@ -253,58 +263,53 @@ class ClientSide(Half):
     def __init__(self, plane: DataPlane, router: Router, service_port: int) -> None:
         super().__init__()
         self.owner = self
+        self.conn = Conn(None, 0.0, service_port)
         self.switching = False
         self.splice: SpliceSession | None = None
         self.plane = plane
         self.router = router
-        self.service_port = service_port
-        self.route: Route | None = None
         self.task: Cancellable | None = None  # the dial: a Stepper, a Task with a store
         self.dialed: BackendSide | None = None  # the last backend socket the dial opened
         self.idle_since = 0.0
-        self.started = 0.0  # loop time of `DataPlane.track`, for the duration histogram
-        # The client as a PROXY header named it; None: the peer itself (not kept, to save memory).
-        self.client_addr: tuple[str, int] | None = None
         self.proxy_buf: bytes | None = None
         self.proxy_timer: asyncio.TimerHandle | None = None
         self.inbound: tuple[str, int] | None = None  # the peer, while in `plane.inbound`
-        self.rec: Record | None = None  # what the connection log will say (when it is on)
         self.source: str | None = None  # the address to dial from (group `source`), if any
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        peer = peer_of(transport)
-        if self.router.log is not None:
-            self.rec = Record(peer, self.plane.loop_time())
+        peer = self.accepted(transport)
         if self.plane.loop_watch and peer is not None and self.from_ourselves(peer):
             return
         self._start(peer)
+
+    def accepted(self, transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+        """Take the accepted socket: its peer, and the time, into the record."""
+        Half.connection_made(self, transport)
+        conn = self.conn
+        conn.peer = peer = peer_of(transport)
+        conn.started = self.plane.loop_time()
+        return peer
 
     def log_line(self, now: float, end: bool = True) -> None:
         """Hand this connection's line to its group's connection log at loop time `now`: when
         l4lb refuses it before routing, or (`end` false) when it is established. (A routed
         connection's last line comes from `Router.end`.)"""
-        rec, sink = self.rec, self.router.log
-        if rec is None or sink is None:
+        sink = self.router.log
+        if sink is None:
             return
-        if rec.routed is None:  # refused before any dial, or while it went on
-            route = self.route
+        conn = self.conn
+        if conn.routed is None:  # refused before any dial, or while it went on
+            route = conn.route
             tries = len(route.tried) if route is not None else 0
-            rec.routed = unrouted(self.router.name, self.service_port, tries)
-        peer = self.peer
-        sink.log(
-            rec,
-            now,
-            self.client_addr,
-            self.nbytes,
-            peer.nbytes if peer is not None else 0,
-            end,
-        )
+            conn.routed = unrouted(self.router.name, conn.port, tries)
+        sink.log(conn, now, end=end)
 
     def ended(self, how: str) -> None:
         """l4lb itself ends the connection (a refusal, the idle timeout, shutdown): say why."""
-        if self.rec is not None:
-            self.rec.end(how)
+        conn = self.conn
+        conn.end(how)
+        if conn.phase < CLOSING:
+            conn.phase = CLOSING
 
     def from_ourselves(self, peer: tuple[str, int]) -> bool:
         """While some backend could lead back to us (`DataPlane.loop_watch`), a client may be
@@ -333,36 +338,20 @@ class ClientSide(Half):
             router.set_health(backend, False, "it leads back to l4lb itself")
 
     def _start(self, client: tuple[str, int] | None, screen: bool = True) -> None:
-        """Key the client, take its route, and dial (`screen` False: a trusted proxy's own
-        connection, a PROXY LOCAL or UNKNOWN header, which the access lists do not judge)."""
+        """Admit the client (path.admit), take its route, and dial (`screen` False: a trusted
+        proxy's own connection, a PROXY LOCAL or UNKNOWN header, which the access lists do
+        not judge)."""
         router = self.router
-        try:
-            key = router.keyer(client[0])  # type: ignore[index]
-            if screen and router.admits is not None and not router.admits(client[0]):  # type: ignore[index]
-                self.deny()
-                return
-        except (TypeError, ValueError, OSError):
-            self.reject(f"an unusable address {client!r}")
-            return
         plane = self.plane
-        limits = self.router.limits
-        if limits is not None:
-            over = limits.admit(key)
-            if over is not None:
-                self.refuse_over_limit(over)
-                return
-        if len(plane.live) >= plane.max_live and not plane.make_room():
-            # Out of descriptors (or about to be): refuse now, counted, rather than let the
-            # loop drop the connections it can no longer accept without a word.
-            plane.accept_error("EMFILE", "refused a connection: the descriptor limit is near")
-            if limits is not None:
-                limits.release(key)
-            self.refuse("descriptors")
+        host = client[0] if client is not None else ""
+        refusal = admit(plane, router, self.conn, host, screen=screen)
+        if refusal:
+            self.refuse(refusal)
             return
         source = router.spec.source
         if source is not None:  # (the client's own address, or a fixed one)
-            self.source = client[0] if source == "client" else source  # type: ignore[index]
-        self.route = self.router.begin(key)
+            self.source = host if source == "client" else source
+        open_route(router, self.conn)
         plane.track(self)
         if plane.store is None:
             stepper = Stepper()
@@ -371,58 +360,32 @@ class ClientSide(Half):
         else:  # (the store's calls use asyncio.timeout, which needs a Task)
             self.task = plane.loop.create_task(self._connect())
 
-    def refuse_over_limit(self, which: str) -> None:
-        """Reset a client whose network is over its `client_limits` (counted, logged at most
-        once a second); other networks are untouched."""
-        router = self.router
-        router.stats.client_limit += 1
-        held = _throttle.allow(("limit", router.name, which))
-        if held is not None:
-            log.warning(
-                "group %s: a client network over its %s limit: connections refused%s",
-                router.name,
-                which.replace("_", " "),
-                held_note(held),
-            )
-        self.refuse("client_limit")
-
     def refuse(self, how: str) -> None:
         """Reset a client that gets no backend at all, and log its line."""
         self.ended(how)
+        self.conn.phase = ENDED
         reset(self.transport)
         self.log_line(self.plane.loop_time())
 
-    def deny(self) -> None:
-        """Reset a client of a network the group's allow and deny lists refuse, before any
-        other work (counted; no entry is made, nothing logged but the connection's line)."""
-        self.router.stats.denied += 1
-        self.refuse("denied")
-
     def reject(self, why: str) -> None:
-        """Refuse the client with a reset before any byte of it reaches a backend; counted, and
-        logged at most once a second."""
+        """Refuse the client with a reset before any byte of it reaches a backend (a PROXY
+        header it may not send, a loop); counted, and logged at most once a second."""
         self.router.stats.rejected += 1
-        held = _throttle.allow(("rejected", self.router.name))
-        if held is not None:
-            log.warning("group %s: rejected a client: %s%s", self.router.name, why, held_note(held))
+        warn("rejected", self.router, f"rejected a client: {why}")
         self.refuse("rejected")
 
     async def _connect(self) -> None:
-        route = self.route
-        assert route is not None
         router = self.router
+        source = self.source
+        step = Dial(
+            self.plane.loop,
+            partial(BackendSide, self),
+            timeout=router.spec.connect_timeout,
+            source=source,
+            transparent=source is not None and router.spec.source == "client",
+        )
         try:
-            source = self.source
-            result = await dial(
-                router,
-                route,
-                self.service_port,
-                partial(BackendSide, self),
-                self.plane,
-                task=self.task,
-                source=source,
-                transparent=source is not None and router.spec.source == "client",
-            )
+            outcome = await connect(self.plane, router, self.conn, step, wait=True, task=self.task)
         except asyncio.CancelledError:  # the client left while we dialed
             dialed = self.dialed
             if dialed is not None and dialed.peer is None:
@@ -431,57 +394,52 @@ class ClientSide(Half):
             raise
         except Exception:
             log.exception("group %s: dial failed unexpectedly", router.name)
-            result = None
-        if result is None:
-            dialed = self.dialed
-            if dialed is not None and dialed.peer is None:
-                dialed.discard()  # (connected in the turn its deadline passed)
-                self.dialed = None
-            held = _throttle.allow(("no backend", router.name))
-            if held is not None:
-                log.warning(
-                    "group %s: no backend accepted a connection on port %d; closing it%s",
-                    router.name,
-                    self.service_port,
-                    held_note(held),
-                )
-            self.route = None
-            self.ended("no_backend")
-            self.transport.close()
-            now = self.plane.loop_time()
-            router.end(
-                route,
-                backend=None,
-                nbytes_in=self.nbytes,
-                nbytes_out=0,
-                duration=None,
-                given_up=True,
-                rec=self.rec,
-                now=now,
-                via=self.client_addr,
-                port=self.service_port,
-            )
-            self.plane.forget(self)
+            outcome = Outcome(NO_BACKEND)
+        backend_side = self.dialed  # (the dial's protocol registered itself: `BackendSide`)
+        if outcome.result != REACHED or backend_side is None:
+            self._unreached(outcome.result)
             return
-        backend, port, connected_at, affinity, backend_side = result
-        rec = self.rec
-        if rec is not None:  # the dial's outcome, for the log
-            rec.connected_at = connected_at
-            rec.routed = reached(router.name, self.service_port, affinity, route, backend, port)
-            if router.log_on_connect:
-                self.log_line(connected_at, end=False)
+        self.task = None  # a finished task holds its result and frame: 1 KiB an idle connection
+        self.dialed = None
+        self._paired(backend_side)
+
+    def _unreached(self, result: str) -> None:
+        """No backend was reached: the client is closed, its line logged, its pin as it was."""
+        dialed = self.dialed
+        if dialed is not None and dialed.peer is None:
+            dialed.discard()  # (connected in the turn its deadline passed)
+            self.dialed = None
+        router = self.router
+        if result == NO_BACKEND:
+            warn(
+                "no backend",
+                router,
+                f"no backend accepted a connection on port {self.conn.port}; closing it",
+            )
+        self.ended(result)
+        self.transport.close()
+        router.end(self.conn, now=self.plane.loop_time(), given_up=True)
+        self.plane.forget(self)
+
+    def _paired(self, backend_side: BackendSide) -> None:
+        """The dial reached a backend: its PROXY header if it takes one, then the two sides
+        joined, and the relay mode chosen."""
+        router = self.router
+        conn = self.conn
+        if router.log_on_connect:
+            self.log_line(conn.connected_at, end=False)
+        backend = conn.backend
+        assert backend is not None
         mode = backend.send_proxy or router.spec.send_proxy
         if mode is not None and mode != "none":
             dest = self.transport.get_extra_info("sockname")
-            client = self.client_addr or self.transport.get_extra_info("peername")
+            client = conn.via or self.transport.get_extra_info("peername")
             backend_side.transport.write(proxyproto.encode(mode, client[:2], dest[:2]))
-        self.task = None  # a finished task holds its result and frame: 1 KiB an idle connection
-        self.dialed = None
         pair(self, backend_side)
-        mode = router.spec.relay
-        if mode == "splice" and splice.AVAILABLE:
+        relay = router.spec.relay
+        if relay == "splice" and splice.AVAILABLE:
             self.begin_splice()
-        elif mode == "auto" and splice.AVAILABLE:
+        elif relay == "auto" and splice.AVAILABLE:
             self.splice_at = backend_side.splice_at = float(splice.SPLICE_AFTER)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -495,26 +453,13 @@ class ClientSide(Half):
             self.finish()
 
     def finish(self) -> None:
-        route = self.route
+        conn = self.conn
+        route = conn.route
         if route is None:
             return
-        self.route = None
         backend = route.backend
-        peer = self.peer
         plane = self.plane
-        now = plane.loop_time()
-        self.router.end(
-            route,
-            backend=backend,
-            nbytes_in=self.nbytes,
-            nbytes_out=peer.nbytes if peer is not None else 0,
-            duration=now - self.started,
-            given_up=False,
-            rec=self.rec,
-            now=now,
-            via=self.client_addr,
-            port=self.service_port,
-        )
+        self.router.end(conn, now=plane.loop_time())
         if backend is not None and backend.waiting:
             plane.slots.wake(backend)
         plane.forget(self)
@@ -550,12 +495,14 @@ class ClientSide(Half):
         if any(f is None for f in fds):
             return
 
+        conn = self.conn
+
         def count_up(n: int) -> None:
-            self.nbytes += n
+            conn.bytes_in += n
             self.seen = True
 
         def count_down(n: int) -> None:
-            peer.nbytes += n
+            conn.bytes_out += n
             peer.seen = True
 
         self.splice = SpliceSession(
@@ -609,10 +556,7 @@ class ProxyClientSide(ClientSide):
     __slots__ = ()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        Half.connection_made(self, transport)
-        peer = peer_of(transport)
-        if self.router.log is not None:
-            self.rec = Record(peer, self.plane.loop_time())
+        peer = self.accepted(transport)
         if self.plane.loop_watch and peer is not None and self.from_ourselves(peer):
             return
         trusted = self.router.proxy_trusted
@@ -648,8 +592,8 @@ class ProxyClientSide(ClientSide):
         rest = buf[header.length :]
         if rest:
             self.pending = [rest]
-            self.nbytes += len(rest)
-        self.client_addr = header.source
+            self.conn.bytes_in += len(rest)
+        self.conn.via = header.source
         if header.source is None:  # LOCAL (a health check of the proxy's) or UNKNOWN: the
             # proxy speaks for itself, and it is trusted; allow and deny name clients
             self._start(peer_of(self.transport), screen=False)
@@ -663,7 +607,7 @@ class ProxyClientSide(ClientSide):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.proxy_buf is None and self.route is not None:
+        if self.proxy_buf is None and self.conn.route is not None:
             ClientSide.connection_lost(self, exc)
             return
         if self.inbound is not None:
@@ -671,9 +615,10 @@ class ProxyClientSide(ClientSide):
         self.lost = True
         if self.proxy_timer is not None:
             self.proxy_timer.cancel()
-        rec = self.rec
-        if rec is not None and not rec.termination:  # gone before its header: not refused
-            rec.end("client_rst" if exc is not None else "client_close")
+        conn = self.conn
+        if not conn.termination:  # gone before its header: not refused
+            conn.end("client_rst" if exc is not None else "client_close")
+            conn.phase = ENDED
             self.log_line(self.plane.loop_time())
 
 
@@ -703,13 +648,12 @@ class MarkedClientSide(ClientSide):
         super().__init__(plane, placeholder, 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        Half.connection_made(self, transport)
+        peer = self.accepted(transport)
         sock = transport.get_extra_info("socket")
         mark = 0
         if sock is not None:
             with contextlib.suppress(OSError):
                 mark = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
-        peer = peer_of(transport)
         if self.plane.loop_watch and peer is not None and self.from_ourselves(peer):
             return  # a REDIRECT rule that sends l4lb's own dials back to it
         router = self.plane.by_mark.get(mark)
@@ -725,7 +669,5 @@ class MarkedClientSide(ClientSide):
             reset(self.transport)
             return
         self.router = router
-        self.service_port = original_port(sock, transport.get_extra_info("sockname")[1])
-        if router.log is not None:
-            self.rec = Record(peer, self.plane.loop_time())
+        self.conn.port = original_port(sock, transport.get_extra_info("sockname")[1])
         self._start(peer)

@@ -46,7 +46,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ..core.backends import Backend
-from ..core.routing import Route, Router
+from ..core.route import Route
+from ..core.routing import Router
 from ..core.spec import StoreSpec
 from ..core.throttle import Throttle, held_note
 from . import walk
@@ -212,7 +213,7 @@ class RedisStore:
     async def settle(self, router: Router, route: Route, candidate: Backend) -> Backend:
         """The backend a new pin goes to: the shared table's, or the candidate (now shared),
         or, with Redis slow or down, the consistent hash's."""
-        route.fresh = False
+        router.settling(route)
         table = router.table
         if table is None:
             return candidate
@@ -236,8 +237,7 @@ class RedisStore:
         entry = route.entry
         settled = entry.backend if entry is not None else None
         if settled is not None and settled is not backend and settled.accepts_pinned:
-            router.swap(route, settled)
-            route.pinned = settled
+            router.swap(route, settled, follows=True)
             return settled
         return backend
 
@@ -264,7 +264,7 @@ class RedisStore:
             else:
                 if name is None:
                     self.stats.stored += 1
-                    route.shared = candidate.name
+                    router.shared_as(route, candidate.name)
                     return candidate
                 found = router.usable_pin(name)
                 if found is None:  # pinned where this process cannot send it: ours wins
@@ -273,7 +273,7 @@ class RedisStore:
                         router.repinned.append(route.key)
                     return candidate
                 self.stats.found += 1
-                route.shared = name
+                router.shared_as(route, name)
                 router.swap(route, found)
                 return found
         self.stats.fallbacks += 1

@@ -38,24 +38,23 @@ or split. While a new pin is being settled with the shared store, a flow holds a
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from ..core.backends import Backend
+from ..core.connection import Conn
 from ..core.flowstats import UdpStats
-from ..core.record import Record
-from ..core.routing import reached
+from ..core.routing import Router
 from ..core.throttle import Throttle, held_note
-from .dialer import RESOURCE_ERRNOS
+from .dialer import Stepper
 from .listeners import ListenSpec, is_wildcard
-from .transparent import SourceError, source_socket
+from .path import NO_BACKEND, Outcome, admit, connect, lost, open_route
+from .transparent import source_socket
 
 if TYPE_CHECKING:
-    from ..core.backends import Backend
-    from ..core.routing import Route, Router
     from .context import DataPlane, SockAddr
 
 log = logging.getLogger("l4lb.udp")
@@ -77,65 +76,61 @@ SLACK = 1.25
 CMSG_SPACE = socket.CMSG_SPACE(20)  # in_pktinfo (12 bytes) or in6_pktinfo (20)
 
 
-class Flow:
-    """One client (address and port) of one UDP listener, and its backend socket."""
+class Flow(Conn):
+    """One client (address and port) of one UDP listener: the flow's record (`Conn`: its
+    route, backend, counters, times) and its backend socket."""
 
     __slots__ = (
-        "backend",
-        "bytes_in",
-        "bytes_out",
         "cid",
         "client",
         "heard",
-        "key",
         "last",
         "listener",
         "local",
         "pending",
-        "rec",
         "reply",
-        "route",
         "router",
-        "service",
         "sock",
         "spare",
-        "started",
         "stats",
+        "task",
+        "timeout",
+        "where",
     )
 
     def __init__(
         self,
         listener: UdpListener,
-        key: object,
+        where: object,
         client: SockAddr,
         *,
         reply: list[tuple[int, int, bytes]] | None,
         router: Router,
         service: int,
-        route: Route,
         stats: UdpStats,
         now: float,
     ) -> None:
+        super().__init__((client[0], client[1]), listener.loop.time(), service, udp=True)
         self.listener = listener
-        self.service = service  # the service port, as the backends' udp port maps know it
         self.stats = stats  # its group's
-        self.key = key  # its key in the listener's flows
+        self.where = where  # its key in the listener's flows
         self.client = client
         self.reply = reply  # the control message that sends an answer from the right address
         self.router = router
-        self.route = route
-        self.backend: Backend | None = None
         self.sock: socket.socket | None = None
-        self.pending: list[bytes] | None = None  # datagrams held while the pin is settled
+        self.pending: list[bytes] | None = None  # datagrams held while its backend is chosen
+        self.task: asyncio.Task[None] | None = None  # that choice, when it runs as a Task
         self.last = now  # the listener's coarse clock at its last datagram
-        self.started = now
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.heard = 0  # datagrams from the client (2: its address is validated)
         self.local: tuple[str, int] | None = None  # its socket's, while it could loop
         self.spare = UNVALIDATED_ANSWERS  # answers it may still get until then (-1: validated)
-        self.rec: Record | None = None
         self.cid: bytes | None = None  # quic_lb: the connection ID that steered it
+        self.timeout = 0.0  # (as a connect step: a UDP socket's connect never waits)
+
+    async def attempt(self, backend: Backend, port: int) -> socket.socket:
+        """The flow's connect step (`path.Step`): a socket connected to `backend`, at once
+        (`timeout` 0: it cannot stall)."""
+        return self.listener.socket_to(self, backend, port)
 
     def from_backend(self) -> None:
         """The backend socket is readable: its datagrams go back to the client, each whole."""
@@ -158,7 +153,7 @@ class Flow:
                     stats.drops["unvalidated"] += 1
                     continue
                 self.spare -= 1
-            listener.flows.move_to_end(self.key)
+            listener.flows.move_to_end(self.where)
             self.last = now
             n = len(data)
             self.bytes_out += n
@@ -189,8 +184,13 @@ class UdpListener:
         self.by_cid: dict[bytes, list[Flow]] = {}
         self.now = time.monotonic()  # the coarse clock of the flows' `last` (see above)
         self.closed = False
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._readable)
+        # The datagram opening a flow and its group's counters, while admission vets it, and
+        # the backend its QUIC connection ID named (`_vet`).
+        self._opening: tuple[bytes, UdpStats] | None = None
+        self._owner: Backend | None = None
+        self._cid = b""
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._readable)
 
     # ------------------------------------------------------------------ the client side
 
@@ -254,10 +254,11 @@ class UdpListener:
                 self.unreachable(flow, exc)
 
     def _open(
-        self, key: object, addr: SockAddr, anc: list[tuple[int, int, bytes]] | None, data: bytes
+        self, where: object, addr: SockAddr, anc: list[tuple[int, int, bytes]] | None, data: bytes
     ) -> Flow | None:
-        """A datagram from a new client address and port: a flow routed by its group (with
-        quic_lb, by the server ID in its connection ID first: `Router.quic_route`)."""
+        """A datagram from a new client address and port: a flow admitted and routed by its
+        group (`path.admit`; with quic_lb, the server ID in its connection ID first:
+        `QuicRouting.route`, as admission's `vet`)."""
         plane = self.plane
         runner = plane.host
         assert runner is not None
@@ -267,65 +268,64 @@ class UdpListener:
         router, port, stats = binding
         if plane.loop_watch and plane.udp_outgoing and self._looped(addr, stats):
             return None
-        host = addr[0]
-        try:
-            akey = router.keyer(host)
-            if router.admits is not None and not router.admits(host):
-                router.stats.denied += 1  # (a refused flow: counted once, as TCP's refusals)
-                return None
-        except (OSError, ValueError):
-            router.stats.rejected += 1
-            return None
-        owner: Backend | None = None
-        cid = b""
-        if router.quic is not None:  # (before any eviction: a dropped datagram costs nobody)
-            how, owner, cid = router.quic_route(data, akey)
-            if how == "malformed":
-                stats.quic["unroutable"] += 1
-                stats.drops["quic_malformed"] += 1
-                return None
-            stats.quic[how] += 1
-            if how == "unroutable" or how == "full":
-                stats.drops["quic_" + how] += 1
-                return None
-        if stats.flows >= plane.flow_bound(router.spec.udp_max_flows):
-            runner.evict_udp(router.name)
-        if plane.descriptors_full() and not runner.evict_udp(router.name):
-            router.stats.descriptors += 1
-            plane.accept_error("EMFILE", "no descriptor left for a new UDP flow")
-            return None
-        limits = router.limits
-        if limits is not None and limits.admit(akey) is not None:  # (None: admitted)
-            router.stats.client_limit += 1
-            return None
+        vet = None
+        if router.quic is not None:
+            self._opening = (data, stats)
+            vet = self._vet
+        flow = Flow(
+            self, where, addr, reply=None, router=router, service=port, stats=stats, now=self.now
+        )
+        if admit(plane, router, flow, addr[0], flows=stats, vet=vet):
+            return None  # (refused: dropped, and counted)
         reply = None
         if anc:
-            level, kind, data = anc[0]
+            level, kind, info = anc[0]
             if level == socket.IPPROTO_IP:  # in_pktinfo: send from ipi_addr
-                reply = [(level, kind, b"\0\0\0\0" + data[8:12] + b"\0\0\0\0")]
+                reply = [(level, kind, b"\0\0\0\0" + info[8:12] + b"\0\0\0\0")]
             else:  # in6_pktinfo: the address, any interface
-                reply = [(level, kind, data[:16] + b"\0\0\0\0")]
+                reply = [(level, kind, info[:16] + b"\0\0\0\0")]
+        # (`_vet` said it, when it ran: mypyc trusts a narrowed attribute, so it is not reset
+        # before `admit` in this function)
+        owner: Backend | None = self._owner if vet is not None else None
+        cid = self._cid
+        self._owner = None
         if owner is not None:  # (once admitted: a refused datagram ends no flow of its ID)
             self._make_way(cid)
-        route = router.begin(akey, True)  # provisional until validated (see affinity.py)
-        if owner is not None:
-            router.steer(route, owner)
+        flow.reply = reply
+        route = open_route(router, flow)
+        quic = router.quic
+        if owner is not None and quic is not None:
+            quic.steer(route, owner, router.backends)
             stats.migrations += 1
-        flow = Flow(
-            self, key, addr, reply=reply, router=router, service=port, route=route, stats=stats,
-            now=self.now,
-        )  # fmt: skip
-        if owner is not None:
             flow.cid = cid
             self.by_cid.setdefault(cid, []).append(flow)
-        if router.log is not None:
-            flow.rec = Record((host, addr[1]), self._loop.time())
-        self.flows[key] = flow
-        self.unvalidated[key] = None
+        self.flows[where] = flow
+        self.unvalidated[where] = None
         stats.flows += 1
         stats.opened += 1
         plane.flows_changed(1)
         return flow
+
+    def _vet(self, router: Router, key: int) -> bool:
+        """quic_lb's test of the datagram opening a flow (admission's `vet`): dropped, counted,
+        when no flow is to be opened for it; else its connection ID's backend, if it names one,
+        kept for `_open`."""
+        self._owner = None
+        opening, quic = self._opening, router.quic
+        assert opening is not None and quic is not None
+        data, stats = opening
+        how, owner, cid = quic.route(data, key, router.table)
+        if how == "malformed":
+            stats.quic["unroutable"] += 1
+            stats.drops["quic_malformed"] += 1
+            return False
+        stats.quic[how] += 1
+        if how == "unroutable" or how == "full":
+            stats.drops["quic_" + how] += 1
+            return False
+        self._owner = owner
+        self._cid = cid
+        return True
 
     def _make_way(self, cid: bytes) -> None:
         """At most QUIC_PATHS flows at once are steered by one connection ID (a migrating
@@ -343,9 +343,9 @@ class UdpListener:
     @staticmethod
     def _validated(flow: Flow) -> None:
         """Its client owns its address: the entry it made holds like a TCP client's."""
-        entry, table = flow.route.entry, flow.router.table
-        if entry is not None and table is not None:
-            table.confirm(entry)
+        route, table = flow.route, flow.router.table
+        if route is not None and route.entry is not None and table is not None:
+            table.confirm(route.entry)
 
     def _looped(self, addr: SockAddr, stats: UdpStats) -> bool:
         """A datagram from one of l4lb's own flow sockets: a backend that leads back to a
@@ -373,145 +373,83 @@ class UdpListener:
 
     # ------------------------------------------------------------------ the backend side
 
-    def _route(self, flow: Flow) -> bool:
-        """Give `flow` a backend socket (a new flow, or one whose backend failed or went away);
-        False: not now (no backend: the flow ended; or `flow.pending` holds its datagrams while
-        the shared store settles the pin)."""
-        router = flow.router
+    def _route(self, flow: Flow) -> None:
+        """Give `flow` a backend socket (a new flow, or one whose backend failed or went away):
+        `path.connect`, which ends at once without a shared store; with one, the flow holds its
+        datagrams (`pending`) while the store settles the pin."""
         route = flow.route
-        old = flow.backend
-        if old is not None:  # it went down, was disabled or removed: move on, not a failure
+        assert route is not None
+        if flow.backend is not None:  # it went down, was disabled or removed: move on
             self._drop_socket(flow)
-            old.free_slot()
-            route.backend = None
+            flow.router.leave(route)
             flow.backend = None
-            route.reason = "unavailable"
-            route.steered = False  # (a QUIC connection's owner gone: today's rule, the draft's)
-        elif route.steered:  # a QUIC connection ID chose its backend
-            if route.backend is not None:
-                return self._attach(flow, route.backend)
-            route.steered = False  # that backend failed: today's rule
-        backend = router.next_backend(route)
-        if backend is None and route.wait_for is not None:
-            route.queued = True  # a datagram does not wait for a full backend's slot
-            backend = router.next_backend(route)
-        if backend is None:
-            flow.stats.drops["no_backend"] += 1
-            self.end(flow, "no_backend", give_up=True)
-            return False
-        store = self.plane.store
-        if store is not None and backend is not router.sorry and (route.fresh or store.pending):
-            flow.pending = []
-            self._loop.create_task(self._settle(flow, backend))
-            return False
-        return self._attach(flow, backend)
+        flow.pending = []
+        if self.plane.store is None:
+            Stepper().start(self._connect(flow))  # (no await without a store: done on return)
+        else:  # (the store's calls use asyncio.timeout, which needs a Task)
+            flow.task = self.loop.create_task(self._connect(flow))
 
-    async def _settle(self, flow: Flow, candidate: Backend) -> None:
-        store = self.plane.store
-        assert store is not None
-        router, route = flow.router, flow.route
+    async def _connect(self, flow: Flow) -> None:
         try:
-            if route.fresh:
-                backend = await store.settle(router, route, candidate)
-            else:
-                backend = await store.follow(router, route, candidate)
+            outcome = await connect(self.plane, flow.router, flow, flow, wait=False)
         except Exception:  # the store's own failures fall back inside it; be safe here
-            log.exception("group %s: settling a UDP flow's pin failed", router.name)
-            backend = candidate
+            log.exception("group %s: routing a UDP flow failed", flow.router.name)
+            outcome = Outcome(NO_BACKEND)
+        flow.task = None
         held, flow.pending = flow.pending or [], None
-        if self.flows.get(flow.key) is not flow or self.closed:
-            if route.backend is not None:  # it ended meanwhile, and the store's swap took a slot
-                route.backend.free_slot()
-                route.backend = None
+        sock = outcome.made
+        if sock is None:
+            if outcome.result == NO_BACKEND:
+                flow.stats.drops["no_backend"] += 1
+            self.end(flow, outcome.result, give_up=True)
             return
-        if not self._attach(flow, backend):
-            return
-        sock = flow.sock
-        assert sock is not None
+        flow.sock = sock
+        backend = flow.backend
+        if backend is not None and backend.may_loop:  # its datagrams could come back to us
+            flow.local = local = sock.getsockname()[:2]
+            self.plane.udp_outgoing[local] = (flow.router, backend)
+        self.loop.add_reader(sock.fileno(), flow.from_backend)
         for data in held:
             try:
                 sock.send(data)
             except OSError:
                 flow.stats.drops["backend_busy"] += 1
 
-    def _attach(self, flow: Flow, backend: Backend) -> bool:
-        router, route = flow.router, flow.route
-        port = backend.udp_port_for(flow.service)
+    def socket_to(self, flow: Flow, backend: Backend, port: int) -> socket.socket:
+        """A socket for `flow` connected to `backend`'s `port`, from the group's `source` when
+        it has one (the client's own address and port, or a fixed address)."""
         family = socket.AF_INET6 if ":" in backend.address else socket.AF_INET
-        source = router.spec.source
-        try:
-            if source is None:
-                sock = socket.socket(family, socket.SOCK_DGRAM)
-            else:  # from the client's own address and port, or a fixed address
-                client = source == "client"
-                sock = source_socket(
-                    socket.SOCK_DGRAM,
-                    backend.address,
-                    flow.client[0] if client else source,
-                    flow.client[1] if client else 0,
-                    client,
-                )
-        except SourceError as exc:
-            router.source_failure(route, backend)
-            self.end(flow, "source", give_up=False)
-            held = _throttle.allow(("source", router.name))
-            if held is not None:  # (a line a second at most, however many flows fail alike)
-                log.warning(
-                    "group %s: a UDP flow from source %s: %s%s",
-                    router.name,
-                    source,
-                    exc,
-                    held_note(held),
-                )
-            return False
-        except OSError as exc:
-            if exc.errno in RESOURCE_ERRNOS:
-                router.local_failure(route, backend, errno.errorcode[exc.errno])
-                self.plane.accept_error(errno.errorcode[exc.errno], "socket() for a UDP flow")
-                self.end(flow, "descriptors", give_up=False)
-                return False
-            router.failed(route, backend, "error")  # (no such family here, say)
-            flow.stats.drops["backend_error"] += 1
-            return False
+        source = flow.router.spec.source
+        if source is None:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        else:
+            client = source == "client"
+            sock = source_socket(
+                socket.SOCK_DGRAM,
+                backend.address,
+                flow.client[0] if client else source,
+                flow.client[1] if client else 0,
+                client,
+            )
         try:
             sock.setblocking(False)
             sock.connect((backend.address, port))
-        except OSError as exc:
+        except OSError:
             sock.close()
-            router.failed(route, backend, "refused" if exc.errno == errno.ECONNREFUSED else "error")
-            flow.stats.drops["backend_error"] += 1
-            return False
-        flow.sock = sock
-        flow.backend = backend
-        if backend.may_loop:  # its datagrams could come back to us: known by their source
-            flow.local = local = sock.getsockname()[:2]
-            self.plane.udp_outgoing[local] = (router, backend)
-        affinity = router.connected(route, backend)
-        rec = flow.rec
-        if rec is not None:  # (before the re-pin's reason is let go)
-            rec.connected_at = self._loop.time()
-            rec.routed = reached(
-                router.name, flow.service, affinity, route, backend, port, udp=True
-            )
-        # From here on the flow holds this pin: a later move is a re-pin away from it.
-        if not route.steered:  # (a steered flow leaves its network's pin as it was)
-            route.pinned = backend
-        route.reason = ""
-        route.fresh = False
-        self._loop.add_reader(sock.fileno(), flow.from_backend)
-        return True
+            raise
+        return sock
 
     def unreachable(self, flow: Flow, exc: OSError) -> None:
         """An ICMP error on the flow's backend socket: a passive failure of that backend, and
         the flow routed again at once (the entry re-pinned to the next backend)."""
         backend = flow.backend
-        if backend is None:
+        route = flow.route
+        if backend is None or route is None:
             return
         flow.stats.unreachable += 1
         self._drop_socket(flow)
         flow.backend = None
-        reason = "refused" if exc.errno == errno.ECONNREFUSED else "error"
-        flow.router.failed(flow.route, backend, reason)
+        lost(flow.router, route, backend, exc)
         log.debug(
             "group %s: backend %s unreachable over UDP: %s",
             flow.router.name,
@@ -529,41 +467,33 @@ class UdpListener:
             flow.local = None
         if sock is not None:
             flow.sock = None
-            self._loop.remove_reader(sock.fileno())
+            self.loop.remove_reader(sock.fileno())
             sock.close()
 
     # ------------------------------------------------------------------ ends
 
-    def end(self, flow: Flow, termination: str, give_up: bool = False) -> None:
+    def end(self, flow: Flow, termination: str, *, give_up: bool = False) -> None:
         """The flow is over: its socket closed, its entry released (its persistence timeout
-        starts), its line logged."""
-        if self.flows.pop(flow.key, None) is None:
+        starts), its line logged (`give_up`: no backend took it)."""
+        where = flow.where
+        if self.flows.pop(where, None) is None:
             return
-        self.unvalidated.pop(flow.key, None)
+        self.unvalidated.pop(where, None)
         if flow.cid is not None:
             paths = self.by_cid.get(flow.cid)
             if paths is not None:
                 paths.remove(flow)
                 if not paths:
                     del self.by_cid[flow.cid]
+        task = flow.task
+        if task is not None:  # its pin being settled: given up (the route is released below)
+            flow.task = None
+            task.cancel()
         flow.stats.flows -= 1
         self.plane.flows_changed(-1)
         self._drop_socket(flow)
-        rec = flow.rec
-        if rec is not None:
-            rec.end(termination)
-        flow.router.end(
-            flow.route,
-            backend=flow.backend,
-            nbytes_in=flow.bytes_in,
-            nbytes_out=flow.bytes_out,
-            duration=time.monotonic() - flow.started,
-            given_up=give_up,
-            rec=rec,
-            now=self._loop.time(),
-            port=flow.service,
-            udp=True,
-        )
+        flow.end(termination)
+        flow.router.end(flow, now=self.loop.time(), given_up=give_up)
 
     def sweep(self, now: float) -> None:
         """Move the coarse clock on, and end the flows idle past their group's
@@ -606,7 +536,7 @@ class UdpListener:
         self.closed = True
         for flow in list(self.flows.values()):
             self.end(flow, termination)
-        self._loop.remove_reader(self.sock.fileno())
+        self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
     async def wait_closed(self) -> None:

@@ -28,6 +28,7 @@ from ..config.names import Answer, expand, names_in
 from ..core.backends import Backend
 from ..core.diff import changes as config_changes
 from ..core.flowstats import UdpStats
+from ..core.reconfigure import reconfigure
 from ..core.routing import Router
 from ..core.spec import AdminSpec, Config
 from ..dataplane.accesslog import Writers, attach_writers
@@ -363,7 +364,7 @@ class Runtime:
     def _resolved(self, new: Config) -> None:
         """At start, before anything runs: the routers take the names' first answers."""
         for g in new.groups:
-            self.routers[g.name].reconfigure(g, self.clock, self.rng)
+            reconfigure(self.routers[g.name], g, self.clock, self.rng)
         self.config = new
         for router in self.routers.values():
             for b in router.backends:
@@ -406,7 +407,7 @@ class Runtime:
                 changes.append(f"group {g.name} added")
             else:
                 changes += [
-                    f"group {g.name}: {c}" for c in router.reconfigure(g, self.clock, self.rng)
+                    f"group {g.name}: {c}" for c in reconfigure(router, g, self.clock, self.rng)
                 ]
         for name in [n for n in self.routers if n not in {g.name for g in new.groups}]:
             del self.routers[name]  # its open connections keep their router and finish

@@ -22,13 +22,13 @@ def in_flight(live: Iterable[Connection]) -> dict[tuple[str, str], list[int]]:
     """(group, backend) -> [bytes in, bytes out] of the connections still open, so that
     long transfers show as they flow."""
     out: dict[tuple[str, str], list[int]] = {}
-    for conn in live:
+    for c in live:
+        conn = c.conn
         route = conn.route
         if route is not None and route.backend is not None:
-            acc = out.setdefault((conn.router.name, route.backend.name), [0, 0])
-            acc[0] += conn.nbytes
-            peer = conn.peer
-            acc[1] += peer.nbytes if peer is not None else 0
+            acc = out.setdefault((c.router.name, route.backend.name), [0, 0])
+            acc[0] += conn.bytes_in
+            acc[1] += conn.bytes_out
     return out
 
 
@@ -48,7 +48,7 @@ def flows_by_entry(listeners: Iterable[UdpListener]) -> dict[int, int]:
     out: dict[int, int] = {}
     for listener in listeners:
         for flow in listener.flows.values():
-            entry = flow.route.entry
+            entry = flow.route.entry if flow.route is not None else None
             if entry is not None:
                 out[id(entry)] = out.get(id(entry), 0) + 1
     return out

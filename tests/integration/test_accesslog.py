@@ -225,7 +225,7 @@ async def test_a_log_that_cannot_keep_up_drops_lines_and_counts_them(tmp_path: P
     import os
 
     from l4lb.config import AccessLogSpec
-    from l4lb.core.record import Record, unrouted
+    from l4lb.core.connection import Conn, unrouted
     from l4lb.dataplane.accesslog import AccessLog
 
     fifo = tmp_path / "log.fifo"
@@ -233,11 +233,11 @@ async def test_a_log_that_cannot_keep_up_drops_lines_and_counts_them(tmp_path: P
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
         out = AccessLog(AccessLogSpec(path=str(fifo)), max_pending=1000)
-        rec = Record(("127.0.0.1", 4000), time.monotonic())
+        rec = Conn(("127.0.0.1", 4000), time.monotonic(), 80)
         rec.routed = unrouted("web", 80, 0)
         t0 = time.monotonic()
         for _ in range(5000):
-            out.log(rec, rec.started, None, 0, 0, True)
+            out.log(rec, rec.started, end=True)
             await asyncio.sleep(0)  # a loop turn: a flush that is due runs
         assert time.monotonic() - t0 < 5  # nothing blocked
         assert out.dropped > 0 and out.written + out.dropped + len(out._rows) <= 5000
@@ -264,19 +264,19 @@ async def test_a_batch_of_mixed_rows_gives_each_line_its_own_facts(tmp_path: Pat
     outcome, the end): interleaved rows of two outcomes, three ends, a connect line, a PROXY
     client and an IPv4 client of a dual-stack listener each get their own, in both formats."""
     from l4lb.config import AccessLogSpec
-    from l4lb.core.record import Record, unrouted
+    from l4lb.core.connection import Conn, Routed, unrouted
     from l4lb.dataplane.accesslog import AccessLog
 
     for fmt in ("json", "text"):
         path = tmp_path / f"log.{fmt}"
         out = AccessLog(AccessLogSpec(path=str(path), format=fmt), worker=3)
-        a = Record(("127.0.0.1", 4001), 100.0)
+        a = Conn(("127.0.0.1", 4001), 100.0, 80)
         a.connected_at = 100.002
-        a.routed = ("web", 80, "hit", "", "b1", "127.0.0.1", 18080, 1, False)
-        b = Record(("::ffff:127.0.0.2", 4002), 100.0)
+        a.routed = Routed("web", 80, "hit", "", "b1", "127.0.0.1", 18080, 1, False)
+        b = Conn(("::ffff:127.0.0.2", 4002), 100.0, 443)
         b.connected_at = 100.004
-        b.routed = ("web", 443, "repin", "unavailable", "b2", "::1", 8443, 2, False)
-        c = Record(("127.0.0.3", 4003), 100.5)
+        b.routed = Routed("web", 443, "repin", "unavailable", "b2", "::1", 8443, 2, False)
+        c = Conn(("127.0.0.3", 4003), 100.5, 80)
         c.routed = unrouted("web", 80, 3)
         rows = [  # (record, time, PROXY client, bytes in, bytes out, termination)
             (a, 100.010, None, 5, 1500, "client_fin"),
@@ -288,7 +288,8 @@ async def test_a_batch_of_mixed_rows_gives_each_line_its_own_facts(tmp_path: Pat
         ]
         for rec, now, via, bi, bo, how in rows:
             rec.termination = how or ""
-            out.log(rec, now, via, bi, bo, how is not None)
+            rec.via, rec.bytes_in, rec.bytes_out = via, bi, bo  # (read when the row is queued)
+            out.log(rec, now, end=how is not None)
         out.close()
         got = path.read_text().splitlines()
         assert len(got) == 6

@@ -7,7 +7,6 @@ import contextlib
 import os
 import socket
 import struct
-from types import SimpleNamespace
 
 import pytest
 
@@ -182,8 +181,11 @@ async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> N
     failure of the backend; a cancel from outside (the client left) stays a cancel, also when
     the deadline passed in the same turn of the loop."""
     from l4lb.config import load_config_text
+    from l4lb.core.connection import Conn
     from l4lb.core.routing import Router
-    from l4lb.dataplane.dialer import Deadlines, SlotQueue, dial
+    from l4lb.dataplane.context import DataPlane
+    from l4lb.dataplane.dialer import Deadlines, Dial
+    from l4lb.dataplane.path import Outcome, connect, open_route
 
     port = tarpit(cleanup)
     loop = asyncio.get_running_loop()
@@ -193,19 +195,29 @@ async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> N
     ).groups[0]
     deadlines = Deadlines()
 
-    def start(within: float) -> tuple[Router, asyncio.Task[object]]:
+    def start(within: float) -> tuple[Router, asyncio.Task[Outcome[object]]]:
         """A dial with a sweep of its own, so that the timing of one case is not another's."""
         nonlocal deadlines
         deadlines = Deadlines()  # (its sweep's first tick is TICK after this dial starts)
         router = Router(spec, loop.time)
-        route = router.begin(1)
-        ctx = SimpleNamespace(loop=loop, slots=SlotQueue(), deadlines=deadlines, store=None)
-        coro = dial(router, route, 80, asyncio.Protocol, ctx, connect_timeout=within)
-        return router, loop.create_task(coro, name="dial")  # type: ignore[arg-type]
+        conn = Conn(None, loop.time(), 80)
+        conn.key = 1
+        open_route(router, conn)
+        plane = DataPlane({}, None)
+        plane.attach(loop)
+        plane.deadlines = deadlines
+        running: list[asyncio.Task[Outcome[object]]] = []
+
+        async def run() -> Outcome[object]:
+            step = Dial(loop, asyncio.Protocol, timeout=within, source=None, transparent=False)
+            return await connect(plane, router, conn, step, wait=True, task=running[0])
+
+        running.append(loop.create_task(run(), name="dial"))
+        return router, running[0]
 
     router, task = start(0.05)
     t0 = loop.time()
-    assert await task is None  # the one backend timed out: no backend
+    assert (await task).made is None  # the one backend timed out: no backend
     assert router.stats.failed_timeout == 1
     assert 0.045 <= loop.time() - t0 < 0.05 + Deadlines.TICK + 0.5  # (uvloop's clock: ms)
     assert not deadlines.waiting

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l4lb.config import ConfigError, load_config_text
-from l4lb.core.backends import State
+from l4lb.core.backends import Backend, State
 from l4lb.core.quiclb import Codec
+from l4lb.core.reconfigure import reconfigure
 from l4lb.core.routing import Router
 from tests.support.helpers import FakeClock
 
@@ -132,6 +133,12 @@ groups:
 """
 
 
+def qroute(r: Router, datagram: bytes, key: int) -> tuple[str, Backend | None, bytes]:
+    """How `r` routes a QUIC datagram that opens a flow (`QuicRouting.route`)."""
+    assert r.quic is not None
+    return r.quic.route(datagram, key, r.table)
+
+
 def quic_router() -> Router:
     return Router(load_config_text(QUIC_CONFIG).groups[0], FakeClock(), random.Random(0))
 
@@ -157,30 +164,30 @@ def test_each_kind_of_packet_is_routed_as_the_draft_says() -> None:
     a, b = r.by_name["a"], r.by_name["b"]
     fresh, pinned = 1, 2
     route = r.begin(pinned)
-    r.steer(route, a)  # the network's first flow came by a's ID: pinned there
+    r.quic.steer(route, a, r.backends)  # the network's first flow came by a's ID: pinned there
     assert r.connected(route, a) == "cid"
     r.finish(route)
     sid_b = PLAIN.encode(b"\x0b", b"\x05\x06\x07\x08")
-    assert r.quic_route(short_to("0b"), fresh)[:2] == ("cid", b)
-    assert r.quic_route(long_to(2, sid_b), fresh)[:2] == ("cid", b)  # a Handshake
-    assert r.quic_route(long_to(0, sid_b), fresh)[:2] == ("pin", None)  # an Initial: the client's
-    assert r.quic_route(long_to(1, b"anything"), fresh)[:2] == ("pin", None)  # 0-RTT
+    assert qroute(r, short_to("0b"), fresh)[:2] == ("cid", b)
+    assert qroute(r, long_to(2, sid_b), fresh)[:2] == ("cid", b)  # a Handshake
+    assert qroute(r, long_to(0, sid_b), fresh)[:2] == ("pin", None)  # an Initial: the client's
+    assert qroute(r, long_to(1, b"anything"), fresh)[:2] == ("pin", None)  # 0-RTT
     other = (0x6B3343CF).to_bytes(4, "big")
-    assert r.quic_route(long_to(2, sid_b, other), fresh)[:2] == ("cid", b)  # unknown version: DCID
-    assert r.quic_route(long_to(2, b"\xe0" * 5, other), fresh)[:2] == ("pin", None)
+    assert qroute(r, long_to(2, sid_b, other), fresh)[:2] == ("cid", b)  # unknown version: DCID
+    assert qroute(r, long_to(2, b"\xe0" * 5, other), fresh)[:2] == ("pin", None)
     unknown = short_to("0c")
-    assert r.quic_route(unknown, fresh)[:2] == ("unroutable", None)
-    assert r.quic_route(unknown, pinned)[:2] == ("fallback", None)
+    assert qroute(r, unknown, fresh)[:2] == ("unroutable", None)
+    assert qroute(r, unknown, pinned)[:2] == ("fallback", None)
     codepoint_7 = bytes([0x40, 0xE5]) + b"\x0b" * 4 + b"payload"  # the 0b111 codepoint
-    assert r.quic_route(codepoint_7, fresh)[:2] == ("unroutable", None)
-    assert r.quic_route(codepoint_7, pinned)[:2] == ("fallback", None)
+    assert qroute(r, codepoint_7, fresh)[:2] == ("unroutable", None)
+    assert qroute(r, codepoint_7, pinned)[:2] == ("fallback", None)
     rotated = bytes([0x40]) + Codec(3, 1, 4).encode(b"\x0b", b"abcd") + b"payload"
-    assert r.quic_route(rotated, fresh)[:2] == ("unroutable", None)  # another config's ID
-    assert r.quic_route(long_to(2, b"\x00\x0c1234"), fresh)[:2] == ("fallback", None)
-    assert r.quic_route(bytes([0x40, 0x0B]), fresh)[:2] == ("unroutable", None)  # too short
-    assert r.quic_route(bytes([0x40, 0x0B]), pinned)[:2] == ("fallback", None)
-    assert r.quic_route(b"", fresh)[:2] == ("malformed", None)
-    assert r.quic_route(bytes([0xC0]) + V1, fresh)[:2] == ("malformed", None)
+    assert qroute(r, rotated, fresh)[:2] == ("unroutable", None)  # another config's ID
+    assert qroute(r, long_to(2, b"\x00\x0c1234"), fresh)[:2] == ("fallback", None)
+    assert qroute(r, bytes([0x40, 0x0B]), fresh)[:2] == ("unroutable", None)  # too short
+    assert qroute(r, bytes([0x40, 0x0B]), pinned)[:2] == ("fallback", None)
+    assert qroute(r, b"", fresh)[:2] == ("malformed", None)
+    assert qroute(r, bytes([0xC0]) + V1, fresh)[:2] == ("malformed", None)
 
 
 def test_a_down_or_disabled_owner_is_routed_by_the_fallback_and_a_drained_one_keeps_its_own() -> (
@@ -190,18 +197,18 @@ def test_a_down_or_disabled_owner_is_routed_by_the_fallback_and_a_drained_one_ke
     a, b = r.by_name["a"], r.by_name["b"]
     pinned = 2
     route = r.begin(pinned)
-    r.steer(route, a)
+    r.quic.steer(route, a, r.backends)
     r.connected(route, a)
     r.finish(route)
     r.set_admin(b, State.DRAIN)
-    assert r.quic_route(short_to("0b"), 1)[:2] == ("cid", b)  # drained: its connections stay
+    assert qroute(r, short_to("0b"), 1)[:2] == ("cid", b)  # drained: its connections stay
     for state in (State.DISABLED, State.UP):
         r.set_admin(b, state)
         if state is State.UP:
             r.set_health(b, False, "test")
-        assert r.quic_route(short_to("0b"), 1)[:2] == ("unroutable", None)  # short, fresh: dropped
-        assert r.quic_route(short_to("0b"), pinned)[:2] == ("fallback", None)  # to its pin, a
-        assert r.quic_route(long_to(2, PLAIN.encode(b"\x0b", b"abcd")), 1)[:2] == ("fallback", None)
+        assert qroute(r, short_to("0b"), 1)[:2] == ("unroutable", None)  # short, fresh: dropped
+        assert qroute(r, short_to("0b"), pinned)[:2] == ("fallback", None)  # to its pin, a
+        assert qroute(r, long_to(2, PLAIN.encode(b"\x0b", b"abcd")), 1)[:2] == ("fallback", None)
 
 
 def test_a_steered_flow_pins_only_a_network_without_a_pin() -> None:
@@ -213,7 +220,7 @@ def test_a_steered_flow_pins_only_a_network_without_a_pin() -> None:
     r.connected(route, a)
     # the same network, a QUIC connection of b's arriving: b carries it, the pin stays a
     moved = r.begin(5)
-    r.steer(moved, b)
+    r.quic.steer(moved, b, r.backends)
     assert r.connected(moved, b) == "cid" and moved.backend is b
     r.finish(moved)
     r.finish(route)
@@ -222,7 +229,7 @@ def test_a_steered_flow_pins_only_a_network_without_a_pin() -> None:
     assert entry is not None and entry.backend is a and r.stats.repins == 0
     # a network with no pin: pinned to the connection's server
     fresh = r.begin(6)
-    r.steer(fresh, b)
+    r.quic.steer(fresh, b, r.backends)
     assert r.connected(fresh, b) == "cid"
     r.finish(fresh)
     entry = r.table.get(6)
@@ -238,15 +245,15 @@ def test_a_full_owner_gets_no_steered_flow_and_its_datagram_is_dropped() -> None
     b = r.by_name["b"]
     routes = []
     for key in (1, 2):
-        how, owner, cid = r.quic_route(short_to("0b"), key)
+        how, owner, cid = qroute(r, short_to("0b"), key)
         assert (how, owner) == ("cid", b) and len(cid) == 6
         route = r.begin(key)
-        r.steer(route, b)
+        r.quic.steer(route, b, r.backends)
         routes.append(route)
     assert b.active == 2 and b.full
-    assert r.quic_route(short_to("0b"), 3)[:2] == ("full", b)
+    assert qroute(r, short_to("0b"), 3)[:2] == ("full", b)
     r.finish(routes.pop())
-    assert r.quic_route(short_to("0b"), 3)[:2] == ("cid", b)
+    assert qroute(r, short_to("0b"), 3)[:2] == ("cid", b)
 
 
 @pytest.mark.parametrize("how", ["drain", "backup"])
@@ -260,9 +267,9 @@ def test_a_steered_flow_never_pins_a_network_where_new_clients_may_not_go(how: s
     b = r.by_name["b"]
     if how == "drain":
         r.set_admin(b, State.DRAIN)
-    assert r.quic_route(short_to("0b"), 7)[:2] == ("cid", b)
+    assert qroute(r, short_to("0b"), 7)[:2] == ("cid", b)
     route = r.begin(7)
-    r.steer(route, b)
+    r.quic.steer(route, b, r.backends)
     assert r.connected(route, b) == "cid" and route.backend is b
     r.finish(route)
     assert r.table is not None
@@ -272,7 +279,7 @@ def test_a_steered_flow_never_pins_a_network_where_new_clients_may_not_go(how: s
     if how == "backup":
         r.set_admin(r.by_name["a"], State.DISABLED)
         route = r.begin(8)
-        r.steer(route, b)
+        r.quic.steer(route, b, r.backends)
         r.connected(route, b)
         r.finish(route)
         entry = r.table.get(8)
@@ -303,12 +310,12 @@ def test_a_reload_that_changes_server_ids_applies_at_once_and_is_reported() -> N
     text = QUIC_CONFIG.replace('server_id: "0b"', 'server_id: "1b"').replace(
         "nonce_length: 4}", "nonce_length: 4, config_id: 2}"
     )
-    changes = r.reconfigure(load_config_text(text).groups[0], FakeClock(), None)
+    changes = reconfigure(r, load_config_text(text).groups[0], FakeClock(), None)
     assert "quic_lb.config_id 0 -> 2" in changes
     assert "backend b changed: server_id 0b -> 1b" in changes
-    assert r.quic_route(old_b, 1)[:2] == ("unroutable", None)
+    assert qroute(r, old_b, 1)[:2] == ("unroutable", None)
     new_b = short_to("1b", Codec(2, 1, 4))
-    assert r.quic_route(new_b, 1)[:2] == ("cid", r.by_name["b"])
+    assert qroute(r, new_b, 1)[:2] == ("cid", r.by_name["b"])
 
 
 @pytest.mark.parametrize(
@@ -400,6 +407,6 @@ QUIC_ROUTER = quic_router()
 def test_the_router_reads_any_datagram_without_an_exception(datagram: bytes, key: int) -> None:
     """Whatever a peer sends as a flow's first datagram: one of the routes, never an exception
     (a traceback in the log, or a flow lost to it)."""
-    how, owner, _cid = QUIC_ROUTER.quic_route(datagram, key)
+    how, owner, _cid = qroute(QUIC_ROUTER, datagram, key)
     assert how in ("cid", "pin", "fallback", "unroutable", "malformed")
     assert (owner is not None) == (how == "cid")
