@@ -42,7 +42,7 @@ slow start are `states.GroupState`'s, the base of `Router`. Pure logic, no I/O.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 
 from .accounting import GroupStats, tally
 from .affinity import AffinityTable
@@ -52,7 +52,6 @@ from .keys import Keyer, make_keyer, make_matcher
 from .limits import ClientLimits
 from .quicroute import QuicRouting
 from .route import Route
-from .schedulers import rendezvous
 from .spec import GroupSpec
 from .states import GroupState
 
@@ -180,42 +179,28 @@ class Router(GroupState):
         """`route` waited for its full pinned backend once: it does not wait again."""
         route.queued = True
 
-    def pick(self, key: int, exclude: Collection[Backend] = ()) -> Backend | None:
-        """A new client's backend: the scheduler's among the backends that are not backups;
-        when none of them can take it, the first backup that can, in the listed order (as
-        HAProxy uses its first backup)."""
-        choice = self.scheduler.pick(key, exclude)
-        if choice is None:
-            for b in self.backups:
-                if b.schedulable and b not in exclude:
-                    return b
-        return choice
-
-    def consistent(self, key: int) -> Backend | None:
-        """The backend every instance picks for `key` without the shared table: the group's
-        own scheduler when it is a consistent hash (sh, mh), else rendezvous hashing over the
-        backends that take new clients."""
-        if self.spec.scheduler in ("sh", "mh"):
-            return self.pick(key)
-        return rendezvous(key, [b for b in self.backends if b.schedulable and not b.backup]) or (
-            self.pick(key)
-        )
+    def adopt(self, key: int, backend: Backend | None, *, provisional: bool = False) -> Route:
+        """A connection or flow the previous process handed over (an upgrade, counted there):
+        its entry referenced and pinned to `backend` if it had no pin, its slot taken."""
+        table = self.table
+        entry = table.acquire(key, provisional) if table is not None else None
+        if entry is not None and entry.backend is None:
+            entry.backend = backend
+        route = Route(key, entry, backend)
+        if backend is not None:
+            backend.take_slot()
+            route.backend = backend
+            route.tried.append(backend)
+        return route
 
     # ------------------------------------------------------------------ the shared table
 
-    def usable_pin(self, name: str) -> Backend | None:
-        """The backend another instance pinned a client to, if this one may send it there."""
-        b = self.by_name.get(name)
-        return b if b is not None and b.accepts_pinned and not b.full else None
-
     @staticmethod
-    def settling(route: Route) -> None:
-        """The shared table is asked about `route`'s fresh pin (once)."""
+    def settling(route: Route) -> None:  # the shared table is asked about its fresh pin, once
         route.fresh = False
 
     @staticmethod
-    def shared_as(route: Route, name: str) -> None:
-        """The shared table holds `name` for `route`'s client now."""
+    def shared_as(route: Route, name: str) -> None:  # the shared table holds `name` for it now
         route.shared = name
 
     def swap(self, route: Route, backend: Backend, *, follows: bool = False) -> None:
@@ -281,11 +266,10 @@ class Router(GroupState):
         route.steered = False
 
     def connected(self, route: Route, backend: Backend) -> str:
-        """`route` reached `backend`: counted, and the client's entry pinned there. Returns
-        what became of the pin, as the connection log names it: `cid` (a QUIC ID sent it),
-        `sorry`, `none` (no persistence), `unpinned` (no entry: the table was full), `full`
-        (the pinned backend was full: sent elsewhere, the pin kept), `new`, `hit`, or `repin`
-        (why: `route.reason`, "" for a failure). `held` then readies the route for a move."""
+        """`route` reached `backend`: counted, the entry pinned there. What became of the pin,
+        as the log says it: cid (a QUIC ID sent it), sorry, none (no persistence), unpinned (the
+        table was full), full (the pin's backend was: sent elsewhere, the pin kept), new, hit,
+        or repin (why: `route.reason`, "" for a failure)."""
         backend.connections += 1
         backend.failures_in_row = 0
         entry = route.entry
@@ -358,15 +342,14 @@ class Router(GroupState):
             sink.log(conn, now, end=True)
 
     def give_up(self, route: Route) -> None:
-        """No backend took the connection: the pin stays as it was before it."""
+        """No backend took it: the pin stays as it was."""
         entry = route.entry
         if entry is not None and entry.refs == 1:
             entry.backend = route.pinned
         self.finish(route)
 
     def finish(self, route: Route) -> None:
-        """Release `route`'s backend slot and its entry (whose timeout starts when it was the
-        last connection)."""
+        """Release `route`'s slot and entry (its timeout starts if it was the last)."""
         backend = route.backend
         if backend is not None:
             backend.free_slot()

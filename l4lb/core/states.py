@@ -1,16 +1,17 @@
 """A group's backends and their states: health verdicts, operator states and weights, the
-quorum, slow start, and the `Event`s each change emits. The base of `routing.Router`, which
-adds the routing decision; pure, no I/O, the clock injected."""
+quorum, slow start, and the `Event`s each change emits; and the choices among them that read no
+route (the scheduler's pick, the consistent hash, another instance's pin). The base of
+`routing.Router`, which adds the routing decision; pure, no I/O, the clock injected."""
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from .backends import Backend, State
 from .health import Event, Quorum
-from .schedulers import Scheduler, make_scheduler
+from .schedulers import Scheduler, make_scheduler, rendezvous
 from .spec import GroupSpec
 
 
@@ -60,6 +61,34 @@ class GroupState:
             for b in self.backends
             if b.healthy and b.admin is State.UP and b.weight > 0 and not b.removed
         )
+
+    # ------------------------------------------------------------------ choosing among them
+
+    def pick(self, key: int, exclude: Collection[Backend] = ()) -> Backend | None:
+        """A new client's backend: the scheduler's among the backends that are not backups;
+        when none of them can take it, the first backup that can, in the listed order (as
+        HAProxy uses its first backup)."""
+        choice = self.scheduler.pick(key, exclude)
+        if choice is None:
+            for b in self.backups:
+                if b.schedulable and b not in exclude:
+                    return b
+        return choice
+
+    def consistent(self, key: int) -> Backend | None:
+        """The backend every instance picks for `key` without the shared table: the group's
+        own scheduler when it is a consistent hash (sh, mh), else rendezvous hashing over the
+        backends that take new clients."""
+        if self.spec.scheduler in ("sh", "mh"):
+            return self.pick(key)
+        return rendezvous(key, [b for b in self.backends if b.schedulable and not b.backup]) or (
+            self.pick(key)
+        )
+
+    def usable_pin(self, name: str) -> Backend | None:
+        """The backend another instance pinned a client to, if this one may send it there."""
+        b = self.by_name.get(name)
+        return b if b is not None and b.accepts_pinned and not b.full else None
 
     def vouched(self, backend: Backend) -> bool:
         """Whether l4lb's own active check (from its own address) finds `backend` up: then a

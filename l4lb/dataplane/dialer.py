@@ -192,34 +192,57 @@ class Deadlines:
         self._timer = loop.call_later(self.TICK, self._sweep, loop) if waiting else None
 
 
-class Dial:
-    """A TCP connection's connect step (`path.Step`): one dial of a backend, from the group's
-    `source` when it has one. Its deadline (`timeout`, the group's connect_timeout) is kept by
-    `path.connect` with the shared sweep (`Deadlines`). What a dial makes, the backend side's
-    protocol, registers itself with its client (`BackendSide.connection_made`)."""
+class Step:
+    """A transport's connect step, as `path.connect` runs it: one attempt at `backend` on `port`,
+    awaited; it raises OSError or `SourceError`. `timeout`: its deadline in seconds (0: it
+    cannot stall); `made`: what the attempt that succeeded made (a flow's socket). A base class,
+    not a Protocol, so that the compiled loop calls it directly."""
 
-    __slots__ = ("factory", "loop", "source", "timeout", "transparent")
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.made: object = None
+
+    def attempt(self, backend: Backend, port: int) -> Awaitable[object]:
+        raise NotImplementedError
+
+
+class Dial(Step):
+    """A TCP connection's connect step: one dial of a backend, from the group's `source` when it
+    has one. Its deadline (`timeout`, the group's connect_timeout) is kept by `path.connect` with
+    the shared sweep (`Deadlines`). Its protocol factory (`backend_side`) makes the backend
+    side, `make(client)`, which registers itself with its client
+    (`relay.BackendSide.connection_made`)."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        factory: Callable[[], object],
+        make: Callable[[Any], object],
+        client: object,
         *,
         timeout: float,
         source: str | None,
         transparent: bool,
     ) -> None:
+        super().__init__(timeout)
         self.loop = loop
-        self.factory = factory  # the backend side's protocol
-        self.timeout = timeout
+        self.make = make
+        self.client = client
         self.source = source  # the address to dial from (`transparent`: the client's own)
         self.transparent = transparent
+
+    def backend_side(self) -> object:
+        """The protocol factory of the dial (compiled, a native class's `__call__` is not one)."""
+        return self.make(self.client)
 
     def attempt(self, backend: Backend, port: int) -> Awaitable[object]:
         """The dial of `backend` on `port` (no coroutine of its own: the loop's is awaited)."""
         if self.source is None:
-            return self.loop.create_connection(as_factory(self.factory), backend.address, port)
+            return self.loop.create_connection(as_factory(self.backend_side), backend.address, port)
         return from_source(
-            self.loop, as_factory(self.factory), backend.address, port, self.source,
+            self.loop,
+            as_factory(self.backend_side),
+            backend.address,
+            port,
+            self.source,
             self.transparent,
-        )  # fmt: skip
+        )

@@ -26,9 +26,10 @@ flow until its client proves its address), and the connection or flow is `DIALIN
 backend's slot), a fresh pin settled with the shared store first, then the transport's
 connect step. A refusal or timeout is the backend's failure (`Router.failed`, passive health)
 and the loop goes on to the next; a failure of this host (no descriptor, a `source` it cannot
-dial from) ends it at once without blaming the backend or the pin. It returns a named
-`Outcome`; on `REACHED` the record holds the backend, the connect time and, when the group
-logs, the line's routing (`Router.connected`).
+dial from) ends it at once without blaming the backend or the pin. It returns a named outcome
+(REACHED, NO_BACKEND, SOURCE, DESCRIPTORS); on REACHED the record holds the backend, the connect
+time and, when the group logs, the line's routing (`Router.connected`), and the step what it
+made.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
 
 from ..core.accounting import reached
 from ..core.backends import Backend
@@ -45,7 +46,7 @@ from ..core.connection import DIALING, Conn
 from ..core.route import Route
 from ..core.routing import Router
 from ..core.throttle import Throttle, held_note
-from .dialer import RESOURCE_ERRNOS, Cancellable
+from .dialer import RESOURCE_ERRNOS, Cancellable, Step
 from .transparent import SourceError
 
 if TYPE_CHECKING:
@@ -54,8 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("l4lb.path")
 _throttle = Throttle()  # a line a second at most per kind and group, however many clients
-T = TypeVar("T")
-T_co = TypeVar("T_co", covariant=True)
 
 
 # Why admission refused a client, as its termination and its counter name it (module constants:
@@ -133,45 +132,24 @@ def warn(kind: str, router: Router, what: str) -> None:
 # ---------------------------------------------------------------------- choose and connect
 
 
-# What `connect` came to (`Outcome.result`), as a termination names it when no backend was
-# reached. DESCRIPTORS, above, is one too: this host had no descriptor left to dial with.
+# What `connect` came to, as a termination names it when no backend was reached (DESCRIPTORS,
+# above, is one too: this host had no descriptor left to dial with).
 REACHED: Final = "reached"
 NO_BACKEND: Final = "no_backend"  # every backend the router offered failed, or none could take it
 SOURCE: Final = "source"  # this host could not dial from the group's `source`
-
-
-class Outcome(Generic[T]):
-    """What `connect` came to: its result (REACHED, NO_BACKEND, SOURCE or DESCRIPTORS), and on
-    REACHED what the step made (a flow's socket, a dial's transport and protocol) and the
-    backend's port."""
-
-    __slots__ = ("made", "port", "result")
-
-    def __init__(self, result: str, made: T | None = None, port: int = 0) -> None:
-        self.result = result
-        self.made = made
-        self.port = port
-
-
-class Step(Protocol[T_co]):
-    """A transport's connect step: one attempt at `backend` on `port`, awaited; raises OSError
-    or `SourceError`. `timeout`: its deadline in seconds (0: it cannot stall)."""
-
-    timeout: float
-
-    def attempt(self, backend: Backend, port: int) -> Awaitable[T_co]: ...
 
 
 async def connect(
     plane: DataPlane,
     router: Router,
     conn: Conn,
-    step: Step[T],
+    step: Step,
     *,
     wait: bool,
     task: Cancellable | None = None,
-) -> Outcome[T]:
-    """Choose and connect a backend for `conn` (admitted: `open_route`), see the theory above;
+) -> str:
+    """Choose and connect a backend for `conn` (admitted: `open_route`), see the theory above:
+    REACHED (what the step made is `step.made`), NO_BACKEND, SOURCE or DESCRIPTORS;
     `wait`: a full pinned backend's slot may be waited for (TCP; a datagram does not wait);
     `task`: what runs this (a Task or a `Stepper`), which the step's deadline cancels."""
     route = conn.route
@@ -187,7 +165,7 @@ async def connect(
                 full = route.wait_for
                 if full is None:
                     router.stats.no_backend += 1
-                    return Outcome(NO_BACKEND)
+                    return NO_BACKEND
                 router.waited(route)
                 await plane.slots.wait(full, router.spec.queue_timeout)
                 continue
@@ -210,16 +188,18 @@ async def connect(
             failure: str | None = _failed(plane, router, route, backend, TimeoutError())
         except SourceError as error:
             _source_failed(router, route, backend, str(error))
-            return Outcome(SOURCE)
+            return SOURCE
         except OSError as exc:
             failure = _failed(plane, router, route, backend, exc)
         else:
-            return _reached(router, conn, backend, port, made, t0=t0, now=loop.time())
+            step.made = made
+            _reached(router, conn, backend, port, t0=t0, now=loop.time())
+            return REACHED
         finally:
             if timed:
                 plane.deadlines.waiting.pop(task, None)  # type: ignore[arg-type]
         if failure is not None:
-            return Outcome(failure)
+            return failure
 
 
 def _expired(plane: DataPlane, task: Cancellable) -> bool:
@@ -233,8 +213,8 @@ def _expired(plane: DataPlane, task: Cancellable) -> bool:
 
 
 def _reached(
-    router: Router, conn: Conn, backend: Backend, port: int, made: T, *, t0: float, now: float
-) -> Outcome[T]:
+    router: Router, conn: Conn, backend: Backend, port: int, *, t0: float, now: float
+) -> None:
     """The attempt at `backend` begun at loop time `t0` succeeded at `now`: counted, the pin
     confirmed."""
     route = conn.route
@@ -246,7 +226,6 @@ def _reached(
     if router.log is not None:  # (before the re-pin's reason is let go)
         conn.routed = reached(router.name, conn, route, affinity, port)
     router.held(route, backend)
-    return Outcome(REACHED, made, port)
 
 
 def _failed(

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from ..core import proxyproto
@@ -34,7 +33,7 @@ from ..core.routing import Router
 from ..core.throttle import Throttle, held_note
 from . import splice
 from .dialer import Dial, Stepper
-from .path import NO_BACKEND, REACHED, Outcome, admit, connect, open_route, warn
+from .path import NO_BACKEND, REACHED, admit, connect, open_route, warn
 from .splice import SpliceSession
 
 if TYPE_CHECKING:
@@ -121,6 +120,8 @@ class Half:
                 self.transport.pause_reading()
 
     def eof_received(self) -> bool:
+        if self.eof:  # (adopted after its FIN: an upgrade's new process reads it again)
+            return True
         self.eof = True
         conn = self.owner.conn
         if not conn.termination:  # (inline: once per side and connection)
@@ -379,13 +380,14 @@ class ClientSide(Half):
         source = self.source
         step = Dial(
             self.plane.loop,
-            partial(BackendSide, self),
+            BackendSide,
+            self,
             timeout=router.spec.connect_timeout,
             source=source,
             transparent=source is not None and router.spec.source == "client",
         )
         try:
-            outcome = await connect(self.plane, router, self.conn, step, wait=True, task=self.task)
+            result = await connect(self.plane, router, self.conn, step, wait=True, task=self.task)
         except asyncio.CancelledError:  # the client left while we dialed
             dialed = self.dialed
             if dialed is not None and dialed.peer is None:
@@ -394,10 +396,10 @@ class ClientSide(Half):
             raise
         except Exception:
             log.exception("group %s: dial failed unexpectedly", router.name)
-            outcome = Outcome(NO_BACKEND)
+            result = NO_BACKEND
         backend_side = self.dialed  # (the dial's protocol registered itself: `BackendSide`)
-        if outcome.result != REACHED or backend_side is None:
-            self._unreached(outcome.result)
+        if result != REACHED or backend_side is None:
+            self._unreached(result)
             return
         self.task = None  # a finished task holds its result and frame: 1 KiB an idle connection
         self.dialed = None
@@ -620,6 +622,30 @@ class ProxyClientSide(ClientSide):
             conn.end("client_rst" if exc is not None else "client_close")
             conn.phase = ENDED
             self.log_line(self.plane.loop_time())
+
+
+class AdoptedClientSide(ClientSide):
+    """The client side of a connection an upgrade handed over (`transfer.adopt_conn`): its
+    socket is taken, never admitted or dialed again. Every later callback is ClientSide's."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Half.connection_made(self, transport)
+
+
+class AdoptedBackendSide(BackendSide):
+    """The backend side of a connection an upgrade handed over: paired by the adoption."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Half.connection_made(self, transport)
+        client = self.client
+        backend = client.conn.backend
+        if backend is not None and backend.may_loop:  # (the loop guard knows its dials)
+            self.local = local = transport.get_extra_info("sockname")[:2]
+            client.plane.outgoing[local] = (client.router, backend)
 
 
 SO_ORIGINAL_DST = 80  # netfilter's, for IPv4 (SOL_IP) and IPv6 (SOL_IPV6) alike

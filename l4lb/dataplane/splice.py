@@ -170,6 +170,36 @@ class SpliceSession:
         if all(p.done for p in self.pumps):
             self._close(reset=False)
 
+    def freeze(self) -> tuple[bytes, bytes]:
+        """Stop both pumps (an upgrade hands the connection over) and read out what their pipes
+        hold: the bytes toward the backend, and toward the client."""
+        out = []
+        for p in self.pumps:
+            p.stop()
+            held = b""
+            while p.in_pipe > len(held):
+                try:
+                    chunk = os.read(p.rpipe, p.in_pipe - len(held))
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                held += chunk
+            p.in_pipe = 0
+            out.append(held)
+        return out[0], out[1]
+
+    def thaw(self, up: bytes, down: bytes) -> None:
+        """Undo `freeze` (the upgrade failed): the bytes back in their pipes, the pumps on."""
+        for p, held in zip(self.pumps, (up, down), strict=True):
+            view = memoryview(held)
+            while view:
+                n = os.write(p.wpipe, view)
+                view = view[n:]
+                p.in_pipe += n
+            if not p.done:
+                p.on_writable()
+
     def fail(self, exc: OSError) -> None:
         self._close(reset=True)
 

@@ -42,16 +42,16 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..core.backends import Backend
-from ..core.connection import Conn
+from ..core.connection import PAIRED, Conn
 from ..core.flowstats import UdpStats
 from ..core.routing import Router
 from ..core.throttle import Throttle, held_note
-from .dialer import Stepper
+from .dialer import Step, Stepper
 from .listeners import ListenSpec, is_wildcard
-from .path import NO_BACKEND, Outcome, admit, connect, lost, open_route
+from .path import NO_BACKEND, REACHED, admit, connect, lost, open_route
 from .transparent import source_socket
 
 if TYPE_CHECKING:
@@ -94,7 +94,6 @@ class Flow(Conn):
         "spare",
         "stats",
         "task",
-        "timeout",
         "where",
     )
 
@@ -125,12 +124,6 @@ class Flow(Conn):
         self.local: tuple[str, int] | None = None  # its socket's, while it could loop
         self.spare = UNVALIDATED_ANSWERS  # answers it may still get until then (-1: validated)
         self.cid: bytes | None = None  # quic_lb: the connection ID that steered it
-        self.timeout = 0.0  # (as a connect step: a UDP socket's connect never waits)
-
-    async def attempt(self, backend: Backend, port: int) -> socket.socket:
-        """The flow's connect step (`path.Step`): a socket connected to `backend`, at once
-        (`timeout` 0: it cannot stall)."""
-        return self.listener.socket_to(self, backend, port)
 
     def from_backend(self) -> None:
         """The backend socket is readable: its datagrams go back to the client, each whole."""
@@ -166,6 +159,17 @@ class Flow(Conn):
                     listener.sock.sendmsg((data,), self.reply, 0, self.client)
             except OSError:
                 stats.drops["client_send"] += 1
+
+
+class FlowStep(Step):
+    """A flow's connect step: a socket connected to the backend, at once (`timeout` 0)."""
+
+    def __init__(self, flow: Flow) -> None:
+        super().__init__(0.0)
+        self.flow = flow
+
+    async def attempt(self, backend: Backend, port: int) -> object:
+        return self.flow.listener.socket_to(self.flow, backend, port)
 
 
 class UdpListener:
@@ -390,18 +394,19 @@ class UdpListener:
             flow.task = self.loop.create_task(self._connect(flow))
 
     async def _connect(self, flow: Flow) -> None:
+        step = FlowStep(flow)
         try:
-            outcome = await connect(self.plane, flow.router, flow, flow, wait=False)
+            result = await connect(self.plane, flow.router, flow, step, wait=False)
         except Exception:  # the store's own failures fall back inside it; be safe here
             log.exception("group %s: routing a UDP flow failed", flow.router.name)
-            outcome = Outcome(NO_BACKEND)
+            result = NO_BACKEND
         flow.task = None
         held, flow.pending = flow.pending or [], None
-        sock = outcome.made
-        if sock is None:
-            if outcome.result == NO_BACKEND:
+        sock = step.made
+        if result != REACHED or not isinstance(sock, socket.socket):
+            if result == NO_BACKEND:
                 flow.stats.drops["no_backend"] += 1
-            self.end(flow, outcome.result, give_up=True)
+            self.end(flow, result, give_up=True)
             return
         flow.sock = sock
         backend = flow.backend
@@ -529,6 +534,62 @@ class UdpListener:
         if self.unvalidated:
             return False, self.flows[next(iter(self.unvalidated))].last
         return (True, next(iter(self.flows.values())).last) if self.flows else None
+
+    # ------------------------------------------------------------------ upgrades
+
+    def pause(self) -> None:
+        """Stop reading, the listener and every flow (an upgrade hands them over): datagrams
+        wait in the sockets' buffers."""
+        self.loop.remove_reader(self.sock.fileno())
+        for flow in self.flows.values():
+            if flow.sock is not None:
+                self.loop.remove_reader(flow.sock.fileno())
+
+    def resume(self) -> None:
+        """Undo `pause` (the upgrade failed)."""
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+        for flow in self.flows.values():
+            if flow.sock is not None:
+                self.loop.add_reader(flow.sock.fileno(), flow.from_backend)
+
+    def adopt(
+        self, binding: tuple[Router, int, UdpStats], record: dict[str, Any], sock: socket.socket
+    ) -> Flow:
+        """A flow the previous process handed over (a checked record, see `handform.py`), on
+        its socket: appended (records come in their listener's order, idle longest first)."""
+        router, port, stats = binding
+        client = tuple(record["client"])
+        dst = record["dst"]
+        where: object = (client, dst) if self.wildcard else client
+        reply = (
+            [(record["reply"][0], record["reply"][1], record["reply"][2])]
+            if record["reply"]
+            else None
+        )
+        flow = Flow(
+            self, where, client, reply=reply, router=router, service=port, stats=stats,
+            now=self.now - record["idle"],
+        )  # fmt: skip
+        backend = router.by_name[record["backend"]]
+        flow.key = record["key"]
+        flow.started = self.loop.time() - record["age"]
+        flow.bytes_in, flow.bytes_out = record["bytes_in"], record["bytes_out"]
+        flow.heard, flow.spare = record["heard"], record["spare"]
+        flow.backend = backend
+        flow.route = router.adopt(flow.key, backend, provisional=flow.spare >= 0)
+        flow.phase = PAIRED
+        sock.setblocking(False)
+        flow.sock = sock
+        if record["cid"] is not None:
+            flow.cid = record["cid"]
+            self.by_cid.setdefault(record["cid"], []).append(flow)
+        self.flows[where] = flow
+        if flow.spare >= 0:
+            self.unvalidated[where] = None
+        stats.flows += 1
+        self.plane.flows_changed(1)
+        self.loop.add_reader(sock.fileno(), flow.from_backend)
+        return flow
 
     def close(self, termination: str = "shutdown") -> None:
         if self.closed:

@@ -185,7 +185,7 @@ async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> N
     from l4lb.core.routing import Router
     from l4lb.dataplane.context import DataPlane
     from l4lb.dataplane.dialer import Deadlines, Dial
-    from l4lb.dataplane.path import Outcome, connect, open_route
+    from l4lb.dataplane.path import NO_BACKEND, connect, open_route
 
     port = tarpit(cleanup)
     loop = asyncio.get_running_loop()
@@ -195,7 +195,7 @@ async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> N
     ).groups[0]
     deadlines = Deadlines()
 
-    def start(within: float) -> tuple[Router, asyncio.Task[Outcome[object]]]:
+    def start(within: float) -> tuple[Router, asyncio.Task[str]]:
         """A dial with a sweep of its own, so that the timing of one case is not another's."""
         nonlocal deadlines
         deadlines = Deadlines()  # (its sweep's first tick is TICK after this dial starts)
@@ -206,10 +206,13 @@ async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> N
         plane = DataPlane({}, None)
         plane.attach(loop)
         plane.deadlines = deadlines
-        running: list[asyncio.Task[Outcome[object]]] = []
+        running: list[asyncio.Task[str]] = []
 
-        async def run() -> Outcome[object]:
-            step = Dial(loop, asyncio.Protocol, timeout=within, source=None, transparent=False)
+        async def run() -> str:
+            step = Dial(
+                loop, lambda _: asyncio.Protocol(), None, timeout=within, source=None,
+                transparent=False,
+            )  # fmt: skip
             return await connect(plane, router, conn, step, wait=True, task=running[0])
 
         running.append(loop.create_task(run(), name="dial"))
@@ -217,7 +220,7 @@ async def test_the_dials_deadline_against_a_cancel_of_its_own_task(cleanup) -> N
 
     router, task = start(0.05)
     t0 = loop.time()
-    assert (await task).made is None  # the one backend timed out: no backend
+    assert await task == NO_BACKEND  # the one backend timed out: no backend
     assert router.stats.failed_timeout == 1
     assert 0.045 <= loop.time() - t0 < 0.05 + Deadlines.TICK + 0.5  # (uvloop's clock: ms)
     assert not deadlines.waiting
