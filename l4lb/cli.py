@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from .config import ConfigError, load_config, load_config_text
 from .core.spec import SCHEDULERS, Config
 from .runtime import sdnotify
 from .runtime.errors import ReloadError, StartupError
+from .runtime.handover import UpgradeError
 from .runtime.heap import settle_heap
 from .version import __version__
 
@@ -40,10 +42,11 @@ class Balancer(Protocol):
     async def start(self) -> None: ...
     async def shutdown(self) -> None: ...
     async def reload_from_file(self) -> list[str]: ...
+    async def upgrade(self) -> str: ...
     def reopen_logs(self) -> None: ...
 
 
-async def _serve(config: Config, demo: bool, log_level: str) -> int:
+async def _serve(config: Config, demo: bool, log_level: str, takeover: int | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -53,6 +56,10 @@ async def _serve(config: Config, demo: bool, log_level: str) -> int:
         from .workers.supervisor import Supervisor
 
         balancer = Supervisor(config, log_level)
+    elif takeover is not None:  # started by an upgrade: everything comes from the old process
+        from .runtime.channel import Channel
+
+        balancer = Server(config, takeover=Channel(socket.socket(fileno=takeover)))
     else:
         balancer = Server(config)
 
@@ -77,9 +84,16 @@ async def _serve(config: Config, demo: bool, log_level: str) -> int:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
+    def on_upgrade() -> None:
+        log.info("received SIGUSR2: upgrading to the l4lb installed now")
+        task: asyncio.Task[object] = loop.create_task(_upgrade(balancer))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    loop.add_signal_handler(signal.SIGUSR2, on_upgrade)
     loop.add_signal_handler(signal.SIGUSR1, balancer.reopen_logs)  # logrotate
     demo_servers: list[asyncio.AbstractServer] = []
     try:
@@ -102,6 +116,16 @@ async def _serve(config: Config, demo: bool, log_level: str) -> int:
         for srv in demo_servers:
             srv.close()
     return 0
+
+
+async def _upgrade(balancer: Balancer) -> object:
+    """SIGUSR2: the upgrade (its outcome is logged by the runtime, a line either way)."""
+    sdnotify.reloading()
+    try:
+        return await balancer.upgrade()
+    except UpgradeError:
+        sdnotify.ready("upgrade failed; serving on (see the log)")
+        return None
 
 
 async def _reload(balancer: Balancer) -> object:
@@ -306,6 +330,10 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     dev.add_argument(
         "--print-config", action="store_true", help="print the YAML the flags amount to, and exit"
     )
+    # An upgrade starts the new process with these (runtime/handover.py): the hand-over's
+    # socket, and the old process's standard error, which is this one's once it has spoken.
+    run.add_argument("--takeover-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--takeover-stderr", type=int, help=argparse.SUPPRESS)
     run.add_argument(
         "--demo",
         action="store_true",
@@ -472,4 +500,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(args.config, config)
     _raise_nofile()
-    return _run_loop(_serve(config, args.demo, args.log_level))
+    takeover = getattr(args, "takeover_fd", None)
+    if takeover is not None and args.takeover_stderr is not None:
+        # The configuration is good: from here on, this process's lines go where the old one's
+        # go (until now they went to a file the old process reads if this one fails to start).
+        os.dup2(args.takeover_stderr, 2)
+        os.close(args.takeover_stderr)
+        # What would load later loads now, before the old process freezes its connections for
+        # the hand-over: the time it takes is not theirs.
+        if config.admin is not None:
+            from .admin import api  # noqa: F401
+        if config.affinity_store is not None:
+            from .dataplane import store  # noqa: F401
+    return _run_loop(_serve(config, args.demo, args.log_level, takeover))

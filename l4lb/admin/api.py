@@ -16,6 +16,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from ..core.keys import V6_TAG, format_key, format_netmask
 from ..core.routing import Router
 from ..core.spec import MAX_WEIGHT, AdminSpec, QuicLbSpec
 from ..dataplane import walk
-from ..runtime.errors import ReloadError
 from .guard import MAX_BODY, Guard, reason_of, runner_options
+from .lifecycle import ApiError, Lifecycle
 from .metrics import make_registry
 from .paging import cursor_of, key_span
 
@@ -47,13 +48,6 @@ log = logging.getLogger("l4lb.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIST = 100_000  # affinity entries in one answer, at most
 RUN = 16_384  # keys a listing sorts at once
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, reason: str = "bad_request") -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
 
 
 def backend_json(
@@ -231,10 +225,11 @@ ROUTES = (
     ("GET", "/api/v1/events", "events"),
     ("GET", "/api/v1/history", "history"),
     ("POST", "/api/v1/reload", "reload"),
+    ("POST", "/api/v1/upgrade", "upgrade"),
 )
 
 
-class ApiBase:
+class ApiBase(Lifecycle):
     """What every admin listener shares: the routes (by handler name), the listener, the error
     middleware that authorizes changes and counts refusals, and the static pages."""
 
@@ -246,19 +241,23 @@ class ApiBase:
         refused: dict[str, int],
         unix_path: str | None,
         reloader: Callable[[], Awaitable[list[str]]],
+        upgrader: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
         self.spec = spec
         self.refused = refused
         self._reloader = reloader  # the process's or the supervisor's reload_from_file
+        self._upgrader = upgrader  # the process's upgrade (None: not here)
         self.unix_path = unix_path  # a worker answers its supervisor here, not on spec's port
         self.runner: web.AppRunner | None = None
         self._guard: Guard | None = None
-        self._listener: asyncio.AbstractServer | None = None
+        self._listener: asyncio.Server | None = None
         self._status_page = (
             resources.files("l4lb.admin").joinpath("static/status.html").read_bytes()
         )
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None, hold: bool = False) -> None:
+        """Serve (on `sock`, an upgrade's inherited listener, when given; `hold`: accept only
+        from `release` on)."""
         app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY)
         app.on_response_prepare.append(self._frame_headers)
         app.add_routes([web.route(m, path, getattr(self, name)) for m, path, name in self.routes])
@@ -276,7 +275,11 @@ class ApiBase:
         )
         loop = asyncio.get_running_loop()
         try:
-            if self.unix_path is not None:
+            if sock is not None:
+                self._listener = await loop.create_server(
+                    self._guard, sock=sock, backlog=128, start_serving=not hold
+                )
+            elif self.unix_path is not None:
                 self._listener = await loop.create_unix_server(
                     self._guard, self.unix_path, backlog=128
                 )
@@ -363,29 +366,12 @@ class ApiBase:
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def reload(self, request: web.Request) -> web.Response:
-        try:
-            changes = await self._reloader()
-        except ReloadError as exc:
-            if exc.partial:  # some workers applied it, some did not: an error, said so
-                self._refuse("reload_partial")
-                return web.json_response(
-                    {
-                        "ok": False,
-                        "error": "reload not applied by every worker",
-                        "lines": exc.lines,
-                    },
-                    status=503,
-                )
-            raise ApiError(
-                400, "reload refused, nothing changed: " + " | ".join(exc.lines)
-            ) from None
-        return web.json_response({"ok": True, "changes": changes})
-
 
 class AdminServer(ApiBase):
     def __init__(self, server: Balancer, spec: AdminSpec, unix_path: str | None = None) -> None:
-        super().__init__(spec, server.admin_refused, unix_path, server.reload_from_file)
+        super().__init__(
+            spec, server.admin_refused, unix_path, server.reload_from_file, server.upgrade
+        )
         self.server = server
         self.registry = make_registry(server)
 
@@ -455,7 +441,14 @@ class AdminServer(ApiBase):
                     "quic_lb": quic_lb_json(g.quic_lb),
                 }
             )
-        return web.json_response({"groups": out, "uptime": time.time() - self.server.started_at})
+        return web.json_response(
+            {
+                "groups": out,
+                "uptime": time.time() - self.server.started_at,
+                "started_at": self.server.started_at,
+                "last_upgrade": self.server.last_upgrade,
+            }
+        )
 
     def _last_check(self, group: str, name: str) -> dict[str, Any] | None:
         r = self.server.monitor.results.get((group, name))

@@ -25,7 +25,8 @@ from prometheus_client.metrics_core import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..core.spec import AdminSpec
-from .api import MAX_LIST, ROUTES, ApiBase, ApiError, backends_csv
+from .api import MAX_LIST, ROUTES, ApiBase, backends_csv
+from .lifecycle import ApiError
 from .metrics import REFUSED_HELP, RELOADS_HELP
 from .paging import client_key, cursor_of
 

@@ -309,6 +309,15 @@ def _process(s: Balancer) -> Iterator[Metric]:
     reloads.add_metric(["ok"], s.reloads_ok)
     reloads.add_metric(["failed"], s.reloads_failed)
     yield reloads
+    upgrades = CounterMetricFamily(
+        "l4lb_upgrades",
+        "Upgrades (SIGUSR2, ctl upgrade): ok, handed over to this process's successor (its"
+        " count goes on in the new process); failed, the process served on",
+        labels=["result"],
+    )
+    for result in ("ok", "failed"):
+        upgrades.add_metric([result], s.upgrades.get(result, 0))
+    yield upgrades
     admin = CounterMetricFamily("l4lb_admin_requests_refused", REFUSED_HELP, labels=["reason"])
     for reason, n in sorted(s.admin_refused.items()):
         admin.add_metric([reason], n)

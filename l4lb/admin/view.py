@@ -44,7 +44,7 @@ class StoreView(Protocol):
 
 
 class Balancer(Protocol):
-    """What the admin API reads (and the one thing it asks: a reload)."""
+    """What the admin API reads (and the two things it asks: a reload, an upgrade)."""
 
     @property
     def routers(self) -> Mapping[str, Router]: ...
@@ -82,6 +82,12 @@ class Balancer(Protocol):
     @property
     def admin_refused(self) -> dict[str, int]: ...  # the API counts its refusals here
 
+    @property
+    def upgrades(self) -> Mapping[str, int]: ...  # upgrades by result (ok, failed)
+
+    @property
+    def last_upgrade(self) -> Mapping[str, Any] | None: ...  # the one this process came from
+
     def in_flight(self) -> Mapping[tuple[str, str], list[int]]: ...
 
     def flows_by_backend(self) -> Mapping[tuple[str, str], int]: ...
@@ -91,3 +97,5 @@ class Balancer(Protocol):
     def sample(self) -> dict[str, Any]: ...
 
     async def reload_from_file(self) -> list[str]: ...
+
+    async def upgrade(self) -> str: ...

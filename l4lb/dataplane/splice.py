@@ -63,6 +63,7 @@ class Pump:
         self.done = False
         self.reading = False
         self.writing = False
+        self.paused = False  # an upgrade is taking the connection: nothing more is read
 
     def start(self) -> None:
         self._want_read()
@@ -72,7 +73,7 @@ class Pump:
         if self.writing:
             loop.remove_writer(self.dst)
             self.writing = False
-        if not self.reading:
+        if not self.reading and not self.paused:
             loop.add_reader(self.src, self.on_readable)
             self.reading = True
 
@@ -170,34 +171,23 @@ class SpliceSession:
         if all(p.done for p in self.pumps):
             self._close(reset=False)
 
-    def freeze(self) -> tuple[bytes, bytes]:
-        """Stop both pumps (an upgrade hands the connection over) and read out what their pipes
-        hold: the bytes toward the backend, and toward the client."""
-        out = []
+    def pause(self) -> None:
+        """Stop taking bytes in (an upgrade hands the connection over); what the pipes hold is
+        still passed on (`flushed` says when it has been)."""
         for p in self.pumps:
-            p.stop()
-            held = b""
-            while p.in_pipe > len(held):
-                try:
-                    chunk = os.read(p.rpipe, p.in_pipe - len(held))
-                except BlockingIOError:
-                    break
-                if not chunk:
-                    break
-                held += chunk
-            p.in_pipe = 0
-            out.append(held)
-        return out[0], out[1]
+            p.paused = True
+            if p.reading:
+                self.loop.remove_reader(p.src)
+                p.reading = False
 
-    def thaw(self, up: bytes, down: bytes) -> None:
-        """Undo `freeze` (the upgrade failed): the bytes back in their pipes, the pumps on."""
-        for p, held in zip(self.pumps, (up, down), strict=True):
-            view = memoryview(held)
-            while view:
-                n = os.write(p.wpipe, view)
-                view = view[n:]
-                p.in_pipe += n
-            if not p.done:
+    def flushed(self) -> bool:
+        return all(p.in_pipe == 0 for p in self.pumps)
+
+    def resume(self) -> None:
+        """Undo `pause` (the upgrade failed)."""
+        for p in self.pumps:
+            p.paused = False
+            if not p.done and not p.writing:
                 p.on_writable()
 
     def fail(self, exc: OSError) -> None:

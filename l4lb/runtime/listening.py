@@ -37,6 +37,10 @@ class Listeners:
         # As a worker: the listening sockets the supervisor opened, by (address, port); a
         # worker never binds one itself, since its place in the reuseport group matters.
         self.inherited = inherited
+        # An upgrade's: the inherited sockets are the ones the previous process served; a
+        # port it did not serve is bound here (a worker binds nothing).
+        self.partial = False
+        self.held: list[Serving] = []  # served but not yet accepting (`serve(hold=True)`)
         self.listening: list[ListenSpec] = []
         self.serving: dict[Where, tuple[ListenSpec, Serving]] = {}
         self.bindings: dict[Where, tuple[Router, int]] = {}
@@ -52,11 +56,12 @@ class Listeners:
                 continue
             if self.inherited is not None:
                 sock = self.inherited.pop(spec.where, None)
-                if sock is None:
+                if sock is not None:
+                    bound.append((spec, sock))
+                    continue
+                if not self.partial:
                     close_all(s for _, s in bound)
                     raise StartupError(f"the supervisor passed no socket for {spec}")
-                bound.append((spec, sock))
-                continue
             try:
                 bound.append((spec, bind(spec)))
             except OSError as exc:
@@ -66,14 +71,21 @@ class Listeners:
                 ) from None
         return bound
 
-    async def serve(self, bound: list[tuple[ListenSpec, socket.socket]]) -> None:
+    async def serve(
+        self, bound: list[tuple[ListenSpec, socket.socket]], hold: bool = False
+    ) -> None:
+        """Serve `bound`; `hold`: not yet (an upgrade's new process, until `release`)."""
         loop = asyncio.get_running_loop()
         bindings = self.bindings
         plane = self.plane
         for spec, sock in bound:
             where = spec.where
             if spec.proto == "udp":
-                self.serving[where] = (spec, UdpListener(plane, spec, sock))
+                udp = UdpListener(plane, spec, sock)
+                if hold:
+                    udp.pause()
+                    self.held.append(udp)
+                self.serving[where] = (spec, udp)
                 continue
 
             if spec.group == MARKS:
@@ -81,10 +93,12 @@ class Listeners:
                 def marked() -> ClientSide:
                     return MarkedClientSide(plane)
 
-                self.serving[where] = (
-                    spec,
-                    await loop.create_server(as_factory(marked), sock=sock, backlog=BACKLOG),
+                srv = await loop.create_server(
+                    as_factory(marked), sock=sock, backlog=BACKLOG, start_serving=not hold
                 )
+                self.serving[where] = (spec, srv)
+                if hold:
+                    self.held.append(srv)
                 continue
 
             def factory(where: Where = where) -> ClientSide:
@@ -93,8 +107,21 @@ class Listeners:
                     return ProxyClientSide(plane, router, service_port)
                 return ClientSide(plane, router, service_port)
 
-            srv = await loop.create_server(as_factory(factory), sock=sock, backlog=BACKLOG)
+            srv = await loop.create_server(
+                as_factory(factory), sock=sock, backlog=BACKLOG, start_serving=not hold
+            )
             self.serving[where] = (spec, srv)
+            if hold:
+                self.held.append(srv)
+
+    async def release(self) -> None:
+        """Serve what `serve` held."""
+        for x in self.held:
+            if isinstance(x, UdpListener):
+                x.resume()
+            else:
+                await x.start_serving()
+        self.held = []
 
     def set_bindings(self, specs: list[ListenSpec]) -> None:
         """Point every listener at its group's router as the routers are now."""

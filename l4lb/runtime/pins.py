@@ -260,6 +260,17 @@ def read(path: str) -> StateFile | None:
         raise StateFileError(f"cannot read {path}: {exc.strerror}") from None
     except OSError as exc:
         raise StateFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return parse(raw, path)
+
+
+def json_line(header: dict[str, Any]) -> bytes:
+    """A state file's first line (`snapshot`'s header)."""
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def parse(raw: bytes, path: str) -> StateFile:
+    """A state file's bytes, parsed (`path` names them in what is said of them): from a file,
+    or from the process an upgrade hands the pins over from."""
     first, _, rest = raw.partition(b"\n")
     if not rest.strip() and len(raw) > MAX_V1:
         # Version 1 is one JSON document, parsed whole into objects: about 14 times its size
@@ -546,6 +557,14 @@ class Pins:
         found.sort(key=lambda f: -f.saved_at)  # newest first
         keep = self._mine(config) if self.worker is not None else None
         self.restoring = Restoring(self.routers, found, keep)
+        return self.restoring
+
+    def taken(self, state: StateFile | None) -> Restoring | None:
+        """The pins an upgrade's previous process handed over (a state file's lines, from its
+        memory), to restore as a file's are (see above)."""
+        if state is None:
+            return None
+        self.restoring = Restoring(self.routers, [state], None)
         return self.restoring
 
     def _mine(self, config: Config) -> Callable[[str, int], bool]:

@@ -36,7 +36,10 @@ from ..dataplane.context import DataPlane
 from ..dataplane.listeners import Where, listen_specs
 from ..dataplane.transparent import has_net_admin, routing_problems
 from . import stats
+from .channel import Channel
 from .errors import ReloadError, StartupError
+from .handform import HandoverError
+from .handover import Takeover, Upgrade, UpgradeError, handed_over, upgrade_argv
 from .listening import Listeners
 from .pins import Pins
 from .resolver import lookup
@@ -63,11 +66,21 @@ def check_fwmark_accept() -> None:
 
 
 class AdminPlane(Protocol):
-    """The admin API as the runtime starts and stops it."""
+    """The admin API as the runtime starts and stops it (and an upgrade hands it over)."""
 
-    async def start(self) -> None: ...
+    async def start(self, sock: socket.socket | None = None, hold: bool = False) -> None: ...
+
+    async def release(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+    def listening(self) -> socket.socket | None:
+        """A duplicate of its listening socket (None: a Unix one, a worker's)."""
+
+    def pause(self) -> None:
+        """Stop accepting (the socket stays open for `resume`)."""
+
+    async def resume(self) -> None: ...
 
 
 AdminFactory = Callable[[Any, AdminSpec, "str | None"], AdminPlane]
@@ -87,6 +100,7 @@ class Runtime:
         admin_path: str | None = None,
         follower: bool = False,
         on_health: Callable[[str, str, bool, str], None] | None = None,
+        takeover: Channel | None = None,
     ) -> None:
         # The configuration as written (backends may be DNS names), and as applied: its names
         # expanded to what they resolve to (l4lb/config/names.py), all down until `start`
@@ -123,6 +137,12 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
         self._admin: AdminPlane | None = None
+        # Upgrades (runtime/handover.py): the hand-over this process takes over from, if it
+        # was started by one; its own, by result; the last one's line, and whether one runs.
+        self.takeover = Takeover(takeover) if takeover is not None else None
+        self.upgrades: dict[str, int] = {"ok": 0, "failed": 0}
+        self.last_upgrade: dict[str, Any] | None = None
+        self._upgrading = False
 
     # ------------------------------------------------------------------ read models
 
@@ -159,12 +179,19 @@ class Runtime:
         if names_in(self.written):
             self.answers = await lookup(names_in(self.written))
             self._resolved(expand(self.written, self.answers))
+        takeover = self.takeover
+        if takeover is not None:  # everything the previous process serves, until its commit
+            await self._receive(takeover)
         specs = listen_specs(self.config)
         bound = self.listeners.bind_new(specs)
         self._set_bindings()
-        # (meanwhile, clients wait in the backlog; in a thread, so that signals are heard)
-        restoring = await asyncio.to_thread(self.pins.index, self.config)
-        await self.listeners.serve(bound)
+        if takeover is not None:
+            for unwanted in takeover.listeners.values():  # (a port this configuration drops)
+                unwanted.close()
+            restoring = self.pins.taken(takeover.pins)
+        else:  # (meanwhile, clients wait in the backlog; in a thread, so that signals are heard)
+            restoring = await asyncio.to_thread(self.pins.index, self.config)
+        await self.listeners.serve(bound, hold=takeover is not None)
         restore = loop.create_task(restoring.run()) if restoring is not None else None
         if self.store is not None:
             await self.store.start()
@@ -180,7 +207,12 @@ class Runtime:
             self._tasks.append(restore)
         if self.config.state_file:
             self._tasks.append(loop.create_task(self.pins.save_periodically(lambda: self.config)))
-        await self._start_admin()
+        await self._start_admin(hold=takeover is not None)  # (imports aiohttp: before a commit)
+        if takeover is not None:
+            await self._commit(takeover)
+            if self._admin is not None:
+                await self._admin.release()
+        self.takeover = None
         self.ready = True
         for g in self.config.groups:  # last, so that these lines mean "fully started"
             # (a worker's supervisor says it once for all of them)
@@ -244,13 +276,61 @@ class Runtime:
                 half,
             )
 
-    async def _start_admin(self) -> None:
+    async def _receive(self, takeover: Takeover) -> None:
+        """Take what the previous process hands over (its listening sockets are then this
+        one's, its pins, states, counters, connections and flows adopted once serving)."""
+        try:
+            await takeover.receive(self.routers)
+        except HandoverError as exc:
+            takeover.channel.send({"t": "error", "why": str(exc)})
+            raise StartupError(f"taking over from the previous process: {exc}") from None
+        self.listeners.inherited = takeover.listeners
+        self.listeners.partial = True
+
+    async def _commit(self, takeover: Takeover) -> None:
+        """Everything is ready here: on the old process's `commit`, serve and adopt."""
+        try:
+            await takeover.commit()
+        except HandoverError as exc:
+            raise StartupError(f"taking over from the previous process: {exc}") from None
+        await self.listeners.release()
+        line = await takeover.adopt(self)
+        self.last_upgrade = {"at": time.time(), "line": line}
+        log.info("upgrade: %s", line)
+
+    def admin_plane(self) -> AdminPlane | None:
+        return self._admin
+
+    async def upgrade(self) -> str:
+        """Start the l4lb installed now on the configuration file as it is now, hand it
+        everything, and exit (runtime/handover.py); what moved, in one line. UpgradeError
+        (the old process serves on) when it cannot, or while another upgrade runs."""
+        if self._upgrading:
+            raise UpgradeError("an upgrade is running already")
+        if self.takeover is not None or not self.ready:
+            raise UpgradeError("this process is not serving yet")
+        self._upgrading = True
+        try:
+            line = await Upgrade(self, upgrade_argv()).run()
+        except UpgradeError as exc:
+            self.upgrades["failed"] += 1
+            log.error("upgrade failed; serving on: %s", exc)
+            raise
+        finally:
+            self._upgrading = False
+        log.info("upgrade: %s; this process exits", line)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, handed_over)  # (once the API's answer is written)
+        return line
+
+    async def _start_admin(self, hold: bool = False) -> None:
         spec, factory = self.config.admin, type(self).admin_factory
         if spec is None or factory is None:
             return
         admin = factory(self, spec, self.admin_path)
+        inherited = self.takeover.admin if self.takeover is not None else None
         try:
-            await admin.start()
+            await admin.start(inherited, hold)
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {spec.host}:{spec.port} for the admin API: {exc.strerror or exc}"

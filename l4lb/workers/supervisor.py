@@ -46,8 +46,9 @@ from ..config.files import read_text
 from ..core.reuseport import attach, program
 from ..core.spec import Config
 from ..dataplane.listeners import ListenSpec, Where, bind, close_all, listen_specs, steering_masks
+from ..runtime import channel as control
 from ..runtime.errors import ReloadError, StartupError
-from . import control
+from ..runtime.handover import UpgradeError
 from .worker import ENV
 
 if TYPE_CHECKING:
@@ -95,6 +96,8 @@ class Supervisor:
         self.restarts_by: dict[str, int] = {"exited": 0, "unresponsive": 0}
         self._ids = itertools.count(1)  # control requests' ids
         self.reloads_ok = 0
+        self.upgrades: dict[str, int] = {"ok": 0, "failed": 0}
+        self.last_upgrade: dict[str, object] | None = None
         self.reloads_failed = 0
         self.admin_refused: dict[str, int] = {}
         # The checking worker's latest verdict per (group, backend), passed on to the others
@@ -408,6 +411,12 @@ class Supervisor:
         log.info("stopped")
 
     # ------------------------------------------------------------------ reload
+
+    async def upgrade(self) -> str:
+        """Upgrades hand over one process's connections (runtime/handover.py); with workers,
+        this release refuses, and says so (nothing changes)."""
+        self.upgrades["failed"] += 1
+        raise UpgradeError("upgrades need workers: 1 in this release (the workers' is to come)")
 
     async def reload_from_file(self) -> list[str]:
         """Validate the file, bind new ports, and have every worker apply it; ReloadError when

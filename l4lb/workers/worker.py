@@ -25,9 +25,9 @@ from ..config import ConfigError, load_config_text
 from ..config.files import read_text
 from ..core.spec import Config
 from ..dataplane.listeners import Where
+from ..runtime.channel import MAX_MESSAGE, Channel
 from ..runtime.errors import ReloadError, StartupError
 from ..runtime.heap import settle_heap
-from .control import MAX_MESSAGE, Channel
 
 log = logging.getLogger("l4lb.worker")
 ENV = "L4LB_WORKER"

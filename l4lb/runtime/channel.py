@@ -67,6 +67,30 @@ class Channel:
             return False
         return True
 
+    async def deliver(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Send, waiting while the other end's buffer is full (a large hand-over); OSError
+        when the other end is gone. Descriptors beyond one packet's go in packets of their
+        own, as `send` sends them."""
+        fds = fds or []
+        packets = [(message, fds[i : i + MAX_FDS]) for i in range(0, len(fds), MAX_FDS)]
+        if not packets:
+            packets = [(message, [])]
+        for i, (msg, part) in enumerate(packets):
+            data = json.dumps(dict(msg, more=i + 1 < len(packets)) if len(packets) > 1 else msg)
+            while True:
+                if self.closed:
+                    raise ConnectionResetError("the other end is gone")
+                try:
+                    socket.send_fds(self.sock, [data.encode()], part)
+                    break
+                except BlockingIOError:
+                    ready = self._loop.create_future()
+                    self._loop.add_writer(self.sock.fileno(), ready.set_result, None)
+                    try:
+                        await ready
+                    finally:
+                        self._loop.remove_writer(self.sock.fileno())
+
     async def recv(self) -> tuple[dict[str, Any], list[int]] | None:
         """The next message and its descriptors; None once the other end has gone."""
         if self.closed and self._inbox.empty():

@@ -1,0 +1,276 @@
+"""Handing open connections and flows to another process (an upgrade): freezing them in the
+process that gives them (`Freezer`), each written as a record and its descriptors (`export_conn`,
+`export_flow`), and adopting them in the process that takes them (`adopt_conn`, `adopt_flow`).
+
+Theory of operation
+-------------------
+A relayed TCP connection is two sockets and what l4lb holds between them: the bytes one side
+sent that the other's transport has not written yet, and for a spliced connection, the bytes in
+its pipes. A socket's own kernel buffers move with its descriptor (`SCM_RIGHTS` passes a
+reference to the same open socket), so what must travel is what l4lb holds in memory:
+
+1. `Freezer.freeze` stops every connection reading (both sides, but a side that sent its FIN)
+   and sets its write-buffer limits to zero, so that the transports flush what they hold; a
+   spliced connection's pumps stop reading and pass on what their pipes hold. A connection
+   still dialing, still awaiting its PROXY header, or closing, is waited for: it comes to an
+   end or to a pair, which is then frozen. Nothing is taken from a client meanwhile: its bytes
+   wait in the kernel's buffers, as a new client's SYN waits in the listener's backlog.
+2. Once every write buffer and pipe is empty (within the deadline: a peer that takes nothing
+   for that long fails the upgrade, which then changes nothing), each connection is a record
+   (`export_conn`: its `Conn`, which sides sent their FIN; the format carries held bytes too,
+   empty while l4lb flushes first) and its two descriptors; each UDP flow (its listener
+   stopped reading too) a record and one descriptor.
+3. If the upgrade fails at any point before the new process serves, `Freezer.thaw` undoes 1:
+   the connections read again, nothing was lost, nothing was cut.
+4. The new process adopts each connection (`adopt_conn`): the transports are made on the
+   received sockets, the held bytes are written first, the two sides paired as a dial pairs
+   them, and the router takes the connection's entry and slot without counting it again
+   (`Router.adopt`). The old process then exits without closing anything (its copies of the
+   descriptors go with it; no FIN, no reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+from typing import Any
+
+from ..core.connection import DIALING, ENDED, HALF_CLOSED, PAIRED, Conn, Routed
+from ..core.routing import Router
+from .context import DataPlane
+from .dialer import as_factory
+from .relay import HIGH_WATER, LOW_WATER, AdoptedBackendSide, AdoptedClientSide, ClientSide, pair
+from .udp import Flow, UdpListener
+
+POLL = 0.005  # seconds between looks at the connections while they flush
+
+
+class FreezeError(Exception):
+    """The connections could not all be frozen in time; the message says how many and why."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class Freezer:
+    """The freeze of one process's connections and flows, and its undoing."""
+
+    def __init__(self, plane: DataPlane, udp: list[UdpListener]) -> None:
+        self.plane = plane
+        self.udp = udp
+        self.frozen: list[ClientSide] = []
+        self.spliced: list[ClientSide] = []
+        self.stopped_udp = False
+
+    async def freeze(self, deadline: float) -> list[ClientSide]:
+        """Freeze every connection and flow (see the theory above) within `deadline` seconds;
+        the connections to hand over. FreezeError when some could not be flushed in time."""
+        loop = self.plane.loop
+        for listener in self.udp:
+            listener.pause()
+        self.stopped_udp = True
+        end = loop.time() + deadline
+        while True:
+            waiting = 0
+            for cs in [c for c in self.plane.live if isinstance(c, ClientSide)]:
+                phase = cs.conn.phase
+                if phase in (PAIRED, HALF_CLOSED):
+                    if cs not in self.spliced and cs not in self.frozen:
+                        self._stop(cs)
+                    if not self._flushed(cs):
+                        waiting += 1
+                elif phase != ENDED:
+                    waiting += 1  # dialing, awaiting its header, or closing: its end comes
+            if not waiting:
+                break
+            if loop.time() >= end:
+                raise FreezeError(
+                    f"{waiting} connection(s) still dialing, closing or with bytes their peer"
+                    f" has not taken after {deadline:g} s"
+                )
+            await asyncio.sleep(POLL)
+        live = [c for c in self.plane.live if isinstance(c, ClientSide)]
+        return [cs for cs in live if cs.conn.phase in (PAIRED, HALF_CLOSED)]
+
+    def _stop(self, cs: ClientSide) -> None:
+        peer = cs.peer
+        assert peer is not None
+        session = cs.splice
+        if session is not None:
+            session.pause()
+            self.spliced.append(cs)
+            return
+        for half in (cs, peer):
+            if not half.eof:
+                half.transport.pause_reading()
+            half.transport.set_write_buffer_limits(0, 0)
+        self.frozen.append(cs)
+
+    @staticmethod
+    def _flushed(cs: ClientSide) -> bool:
+        peer = cs.peer
+        if cs.splice is not None:
+            return cs.splice.flushed()
+        if peer is None:
+            return True
+        return not cs.transport.get_write_buffer_size() and not (
+            peer.transport.get_write_buffer_size()
+        )
+
+    def thaw(self) -> None:
+        """Undo the freeze: every connection and flow reads again, as if nothing happened."""
+        for cs in self.frozen:
+            peer = cs.peer
+            if peer is None or cs.lost or peer.lost:
+                continue
+            for half in (cs, peer):
+                half.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+                if not half.eof:
+                    half.transport.resume_reading()
+        for cs in self.spliced:
+            if cs.splice is not None:
+                cs.splice.resume()
+        self.frozen, self.spliced = [], []
+        if self.stopped_udp:
+            for listener in self.udp:
+                listener.resume()
+            self.stopped_udp = False
+
+
+def export_conn(
+    cs: ClientSide, held: tuple[bytes, bytes], now: float
+) -> tuple[dict[str, Any], list[int]]:
+    """`cs` as a record (loop time `now`) and its two descriptors, client's first. `held`: the
+    bytes l4lb holds toward the backend and toward the client."""
+    conn = cs.conn
+    peer = cs.peer
+    assert peer is not None and conn.backend is not None
+    fds = [_fd(cs.transport), _fd(peer.transport)]
+    record = {
+        "group": cs.router.name,
+        "port": conn.port,
+        "peer": list(conn.peer) if conn.peer is not None else None,
+        "via": list(conn.via) if conn.via is not None else None,
+        "key": conn.key,
+        "backend": conn.backend.name,
+        "age": max(0.0, now - conn.started),
+        "connect": max(0.0, conn.connected_at - conn.started) if conn.connected_at else -1.0,
+        "idle": max(0.0, now - cs.idle_since),
+        "bytes_in": conn.bytes_in,
+        "bytes_out": conn.bytes_out,
+        "phase": conn.phase,
+        "termination": conn.termination,
+        "eof": [cs.eof, peer.eof],
+        "to_backend": _b64(held[0]),
+        "to_client": _b64(held[1]),
+        "routed": _routed(conn.routed),
+    }
+    return record, fds
+
+
+def _fd(transport: asyncio.BaseTransport) -> int:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        raise FreezeError("a transport without its socket")
+    return int(sock.fileno())
+
+
+def _routed(routed: Routed | None) -> list[Any] | None:
+    if routed is None:
+        return None
+    return [routed.affinity, routed.reason, routed.backend_port, routed.tries]
+
+
+async def adopt_conn(
+    plane: DataPlane,
+    router: Router,
+    record: dict[str, Any],
+    socks: tuple[socket.socket, socket.socket],
+) -> ClientSide:
+    """A connection the previous process handed over (a checked record, see `handform.py`):
+    its transports made on `socks`, the bytes it held written first, its two sides paired."""
+    loop = plane.loop
+    backend = router.by_name[record["backend"]]
+    cs = AdoptedClientSide(plane, router, record["port"])
+    conn = cs.conn
+    now = loop.time()
+    _fill(conn, record, now)
+    conn.backend = backend
+    conn.route = router.adopt(conn.key, backend)
+    bs = AdoptedBackendSide(cs)
+    await loop.connect_accepted_socket(as_factory(lambda: cs), sock=socks[0])
+    await loop.create_connection(as_factory(lambda: bs), sock=socks[1])
+    up, down = record["to_backend"], record["to_client"]
+    # What was held goes first, before anything read here (`pair` writes the buffers on).
+    cs.pending = [up, *(cs.pending or [])] if up else cs.pending
+    bs.pending = [down, *(bs.pending or [])] if down else bs.pending
+    plane.track(cs)
+    cs.idle_since = now - record["idle"]
+    client_eof, backend_eof = record["eof"]
+    pair(cs, bs)
+    for half, eof in ((cs, client_eof), (bs, backend_eof)):
+        if eof:  # its FIN passed on already: not read again, not passed again
+            half.eof = True
+            half.transport.pause_reading()
+    conn.phase = record["phase"]
+    return cs
+
+
+def _fill(conn: Conn, record: dict[str, Any], now: float) -> None:
+    conn.peer = record["peer"][:2] if record["peer"] is not None else None
+    conn.via = record["via"][:2] if record["via"] is not None else None
+    conn.key = record["key"]
+    conn.started = now - record["age"]
+    conn.connected_at = conn.started + record["connect"] if record["connect"] >= 0 else 0.0
+    conn.bytes_in = record["bytes_in"]
+    conn.bytes_out = record["bytes_out"]
+    conn.termination = record["termination"]
+    conn.phase = DIALING
+    routed = record["routed"]
+    backend = conn.backend
+    if routed is not None:
+        affinity, reason, backend_port, tries = routed
+        conn.routed = Routed(
+            record["group"],
+            conn.port,
+            affinity,
+            reason,
+            record["backend"],
+            backend.address if backend is not None else "",
+            backend_port,
+            tries,
+            conn.udp,
+        )
+
+
+def export_flow(listener: UdpListener, flow: Flow, now: float) -> tuple[dict[str, Any], list[int]]:
+    """`flow` of `listener` as a record (loop time `now`) and its descriptor."""
+    sock = flow.sock
+    assert sock is not None and flow.backend is not None
+    where = flow.where
+    dst = (
+        where[1]
+        if isinstance(where, tuple) and len(where) == 2 and isinstance(where[1], bytes)
+        else None
+    )
+    record = {
+        "listener": [listener.spec.host, listener.spec.port],
+        "client": list(flow.client),
+        "dst": _b64(dst) if dst is not None else None,
+        "reply": [flow.reply[0][0], flow.reply[0][1], _b64(flow.reply[0][2])]
+        if flow.reply
+        else None,
+        "key": flow.key,
+        "backend": flow.backend.name,
+        "age": max(0.0, now - flow.started),
+        "idle": max(0.0, listener.now - flow.last),
+        "bytes_in": flow.bytes_in,
+        "bytes_out": flow.bytes_out,
+        "heard": flow.heard,
+        "spare": flow.spare,
+        "cid": _b64(flow.cid) if flow.cid is not None else None,
+        "routed": _routed(flow.routed),
+    }
+    return record, [sock.fileno()]

@@ -1,0 +1,585 @@
+"""Upgrades that lose nothing: the running l4lb starts the l4lb installed now, on the
+configuration file as it is now, and hands it everything it serves, then exits.
+
+Theory of operation
+-------------------
+The old process (`Upgrade.run`, on SIGUSR2, `l4lb ctl upgrade` or `POST /api/v1/upgrade`):
+
+1. starts `python -m l4lb run ... --takeover-fd N`, with one end of a SOCK_SEQPACKET pair;
+   its standard error goes to a file until it speaks (so that an import error of the new code
+   can be said in one line), then to the old process's own.
+2. waits for its `hello` (it loaded and checked the configuration; an error is its one line),
+   and checks that it reads this release's hand-over format (`handform.FORMAT`).
+3. stops accepting (the listening sockets stay open: the kernel queues what arrives, nobody is
+   refused) and freezes every connection and flow (`transfer.Freezer`).
+4. sends the listening sockets, the pins (the state file's lines, from memory), the backends'
+   states, the counters, every connection and flow with its descriptors, and `end`.
+5. waits for `adopted`, then sends `commit`; the new process makes its transports, serves,
+   and answers `serving`. Only then does the old process exit (`os._exit`: nothing closed,
+   shut down or reset; its copies of the descriptors go with it).
+
+Anything that fails before `serving` (the new process exits, stalls past `TIMEOUT`, refuses a
+record) thaws the old process: it accepts again, its connections read again, the new process
+is killed. Nothing was read from any socket by the new process before `commit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol, cast
+
+from ..core.flowstats import UdpStats
+from ..core.routing import Router
+from ..dataplane.context import DataPlane
+from ..dataplane.listeners import Where
+from ..dataplane.transfer import FreezeError, Freezer, adopt_conn, export_conn, export_flow
+from ..dataplane.udp import UdpListener
+from ..version import __version__ as VERSION
+from . import pins as pinfile
+from .channel import Channel, pair
+from .handform import FORMAT, READS, HandoverError, check_conn, check_flow
+from .listening import Listeners
+
+
+class HeldListener(Protocol):
+    """The admin API's listener, as an upgrade hands it over (`runtime.server.AdminPlane`)."""
+
+    def listening(self) -> socket.socket | None: ...
+
+    def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+
+class Runtime(Protocol):
+    """What an upgrade reads and sets of the process it runs in (`runtime.server.Runtime`)."""
+
+    routers: dict[str, Router]
+    plane: DataPlane
+    listeners: Listeners
+    udp_stats: Mapping[str, UdpStats]
+    reloads_ok: int
+    reloads_failed: int
+    upgrades: dict[str, int]
+    started_at: float
+
+    def admin_plane(self) -> HeldListener | None: ...
+
+
+log = logging.getLogger("l4lb.upgrade")
+TIMEOUT = 30.0  # seconds for the new process to start and take everything
+FREEZE = 3.0  # seconds for every connection to flush what l4lb holds
+BATCH = 100  # records a message (two descriptors each: under SCM_MAX_FD)
+PINS_BYTES = 96 << 10  # pin lines a message, about
+
+
+class UpgradeError(Exception):
+    """The upgrade did not happen; the old process serves on. The message says why."""
+
+
+def upgrade_argv() -> list[str]:
+    """The command that started this process, as the l4lb installed now runs it."""
+    return [sys.executable, "-m", "l4lb", *sys.argv[1:]]
+
+
+def handed_over() -> None:
+    """The new process serves everything: this one goes, closing nothing (its descriptors
+    are copies; no FIN, no reset), running no shutdown (which would drain and save)."""
+    logging.shutdown()
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(0)
+
+
+def _counters(runtime: Runtime) -> dict[str, Any]:
+    """The totals behind the metrics, to go on counting in the new process."""
+    out: dict[str, Any] = {"groups": {}, "udp": {}, "process": {}}
+    for name, router in runtime.routers.items():
+        st = router.stats
+        plain: dict[str, Any] = {k: getattr(st, k) for k in GROUP_COUNTERS}
+        plain["connect"] = _histogram(st.connect)
+        plain["duration"] = _histogram(st.duration)
+        backends = {
+            b.name: {k: getattr(b, k) for k in BACKEND_COUNTERS} for b in router.all_backends()
+        }
+        out["groups"][name] = {"stats": plain, "backends": backends}
+    for name, u in runtime.udp_stats.items():
+        out["udp"][name] = {k: getattr(u, k) for k in UDP_COUNTERS}
+    plane = runtime.plane
+    out["process"] = {
+        "accept_errors": dict(plane.accept_errors),
+        "loops": plane.loops,
+        "unmatched_marks": plane.unmatched_marks,
+        "yielded": plane.yielded,
+        "reloads_ok": runtime.reloads_ok,
+        "reloads_failed": runtime.reloads_failed,
+        "upgrades": dict(runtime.upgrades),
+        "started_at": runtime.started_at,
+    }
+    return out
+
+
+# The counters a process hands on (compiled, a class has no `__slots__` to list them)
+GROUP_COUNTERS = (
+    "accepted", "rejected", "client_limit", "denied", "source", "no_backend", "connect_failures",
+    "descriptors", "failed_refused", "failed_timeout", "repins_unavailable", "repins_failed",
+    "repins_returned", "unpinned", "sorry",
+)  # fmt: skip
+UDP_COUNTERS = (
+    "opened", "evicted", "unreachable", "datagrams_in", "datagrams_out", "bytes_in",
+    "bytes_out", "drops", "quic", "migrations",
+)  # fmt: skip
+BACKEND_COUNTERS = (
+    "connections",
+    "connect_failures",
+    "failed_refused",
+    "failed_timeout",
+    "bytes_in",
+    "bytes_out",
+    "peak",
+    "down_total",
+)
+
+
+def _histogram(h: Any) -> dict[str, Any]:
+    return {"counts": list(h.counts), "total": h.total, "count": h.count}
+
+
+def _set_histogram(h: Any, v: dict[str, Any]) -> None:
+    counts = v.get("counts")
+    if (
+        isinstance(counts, list)
+        and len(counts) == len(h.counts)
+        and all(isinstance(n, int) for n in counts)
+        and isinstance(v.get("count"), int)
+        and isinstance(v.get("total"), int | float)
+    ):
+        h.counts[:] = counts
+        h.count = v["count"]
+        h.total = float(v["total"])
+
+
+def _states(routers: Mapping[str, Router]) -> dict[str, Any]:
+    """What health and the operator made of each backend."""
+    return {
+        name: {
+            b.name: {"healthy": b.healthy, "admin": b.admin.value, "weight": b.weight}
+            for b in router.backends
+        }
+        for name, router in routers.items()
+    }
+
+
+class Upgrade:
+    """One upgrade, seen from the process that gives everything away."""
+
+    def __init__(self, runtime: Runtime, argv: list[str]) -> None:
+        self.runtime = runtime
+        self.argv = argv
+        self.proc: asyncio.subprocess.Process | None = None
+        self.channel: Channel | None = None
+        self.freezer: Freezer | None = None
+        self.stopped: list[tuple[Any, socket.socket]] = []  # TCP listeners stopped: (spec, dup)
+        self.admin_stopped = False
+        # The new process's stderr until it speaks (closed in `_undo`, or with this process)
+        self.errors = tempfile.TemporaryFile()  # noqa: SIM115
+
+    async def run(self) -> str:
+        """Hand everything over; what moved, in one line. UpgradeError: it did not happen."""
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                moved = await self._run()
+        except Exception as exc:  # whatever it was, the old process serves on
+            if isinstance(exc, TimeoutError):
+                why = f"the new process did not take over within {TIMEOUT:g} s"
+            elif isinstance(exc, UpgradeError | HandoverError | FreezeError | OSError):
+                why = str(exc)
+            else:  # a bug of ours: said whole, once
+                log.exception("the upgrade failed unexpectedly")
+                why = f"{type(exc).__name__}: {exc}"
+            await self._undo()
+            raise UpgradeError(why) from None
+        took = time.monotonic() - t0
+        return f"handed over {moved} in {took * 1000:.0f} ms"
+
+    async def _run(self) -> str:
+        runtime = self.runtime
+        a, b = pair()
+        err = os.dup(sys.stderr.fileno())  # (at a number of its own: the child's 2 is a file)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                "--takeover-fd",
+                str(b.fileno()),
+                "--takeover-stderr",
+                str(err),
+                pass_fds=(b.fileno(), err),
+                stderr=self.errors,
+            )
+        finally:
+            b.close()
+            os.close(err)
+        self.channel = channel = Channel(a)
+        hello = await self._expect(channel, "hello")
+        if FORMAT not in hello.get("reads", []):
+            channel.send({"t": "refused"})
+            raise UpgradeError(
+                f"the new l4lb ({hello.get('version')}) reads hand-over formats"
+                f" {hello.get('reads')}, this one writes {FORMAT}"
+            )
+        self.freezer = Freezer(runtime.plane, runtime.listeners.udp_listeners())
+        listeners = self._stop_accepting()
+        conns = await self.freezer.freeze(FREEZE)
+        channel.send({"t": "begin", "format": FORMAT, "version": VERSION})
+        await self._expect(channel, "ready")
+        await self._send_listeners(listeners)
+        pins = await self._send_pins()
+        channel.send({"t": "backends", "states": _states(runtime.routers)})
+        channel.send({"t": "counters", "counters": _counters(runtime)})
+        n_conns = await self._send_conns(conns)
+        n_flows = await self._send_flows()
+        channel.send({"t": "end"})
+        await self._expect(channel, "adopted")
+        admin = runtime.admin_plane()
+        if admin is not None:
+            admin.pause()
+            self.admin_stopped = True
+        channel.send({"t": "commit"})
+        await self._expect(channel, "serving")
+        return (
+            f"{len(listeners)} listeners, {n_conns:,} connections, {n_flows:,} flows,"
+            f" {pins:,} pins to process {self.proc.pid}"
+        )
+
+    async def _expect(self, channel: Channel, kind: str) -> dict[str, Any]:
+        got = await channel.recv()
+        if got is None:
+            raise UpgradeError(await self._why_gone())
+        message, fds = got
+        for fd in fds:
+            os.close(fd)
+        if message.get("t") == "error":
+            raise UpgradeError(f"the new process: {str(message.get('why'))[:300]}")
+        if message.get("t") != kind:
+            raise UpgradeError(f"the new process said {str(message.get('t'))[:40]!r}, not {kind}")
+        return message
+
+    async def _why_gone(self) -> str:
+        """Why the new process went away before it answered: its last line, and its status."""
+        status = None
+        if self.proc is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    status = await self.proc.wait()
+        self.errors.seek(0)
+        lines = [x for x in self.errors.read()[-4096:].decode(errors="replace").splitlines() if x]
+        last = lines[-1].strip() if lines else "no message"
+        return f"the new process exited (status {status}) before it took over: {last}"
+
+    def _stop_accepting(self) -> list[tuple[Any, socket.socket]]:
+        """Stop accepting on every TCP listener (each socket kept open, duplicated: the kernel
+        queues new clients meanwhile); the UDP ones stop reading with the freeze."""
+        out = []
+        for spec, srv in list(self.runtime.listeners.serving.values()):
+            if isinstance(srv, UdpListener):
+                out.append((spec, socket.socket(fileno=os.dup(srv.sock.fileno()))))
+                continue
+            sock = cast(asyncio.Server, srv).sockets[0]
+            dup = socket.socket(fileno=os.dup(sock.fileno()))
+            srv.close()
+            self.stopped.append((spec, dup))
+            out.append((spec, dup))
+        return out
+
+    async def _send_listeners(self, listeners: list[tuple[Any, socket.socket]]) -> None:
+        assert self.channel is not None
+        items = [{"group": s.group, "host": s.host, "port": s.port, "proto": s.proto}
+                 for s, _ in listeners]  # fmt: skip
+        fds = [sock.fileno() for _, sock in listeners]
+        admin = self.runtime.admin_plane()
+        admin_sock = admin.listening() if admin is not None else None
+        if admin_sock is not None:
+            items.append({"admin": True})
+            fds.append(admin_sock.fileno())
+        await self.channel.deliver({"t": "listeners", "items": items}, fds)
+        for spec, sock in listeners:
+            if spec.proto == "udp":
+                sock.close()  # (the UDP listener keeps its own)
+        if admin_sock is not None:
+            admin_sock.close()
+
+    async def _send_pins(self) -> int:
+        assert self.channel is not None
+        header, lines = await pinfile.snapshot(self.runtime.routers)
+        await self.channel.deliver({"t": "pins", "header": header, "lines": []})
+        batch: list[str] = []
+        size = 0
+        count = 0
+        for line in lines:
+            batch.append(line)
+            size += len(line)
+            if size >= PINS_BYTES:
+                await self.channel.deliver({"t": "pins", "lines": batch})
+                batch, size = [], 0
+        if batch:
+            await self.channel.deliver({"t": "pins", "lines": batch})
+        for router in self.runtime.routers.values():
+            if router.table is not None:
+                count += len(router.table)
+        return count
+
+    async def _send_conns(self, conns: list[Any]) -> int:
+        assert self.channel is not None and self.freezer is not None
+        now = self.runtime.plane.loop.time()
+        sent = 0
+        for i in range(0, len(conns), BATCH):
+            records, fds = [], []
+            for cs in conns[i : i + BATCH]:
+                record, two = export_conn(cs, (b"", b""), now)  # (flushed: nothing held)
+                records.append(record)
+                fds += two
+            await self.channel.deliver({"t": "conns", "items": records}, fds)
+            sent += len(records)
+        return sent
+
+    async def _send_flows(self) -> int:
+        assert self.channel is not None
+        now = self.runtime.plane.loop.time()
+        records, fds = [], []
+        sent = 0
+        for listener in self.runtime.listeners.udp_listeners():
+            for flow in list(listener.flows.values()):
+                if flow.sock is None or flow.backend is None:
+                    continue  # (being routed: it opens again at its next datagram)
+                record, one = export_flow(listener, flow, now)
+                records.append(record)
+                fds += one
+                if len(records) >= BATCH:
+                    await self.channel.deliver({"t": "flows", "items": records}, fds)
+                    sent += len(records)
+                    records, fds = [], []
+        if records:
+            await self.channel.deliver({"t": "flows", "items": records}, fds)
+            sent += len(records)
+        return sent
+
+    async def _undo(self) -> None:
+        """The upgrade failed: the new process killed, everything as it was."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self.proc.wait()
+        if self.channel is not None:
+            self.channel.close()
+        if self.stopped:
+            await self.runtime.listeners.serve(self.stopped)
+            self.stopped = []
+        if self.freezer is not None:
+            self.freezer.thaw()
+        if self.admin_stopped:
+            admin = self.runtime.admin_plane()
+            if admin is not None:
+                await admin.resume()
+        self.errors.close()
+
+
+# ---------------------------------------------------------------------- the new process
+
+
+class Takeover:
+    """What the new process received, before it serves (`Runtime.start` asks it)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.listeners: dict[Where, socket.socket] = {}
+        self.admin: socket.socket | None = None
+        self.pins: pinfile.StateFile | None = None
+        self.states: dict[str, Any] = {}
+        self.counters: dict[str, Any] = {}
+        self.conns: list[tuple[dict[str, Any], tuple[socket.socket, socket.socket]]] = []
+        self.flows: list[tuple[dict[str, Any], socket.socket]] = []
+        self.began = 0.0
+
+    async def receive(self, routers: Mapping[str, Router]) -> None:
+        """Everything the old process sends, checked, until `end`. HandoverError when anything
+        is amiss (the old process serves on)."""
+        channel = self.channel
+        channel.send({"t": "hello", "pid": os.getpid(), "version": VERSION, "reads": list(READS)})
+        begin = await self._next("begin")
+        if begin.get("format") not in READS:
+            raise HandoverError(f"unknown hand-over format {str(begin.get('format'))[:20]}")
+        channel.send({"t": "ready"})
+        self.began = time.monotonic()
+        header: dict[str, Any] | None = None
+        lines: list[bytes] = []
+        while True:
+            got = await channel.recv()
+            if got is None:
+                raise HandoverError("the old process went away mid-hand-over")
+            message, fds = got
+            kind = message.get("t")
+            if kind == "listeners":
+                self._listeners(message, fds)
+            elif kind == "pins":
+                header = message.get("header") or header
+                lines += [str(x).encode() for x in message.get("lines", [])]
+            elif kind == "backends":
+                self.states = message.get("states") or {}
+            elif kind == "counters":
+                self.counters = message.get("counters") or {}
+            elif kind == "conns":
+                self._conns(message, fds, routers)
+            elif kind == "flows":
+                self._flows(message, fds, routers)
+            elif kind == "end":
+                break
+            else:
+                raise HandoverError(f"an unexpected message {str(kind)[:40]!r}")
+        if header is not None:
+            self.pins = pinfile.parse(
+                b"\n".join([pinfile.json_line(header), *lines]), "the previous process"
+            )
+
+    async def commit(self) -> None:
+        """Say `adopted` (this process is ready to serve) and wait for the old one's `commit`."""
+        self.channel.send({"t": "adopted", "conns": len(self.conns), "flows": len(self.flows)})
+        await self._next("commit")
+
+    async def _next(self, kind: str) -> dict[str, Any]:
+        got = await self.channel.recv()
+        if got is None:
+            raise HandoverError("the old process went away mid-hand-over")
+        message, fds = got
+        for fd in fds:
+            os.close(fd)
+        if message.get("t") != kind:
+            raise HandoverError(f"expected {kind}, got {str(message.get('t'))[:40]!r}")
+        return message
+
+    def _listeners(self, message: dict[str, Any], fds: list[int]) -> None:
+        items = message.get("items", [])
+        if len(items) != len(fds):
+            raise HandoverError("listeners and descriptors do not match")
+        for item, fd in zip(items, fds, strict=True):
+            sock = socket.socket(fileno=fd)
+            if item.get("admin"):
+                self.admin = sock
+                continue
+            self.listeners[(str(item["host"]), int(item["port"]), str(item["proto"]))] = sock
+
+    def _conns(
+        self, message: dict[str, Any], fds: list[int], routers: Mapping[str, Router]
+    ) -> None:
+        items = message.get("items", [])
+        if len(fds) != 2 * len(items):
+            raise HandoverError("connections and descriptors do not match")
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        for i, raw in enumerate(items):
+            self.conns.append((check_conn(raw, routers), (socks[2 * i], socks[2 * i + 1])))
+
+    def _flows(
+        self, message: dict[str, Any], fds: list[int], routers: Mapping[str, Router]
+    ) -> None:
+        items = message.get("items", [])
+        if len(fds) != len(items):
+            raise HandoverError("flows and descriptors do not match")
+        for raw, fd in zip(items, fds, strict=True):
+            self.flows.append((check_flow(raw, routers), socket.socket(fileno=fd)))
+
+    async def adopt(self, runtime: Runtime) -> str:
+        """After `commit`: the backends' states, the counters, every connection and flow
+        adopted; `serving` said. What came, in one line."""
+        apply_states(runtime.routers, self.states)
+        apply_counters(runtime, self.counters)
+        runtime.upgrades["ok"] += 1
+        plane = runtime.plane
+        for record, socks in self.conns:
+            router = runtime.routers[record["group"]]
+            await adopt_conn(plane, router, record, socks)
+        by_where = {(x.spec.host, x.spec.port): x for x in runtime.listeners.udp_listeners()}
+        n_flows = 0
+        for record, sock in self.flows:
+            listener = by_where.get(tuple(record["listener"][:2]))
+            binding = runtime.listeners.udp_binding(listener.spec) if listener else None
+            if listener is None or binding is None or record["backend"] not in binding[0].by_name:
+                sock.close()  # its port or backend is gone in this configuration
+                continue
+            listener.adopt(binding, record, sock)
+            n_flows += 1
+        self.channel.send({"t": "serving"})
+        took = (time.monotonic() - self.began) * 1000
+        return f"took over {len(self.conns):,} connections and {n_flows:,} flows in {took:.0f} ms"
+
+
+def apply_states(routers: Mapping[str, Router], states: Mapping[str, Any]) -> None:
+    """What health and the operator made of each backend, as the old process had it."""
+    from ..core.backends import State
+
+    for group, backends in states.items():
+        router = routers.get(group)
+        if router is None or not isinstance(backends, dict):
+            continue
+        for name, st in backends.items():
+            b = router.by_name.get(name)
+            if b is None or not isinstance(st, dict):
+                continue
+            with contextlib.suppress(ValueError, TypeError):
+                if st.get("admin") != b.admin.value:
+                    router.set_admin(b, State(st["admin"]), "as the previous process had it")
+                if isinstance(st.get("weight"), int) and st["weight"] != b.weight:
+                    router.set_weight(b, st["weight"], "as the previous process had it")
+                if isinstance(st.get("healthy"), bool):
+                    router.set_health(b, st["healthy"], "as the previous process had it")
+
+
+def apply_counters(runtime: Runtime, counters: Mapping[str, Any]) -> None:
+    """The old process's totals, to count on from (a wrong-typed value is left alone)."""
+    for group, data in (counters.get("groups") or {}).items():
+        router = runtime.routers.get(group)
+        if router is None:
+            continue
+        st = router.stats
+        for k, v in (data.get("stats") or {}).items():
+            if k in GROUP_COUNTERS and isinstance(v, int):
+                setattr(st, k, v)
+            elif k in ("connect", "duration") and isinstance(v, dict):
+                _set_histogram(getattr(st, k), v)
+        for name, values in (data.get("backends") or {}).items():
+            b = router.by_name.get(name)
+            for k, v in (values or {}).items() if b is not None else ():
+                if k in BACKEND_COUNTERS and isinstance(v, int | float):
+                    setattr(b, k, type(getattr(b, k))(v))
+    for group, data in (counters.get("udp") or {}).items():
+        u = runtime.udp_stats.get(group)
+        for k, v in (data or {}).items() if u is not None else ():
+            if k not in UDP_COUNTERS:
+                continue
+            if isinstance(v, int) and isinstance(getattr(u, k), int):
+                setattr(u, k, v)
+            elif isinstance(v, dict) and isinstance(getattr(u, k, None), dict):
+                getattr(u, k).update({x: n for x, n in v.items() if isinstance(n, int)})
+    process = counters.get("process") or {}
+    plane = runtime.plane
+    if isinstance(process.get("accept_errors"), dict):
+        plane.accept_errors.update(process["accept_errors"])
+    for k in ("loops", "unmatched_marks", "yielded"):
+        if isinstance(process.get(k), int):
+            setattr(plane, k, process[k])
+    for k in ("reloads_ok", "reloads_failed"):
+        if isinstance(process.get(k), int):
+            setattr(runtime, k, process[k])
+    if isinstance(process.get("upgrades"), dict):
+        runtime.upgrades.update(process["upgrades"])
