@@ -35,7 +35,7 @@ def add_parser(sub: Any) -> None:
     )
     ctl.add_argument("--json", action="store_true", help="print the API's JSON answer")
     what = ctl.add_subparsers(
-        dest="what", required=True, metavar="{status,affinity,backend,reload}"
+        dest="what", required=True, metavar="{status,affinity,backend,reload,upgrade}"
     )
     what.add_parser("status", help="groups and backends, with their addresses and states")
     aff = what.add_parser("affinity", help="list, flush or show affinity entries")
@@ -61,10 +61,20 @@ def add_parser(sub: Any) -> None:
     be.add_argument("name", help="the backend's name")
     be.add_argument("weight", nargs="?", type=int, help="weight: the new weight (0-65535)")
     what.add_parser("reload", help="reload the configuration file")
+    what.add_parser(
+        "upgrade",
+        help="hand everything to the l4lb installed now (new code, the configuration file as"
+        " it is now): no connection refused or cut; exits 1 with why when it did not happen",
+    )
 
 
 def _call(
-    base: str, method: str, path: str, token: str | None, body: dict[str, Any] | None = None
+    base: str,
+    method: str,
+    path: str,
+    token: str | None,
+    body: dict[str, Any] | None = None,
+    timeout: float = 10,
 ) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     import urllib.error  # here, not at the top: `l4lb run` builds this parser too, and
@@ -76,7 +86,7 @@ def _call(
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as exc:
         try:
@@ -234,7 +244,23 @@ def _status(base: str, token: str | None) -> tuple[Any, str]:
         b_rows,
         ["GROUP", "BACKEND", "ADDRESS", "STATE", "WEIGHT", "OPEN", "CONNS", "LAST CHECK"],
     )
+    text += "\n\n" + _process_line(groups)
     return {"groups": groups["groups"], "backends": backends["backends"]}, text
+
+
+def _process_line(groups: dict[str, Any]) -> str:
+    """When this process started, and the upgrade it came from, if one."""
+    import time
+
+    started = groups.get("started_at")
+    if not isinstance(started, int | float):
+        return f"up {groups.get('uptime', 0):.0f}s"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    line = f"process started {when} (up {time.time() - started:.0f}s)"
+    last = groups.get("last_upgrade")
+    if isinstance(last, dict):
+        line += f"; came by an upgrade: {last.get('line')}"
+    return line
 
 
 def _quic_line(g: dict[str, Any]) -> str:
@@ -301,5 +327,8 @@ def _do(args: argparse.Namespace, base: str, token: str | None) -> tuple[Any, st
         return _affinity(args, base, token)
     if args.what == "backend":
         return _backend(args, base, token)
+    if args.what == "upgrade":
+        answer = _call(base, "POST", "/api/v1/upgrade", token, {}, timeout=60)
+        return answer, "upgraded: " + answer["upgrade"]
     answer = _call(base, "POST", "/api/v1/reload", token, {})
     return answer, "reloaded: " + ("; ".join(answer["changes"]) or "no changes")

@@ -45,6 +45,7 @@ from ..dataplane.transfer import FreezeError, Freezer, adopt_conn, export_conn, 
 from ..dataplane.udp import UdpListener
 from ..version import __version__ as VERSION
 from . import pins as pinfile
+from . import sdnotify
 from .channel import Channel, pair
 from .handform import FORMAT, READS, HandoverError, check_conn, check_flow
 from .listening import Listeners
@@ -239,8 +240,10 @@ class Upgrade:
                 f" {hello.get('reads')}, this one writes {FORMAT}"
             )
         self.freezer = Freezer(runtime.plane, runtime.listeners.udp_listeners())
+        frozen_at = time.monotonic()
         listeners = self._stop_accepting()
         conns = await self.freezer.freeze(FREEZE)
+        flushed = time.monotonic() - frozen_at
         channel.send({"t": "begin", "format": FORMAT, "version": VERSION})
         await self._expect(channel, "ready")
         await self._send_listeners(listeners)
@@ -257,9 +260,11 @@ class Upgrade:
             self.admin_stopped = True
         channel.send({"t": "commit"})
         await self._expect(channel, "serving")
+        paused = time.monotonic() - frozen_at
         return (
             f"{len(listeners)} listeners, {n_conns:,} connections, {n_flows:,} flows,"
-            f" {pins:,} pins to process {self.proc.pid}"
+            f" {pins:,} pins to process {self.proc.pid} (clients paused {paused * 1000:.0f} ms,"
+            f" {flushed * 1000:.0f} of them flushing)"
         )
 
     async def _expect(self, channel: Channel, kind: str) -> dict[str, Any]:
@@ -455,6 +460,8 @@ class Takeover:
 
     async def commit(self) -> None:
         """Say `adopted` (this process is ready to serve) and wait for the old one's `commit`."""
+        if os.environ.get("L4LB_TEST_HANDOVER_STOP") == "adopted":  # (tests: a kill mid-way)
+            os.kill(os.getpid(), signal.SIGSTOP)
         self.channel.send({"t": "adopted", "conns": len(self.conns), "flows": len(self.flows)})
         await self._next("commit")
 
@@ -519,6 +526,9 @@ class Takeover:
                 continue
             listener.adopt(binding, record, sock)
             n_flows += 1
+        # systemd follows this process from here on (NotifyAccess=all): said before the old
+        # one is told, so that it never sees its main process gone
+        sdnotify.notify(f"MAINPID={os.getpid()}")
         self.channel.send({"t": "serving"})
         took = (time.monotonic() - self.began) * 1000
         return f"took over {len(self.conns):,} connections and {n_flows:,} flows in {took:.0f} ms"

@@ -47,6 +47,7 @@ from ..core.reuseport import attach, program
 from ..core.spec import Config
 from ..dataplane.listeners import ListenSpec, Where, bind, close_all, listen_specs, steering_masks
 from ..runtime import channel as control
+from ..runtime import sdnotify
 from ..runtime.errors import ReloadError, StartupError
 from ..runtime.handover import UpgradeError
 from .worker import ENV
@@ -413,10 +414,21 @@ class Supervisor:
     # ------------------------------------------------------------------ reload
 
     async def upgrade(self) -> str:
-        """Upgrades hand over one process's connections (runtime/handover.py); with workers,
-        this release refuses, and says so (nothing changes)."""
-        self.upgrades["failed"] += 1
-        raise UpgradeError("upgrades need workers: 1 in this release (the workers' is to come)")
+        """Upgrades hand over one process's connections (runtime/handover.py); with workers
+        this release reloads the configuration in place instead (what `systemctl reload` did
+        before; SIGUSR2 is its ExecReload now), and says so. The code is not upgraded."""
+        log.warning(
+            "upgrades (SIGUSR2) hand over a single process's connections in this release; with"
+            " workers, the configuration is reloaded in place instead (the code stays)"
+        )
+        try:
+            changes = await self.reload_from_file()
+        except ReloadError as exc:
+            self.upgrades["failed"] += 1
+            raise UpgradeError(f"reloaded in place instead, and refused: {exc.lines[0]}") from None
+        line = f"reloaded in place instead: {len(changes)} change(s)"
+        sdnotify.ready(line)  # (this process stays the main one: systemd's reload ends here)
+        return line
 
     async def reload_from_file(self) -> list[str]:
         """Validate the file, bind new ports, and have every worker apply it; ReloadError when

@@ -94,11 +94,52 @@ def test_without_notify_socket_nothing_is_sent_and_a_dead_socket_is_not_fatal(
             pass
 
 
+def test_an_upgrade_hands_systemd_the_new_main_pid(tmp_path: Path) -> None:
+    """`systemctl reload` sends SIGUSR2: the old process says RELOADING, the new one MAINPID
+    (before the old one exits, so that systemd never sees its main process gone), then READY
+    with its own PID; the old one exits 0."""
+    port, b1 = free_ports(2)
+    config = tmp_path / "l4lb.yaml"
+    config.write_text(
+        f"groups:\n  web:\n    listen: [127.0.0.1]\n    ports: [{port}]\n"
+        f"    backends: [{{name: a, address: '127.0.0.1:{b1}'}}]\n"
+    )
+    path = tmp_path / "notify.sock"
+    new = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, processes() as procs:
+        sock.bind(str(path))
+        sock.settimeout(30)
+        lb = subprocess.Popen(
+            [sys.executable, "-m", "l4lb", "run", "-c", str(config)],
+            cwd=ROOT,
+            env=dict(os.environ, NOTIFY_SOCKET=str(path), PYTHONUNBUFFERED="1"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(lb)
+        (ready,) = messages(sock, 1)
+        assert ready["MAINPID"] == str(lb.pid)
+        lb.send_signal(signal.SIGUSR2)
+        try:
+            reloading, handed, again = messages(sock, 3)
+            assert reloading["RELOADING"] == "1"
+            new = int(handed["MAINPID"])
+            assert new != lb.pid and again["READY"] == "1" and again["MAINPID"] == str(new)
+            assert lb.wait(30) == 0
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass  # the new process serves
+        finally:
+            if new:
+                os.kill(new, signal.SIGTERM)
+
+
 def test_the_unit_file() -> None:
     text = UNIT.read_text()
     for line in (
         "Type=notify",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/bin/kill -USR2 $MAINPID",
+        "NotifyAccess=all",
         "StateDirectory=l4lb",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE",
         "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",

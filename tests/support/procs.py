@@ -120,13 +120,16 @@ def start_l4lb(
     groups: int = 1,
     prefix: tuple[str, ...] = (),
     config_flag: bool = True,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[str]:
-    """`l4lb run -c CONFIG EXTRA...` (without `-c CONFIG` when not `config_flag`: flags only)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    """`l4lb run -c CONFIG EXTRA...` (without `-c CONFIG` when not `config_flag`: flags only;
+    `env`: more of the environment; `cwd`: where it runs, the checkout by default)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     source = ("-c", str(config)) if config_flag else ()
     proc = subprocess.Popen(
         [*prefix, sys.executable, "-m", "l4lb", "run", *source, *extra],
-        cwd=ROOT,
+        cwd=cwd or ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

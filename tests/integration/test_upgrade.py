@@ -1,0 +1,356 @@
+"""Issue 35: upgrades that lose nothing. A real l4lb process, run from a copy of the package so
+that the test can change the code it upgrades to, under load from real clients: new
+connections from many /24s, long-lived echo connections, UDP flows and a large upload; then
+SIGUSR2 (or POST /api/v1/upgrade), and what every client saw."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.helpers import free_ports
+from tests.support.procs import ROOT, output, processes, start_backend, start_l4lb, wait_for_line
+
+NETS = 50  # client /24s of the new connections
+LONG = 40  # long-lived echo connections
+FLOWS = 20  # UDP flows
+UPLOAD = 48 << 20  # bytes, checked by sha256
+TOKEN = "t" * 32
+
+
+@dataclass
+class Site:
+    cfg: Path
+    code: Path  # the package copy l4lb runs from
+    http: int
+    echo: int
+    udp: int
+    admin: int
+
+
+@contextlib.contextmanager
+def site(tmp: Path) -> Iterator[tuple[Site, list[object]]]:
+    """Two backends (HTTP names, TCP echo, UDP) and the configuration of a group over them;
+    the package copied to `tmp/code`."""
+    http, echo, udp, admin, *bp = free_ports(10)
+    code = tmp / "code"
+    shutil.copytree(ROOT / "l4lb", code / "l4lb", ignore=shutil.ignore_patterns("__pycache__"))
+    backends = "\n".join(
+        f"      - {{name: b{i}, address: 127.0.0.1, ports: {{{http}: {bp[3 * i]},"
+        f" {echo}: {bp[3 * i + 1]}, '{udp}/udp': {bp[3 * i + 2]}}}}}"
+        for i in range(2)
+    )
+    cfg = tmp / "l4lb.yaml"
+    (tmp / "token").write_text(TOKEN + "\n")
+    cfg.write_text(
+        f"admin: {{listen: '127.0.0.1:{admin}', token_file: {tmp / 'token'}}}\n"
+        "groups:\n  shop:\n    listen: [127.0.0.1]\n"
+        f"    ports: [{http}, {echo}, '{udp}/udp']\n"
+        "    scheduler: rr\n    persistence: {timeout: 10m, netmask: /24}\n"
+        f"    backends:\n{backends}\n"
+    )
+    with processes() as procs:
+        for i in range(2):
+            procs.append(
+                start_backend(
+                    f"b{i}",
+                    http=f"127.0.0.1:{bp[3 * i]}",
+                    echo=f"127.0.0.1:{bp[3 * i + 1]}",
+                    udp=f"127.0.0.1:{bp[3 * i + 2]}",
+                )
+            )
+        yield Site(cfg, code, http, echo, udp, admin), procs  # type: ignore[misc]
+
+
+def set_version(code: Path, version: str) -> None:
+    path = code / "l4lb" / "version.py"
+    text = path.read_text()
+    path.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"', text))
+
+
+def metrics(admin: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as r:
+        return str(r.read().decode())
+
+
+def post(admin: int, path: str) -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", data=b"{}", method="POST")
+    req.add_header("Content-Type", "application/json")
+    req.add_header("Authorization", f"Bearer {TOKEN}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@dataclass
+class Load:
+    """What the clients saw."""
+
+    served: dict[str, set[str]] = field(default_factory=dict)  # /24 -> backends that answered
+    new_ok: int = 0
+    new_failed: list[str] = field(default_factory=list)
+    echoes: int = 0
+    long_failed: list[str] = field(default_factory=list)
+    worst_rtt: float = 0.0  # the longest echo round trip begun once the upgrade was asked for
+    upgraded_at: float = 0.0  # (monotonic) when the upgrade was asked for
+    datagrams: int = 0
+    flows_failed: list[str] = field(default_factory=list)
+    upload_ok: bool | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def new_connections(load: Load, port: int, worker: int) -> None:
+    """New HTTP connections one after another, each from a /24 of its own turn."""
+    i = worker
+    while not load.stop.is_set():
+        net = f"127.0.{10 + i % NETS}"
+        i += 8
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(f"{net}.9", 0))
+            w.write(b"GET / HTTP/1.0\r\n\r\n")
+            body = (await asyncio.wait_for(r.read(), 10)).split(b"\r\n\r\n", 1)[-1].strip()
+            w.close()
+            name = body.decode()
+            if not name:
+                raise ConnectionError("no answer")
+            load.served.setdefault(net, set()).add(name)
+            load.new_ok += 1
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            load.new_failed.append(f"{net}: {exc!r}")
+        await asyncio.sleep(0.02)  # (8 workers: about 250 connections a second, no more)
+
+
+async def long_lived(load: Load, port: int, n: int) -> None:
+    """One connection for the whole test: a numbered line every 20 ms, echoed in order."""
+    r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(f"127.0.70.{n + 1}", 0))
+    seq = 0
+    try:
+        while not load.stop.is_set():
+            t0 = time.monotonic()
+            w.write(b"%d\n" % seq)
+            got = await asyncio.wait_for(r.readline(), 10)
+            if (
+                load.upgraded_at and t0 >= load.upgraded_at
+            ):  # (the upgrade's stall, not the start's)
+                load.worst_rtt = max(load.worst_rtt, time.monotonic() - t0)
+            if got != b"%d\n" % seq:
+                raise ConnectionError(f"echo {got!r} for {seq}")
+            load.echoes += 1
+            seq += 1
+            await asyncio.sleep(0.02)
+    except (OSError, TimeoutError, ConnectionError) as exc:
+        load.long_failed.append(f"{n}: {exc!r} after {seq}")
+    w.close()
+
+
+async def udp_flow(load: Load, port: int, n: int) -> None:
+    """One client address and port: a datagram every 50 ms, each answered (a lost one is sent
+    again, as a real client would, up to three times)."""
+    loop = asyncio.get_running_loop()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((f"127.0.80.{n + 1}", 0))
+    s.connect(("127.0.0.1", port))
+    s.setblocking(False)
+    seq = 0
+    try:
+        while not load.stop.is_set():
+            payload = b"d%d" % seq
+            for _ in range(3):
+                await loop.sock_sendall(s, payload)
+                try:
+                    got = await asyncio.wait_for(loop.sock_recv(s, 2048), 1.0)
+                except TimeoutError:
+                    continue
+                if got.endswith(b" " + payload):
+                    break
+            else:
+                raise TimeoutError(f"datagram {seq} unanswered")
+            load.datagrams += 1
+            seq += 1
+            await asyncio.sleep(0.05)
+    except (OSError, TimeoutError) as exc:
+        load.flows_failed.append(f"{n}: {exc!r}")
+    s.close()
+
+
+async def upload(load: Load, port: int) -> None:
+    """48 MiB through the echo backend at about 12 MiB/s (so that it spans the upgrade), read
+    back whole: the sha256 of what came back is that of what was sent."""
+    r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.90.1", 0))
+    sent, got = hashlib.sha256(), hashlib.sha256()
+
+    async def reader() -> int:
+        n = 0
+        while n < UPLOAD:
+            chunk = await asyncio.wait_for(r.read(1 << 20), 30)
+            if not chunk:
+                break
+            got.update(chunk)
+            n += len(chunk)
+        return n
+
+    reading = asyncio.create_task(reader())
+    for _ in range(UPLOAD // (256 << 10)):
+        chunk = os.urandom(256 << 10)
+        sent.update(chunk)
+        w.write(chunk)
+        await w.drain()
+        await asyncio.sleep(0.02)
+    w.write_eof()
+    n = await reading
+    load.upload_ok = n == UPLOAD and sent.digest() == got.digest()
+    w.close()
+
+
+def end_new_processes(tmp: Path) -> None:
+    """End, by PID, the processes an upgrade in this test started (the old l4lb's children,
+    which outlive it): their command line names this test's configuration."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--takeover-fd" in argv and str(tmp / "l4lb.yaml").encode() in argv:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+def new_pid(lb: object) -> int:
+    """The new process's PID, as the old one said it."""
+    m = re.search(r"to process (\d+)", output(lb))  # type: ignore[arg-type]
+    assert m is not None, output(lb)  # type: ignore[arg-type]
+    return int(m.group(1))
+
+
+async def run_load(s: Site, load: Load, during: object) -> None:
+    tasks = [asyncio.create_task(new_connections(load, s.http, i)) for i in range(8)]
+    tasks += [asyncio.create_task(long_lived(load, s.echo, n)) for n in range(LONG)]
+    tasks += [asyncio.create_task(udp_flow(load, s.udp, n)) for n in range(FLOWS)]
+    uploading = asyncio.create_task(upload(load, s.echo))
+    await asyncio.sleep(1.5)
+    await asyncio.to_thread(during)  # type: ignore[arg-type]
+    await asyncio.sleep(2.0)
+    await uploading
+    load.stop.set()
+    await asyncio.gather(*tasks)
+
+
+def assert_nothing_lost(load: Load) -> None:
+    assert load.new_failed == [], load.new_failed[:5]
+    assert load.new_ok > 500
+    assert load.long_failed == [] and load.echoes > LONG * 50, load.long_failed[:5]
+    assert load.flows_failed == [] and load.datagrams > FLOWS * 30, load.flows_failed[:5]
+    assert load.upload_ok is True
+    moved = {net: names for net, names in load.served.items() if len(names) > 1}
+    assert moved == {}, moved  # every /24 on the backend it had
+
+
+def test_an_upgrade_under_load_refuses_and_cuts_nothing(tmp_path: Path) -> None:
+    with site(tmp_path) as (s, _procs):
+        lb = start_l4lb(s.cfg, env={"PYTHONPATH": str(s.code)}, cwd=tmp_path)
+        _procs.append(lb)
+        load = Load()
+
+        def upgrade() -> None:
+            set_version(s.code, "0.1.0+upgraded")
+            load.upgraded_at = time.monotonic()
+            lb.send_signal(signal.SIGUSR2)
+            assert lb.wait(30) == 0  # the old process is gone: one l4lb left
+
+        try:
+            asyncio.run(run_load(s, load, upgrade))
+            assert_nothing_lost(load)
+            text = metrics(s.admin)
+            assert 'l4lb_build_info{build="' in text and 'version="0.1.0+upgraded"' in text
+            assert 'l4lb_upgrades_total{result="ok"} 1.0' in text
+            assert load.worst_rtt < 2.0, (load.worst_rtt, output(lb)[-3000:])
+            assert "Traceback" not in output(lb)
+            new = new_pid(lb)
+            assert os.kill(new, 0) is None  # the new one serves (no exception: it is alive)
+        finally:
+            end_new_processes(tmp_path)
+
+
+@pytest.mark.parametrize("how", ["config", "import", "killed"])
+def test_a_failed_upgrade_changes_nothing(tmp_path: Path, how: str) -> None:
+    """A broken configuration, an import error in the new code, and the new process killed
+    mid-hand-over: the old process serves every connection on, refuses nothing, says why."""
+    with site(tmp_path) as (s, procs):
+        env = {"PYTHONPATH": str(s.code)}
+        if how == "killed":
+            env["L4LB_TEST_HANDOVER_STOP"] = "adopted"
+        lb = start_l4lb(s.cfg, env=env, cwd=tmp_path)
+        procs.append(lb)
+        load = Load()
+        answers: list[tuple[int, dict[str, object]]] = []
+
+        def upgrade() -> None:
+            if how == "config":
+                s.cfg.write_text(s.cfg.read_text().replace("scheduler: rr", "scheduler: nope"))
+            elif how == "import":
+                cli = s.code / "l4lb" / "cli.py"
+                text = cli.read_text().replace(
+                    "import argparse\n", "import argparse\nimport l4lb_no_such_module\n", 1
+                )
+                cli.write_text(text)
+            load.upgraded_at = time.monotonic()
+            if how == "killed":
+                lb.send_signal(signal.SIGUSR2)
+                child = stopped_child(lb.pid)
+                os.kill(child, signal.SIGKILL)
+            else:
+                answers.append(post(s.admin, "/api/v1/upgrade"))
+
+        try:
+            asyncio.run(run_load(s, load, upgrade))
+        finally:
+            end_new_processes(tmp_path)
+        assert_nothing_lost(load)
+        assert lb.poll() is None  # the old process serves on
+        if how == "config":
+            status, body = answers[0]
+            assert status == 503 and "scheduler" in str(body["error"]), body
+        elif how == "import":
+            status, body = answers[0]
+            assert status == 503 and "l4lb_no_such_module" in str(body["error"]), body
+        said = wait_for_line(lb, "stderr", "upgrade failed; serving on", timeout=30)
+        if how == "killed":
+            assert "status -9" in said[-1], said[-1]
+        assert 'l4lb_upgrades_total{result="failed"} 1.0' in metrics(s.admin)
+
+
+def stopped_child(parent: int, within: float = 30.0) -> int:
+    """The PID of `parent`'s child once it has stopped itself (L4LB_TEST_HANDOVER_STOP)."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[-1].split()
+            if fields[0] == "T" and int(fields[1]) == parent:
+                return int(entry.name)
+        time.sleep(0.02)
+    raise AssertionError("the new process never got to its hand-over")
