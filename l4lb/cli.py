@@ -51,6 +51,7 @@ async def _serve(config: Config, demo: bool, log_level: str, takeover: int | Non
     stop = asyncio.Event()
     signals_seen = 0
     balancer: Balancer
+    channel = None
     log.info("%s", _version())  # which build runs, compiled or pure Python (l4lb/native.py)
     if config.workers > 1:
         from .workers.supervisor import Supervisor
@@ -59,7 +60,8 @@ async def _serve(config: Config, demo: bool, log_level: str, takeover: int | Non
     elif takeover is not None:  # started by an upgrade: everything comes from the old process
         from .runtime.channel import Channel
 
-        balancer = Server(config, takeover=Channel(socket.socket(fileno=takeover)))
+        channel = Channel(socket.socket(fileno=takeover))
+        balancer = Server(config, takeover=channel)
     else:
         balancer = Server(config)
 
@@ -109,6 +111,8 @@ async def _serve(config: Config, demo: bool, log_level: str, takeover: int | Non
         await stop.wait()
     except StartupError as exc:
         log.error("%s", exc)
+        if channel is not None:  # the old process says why, in its log and its answer
+            channel.send({"t": "error", "why": str(exc)})
         return 1
     finally:
         sdnotify.stopping()

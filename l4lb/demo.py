@@ -81,7 +81,7 @@ async def start_demo_backends(config: Config) -> list[asyncio.AbstractServer]:
 
                 where = (b.address, b.udp_port_for(port))
                 try:
-                    await loop.create_datagram_endpoint(echo, local_addr=where)
+                    await loop.create_datagram_endpoint(echo, local_addr=where, reuse_port=True)
                 except OSError as exc:
                     raise StartupError(
                         f"cannot start the demo backend {b.name} on {where[0]}:{where[1]}/udp:"
@@ -108,6 +108,9 @@ async def start_demo_backends(config: Config) -> list[asyncio.AbstractServer]:
                         b.port_for(port),
                         ssl=tls if scheme == "https" else None,
                         reuse_address=True,
+                        # (an upgrade's new process starts its own beside the old one's,
+                        # which go with the old process)
+                        reuse_port=True,
                     )
                 except OSError as exc:
                     for started in servers:
