@@ -56,6 +56,7 @@ is injected, so tests use a fake one.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar, cast
@@ -482,6 +483,23 @@ class AffinityTable(Generic[B]):
             (cast("list[int]", list(self._order)), self._placed[False] - len(self._order), False),
             (cast("list[int]", list(self._prov)), self._placed[True] - len(self._prov), True),
         ]
+
+    def mark(self) -> tuple[int, int]:
+        """Where the queues stand (places ever made): `ordered_since` lists what came after."""
+        return self._placed[False], self._placed[True]
+
+    def ordered_since(self, mark: tuple[int, int]) -> list[tuple[list[int], int, bool]]:
+        """As `ordered`, but of the idle places made since `mark` only (with every active key):
+        what changed after a snapshot began (an upgrade sends the snapshot while it serves,
+        then this, frozen). A place made since and evicted already is not listed."""
+        out: list[tuple[list[int], int, bool]] = [
+            (cast("list[int]", list(self._active)), -1, False)
+        ]
+        for prov, queue in ((False, self._order), (True, self._prov)):
+            new = min(len(queue), self._placed[prov] - mark[prov])
+            keys = list(itertools.islice(queue, len(queue) - new, len(queue))) if new > 0 else []
+            out.append((cast("list[int]", keys), self._placed[prov] - new, prov))
+        return out
 
     def export_places(
         self, keys: list[int], first: int, prov: bool

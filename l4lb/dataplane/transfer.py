@@ -10,7 +10,7 @@ its pipes. A socket's own kernel buffers move with its descriptor (`SCM_RIGHTS` 
 reference to the same open socket), so what must travel is what l4lb holds in memory:
 
 1. `Freezer.freeze` stops every connection reading (both sides, but a side that sent its FIN)
-   and sets its write-buffer limits to zero, so that the transports flush what they hold; a
+   and waits for the transports to flush what they hold (their write buffers polled); a
    spliced connection's pumps stop reading and pass on what their pipes hold. A connection
    still dialing, still awaiting its PROXY header, or closing, is waited for: it comes to an
    end or to a pair, which is then frozen. Nothing is taken from a client meanwhile: its bytes
@@ -40,7 +40,7 @@ from ..core.connection import DIALING, ENDED, HALF_CLOSED, PAIRED, Conn, Routed
 from ..core.routing import Router
 from .context import DataPlane
 from .dialer import as_factory
-from .relay import HIGH_WATER, LOW_WATER, AdoptedBackendSide, AdoptedClientSide, ClientSide, pair
+from .relay import AdoptedBackendSide, AdoptedClientSide, ClientSide, pair
 from .udp import Flow, UdpListener
 
 POLL = 0.005  # seconds between looks at the connections while they flush
@@ -72,24 +72,28 @@ class Freezer:
             listener.pause()
         self.stopped_udp = True
         end = loop.time() + deadline
+        stopped: set[ClientSide] = set()
+        todo = [c for c in self.plane.live if isinstance(c, ClientSide)]
         while True:
-            waiting = 0
-            for cs in [c for c in self.plane.live if isinstance(c, ClientSide)]:
+            waiting: list[ClientSide] = []
+            for cs in todo:
                 phase = cs.conn.phase
                 if phase in (PAIRED, HALF_CLOSED):
-                    if cs not in self.spliced and cs not in self.frozen:
+                    if cs not in stopped:
+                        stopped.add(cs)
                         self._stop(cs)
                     if not self._flushed(cs):
-                        waiting += 1
+                        waiting.append(cs)
                 elif phase != ENDED:
-                    waiting += 1  # dialing, awaiting its header, or closing: its end comes
+                    waiting.append(cs)  # dialing, awaiting its header, or closing: it comes on
             if not waiting:
                 break
             if loop.time() >= end:
                 raise FreezeError(
-                    f"{waiting} connection(s) still dialing, closing or with bytes their peer"
-                    f" has not taken after {deadline:g} s"
+                    f"{len(waiting)} connection(s) still dialing, closing or with bytes their"
+                    f" peer has not taken after {deadline:g} s"
                 )
+            todo = waiting  # (one that ended or flushed stays so: it is not looked at again)
             await asyncio.sleep(POLL)
         live = [c for c in self.plane.live if isinstance(c, ClientSide)]
         return [cs for cs in live if cs.conn.phase in (PAIRED, HALF_CLOSED)]
@@ -102,10 +106,9 @@ class Freezer:
             session.pause()
             self.spliced.append(cs)
             return
-        for half in (cs, peer):
+        for half in (cs, peer):  # (their write buffers are polled: `_flushed`)
             if not half.eof:
                 half.transport.pause_reading()
-            half.transport.set_write_buffer_limits(0, 0)
         self.frozen.append(cs)
 
     @staticmethod
@@ -126,7 +129,6 @@ class Freezer:
             if peer is None or cs.lost or peer.lost:
                 continue
             for half in (cs, peer):
-                half.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
                 if not half.eof:
                     half.transport.resume_reading()
         for cs in self.spliced:

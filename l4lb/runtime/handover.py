@@ -81,6 +81,7 @@ TIMEOUT = 30.0  # seconds for the new process to start and take everything
 FREEZE = 3.0  # seconds for every connection to flush what l4lb holds
 BATCH = 100  # records a message (two descriptors each: under SCM_MAX_FD)
 PINS_BYTES = 96 << 10  # pin lines a message, about
+ADOPT_AT_ONCE = 512  # connections the new process adopts in one turn of its loop, at most
 
 
 class UpgradeError(Exception):
@@ -239,6 +240,10 @@ class Upgrade:
                 f"the new l4lb ({hello.get('version')}) reads hand-over formats"
                 f" {hello.get('reads')}, this one writes {FORMAT}"
             )
+        # The pins while serving (a million take seconds to walk): after the freeze, only what
+        # changed since goes (`AffinityTable.ordered_since`), a newer file the new one prefers.
+        marks = {n: r.table.mark() for n, r in runtime.routers.items() if r.table is not None}
+        base = await pinfile.snapshot(runtime.routers)
         self.freezer = Freezer(runtime.plane, runtime.listeners.udp_listeners())
         frozen_at = time.monotonic()
         listeners = self._stop_accepting()
@@ -247,13 +252,17 @@ class Upgrade:
         channel.send({"t": "begin", "format": FORMAT, "version": VERSION})
         await self._expect(channel, "ready")
         await self._send_listeners(listeners)
-        pins = await self._send_pins()
+        timing = {"flushed": flushed}
+        pins = await self._send_pins(base, marks)
+        timing["pins"] = time.monotonic() - frozen_at
         channel.send({"t": "backends", "states": _states(runtime.routers)})
         channel.send({"t": "counters", "counters": _counters(runtime)})
         n_conns = await self._send_conns(conns)
         n_flows = await self._send_flows()
+        timing["sent"] = time.monotonic() - frozen_at
         channel.send({"t": "end"})
         await self._expect(channel, "adopted")
+        timing["adopted"] = time.monotonic() - frozen_at
         admin = runtime.admin_plane()
         if admin is not None:
             admin.pause()
@@ -261,10 +270,20 @@ class Upgrade:
         channel.send({"t": "commit"})
         await self._expect(channel, "serving")
         paused = time.monotonic() - frozen_at
+        steps = [timing["flushed"], timing["pins"], timing["sent"], timing["adopted"], paused]
+        took = ", ".join(
+            f"{what} {(b - a) * 1000:.0f}"
+            for what, a, b in zip(
+                ("flushing", "pins", "records", "adoption", "serving"),
+                [0.0, *steps[:-1]],
+                steps,
+                strict=True,
+            )
+        )
         return (
             f"{len(listeners)} listeners, {n_conns:,} connections, {n_flows:,} flows,"
-            f" {pins:,} pins to process {self.proc.pid} (clients paused {paused * 1000:.0f} ms,"
-            f" {flushed * 1000:.0f} of them flushing)"
+            f" {pins:,} pins to process {self.proc.pid} (clients paused {paused * 1000:.0f} ms:"
+            f" {took})"
         )
 
     async def _expect(self, channel: Channel, kind: str) -> dict[str, Any]:
@@ -324,21 +343,26 @@ class Upgrade:
         if admin_sock is not None:
             admin_sock.close()
 
-    async def _send_pins(self) -> int:
+    async def _send_pins(
+        self, base: tuple[dict[str, Any], list[str]], marks: dict[str, tuple[int, int]]
+    ) -> int:
+        """The snapshot taken while serving, then what changed since (frozen: nothing more
+        changes), as two files the new process restores, the newer first."""
         assert self.channel is not None
-        header, lines = await pinfile.snapshot(self.runtime.routers)
-        await self.channel.deliver({"t": "pins", "header": header, "lines": []})
-        batch: list[str] = []
-        size = 0
+        delta = await pinfile.snapshot(self.runtime.routers, marks)
+        for part, (header, lines) in enumerate((base, delta)):
+            await self.channel.deliver({"t": "pins", "part": part, "header": header, "lines": []})
+            batch: list[str] = []
+            size = 0
+            for line in lines:
+                batch.append(line)
+                size += len(line)
+                if size >= PINS_BYTES:
+                    await self.channel.deliver({"t": "pins", "part": part, "lines": batch})
+                    batch, size = [], 0
+            if batch:
+                await self.channel.deliver({"t": "pins", "part": part, "lines": batch})
         count = 0
-        for line in lines:
-            batch.append(line)
-            size += len(line)
-            if size >= PINS_BYTES:
-                await self.channel.deliver({"t": "pins", "lines": batch})
-                batch, size = [], 0
-        if batch:
-            await self.channel.deliver({"t": "pins", "lines": batch})
         for router in self.runtime.routers.values():
             if router.table is not None:
                 count += len(router.table)
@@ -411,7 +435,7 @@ class Takeover:
         self.channel = channel
         self.listeners: dict[Where, socket.socket] = {}
         self.admin: socket.socket | None = None
-        self.pins: pinfile.StateFile | None = None
+        self.pins: list[pinfile.StateFile] = []  # newest first
         self.states: dict[str, Any] = {}
         self.counters: dict[str, Any] = {}
         self.conns: list[tuple[dict[str, Any], tuple[socket.socket, socket.socket]]] = []
@@ -428,8 +452,8 @@ class Takeover:
             raise HandoverError(f"unknown hand-over format {str(begin.get('format'))[:20]}")
         channel.send({"t": "ready"})
         self.began = time.monotonic()
-        header: dict[str, Any] | None = None
-        lines: list[bytes] = []
+        headers: dict[int, dict[str, Any]] = {}
+        lines: dict[int, list[bytes]] = {}
         while True:
             got = await channel.recv()
             if got is None:
@@ -439,8 +463,10 @@ class Takeover:
             if kind == "listeners":
                 self._listeners(message, fds)
             elif kind == "pins":
-                header = message.get("header") or header
-                lines += [str(x).encode() for x in message.get("lines", [])]
+                part = 1 if message.get("part") == 1 else 0
+                if isinstance(message.get("header"), dict):
+                    headers[part] = message["header"]
+                lines.setdefault(part, []).extend(str(x).encode() for x in message.get("lines", []))
             elif kind == "backends":
                 self.states = message.get("states") or {}
             elif kind == "counters":
@@ -453,10 +479,10 @@ class Takeover:
                 break
             else:
                 raise HandoverError(f"an unexpected message {str(kind)[:40]!r}")
-        if header is not None:
-            self.pins = pinfile.parse(
-                b"\n".join([pinfile.json_line(header), *lines]), "the previous process"
-            )
+        for part in (1, 0):  # the changes since the snapshot first: they win
+            if part in headers:
+                raw = b"\n".join([pinfile.json_line(headers[part]), *lines.get(part, [])])
+                self.pins.append(pinfile.parse(raw, "the previous process"))
 
     async def commit(self) -> None:
         """Say `adopted` (this process is ready to serve) and wait for the old one's `commit`."""
@@ -513,9 +539,13 @@ class Takeover:
         apply_counters(runtime, self.counters)
         runtime.upgrades["ok"] += 1
         plane = runtime.plane
-        for record, socks in self.conns:
-            router = runtime.routers[record["group"]]
-            await adopt_conn(plane, router, record, socks)
+        for i in range(0, len(self.conns), ADOPT_AT_ONCE):  # (many per turn of the loop)
+            await asyncio.gather(
+                *(
+                    adopt_conn(plane, runtime.routers[record["group"]], record, socks)
+                    for record, socks in self.conns[i : i + ADOPT_AT_ONCE]
+                )
+            )
         by_where = {(x.spec.host, x.spec.port): x for x in runtime.listeners.udp_listeners()}
         n_flows = 0
         for record, sock in self.flows:

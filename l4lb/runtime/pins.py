@@ -77,8 +77,11 @@ class StateFileError(Exception):
 # ---------------------------------------------------------------------- saving
 
 
-async def snapshot(routers: Mapping[str, Router]) -> tuple[dict[str, Any], list[str]]:
-    """The header and the chunk lines of every table, walked a slice at a time."""
+async def snapshot(
+    routers: Mapping[str, Router], since: Mapping[str, tuple[int, int]] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """The header and the chunk lines of every table, walked a slice at a time (`since`: each
+    table's `mark`, for what changed after it only)."""
     groups: dict[str, Any] = {}
     lines: list[str] = []
     pacer = walk.Pacer()
@@ -88,7 +91,8 @@ async def snapshot(routers: Mapping[str, Router]) -> tuple[dict[str, Any], list[
             continue
         p = router.spec.persistence
         names: dict[str, int] = {}
-        for keys, first, prov in table.ordered():
+        mark = since.get(name) if since is not None else None
+        for keys, first, prov in table.ordered() if mark is None else table.ordered_since(mark):
             rows: list[tuple[int, Backend, float, bool]] = []
             for i in range(0, len(keys), walk.BATCH):
                 part = keys[i : i + walk.BATCH]
@@ -559,12 +563,12 @@ class Pins:
         self.restoring = Restoring(self.routers, found, keep)
         return self.restoring
 
-    def taken(self, state: StateFile | None) -> Restoring | None:
-        """The pins an upgrade's previous process handed over (a state file's lines, from its
-        memory), to restore as a file's are (see above)."""
-        if state is None:
+    def taken(self, states: list[StateFile]) -> Restoring | None:
+        """The pins an upgrade's previous process handed over (state files' lines, from its
+        memory: the newest first), to restore as files' are (see above)."""
+        if not states:
             return None
-        self.restoring = Restoring(self.routers, [state], None)
+        self.restoring = Restoring(self.routers, states, None)
         return self.restoring
 
     def _mine(self, config: Config) -> Callable[[str, int], bool]:
