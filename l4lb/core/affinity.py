@@ -56,7 +56,6 @@ is injected, so tests use a fake one.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar, cast
@@ -135,6 +134,7 @@ class AffinityTable(Generic[B]):
         self._sweep_at = 0.0
         # Keys whose last connection closed, for a shared store to renew (None: nobody asks).
         self.released: list[int] | None = None
+        self.touched: set[object] | None = None  # released since `mark` (an upgrade's)
         # Asked on a miss while saved pins are still being restored: it restores `key`'s pin
         # now if it has one (so that a client is never scheduled afresh by mistake).
         self.fault_in: Callable[[int], object] | None = None
@@ -276,6 +276,8 @@ class AffinityTable(Generic[B]):
         self._young.append((entry, entry.expires))  # (packed a second or so later)
         if self.released is not None:
             self.released.append(entry.key)
+        if self.touched is not None:  # (an upgrade walks the table, and wants what moved since)
+            self.touched.add(entry.ref)
         if prov:
             self._nprov += 1
             if self._nprov > max(1, self.max_entries // 4):  # a pool of its own, bounded
@@ -484,22 +486,21 @@ class AffinityTable(Generic[B]):
             (cast("list[int]", list(self._prov)), self._placed[True] - len(self._prov), True),
         ]
 
-    def mark(self) -> tuple[int, int]:
-        """Where the queues stand (places ever made): `ordered_since` lists what came after."""
-        return self._placed[False], self._placed[True]
+    def mark(self) -> None:
+        """From now on, remember every entry released (a connection's end, a re-pin):
+        `ordered_since` lists them with the active ones; `unmark` forgets."""
+        self.touched = set()
 
-    def ordered_since(self, mark: tuple[int, int]) -> list[tuple[list[int], int, bool]]:
-        """As `ordered`, but of the idle places made since `mark` only (with every active key):
-        what changed after a snapshot began (an upgrade sends the snapshot while it serves,
-        then this, frozen). A place made since and evicted already is not listed."""
-        out: list[tuple[list[int], int, bool]] = [
-            (cast("list[int]", list(self._active)), -1, False)
-        ]
-        for prov, queue in ((False, self._order), (True, self._prov)):
-            new = min(len(queue), self._placed[prov] - mark[prov])
-            keys = list(itertools.islice(queue, len(queue) - new, len(queue))) if new > 0 else []
-            out.append((cast("list[int]", keys), self._placed[prov] - new, prov))
-        return out
+    def unmark(self) -> None:
+        self.touched = None
+
+    def ordered_since(self) -> list[tuple[list[int], int, bool]]:
+        """As `ordered`, but of what changed since `mark`: the active keys, and the entries
+        released since (each as it is now, whatever its place): what an upgrade sends once
+        frozen, after the walk it made while serving."""
+        active = cast("list[int]", list(self._active))
+        touched = cast("list[int]", [k for k in self.touched or () if k not in self._active])
+        return [(active, -1, False), (touched, -2, False)]
 
     def export_places(
         self, keys: list[int], first: int, prov: bool
@@ -514,9 +515,14 @@ class AffinityTable(Generic[B]):
             v = entries.get(key)
             if v is None:
                 continue
-            if first < 0:
+            if first == -1:
                 if not isinstance(v, int) and v.refs and v.backend is not None:
                     out.append((key, v.backend, self.timeout, v.provisional))
+                continue
+            if first == -2:  # (`ordered_since`'s: an idle entry whatever its place)
+                e = self._unpack(key, v) if isinstance(v, int) else v
+                if not e.refs and e.backend is not None and e.expires > now:
+                    out.append((key, e.backend, e.expires - now, e.provisional))
                 continue
             e = self._unpack(key, v) if isinstance(v, int) else v
             if (

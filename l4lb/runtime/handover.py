@@ -193,6 +193,7 @@ class Upgrade:
         self.freezer: Freezer | None = None
         self.stopped: list[tuple[Any, socket.socket]] = []  # TCP listeners stopped: (spec, dup)
         self.admin_stopped = False
+        self.tables: list[Any] = []  # marked for what changes during the hand-over
         # The new process's stderr until it speaks (closed in `_undo`, or with this process)
         self.errors = tempfile.TemporaryFile()  # noqa: SIM115
 
@@ -242,18 +243,28 @@ class Upgrade:
             )
         # The pins while serving (a million take seconds to walk): after the freeze, only what
         # changed since goes (`AffinityTable.ordered_since`), a newer file the new one prefers.
-        marks = {n: r.table.mark() for n, r in runtime.routers.items() if r.table is not None}
-        base = await pinfile.snapshot(runtime.routers)
+        self.tables = tables = [r.table for r in runtime.routers.values() if r.table is not None]
+        for table in tables:
+            table.mark()
+        try:
+            base = await pinfile.snapshot(runtime.routers)
+        except BaseException:
+            for table in tables:
+                table.unmark()
+            raise
+        channel.send({"t": "begin", "format": FORMAT, "version": VERSION})
+        await self._expect(channel, "ready")
+        await self._send_part(0, base)  # parsed there while this process still serves:
+        channel.send({"t": "pins-done"})
+        await self._expect(channel, "parsed")
         self.freezer = Freezer(runtime.plane, runtime.listeners.udp_listeners())
         frozen_at = time.monotonic()
         listeners = self._stop_accepting()
         conns = await self.freezer.freeze(FREEZE)
         flushed = time.monotonic() - frozen_at
-        channel.send({"t": "begin", "format": FORMAT, "version": VERSION})
-        await self._expect(channel, "ready")
         await self._send_listeners(listeners)
         timing = {"flushed": flushed}
-        pins = await self._send_pins(base, marks)
+        pins = await self._send_pins(tables)
         timing["pins"] = time.monotonic() - frozen_at
         channel.send({"t": "backends", "states": _states(runtime.routers)})
         channel.send({"t": "counters", "counters": _counters(runtime)})
@@ -343,25 +354,29 @@ class Upgrade:
         if admin_sock is not None:
             admin_sock.close()
 
-    async def _send_pins(
-        self, base: tuple[dict[str, Any], list[str]], marks: dict[str, tuple[int, int]]
-    ) -> int:
-        """The snapshot taken while serving, then what changed since (frozen: nothing more
-        changes), as two files the new process restores, the newer first."""
+    async def _send_part(self, part: int, pins: tuple[dict[str, Any], list[str]]) -> None:
+        """One of the two files of pins: the snapshot taken while serving (0), what changed
+        since (1, once frozen); the new process prefers the second."""
         assert self.channel is not None
-        delta = await pinfile.snapshot(self.runtime.routers, marks)
-        for part, (header, lines) in enumerate((base, delta)):
-            await self.channel.deliver({"t": "pins", "part": part, "header": header, "lines": []})
-            batch: list[str] = []
-            size = 0
-            for line in lines:
-                batch.append(line)
-                size += len(line)
-                if size >= PINS_BYTES:
-                    await self.channel.deliver({"t": "pins", "part": part, "lines": batch})
-                    batch, size = [], 0
-            if batch:
+        header, lines = pins
+        await self.channel.deliver({"t": "pins", "part": part, "header": header, "lines": []})
+        batch: list[str] = []
+        size = 0
+        for line in lines:
+            batch.append(line)
+            size += len(line)
+            if size >= PINS_BYTES:
                 await self.channel.deliver({"t": "pins", "part": part, "lines": batch})
+                batch, size = [], 0
+        if batch:
+            await self.channel.deliver({"t": "pins", "part": part, "lines": batch})
+
+    async def _send_pins(self, tables: list[Any]) -> int:
+        """What changed since the snapshot (frozen: nothing more changes); the pins, counted."""
+        delta = await pinfile.snapshot(self.runtime.routers, since_mark=True)
+        for table in tables:
+            table.unmark()
+        await self._send_part(1, delta)
         count = 0
         for router in self.runtime.routers.values():
             if router.table is not None:
@@ -405,6 +420,8 @@ class Upgrade:
 
     async def _undo(self) -> None:
         """The upgrade failed: the new process killed, everything as it was."""
+        for table in self.tables:
+            table.unmark()
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGKILL)
@@ -454,6 +471,7 @@ class Takeover:
         self.began = time.monotonic()
         headers: dict[int, dict[str, Any]] = {}
         lines: dict[int, list[bytes]] = {}
+        parsed: dict[int, pinfile.StateFile] = {}
         while True:
             got = await channel.recv()
             if got is None:
@@ -467,6 +485,10 @@ class Takeover:
                 if isinstance(message.get("header"), dict):
                     headers[part] = message["header"]
                 lines.setdefault(part, []).extend(str(x).encode() for x in message.get("lines", []))
+            elif kind == "pins-done":  # the snapshot is whole: parsed before the freeze
+                if 0 in headers:
+                    parsed[0] = self._parse(headers[0], lines.pop(0, []))
+                channel.send({"t": "parsed"})
             elif kind == "backends":
                 self.states = message.get("states") or {}
             elif kind == "counters":
@@ -480,9 +502,10 @@ class Takeover:
             else:
                 raise HandoverError(f"an unexpected message {str(kind)[:40]!r}")
         for part in (1, 0):  # the changes since the snapshot first: they win
-            if part in headers:
-                raw = b"\n".join([pinfile.json_line(headers[part]), *lines.get(part, [])])
-                self.pins.append(pinfile.parse(raw, "the previous process"))
+            if part in parsed:
+                self.pins.append(parsed[part])
+            elif part in headers:
+                self.pins.append(self._parse(headers[part], lines.get(part, [])))
 
     async def commit(self) -> None:
         """Say `adopted` (this process is ready to serve) and wait for the old one's `commit`."""
@@ -490,6 +513,11 @@ class Takeover:
             os.kill(os.getpid(), signal.SIGSTOP)
         self.channel.send({"t": "adopted", "conns": len(self.conns), "flows": len(self.flows)})
         await self._next("commit")
+
+    @staticmethod
+    def _parse(header: dict[str, Any], lines: list[bytes]) -> pinfile.StateFile:
+        raw = b"\n".join([pinfile.json_line(header), *lines])
+        return pinfile.parse(raw, "the previous process")
 
     async def _next(self, kind: str) -> dict[str, Any]:
         got = await self.channel.recv()

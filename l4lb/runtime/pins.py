@@ -78,10 +78,10 @@ class StateFileError(Exception):
 
 
 async def snapshot(
-    routers: Mapping[str, Router], since: Mapping[str, tuple[int, int]] | None = None
+    routers: Mapping[str, Router], since_mark: bool = False
 ) -> tuple[dict[str, Any], list[str]]:
-    """The header and the chunk lines of every table, walked a slice at a time (`since`: each
-    table's `mark`, for what changed after it only)."""
+    """The header and the chunk lines of every table, walked a slice at a time (`since_mark`:
+    what changed since each table's `mark` only)."""
     groups: dict[str, Any] = {}
     lines: list[str] = []
     pacer = walk.Pacer()
@@ -91,8 +91,7 @@ async def snapshot(
             continue
         p = router.spec.persistence
         names: dict[str, int] = {}
-        mark = since.get(name) if since is not None else None
-        for keys, first, prov in table.ordered() if mark is None else table.ordered_since(mark):
+        for keys, first, prov in table.ordered_since() if since_mark else table.ordered():
             rows: list[tuple[int, Backend, float, bool]] = []
             for i in range(0, len(keys), walk.BATCH):
                 part = keys[i : i + walk.BATCH]

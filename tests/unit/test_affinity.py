@@ -278,3 +278,33 @@ def test_a_released_entry_is_packed_a_second_later_unless_it_came_back() -> None
     t.release(e)
     again = t.get(1)
     assert again is not None and again.backend == "a" and 58 < again.expires - clock() <= 60
+
+
+def test_ordered_since_lists_what_changed_after_a_mark() -> None:
+    """An upgrade walks the table while it serves, then sends only what changed after that
+    walk began (`mark`): every active entry, and every entry released since (a pin released or
+    re-pinned after the mark, whatever its place), never the idle entries that did not move."""
+    t, _ = table()
+    for key in (1, 2, 3):  # idle before the mark
+        e = t.acquire(key)
+        assert e is not None
+        e.backend = "a"
+        t.release(e)
+    busy = t.acquire(4)
+    assert busy is not None
+    busy.backend = "b"
+    t.mark()
+    moved = t.acquire(2)  # a client of 2 comes back and leaves again: a new place
+    assert moved is not None
+    moved.backend = "c"
+    t.release(moved)
+    new = t.acquire(5)
+    assert new is not None
+    new.backend = "d"
+    t.release(new)
+    rows = [
+        (key, backend)
+        for keys, first, prov in t.ordered_since()
+        for key, backend, _left, _prov in t.export_places(keys, first, prov)
+    ]
+    assert sorted(rows) == [(2, "c"), (4, "b"), (5, "d")]
