@@ -27,6 +27,18 @@ def messages(sock: socket.socket, n: int) -> list[dict[str, str]]:
     return out
 
 
+def notified(config: Path, path: Path) -> subprocess.Popen[str]:
+    """`l4lb run -c CONFIG` with NOTIFY_SOCKET at `path`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "l4lb", "run", "-c", str(config)],
+        cwd=ROOT,
+        env=dict(os.environ, NOTIFY_SOCKET=str(path), PYTHONUNBUFFERED="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ready_reloading_ready_stopping_in_that_order(tmp_path: Path, workers: int) -> None:
     port, b1 = free_ports(2)
@@ -39,14 +51,7 @@ def test_ready_reloading_ready_stopping_in_that_order(tmp_path: Path, workers: i
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, processes() as procs:
         sock.bind(str(path))
         sock.settimeout(30)
-        lb = subprocess.Popen(
-            [sys.executable, "-m", "l4lb", "run", "-c", str(config)],
-            cwd=ROOT,
-            env=dict(os.environ, NOTIFY_SOCKET=str(path), PYTHONUNBUFFERED="1"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        lb = notified(config, path)
         procs.append(lb)
         (ready,) = messages(sock, 1)
         assert ready["READY"] == "1" and ready["MAINPID"] == str(lb.pid)
@@ -109,14 +114,7 @@ def test_an_upgrade_hands_systemd_the_new_main_pid(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, processes() as procs:
         sock.bind(str(path))
         sock.settimeout(30)
-        lb = subprocess.Popen(
-            [sys.executable, "-m", "l4lb", "run", "-c", str(config)],
-            cwd=ROOT,
-            env=dict(os.environ, NOTIFY_SOCKET=str(path), PYTHONUNBUFFERED="1"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        lb = notified(config, path)
         procs.append(lb)
         (ready,) = messages(sock, 1)
         assert ready["MAINPID"] == str(lb.pid)

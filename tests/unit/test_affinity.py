@@ -286,22 +286,13 @@ def test_ordered_since_lists_what_changed_after_a_mark() -> None:
     re-pinned after the mark, whatever its place), never the idle entries that did not move."""
     t, _ = table()
     for key in (1, 2, 3):  # idle before the mark
-        e = t.acquire(key)
-        assert e is not None
-        e.backend = "a"
-        t.release(e)
+        pin(t, key, "a")
     busy = t.acquire(4)
     assert busy is not None
     busy.backend = "b"
     t.mark()
-    moved = t.acquire(2)  # a client of 2 comes back and leaves again: a new place
-    assert moved is not None
-    moved.backend = "c"
-    t.release(moved)
-    new = t.acquire(5)
-    assert new is not None
-    new.backend = "d"
-    t.release(new)
+    pin(t, 2, "c")  # a client of 2 comes back, is re-pinned, leaves: its place is its old one
+    pin(t, 5, "d")
     rows = [
         (key, backend)
         for keys, first, prov in t.ordered_since()
