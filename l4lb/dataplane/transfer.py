@@ -40,7 +40,7 @@ from ..core.connection import DIALING, ENDED, HALF_CLOSED, PAIRED, Conn, Routed
 from ..core.routing import Router
 from .context import DataPlane
 from .dialer import as_factory
-from .relay import AdoptedBackendSide, AdoptedClientSide, ClientSide, pair
+from .relay import AdoptedBackendSide, AdoptedClientSide, ClientSide
 from .udp import Flow, UdpListener
 
 POLL = 0.005  # seconds between looks at the connections while they flush
@@ -194,28 +194,35 @@ async def adopt_conn(
     """A connection the previous process handed over (a checked record, see `handform.py`):
     its transports made on `socks`, the bytes it held written first, its two sides paired."""
     loop = plane.loop
-    backend = router.by_name[record["backend"]]
     cs = AdoptedClientSide(plane, router, record["port"])
     conn = cs.conn
     now = loop.time()
+    conn.backend = router.by_name[record["backend"]]
     _fill(conn, record, now)
-    conn.backend = backend
-    conn.route = router.adopt(conn.key, backend)
+    conn.route = router.adopt(conn.key, conn.backend)
     bs = AdoptedBackendSide(cs)
+    # A side whose FIN was passed on already is not passed on again (`eof_received` returns
+    # at once for it, should the new transport read the FIN again before it is paused).
+    cs.eof, bs.eof = record["eof"]
+    # What was held goes first, before anything read here.
+    cs.pending = [record["to_backend"]] if record["to_backend"] else None
+    bs.pending = [record["to_client"]] if record["to_client"] else None
     await loop.connect_accepted_socket(as_factory(lambda: cs), sock=socks[0])
     await loop.create_connection(as_factory(lambda: bs), sock=socks[1])
-    up, down = record["to_backend"], record["to_client"]
-    # What was held goes first, before anything read here (`pair` writes the buffers on).
-    cs.pending = [up, *(cs.pending or [])] if up else cs.pending
-    bs.pending = [down, *(bs.pending or [])] if down else bs.pending
     plane.track(cs)
     cs.idle_since = now - record["idle"]
-    client_eof, backend_eof = record["eof"]
-    pair(cs, bs)
-    for half, eof in ((cs, client_eof), (bs, backend_eof)):
-        if eof:  # its FIN passed on already: not read again, not passed again
-            half.eof = True
-            half.transport.pause_reading()
+    cs.peer, bs.peer = bs, cs  # (paired as `relay.pair` does, but that no FIN is passed again)
+    for src, dst in ((cs, bs), (bs, cs)):
+        if src.eof:
+            src.transport.pause_reading()
+        if src.pending:
+            for chunk in src.pending:
+                dst.transport.write(chunk)
+            src.pending = None
+        if src.held:
+            src.held = False
+            if not src.eof:
+                src.transport.resume_reading()
     conn.phase = record["phase"]
     return cs
 
