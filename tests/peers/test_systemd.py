@@ -4,11 +4,13 @@ file is installed by `make install` and verified there (tests/peers/test_install
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,32 +29,40 @@ def messages(sock: socket.socket, n: int) -> list[dict[str, str]]:
     return out
 
 
-def notified(config: Path, path: Path) -> subprocess.Popen[str]:
-    """`l4lb run -c CONFIG` with NOTIFY_SOCKET at `path`."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "l4lb", "run", "-c", str(config)],
-        cwd=ROOT,
-        env=dict(os.environ, NOTIFY_SOCKET=str(path), PYTHONUNBUFFERED="1"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+def one_group(tmp: Path, top: str = "") -> tuple[Path, int]:
+    """A configuration of one group on a free port (its backend never dialed); and the port."""
+    port, b1 = free_ports(2)
+    config = tmp / "l4lb.yaml"
+    config.write_text(
+        f"{top}groups:\n  web:\n    listen: [127.0.0.1]\n    ports: [{port}]\n"
+        f"    backends: [{{name: a, address: '127.0.0.1:{b1}'}}]\n"
     )
+    return config, port
+
+
+@contextlib.contextmanager
+def notified(config: Path, path: Path) -> Iterator[tuple[socket.socket, subprocess.Popen[str]]]:
+    """`l4lb run -c CONFIG` with NOTIFY_SOCKET at `path`: the socket systemd would read (30 s
+    for each message at most), and the process, ended by PID when done."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, processes() as procs:
+        sock.bind(str(path))
+        sock.settimeout(30)
+        lb = subprocess.Popen(
+            [sys.executable, "-m", "l4lb", "run", "-c", str(config)],
+            cwd=ROOT,
+            env=dict(os.environ, NOTIFY_SOCKET=str(path), PYTHONUNBUFFERED="1"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(lb)
+        yield sock, lb
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ready_reloading_ready_stopping_in_that_order(tmp_path: Path, workers: int) -> None:
-    port, b1 = free_ports(2)
-    config = tmp_path / "l4lb.yaml"
-    config.write_text(
-        f"workers: {workers}\ngroups:\n  web:\n    listen: [127.0.0.1]\n    ports: [{port}]\n"
-        f"    backends: [{{name: a, address: '127.0.0.1:{b1}'}}]\n"
-    )
-    path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, processes() as procs:
-        sock.bind(str(path))
-        sock.settimeout(30)
-        lb = notified(config, path)
-        procs.append(lb)
+    config, port = one_group(tmp_path, f"workers: {workers}\n")
+    with notified(config, tmp_path / "notify.sock") as (sock, lb):
         (ready,) = messages(sock, 1)
         assert ready["READY"] == "1" and ready["MAINPID"] == str(lb.pid)
         assert ready["STATUS"] == (f"{workers} workers" if workers > 1 else "serving") + (
@@ -78,12 +88,7 @@ def test_ready_reloading_ready_stopping_in_that_order(tmp_path: Path, workers: i
 def test_without_notify_socket_nothing_is_sent_and_a_dead_socket_is_not_fatal(
     tmp_path: Path,
 ) -> None:
-    port, b1 = free_ports(2)
-    config = tmp_path / "l4lb.yaml"
-    config.write_text(
-        f"groups:\n  web:\n    listen: [127.0.0.1]\n    ports: [{port}]\n"
-        f"    backends: [{{name: a, address: '127.0.0.1:{b1}'}}]\n"
-    )
+    config, port = one_group(tmp_path)
     with processes() as procs:
         lb = subprocess.Popen(
             [sys.executable, "-m", "l4lb", "run", "-c", str(config)],
@@ -103,19 +108,9 @@ def test_an_upgrade_hands_systemd_the_new_main_pid(tmp_path: Path) -> None:
     """`systemctl reload` sends SIGUSR2: the old process says RELOADING, the new one MAINPID
     (before the old one exits, so that systemd never sees its main process gone), then READY
     with its own PID; the old one exits 0."""
-    port, b1 = free_ports(2)
-    config = tmp_path / "l4lb.yaml"
-    config.write_text(
-        f"groups:\n  web:\n    listen: [127.0.0.1]\n    ports: [{port}]\n"
-        f"    backends: [{{name: a, address: '127.0.0.1:{b1}'}}]\n"
-    )
-    path = tmp_path / "notify.sock"
+    config, port = one_group(tmp_path)
     new = 0
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, processes() as procs:
-        sock.bind(str(path))
-        sock.settimeout(30)
-        lb = notified(config, path)
-        procs.append(lb)
+    with notified(config, tmp_path / "notify.sock") as (sock, lb):
         (ready,) = messages(sock, 1)
         assert ready["MAINPID"] == str(lb.pid)
         lb.send_signal(signal.SIGUSR2)
