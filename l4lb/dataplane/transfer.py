@@ -36,11 +36,11 @@ import base64
 import socket
 from typing import Any
 
-from ..core.connection import DIALING, ENDED, HALF_CLOSED, PAIRED, Conn, Routed
+from ..core.connection import CLOSING, DIALING, ENDED, HALF_CLOSED, PAIRED, Conn, Routed
 from ..core.routing import Router
 from .context import DataPlane
 from .dialer import as_factory
-from .relay import AdoptedBackendSide, AdoptedClientSide, ClientSide
+from .relay import AdoptedBackendSide, AdoptedClientSide, ClientSide, Half
 from .udp import Flow, UdpListener
 
 POLL = 0.005  # seconds between looks at the connections while they flush
@@ -74,6 +74,7 @@ class Freezer:
         end = loop.time() + deadline
         stopped: set[ClientSide] = set()
         todo = [c for c in self.plane.live if isinstance(c, ClientSide)]
+        seen = set(todo)
         while True:
             waiting: list[ClientSide] = []
             for cs in todo:
@@ -87,7 +88,14 @@ class Freezer:
                 elif phase != ENDED:
                     waiting.append(cs)  # dialing, awaiting its header, or closing: it comes on
             if not waiting:
-                break
+                # One accepted in the turn its listener closed comes after the first look
+                # (its connection_made was due): it is frozen as the others.
+                late = [c for c in self.plane.live if isinstance(c, ClientSide) and c not in seen]
+                if not late:
+                    break
+                seen.update(late)
+                todo = late
+                continue
             if loop.time() >= end:
                 raise FreezeError(
                     f"{len(waiting)} connection(s) still dialing, closing or with bytes their"
@@ -95,8 +103,7 @@ class Freezer:
                 )
             todo = waiting  # (one that ended or flushed stays so: it is not looked at again)
             await asyncio.sleep(POLL)
-        live = [c for c in self.plane.live if isinstance(c, ClientSide)]
-        return [cs for cs in live if cs.conn.phase in (PAIRED, HALF_CLOSED)]
+        return [cs for cs in stopped if cs.conn.phase in (PAIRED, HALF_CLOSED)]
 
     def _stop(self, cs: ClientSide) -> None:
         peer = cs.peer
@@ -201,20 +208,32 @@ async def adopt_conn(
     _fill(conn, record, now)
     conn.route = router.adopt(conn.key, conn.backend)
     bs = AdoptedBackendSide(cs)
+    conn.phase = record["phase"]
     # A side whose FIN was passed on already is not passed on again (`eof_received` returns
-    # at once for it, should the new transport read the FIN again before it is paused).
-    cs.eof, bs.eof = record["eof"]
-    # What was held goes first, before anything read here.
-    cs.pending = [record["to_backend"]] if record["to_backend"] else None
-    bs.pending = [record["to_client"]] if record["to_client"] else None
+    # at once for it, should its transport read the FIN again).
+    passed = record["eof"]
+    cs.eof, bs.eof = passed
+    # Each transport reads from its making on (uvloop starts reading after connection_made,
+    # whatever it did), and the awaits let the loop poll: what a side reads before the two
+    # are paired is held (`pending`, `eof`) and passed on below (seen: a backend's FIN read
+    # here and never passed on, its client waiting for it across an upgrade).
     await loop.connect_accepted_socket(as_factory(lambda: cs), sock=socks[0])
     await loop.create_connection(as_factory(lambda: bs), sock=socks[1])
+    if cs.lost or bs.lost:  # (reset meanwhile: the connection ended as any other)
+        for half in (cs, bs):
+            if not half.lost:
+                half.transport.close()
+        return cs
     plane.track(cs)
     cs.idle_since = now - record["idle"]
-    cs.peer, bs.peer = bs, cs  # (paired as `relay.pair` does, but that no FIN is passed again)
-    for src, dst in ((cs, bs), (bs, cs)):
-        if src.eof:
-            src.transport.pause_reading()
+    cs.peer, bs.peer = bs, cs  # (paired as `relay.pair` does, but for the FINs passed before)
+    sides: tuple[tuple[Half, Half, bytes], ...] = (
+        (cs, bs, record["to_backend"]),
+        (bs, cs, record["to_client"]),
+    )
+    for src, dst, held in sides:
+        if held:  # (what was held goes first, before anything read here)
+            dst.transport.write(held)
         if src.pending:
             for chunk in src.pending:
                 dst.transport.write(chunk)
@@ -223,7 +242,17 @@ async def adopt_conn(
             src.held = False
             if not src.eof:
                 src.transport.resume_reading()
-    conn.phase = record["phase"]
+    for (src, dst, _), was in zip(sides, passed, strict=True):
+        if src.eof and not was:  # read here: passed on now
+            if dst.eof:
+                conn.phase = CLOSING
+                cs.transport.close()
+                bs.transport.close()
+                break
+            conn.phase = HALF_CLOSED
+            dst.transport.write_eof()
+        if src.eof:
+            src.transport.pause_reading()
     return cs
 
 

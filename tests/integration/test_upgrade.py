@@ -122,11 +122,11 @@ async def new_connections(load: Load, port: int, worker: int) -> None:
     while not load.stop.is_set():
         net = f"127.0.{10 + i % NETS}"
         i += 8
+        w = None
         try:
             r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(f"{net}.9", 0))
             w.write(b"GET / HTTP/1.0\r\n\r\n")
             body = (await asyncio.wait_for(r.read(), 10)).split(b"\r\n\r\n", 1)[-1].strip()
-            w.close()
             name = body.decode()
             if not name:
                 raise ConnectionError("no answer")
@@ -134,6 +134,9 @@ async def new_connections(load: Load, port: int, worker: int) -> None:
             load.new_ok += 1
         except (OSError, TimeoutError, ConnectionError) as exc:
             load.new_failed.append(f"{net}: {exc!r}")
+        finally:
+            if w is not None:
+                w.close()
         await asyncio.sleep(0.02)  # (8 workers: about 250 connections a second, no more)
 
 
