@@ -14,6 +14,9 @@ import re
 import shutil
 import signal
 import socket
+import ssl
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -357,3 +360,71 @@ def stopped_child(parent: int, within: float = 30.0) -> int:
                 return int(entry.name)
         time.sleep(0.02)
     raise AssertionError("the new process never got to its hand-over")
+
+
+def test_an_http3_connection_opened_before_an_upgrade_answers_after_it(tmp_path: Path) -> None:
+    """An aioquic HTTP/3 client's connection, opened before the upgrade, asks again after it:
+    the same server answers on the same QUIC connection (its second request there: no new
+    handshake) and path (the flow handed over with its socket)."""
+    from aioquic.h3.connection import H3_ALPN
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from tests.support.h3_client import H3Client
+
+    port, admin, *bq = free_ports(4)
+    code = tmp_path / "code"
+    shutil.copytree(ROOT / "l4lb", code / "l4lb", ignore=shutil.ignore_patterns("__pycache__"))
+    cfg = tmp_path / "l4lb.yaml"
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    backends = "\n".join(
+        f"      - {{name: q{i}, address: 127.0.0.1, ports: {{'{port}/udp': {bq[i]}}}}}"
+        for i in range(2)
+    )
+    cfg.write_text(
+        f"admin: {{listen: '127.0.0.1:{admin}', token_file: {tmp_path / 'token'}}}\n"
+        f"groups:\n  h3:\n    listen: [127.0.0.1]\n    ports: ['{port}/udp']\n"
+        f"    persistence: {{timeout: 10m}}\n    backends:\n{backends}\n"
+    )
+    with processes() as procs:
+        for i in range(2):
+            argv = [sys.executable, "-m", "tests.support.quic_server", "--name", f"q{i}", "--h3"]
+            argv += ["--quic", f"127.0.0.1:{bq[i]}", "--server-id", f"0{i}11"]
+            proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            wait_for_line(proc, "stdout", "ready", timeout=30)
+        lb = start_l4lb(cfg, env={"PYTHONPATH": str(code)}, cwd=tmp_path)
+        procs.append(lb)
+
+        async def run() -> tuple[bytes, bytes]:
+            loop = asyncio.get_running_loop()
+            config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+            config.server_name = "localhost"
+            config.verify_mode = ssl.CERT_NONE
+            transport, proto = await loop.create_datagram_endpoint(
+                lambda: H3Client(QuicConnection(configuration=config)),
+                local_addr=("127.0.95.1", 0),
+            )
+            try:
+                proto.connect(("127.0.0.1", port))
+                await asyncio.wait_for(proto.wait_connected(), 10)
+                _, before = await asyncio.wait_for(proto.get(f"localhost:{port}", "/"), 10)
+                set_version(code, "0.1.0+upgraded")
+                lb.send_signal(signal.SIGUSR2)
+                assert await asyncio.to_thread(lb.wait, 30) == 0
+                _, after = await asyncio.wait_for(proto.get(f"localhost:{port}", "/"), 10)
+                return before, after
+            finally:
+                proto.close()
+                transport.close()
+
+        try:
+            before, after = asyncio.run(run())
+            name, n, path = before.split()
+            assert n == b"1", before
+            # The same server, the same QUIC connection (no new handshake), on the same path
+            # (the flow's socket to the server was handed over, not made anew).
+            assert after.split() == [name, b"2", path], (before, after, output(lb)[-2000:])
+            assert re.search(r"handed over .* 1 flows", output(lb)), output(lb)[-2000:]
+        finally:
+            end_new_processes(tmp_path)
