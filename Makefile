@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test test-pure test-containers native deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers reliability soak clean install
+.PHONY: run test test-pure test-containers native deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers bench-upgrade reliability soak clean install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -76,6 +76,13 @@ bench-tools:
 
 bench: $(STAMP) native bench-tools
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/upgrade_vs.py --json bench/results/upgrade-vs-$$(date +%Y%m%d-%H%M%S).json
+
+# An upgrade under load, l4lb against HAProxy's SIGUSR2 (also the last rows of `make bench`); and
+# at scale (10,000 connections, a million pins)
+bench-upgrade: $(STAMP) native bench-tools
+	$(BIN)/python bench/upgrade_vs.py
+	$(BIN)/python bench/upgrade_bench.py
 
 bench-quick: $(STAMP) native bench-tools
 	$(BIN)/python bench/bench.py --quick

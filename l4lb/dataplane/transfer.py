@@ -9,12 +9,14 @@ sent that the other's transport has not written yet, and for a spliced connectio
 its pipes. A socket's own kernel buffers move with its descriptor (`SCM_RIGHTS` passes a
 reference to the same open socket), so what must travel is what l4lb holds in memory:
 
-1. `Freezer.freeze` stops every connection reading (both sides, but a side that sent its FIN)
+1. `Freezer.freeze` first waits, stopping nothing, for every connection still dialing,
+   awaiting its PROXY header or closing to come to a pair or an end (the listeners stopped,
+   none comes anew; the paired ones relay on meanwhile, so that a slow dial does not stall
+   them). Then it stops every connection reading (both sides, but a side that sent its FIN)
    and waits for the transports to flush what they hold (their write buffers polled); a
-   spliced connection's pumps stop reading and pass on what their pipes hold. A connection
-   still dialing, still awaiting its PROXY header, or closing, is waited for: it comes to an
-   end or to a pair, which is then frozen. Nothing is taken from a client meanwhile: its bytes
-   wait in the kernel's buffers, as a new client's SYN waits in the listener's backlog.
+   spliced connection's pumps stop reading and pass on what their pipes hold. Nothing is
+   taken from a client meanwhile: its bytes wait in the kernel's buffers, as a new client's
+   SYN waits in the listener's backlog.
 2. Once every write buffer and pipe is empty (within the deadline: a peer that takes nothing
    for that long fails the upgrade, which then changes nothing), each connection is a record
    (`export_conn`: its `Conn`, which sides sent their FIN; the format carries held bytes too,
@@ -68,10 +70,11 @@ class Freezer:
         """Freeze every connection and flow (see the theory above) within `deadline` seconds;
         the connections to hand over. FreezeError when some could not be flushed in time."""
         loop = self.plane.loop
+        end = loop.time() + deadline
+        await self._settle(end, deadline)
         for listener in self.udp:
             listener.pause()
         self.stopped_udp = True
-        end = loop.time() + deadline
         stopped: set[ClientSide] = set()
         todo = [c for c in self.plane.live if isinstance(c, ClientSide)]
         seen = set(todo)
@@ -104,6 +107,29 @@ class Freezer:
             todo = waiting  # (one that ended or flushed stays so: it is not looked at again)
             await asyncio.sleep(POLL)
         return [cs for cs in stopped if cs.conn.phase in (PAIRED, HALF_CLOSED)]
+
+    async def _settle(self, end: float, deadline: float) -> None:
+        """Wait, stopping nothing, until no connection is dialing, awaiting its PROXY header or
+        closing (the listeners stopped, none comes anew): a dial can take a SYN's retry, and
+        the connections already paired should not wait for it frozen."""
+        loop = self.plane.loop
+        settled = (PAIRED, HALF_CLOSED, ENDED)
+
+        def unsettled() -> list[ClientSide]:
+            live = self.plane.live
+            return [c for c in live if isinstance(c, ClientSide) and c.conn.phase not in settled]
+
+        todo = unsettled()
+        while todo:
+            while todo:
+                if loop.time() >= end:
+                    raise FreezeError(
+                        f"{len(todo)} connection(s) still dialing, awaiting a PROXY header or"
+                        f" closing after {deadline:g} s"
+                    )
+                await asyncio.sleep(POLL)
+                todo = [c for c in todo if c.conn.phase not in settled]
+            todo = unsettled()  # (one accepted in the turn its listener closed came later)
 
     def _stop(self, cs: ClientSide) -> None:
         peer = cs.peer
