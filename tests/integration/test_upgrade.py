@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import free_ports
+from tests.support.helpers import free_ports, wait_until
 from tests.support.procs import ROOT, output, processes, start_backend, start_l4lb, wait_for_line
 
 NETS = 50  # client /24s of the new connections
@@ -428,3 +428,95 @@ def test_an_http3_connection_opened_before_an_upgrade_answers_after_it(tmp_path:
             assert re.search(r"handed over .* 1 flows", output(lb)), output(lb)[-2000:]
         finally:
             end_new_processes(tmp_path)
+
+
+def test_a_slow_dial_does_not_stall_the_connections_already_relaying(tmp_path: Path) -> None:
+    """The freeze waits for a dial still in flight (here to a backend that drops SYNs, 1.5 s
+    before the dial moves on to the next), and the connections already paired relay on
+    meanwhile: stopped only once the dials are done, they pause for the hand-over alone, not
+    for the dials. Every client, slow or not, is served through it."""
+    port, good = free_ports(2)
+    pit = socket.socket()
+    pit.bind(("127.0.0.1", 0))
+    pit.listen(0)
+    filler = [socket.socket() for _ in range(3)]  # (the backlog full: SYNs are dropped)
+    for f in filler:
+        f.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            f.connect(pit.getsockname())
+    code = tmp_path / "code"
+    shutil.copytree(ROOT / "l4lb", code / "l4lb", ignore=shutil.ignore_patterns("__pycache__"))
+    cfg = tmp_path / "l4lb.yaml"
+    cfg.write_text(
+        f"groups:\n  slow:\n    listen: [127.0.0.1]\n    ports: [{port}]\n"
+        "    scheduler: wrr\n    connect_timeout: 1500ms\n    passive: {failures: 1000}\n"
+        "    backends:\n"
+        f"      - {{name: pit, address: 127.0.0.1, weight: 100,"
+        f" ports: {{{port}: {pit.getsockname()[1]}}}}}\n"
+        f"      - {{name: b0, address: 127.0.0.1, weight: 1, ports: {{{port}: {good}}}}}\n"
+    )
+    load = Load()
+    slow_ok: list[int] = []
+
+    async def slow_clients() -> None:
+        """A new client every 100 ms, each dialed to the pit first: a dial is always in
+        flight. Each must get its echo."""
+
+        async def one(n: int) -> None:
+            w = None
+            try:
+                r, w = await asyncio.open_connection(
+                    "127.0.0.1", port, local_addr=(f"127.0.60.{n % 250 + 1}", 0)
+                )
+                w.write(b"s\n")
+                if await asyncio.wait_for(r.readline(), 15) != b"s\n":
+                    raise ConnectionError("no echo")
+                slow_ok.append(n)
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                load.new_failed.append(f"slow {n}: {exc!r}")
+            finally:
+                if w is not None:
+                    w.close()
+
+        started = []
+        n = 0
+        while not load.stop.is_set():
+            started.append(asyncio.create_task(one(n)))
+            n += 1
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*started)
+
+    async def run() -> None:
+        relaying = [asyncio.create_task(long_lived(load, port, n)) for n in range(5)]
+        slow = asyncio.create_task(slow_clients())
+        # (each long-lived one past the pit, paired and echoing)
+        await wait_until(lambda: load.echoes >= 5 * 10, within=20)
+        load.upgraded_at = time.monotonic()
+        lb.send_signal(signal.SIGUSR2)
+        assert await asyncio.to_thread(lb.wait, 30) == 0
+        await asyncio.sleep(2.0)
+        load.stop.set()
+        await asyncio.gather(slow, *relaying)
+
+    with processes() as procs:
+        procs.append(start_backend("b0", echo=f"127.0.0.1:{good}"))
+        lb = start_l4lb(cfg, env={"PYTHONPATH": str(code)}, cwd=tmp_path)
+        procs.append(lb)
+        try:
+            asyncio.run(asyncio.wait_for(run(), 60))
+            said = re.search(r"clients paused \d+ ms: flushing (\d+)", output(lb))
+            assert said is not None, output(lb)[-2000:]
+            waited = int(said.group(1)) / 1000
+            assert load.new_failed == [] and load.long_failed == [], (
+                load.new_failed[:5],
+                load.long_failed[:5],
+            )
+            assert len(slow_ok) > 20
+            assert waited >= 0.3, output(lb)[-2000:]  # a dial was in flight, and waited for
+            # Stopped for the whole wait, a long-lived connection's round trip would be as long
+            assert load.worst_rtt < waited / 2, (load.worst_rtt, waited)
+        finally:
+            end_new_processes(tmp_path)
+            pit.close()
+            for f in filler:
+                f.close()
