@@ -29,6 +29,11 @@ reference to the same open socket), so what must travel is what l4lb holds in me
    them, and the router takes the connection's entry and slot without counting it again
    (`Router.adopt`). The old process then exits without closing anything (its copies of the
    descriptors go with it; no FIN, no reset).
+5. In a hand-over in waves (`runtime/handover.py`, format 2), `settle` alone comes first; once
+   the new process serves, `freeze_wave` does the second half of 1 for a wave of connections
+   while the others relay on, and `release` closes this process's copies of a wave the new
+   process has taken (its protocols detached first: no callback runs, nothing is counted or
+   logged twice; the new process holds the sockets, so nothing reaches the peers).
 """
 
 from __future__ import annotations
@@ -69,14 +74,51 @@ class Freezer:
     async def freeze(self, deadline: float) -> list[ClientSide]:
         """Freeze every connection and flow (see the theory above) within `deadline` seconds;
         the connections to hand over. FreezeError when some could not be flushed in time."""
-        loop = self.plane.loop
-        end = loop.time() + deadline
+        end = self.plane.loop.time() + deadline
         await self._settle(end, deadline)
+        self.stop_udp()
+        todo = [c for c in self.plane.live if isinstance(c, ClientSide)]
+        return await self._stop_and_flush(todo, end, deadline, late=True)
+
+    async def settle(self, deadline: float) -> None:
+        """The first half of `freeze` alone: the dials done, nothing stopped (for a hand-over
+        in waves, `freeze_wave` then stops a few connections at a time)."""
+        await self._settle(self.plane.loop.time() + deadline, deadline)
+
+    def stop_udp(self) -> None:
+        """Every UDP listener, so every flow, stops reading (`thaw` resumes them)."""
         for listener in self.udp:
             listener.pause()
         self.stopped_udp = True
+
+    async def freeze_wave(self, conns: list[ClientSide], deadline: float) -> list[ClientSide]:
+        """Freeze `conns` alone (the others relay on); those to hand over, as `freeze`."""
+        end = self.plane.loop.time() + deadline
+        return await self._stop_and_flush(conns, end, deadline, late=False)
+
+    def release(self, conns: list[ClientSide]) -> None:
+        """`conns` are the new process's now: this process's copies of their sockets are
+        closed (no FIN: the new process holds the sockets; no callback of theirs runs here,
+        so nothing is counted or logged twice), and they are forgotten. A spliced one's are
+        left for this process's exit."""
+        gone = set(conns)
+        for cs in conns:
+            peer = cs.peer
+            if cs.splice is None and peer is not None:
+                for half in (cs, peer):
+                    half.transport.set_protocol(asyncio.Protocol())
+                    half.transport.close()
+            self.plane.forget(cs)
+        self.frozen = [c for c in self.frozen if c not in gone]
+        self.spliced = [c for c in self.spliced if c not in gone]
+
+    async def _stop_and_flush(
+        self, todo: list[ClientSide], end: float, deadline: float, *, late: bool
+    ) -> list[ClientSide]:
+        """Stop `todo` reading and wait until what l4lb holds of theirs is flushed; `late`:
+        and any connection that came to the plane meanwhile. Those paired, to hand over."""
+        loop = self.plane.loop
         stopped: set[ClientSide] = set()
-        todo = [c for c in self.plane.live if isinstance(c, ClientSide)]
         seen = set(todo)
         while True:
             waiting: list[ClientSide] = []
@@ -93,11 +135,12 @@ class Freezer:
             if not waiting:
                 # One accepted in the turn its listener closed comes after the first look
                 # (its connection_made was due): it is frozen as the others.
-                late = [c for c in self.plane.live if isinstance(c, ClientSide) and c not in seen]
-                if not late:
+                live = self.plane.live
+                more = [c for c in live if isinstance(c, ClientSide) and c not in seen]
+                if not late or not more:
                     break
-                seen.update(late)
-                todo = late
+                seen.update(more)
+                todo = more
                 continue
             if loop.time() >= end:
                 raise FreezeError(

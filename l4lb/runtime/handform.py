@@ -6,9 +6,11 @@ recorded hand-over in tests/data/); an unknown format is refused before anything
 A hand-over is JSON messages over a SOCK_SEQPACKET pair, descriptors attached
 (`runtime/channel.Channel`), in this order: `hello` (the new process: its pid, version and the
 formats it reads), `begin` (the old: its format; the new answers `ready` or `refused`), then
-`listeners`, `pins`, `backends`, `counters`, `conns` and `flows` batches, `end`; the new process
-answers `adopted`, is told `commit`, and answers `serving`. Anything else, or a record that
-fails its check, ends the hand-over: the old process thaws and serves on.
+`listeners`, `pins`, `backends`, `counters`, `conns` (format 1 only) and `flows` batches, `end`;
+the new process answers `adopted`, is told `commit`, and answers `serving`. In format 2 the
+connections follow, a `conns` message a wave, each answered `took` once adopted, then `done`
+with the counters counted meanwhile. The records are the same in both. Anything else, or a
+record that fails its check, ends the hand-over: the old process thaws and serves on.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from typing import Any
 from ..core.connection import HALF_CLOSED, PAIRED
 from ..core.routing import Router
 
-FORMAT = 1
-READS = (1,)
+FORMAT = 2  # the newest this release writes
+WRITES = (1, 2)  # (to a new process that reads only 1, everything moves before the commit)
+READS = (1, 2)
+WAVES = 2  # from this format on, the connections move after the commit, in waves
 MAX_HELD = 64 << 20  # bytes a connection may hold between its sides (two write buffers, a pipe)
 MAX_KEY = 1 << 130
 

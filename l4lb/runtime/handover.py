@@ -9,18 +9,27 @@ The old process (`Upgrade.run`, on SIGUSR2, `l4lb ctl upgrade` or `POST /api/v1/
    its standard error goes to a file until it speaks (so that an import error of the new code
    can be said in one line), then to the old process's own.
 2. waits for its `hello` (it loaded and checked the configuration; an error is its one line),
-   and checks that it reads this release's hand-over format (`handform.FORMAT`).
+   and writes the newest hand-over format both read (`handform.WRITES`, `READS`).
 3. stops accepting (the listening sockets stay open: the kernel queues what arrives, nobody is
-   refused) and freezes every connection and flow (`transfer.Freezer`).
+   refused) and lets the dials in flight finish (`transfer.Freezer.settle`); the flows stop.
 4. sends the listening sockets, the pins (the state file's lines, from memory), the backends'
-   states, the counters, every connection and flow with its descriptors, and `end`.
-5. waits for `adopted`, then sends `commit`; the new process makes its transports, serves,
-   and answers `serving`. Only then does the old process exit (`os._exit`: nothing closed,
-   shut down or reset; its copies of the descriptors go with it).
+   states, the counters, every flow with its descriptor, and `end`.
+5. waits for `adopted`, then sends `commit`; the new process serves the listeners and flows
+   and answers `serving`. New clients have waited since 3 (tens of milliseconds); the open
+   connections have not waited at all.
+6. moves the open connections in waves of `WAVE` (format 2): each wave frozen
+   (`Freezer.freeze_wave`: stopped reading, flushed), sent with its descriptors, adopted by the
+   new process (which answers `took`), then released here (this process's copies closed, no
+   callback run). A connection pauses for its own wave alone (tens of milliseconds), whatever
+   the number of connections; the others relay on meanwhile. Then `done`, with what this
+   process counted since 4, and it exits (`os._exit`: nothing closed, shut down or reset).
+   To a new process that reads only format 1 (the previous release), the connections are
+   frozen all at once in 3 and sent in 4, before the commit.
 
 Anything that fails before `serving` (the new process exits, stalls past `TIMEOUT`, refuses a
 record) thaws the old process: it accepts again, its connections read again, the new process
-is killed. Nothing was read from any socket by the new process before `commit`.
+is killed. Nothing was read from any socket by the new process before `commit`. A failure
+during the waves (the new process gone) does the same for what has not moved yet.
 """
 
 from __future__ import annotations
@@ -41,13 +50,14 @@ from ..core.flowstats import UdpStats
 from ..core.routing import Router
 from ..dataplane.context import DataPlane
 from ..dataplane.listeners import Where
+from ..dataplane.relay import ClientSide
 from ..dataplane.transfer import FreezeError, Freezer, adopt_conn, export_conn, export_flow
 from ..dataplane.udp import UdpListener
 from ..version import __version__ as VERSION
 from . import pins as pinfile
 from . import sdnotify
 from .channel import Channel, pair
-from .handform import FORMAT, READS, HandoverError, check_conn, check_flow
+from .handform import READS, WAVES, WRITES, HandoverError, check_conn, check_flow
 from .listening import Listeners
 
 
@@ -80,6 +90,7 @@ log = logging.getLogger("l4lb.upgrade")
 TIMEOUT = 30.0  # seconds for the new process to start and take everything
 FREEZE = 3.0  # seconds for every connection to flush what l4lb holds
 BATCH = 100  # records a message (two descriptors each: under SCM_MAX_FD)
+WAVE = BATCH  # connections frozen and moved at once, after the commit (one message)
 PINS_BYTES = 96 << 10  # pin lines a message, about
 ADOPT_AT_ONCE = 512  # connections the new process adopts in one turn of its loop, at most
 
@@ -157,7 +168,7 @@ def _histogram(h: Any) -> dict[str, Any]:
     return {"counts": list(h.counts), "total": h.total, "count": h.count}
 
 
-def _set_histogram(h: Any, v: dict[str, Any]) -> None:
+def _set_histogram(h: Any, v: dict[str, Any], add: bool = False) -> None:
     counts = v.get("counts")
     if (
         isinstance(counts, list)
@@ -166,6 +177,11 @@ def _set_histogram(h: Any, v: dict[str, Any]) -> None:
         and isinstance(v.get("count"), int)
         and isinstance(v.get("total"), int | float)
     ):
+        if add:
+            h.counts[:] = [a + b for a, b in zip(h.counts, counts, strict=True)]
+            h.count += v["count"]
+            h.total += float(v["total"])
+            return
         h.counts[:] = counts
         h.count = v["count"]
         h.total = float(v["total"])
@@ -218,6 +234,62 @@ class Upgrade:
 
     async def _run(self) -> str:
         runtime = self.runtime
+        channel, fmt = await self._start()
+        await self._pins_while_serving(channel, fmt)
+        self.freezer = freezer = Freezer(runtime.plane, runtime.listeners.udp_listeners())
+        frozen_at = time.monotonic()
+        listeners = self._stop_accepting()
+        waves = fmt >= WAVES
+        if waves:  # the dials finish; the connections move after the commit, a wave at a time
+            await freezer.settle(FREEZE)
+            freezer.stop_udp()
+            conns = []
+        else:
+            conns = await freezer.freeze(FREEZE)
+        timing = {"flushed": time.monotonic() - frozen_at}
+        await self._send_listeners(listeners)
+        pins = await self._send_pins(self.tables)
+        timing["pins"] = time.monotonic() - frozen_at
+        channel.send({"t": "backends", "states": _states(runtime.routers)})
+        counted = _counters(runtime)
+        channel.send({"t": "counters", "counters": counted})
+        n_conns = await self._send_conns(conns)
+        n_flows = await self._send_flows()
+        timing["sent"] = time.monotonic() - frozen_at
+        channel.send({"t": "end"})
+        await self._expect(channel, "adopted")
+        timing["adopted"] = time.monotonic() - frozen_at
+        admin = runtime.admin_plane()
+        if admin is not None:
+            admin.pause()
+            self.admin_stopped = True
+        channel.send({"t": "commit"})
+        await self._expect(channel, "serving")
+        timing["serving"] = time.monotonic() - frozen_at
+        steps = ("flushing", "pins", "records", "adoption", "serving")
+        marks = [timing["flushed"], timing["pins"], timing["sent"], timing["adopted"]]
+        marks.append(timing["serving"])
+        took = ", ".join(
+            f"{what} {(y - x) * 1000:.0f}"
+            for what, x, y in zip(steps, [0.0, *marks[:-1]], marks, strict=True)
+        )
+        paused = f"clients paused {timing['serving'] * 1000:.0f} ms: {took}"
+        if waves:
+            n_conns, worst = await self._send_waves()
+            channel.send({"t": "done", "counters": _delta(counted, _counters(runtime))})
+            over = (time.monotonic() - frozen_at - timing["serving"]) * 1000
+            paused = (
+                f"{paused}; then the connections in waves over {over:.0f} ms, each paused"
+                f" {worst * 1000:.0f} ms at most"
+            )
+        return (
+            f"{len(listeners)} listeners, {n_conns:,} connections, {n_flows:,} flows,"
+            f" {pins:,} pins to process {self.proc.pid if self.proc else 0} ({paused})"
+        )
+
+    async def _start(self) -> tuple[Channel, int]:
+        """The new process started, and its hello heard: the channel, and the format to write
+        (the newest both read)."""
         a, b = pair()
         err = os.dup(sys.stderr.fileno())  # (at a number of its own: the child's 2 is a file)
         try:
@@ -235,14 +307,20 @@ class Upgrade:
             os.close(err)
         self.channel = channel = Channel(a)
         hello = await self._expect(channel, "hello")
-        if FORMAT not in hello.get("reads", []):
+        reads = hello.get("reads", [])
+        both = [f for f in WRITES if isinstance(reads, list) and f in reads]
+        if not both:
             channel.send({"t": "refused"})
             raise UpgradeError(
                 f"the new l4lb ({hello.get('version')}) reads hand-over formats"
-                f" {hello.get('reads')}, this one writes {FORMAT}"
+                f" {hello.get('reads')}, this one writes {list(WRITES)}"
             )
-        # The pins while serving (a million take seconds to walk): after the freeze, only what
-        # changed since goes (`AffinityTable.ordered_since`), a newer file the new one prefers.
+        return channel, max(both)
+
+    async def _pins_while_serving(self, channel: Channel, fmt: int) -> None:
+        """The pins while serving (a million take seconds to walk): after the freeze, only what
+        changed since goes (`AffinityTable.ordered_since`), a newer file the new one prefers."""
+        runtime = self.runtime
         self.tables = tables = [r.table for r in runtime.routers.values() if r.table is not None]
         for table in tables:
             table.mark()
@@ -252,50 +330,31 @@ class Upgrade:
             for table in tables:
                 table.unmark()
             raise
-        channel.send({"t": "begin", "format": FORMAT, "version": VERSION})
+        channel.send({"t": "begin", "format": fmt, "version": VERSION})
         await self._expect(channel, "ready")
         await self._send_part(0, base)  # parsed there while this process still serves:
         channel.send({"t": "pins-done"})
         await self._expect(channel, "parsed")
-        self.freezer = Freezer(runtime.plane, runtime.listeners.udp_listeners())
-        frozen_at = time.monotonic()
-        listeners = self._stop_accepting()
-        conns = await self.freezer.freeze(FREEZE)
-        flushed = time.monotonic() - frozen_at
-        await self._send_listeners(listeners)
-        timing = {"flushed": flushed}
-        pins = await self._send_pins(tables)
-        timing["pins"] = time.monotonic() - frozen_at
-        channel.send({"t": "backends", "states": _states(runtime.routers)})
-        channel.send({"t": "counters", "counters": _counters(runtime)})
-        n_conns = await self._send_conns(conns)
-        n_flows = await self._send_flows()
-        timing["sent"] = time.monotonic() - frozen_at
-        channel.send({"t": "end"})
-        await self._expect(channel, "adopted")
-        timing["adopted"] = time.monotonic() - frozen_at
-        admin = runtime.admin_plane()
-        if admin is not None:
-            admin.pause()
-            self.admin_stopped = True
-        channel.send({"t": "commit"})
-        await self._expect(channel, "serving")
-        paused = time.monotonic() - frozen_at
-        steps = [timing["flushed"], timing["pins"], timing["sent"], timing["adopted"], paused]
-        took = ", ".join(
-            f"{what} {(b - a) * 1000:.0f}"
-            for what, a, b in zip(
-                ("flushing", "pins", "records", "adoption", "serving"),
-                [0.0, *steps[:-1]],
-                steps,
-                strict=True,
-            )
-        )
-        return (
-            f"{len(listeners)} listeners, {n_conns:,} connections, {n_flows:,} flows,"
-            f" {pins:,} pins to process {self.proc.pid} (clients paused {paused * 1000:.0f} ms:"
-            f" {took})"
-        )
+
+    async def _send_waves(self) -> tuple[int, float]:
+        """After the commit (the new process serves the listeners): the connections, `WAVE` at
+        a time, each wave frozen, sent, adopted there and released here before the next, so
+        that a connection pauses for its own wave alone. How many moved; the longest wave."""
+        assert self.channel is not None and self.freezer is not None
+        plane = self.runtime.plane
+        todo = [c for c in plane.live if isinstance(c, ClientSide)]  # (none comes anew)
+        moved, worst = 0, 0.0
+        for i in range(0, len(todo), WAVE):
+            t0 = time.monotonic()
+            conns = await self.freezer.freeze_wave(todo[i : i + WAVE], FREEZE)
+            if not conns:
+                continue
+            await self._send_conns(conns)
+            await self._expect(self.channel, "took")
+            self.freezer.release(conns)
+            moved += len(conns)
+            worst = max(worst, time.monotonic() - t0)
+        return moved, worst
 
     async def _expect(self, channel: Channel, kind: str) -> dict[str, Any]:
         got = await channel.recv()
@@ -458,6 +517,7 @@ class Takeover:
         self.conns: list[tuple[dict[str, Any], tuple[socket.socket, socket.socket]]] = []
         self.flows: list[tuple[dict[str, Any], socket.socket]] = []
         self.began = 0.0
+        self.waves = False  # the connections come after the commit (`follow`)
 
     async def receive(self, routers: Mapping[str, Router]) -> None:
         """Everything the old process sends, checked, until `end`. HandoverError when anything
@@ -467,6 +527,7 @@ class Takeover:
         begin = await self._next("begin")
         if begin.get("format") not in READS:
             raise HandoverError(f"unknown hand-over format {str(begin.get('format'))[:20]}")
+        self.waves = begin["format"] >= WAVES
         channel.send({"t": "ready"})
         self.began = time.monotonic()
         headers: dict[int, dict[str, Any]] = {}
@@ -544,12 +605,42 @@ class Takeover:
     def _conns(
         self, message: dict[str, Any], fds: list[int], routers: Mapping[str, Router]
     ) -> None:
-        items = message.get("items", [])
-        if len(fds) != 2 * len(items):
-            raise HandoverError("connections and descriptors do not match")
-        socks = [socket.socket(fileno=fd) for fd in fds]
-        for i, raw in enumerate(items):
-            self.conns.append((check_conn(raw, routers), (socks[2 * i], socks[2 * i + 1])))
+        self.conns += _checked_conns(message, fds, routers)
+
+    async def follow(self, runtime: Runtime) -> None:
+        """After `serving`, in a hand-over in waves: each wave of connections adopted as it
+        comes (`took` said), then the counters the old process counted meanwhile, added."""
+        channel, t0, n = self.channel, time.monotonic(), 0
+        why = ""
+        while True:
+            got = await channel.recv()
+            if got is None:
+                why = "the previous process went away before it had handed over every connection"
+                break
+            message, fds = got
+            kind = message.get("t")
+            if kind == "done":
+                apply_counters(runtime, message.get("counters") or {}, add=True)
+                break
+            try:
+                if kind != "conns":
+                    raise HandoverError(f"an unexpected message {str(kind)[:40]!r}")
+                conns = _checked_conns(message, fds, runtime.routers)
+            except HandoverError as exc:
+                for fd in fds:
+                    os.close(fd)
+                why = str(exc)
+                channel.send({"t": "error", "why": why})
+                break
+            await _adopt(runtime, conns)
+            n += len(conns)
+            channel.send({"t": "took", "n": len(conns)})
+        channel.close()
+        took = (time.monotonic() - t0) * 1000
+        if why:
+            log.warning("upgrade: %s (%d connections taken over)", why, n)
+        else:
+            log.info("upgrade: took over %d connections in waves in %.0f ms", n, took)
 
     def _flows(
         self, message: dict[str, Any], fds: list[int], routers: Mapping[str, Router]
@@ -566,14 +657,7 @@ class Takeover:
         apply_states(runtime.routers, self.states)
         apply_counters(runtime, self.counters)
         runtime.upgrades["ok"] += 1
-        plane = runtime.plane
-        for i in range(0, len(self.conns), ADOPT_AT_ONCE):  # (many per turn of the loop)
-            await asyncio.gather(
-                *(
-                    adopt_conn(plane, runtime.routers[record["group"]], record, socks)
-                    for record, socks in self.conns[i : i + ADOPT_AT_ONCE]
-                )
-            )
+        await _adopt(runtime, self.conns)
         by_where = {(x.spec.host, x.spec.port): x for x in runtime.listeners.udp_listeners()}
         n_flows = 0
         for record, sock in self.flows:
@@ -613,8 +697,10 @@ def apply_states(routers: Mapping[str, Router], states: Mapping[str, Any]) -> No
                     router.set_health(b, st["healthy"], "as the previous process had it")
 
 
-def apply_counters(runtime: Runtime, counters: Mapping[str, Any]) -> None:
-    """The old process's totals, to count on from (a wrong-typed value is left alone)."""
+def apply_counters(runtime: Runtime, counters: Mapping[str, Any], *, add: bool = False) -> None:
+    """The old process's totals, to count on from; `add`: what it counted since it sent them
+    (`_delta`: a hand-over in waves), added to this process's (a wrong-typed value is left
+    alone)."""
     for group, data in (counters.get("groups") or {}).items():
         router = runtime.routers.get(group)
         if router is None:
@@ -622,32 +708,84 @@ def apply_counters(runtime: Runtime, counters: Mapping[str, Any]) -> None:
         st = router.stats
         for k, v in (data.get("stats") or {}).items():
             if k in GROUP_COUNTERS and isinstance(v, int):
-                setattr(st, k, v)
+                _put(st, k, v, add)
             elif k in ("connect", "duration") and isinstance(v, dict):
-                _set_histogram(getattr(st, k), v)
+                _set_histogram(getattr(st, k), v, add)
         for name, values in (data.get("backends") or {}).items():
             b = router.by_name.get(name)
             for k, v in (values or {}).items() if b is not None else ():
-                if k in BACKEND_COUNTERS and isinstance(v, int | float):
-                    setattr(b, k, type(getattr(b, k))(v))
+                if (
+                    k in BACKEND_COUNTERS
+                    and isinstance(v, int | float)
+                    and not (add and k == "peak")
+                ):
+                    _put(b, k, v, add)
     for group, data in (counters.get("udp") or {}).items():
         u = runtime.udp_stats.get(group)
         for k, v in (data or {}).items() if u is not None else ():
             if k not in UDP_COUNTERS:
                 continue
             if isinstance(v, int) and isinstance(getattr(u, k), int):
-                setattr(u, k, v)
+                _put(u, k, v, add)
             elif isinstance(v, dict) and isinstance(getattr(u, k, None), dict):
-                getattr(u, k).update({x: n for x, n in v.items() if isinstance(n, int)})
+                _merge(getattr(u, k), v, add)
     process = counters.get("process") or {}
     plane = runtime.plane
     if isinstance(process.get("accept_errors"), dict):
-        plane.accept_errors.update(process["accept_errors"])
+        _merge(plane.accept_errors, process["accept_errors"], add)
     for k in ("loops", "unmatched_marks", "yielded"):
         if isinstance(process.get(k), int):
-            setattr(plane, k, process[k])
+            _put(plane, k, process[k], add)
     for k in ("reloads_ok", "reloads_failed"):
         if isinstance(process.get(k), int):
-            setattr(runtime, k, process[k])
+            _put(runtime, k, process[k], add)
     if isinstance(process.get("upgrades"), dict):
-        runtime.upgrades.update(process["upgrades"])
+        _merge(runtime.upgrades, process["upgrades"], add)
+
+
+def _put(obj: object, k: str, v: float, add: bool) -> None:
+    cur = getattr(obj, k)
+    setattr(obj, k, type(cur)(cur + v if add else v))
+
+
+def _merge(into: dict[str, int], v: Mapping[str, Any], add: bool) -> None:
+    for x, n in v.items():
+        if isinstance(n, int):
+            into[x] = into.get(x, 0) + n if add else n
+
+
+def _delta(base: Any, now: Any) -> Any:
+    """What was counted between two `_counters` (numbers, lists of them, dicts of those)."""
+    if isinstance(now, dict) and isinstance(base, dict):
+        return {k: _delta(base.get(k), v) for k, v in now.items()}
+    if isinstance(now, list) and isinstance(base, list) and len(now) == len(base):
+        return [_delta(x, y) for x, y in zip(base, now, strict=True)]
+    if isinstance(now, int | float) and not isinstance(now, bool):
+        return now - base if isinstance(base, int | float) else now
+    return now
+
+
+def _checked_conns(
+    message: dict[str, Any], fds: list[int], routers: Mapping[str, Router]
+) -> list[tuple[dict[str, Any], tuple[socket.socket, socket.socket]]]:
+    items = message.get("items", [])
+    if not isinstance(items, list) or len(fds) != 2 * len(items):
+        raise HandoverError("connections and descriptors do not match")
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    out = []
+    for i, raw in enumerate(items):
+        out.append((check_conn(raw, routers), (socks[2 * i], socks[2 * i + 1])))
+    return out
+
+
+async def _adopt(
+    runtime: Runtime, conns: list[tuple[dict[str, Any], tuple[socket.socket, socket.socket]]]
+) -> None:
+    plane = runtime.plane
+    for i in range(0, len(conns), ADOPT_AT_ONCE):  # (many per turn of the loop)
+        await asyncio.gather(
+            *(
+                adopt_conn(plane, runtime.routers[record["group"]], record, socks)
+                for record, socks in conns[i : i + ADOPT_AT_ONCE]
+            )
+        )

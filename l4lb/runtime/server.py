@@ -143,6 +143,7 @@ class Runtime:
         self.upgrades: dict[str, int] = {"ok": 0, "failed": 0}
         self.last_upgrade: dict[str, Any] | None = None
         self._upgrading = False
+        self._following: asyncio.Task[None] | None = None  # the waves of the upgrade it came from
 
     # ------------------------------------------------------------------ read models
 
@@ -297,6 +298,8 @@ class Runtime:
         line = await takeover.adopt(self)
         self.last_upgrade = {"at": time.time(), "line": line}
         log.info("upgrade: %s", line)
+        if takeover.waves:  # the connections come now, a wave at a time
+            self._following = asyncio.get_running_loop().create_task(takeover.follow(self))
 
     def admin_plane(self) -> AdminPlane | None:
         return self._admin
@@ -305,7 +308,7 @@ class Runtime:
         """Start the l4lb installed now on the configuration file as it is now, hand it
         everything, and exit (runtime/handover.py); what moved, in one line. UpgradeError
         (the old process serves on) when it cannot, or while another upgrade runs."""
-        if self._upgrading:
+        if self._upgrading or (self._following is not None and not self._following.done()):
             raise UpgradeError("an upgrade is running already")
         if self.takeover is not None or not self.ready:
             raise UpgradeError("this process is not serving yet")

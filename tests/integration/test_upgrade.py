@@ -91,6 +91,11 @@ def metrics(admin: int) -> str:
         return str(r.read().decode())
 
 
+def counter(text: str, name: str) -> float:
+    """The sum of a metric's samples in a /metrics text."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
 def post(admin: int, path: str) -> tuple[int, dict[str, object]]:
     req = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", data=b"{}", method="POST")
     req.add_header("Content-Type", "application/json")
@@ -270,14 +275,22 @@ def assert_nothing_lost(load: Load) -> None:
     assert moved == {}, moved  # every /24 on the backend it had
 
 
-def test_an_upgrade_under_load_refuses_and_cuts_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("to", ["this release", "a release that reads format 1 only"])
+def test_an_upgrade_under_load_refuses_and_cuts_nothing(tmp_path: Path, to: str) -> None:
+    """To this release, the connections move after the commit, in waves; to a release that
+    reads only the first format (the previous one), everything moves before the commit."""
     with site(tmp_path) as (s, _procs):
         lb = start_l4lb(s.cfg, env={"PYTHONPATH": str(s.code)}, cwd=tmp_path)
         _procs.append(lb)
         load = Load()
+        accepted: list[float] = []
 
         def upgrade() -> None:
+            accepted.append(counter(metrics(s.admin), "l4lb_connections_accepted_total"))
             set_version(s.code, "0.1.0+upgraded")
+            if to != "this release":
+                form = s.code / "l4lb" / "runtime" / "handform.py"
+                form.write_text(form.read_text().replace("READS = (1, 2)", "READS = (1,)"))
             load.upgraded_at = time.monotonic()
             lb.send_signal(signal.SIGUSR2)
             assert lb.wait(30) == 0  # the old process is gone: one l4lb left
@@ -285,7 +298,12 @@ def test_an_upgrade_under_load_refuses_and_cuts_nothing(tmp_path: Path) -> None:
         try:
             asyncio.run(run_load(s, load, upgrade))
             assert_nothing_lost(load)
+            said = re.search(r"upgrade: handed over .*", output(lb))
+            assert said is not None, output(lb)[-2000:]
+            assert ("in waves" in said.group(0)) == (to == "this release"), said.group(0)
             text = metrics(s.admin)
+            # the totals count on (those the old process counted during the waves added)
+            assert counter(text, "l4lb_connections_accepted_total") >= accepted[0] + 100
             assert 'l4lb_build_info{build="' in text and 'version="0.1.0+upgraded"' in text
             assert 'l4lb_upgrades_total{result="ok"} 1.0' in text
             assert load.worst_rtt < 2.0, (load.worst_rtt, output(lb)[-3000:])
