@@ -209,6 +209,7 @@ class Upgrade:
         self.freezer: Freezer | None = None
         self.stopped: list[tuple[Any, socket.socket]] = []  # TCP listeners stopped: (spec, dup)
         self.admin_stopped = False
+        self.committed = False  # the new process said `serving`: the waves are under way
         self.tables: list[Any] = []  # marked for what changes during the hand-over
         # The new process's stderr until it speaks (closed in `_undo`, or with this process)
         self.errors = tempfile.TemporaryFile()  # noqa: SIM115
@@ -227,6 +228,8 @@ class Upgrade:
             else:  # a bug of ours: said whole, once
                 log.exception("the upgrade failed unexpectedly")
                 why = f"{type(exc).__name__}: {exc}"
+            if self.committed:
+                why = f"{why}; during the waves: what it served went with it, this one serves on"
             await self._undo()
             raise UpgradeError(why) from None
         took = time.monotonic() - t0
@@ -265,6 +268,7 @@ class Upgrade:
             self.admin_stopped = True
         channel.send({"t": "commit"})
         await self._expect(channel, "serving")
+        self.committed = True
         timing["serving"] = time.monotonic() - frozen_at
         steps = ("flushing", "pins", "records", "adoption", "serving")
         marks = [timing["flushed"], timing["pins"], timing["sent"], timing["adopted"]]
@@ -498,6 +502,8 @@ class Upgrade:
             admin = self.runtime.admin_plane()
             if admin is not None:
                 await admin.resume()
+        if self.committed:  # (the new process had told systemd it was the main one)
+            sdnotify.notify(f"MAINPID={os.getpid()}")
         self.errors.close()
 
 
@@ -619,6 +625,8 @@ class Takeover:
                 break
             message, fds = got
             kind = message.get("t")
+            if kind == "conns" and os.environ.get("L4LB_TEST_HANDOVER_STOP") == "wave":
+                os.kill(os.getpid(), signal.SIGSTOP)  # (tests: a kill during the waves)
             if kind == "done":
                 apply_counters(runtime, message.get("counters") or {}, add=True)
                 break

@@ -538,3 +538,33 @@ def test_a_slow_dial_does_not_stall_the_connections_already_relaying(tmp_path: P
             pit.close()
             for f in filler:
                 f.close()
+
+
+def test_a_new_process_killed_during_the_waves_leaves_the_old_one_serving(tmp_path: Path) -> None:
+    """The new process serves, then dies (SIGKILL) at its first wave of connections, before it
+    has adopted any: the old process serves on, every long-lived connection, flow and the
+    upload with it (the wave it had frozen thaws). What the dead process served in the moment
+    it served (a new client or two) went with it."""
+    with site(tmp_path) as (s, procs):
+        env = {"PYTHONPATH": str(s.code), "L4LB_TEST_HANDOVER_STOP": "wave"}
+        lb = start_l4lb(s.cfg, env=env, cwd=tmp_path)
+        procs.append(lb)
+        load = Load()
+
+        def upgrade() -> None:
+            load.upgraded_at = time.monotonic()
+            lb.send_signal(signal.SIGUSR2)
+            os.kill(stopped_child(lb.pid), signal.SIGKILL)
+
+        try:
+            asyncio.run(run_load(s, load, upgrade))
+        finally:
+            end_new_processes(tmp_path)
+        assert load.long_failed == [] and load.echoes > LONG * 50, load.long_failed[:5]
+        assert load.flows_failed == [], load.flows_failed[:5]
+        assert load.upload_ok is True
+        assert len(load.new_failed) <= 5, load.new_failed
+        assert lb.poll() is None  # the old process serves on
+        said = wait_for_line(lb, "stderr", "upgrade failed; serving on", timeout=30)[-1]
+        assert "status -9" in said and "during the waves" in said, said
+        assert 'l4lb_upgrades_total{result="failed"} 1.0' in metrics(s.admin)
