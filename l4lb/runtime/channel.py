@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 from typing import Any
 
@@ -37,7 +38,14 @@ class Channel:
             return
         except OSError:
             data, fds = b"", []
+        for fd in fds:
+            # Received descriptors come inheritable (no MSG_CMSG_CLOEXEC in recv_fds), and a
+            # child spawned later would keep a copy of each: a connection that never closes,
+            # a successor's hand-over that never fails. Only `pass_fds` passes one on.
+            os.set_inheritable(fd, False)
         if not data:  # the other end is gone
+            for fd in fds:
+                os.close(fd)
             self.close()
             return
         try:
