@@ -54,9 +54,12 @@ async def _serve(config: Config, demo: bool, log_level: str, takeover: int | Non
     channel = None
     log.info("%s", _version())  # which build runs, compiled or pure Python (l4lb/native.py)
     if config.workers > 1:
+        from .runtime.channel import Channel
         from .workers.supervisor import Supervisor
 
-        balancer = Supervisor(config, log_level)
+        if takeover is not None:  # the whole tree's upgrade (workers/upgrade.py)
+            channel = Channel(socket.socket(fileno=takeover))
+        balancer = Supervisor(config, log_level, takeover=channel)
     elif takeover is not None:  # started by an upgrade: everything comes from the old process
         from .runtime.channel import Channel
 
@@ -505,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.config, config)
     _raise_nofile()
     takeover = getattr(args, "takeover_fd", None)
+    if takeover is not None:
+        os.set_inheritable(takeover, False)  # (this process's: never a child's)
     if takeover is not None and args.takeover_stderr is not None:
         # The configuration is good: from here on, this process's lines go where the old one's
         # go (until now they went to a file the old process reads if this one fails to start).

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..core.spec import AdminSpec
 from .api import MAX_LIST, ROUTES, ApiBase, backends_csv
 from .lifecycle import ApiError
-from .metrics import REFUSED_HELP, RELOADS_HELP
+from .metrics import REFUSED_HELP, RELOADS_HELP, UPGRADES_HELP
 from .paging import client_key, cursor_of
 
 log = logging.getLogger("l4lb.admin")
@@ -44,7 +44,11 @@ SHARED_GAUGES = {
     "l4lb_store_up",
     "python_info",
 }
-OWN_METRICS = {"l4lb_reloads", "l4lb_admin_requests_refused"}  # the supervisor's, not summed
+OWN_METRICS = {
+    "l4lb_reloads",
+    "l4lb_upgrades",
+    "l4lb_admin_requests_refused",
+}  # the supervisor's, not summed
 # Summed over workers ("peak": the sum of each worker's peak, an upper bound of the whole's).
 BACKEND_SUMS = (
     "active",
@@ -112,6 +116,14 @@ class Fleet(Protocol):
     def started_at(self) -> float: ...
 
     @property
+    def upgrades(self) -> Mapping[str, int]: ...
+
+    @property
+    def last_upgrade(self) -> Mapping[str, object] | None: ...
+
+    async def upgrade(self) -> str: ...
+
+    @property
     def admin_refused(self) -> dict[str, int]: ...  # the API counts its refusals here
 
     def live_workers(self) -> Sequence[Member]: ...
@@ -123,7 +135,7 @@ class FrontAdmin(ApiBase):
     routes = (*ROUTES, ("GET", "/api/v1/workers", "workers"))
 
     def __init__(self, sup: Fleet, spec: AdminSpec) -> None:
-        super().__init__(spec, sup.admin_refused, None, sup.reload_from_file)
+        super().__init__(spec, sup.admin_refused, None, sup.reload_from_file, sup.upgrade)
         self.sup = sup
         self._sessions: dict[int, tuple[aiohttp.ClientSession, int]] = {}  # by worker: pid
         self._closing: set[asyncio.Task[None]] = set()
@@ -244,6 +256,8 @@ class FrontAdmin(ApiBase):
                         else:
                             g["udp"][k] += v
         first["uptime"] = _uptime(self.sup)
+        first["started_at"] = self.sup.started_at
+        first["last_upgrade"] = self.sup.last_upgrade
         first["workers"] = len(answers)
         return web.json_response(first)
 
@@ -408,9 +422,12 @@ class _Merged:
         reloads = CounterMetricFamily("l4lb_reloads", RELOADS_HELP, labels=["result"])
         reloads.add_metric(["ok"], sup.reloads_ok)
         reloads.add_metric(["failed"], sup.reloads_failed)
+        upgrades = CounterMetricFamily("l4lb_upgrades", UPGRADES_HELP, labels=["result"])
+        for result in ("ok", "failed"):
+            upgrades.add_metric([result], sup.upgrades.get(result, 0))
         refused = CounterMetricFamily(
             "l4lb_admin_requests_refused", REFUSED_HELP, labels=["reason"]
         )
         for reason, n in sorted(sup.admin_refused.items()):
             refused.add_metric([reason], n)
-        return [*self.families, workers, restarts, reloads, refused]
+        return [*self.families, workers, restarts, reloads, upgrades, refused]

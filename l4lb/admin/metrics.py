@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 
 RELOADS_HELP = "Configuration reloads: result=ok (applied), failed (refused: nothing changed)"
+UPGRADES_HELP = (
+    "Upgrades (SIGUSR2, ctl upgrade): ok, handed over to this process's successor (its"
+    " count goes on in the new process); failed, the process served on"
+)
 REFUSED_HELP = (
     "Admin requests refused, by reason: unauthorized, forbidden, not_found, bad_request (the"
     " API's), bad_header (not ASCII), bad_host (not this API's Host), header_timeout,"
@@ -309,12 +313,7 @@ def _process(s: Balancer) -> Iterator[Metric]:
     reloads.add_metric(["ok"], s.reloads_ok)
     reloads.add_metric(["failed"], s.reloads_failed)
     yield reloads
-    upgrades = CounterMetricFamily(
-        "l4lb_upgrades",
-        "Upgrades (SIGUSR2, ctl upgrade): ok, handed over to this process's successor (its"
-        " count goes on in the new process); failed, the process served on",
-        labels=["result"],
-    )
+    upgrades = CounterMetricFamily("l4lb_upgrades", UPGRADES_HELP, labels=["result"])
     for result in ("ok", "failed"):
         upgrades.add_metric([result], s.upgrades.get(result, 0))
     yield upgrades

@@ -43,7 +43,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, cast
 
 from ..core.flowstats import UdpStats
@@ -112,6 +112,56 @@ def handed_over() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(0)
+
+
+async def start_successor(
+    argv: list[str], errors: Any
+) -> tuple[asyncio.subprocess.Process, Channel]:
+    """Start `argv` with `--takeover-fd`: its standard error to `errors` (a file) until its
+    configuration is loaded, then to this process's own. The process, and the channel to it."""
+    a, b = pair()
+    err = os.dup(sys.stderr.fileno())  # (at a number of its own: the child's 2 is a file)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            "--takeover-fd",
+            str(b.fileno()),
+            "--takeover-stderr",
+            str(err),
+            pass_fds=(b.fileno(), err),
+            stderr=errors,
+        )
+    except BaseException:
+        a.close()
+        raise
+    finally:
+        b.close()
+        os.close(err)
+    return proc, Channel(a)
+
+
+async def why_gone(proc: asyncio.subprocess.Process, errors: Any) -> str:
+    """Why the new process went away before it answered: its last line, and its status."""
+    status = None
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2.0):
+            status = await proc.wait()
+    errors.seek(0)
+    lines = [x for x in errors.read()[-4096:].decode(errors="replace").splitlines() if x]
+    last = lines[-1].strip() if lines else "no message"
+    return f"the new process exited (status {status}) before it took over: {last}"
+
+
+def changing_workers(ours: int, theirs: int) -> str:
+    return (
+        f"changing workers ({ours} -> {theirs}) takes a restart: an upgrade keeps the number"
+        " of workers (each hands its clients to its successor on the same listening socket);"
+        " set workers back, or restart"
+    )
+
+
+def _int_or(v: object, default: int) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else default
 
 
 def _counters(runtime: Runtime) -> dict[str, Any]:
@@ -201,11 +251,24 @@ def _states(routers: Mapping[str, Router]) -> dict[str, Any]:
 class Upgrade:
     """One upgrade, seen from the process that gives everything away."""
 
-    def __init__(self, runtime: Runtime, argv: list[str]) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        argv: list[str],
+        *,
+        workers: int = 1,
+        channel: Channel | None = None,
+        barrier: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.runtime = runtime
         self.argv = argv
+        self.workers = workers  # (the new process must run as many: `changing_workers`)
         self.proc: asyncio.subprocess.Process | None = None
-        self.channel: Channel | None = None
+        self.pid = 0  # the new process's, as its hello says
+        # A worker's upgrade (workers/upgrade.py): its successor's channel, made by the
+        # supervisors, and what to wait for before the commit (every worker ready to commit)
+        self.channel: Channel | None = channel
+        self.barrier = barrier
         self.freezer: Freezer | None = None
         self.stopped: list[tuple[Any, socket.socket]] = []  # TCP listeners stopped: (spec, dup)
         self.admin_stopped = False
@@ -266,6 +329,8 @@ class Upgrade:
         if admin is not None:
             admin.pause()
             self.admin_stopped = True
+        if self.barrier is not None:
+            await self.barrier()
         channel.send({"t": "commit"})
         await self._expect(channel, "serving")
         self.committed = True
@@ -288,29 +353,22 @@ class Upgrade:
             )
         return (
             f"{len(listeners)} listeners, {n_conns:,} connections, {n_flows:,} flows,"
-            f" {pins:,} pins to process {self.proc.pid if self.proc else 0} ({paused})"
+            f" {pins:,} pins to process {self.pid} ({paused})"
         )
 
     async def _start(self) -> tuple[Channel, int]:
-        """The new process started, and its hello heard: the channel, and the format to write
-        (the newest both read)."""
-        a, b = pair()
-        err = os.dup(sys.stderr.fileno())  # (at a number of its own: the child's 2 is a file)
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                "--takeover-fd",
-                str(b.fileno()),
-                "--takeover-stderr",
-                str(err),
-                pass_fds=(b.fileno(), err),
-                stderr=self.errors,
-            )
-        finally:
-            b.close()
-            os.close(err)
-        self.channel = channel = Channel(a)
+        """The new process started (or, for a worker, its successor reached through the
+        supervisor), and its hello heard: the channel, and the format to write (the newest
+        both read)."""
+        if self.channel is None:
+            self.proc, self.channel = await start_successor(self.argv, self.errors)
+        channel = self.channel
         hello = await self._expect(channel, "hello")
+        self.pid = _int_or(hello.get("pid"), 0)
+        theirs = _int_or(hello.get("workers"), 1)
+        if theirs != self.workers:
+            channel.send({"t": "refused"})
+            raise UpgradeError(changing_workers(self.workers, theirs))
         reads = hello.get("reads", [])
         both = [f for f in WRITES if isinstance(reads, list) and f in reads]
         if not both:
@@ -374,16 +432,9 @@ class Upgrade:
         return message
 
     async def _why_gone(self) -> str:
-        """Why the new process went away before it answered: its last line, and its status."""
-        status = None
-        if self.proc is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2.0):
-                    status = await self.proc.wait()
-        self.errors.seek(0)
-        lines = [x for x in self.errors.read()[-4096:].decode(errors="replace").splitlines() if x]
-        last = lines[-1].strip() if lines else "no message"
-        return f"the new process exited (status {status}) before it took over: {last}"
+        if self.proc is None:  # (a worker's successor: its supervisor says more)
+            return "the new worker went away before it took over"
+        return await why_gone(self.proc, self.errors)
 
     def _stop_accepting(self) -> list[tuple[Any, socket.socket]]:
         """Stop accepting on every TCP listener (each socket kept open, duplicated: the kernel
@@ -525,11 +576,12 @@ class Takeover:
         self.began = 0.0
         self.waves = False  # the connections come after the commit (`follow`)
 
-    async def receive(self, routers: Mapping[str, Router]) -> None:
+    async def receive(self, routers: Mapping[str, Router], workers: int = 1) -> None:
         """Everything the old process sends, checked, until `end`. HandoverError when anything
-        is amiss (the old process serves on)."""
+        is amiss (the old process serves on). `workers`: how many this process's tree runs."""
         channel = self.channel
-        channel.send({"t": "hello", "pid": os.getpid(), "version": VERSION, "reads": list(READS)})
+        hello = {"t": "hello", "pid": os.getpid(), "version": VERSION, "reads": list(READS)}
+        channel.send({**hello, "workers": workers})
         begin = await self._next("begin")
         if begin.get("format") not in READS:
             raise HandoverError(f"unknown hand-over format {str(begin.get('format'))[:20]}")

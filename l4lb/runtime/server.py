@@ -281,10 +281,15 @@ class Runtime:
         """Take what the previous process hands over (its listening sockets are then this
         one's, its pins, states, counters, connections and flows adopted once serving)."""
         try:
-            await takeover.receive(self.routers)
+            await takeover.receive(self.routers, self.config.workers)
         except HandoverError as exc:
             takeover.channel.send({"t": "error", "why": str(exc)})
             raise StartupError(f"taking over from the previous process: {exc}") from None
+        if self.worker is not None:
+            # A worker serves the sockets its supervisor passed (the same ones, taken over by
+            # the supervisor: its place in the reuseport group is theirs); the copies that came
+            # with the hand-over are closed with the unwanted ones.
+            return
         self.listeners.inherited = takeover.listeners
         self.listeners.partial = True
 
@@ -304,17 +309,25 @@ class Runtime:
     def admin_plane(self) -> AdminPlane | None:
         return self._admin
 
-    async def upgrade(self) -> str:
+    async def upgrade(
+        self,
+        channel: Channel | None = None,
+        barrier: Callable[[], Awaitable[None]] | None = None,
+    ) -> str:
         """Start the l4lb installed now on the configuration file as it is now, hand it
         everything, and exit (runtime/handover.py); what moved, in one line. UpgradeError
-        (the old process serves on) when it cannot, or while another upgrade runs."""
+        (the old process serves on) when it cannot, or while another upgrade runs. A worker
+        is given its successor's `channel` and the supervisor's `barrier` (workers/upgrade.py)."""
         if self._upgrading or (self._following is not None and not self._following.done()):
             raise UpgradeError("an upgrade is running already")
         if self.takeover is not None or not self.ready:
             raise UpgradeError("this process is not serving yet")
         self._upgrading = True
         try:
-            line = await Upgrade(self, upgrade_argv()).run()
+            how = Upgrade(
+                self, upgrade_argv(), workers=self.config.workers, channel=channel, barrier=barrier
+            )
+            line = await how.run()
         except UpgradeError as exc:
             self.upgrades["failed"] += 1
             log.error("upgrade failed; serving on: %s", exc)

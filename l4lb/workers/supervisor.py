@@ -47,9 +47,10 @@ from ..core.reuseport import attach, program
 from ..core.spec import Config
 from ..dataplane.listeners import ListenSpec, Where, bind, close_all, listen_specs, steering_masks
 from ..runtime import channel as control
-from ..runtime import sdnotify
+from ..runtime.channel import Channel
 from ..runtime.errors import ReloadError, StartupError
-from ..runtime.handover import UpgradeError
+from ..runtime.handover import UpgradeError, handed_over
+from .upgrade import TreeTakeover, TreeUpgrade
 from .worker import ENV
 
 if TYPE_CHECKING:
@@ -80,11 +81,21 @@ class WorkerProc:
     answered: float = 0.0  # when it last answered a ping (monotonic)
     unresponsive: bool = False  # killed for missing its pings
     admin_path: str | None = None
+    # Its words on an upgrade (workers/upgrade.py), and whether its channel has been read out
+    upgrade_replies: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    listened: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Supervisor:
-    def __init__(self, config: Config, log_level: str = "info") -> None:
+    def __init__(
+        self, config: Config, log_level: str = "info", takeover: Channel | None = None
+    ) -> None:
         self.config = config
+        # An upgrade's new supervisor: the old one's channel (workers/upgrade.py)
+        self.takeover = TreeTakeover(self, takeover) if takeover is not None else None
+        self.handing_over = False  # an upgrade runs: a worker that exits is not replaced
+        self._missed: list[int] = []  # workers that exited meanwhile, replaced if it fails
+        self.last_upgrade: dict[str, object] | None = None
         self.n = config.workers
         self.log_level = log_level
         self.rundir = tempfile.mkdtemp(prefix="l4lb-")  # 0700: the workers' admin sockets
@@ -98,7 +109,6 @@ class Supervisor:
         self._ids = itertools.count(1)  # control requests' ids
         self.reloads_ok = 0
         self.upgrades: dict[str, int] = {"ok": 0, "failed": 0}
-        self.last_upgrade: dict[str, object] | None = None
         self.reloads_failed = 0
         self.admin_refused: dict[str, int] = {}
         # The checking worker's latest verdict per (group, backend), passed on to the others
@@ -184,7 +194,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ workers
 
-    async def _spawn(self, i: int) -> WorkerProc:
+    @property
+    def front(self) -> FrontAdmin | None:
+        return self._front
+
+    async def _spawn(self, i: int, takeover: socket.socket | None = None) -> WorkerProc:
         parent, child = control.pair()
         keys = list(self.sockets)
         fds = [self.sockets[k][1][i].fileno() for k in keys]
@@ -194,8 +208,14 @@ class Supervisor:
                 os.unlink(admin_path)  # a crashed worker's
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)  # the supervisor speaks for its workers
+        passed = [child.fileno(), *fds]
+        extra: dict[str, int] = {}
+        if takeover is not None:  # an upgrade's: the channel to its predecessor
+            extra["takeover"] = takeover.fileno()
+            passed.append(takeover.fileno())
         env[ENV] = json.dumps(
             {
+                **extra,
                 "index": i,
                 "workers": self.n,
                 "control": child.fileno(),
@@ -215,11 +235,13 @@ class Supervisor:
                 self.log_level,
                 "worker",
                 env=env,
-                pass_fds=[child.fileno(), *fds],
+                pass_fds=passed,
                 stdin=asyncio.subprocess.DEVNULL,
             )
         finally:
             child.close()
+            if takeover is not None:
+                takeover.close()
         w = WorkerProc(i, proc, control.Channel(parent), time.monotonic(), admin_path=admin_path)
         # First of all, the files its configuration names, as this process read them: a worker
         # (a respawned one too) never reads a key or a token from disk (see worker.first_files).
@@ -240,12 +262,15 @@ class Supervisor:
         while True:
             got = await w.channel.recv()
             if got is None:
+                w.listened.set()
                 return
             message, fds = got
             for fd in fds:
                 os.close(fd)
             op = message.get("op")
-            if op == "pong":
+            if op in ("upgrade-adopted", "upgraded"):
+                w.upgrade_replies.put_nowait(message)
+            elif op == "pong":
                 w.answered = time.monotonic()
             elif op == "ready":
                 w.answered = time.monotonic()
@@ -303,6 +328,9 @@ class Supervisor:
         w.pending.clear()
         if self.stopping or self.workers[w.index] is not w:
             return
+        if self.handing_over:  # (gone to its successor; or replaced if the upgrade fails)
+            self._missed.append(w.index)
+            return
         lived = time.monotonic() - w.started
         self.restarts += 1
         self.restarts_by["unresponsive" if w.unresponsive else "exited"] += 1
@@ -330,16 +358,22 @@ class Supervisor:
 
     async def start(self) -> None:
         specs = listen_specs(self.config)
-        self._bind(specs)
-        self._steer()
+        chans = None
+        if self.takeover is not None:  # the old supervisor's sockets, first
+            self.handing_over = True
+            chans = await self.takeover.receive()
+            for where in [k for k in self.sockets if k not in {s.where for s in specs}]:
+                close_all(self.sockets.pop(where)[1])
         try:
+            self._bind(specs)
+            self._steer()
             text, first = await self._snapshot_source()
         except ConfigError as exc:
             raise StartupError(exc.lines[0]) from None
         self._write_snapshot(text)
         self.files = dict(first.files)  # what a worker is given (a respawned one too)
         for i in range(self.n):
-            await self._spawn(i)
+            await self._spawn(i, chans[i] if chans is not None else None)
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 for w in list(self.workers):
@@ -353,19 +387,26 @@ class Supervisor:
                         raise StartupError(f"worker {w.index} could not start (see above)")
         except TimeoutError:
             raise StartupError(f"the workers did not start within {READY_TIMEOUT:g}s") from None
-        await self._start_admin()
+        self.handing_over = False
+        await self._start_admin(self.takeover.admin if self.takeover is not None else None)
+        if self.takeover is not None:
+            await self.takeover.serving()
+            self.last_upgrade = {"at": time.time(), "line": "took over from the previous tree"}
+            self.takeover = None
         log.info("%d workers serving, clients steered to them by their masked address", self.n)
         for g in self.config.groups:  # last, as in a single process: "fully started"
             log.info("%s", describe(self.config, specs, g.name))
 
-    async def _start_admin(self) -> None:
+    async def _start_admin(self, inherited: socket.socket | None = None) -> None:
         if self.config.admin is None:
+            if inherited is not None:
+                inherited.close()
             return
         from ..admin.fanout import FrontAdmin  # aiohttp loads only with the admin API
 
         front = FrontAdmin(self, self.config.admin)
         try:
-            await front.start()
+            await front.start(inherited)
         except OSError as exc:
             where = f"{self.config.admin.host}:{self.config.admin.port}"
             raise StartupError(
@@ -414,20 +455,26 @@ class Supervisor:
     # ------------------------------------------------------------------ reload
 
     async def upgrade(self) -> str:
-        """Upgrades hand over one process's connections (runtime/handover.py); with workers
-        this release reloads the configuration in place instead (what `systemctl reload` did
-        before; SIGUSR2 is its ExecReload now), and says so. The code is not upgraded."""
-        log.warning(
-            "upgrades (SIGUSR2) hand over a single process's connections in this release; with"
-            " workers, the configuration is reloaded in place instead (the code stays)"
-        )
+        """Replace the whole tree with the l4lb installed now, each worker handing over to
+        its successor (workers/upgrade.py); what moved, in one line, and this process exits.
+        UpgradeError (everything serves on as it was) when it cannot."""
+        if self.handing_over:
+            raise UpgradeError("an upgrade is running already")
+        if not self.ready:
+            raise UpgradeError("the workers are not all serving: try again in a moment")
+        self.handing_over = True
+        self._missed = []
         try:
-            changes = await self.reload_from_file()
-        except ReloadError as exc:
+            line = await TreeUpgrade(self).run()
+        except UpgradeError as exc:
+            self.handing_over = False
             self.upgrades["failed"] += 1
-            raise UpgradeError(f"reloaded in place instead, and refused: {exc.lines[0]}") from None
-        line = f"reloaded in place instead: {len(changes)} change(s)"
-        sdnotify.ready(line)  # (this process stays the main one: systemd's reload ends here)
+            log.error("upgrade failed; serving on: %s", exc)
+            for i in self._missed:  # a worker that ended meanwhile (not handed over)
+                await self._spawn(i)
+            raise
+        log.info("upgrade: %s; this process exits", line)
+        asyncio.get_running_loop().call_later(0.2, handed_over)  # (the API's answer first)
         return line
 
     async def reload_from_file(self) -> list[str]:

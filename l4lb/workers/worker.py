@@ -27,6 +27,7 @@ from ..core.spec import Config
 from ..dataplane.listeners import Where
 from ..runtime.channel import MAX_MESSAGE, Channel
 from ..runtime.errors import ReloadError, StartupError
+from ..runtime.handover import UpgradeError
 from ..runtime.heap import settle_heap
 
 log = logging.getLogger("l4lb.worker")
@@ -73,6 +74,8 @@ def first_files(control: socket.socket) -> dict[str, bytes]:
 
 
 def _sockets(entries: list[list[Any]], fds: list[int]) -> dict[Where, socket.socket]:
+    for fd in fds:
+        os.set_inheritable(fd, False)  # (passed to this process: not to those it starts)
     return {
         (str(h), int(p), str(proto)): socket.socket(fileno=fd)
         for (h, p, proto), fd in zip(entries, fds, strict=True)
@@ -81,6 +84,9 @@ def _sockets(entries: list[list[Any]], fds: list[int]) -> dict[Where, socket.soc
 
 async def serve(env: dict[str, Any]) -> int:
     index = int(env["index"])
+    for fd in (env["control"], env.get("takeover")):  # this process's, not its children's
+        if fd is not None:
+            os.set_inheritable(int(fd), False)
     control = socket.socket(fileno=int(env["control"]))
     inherited = _sockets(env["sockets"], [int(fd) for fd in env["fds"]])
     try:
@@ -99,6 +105,8 @@ async def serve(env: dict[str, Any]) -> int:
         )
 
     lead = index == 0  # worker 0 runs the health checks and tells the others
+    # An upgrade's worker takes over from its predecessor (workers/upgrade.py)
+    takeover = Channel(socket.socket(fileno=int(env["takeover"]))) if "takeover" in env else None
     server = Server(
         config,
         inherited=inherited,
@@ -106,6 +114,7 @@ async def serve(env: dict[str, Any]) -> int:
         admin_path=env.get("admin"),
         follower=not lead,
         on_health=tell if lead else None,
+        takeover=takeover,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -117,6 +126,8 @@ async def serve(env: dict[str, Any]) -> int:
         await server.start()
     except StartupError as exc:
         log.error("%s", exc)
+        if takeover is not None:  # its predecessor says why, and serves on
+            takeover.send({"t": "error", "why": str(exc)})
         await server.shutdown(0)
         return 1
     settle_heap()
@@ -140,6 +151,7 @@ async def _orphaned(channel: Channel) -> None:
 
 
 async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> None:
+    upgrading = Upgrading(server, channel)
     while True:
         got = await channel.recv()
         if got is None:
@@ -147,6 +159,8 @@ async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> No
         message, fds = got
         if message.get("op") == "ping":  # answered from the loop: a stuck loop cannot answer
             channel.send({"op": "pong", "id": message.get("id")})
+        if upgrading.handles(message, fds):
+            continue
         if message.get("op") == "health":
             for v in message.get("verdicts", []):
                 try:
@@ -174,6 +188,62 @@ async def _commands(server: Server, channel: Channel, env: dict[str, Any]) -> No
         for sock in server.listeners.inherited.values():  # offered but not taken: not ours to keep
             sock.close()
         server.listeners.inherited.clear()
+
+
+class Upgrading:
+    """A worker's part in its supervisor's upgrade (workers/upgrade.py): `upgrade` brings the
+    channel to this worker's successor; the hand-over runs as a single process's does, except
+    that it waits at the commit for `upgrade-commit` (every worker ready) or `upgrade-abort`,
+    and says how it went (`upgrade-adopted`, then `upgraded`). Then this worker exits."""
+
+    def __init__(self, server: Server, channel: Channel) -> None:
+        self.server = server
+        self.channel = channel
+        self.ident: object = None
+        self.verdict: asyncio.Future[bool] | None = None
+        self.successor: Channel | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def handles(self, message: dict[str, Any], fds: list[int]) -> bool:
+        op = message.get("op")
+        if op == "upgrade":
+            if len(fds) != 1 or self.task is not None:
+                for fd in fds:
+                    os.close(fd)
+                self.channel.send({"op": "upgraded", "ok": False, "why": "no channel, or twice"})
+                return True
+            self.ident = message.get("id")
+            self.successor = successor = Channel(socket.socket(fileno=fds[0]))
+            self.task = asyncio.get_running_loop().create_task(self._run(successor))
+            return True
+        if op in ("upgrade-commit", "upgrade-abort"):
+            if self.verdict is not None and not self.verdict.done():
+                self.verdict.set_result(op == "upgrade-commit")
+            elif op == "upgrade-abort" and self.successor is not None:
+                self.successor.close()  # (still handing over: it fails now, and thaws)
+            return True
+        return False
+
+    async def _barrier(self) -> None:
+        self.verdict = asyncio.get_running_loop().create_future()
+        self.channel.send({"op": "upgrade-adopted", "id": self.ident})
+        gone = asyncio.ensure_future(self.channel.gone.wait())
+        waiting: list[asyncio.Future[Any]] = [self.verdict, gone]
+        try:
+            await asyncio.wait(waiting, return_when="FIRST_COMPLETED")
+        finally:
+            gone.cancel()
+        if not self.verdict.done() or not self.verdict.result():
+            raise UpgradeError("the upgrade was called off (another worker could not hand over)")
+
+    async def _run(self, successor: Channel) -> None:
+        try:
+            line = await self.server.upgrade(successor, self._barrier)
+        except UpgradeError as exc:
+            self.channel.send({"op": "upgraded", "id": self.ident, "ok": False, "why": str(exc)})
+            self.task = self.verdict = self.successor = None
+            return
+        self.channel.send({"op": "upgraded", "id": self.ident, "ok": True, "line": line})
 
 
 def environment() -> dict[str, Any]:

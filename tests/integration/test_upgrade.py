@@ -47,9 +47,9 @@ class Site:
 
 
 @contextlib.contextmanager
-def site(tmp: Path) -> Iterator[tuple[Site, list[object]]]:
-    """Two backends (HTTP names, TCP echo, UDP) and the configuration of a group over them;
-    the package copied to `tmp/code`."""
+def site(tmp: Path, workers: int = 1) -> Iterator[tuple[Site, list[object]]]:
+    """Two backends (HTTP names, TCP echo, UDP) and the configuration of a group over them
+    (`workers` processes); the package copied to `tmp/code`."""
     http, echo, udp, admin, *bp = free_ports(10)
     code = tmp / "code"
     shutil.copytree(ROOT / "l4lb", code / "l4lb", ignore=shutil.ignore_patterns("__pycache__"))
@@ -61,7 +61,8 @@ def site(tmp: Path) -> Iterator[tuple[Site, list[object]]]:
     cfg = tmp / "l4lb.yaml"
     (tmp / "token").write_text(TOKEN + "\n")
     cfg.write_text(
-        f"admin: {{listen: '127.0.0.1:{admin}', token_file: {tmp / 'token'}}}\n"
+        (f"workers: {workers}\n" if workers > 1 else "")
+        + f"admin: {{listen: '127.0.0.1:{admin}', token_file: {tmp / 'token'}}}\n"
         "groups:\n  shop:\n    listen: [127.0.0.1]\n"
         f"    ports: [{http}, {echo}, '{udp}/udp']\n"
         "    scheduler: rr\n    persistence: {timeout: 10m, netmask: /24}\n"
@@ -87,6 +88,13 @@ def set_version(code: Path, version: str) -> None:
 
 
 def metrics(admin: int) -> str:
+    try:
+        return _metrics(admin)
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(exc.read()) from None
+
+
+def _metrics(admin: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as r:
         return str(r.read().decode())
 
@@ -232,7 +240,8 @@ async def upload(load: Load, port: int) -> None:
 
 def end_new_processes(tmp: Path) -> None:
     """End, by PID, the processes an upgrade in this test started (the old l4lb's children,
-    which outlive it): their command line names this test's configuration."""
+    which outlive it): their command line names this test's configuration; and their workers."""
+    new = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -241,8 +250,31 @@ def end_new_processes(tmp: Path) -> None:
         except OSError:
             continue
         if b"--takeover-fd" in argv and str(tmp / "l4lb.yaml").encode() in argv:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+            new.add(int(entry.name))
+        elif b"worker" in argv and b"l4lb" in argv:  # a new worker, its supervisor killed
+            with contextlib.suppress(OSError, IndexError):
+                mine = str(tmp / "code").encode() in (entry / "environ").read_bytes()
+                fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+                parent = Path(f"/proc/{fields[1]}/cmdline").read_bytes().split(b"\0")
+                old = str(tmp / "l4lb.yaml").encode() in parent and b"--takeover-fd" not in parent
+                if mine and not old:  # (the old tree's workers serve on)
+                    new.add(int(entry.name))
+    for pid in [*new, *(c for p in new for c in children(p))]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def children(parent: int) -> list[int]:
+    """The PIDs of `parent`'s children (its workers, for a supervisor)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+            if int(fields[1]) == parent:
+                out.append(int(entry.name))
+    return out
 
 
 def new_pid(lb: object) -> int:
@@ -310,6 +342,7 @@ def test_an_upgrade_under_load_refuses_and_cuts_nothing(tmp_path: Path, to: str)
             assert "Traceback" not in output(lb)
             new = new_pid(lb)
             assert os.kill(new, 0) is None  # the new one serves (no exception: it is alive)
+            assert inheritable(new) == []  # (its next upgrade's process would keep copies)
         finally:
             end_new_processes(tmp_path)
 
@@ -362,10 +395,14 @@ def test_a_failed_upgrade_changes_nothing(tmp_path: Path, how: str) -> None:
         assert 'l4lb_upgrades_total{result="failed"} 1.0' in metrics(s.admin)
 
 
-def stopped_child(parent: int, within: float = 30.0) -> int:
-    """The PID of `parent`'s child once it has stopped itself (L4LB_TEST_HANDOVER_STOP)."""
+def stopped_child(parent: int, within: float = 30.0, depth: int = 1) -> int:
+    """The PID of `parent`'s child (grandchild, at `depth` 2: a new supervisor's worker) once
+    it has stopped itself (L4LB_TEST_HANDOVER_STOP)."""
     end = time.monotonic() + within
     while time.monotonic() < end:
+        parents = {parent}
+        for _ in range(depth - 1):
+            parents = {c for p in parents for c in children(p)}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -374,7 +411,7 @@ def stopped_child(parent: int, within: float = 30.0) -> int:
             except OSError:
                 continue
             fields = stat.rsplit(")", 1)[-1].split()
-            if fields[0] == "T" and int(fields[1]) == parent:
+            if fields[0] == "T" and int(fields[1]) in parents:
                 return int(entry.name)
         time.sleep(0.02)
     raise AssertionError("the new process never got to its hand-over")
@@ -568,3 +605,105 @@ def test_a_new_process_killed_during_the_waves_leaves_the_old_one_serving(tmp_pa
         said = wait_for_line(lb, "stderr", "upgrade failed; serving on", timeout=30)[-1]
         assert "status -9" in said and "during the waves" in said, said
         assert 'l4lb_upgrades_total{result="failed"} 1.0' in metrics(s.admin)
+
+
+def test_an_upgrade_of_two_workers_under_load_refuses_and_cuts_nothing(tmp_path: Path) -> None:
+    """`workers: 2`: the whole tree is replaced, each worker handing over to its successor on
+    the same sockets; nothing refused or cut, every /24 on its backend, one tree left."""
+    with site(tmp_path, workers=2) as (s, _procs):
+        lb = start_l4lb(s.cfg, env={"PYTHONPATH": str(s.code)}, cwd=tmp_path)
+        _procs.append(lb)
+        load = Load()
+        old_workers: list[int] = []
+
+        def upgrade() -> None:
+            old_workers.extend(children(lb.pid))
+            set_version(s.code, "0.1.0+upgraded")
+            load.upgraded_at = time.monotonic()
+            lb.send_signal(signal.SIGUSR2)
+            assert lb.wait(30) == 0  # the old supervisor is gone, its workers before it
+
+        try:
+            asyncio.run(run_load(s, load, upgrade))
+            assert_nothing_lost(load)
+            said = re.search(r"upgrade: handed over 2 workers .*", output(lb))
+            assert said is not None, output(lb)[-3000:]
+            assert said.group(0).count("in waves") == 2, said.group(0)
+            assert len(old_workers) == 2
+            for pid in old_workers:
+                assert not Path(f"/proc/{pid}").exists() or "Z" in stat_of(pid), pid
+            text = metrics(s.admin)
+            assert 'version="0.1.0+upgraded"' in text
+            assert 'l4lb_upgrades_total{result="ok"} 1.0' in text
+            assert "l4lb_workers 2.0" in text
+            assert "Traceback" not in output(lb)
+            new = re.search(r"handed over 2 workers to process (\d+)", said.group(0))
+            assert new is not None and len(children(int(new.group(1)))) == 2  # its workers
+            for pid in [int(new.group(1)), *children(int(new.group(1)))]:
+                assert inheritable(pid) == [], pid
+        finally:
+            end_new_processes(tmp_path)
+
+
+def inheritable(pid: int) -> list[str]:
+    """`pid`'s sockets that a process it starts would inherit (not close-on-exec): each one
+    a connection or listener that would never close while that child lives."""
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            flags = int((Path(f"/proc/{pid}/fdinfo") / fd.name).read_text().split()[3], 8)
+            if int(fd.name) > 2 and not flags & 0o2000000 and "socket" in os.readlink(fd):
+                out.append(fd.name)
+    return out
+
+
+def stat_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.mark.parametrize("how", ["config", "workers", "killed"])
+def test_a_failed_upgrade_of_two_workers_changes_nothing(tmp_path: Path, how: str) -> None:
+    """`workers: 2`: a broken configuration, a change of `workers` (refused: it takes a
+    restart), and a new worker killed at its commit: the old tree serves on, says why."""
+    with site(tmp_path, workers=2) as (s, procs):
+        env = {"PYTHONPATH": str(s.code)}
+        if how == "killed":
+            env["L4LB_TEST_HANDOVER_STOP"] = "adopted"
+        lb = start_l4lb(s.cfg, env=env, cwd=tmp_path)
+        procs.append(lb)
+        load = Load()
+        answers: list[tuple[int, dict[str, object]]] = []
+
+        def upgrade() -> None:
+            load.upgraded_at = time.monotonic()
+            if how == "config":
+                s.cfg.write_text(s.cfg.read_text().replace("scheduler: rr", "scheduler: nope"))
+            elif how == "workers":
+                s.cfg.write_text(s.cfg.read_text().replace("workers: 2", "workers: 3"))
+            if how == "killed":
+                lb.send_signal(signal.SIGUSR2)
+                os.kill(stopped_child(lb.pid, depth=2), signal.SIGKILL)
+            else:
+                answers.append(post(s.admin, "/api/v1/upgrade"))
+
+        try:
+            asyncio.run(run_load(s, load, upgrade))
+        finally:
+            end_new_processes(tmp_path)
+        assert_nothing_lost(load)
+        assert lb.poll() is None  # the old tree serves on
+        if how == "config":
+            status, body = answers[0]
+            assert status == 503 and "scheduler" in str(body["error"]), body
+        elif how == "workers":
+            status, body = answers[0]
+            assert status == 503 and "changing workers (2 -> 3)" in str(body["error"]), body
+        said = wait_for_line(lb, "stderr", "upgrade failed; serving on", timeout=30)[-1]
+        if how == "killed":
+            assert "worker" in said, said
+        text = metrics(s.admin)
+        assert 'l4lb_upgrades_total{result="failed"} 1.0' in text
+        assert "l4lb_workers 2.0" in text
