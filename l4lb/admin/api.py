@@ -274,6 +274,9 @@ class ApiBase(Lifecycle):
             spec.max_connections_per_peer,
         )
         loop = asyncio.get_running_loop()
+        if sock is not None and not _listens_at(sock, spec.host, spec.port):
+            sock.close()  # (an upgrade that moved the admin API: its new address is bound)
+            sock = None
         try:
             if sock is not None:
                 self._listener = await loop.create_server(
@@ -777,3 +780,12 @@ def parse_cursor(text: str | None) -> tuple[str, int] | None:
         return group, int(key, 16)
     except ValueError:
         raise ApiError(400, f"cursor must be a page's next, not {text[:60]!r}") from None
+
+
+def _listens_at(sock: socket.socket, host: str, port: int) -> bool:
+    """Whether an inherited listener is the one the configuration asks for."""
+    try:
+        got = sock.getsockname()
+        return bool(got[1] == port and ipaddress.ip_address(got[0]) == ipaddress.ip_address(host))
+    except (OSError, ValueError, IndexError, TypeError):
+        return False

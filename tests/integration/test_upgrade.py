@@ -27,7 +27,15 @@ from pathlib import Path
 import pytest
 
 from tests.support.helpers import free_ports, wait_until
-from tests.support.procs import ROOT, output, processes, start_backend, start_l4lb, wait_for_line
+from tests.support.procs import (
+    ROOT,
+    output,
+    processes,
+    redis_argv,
+    start_backend,
+    start_l4lb,
+    wait_for_line,
+)
 
 NETS = 50  # client /24s of the new connections
 LONG = 40  # long-lived echo connections
@@ -707,3 +715,50 @@ def test_a_failed_upgrade_of_two_workers_changes_nothing(tmp_path: Path, how: st
         text = metrics(s.admin)
         assert 'l4lb_upgrades_total{result="failed"} 1.0' in text
         assert "l4lb_workers 2.0" in text
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_moving_the_admin_api_and_adding_a_store_take_an_upgrade_and_lose_nothing(
+    tmp_path: Path,
+) -> None:
+    """What a reload cannot change (the admin section, `affinity_store`) an upgrade does, under
+    load, losing nothing: the API answers on its new address only, pins go to the store."""
+    redis_port, admin2 = free_ports(2)
+    store = subprocess.Popen(redis_argv(redis_port), stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for_line(store, "stdout", "Ready to accept connections")
+        with site(tmp_path) as (s, procs):
+            lb = start_l4lb(s.cfg, env={"PYTHONPATH": str(s.code)}, cwd=tmp_path)
+            procs.append(lb)
+            load = Load()
+
+            def upgrade() -> None:
+                text = s.cfg.read_text().replace(f"127.0.0.1:{s.admin}'", f"127.0.0.1:{admin2}'")
+                s.cfg.write_text(
+                    f"affinity_store: {{type: redis, url: 'redis://127.0.0.1:{redis_port}/0',"
+                    " key_prefix: 'up:', budget: 1s}\n" + text
+                )
+                load.upgraded_at = time.monotonic()
+                lb.send_signal(signal.SIGUSR2)
+                assert lb.wait(30) == 0
+
+            try:
+                asyncio.run(run_load(s, load, upgrade))
+                assert_nothing_lost(load)
+                assert 'l4lb_upgrades_total{result="ok"} 1.0' in metrics(admin2)
+                with pytest.raises(urllib.error.URLError):
+                    metrics(s.admin)  # (refused: nobody listens there any more)
+                keys = subprocess.run(
+                    ["redis-cli", "-p", str(redis_port), "--scan", "--pattern", "up:*"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.split()
+                assert keys, "no pin reached the store"
+            finally:
+                end_new_processes(tmp_path)
+    finally:
+        store.terminate()
+        store.wait(10)
+        if store.stdout is not None:
+            store.stdout.close()
