@@ -355,10 +355,11 @@ def test_an_upgrade_under_load_refuses_and_cuts_nothing(tmp_path: Path, to: str)
             end_new_processes(tmp_path)
 
 
-@pytest.mark.parametrize("how", ["config", "import", "killed"])
+@pytest.mark.parametrize("how", ["config", "import", "killed", "workers"])
 def test_a_failed_upgrade_changes_nothing(tmp_path: Path, how: str) -> None:
-    """A broken configuration, an import error in the new code, and the new process killed
-    mid-hand-over: the old process serves every connection on, refuses nothing, says why."""
+    """A broken configuration, an import error in the new code, the new process killed
+    mid-hand-over, and `workers: 2` (a change of workers takes a restart): the old process
+    serves every connection on, refuses nothing, says why."""
     with site(tmp_path) as (s, procs):
         env = {"PYTHONPATH": str(s.code)}
         if how == "killed":
@@ -371,6 +372,8 @@ def test_a_failed_upgrade_changes_nothing(tmp_path: Path, how: str) -> None:
         def upgrade() -> None:
             if how == "config":
                 s.cfg.write_text(s.cfg.read_text().replace("scheduler: rr", "scheduler: nope"))
+            elif how == "workers":
+                s.cfg.write_text("workers: 2\n" + s.cfg.read_text())
             elif how == "import":
                 cli = s.code / "l4lb" / "cli.py"
                 text = cli.read_text().replace(
@@ -397,6 +400,9 @@ def test_a_failed_upgrade_changes_nothing(tmp_path: Path, how: str) -> None:
         elif how == "import":
             status, body = answers[0]
             assert status == 503 and "l4lb_no_such_module" in str(body["error"]), body
+        elif how == "workers":
+            status, body = answers[0]
+            assert status == 503 and "changing workers (1 -> 2)" in str(body["error"]), body
         said = wait_for_line(lb, "stderr", "upgrade failed; serving on", timeout=30)
         if how == "killed":
             assert "status -9" in said[-1], said[-1]

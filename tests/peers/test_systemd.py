@@ -104,11 +104,12 @@ def test_without_notify_socket_nothing_is_sent_and_a_dead_socket_is_not_fatal(
             pass
 
 
-def test_an_upgrade_hands_systemd_the_new_main_pid(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_upgrade_hands_systemd_the_new_main_pid(tmp_path: Path, workers: int) -> None:
     """`systemctl reload` sends SIGUSR2: the old process says RELOADING, the new one MAINPID
     (before the old one exits, so that systemd never sees its main process gone), then READY
-    with its own PID; the old one exits 0."""
-    config, port = one_group(tmp_path)
+    with its own PID; the old one exits 0. With workers, the new supervisor speaks."""
+    config, port = one_group(tmp_path, f"workers: {workers}\n")
     new = 0
     with notified(config, tmp_path / "notify.sock") as (sock, lb):
         (ready,) = messages(sock, 1)
@@ -124,7 +125,7 @@ def test_an_upgrade_hands_systemd_the_new_main_pid(tmp_path: Path) -> None:
                 pass  # the new process serves
         finally:
             if new:
-                os.kill(new, signal.SIGTERM)
+                os.kill(new, signal.SIGTERM)  # (a supervisor stops its workers)
 
 
 def test_the_unit_file() -> None:
