@@ -61,7 +61,7 @@ class Lifecycle:
         new process serves (this one then exits), or with why nothing changed."""
         if self._upgrader is None:
             return web.json_response(
-                {"ok": False, "error": "upgrades need workers: 1 in this release"}, status=409
+                {"ok": False, "error": "this process cannot be upgraded on its own"}, status=409
             )
         try:
             line = await self._upgrader()

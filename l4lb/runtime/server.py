@@ -322,6 +322,8 @@ class Runtime:
             raise UpgradeError("an upgrade is running already")
         if self.takeover is not None or not self.ready:
             raise UpgradeError("this process is not serving yet")
+        if self.worker is not None and channel is None:
+            raise UpgradeError("a worker is upgraded by its supervisor, with the whole tree")
         self._upgrading = True
         try:
             how = Upgrade(
