@@ -840,12 +840,23 @@ def _checked_conns(
 
 async def _adopt(
     runtime: Runtime, conns: list[tuple[dict[str, Any], tuple[socket.socket, socket.socket]]]
-) -> None:
+) -> int:
+    """Every connection adopted, `ADOPT_AT_ONCE` a turn; how many could not be (a socket the
+    loop refused: closed, counted and said, the rest adopted all the same)."""
     plane = runtime.plane
+    lost = 0
+
+    async def one(record: dict[str, Any], socks: tuple[socket.socket, socket.socket]) -> bool:
+        try:
+            await adopt_conn(plane, runtime.routers[record["group"]], record, socks)
+        except OSError as exc:
+            log.warning("upgrade: a connection could not be adopted (closed): %s", exc)
+            for sock in socks:
+                sock.close()
+            return False
+        return True
+
     for i in range(0, len(conns), ADOPT_AT_ONCE):  # (many per turn of the loop)
-        await asyncio.gather(
-            *(
-                adopt_conn(plane, runtime.routers[record["group"]], record, socks)
-                for record, socks in conns[i : i + ADOPT_AT_ONCE]
-            )
-        )
+        done = await asyncio.gather(*(one(r, s) for r, s in conns[i : i + ADOPT_AT_ONCE]))
+        lost += done.count(False)
+    return lost
