@@ -1,5 +1,6 @@
 """An upgrade under load, l4lb against HAProxy, from one run (`make bench`'s upgrade rows):
-l4lb gets SIGUSR2 (it hands everything to a new process and exits), HAProxy 2.x in master-worker
+l4lb gets SIGUSR2 (it hands everything to a new process and exits; with `workers: 2`, a new
+supervisor and each worker to its successor, the whole tree), HAProxy 2.x in master-worker
 mode gets SIGUSR2 (a new worker; the old one keeps its connections until they end). The same
 load on each: new HTTP connections from 50 /24s (about 400 a second), 40 long-lived echo
 connections probed every 20 ms, for 6 s around the upgrade.
@@ -8,8 +9,9 @@ connections probed every 20 ms, for 6 s around the upgrade.
 
 What it prints, per proxy: new connections failed, long-lived connections cut, the longest
 round trip of a long-lived connection begun after the upgrade was asked for, the seconds until
-one serving process remained (HAProxy: its master aside; "-" if the old worker outlived the
-run), and the peak RSS of the proxy's processes meanwhile against their RSS before.
+one serving process remained (l4lb with workers: one supervisor and its workers; HAProxy: its
+master aside; "-" if the old worker outlived the run), and the peak RSS of the proxy's
+processes meanwhile against their RSS before.
 """
 
 from __future__ import annotations
@@ -147,11 +149,17 @@ class L4lb(Proxy):
     """The l4lb process and, after an upgrade, the one it handed over to (its child, which
     outlives it: found by the configuration named on its command line)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], cfg: Path) -> None:
-        super().__init__("l4lb", proc)
+    def __init__(self, proc: subprocess.Popen[bytes], cfg: Path, name: str = "l4lb") -> None:
+        super().__init__(name, proc)
         self.cfg = str(cfg).encode()
 
     def pids(self) -> list[int]:
+        """Every l4lb process: the supervisors' workers too (for RSS)."""
+        tops = self.tops()
+        return tops + [c for p in tops for c in children(p)]
+
+    def tops(self) -> list[int]:
+        """The processes started as `l4lb run` (a single process, or a supervisor)."""
         out = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
@@ -164,7 +172,7 @@ class L4lb(Proxy):
         return out
 
     def serving(self) -> int:
-        return len(self.pids())
+        return len(self.tops())
 
 
 class Haproxy(Proxy):
@@ -225,18 +233,25 @@ def wait_listening(port: int, within: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
-def l4lb(tmp: Path, http: int, echo: int, bp: list[int]) -> Proxy:
-    cfg = tmp / "l4lb.yaml"
+def l4lb(tmp: Path, http: int, echo: int, bp: list[int], workers: int = 1) -> Proxy:
+    cfg = tmp / f"l4lb{workers}.yaml"
     rows = "\n".join(
         f"      - {{name: b{i}, address: 127.0.0.1,"
         f" ports: {{{http}: {bp[2 * i]}, {echo}: {bp[2 * i + 1]}}}}}"
         for i in range(2)
     )
     cfg.write_text(
+        f"workers: {workers}\n"
         f"groups:\n  shop:\n    listen: [127.0.0.1]\n    ports: [{http}, {echo}]\n"
         f"    persistence: {{timeout: 10m, netmask: /24}}\n    backends:\n{rows}\n"
     )
-    return L4lb(start([sys.executable, "-m", "l4lb", "run", "-c", str(cfg)], cwd=ROOT), cfg)
+    name = "l4lb" if workers == 1 else f"l4lb {workers} workers"
+    return L4lb(start([sys.executable, "-m", "l4lb", "run", "-c", str(cfg)], cwd=ROOT), cfg, name)
+
+
+def l4lb_workers(tmp: Path, http: int, echo: int, bp: list[int]) -> Proxy:
+    """The same with `workers: 2`: the whole tree replaced, worker by worker."""
+    return l4lb(tmp, http, echo, bp, workers=2)
 
 
 def haproxy(tmp: Path, http: int, echo: int, bp: list[int]) -> Proxy:
@@ -264,7 +279,7 @@ def bench(tmp: Path) -> dict[str, Seen]:
     try:
         for b in backends:
             assert b.stdout is not None and b.stdout.readline().strip() == b"ready"
-        makers = [l4lb] + ([haproxy] if shutil.which("haproxy") else [])
+        makers = [l4lb, l4lb_workers] + ([haproxy] if shutil.which("haproxy") else [])
         for make in makers:
             http, echo = free_ports(2)
             proxy = make(tmp, http, echo, bp)
@@ -286,13 +301,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="l4lb-upgrade-vs-") as tmp:
         out = bench(Path(tmp))
     print(
-        f"{'upgrade under load':22} {'new failed':>14} {'cut':>7} {'worst RTT':>10}"
+        f"{'upgrade under load':28} {'new failed':>14} {'cut':>7} {'worst RTT':>10}"
         f" {'one process':>12} {'RSS before/peak/after':>22}"
     )
     for name, s in out.items():
         one = f"{s.one_process_s:.1f} s" if s.one_process_s is not None else f"> {AFTER:.0f} s"
         print(
-            f"{name + ' (SIGUSR2)':22} {s.new_failed:>5} of {s.new_ok + s.new_failed:<6,}"
+            f"{name + ' (SIGUSR2)':28} {s.new_failed:>5} of {s.new_ok + s.new_failed:<6,}"
             f" {s.cut:>3} of {LONG} {s.worst_ms:>7.0f} ms {one:>12}"
             f" {s.rss_before_mib:>6.0f}/{s.rss_peak_mib:.0f}/{s.rss_after_mib:.0f} MiB"
         )

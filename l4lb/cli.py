@@ -18,8 +18,9 @@ from .balancer import Server
 from .config import ConfigError, load_config, load_config_text
 from .core.spec import SCHEDULERS, Config
 from .runtime import sdnotify
+from .runtime.channel import Channel
 from .runtime.errors import ReloadError, StartupError
-from .runtime.handover import UpgradeError
+from .runtime.handover import SuccessorSocket, UpgradeError, connect_to
 from .runtime.heap import settle_heap
 from .version import __version__
 
@@ -42,11 +43,17 @@ class Balancer(Protocol):
     async def start(self) -> None: ...
     async def shutdown(self) -> None: ...
     async def reload_from_file(self) -> list[str]: ...
-    async def upgrade(self) -> str: ...
+    async def upgrade(self, successor: Channel | None = None, /) -> str: ...
     def reopen_logs(self) -> None: ...
 
 
-async def _serve(config: Config, demo: bool, log_level: str, takeover: int | None = None) -> int:
+async def _serve(
+    config: Config,
+    demo: bool,
+    log_level: str,
+    takeover: int | None = None,
+    handover_socket: str | None = None,
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -101,6 +108,7 @@ async def _serve(config: Config, demo: bool, log_level: str, takeover: int | Non
     loop.add_signal_handler(signal.SIGUSR2, on_upgrade)
     loop.add_signal_handler(signal.SIGUSR1, balancer.reopen_logs)  # logrotate
     demo_servers: list[asyncio.AbstractServer] = []
+    doorway: SuccessorSocket | None = None
     try:
         if demo:
             from .demo import print_hints, start_demo_backends
@@ -108,6 +116,20 @@ async def _serve(config: Config, demo: bool, log_level: str, takeover: int | Non
             demo_servers = await start_demo_backends(config)
         await balancer.start()
         settle_heap()
+        if handover_socket is not None:  # (a successor that asks takes everything)
+            doorway = SuccessorSocket(handover_socket, balancer.upgrade)
+            try:
+                doorway.open()
+            except OSError as exc:  # (not fatal: what this process serves, it serves on)
+                log.error(
+                    "cannot listen on the handover socket %s: %s; serving without it (SIGUSR2"
+                    " upgrades still work)",
+                    handover_socket,
+                    exc.strerror or exc,
+                )
+                doorway = None
+            else:
+                log.info("a new l4lb may take over on %s (l4lb run --take-over)", handover_socket)
         if demo:
             print_hints(config)
         sdnotify.ready(_status(config))
@@ -118,6 +140,8 @@ async def _serve(config: Config, demo: bool, log_level: str, takeover: int | Non
             channel.send({"t": "error", "why": str(exc)})
         return 1
     finally:
+        if doorway is not None:
+            doorway.close()
         sdnotify.stopping()
         await balancer.shutdown()
         for srv in demo_servers:
@@ -342,6 +366,18 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
     run.add_argument("--takeover-fd", type=int, help=argparse.SUPPRESS)
     run.add_argument("--takeover-stderr", type=int, help=argparse.SUPPRESS)
     run.add_argument(
+        "--handover-socket",
+        metavar="PATH",
+        help="listen on this Unix socket for a new l4lb, one this process did not start (a new"
+        " container's, through a shared volume), to take everything over: --take-over PATH",
+    )
+    run.add_argument(
+        "--take-over",
+        metavar="PATH",
+        help="start by taking every listener, connection, flow and pin over from the l4lb"
+        " whose --handover-socket is PATH; it exits once this one serves",
+    )
+    run.add_argument(
         "--demo",
         action="store_true",
         help="also start demo HTTP/HTTPS servers for the loopback backends of the config",
@@ -508,6 +544,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.config, config)
     _raise_nofile()
     takeover = getattr(args, "takeover_fd", None)
+    asked = getattr(args, "take_over", None)
+    if asked is not None and takeover is None:  # (a process the old one did not start)
+        try:
+            takeover = connect_to(asked)
+        except OSError as exc:
+            print(f"l4lb: cannot take over from {asked}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     if takeover is not None:
         os.set_inheritable(takeover, False)  # (this process's: never a child's)
     if takeover is not None and args.takeover_stderr is not None:
@@ -515,10 +558,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # go (until now they went to a file the old process reads if this one fails to start).
         os.dup2(args.takeover_stderr, 2)
         os.close(args.takeover_stderr)
+    if takeover is not None:
         # What would load later loads now, before the old process freezes its connections for
         # the hand-over: the time it takes is not theirs.
         if config.admin is not None:
             from .admin import api  # noqa: F401
         if config.affinity_store is not None:
             from .dataplane import store  # noqa: F401
-    return _run_loop(_serve(config, args.demo, args.log_level, takeover))
+    handover_socket = getattr(args, "handover_socket", None)
+    return _run_loop(_serve(config, args.demo, args.log_level, takeover, handover_socket))

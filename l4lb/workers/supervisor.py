@@ -454,7 +454,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ reload
 
-    async def upgrade(self) -> str:
+    async def upgrade(self, successor: Channel | None = None) -> str:
         """Replace the whole tree with the l4lb installed now, each worker handing over to
         its successor (workers/upgrade.py); what moved, in one line, and this process exits.
         UpgradeError (everything serves on as it was) when it cannot."""
@@ -465,7 +465,7 @@ class Supervisor:
         self.handing_over = True
         self._missed = []
         try:
-            line = await TreeUpgrade(self).run()
+            line = await TreeUpgrade(self, successor).run()
         except UpgradeError as exc:
             self.handing_over = False
             self.upgrades["failed"] += 1

@@ -55,9 +55,10 @@ from ..runtime.handover import (
     HeldListener,
     UpgradeError,
     changing_workers,
+    expect,
+    kill_started,
     start_successor,
     upgrade_argv,
-    why_gone,
 )
 from ..version import __version__ as VERSION
 
@@ -102,10 +103,12 @@ class Supervisor(Protocol):
 class TreeUpgrade:
     """One upgrade of the whole tree, seen from the old supervisor."""
 
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: Supervisor, channel: Channel | None = None) -> None:
         self.sup = sup
         self.proc: asyncio.subprocess.Process | None = None
-        self.channel: Channel | None = None
+        # Given: a new supervisor that asked (`--take-over`), not started here
+        self.channel: Channel | None = channel
+        self.pid = 0
         self.asked: list[WorkerProc] = []  # the workers told `upgrade`
         self.ended: set[int] = set()  # those that said how their part ended (or exited)
         self.committed = False
@@ -113,6 +116,12 @@ class TreeUpgrade:
         self.errors = tempfile.TemporaryFile()  # noqa: SIM115  (the new process's stderr)
 
     async def run(self) -> str:
+        try:
+            return await self._run()
+        finally:
+            self.errors.close()
+
+    async def _run(self) -> str:
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(TIMEOUT):
@@ -127,19 +136,20 @@ class TreeUpgrade:
                 why = f"{type(exc).__name__}: {exc}"
             await self._undo()
             raise UpgradeError(why) from None
-        finally:
-            self.errors.close()
         lines = await self._after_commit()
         took = (time.monotonic() - t0) * 1000
-        pid = self.proc.pid if self.proc is not None else 0
+        pid = self.pid
         return f"handed over {self.sup.n} workers to process {pid} in {took:.0f} ms: " + "; ".join(
             lines
         )
 
     async def _until_commit(self) -> None:
         sup = self.sup
-        self.proc, self.channel = await start_successor(upgrade_argv(), self.errors)
+        if self.channel is None:
+            self.proc, self.channel = await start_successor(upgrade_argv(), self.errors)
         hello = await self._expect("hello")
+        pid = hello.get("pid")
+        self.pid = pid if isinstance(pid, int) else 0
         theirs = hello.get("workers")
         if not hello.get("tree") or theirs != sup.n:
             self.channel.send({"t": "refused"})
@@ -212,18 +222,7 @@ class TreeUpgrade:
 
     async def _expect(self, kind: str) -> dict[str, Any]:
         assert self.channel is not None
-        got = await self.channel.recv()
-        if got is None:
-            assert self.proc is not None
-            raise UpgradeError(await why_gone(self.proc, self.errors))
-        message, fds = got
-        for fd in fds:
-            os.close(fd)
-        if message.get("t") == "error":
-            raise UpgradeError(f"the new process: {str(message.get('why'))[:300]}")
-        if message.get("t") != kind:
-            raise UpgradeError(f"the new process said {str(message.get('t'))[:40]!r}, not {kind}")
-        return message
+        return await expect(self.channel, kind, self.proc, self.errors)
 
     async def _after_commit(self) -> list[str]:
         """The waves: each old worker's line once it has handed over and gone; one whose
@@ -273,12 +272,7 @@ class TreeUpgrade:
                         reply = await _first(w, None)
                         if reply.get("op") in ("upgraded", "gone"):
                             break
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await self.proc.wait()
+        await kill_started(self.proc)
         if self.channel is not None:
             self.channel.close()
         if self.admin_paused and self.sup.front is not None:

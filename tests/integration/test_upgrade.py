@@ -137,6 +137,7 @@ class Load:
     datagrams: int = 0
     flows_failed: list[str] = field(default_factory=list)
     upload_ok: bool | None = None
+    upload_error: str = ""
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -234,15 +235,22 @@ async def upload(load: Load, port: int) -> None:
         return n
 
     reading = asyncio.create_task(reader())
-    for _ in range(UPLOAD // (256 << 10)):
-        chunk = os.urandom(256 << 10)
-        sent.update(chunk)
-        w.write(chunk)
-        await w.drain()
-        await asyncio.sleep(0.02)
-    w.write_eof()
-    n = await reading
-    load.upload_ok = n == UPLOAD and sent.digest() == got.digest()
+    try:
+        for _ in range(UPLOAD // (256 << 10)):
+            chunk = os.urandom(256 << 10)
+            sent.update(chunk)
+            w.write(chunk)
+            await w.drain()
+            await asyncio.sleep(0.02)
+        w.write_eof()
+        n = await reading
+        load.upload_ok = n == UPLOAD and sent.digest() == got.digest()
+    except (OSError, TimeoutError) as exc:  # (said by assert_nothing_lost, with the log)
+        load.upload_ok = False
+        load.upload_error = repr(exc)
+        reading.cancel()
+        with contextlib.suppress(BaseException):
+            await reading
     w.close()
 
 
@@ -305,12 +313,30 @@ async def run_load(s: Site, load: Load, during: object) -> None:
     await asyncio.gather(*tasks)
 
 
-def assert_nothing_lost(load: Load) -> None:
+def assert_nothing_lost(load: Load, lb: subprocess.Popen[str] | None = None) -> None:
+    """What every client saw; if anything was lost, the l4lb log's tail says what it did."""
+    try:
+        _nothing_lost(load)
+    except AssertionError:
+        if lb is not None:
+            tail = "\n".join(history(lb)[-150:])
+            sys.stderr.write(f"l4lb's log (old and new process), last lines:\n{tail}\n")
+        raise
+
+
+def history(lb: subprocess.Popen[str]) -> list[str]:
+    """The lines l4lb (and the processes it started, which share its stderr) wrote so far."""
+    from tests.support import procs
+
+    return list(procs._history.get((lb.pid, "stderr"), []))
+
+
+def _nothing_lost(load: Load) -> None:
     assert load.new_failed == [], load.new_failed[:5]
     assert load.new_ok > 500
     assert load.long_failed == [] and load.echoes > LONG * 50, load.long_failed[:5]
     assert load.flows_failed == [] and load.datagrams > FLOWS * 30, load.flows_failed[:5]
-    assert load.upload_ok is True
+    assert load.upload_ok is True, load.upload_error
     moved = {net: names for net, names in load.served.items() if len(names) > 1}
     assert moved == {}, moved  # every /24 on the backend it had
 
@@ -337,7 +363,7 @@ def test_an_upgrade_under_load_refuses_and_cuts_nothing(tmp_path: Path, to: str)
 
         try:
             asyncio.run(run_load(s, load, upgrade))
-            assert_nothing_lost(load)
+            assert_nothing_lost(load, lb)
             said = re.search(r"upgrade: handed over .*", output(lb))
             assert said is not None, output(lb)[-2000:]
             assert ("in waves" in said.group(0)) == (to == "this release"), said.group(0)
@@ -355,12 +381,16 @@ def test_an_upgrade_under_load_refuses_and_cuts_nothing(tmp_path: Path, to: str)
             end_new_processes(tmp_path)
 
 
-@pytest.mark.parametrize("how", ["config", "import", "killed", "workers"])
-def test_a_failed_upgrade_changes_nothing(tmp_path: Path, how: str) -> None:
-    """A broken configuration, an import error in the new code, the new process killed
-    mid-hand-over, and `workers: 2` (a change of workers takes a restart): the old process
-    serves every connection on, refuses nothing, says why."""
-    with site(tmp_path) as (s, procs):
+@pytest.mark.parametrize(
+    ("workers", "how"),
+    [(1, "config"), (1, "import"), (1, "killed"), (1, "workers"), (2, "config"), (2, "killed"),
+     (2, "workers")],
+)  # fmt: skip
+def test_a_failed_upgrade_changes_nothing(tmp_path: Path, workers: int, how: str) -> None:
+    """A broken configuration, an import error in the new code, the new process (a new worker,
+    with `workers: 2`) killed mid-hand-over, and a change of `workers` (it takes a restart):
+    the old process, or tree, serves every connection on, refuses nothing, says why."""
+    with site(tmp_path, workers) as (s, procs):
         env = {"PYTHONPATH": str(s.code)}
         if how == "killed":
             env["L4LB_TEST_HANDOVER_STOP"] = "adopted"
@@ -370,10 +400,11 @@ def test_a_failed_upgrade_changes_nothing(tmp_path: Path, how: str) -> None:
         answers: list[tuple[int, dict[str, object]]] = []
 
         def upgrade() -> None:
+            text = s.cfg.read_text()
             if how == "config":
-                s.cfg.write_text(s.cfg.read_text().replace("scheduler: rr", "scheduler: nope"))
+                s.cfg.write_text(text.replace("scheduler: rr", "scheduler: nope"))
             elif how == "workers":
-                s.cfg.write_text("workers: 2\n" + s.cfg.read_text())
+                s.cfg.write_text(f"workers: {workers + 1}\n" + text.replace("workers: 2\n", ""))
             elif how == "import":
                 cli = s.code / "l4lb" / "cli.py"
                 text = cli.read_text().replace(
@@ -383,8 +414,8 @@ def test_a_failed_upgrade_changes_nothing(tmp_path: Path, how: str) -> None:
             load.upgraded_at = time.monotonic()
             if how == "killed":
                 lb.send_signal(signal.SIGUSR2)
-                child = stopped_child(lb.pid)
-                os.kill(child, signal.SIGKILL)
+                # (the new process itself; with workers, one of the new supervisor's workers)
+                os.kill(stopped_child(lb.pid, depth=workers), signal.SIGKILL)
             else:
                 answers.append(post(s.admin, "/api/v1/upgrade"))
 
@@ -392,21 +423,23 @@ def test_a_failed_upgrade_changes_nothing(tmp_path: Path, how: str) -> None:
             asyncio.run(run_load(s, load, upgrade))
         finally:
             end_new_processes(tmp_path)
-        assert_nothing_lost(load)
-        assert lb.poll() is None  # the old process serves on
-        if how == "config":
+        assert_nothing_lost(load, lb)
+        assert lb.poll() is None  # the old process (tree) serves on
+        why = {
+            "config": "scheduler",
+            "import": "l4lb_no_such_module",
+            "workers": f"changing workers ({workers} -> {workers + 1})",
+        }
+        if how in why:
             status, body = answers[0]
-            assert status == 503 and "scheduler" in str(body["error"]), body
-        elif how == "import":
-            status, body = answers[0]
-            assert status == 503 and "l4lb_no_such_module" in str(body["error"]), body
-        elif how == "workers":
-            status, body = answers[0]
-            assert status == 503 and "changing workers (1 -> 2)" in str(body["error"]), body
-        said = wait_for_line(lb, "stderr", "upgrade failed; serving on", timeout=30)
+            assert status == 503 and why[how] in str(body["error"]), body
+        said = wait_for_line(lb, "stderr", "upgrade failed; serving on", timeout=30)[-1]
         if how == "killed":
-            assert "status -9" in said[-1], said[-1]
-        assert 'l4lb_upgrades_total{result="failed"} 1.0' in metrics(s.admin)
+            assert ("status -9" if workers == 1 else "worker") in said, said
+        text = metrics(s.admin)
+        assert 'l4lb_upgrades_total{result="failed"} 1.0' in text
+        if workers > 1:
+            assert f"l4lb_workers {workers}.0" in text
 
 
 def stopped_child(parent: int, within: float = 30.0, depth: int = 1) -> int:
@@ -639,7 +672,7 @@ def test_an_upgrade_of_two_workers_under_load_refuses_and_cuts_nothing(tmp_path:
 
         try:
             asyncio.run(run_load(s, load, upgrade))
-            assert_nothing_lost(load)
+            assert_nothing_lost(load, lb)
             said = re.search(r"upgrade: handed over 2 workers .*", output(lb))
             assert said is not None, output(lb)[-3000:]
             assert said.group(0).count("in waves") == 2, said.group(0)
@@ -678,51 +711,6 @@ def stat_of(pid: int) -> str:
         return "gone"
 
 
-@pytest.mark.parametrize("how", ["config", "workers", "killed"])
-def test_a_failed_upgrade_of_two_workers_changes_nothing(tmp_path: Path, how: str) -> None:
-    """`workers: 2`: a broken configuration, a change of `workers` (refused: it takes a
-    restart), and a new worker killed at its commit: the old tree serves on, says why."""
-    with site(tmp_path, workers=2) as (s, procs):
-        env = {"PYTHONPATH": str(s.code)}
-        if how == "killed":
-            env["L4LB_TEST_HANDOVER_STOP"] = "adopted"
-        lb = start_l4lb(s.cfg, env=env, cwd=tmp_path)
-        procs.append(lb)
-        load = Load()
-        answers: list[tuple[int, dict[str, object]]] = []
-
-        def upgrade() -> None:
-            load.upgraded_at = time.monotonic()
-            if how == "config":
-                s.cfg.write_text(s.cfg.read_text().replace("scheduler: rr", "scheduler: nope"))
-            elif how == "workers":
-                s.cfg.write_text(s.cfg.read_text().replace("workers: 2", "workers: 3"))
-            if how == "killed":
-                lb.send_signal(signal.SIGUSR2)
-                os.kill(stopped_child(lb.pid, depth=2), signal.SIGKILL)
-            else:
-                answers.append(post(s.admin, "/api/v1/upgrade"))
-
-        try:
-            asyncio.run(run_load(s, load, upgrade))
-        finally:
-            end_new_processes(tmp_path)
-        assert_nothing_lost(load)
-        assert lb.poll() is None  # the old tree serves on
-        if how == "config":
-            status, body = answers[0]
-            assert status == 503 and "scheduler" in str(body["error"]), body
-        elif how == "workers":
-            status, body = answers[0]
-            assert status == 503 and "changing workers (2 -> 3)" in str(body["error"]), body
-        said = wait_for_line(lb, "stderr", "upgrade failed; serving on", timeout=30)[-1]
-        if how == "killed":
-            assert "worker" in said, said
-        text = metrics(s.admin)
-        assert 'l4lb_upgrades_total{result="failed"} 1.0' in text
-        assert "l4lb_workers 2.0" in text
-
-
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 def test_moving_the_admin_api_and_adding_a_store_take_an_upgrade_and_lose_nothing(
     tmp_path: Path,
@@ -750,7 +738,7 @@ def test_moving_the_admin_api_and_adding_a_store_take_an_upgrade_and_lose_nothin
 
             try:
                 asyncio.run(run_load(s, load, upgrade))
-                assert_nothing_lost(load)
+                assert_nothing_lost(load, lb)
                 assert 'l4lb_upgrades_total{result="ok"} 1.0' in metrics(admin2)
                 with pytest.raises(urllib.error.URLError):
                     metrics(s.admin)  # (refused: nobody listens there any more)
@@ -768,3 +756,38 @@ def test_moving_the_admin_api_and_adding_a_store_take_an_upgrade_and_lose_nothin
         store.wait(10)
         if store.stdout is not None:
             store.stdout.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_process_started_apart_takes_over_through_the_handover_socket(
+    tmp_path: Path, workers: int
+) -> None:
+    """The edge container's recipe without the containers: the new l4lb is not the old one's
+    child but asks on the old one's `--handover-socket` (`--take-over`), under load; nothing
+    lost, the old one exits, and the new one listens there for the next."""
+    with site(tmp_path, workers=workers) as (s, procs):
+        door = str(tmp_path / "handover.sock")
+        env = {"PYTHONPATH": str(s.code)}
+        lb = start_l4lb(s.cfg, "--handover-socket", door, env=env, cwd=tmp_path)
+        procs.append(lb)
+        wait_for_line(lb, "stderr", "may take over")
+        load = Load()
+        started: list[subprocess.Popen[str]] = []
+
+        def take_over() -> None:
+            set_version(s.code, "0.1.0+apart")
+            load.upgraded_at = time.monotonic()
+            new = start_l4lb(s.cfg, "--handover-socket", door, "--take-over", door, env=env,
+                             cwd=tmp_path)  # fmt: skip
+            procs.append(new)
+            started.append(new)
+            assert lb.wait(30) == 0  # the old one is gone: one l4lb left
+
+        asyncio.run(run_load(s, load, take_over))
+        assert_nothing_lost(load, lb)
+        assert re.search(r"upgrade: handed over .*", output(lb)), output(lb)[-2000:]
+        text = metrics(s.admin)
+        assert 'version="0.1.0+apart"' in text and 'l4lb_upgrades_total{result="ok"} 1.0' in text
+        new = started[0]
+        wait_for_line(new, "stderr", "may take over")  # (the socket is the new one's now)
+        assert os.stat(door).st_mode & 0o777 == 0o600

@@ -8,7 +8,9 @@ as the two shapes docker/ ships, with its own compose files and examples:
 
 Checked: stickiness over both ports per client /24, the HEALTHCHECK turning healthy, the state
 file written in the volume by the non-root user and its pins surviving a container restart, and
-`docker stop` draining within shutdown_timeout with exit code 0. All traffic stays on loopback.
+`docker stop` draining within shutdown_timeout with exit code 0, and a new container taking an
+open connection over from the old through the hand-over socket in the state volume (issue 35).
+All traffic stays on loopback.
 Needs root, docker.io, docker-compose and mmdebstrap (`make deps`); dockerd is started here
 (its own data root) when none runs.
 """
@@ -318,3 +320,64 @@ services:
             assert sticky((front_http, front_https)) == before
 
             stop_drains(lb, 10, socket.create_connection(("127.0.0.1", front_http), timeout=5))
+
+
+def test_a_new_container_takes_over_through_the_shared_volume(image: str) -> None:
+    """Issue 35, the edge shape's upgrade across images (docs/deployment.md): the running
+    container listens on a hand-over socket in its state volume; a new container, given the
+    old one's volumes, takes everything over there. A connection open through the old one
+    echoes on through the new one; the old one exits 0."""
+    port, echo1, echo2 = free_ports(3)
+    volume = f"l4lbtest{secrets.token_hex(4)}"
+    door = "/var/lib/l4lb/handover.sock"
+    names: list[str] = []
+    with tempfile.TemporaryDirectory(dir=ROOT / "docker") as mounted, processes() as procs:
+        folder = Path(mounted)
+        folder.chmod(0o755)
+        (folder / "l4lb.yaml").write_text(
+            f"groups:\n  echo:\n    listen: [127.0.0.1]\n    ports: [{port}]\n"
+            "    persistence: {timeout: 10m, netmask: /24}\n    backends:\n"
+            f"      - {{name: e1, address: '127.0.0.1:{echo1}'}}\n"
+            f"      - {{name: e2, address: '127.0.0.1:{echo2}'}}\n"
+        )
+        (folder / "l4lb.yaml").chmod(0o644)
+        procs.append(start_backend("e1", echo=f"127.0.0.1:{echo1}"))
+        procs.append(start_backend("e2", echo=f"127.0.0.1:{echo2}"))
+        try:
+            old = run("docker", "run", "-d", "--network", "host",
+                      "-v", f"{folder}/l4lb.yaml:/etc/l4lb/l4lb.yaml:ro",
+                      "-v", f"{volume}:/var/lib/l4lb", image, "--handover-socket", door,
+                      timeout=60).stdout.strip()  # fmt: skip
+            names.append(old)
+            logged(old, "may take over")
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(b"before\n")
+                assert client.recv(100) == b"before\n"
+                new = run("docker", "run", "-d", "--network", "host", "--volumes-from", old,
+                          image, "--handover-socket", door, "--take-over", door,
+                          timeout=60).stdout.strip()  # fmt: skip
+                names.append(new)
+                assert run("docker", "wait", old, timeout=60).stdout.strip() == "0"
+                client.sendall(b"after\n")
+                assert client.recv(100) == b"after\n"  # the same connection, now the new one's
+            assert "upgrade: took over" in logged(new, "may take over")
+            assert "handed over 1 listeners, 1 connections" in logs(old)
+        finally:
+            for name in names:
+                run("docker", "rm", "-f", name, check=False, timeout=60)
+            run("docker", "volume", "rm", "-f", volume, check=False, timeout=60)
+
+
+def logs(cid: str) -> str:
+    got = run("docker", "logs", cid, check=False, timeout=60)
+    return got.stdout + got.stderr
+
+
+def logged(cid: str, text: str, timeout: float = 60) -> str:
+    """The container's log once `text` is in it."""
+    deadline = time.monotonic() + timeout
+    while text not in (out := logs(cid)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged:\n{out}")
+        time.sleep(0.2)
+    return out
