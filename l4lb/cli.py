@@ -57,23 +57,10 @@ async def _serve(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
-    balancer: Balancer
-    channel = None
     log.info("%s", _version())  # which build runs, compiled or pure Python (l4lb/native.py)
-    if config.workers > 1:
-        from .runtime.channel import Channel
-        from .workers.supervisor import Supervisor
-
-        if takeover is not None:  # the whole tree's upgrade (workers/upgrade.py)
-            channel = Channel(socket.socket(fileno=takeover))
-        balancer = Supervisor(config, log_level, takeover=channel)
-    elif takeover is not None:  # started by an upgrade: everything comes from the old process
-        from .runtime.channel import Channel
-
-        channel = Channel(socket.socket(fileno=takeover))
-        balancer = Server(config, takeover=channel)
-    else:
-        balancer = Server(config)
+    # Started by an upgrade (or asking for one): everything comes from the old process
+    channel = Channel(socket.socket(fileno=takeover)) if takeover is not None else None
+    balancer = _balancer(config, log_level, channel)
 
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals_seen
@@ -117,19 +104,7 @@ async def _serve(
         await balancer.start()
         settle_heap()
         if handover_socket is not None:  # (a successor that asks takes everything)
-            doorway = SuccessorSocket(handover_socket, balancer.upgrade)
-            try:
-                doorway.open()
-            except OSError as exc:  # (not fatal: what this process serves, it serves on)
-                log.error(
-                    "cannot listen on the handover socket %s: %s; serving without it (SIGUSR2"
-                    " upgrades still work)",
-                    handover_socket,
-                    exc.strerror or exc,
-                )
-                doorway = None
-            else:
-                log.info("a new l4lb may take over on %s (l4lb run --take-over)", handover_socket)
+            doorway = _doorway(handover_socket, balancer)
         if demo:
             print_hints(config)
         sdnotify.ready(_status(config))
@@ -147,6 +122,33 @@ async def _serve(
         for srv in demo_servers:
             srv.close()
     return 0
+
+
+def _balancer(config: Config, log_level: str, takeover: Channel | None) -> Balancer:
+    """A single process, or a supervisor of workers (an upgrade's: with its `takeover`)."""
+    if config.workers > 1:
+        from .workers.supervisor import Supervisor
+
+        return Supervisor(config, log_level, takeover=takeover)
+    return Server(config, takeover=takeover)
+
+
+def _doorway(path: str, balancer: Balancer) -> SuccessorSocket | None:
+    """`--handover-socket`: listening, or None, said (not fatal: what this process serves, it
+    serves on; SIGUSR2 upgrades still work)."""
+    doorway = SuccessorSocket(path, balancer.upgrade)
+    try:
+        doorway.open()
+    except OSError as exc:
+        log.error(
+            "cannot listen on the handover socket %s: %s; serving without it (SIGUSR2 upgrades"
+            " still work)",
+            path,
+            exc.strerror or exc,
+        )
+        return None
+    log.info("a new l4lb may take over on %s (l4lb run --take-over)", path)
+    return doorway
 
 
 async def _upgrade(balancer: Balancer) -> object:
