@@ -19,9 +19,9 @@ from .config import ConfigError, load_config, load_config_text
 from .core.spec import SCHEDULERS, Config
 from .runtime import sdnotify
 from .runtime.channel import Channel
-from .runtime.errors import ReloadError, StartupError
-from .runtime.handover import SuccessorSocket, UpgradeError, connect_to
+from .runtime.errors import ReloadError, StartupError, UpgradeError
 from .runtime.heap import settle_heap
+from .runtime.successor import SuccessorSocket, connect_to
 from .version import __version__
 
 log = logging.getLogger("l4lb")

@@ -12,8 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..runtime.errors import ReloadError
-from ..runtime.handover import UpgradeError
+from ..runtime.errors import ReloadError, UpgradeError
 
 
 class ApiError(Exception):

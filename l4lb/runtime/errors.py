@@ -14,3 +14,7 @@ class ReloadError(Exception):
         super().__init__("\n".join(lines))
         self.lines = lines
         self.partial = partial
+
+
+class UpgradeError(Exception):
+    """The upgrade did not happen; the old process serves on. The message says why."""

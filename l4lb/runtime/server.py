@@ -37,12 +37,13 @@ from ..dataplane.listeners import Where, listen_specs
 from ..dataplane.transparent import has_net_admin, routing_problems
 from . import stats
 from .channel import Channel
-from .errors import ReloadError, StartupError
+from .errors import ReloadError, StartupError, UpgradeError
 from .handform import HandoverError
-from .handover import Takeover, Upgrade, UpgradeError, handed_over, upgrade_argv
+from .handover import Takeover, Upgrade, handed_over
 from .listening import Listeners
 from .pins import Pins
 from .resolver import lookup
+from .successor import upgrade_argv
 
 log = logging.getLogger("l4lb.server")
 

@@ -48,8 +48,8 @@ from ..core.spec import Config
 from ..dataplane.listeners import ListenSpec, Where, bind, close_all, listen_specs, steering_masks
 from ..runtime import channel as control
 from ..runtime.channel import Channel
-from ..runtime.errors import ReloadError, StartupError
-from ..runtime.handover import UpgradeError, handed_over
+from ..runtime.errors import ReloadError, StartupError, UpgradeError
+from ..runtime.handover import handed_over
 from .upgrade import TreeTakeover, TreeUpgrade
 from .worker import ENV
 

@@ -49,11 +49,9 @@ from ..core.spec import Config
 from ..dataplane.listeners import ListenSpec, Where, listen_specs
 from ..runtime import sdnotify
 from ..runtime.channel import Channel, pair
-from ..runtime.errors import StartupError
-from ..runtime.handover import (
-    TIMEOUT,
-    HeldListener,
-    UpgradeError,
+from ..runtime.errors import StartupError, UpgradeError
+from ..runtime.handover import TIMEOUT, HeldListener
+from ..runtime.successor import (
     changing_workers,
     expect,
     kill_started,

@@ -26,8 +26,7 @@ from ..config.files import read_text
 from ..core.spec import Config
 from ..dataplane.listeners import Where
 from ..runtime.channel import MAX_MESSAGE, Channel
-from ..runtime.errors import ReloadError, StartupError
-from ..runtime.handover import UpgradeError
+from ..runtime.errors import ReloadError, StartupError, UpgradeError
 from ..runtime.heap import settle_heap
 
 log = logging.getLogger("l4lb.worker")
