@@ -19,8 +19,13 @@ def admin_api(server: runtime.Runtime, spec: AdminSpec, unix_path: str | None) -
     return AdminServer(server, spec, unix_path)
 
 
+def load_admin() -> None:
+    from .admin import api  # noqa: F401  (imported now: see Runtime.admin_preload)
+
+
 class Server(runtime.Runtime):
     admin_factory = admin_api
+    admin_preload = load_admin
 
 
 __all__ = ["Server"]

@@ -24,6 +24,11 @@ supervisor therefore listens on all N sockets itself and keeps them open, so a c
 sockets stay in their places: its respawn takes them over, and nobody else's clients move.
 
 `steer` computes the same index in Python, for tests and for routing state across workers.
+
+When an upgrade changes N to M, the group grows (sockets appended at N..M-1) or keeps its
+N sockets until the old ones retire; the program switches to M at the commit. A client queued
+on socket i before the switch is accepted by the new worker `serving(i, M)`: i itself, or,
+for a retiring socket (i >= M), worker i mod M, which serves it for a grace period.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import socket
 import struct
 
 SO_ATTACH_REUSEPORT_CBPF = 51
+SO_DETACH_REUSEPORT_BPF = 68
 SKF_NET_OFF = -0x100000
 GOLDEN = 0x9E3779B1
 
@@ -93,6 +99,11 @@ def steer(packed: bytes, v4_mask: int, v6_bits: int, workers: int) -> int:
     return (((a * GOLDEN) & m) >> 16) % workers
 
 
+def serving(socket_index: int, workers: int) -> int:
+    """The new worker that serves socket `socket_index` of a group resized to `workers`."""
+    return socket_index if socket_index < workers else socket_index % workers
+
+
 def attach(sock: socket.socket, code: bytes) -> None:
     """Install `code` on the reuseport group of `sock` (one socket of the group suffices)."""
     import ctypes  # here: only the supervisor of `workers: N` attaches a program
@@ -100,3 +111,8 @@ def attach(sock: socket.socket, code: bytes) -> None:
     buf = ctypes.create_string_buffer(code, len(code))
     fprog = struct.pack("HL", len(code) // 8, ctypes.addressof(buf))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def detach(sock: socket.socket) -> None:
+    """Remove the group's program: the kernel's own hash picks again."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)

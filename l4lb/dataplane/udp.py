@@ -38,6 +38,7 @@ or split. While a new pin is being settled with the shared store, a flow holds a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -188,6 +189,10 @@ class UdpListener:
         self.by_cid: dict[bytes, list[Flow]] = {}
         self.now = time.monotonic()  # the coarse clock of the flows' `last` (see above)
         self.closed = False
+        # Flows that another worker took over, by an upgrade that changed the number of
+        # workers: a datagram of theirs that queued here before the steering switched is sent
+        # on by the flow's own socket (a copy: its owner reads the answers), not a new flow
+        self.aliases: dict[object, socket.socket] = {}
         # The datagram opening a flow and its group's counters, while admission vets it, and
         # the backend its QUIC connection ID named (`_vet`).
         self._opening: tuple[bytes, UdpStats] | None = None
@@ -219,6 +224,11 @@ class UdpListener:
                 continue
             flow = flows.get(key)
             if flow is None:
+                alias = self.aliases.get(key) if self.aliases else None
+                if alias is not None:
+                    with contextlib.suppress(OSError):
+                        alias.send(data)
+                    continue
                 flow = self._open(key, addr, anc if wildcard else None, data)
                 if flow is None:
                     continue
@@ -591,7 +601,25 @@ class UdpListener:
         self.loop.add_reader(sock.fileno(), flow.from_backend)
         return flow
 
+    def alias(self, record: dict[str, Any], sock: socket.socket) -> None:
+        """A flow another worker adopted (see `aliases`), until `drop_aliases`."""
+        client = tuple(record["client"])
+        where: object = (client, record["dst"]) if self.wildcard else client
+        sock.setblocking(False)
+        old = self.aliases.pop(where, None)
+        if old is not None:
+            old.close()
+        self.aliases[where] = sock
+
+    def drop_aliases(self) -> int:
+        n = len(self.aliases)
+        for sock in self.aliases.values():
+            sock.close()
+        self.aliases = {}
+        return n
+
     def close(self, termination: str = "shutdown") -> None:
+        self.drop_aliases()
         if self.closed:
             return
         self.closed = True

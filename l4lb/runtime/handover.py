@@ -30,6 +30,13 @@ Anything that fails before `serving` (the new process exits, stalls past `TIMEOU
 record) thaws the old process: it accepts again, its connections read again, the new process
 is killed. Nothing was read from any socket by the new process before `commit`. A failure
 during the waves (the new process gone) does the same for what has not moved yet.
+
+A worker whose tree changes its number of workers hands over to several new workers at once
+(workers/upgrade.py): each step above is said to all of them (`others`) and waits for all;
+the listeners, connections and counters go to its successor alone. A new worker so fed
+(`Takeover` with a `Share`) receives from every old worker at once and keeps its own pins and
+flows; a flow it does not keep but whose client may still queue on a socket it serves is kept
+as an alias until `RETIRE` (`UdpListener.aliases`), so that no second flow is opened for it.
 """
 
 from __future__ import annotations
@@ -43,19 +50,19 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol, cast
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, cast
 
-from ..core.flowstats import UdpStats
+from ..core.reuseport import serving
 from ..core.routing import Router
-from ..dataplane.context import DataPlane
 from ..dataplane.listeners import Where
 from ..dataplane.relay import ClientSide
 from ..dataplane.transfer import FreezeError, Freezer, adopt_conn, export_conn, export_flow
 from ..dataplane.udp import UdpListener
 from ..version import __version__ as VERSION
+from . import carried, sdnotify
 from . import pins as pinfile
-from . import sdnotify
 from .channel import Channel
 from .errors import UpgradeError
 from .handform import READS, WAVES, WRITES, HandoverError, check_conn, check_flow
@@ -79,22 +86,16 @@ class HeldListener(Protocol):
     async def resume(self) -> None: ...
 
 
-class Runtime(Protocol):
+class Runtime(carried.Counted, Protocol):
     """What an upgrade reads and sets of the process it runs in (`runtime.server.Runtime`)."""
 
-    routers: dict[str, Router]
-    plane: DataPlane
     listeners: Listeners
-    udp_stats: Mapping[str, UdpStats]
-    reloads_ok: int
-    reloads_failed: int
-    upgrades: dict[str, int]
-    started_at: float
 
     def admin_plane(self) -> HeldListener | None: ...
 
 
 log = logging.getLogger("l4lb.upgrade")
+T = TypeVar("T")
 TIMEOUT = 30.0  # seconds for the new process to start and take everything
 FREEZE = 3.0  # seconds for every connection to flush what l4lb holds
 BATCH = 100  # records a message (two descriptors each: under SCM_MAX_FD)
@@ -113,90 +114,6 @@ def handed_over() -> None:
     os._exit(0)
 
 
-def _counters(runtime: Runtime) -> dict[str, Any]:
-    """The totals behind the metrics, to go on counting in the new process."""
-    out: dict[str, Any] = {"groups": {}, "udp": {}, "process": {}}
-    for name, router in runtime.routers.items():
-        st = router.stats
-        plain: dict[str, Any] = {k: getattr(st, k) for k in GROUP_COUNTERS}
-        plain["connect"] = _histogram(st.connect)
-        plain["duration"] = _histogram(st.duration)
-        backends = {
-            b.name: {k: getattr(b, k) for k in BACKEND_COUNTERS} for b in router.all_backends()
-        }
-        out["groups"][name] = {"stats": plain, "backends": backends}
-    for name, u in runtime.udp_stats.items():
-        out["udp"][name] = {k: getattr(u, k) for k in UDP_COUNTERS}
-    plane = runtime.plane
-    out["process"] = {
-        "accept_errors": dict(plane.accept_errors),
-        "loops": plane.loops,
-        "unmatched_marks": plane.unmatched_marks,
-        "yielded": plane.yielded,
-        "reloads_ok": runtime.reloads_ok,
-        "reloads_failed": runtime.reloads_failed,
-        "upgrades": dict(runtime.upgrades),
-        "started_at": runtime.started_at,
-    }
-    return out
-
-
-# The counters a process hands on (compiled, a class has no `__slots__` to list them)
-GROUP_COUNTERS = (
-    "accepted", "rejected", "client_limit", "denied", "source", "no_backend", "connect_failures",
-    "descriptors", "failed_refused", "failed_timeout", "repins_unavailable", "repins_failed",
-    "repins_returned", "unpinned", "sorry",
-)  # fmt: skip
-UDP_COUNTERS = (
-    "opened", "evicted", "unreachable", "datagrams_in", "datagrams_out", "bytes_in",
-    "bytes_out", "drops", "quic", "migrations",
-)  # fmt: skip
-BACKEND_COUNTERS = (
-    "connections",
-    "connect_failures",
-    "failed_refused",
-    "failed_timeout",
-    "bytes_in",
-    "bytes_out",
-    "peak",
-    "down_total",
-)
-
-
-def _histogram(h: Any) -> dict[str, Any]:
-    return {"counts": list(h.counts), "total": h.total, "count": h.count}
-
-
-def _set_histogram(h: Any, v: dict[str, Any], add: bool = False) -> None:
-    counts = v.get("counts")
-    if (
-        isinstance(counts, list)
-        and len(counts) == len(h.counts)
-        and all(isinstance(n, int) for n in counts)
-        and isinstance(v.get("count"), int)
-        and isinstance(v.get("total"), int | float)
-    ):
-        if add:
-            h.counts[:] = [a + b for a, b in zip(h.counts, counts, strict=True)]
-            h.count += v["count"]
-            h.total += float(v["total"])
-            return
-        h.counts[:] = counts
-        h.count = v["count"]
-        h.total = float(v["total"])
-
-
-def _states(routers: Mapping[str, Router]) -> dict[str, Any]:
-    """What health and the operator made of each backend."""
-    return {
-        name: {
-            b.name: {"healthy": b.healthy, "admin": b.admin.value, "weight": b.weight}
-            for b in router.backends
-        }
-        for name, router in routers.items()
-    }
-
-
 class Upgrade:
     """One upgrade, seen from the process that gives everything away."""
 
@@ -207,6 +124,7 @@ class Upgrade:
         *,
         workers: int = 1,
         channel: Channel | None = None,
+        others: Sequence[Channel] = (),
         barrier: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.runtime = runtime
@@ -217,6 +135,9 @@ class Upgrade:
         # A worker's upgrade (workers/upgrade.py): its successor's channel, made by the
         # supervisors, and what to wait for before the commit (every worker ready to commit)
         self.channel: Channel | None = channel
+        # With workers whose number changes: the other new workers, given the pins and flows
+        # too (each keeps its own share); the connections and counters go to `channel` alone
+        self.others = list(others)
         self.barrier = barrier
         self.freezer: Freezer | None = None
         self.stopped: list[tuple[Any, socket.socket]] = []  # TCP listeners stopped: (spec, dup)
@@ -265,14 +186,14 @@ class Upgrade:
         await self._send_listeners(listeners)
         pins = await self._send_pins(self.tables)
         timing["pins"] = time.monotonic() - frozen_at
-        channel.send({"t": "backends", "states": _states(runtime.routers)})
-        counted = _counters(runtime)
+        self._send_all({"t": "backends", "states": carried.states(runtime.routers)})
+        counted = carried.counters(runtime)
         channel.send({"t": "counters", "counters": counted})
         n_conns = await self._send_conns(conns)
         n_flows = await self._send_flows()
         timing["sent"] = time.monotonic() - frozen_at
-        channel.send({"t": "end"})
-        await self._expect(channel, "adopted")
+        self._send_all({"t": "end"})
+        await self._expect_all("adopted")
         timing["adopted"] = time.monotonic() - frozen_at
         admin = runtime.admin_plane()
         if admin is not None:
@@ -280,8 +201,8 @@ class Upgrade:
             self.admin_stopped = True
         if self.barrier is not None:
             await self.barrier()
-        channel.send({"t": "commit"})
-        await self._expect(channel, "serving")
+        self._send_all({"t": "commit"})
+        await self._expect_all("serving")
         self.committed = True
         timing["serving"] = time.monotonic() - frozen_at
         steps = ("flushing", "pins", "records", "adoption", "serving")
@@ -294,7 +215,10 @@ class Upgrade:
         paused = f"clients paused {timing['serving'] * 1000:.0f} ms: {took}"
         if waves:
             n_conns, worst = await self._send_waves()
-            channel.send({"t": "done", "counters": _delta(counted, _counters(runtime))})
+            since = carried.delta(counted, carried.counters(runtime))
+            channel.send({"t": "done", "counters": since})
+            for other in self.others:
+                other.send({"t": "done", "counters": {}})
             over = (time.monotonic() - frozen_at - timing["serving"]) * 1000
             paused = (
                 f"{paused}; then the connections in waves over {over:.0f} ms, each paused"
@@ -312,16 +236,19 @@ class Upgrade:
         if self.channel is None:
             self.proc, self.channel = await start_successor(self.argv, self.errors)
         channel = self.channel
-        hello = await self._expect(channel, "hello")
+        hellos = await self._expect_all("hello")
+        hello = hellos[0]
         self.pid = int_or(hello.get("pid"), 0)
         theirs = int_or(hello.get("workers"), 1)
         if theirs != self.workers:
-            channel.send({"t": "refused"})
+            self._send_all({"t": "refused"})
             raise UpgradeError(changing_workers(self.workers, theirs))
-        reads = hello.get("reads", [])
-        both = [f for f in WRITES if isinstance(reads, list) and f in reads]
+        both = list(WRITES)
+        for h in hellos:
+            reads = h.get("reads", [])
+            both = [f for f in both if isinstance(reads, list) and f in reads]
         if not both:
-            channel.send({"t": "refused"})
+            self._send_all({"t": "refused"})
             raise UpgradeError(
                 f"the new l4lb ({hello.get('version')}) reads hand-over formats"
                 f" {hello.get('reads')}, this one writes {list(WRITES)}"
@@ -341,11 +268,11 @@ class Upgrade:
             for table in tables:
                 table.unmark()
             raise
-        channel.send({"t": "begin", "format": fmt, "version": VERSION})
-        await self._expect(channel, "ready")
+        self._send_all({"t": "begin", "format": fmt, "version": VERSION})
+        await self._expect_all("ready")
         await self._send_part(0, base)  # parsed there while this process still serves:
-        channel.send({"t": "pins-done"})
-        await self._expect(channel, "parsed")
+        self._send_all({"t": "pins-done"})
+        await self._expect_all("parsed")
 
     async def _send_waves(self) -> tuple[int, float]:
         """After the commit (the new process serves the listeners): the connections, `WAVE` at
@@ -369,6 +296,22 @@ class Upgrade:
 
     async def _expect(self, channel: Channel, kind: str) -> dict[str, Any]:
         return await expect(channel, kind, self.proc, self.errors)
+
+    def _all(self) -> list[Channel]:
+        assert self.channel is not None
+        return [self.channel, *self.others]
+
+    def _send_all(self, message: dict[str, Any]) -> None:
+        for channel in self._all():
+            channel.send(message)
+
+    async def _deliver_all(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        for channel in self._all():
+            await channel.deliver(message, fds)
+
+    async def _expect_all(self, kind: str) -> list[dict[str, Any]]:
+        """Each successor's answer, in order (the first failure is the upgrade's)."""
+        return await each_or_first_error([self._expect(c, kind) for c in self._all()])
 
     def _stop_accepting(self) -> list[tuple[Any, socket.socket]]:
         """Stop accepting on every TCP listener (each socket kept open, duplicated: the kernel
@@ -407,17 +350,17 @@ class Upgrade:
         since (1, once frozen); the new process prefers the second."""
         assert self.channel is not None
         header, lines = pins
-        await self.channel.deliver({"t": "pins", "part": part, "header": header, "lines": []})
+        await self._deliver_all({"t": "pins", "part": part, "header": header, "lines": []})
         batch: list[str] = []
         size = 0
         for line in lines:
             batch.append(line)
             size += len(line)
             if size >= PINS_BYTES:
-                await self.channel.deliver({"t": "pins", "part": part, "lines": batch})
+                await self._deliver_all({"t": "pins", "part": part, "lines": batch})
                 batch, size = [], 0
         if batch:
-            await self.channel.deliver({"t": "pins", "part": part, "lines": batch})
+            await self._deliver_all({"t": "pins", "part": part, "lines": batch})
 
     async def _send_pins(self, tables: list[Any]) -> int:
         """What changed since the snapshot (frozen: nothing more changes); the pins, counted."""
@@ -458,11 +401,11 @@ class Upgrade:
                 records.append(record)
                 fds += one
                 if len(records) >= BATCH:
-                    await self.channel.deliver({"t": "flows", "items": records}, fds)
+                    await self._deliver_all({"t": "flows", "items": records}, fds)
                     sent += len(records)
                     records, fds = [], []
         if records:
-            await self.channel.deliver({"t": "flows", "items": records}, fds)
+            await self._deliver_all({"t": "flows", "items": records}, fds)
             sent += len(records)
         return sent
 
@@ -473,6 +416,8 @@ class Upgrade:
         await kill_started(self.proc)
         if self.channel is not None:
             self.channel.close()
+        for other in self.others:
+            other.close()
         if self.stopped:
             await self.runtime.listeners.serve(self.stopped)
             self.stopped = []
@@ -490,33 +435,72 @@ class Upgrade:
 # ---------------------------------------------------------------------- the new process
 
 
-class Takeover:
-    """What the new process received, before it serves (`Runtime.start` asks it)."""
+@dataclass
+class Share:
+    """A new worker's part when an upgrade changes the number of workers (workers/upgrade.py):
+    every old worker hands it its pins and flows (`sources`: their indexes, in the channels'
+    order), and it keeps its own (`pins`; a flow whose key `steered` sends here, or, for a
+    group the kernel hashes, one from the old worker whose socket it takes over)."""
 
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
+    me: int
+    workers: int
+    sources: list[int]
+    pins: Callable[[str, int], bool]
+    steered: Callable[[str, int, int], int | None]
+
+    def keeps_flow(self, group: str, key: int, source: int) -> bool:
+        to = self.steered(group, key, self.workers)
+        return serving(source, self.workers) == self.me if to is None else to == self.me
+
+
+class Takeover:
+    """What the new process received, before it serves (`Runtime.start` asks it): from the
+    previous process, or, for a worker whose number of siblings changed, from each old worker
+    (`share`)."""
+
+    def __init__(self, channels: Channel | Sequence[Channel], share: Share | None = None) -> None:
+        self.channels = [channels] if isinstance(channels, Channel) else list(channels)
+        self.share = share
         self.listeners: dict[Where, socket.socket] = {}
+        # Old workers' sockets served here for a while: (where, old worker's index) -> socket
+        self.retiring: dict[tuple[Where, int], socket.socket] = {}
         self.admin: socket.socket | None = None
         self.pins: list[pinfile.StateFile] = []  # newest first
         self.states: dict[str, Any] = {}
-        self.counters: dict[str, Any] = {}
+        self.counters: list[dict[str, Any]] = []  # each old process's that sent them
         self.conns: list[tuple[dict[str, Any], tuple[socket.socket, socket.socket]]] = []
-        self.flows: list[tuple[dict[str, Any], socket.socket]] = []
+        self.flows: list[tuple[dict[str, Any], socket.socket, int]] = []  # (record, sock, source)
         self.began = 0.0
         self.waves = False  # the connections come after the commit (`follow`)
+
+    def _source(self, k: int) -> int:
+        return self.share.sources[k] if self.share is not None else 0
+
+    def fail(self, why: str) -> None:
+        for channel in self.channels:
+            channel.send({"t": "error", "why": why})
 
     async def receive(self, routers: Mapping[str, Router], workers: int = 1) -> None:
         """Everything the old process sends, checked, until `end`. HandoverError when anything
         is amiss (the old process serves on). `workers`: how many this process's tree runs."""
-        channel = self.channel
         hello = {"t": "hello", "pid": os.getpid(), "version": VERSION, "reads": list(READS)}
-        channel.send({**hello, "workers": workers})
-        begin = await self._next("begin")
+        for channel in self.channels:
+            channel.send({**hello, "workers": workers})
+        self.began = time.monotonic()
+        got = await each_or_first_error(
+            [self._receive_from(k, c, routers) for k, c in enumerate(self.channels)]
+        )
+        for pins in got:
+            self.pins += pins
+
+    async def _receive_from(
+        self, k: int, channel: Channel, routers: Mapping[str, Router]
+    ) -> list[pinfile.StateFile]:
+        begin = await self._next(channel, "begin")
         if begin.get("format") not in READS:
             raise HandoverError(f"unknown hand-over format {str(begin.get('format'))[:20]}")
         self.waves = begin["format"] >= WAVES
         channel.send({"t": "ready"})
-        self.began = time.monotonic()
         headers: dict[int, dict[str, Any]] = {}
         lines: dict[int, list[bytes]] = {}
         parsed: dict[int, pinfile.StateFile] = {}
@@ -527,7 +511,7 @@ class Takeover:
             message, fds = got
             kind = message.get("t")
             if kind == "listeners":
-                self._listeners(message, fds)
+                self._listeners(message, fds, self._source(k))
             elif kind == "pins":
                 part = 1 if message.get("part") == 1 else 0
                 if isinstance(message.get("header"), dict):
@@ -540,35 +524,40 @@ class Takeover:
             elif kind == "backends":
                 self.states = message.get("states") or {}
             elif kind == "counters":
-                self.counters = message.get("counters") or {}
+                self.counters.append(message.get("counters") or {})
             elif kind == "conns":
-                self._conns(message, fds, routers)
+                self.conns += _checked_conns(message, fds, routers)
             elif kind == "flows":
-                self._flows(message, fds, routers)
+                self._flows(message, fds, routers, self._source(k))
             elif kind == "end":
                 break
             else:
                 raise HandoverError(f"an unexpected message {str(kind)[:40]!r}")
+        out = []
         for part in (1, 0):  # the changes since the snapshot first: they win
             if part in parsed:
-                self.pins.append(parsed[part])
+                out.append(parsed[part])
             elif part in headers:
-                self.pins.append(self._parse(headers[part], lines.get(part, [])))
+                out.append(self._parse(headers[part], lines.get(part, [])))
+        return out
 
     async def commit(self) -> None:
         """Say `adopted` (this process is ready to serve) and wait for the old one's `commit`."""
         if os.environ.get("L4LB_TEST_HANDOVER_STOP") == "adopted":  # (tests: a kill mid-way)
             os.kill(os.getpid(), signal.SIGSTOP)
-        self.channel.send({"t": "adopted", "conns": len(self.conns), "flows": len(self.flows)})
-        await self._next("commit")
+        for channel in self.channels:
+            channel.send({"t": "adopted", "conns": len(self.conns), "flows": len(self.flows)})
+        for channel in self.channels:  # (every old process commits at once: the supervisor's)
+            await self._next(channel, "commit")
 
     @staticmethod
     def _parse(header: dict[str, Any], lines: list[bytes]) -> pinfile.StateFile:
         raw = b"\n".join([pinfile.json_line(header), *lines])
         return pinfile.parse(raw, "the previous process")
 
-    async def _next(self, kind: str) -> dict[str, Any]:
-        got = await self.channel.recv()
+    @staticmethod
+    async def _next(channel: Channel, kind: str) -> dict[str, Any]:
+        got = await channel.recv()
         if got is None:
             raise HandoverError("the old process went away mid-hand-over")
         message, fds = got
@@ -578,26 +567,32 @@ class Takeover:
             raise HandoverError(f"expected {kind}, got {str(message.get('t'))[:40]!r}")
         return message
 
-    def _listeners(self, message: dict[str, Any], fds: list[int]) -> None:
+    def _listeners(self, message: dict[str, Any], fds: list[int], source: int) -> None:
         items = message.get("items", [])
         if len(items) != len(fds):
             raise HandoverError("listeners and descriptors do not match")
+        share = self.share
         for item, fd in zip(items, fds, strict=True):
             sock = socket.socket(fileno=fd)
             if item.get("admin"):
                 self.admin = sock
                 continue
-            self.listeners[(str(item["host"]), int(item["port"]), str(item["proto"]))] = sock
-
-    def _conns(
-        self, message: dict[str, Any], fds: list[int], routers: Mapping[str, Router]
-    ) -> None:
-        self.conns += _checked_conns(message, fds, routers)
+            where = (str(item["host"]), int(item["port"]), str(item["proto"]))
+            if share is not None and source >= share.workers:  # a socket that retires
+                self.retiring[(where, source)] = sock
+            elif share is not None and where in self.listeners:
+                sock.close()
+            else:
+                self.listeners[where] = sock
 
     async def follow(self, runtime: Runtime) -> None:
-        """After `serving`, in a hand-over in waves: each wave of connections adopted as it
-        comes (`took` said), then the counters the old process counted meanwhile, added."""
-        channel, t0, n = self.channel, time.monotonic(), 0
+        """After `serving`, in a hand-over in waves: the connections of each old process."""
+        await asyncio.gather(*(self._follow(runtime, c) for c in self.channels))
+
+    async def _follow(self, runtime: Runtime, channel: Channel) -> None:
+        """Each wave of connections adopted as it comes (`took` said), then the counters the
+        old process counted meanwhile, added."""
+        t0, n = time.monotonic(), 0
         why = ""
         while True:
             got = await channel.recv()
@@ -609,7 +604,7 @@ class Takeover:
             if kind == "conns" and os.environ.get("L4LB_TEST_HANDOVER_STOP") == "wave":
                 os.kill(os.getpid(), signal.SIGSTOP)  # (tests: a kill during the waves)
             if kind == "done":
-                apply_counters(runtime, message.get("counters") or {}, add=True)
+                carried.apply_counters(runtime, message.get("counters") or {}, add=True)
                 break
             try:
                 if kind != "conns":
@@ -628,130 +623,73 @@ class Takeover:
         took = (time.monotonic() - t0) * 1000
         if why:
             log.warning("upgrade: %s (%d connections taken over)", why, n)
-        else:
+        elif n or len(self.channels) == 1:
             log.info("upgrade: took over %d connections in waves in %.0f ms", n, took)
 
     def _flows(
-        self, message: dict[str, Any], fds: list[int], routers: Mapping[str, Router]
+        self,
+        message: dict[str, Any],
+        fds: list[int],
+        routers: Mapping[str, Router],
+        source: int,
     ) -> None:
         items = message.get("items", [])
         if len(fds) != len(items):
             raise HandoverError("flows and descriptors do not match")
         for raw, fd in zip(items, fds, strict=True):
-            self.flows.append((check_flow(raw, routers), socket.socket(fileno=fd)))
+            self.flows.append((check_flow(raw, routers), socket.socket(fileno=fd), source))
 
     async def adopt(self, runtime: Runtime) -> str:
         """After `commit`: the backends' states, the counters, every connection and flow
         adopted; `serving` said. What came, in one line."""
-        apply_states(runtime.routers, self.states)
-        apply_counters(runtime, self.counters)
+        carried.apply_states(runtime.routers, self.states)
+        for i, counters in enumerate(self.counters):  # (several old workers': added up)
+            carried.apply_counters(runtime, counters, add=i > 0)
         runtime.upgrades["ok"] += 1
         await _adopt(runtime, self.conns)
         by_where = {(x.spec.host, x.spec.port): x for x in runtime.listeners.udp_listeners()}
         n_flows = 0
-        for record, sock in self.flows:
+        for record, sock, source in self.flows:
             listener = by_where.get(tuple(record["listener"][:2]))
             binding = runtime.listeners.udp_binding(listener.spec) if listener else None
             if listener is None or binding is None or record["backend"] not in binding[0].by_name:
                 sock.close()  # its port or backend is gone in this configuration
+                continue
+            share = self.share
+            if share is not None and not share.keeps_flow(binding[0].name, record["key"], source):
+                if serving(source, share.workers) == share.me:  # (its client may queue here)
+                    host, port = record["listener"][:2]
+                    old = runtime.listeners.retiring.get(((str(host), int(port), "udp"), source))
+                    (old if isinstance(old, UdpListener) else listener).alias(record, sock)
+                    runtime.listeners.settling = True
+                else:
+                    sock.close()  # another worker's (each was given every flow: a copy)
                 continue
             listener.adopt(binding, record, sock)
             n_flows += 1
         # systemd follows this process from here on (NotifyAccess=all): said before the old
         # one is told, so that it never sees its main process gone
         sdnotify.notify(f"MAINPID={os.getpid()}")
-        self.channel.send({"t": "serving"})
+        for channel in self.channels:
+            channel.send({"t": "serving"})
         took = (time.monotonic() - self.began) * 1000
         return f"took over {len(self.conns):,} connections and {n_flows:,} flows in {took:.0f} ms"
 
 
-def apply_states(routers: Mapping[str, Router], states: Mapping[str, Any]) -> None:
-    """What health and the operator made of each backend, as the old process had it."""
-    from ..core.backends import State
-
-    for group, backends in states.items():
-        router = routers.get(group)
-        if router is None or not isinstance(backends, dict):
-            continue
-        for name, st in backends.items():
-            b = router.by_name.get(name)
-            if b is None or not isinstance(st, dict):
-                continue
-            with contextlib.suppress(ValueError, TypeError):
-                if st.get("admin") != b.admin.value:
-                    router.set_admin(b, State(st["admin"]), "as the previous process had it")
-                if isinstance(st.get("weight"), int) and st["weight"] != b.weight:
-                    router.set_weight(b, st["weight"], "as the previous process had it")
-                if isinstance(st.get("healthy"), bool):
-                    router.set_health(b, st["healthy"], "as the previous process had it")
-
-
-def apply_counters(runtime: Runtime, counters: Mapping[str, Any], *, add: bool = False) -> None:
-    """The old process's totals, to count on from; `add`: what it counted since it sent them
-    (`_delta`: a hand-over in waves), added to this process's (a wrong-typed value is left
-    alone)."""
-    for group, data in (counters.get("groups") or {}).items():
-        router = runtime.routers.get(group)
-        if router is None:
-            continue
-        st = router.stats
-        for k, v in (data.get("stats") or {}).items():
-            if k in GROUP_COUNTERS and isinstance(v, int):
-                _put(st, k, v, add)
-            elif k in ("connect", "duration") and isinstance(v, dict):
-                _set_histogram(getattr(st, k), v, add)
-        for name, values in (data.get("backends") or {}).items():
-            b = router.by_name.get(name)
-            for k, v in (values or {}).items() if b is not None else ():
-                if (
-                    k in BACKEND_COUNTERS
-                    and isinstance(v, int | float)
-                    and not (add and k == "peak")
-                ):
-                    _put(b, k, v, add)
-    for group, data in (counters.get("udp") or {}).items():
-        u = runtime.udp_stats.get(group)
-        for k, v in (data or {}).items() if u is not None else ():
-            if k not in UDP_COUNTERS:
-                continue
-            if isinstance(v, int) and isinstance(getattr(u, k), int):
-                _put(u, k, v, add)
-            elif isinstance(v, dict) and isinstance(getattr(u, k, None), dict):
-                _merge(getattr(u, k), v, add)
-    process = counters.get("process") or {}
-    plane = runtime.plane
-    if isinstance(process.get("accept_errors"), dict):
-        _merge(plane.accept_errors, process["accept_errors"], add)
-    for k in ("loops", "unmatched_marks", "yielded"):
-        if isinstance(process.get(k), int):
-            _put(plane, k, process[k], add)
-    for k in ("reloads_ok", "reloads_failed"):
-        if isinstance(process.get(k), int):
-            _put(runtime, k, process[k], add)
-    if isinstance(process.get("upgrades"), dict):
-        _merge(runtime.upgrades, process["upgrades"], add)
-
-
-def _put(obj: object, k: str, v: float, add: bool) -> None:
-    cur = getattr(obj, k)
-    setattr(obj, k, type(cur)(cur + v if add else v))
-
-
-def _merge(into: dict[str, int], v: Mapping[str, Any], add: bool) -> None:
-    for x, n in v.items():
-        if isinstance(n, int):
-            into[x] = into.get(x, 0) + n if add else n
-
-
-def _delta(base: Any, now: Any) -> Any:
-    """What was counted between two `_counters` (numbers, lists of them, dicts of those)."""
-    if isinstance(now, dict) and isinstance(base, dict):
-        return {k: _delta(base.get(k), v) for k, v in now.items()}
-    if isinstance(now, list) and isinstance(base, list) and len(now) == len(base):
-        return [_delta(x, y) for x, y in zip(base, now, strict=True)]
-    if isinstance(now, int | float) and not isinstance(now, bool):
-        return now - base if isinstance(base, int | float) else now
-    return now
+async def each_or_first_error(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every result, in order; or the first exception, the others cancelled at once (one
+    channel of several failing fails the hand-over: nobody waits for the rest)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for t in tasks:
+            t.cancel()
+    for t in tasks:
+        exc = t.exception() if t.done() and not t.cancelled() else None
+        if exc is not None:
+            raise exc
+    return [t.result() for t in tasks]
 
 
 def _checked_conns(

@@ -5,6 +5,11 @@ looks up the group and service port it serves in `bindings`, so a reload that ke
 its socket open and never refuses a connection; only new ports are bound (before anything else
 changes, all or nothing) and removed ones closed. `Listeners` is the data plane's `Host`: the
 UDP listeners ask it for their group and to make room for a new flow.
+
+A worker may also serve, for `RETIRE` seconds after an upgrade that lowered the number of
+workers, the sockets of old workers that have no successor (`serve_retiring`): their place
+in the reuseport group is gone at the commit (the steering program counts fewer), but what
+queued on them before it, or was mid-handshake, is accepted here rather than reset.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ..dataplane.udp import UdpListener
 from .errors import StartupError
 
 Serving = asyncio.AbstractServer | UdpListener
+RETIRE = 10.0  # seconds an old worker's retiring socket is served (SYN-ACK retries: 1+2+4 s)
 
 
 class Listeners:
@@ -41,6 +47,9 @@ class Listeners:
         # port it did not serve is bound here (a worker binds nothing).
         self.partial = False
         self.held: list[Serving] = []  # served but not yet accepting (`serve(hold=True)`)
+        # Old workers' sockets, for a while, by (where, old index) (`serve_retiring`)
+        self.retiring: dict[tuple[Where, int], Serving] = {}
+        self.settling = False  # an upgrade that changed the number of workers: until `retire`
         self.listening: list[ListenSpec] = []
         self.serving: dict[Where, tuple[ListenSpec, Serving]] = {}
         self.bindings: dict[Where, tuple[Router, int]] = {}
@@ -75,44 +84,66 @@ class Listeners:
         self, bound: list[tuple[ListenSpec, socket.socket]], hold: bool = False
     ) -> None:
         """Serve `bound`; `hold`: not yet (an upgrade's new process, until `release`)."""
+        for spec, sock in bound:
+            self.serving[spec.where] = (spec, await self._serve_one(spec, sock, hold))
+
+    async def serve_retiring(self, socks: Mapping[tuple[Where, int], socket.socket]) -> None:
+        """Serve old workers' sockets as their ports' own (held, as `serve(hold=True)`) until
+        `retire` closes them; one whose port is gone is closed."""
+        specs = {s.where: s for s in self.listening}
+        for (where, old), sock in socks.items():
+            spec = specs.get(where)
+            if spec is None:
+                sock.close()
+                continue
+            self.retiring[(where, old)] = await self._serve_one(spec, sock, hold=True)
+
+    def retire(self) -> int:
+        """Close the retiring sockets, and drop the UDP listeners' aliases of flows other
+        workers took over (`UdpListener.aliases`); how many there were."""
+        n = len(self.retiring)
+        for srv in self.retiring.values():
+            srv.close()
+        self.retiring = {}
+        for _, x in self.serving.values():
+            if isinstance(x, UdpListener):
+                n += x.drop_aliases()
+        self.settling = False
+        return n
+
+    async def _serve_one(self, spec: ListenSpec, sock: socket.socket, hold: bool) -> Serving:
         loop = asyncio.get_running_loop()
         bindings = self.bindings
         plane = self.plane
-        for spec, sock in bound:
-            where = spec.where
-            if spec.proto == "udp":
-                udp = UdpListener(plane, spec, sock)
-                if hold:
-                    udp.pause()
-                    self.held.append(udp)
-                self.serving[where] = (spec, udp)
-                continue
+        where = spec.where
+        if spec.proto == "udp":
+            udp = UdpListener(plane, spec, sock)
+            if hold:
+                udp.pause()
+                self.held.append(udp)
+            return udp
 
-            if spec.group == MARKS:
+        if spec.group == MARKS:
 
-                def marked() -> ClientSide:
-                    return MarkedClientSide(plane)
+            def marked() -> ClientSide:
+                return MarkedClientSide(plane)
 
-                srv = await loop.create_server(
-                    as_factory(marked), sock=sock, backlog=BACKLOG, start_serving=not hold
-                )
-                self.serving[where] = (spec, srv)
-                if hold:
-                    self.held.append(srv)
-                continue
+            factory = marked
+        else:
 
-            def factory(where: Where = where) -> ClientSide:
+            def grouped(where: Where = where) -> ClientSide:
                 router, service_port = bindings[where]
                 if router.proxy_trusted is not None:
                     return ProxyClientSide(plane, router, service_port)
                 return ClientSide(plane, router, service_port)
 
-            srv = await loop.create_server(
-                as_factory(factory), sock=sock, backlog=BACKLOG, start_serving=not hold
-            )
-            self.serving[where] = (spec, srv)
-            if hold:
-                self.held.append(srv)
+            factory = grouped
+        srv = await loop.create_server(
+            as_factory(factory), sock=sock, backlog=BACKLOG, start_serving=not hold
+        )
+        if hold:
+            self.held.append(srv)
+        return srv
 
     async def release(self) -> None:
         """Serve what `serve` held."""
@@ -157,6 +188,7 @@ class Listeners:
     def close(self) -> None:
         for _, srv in self.serving.values():
             srv.close()
+        self.retire()
 
     async def wait_closed(self) -> None:
         for _, srv in self.serving.values():

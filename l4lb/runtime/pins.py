@@ -50,7 +50,7 @@ from typing import Any
 from ..config.files import FileRefused, read_file
 from ..core.backends import Backend
 from ..core.keys import V6_TAG
-from ..core.reuseport import steer
+from ..core.reuseport import serving, steer
 from ..core.routing import Router
 from ..core.spec import Config
 from ..dataplane import walk
@@ -562,28 +562,42 @@ class Pins:
         self.restoring = Restoring(self.routers, found, keep)
         return self.restoring
 
-    def taken(self, states: list[StateFile]) -> Restoring | None:
+    def taken(
+        self, states: list[StateFile], keep: Callable[[str, int], bool] | None = None
+    ) -> Restoring | None:
         """The pins an upgrade's previous process handed over (state files' lines, from its
-        memory: the newest first), to restore as files' are (see above)."""
+        memory: the newest first), to restore as files' are (see above); `keep`: a worker's
+        share when the number of workers changed (`resharded`)."""
         if not states:
             return None
-        self.restoring = Restoring(self.routers, states, None)
+        self.restoring = Restoring(self.routers, states, keep)
         return self.restoring
 
     def _mine(self, config: Config) -> Callable[[str, int], bool]:
         """Whether a group's key is steered to this worker (reuseport.steer, as the kernel)."""
-        masks: dict[str, tuple[int, int] | None] = {}
-        for g in config.groups:
-            listener = MARKS if g.kernel_mark is not None else g.name
-            masks[g.name] = steering_masks(config, ListenSpec(listener, "", 0, False))
+        to = steering(config)
         n, me = config.workers, self.worker
 
         def keep(group: str, key: int) -> bool:
-            m = masks.get(group)
-            if m is None:
-                return me == 0  # not steered: one worker takes them
-            packed = (key ^ V6_TAG).to_bytes(16, "big") if key & V6_TAG else key.to_bytes(4, "big")
-            return steer(packed, m[0], m[1], n) == me
+            got = to(group, key, n)
+            return me == 0 if got is None else got == me  # not steered: one worker takes them
+
+        return keep
+
+    def resharded(self, config: Config, before: int) -> Callable[[str, int], bool]:
+        """A worker's share of the pins when an upgrade changes the number of workers from
+        `before`: its clients under the new steering, and those of the old sockets it
+        serves until they retire (`reuseport.serving`): a client queued there at the switch
+        is accepted here, and finds its pin."""
+        to = steering(config)
+        n, me = config.workers, self.worker
+
+        def keep(group: str, key: int) -> bool:
+            now = to(group, key, n)
+            if now is None:
+                return me == 0
+            was = to(group, key, before)
+            return now == me or (was is not None and serving(was, n) == me)
 
         return keep
 
@@ -604,3 +618,21 @@ class Pins:
         while True:
             await asyncio.sleep(config().state_interval)
             await self.save(config())
+
+
+def steering(config: Config) -> Callable[[str, int, int], int | None]:
+    """The worker among n that the kernel steers a group's key to (`reuseport.steer`); None
+    for a group without persistence (the kernel's own hash: not predictable)."""
+    masks: dict[str, tuple[int, int] | None] = {}
+    for g in config.groups:
+        listener = MARKS if g.kernel_mark is not None else g.name
+        masks[g.name] = steering_masks(config, ListenSpec(listener, "", 0, False))
+
+    def to(group: str, key: int, n: int) -> int | None:
+        m = masks.get(group)
+        if m is None:
+            return None
+        packed = (key ^ V6_TAG).to_bytes(16, "big") if key & V6_TAG else key.to_bytes(4, "big")
+        return steer(packed, m[0], m[1], n)
+
+    return to

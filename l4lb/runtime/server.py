@@ -17,7 +17,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -39,9 +39,9 @@ from . import stats
 from .channel import Channel
 from .errors import ReloadError, StartupError, UpgradeError
 from .handform import HandoverError
-from .handover import Takeover, Upgrade, handed_over
-from .listening import Listeners
-from .pins import Pins
+from .handover import Share, Takeover, Upgrade, handed_over
+from .listening import RETIRE, Listeners
+from .pins import Pins, steering
 from .resolver import lookup
 from .successor import upgrade_argv
 
@@ -89,6 +89,9 @@ AdminFactory = Callable[[Any, AdminSpec, "str | None"], AdminPlane]
 
 class Runtime:
     admin_factory: ClassVar[AdminFactory | None] = None  # None: no admin API in this process
+    # Loads the admin API's code (aiohttp: some hundreds of ms) ahead of a hand-over, so that
+    # the clients the old process holds back do not wait for it
+    admin_preload: ClassVar[Callable[[], None] | None] = None
 
     def __init__(
         self,
@@ -102,6 +105,8 @@ class Runtime:
         follower: bool = False,
         on_health: Callable[[str, str, bool, str], None] | None = None,
         takeover: Channel | None = None,
+        sources: Sequence[tuple[int, Channel]] = (),
+        before: int = 0,
     ) -> None:
         # The configuration as written (backends may be DNS names), and as applied: its names
         # expanded to what they resolve to (l4lb/config/names.py), all down until `start`
@@ -140,7 +145,18 @@ class Runtime:
         self._admin: AdminPlane | None = None
         # Upgrades (runtime/handover.py): the hand-over this process takes over from, if it
         # was started by one; its own, by result; the last one's line, and whether one runs.
+        # A worker whose number of siblings changed (`before` them) takes over from every old
+        # worker (`sources`), keeping its share (runtime/handover.Share)
         self.takeover = Takeover(takeover) if takeover is not None else None
+        if sources and self.worker is not None:
+            share = Share(
+                me=self.worker,
+                workers=config.workers,
+                sources=[i for i, _ in sources],
+                pins=self.pins.resharded(config, before),
+                steered=steering(config),
+            )
+            self.takeover = Takeover([c for _, c in sources], share)
         self.upgrades: dict[str, int] = {"ok": 0, "failed": 0}
         self.last_upgrade: dict[str, Any] | None = None
         self._upgrading = False
@@ -183,6 +199,9 @@ class Runtime:
             self._resolved(expand(self.written, self.answers))
         takeover = self.takeover
         if takeover is not None:  # everything the previous process serves, until its commit
+            preload = type(self).admin_preload
+            if self.config.admin is not None and preload is not None:
+                preload()  # (before the hello: nobody waits on this process yet)
             await self._receive(takeover)
         specs = listen_specs(self.config)
         bound = self.listeners.bind_new(specs)
@@ -190,10 +209,13 @@ class Runtime:
         if takeover is not None:
             for unwanted in takeover.listeners.values():  # (a port this configuration drops)
                 unwanted.close()
-            restoring = self.pins.taken(takeover.pins)
+            share = takeover.share
+            restoring = self.pins.taken(takeover.pins, share.pins if share else None)
         else:  # (meanwhile, clients wait in the backlog; in a thread, so that signals are heard)
             restoring = await asyncio.to_thread(self.pins.index, self.config)
         await self.listeners.serve(bound, hold=takeover is not None)
+        if takeover is not None and takeover.retiring:  # (old workers' sockets, for a while)
+            await self.listeners.serve_retiring(takeover.retiring)
         restore = loop.create_task(restoring.run()) if restoring is not None else None
         if self.store is not None:
             await self.store.start()
@@ -284,7 +306,7 @@ class Runtime:
         try:
             await takeover.receive(self.routers, self.config.workers)
         except HandoverError as exc:
-            takeover.channel.send({"t": "error", "why": str(exc)})
+            takeover.fail(str(exc))
             raise StartupError(f"taking over from the previous process: {exc}") from None
         if self.worker is not None:
             # A worker serves the sockets its supervisor passed (the same ones, taken over by
@@ -302,10 +324,18 @@ class Runtime:
             raise StartupError(f"taking over from the previous process: {exc}") from None
         await self.listeners.release()
         line = await takeover.adopt(self)
+        if self.listeners.retiring or self.listeners.settling:
+            self.listeners.settling = True
+            asyncio.get_running_loop().call_later(RETIRE, self._retire)
         self.last_upgrade = {"at": time.time(), "line": line}
         log.info("upgrade: %s", line)
         if takeover.waves:  # the connections come now, a wave at a time
             self._following = asyncio.get_running_loop().create_task(takeover.follow(self))
+
+    def _retire(self) -> None:
+        n = self.listeners.retire()
+        if n:
+            log.info("closed %d socket(s) that an upgrade's change of workers left here", n)
 
     def admin_plane(self) -> AdminPlane | None:
         return self._admin
@@ -314,21 +344,33 @@ class Runtime:
         self,
         channel: Channel | None = None,
         barrier: Callable[[], Awaitable[None]] | None = None,
+        others: Sequence[Channel] = (),
+        workers: int | None = None,
     ) -> str:
         """Start the l4lb installed now on the configuration file as it is now, hand it
         everything, and exit (runtime/handover.py); what moved, in one line. UpgradeError
         (the old process serves on) when it cannot, or while another upgrade runs. A worker
-        is given its successor's `channel` and the supervisor's `barrier` (workers/upgrade.py)."""
+        is given its successor's `channel` and the supervisor's `barrier` (workers/upgrade.py),
+        and, when the number of workers changes (to `workers`), the `others` new workers."""
         if self._upgrading or (self._following is not None and not self._following.done()):
             raise UpgradeError("an upgrade is running already")
         if self.takeover is not None or not self.ready:
             raise UpgradeError("this process is not serving yet")
+        if self.listeners.settling:  # (they would close with this process, resetting a queue)
+            raise UpgradeError(
+                f"the last upgrade's retiring sockets are served for {RETIRE:g} s: try again then"
+            )
         if self.worker is not None and channel is None:
             raise UpgradeError("a worker is upgraded by its supervisor, with the whole tree")
         self._upgrading = True
         try:
             how = Upgrade(
-                self, upgrade_argv(), workers=self.config.workers, channel=channel, barrier=barrier
+                self,
+                upgrade_argv(),
+                workers=self.config.workers if workers is None else workers,
+                channel=channel,
+                others=others,
+                barrier=barrier,
             )
             line = await how.run()
         except UpgradeError as exc:

@@ -43,13 +43,14 @@ from typing import TYPE_CHECKING, Any
 from ..config import ConfigError, load_config_text
 from ..config.describe import describe
 from ..config.files import read_text
-from ..core.reuseport import attach, program
+from ..core.reuseport import attach, detach, program
 from ..core.spec import Config
 from ..dataplane.listeners import ListenSpec, Where, bind, close_all, listen_specs, steering_masks
 from ..runtime import channel as control
 from ..runtime.channel import Channel
 from ..runtime.errors import ReloadError, StartupError, UpgradeError
 from ..runtime.handover import handed_over
+from ..runtime.listening import RETIRE
 from .upgrade import TreeTakeover, TreeUpgrade
 from .worker import ENV
 
@@ -141,33 +142,58 @@ class Supervisor:
         new: dict[Where, tuple[ListenSpec, list[socket.socket]]] = {}
         for spec in specs:
             where = spec.where
-            if where in self.sockets:
+            have = self.sockets.get(where, (spec, []))[1]
+            if len(have) >= self.n:
                 continue
             socks: list[socket.socket] = []
             try:
                 # Another process listening there with SO_REUSEPORT (a second l4lb on the same
                 # file, say) would let our sockets join its group and split its traffic: a
-                # plain bind first fails as a single process's would.
-                bind(spec).close()
-                for _ in range(self.n):
+                # plain bind first fails as a single process's would. (An upgrade to more
+                # workers appends to the group it took over: those are ours.)
+                if not have:
+                    bind(spec).close()
+                for _ in range(self.n - len(have)):
                     socks.append(bind(spec, reuseport=True))
             except OSError as exc:
                 close_all(socks)
-                for _, group in new.values():
-                    close_all(group)
+                for w, (_, group) in new.items():
+                    close_all(group[len(self.sockets.get(w, (spec, []))[1]) :])
                 raise StartupError(
                     f"cannot listen on {spec} for group {spec.group!r}: {exc.strerror or exc}"
                 ) from None
-            new[where] = (spec, socks)
+            new[where] = (spec, have + socks)
         self.sockets.update(new)
         return list(new)
 
-    def _steer(self) -> None:
+    def steer(self) -> None:
         """(Re)attach each address's steering program for the current configuration."""
         for spec, socks in self.sockets.values():
             masks = steering_masks(self.config, spec)
             if masks is not None:
                 attach(socks[0], program(masks[0], masks[1], self.n))
+
+    def hold_hashed(self, workers: int) -> None:
+        """While an upgrade changes the number of workers, the addresses that the kernel's
+        own hash spreads (no persistence) are held to the first `workers` sockets (by the
+        client's whole address): a socket appended before its worker serves, or one that
+        retires, is given nothing new. `unhold_hashed` gives the kernel its hash back."""
+        for spec, socks in self.sockets.values():
+            if steering_masks(self.config, spec) is None:
+                attach(socks[0], program(0xFFFFFFFF, 128, workers))
+
+    def unhold_hashed(self) -> None:
+        for spec, socks in self.sockets.values():
+            if steering_masks(self.config, spec) is None:
+                with contextlib.suppress(OSError):
+                    detach(socks[0])
+
+    def _steer_at_commit(self) -> None:
+        self.steer()
+        if self.takeover is not None and self.takeover.before != self.n:
+            self.hold_hashed(self.n)  # (until the retiring sockets are closed)
+            loop = asyncio.get_running_loop()
+            loop.call_later(RETIRE + 2.0, self.unhold_hashed)
 
     async def _snapshot_source(self) -> tuple[str, Config]:
         """The file's text and its configuration, read once so that both agree (in a thread:
@@ -198,7 +224,9 @@ class Supervisor:
     def front(self) -> FrontAdmin | None:
         return self._front
 
-    async def _spawn(self, i: int, takeover: socket.socket | None = None) -> WorkerProc:
+    async def _spawn(
+        self, i: int, sources: list[tuple[int, socket.socket]] | None = None, before: int = 0
+    ) -> WorkerProc:
         parent, child = control.pair()
         keys = list(self.sockets)
         fds = [self.sockets[k][1][i].fileno() for k in keys]
@@ -209,10 +237,14 @@ class Supervisor:
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)  # the supervisor speaks for its workers
         passed = [child.fileno(), *fds]
-        extra: dict[str, int] = {}
-        if takeover is not None:  # an upgrade's: the channel to its predecessor
-            extra["takeover"] = takeover.fileno()
-            passed.append(takeover.fileno())
+        extra: dict[str, Any] = {}
+        if sources is not None:  # an upgrade's: the channel to its predecessor, or to each
+            passed += [sock.fileno() for _, sock in sources]  # old worker (`workers` changed)
+            if before == self.n:
+                extra["takeover"] = sources[0][1].fileno()
+            else:
+                extra["sources"] = [[k, sock.fileno()] for k, sock in sources]
+                extra["before"] = before
         env[ENV] = json.dumps(
             {
                 **extra,
@@ -240,8 +272,8 @@ class Supervisor:
             )
         finally:
             child.close()
-            if takeover is not None:
-                takeover.close()
+            for _, sock in sources or []:
+                sock.close()
         w = WorkerProc(i, proc, control.Channel(parent), time.monotonic(), admin_path=admin_path)
         # First of all, the files its configuration names, as this process read them: a worker
         # (a respawned one too) never reads a key or a token from disk (see worker.first_files).
@@ -366,14 +398,20 @@ class Supervisor:
                 close_all(self.sockets.pop(where)[1])
         try:
             self._bind(specs)
-            self._steer()
+            if self.takeover is None or self.takeover.format < 2:
+                self.steer()
+            else:  # at the commit, when the old supervisor says so
+                self._background(self.takeover.steer_when_told(self._steer_at_commit))
+                if self.takeover.before != self.n:
+                    self.hold_hashed(self.takeover.before)
             text, first = await self._snapshot_source()
         except ConfigError as exc:
             raise StartupError(exc.lines[0]) from None
         self._write_snapshot(text)
         self.files = dict(first.files)  # what a worker is given (a respawned one too)
+        before = self.takeover.before if self.takeover is not None else self.n
         for i in range(self.n):
-            await self._spawn(i, chans[i] if chans is not None else None)
+            await self._spawn(i, chans[i] if chans is not None else None, before)
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 for w in list(self.workers):
@@ -519,7 +557,7 @@ class Supervisor:
         # Only now, with the snapshot: a reload refused above leaves a respawned worker the
         # files that go with the configuration it is given.
         self.files = dict(new.files)
-        self._steer()
+        self.steer()
         changes: list[str] | None = None
         failures: list[str] = []
         for w in self.live_workers():

@@ -7,29 +7,41 @@ too (it would stay old), and "no old process left" holds only if it goes. Why ea
 its own successor: a worker's clients are the ones the kernel steers to its socket of each
 reuseport group, and its pins and flows are theirs; worker i's successor serves the same
 socket i (the supervisors pass the very sockets on), so every pin, flow and connection stays
-with the socket its clients reach. That is also why an upgrade keeps the number of workers:
-a group that grows or shrinks while clients queue in it would move them between sockets
-(`handover.changing_workers` says so and refuses).
+with the socket its clients reach.
 
 The old supervisor (`TreeUpgrade.run`), on SIGUSR2, `l4lb ctl upgrade` or the API:
 
 1. starts the new l4lb as a single process's upgrade does (`handover.start_successor`); it
-   loads the configuration, sees `workers: N`, runs as a supervisor and says `hello`.
+   loads the configuration, sees `workers: M`, runs as a supervisor and says `hello`.
 2. sends it every listening socket (N a port, in the group's order), the admin listener,
-   what it counted and the checks' verdicts, and one end of N socket pairs; `end`.
-3. the new supervisor binds any new port, attaches the steering programs, and starts worker
-   i on socket i with the other end of pair i. The old supervisor gives each of its workers
-   the near end (`upgrade`); each runs a single process's hand-over to its successor
-   (runtime/handover.py) up to the commit, and says `upgrade-adopted`.
-4. once every worker has, the old supervisor stops its admin listener and says
-   `upgrade-commit` to all: the new workers serve (and say `ready` to their supervisor,
+   what it counted and the checks' verdicts, and the far ends of socket pairs from old
+   workers to new ones; `end`.
+3. the new supervisor binds any new port, and starts worker j with its pairs' ends. The old
+   supervisor gives each of its workers the near ends (`upgrade`); each runs a single
+   process's hand-over (runtime/handover.py) up to the commit, and says `upgrade-adopted`.
+4. once every worker has, the old supervisor says `steer`: the new supervisor attaches the
+   steering programs of its configuration (`steered`); then it stops its admin listener and
+   says `upgrade-commit` to all: the new workers serve (and say `ready` to their supervisor,
    which becomes systemd's main process and says `serving`); the connections move in waves.
    If any worker cannot hand over before that, all are told `upgrade-abort`: they thaw and
-   serve on, the new tree is killed, and nothing changed.
+   serve on, the new tree is killed (its programs replaced by this tree's), nothing changed.
 5. each old worker exits once its waves are done; the old supervisor waits for them and
    exits. A new worker that dies during its waves leaves its predecessor serving what had not
    moved: that one is told to stop accepting and drain (SIGTERM, up to shutdown_timeout), and
    the old supervisor waits for it before it goes.
+
+With M == N the pairs are i -> i. When the number changes (N -> M, both 2 or more), every old
+worker is paired with every new one: its connections and counters go to the new worker that
+serves its socket (`reuseport.serving`: i itself, or i mod M for a socket that retires), and
+every new worker is given all its pins and flows, keeping its share (`handover.Share`: the
+clients the new program steers to it, and for the pins also those queued on a socket it
+serves at the switch). The group grows by sockets appended at N..M-1, which the old program
+(mod N) never picks; it shrinks by the new workers serving sockets M..N-1 for `RETIRE`
+seconds after the commit (what queued or was mid-handshake there is accepted, not reset),
+the program (mod M) sending nothing new there. The switch itself is one setsockopt, made
+while every old worker has stopped accepting and no new one has started: nobody serves by
+the wrong program. A group without persistence (the kernel's own hash) is held to the first
+sockets by the client's address while the number changes, and given its hash back after.
 """
 
 from __future__ import annotations
@@ -42,13 +54,14 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from ..core.reuseport import serving
 from ..core.spec import Config
-from ..dataplane.listeners import ListenSpec, Where, listen_specs
+from ..dataplane.listeners import ListenSpec, Where, close_all, listen_specs
 from ..runtime import sdnotify
-from ..runtime.channel import Channel, pair
+from ..runtime.channel import MAX_FDS, Channel, pair
 from ..runtime.errors import StartupError, UpgradeError
 from ..runtime.handover import TIMEOUT, HeldListener
 from ..runtime.successor import (
@@ -61,8 +74,9 @@ from ..runtime.successor import (
 from ..version import __version__ as VERSION
 
 log = logging.getLogger("l4lb.upgrade")
-TREE = 1  # the supervisors' own format (the workers speak runtime/handform.py's)
-TREE_READS = (1,)
+TREE = 2  # the supervisors' own format (the workers speak runtime/handform.py's)
+TREE_READS = (1, 2)  # 2: the number of workers may change; the steering switches at the commit
+MAX_PAIRS = 1024  # channels from old workers to new ones (N x M when the number changes)
 SUPERVISOR_COUNTERS = ("restarts", "reloads_ok", "reloads_failed", "started_at")
 
 
@@ -94,6 +108,10 @@ class Supervisor(Protocol):
     @property
     def workers(self) -> Sequence[WorkerProc | None]: ...
 
+    def steer(self) -> None: ...
+
+    def unhold_hashed(self) -> None: ...
+
     @property
     def front(self) -> HeldListener | None: ...
 
@@ -110,6 +128,8 @@ class TreeUpgrade:
         self.asked: list[WorkerProc] = []  # the workers told `upgrade`
         self.ended: set[int] = set()  # those that said how their part ended (or exited)
         self.committed = False
+        self.steered = False  # the new tree's steering programs were attached
+        self.resized = False  # the new tree runs another number of workers
         self.admin_paused = False
         self.errors = tempfile.TemporaryFile()  # noqa: SIM115  (the new process's stderr)
 
@@ -148,29 +168,38 @@ class TreeUpgrade:
         hello = await self._expect("hello")
         pid = hello.get("pid")
         self.pid = pid if isinstance(pid, int) else 0
-        theirs = hello.get("workers")
-        if not hello.get("tree") or theirs != sup.n:
-            self.channel.send({"t": "refused"})
-            raise UpgradeError(changing_workers(sup.n, theirs if isinstance(theirs, int) else 1))
-        if TREE not in (hello.get("reads") or []):
-            self.channel.send({"t": "refused"})
-            raise UpgradeError(f"the new l4lb ({hello.get('version')}) reads no tree format {TREE}")
-        await self._send_state()
-        # One pair a worker: the new supervisor gets one end, the old worker the other
-        near, far = zip(*(pair() for _ in range(sup.n)), strict=True)
+        fmt, m = self._agree(hello)
+        self.resized = m != sup.n
+        await self._send_state(fmt)
+        # One pair from each old worker to each new one it hands over to: its successor
+        # (`serving`: the connections and counters go there) and, if the number changes,
+        # every other (each takes its share of the pins and flows)
+        pairs = [
+            (i, j) for i in range(sup.n) for j in range(m) if (m != sup.n or i == j)
+        ]  # fmt: skip
+        made = {p: pair() for p in pairs}
         try:
-            await self.channel.deliver({"t": "workers"}, [s.fileno() for s in far])
+            for k in range(0, len(pairs), MAX_FDS):
+                some = pairs[k : k + MAX_FDS]
+                await self.channel.deliver(
+                    {"t": "workers", "pairs": [list(p) for p in some]},
+                    [made[p][1].fileno() for p in some],
+                )
             self.channel.send({"t": "end"})
-            for w, sock in zip(list(sup.workers), near, strict=True):
+            for w in list(sup.workers):
                 if w is None or w.channel.closed:
                     raise UpgradeError("a worker is restarting: try again in a moment")
                 while not w.upgrade_replies.empty():  # (a previous, failed upgrade's)
                     w.upgrade_replies.get_nowait()
-                w.channel.send({"op": "upgrade", "id": 0}, [sock.fileno()])
+                first = serving(w.index, m)
+                to = [first] + [j for i, j in pairs if i == w.index and j != first]
+                fds = [made[(w.index, j)][0].fileno() for j in to]
+                w.channel.send({"op": "upgrade", "id": 0, "to": to, "workers": m}, fds)
                 self.asked.append(w)
         finally:
-            for sock in (*near, *far):
-                sock.close()
+            for near, far in made.values():
+                near.close()
+                far.close()
         # Every worker's word, as it comes: the first failure calls the whole upgrade off
         failed = asyncio.ensure_future(self._tree_failed())
         words = {asyncio.ensure_future(_first(w, failed)): w for w in self.asked}
@@ -185,7 +214,13 @@ class TreeUpgrade:
             failed.cancel()
             for f in words:
                 f.cancel()
-        # Every worker is ready to commit: the new tree serves from here on
+        # Every worker is ready to commit: the kernel steers by the new tree's programs (the
+        # old workers all stopped accepting: nobody serves by the old ones now), and the new
+        # tree serves from here on
+        if fmt >= 2:
+            self.steered = True
+            self.channel.send({"t": "steer"})
+            await self._expect("steered")
         if sup.front is not None:
             sup.front.pause()
             self.admin_paused = True
@@ -193,10 +228,31 @@ class TreeUpgrade:
         for w in self.asked:
             w.channel.send({"op": "upgrade-commit"})
 
-    async def _send_state(self) -> None:
+    def _agree(self, hello: dict[str, Any]) -> tuple[int, int]:
+        """The tree format both read, and the new tree's number of workers; UpgradeError when
+        the new supervisor cannot take this tree."""
+        assert self.channel is not None
+        n, theirs, reads = self.sup.n, hello.get("workers"), hello.get("reads") or []
+        m = theirs if isinstance(theirs, int) and not isinstance(theirs, bool) else 1
+        both = [f for f in TREE_READS if f in reads]
+        why = ""
+        if not hello.get("tree"):
+            why = changing_workers(n, m)
+        elif not both:
+            why = f"the new l4lb ({hello.get('version')}) reads no tree format of {TREE_READS}"
+        elif m != n and max(both) < 2:
+            why = f"the new l4lb ({hello.get('version')}) cannot change the number of workers"
+        elif m != n and m * n > MAX_PAIRS:
+            why = f"{n} workers to {m} takes {m * n} channels, over {MAX_PAIRS}: restart instead"
+        if why:
+            self.channel.send({"t": "refused"})
+            raise UpgradeError(why)
+        return max(both), m
+
+    async def _send_state(self, fmt: int) -> None:
         assert self.channel is not None
         sup = self.sup
-        self.channel.send({"t": "tree", "format": TREE, "version": VERSION})
+        self.channel.send({"t": "tree", "format": fmt, "version": VERSION, "workers": sup.n})
         for where, (_spec, socks) in sup.sockets.items():
             await self.channel.deliver(
                 {"t": "sockets", "where": list(where)}, [s.fileno() for s in socks]
@@ -273,6 +329,10 @@ class TreeUpgrade:
         await kill_started(self.proc)
         if self.channel is not None:
             self.channel.close()
+        if self.steered:  # (the new tree's programs: this tree's back)
+            self.sup.steer()
+        if self.resized:
+            self.sup.unhold_hashed()
         if self.admin_paused and self.sup.front is not None:
             await self.sup.front.resume()
         if self.committed:
@@ -311,9 +371,12 @@ class TreeTakeover:
         self.sup = sup
         self.channel = channel
         self.admin: socket.socket | None = None
+        self.format = TREE
+        self.before = 0  # the old tree's number of workers (`receive`)
 
-    async def receive(self) -> list[socket.socket]:
-        """Until `end`: the sockets, the admin listener, the counters, the workers' channels."""
+    async def receive(self) -> list[list[tuple[int, socket.socket]]]:
+        """Until `end`: the sockets, the admin listener, the counters, and for each new worker
+        its channels from the old ones, (old worker's index, socket)."""
         sup, channel = self.sup, self.channel
         channel.send(
             {
@@ -328,8 +391,11 @@ class TreeTakeover:
         begin = await self._next()
         if begin.get("t") != "tree" or begin.get("format") not in TREE_READS:
             raise StartupError(f"the old supervisor said {str(begin.get('t'))[:40]!r}")
+        self.format = int(begin["format"])
+        before = begin.get("workers", sup.n)
+        self.before = n = before if isinstance(before, int) and 0 < before <= 64 else sup.n
         specs = {s.where: s for s in listen_specs(sup.config)}
-        chans: list[socket.socket] = []
+        chans: list[list[tuple[int, socket.socket]]] = [[] for _ in range(sup.n)]
         while True:
             message, fds = await self._next_fds()
             kind = message.get("t")
@@ -337,26 +403,40 @@ class TreeTakeover:
                 socks = [socket.socket(fileno=fd) for fd in fds]
                 h, p, proto = message.get("where") or ("", 0, "")
                 spec = specs.get((str(h), int(p), str(proto)))
-                if spec is None or len(socks) != sup.n:  # a port this configuration drops
-                    for s in socks:
-                        s.close()
+                if spec is None or len(socks) != n:  # a port this configuration drops
+                    close_all(socks)
                     continue
-                sup.sockets[spec.where] = (spec, socks)
+                # Fewer workers: the old sockets beyond them retire (each served a while by
+                # the new worker `serving(i)`, which its predecessor hands it to); more: bound
+                # and appended by `_bind`
+                close_all(socks[sup.n :])
+                sup.sockets[spec.where] = (spec, socks[: sup.n])
             elif kind == "admin" and len(fds) == 1:
                 self.admin = socket.socket(fileno=fds[0])
             elif kind == "state":
                 _apply(sup, message)
-            elif kind == "workers" and len(fds) == sup.n:
-                chans = [socket.socket(fileno=fd) for fd in fds]
+            elif kind == "workers":
+                _channels(chans, message, fds, n)
             elif kind == "end":
                 break
             else:
                 for fd in fds:
                     os.close(fd)
                 raise StartupError(f"an unexpected message {str(kind)[:40]!r}")
-        if len(chans) != sup.n:
+        if len(chans) != sup.n or not all(chans):
             raise StartupError("the old supervisor sent no channel to its workers")
         return chans
+
+    async def steer_when_told(self, steer: Callable[[], None]) -> None:
+        """At the commit, the old supervisor says `steer`: the programs for this tree's number
+        of workers are attached (every old worker stopped accepting), and `steered` said."""
+        try:
+            message = await self._next()
+        except StartupError:  # (the old one went away: it called the upgrade off)
+            return
+        if message.get("t") == "steer":
+            steer()
+            self.channel.send({"t": "steered"})
 
     async def serving(self) -> None:
         """Every new worker serves: this process is systemd's main one, and says so."""
@@ -379,6 +459,30 @@ class TreeTakeover:
         if got is None:
             raise StartupError("the old supervisor went away mid-hand-over")
         return got
+
+
+def _channels(
+    out: list[list[tuple[int, socket.socket]]], message: dict[str, Any], fds: list[int], before: int
+) -> None:
+    """Each new worker's channels from the old workers, (old index, socket), added to `out`
+    (format 1: one each, the diagonal)."""
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    pairs = message.get("pairs", [[i, i] for i in range(len(out))])
+    ok = isinstance(pairs, list) and len(pairs) == len(socks)
+    for p, sock in zip(pairs if ok else [], socks, strict=False):
+        if (
+            isinstance(p, list)
+            and len(p) == 2
+            and all(isinstance(x, int) for x in p)
+            and 0 <= p[0] < before
+            and 0 <= p[1] < len(out)
+        ):
+            out[p[1]].append((p[0], sock))
+        else:
+            ok = False
+    if not ok:
+        close_all(socks)
+        raise StartupError("the old supervisor's channels to the workers do not match")
 
 
 def _apply(sup: Supervisor, message: dict[str, Any]) -> None:

@@ -83,8 +83,9 @@ def _sockets(entries: list[list[Any]], fds: list[int]) -> dict[Where, socket.soc
 
 async def serve(env: dict[str, Any]) -> int:
     index = int(env["index"])
-    for fd in (env["control"], env.get("takeover")):  # this process's, not its children's
-        if fd is not None:
+    sourced = [(int(i), int(fd)) for i, fd in env.get("sources", [])]
+    for fd in (env["control"], env.get("takeover"), *(fd for _, fd in sourced)):
+        if fd is not None:  # this process's, not its children's
             os.set_inheritable(int(fd), False)
     control = socket.socket(fileno=int(env["control"]))
     inherited = _sockets(env["sockets"], [int(fd) for fd in env["fds"]])
@@ -106,6 +107,8 @@ async def serve(env: dict[str, Any]) -> int:
     lead = index == 0  # worker 0 runs the health checks and tells the others
     # An upgrade's worker takes over from its predecessor (workers/upgrade.py)
     takeover = Channel(socket.socket(fileno=int(env["takeover"]))) if "takeover" in env else None
+    # ... or from every old worker, when the number of workers changed (`before` them)
+    sources = [(i, Channel(socket.socket(fileno=fd))) for i, fd in sourced]
     server = Server(
         config,
         inherited=inherited,
@@ -114,6 +117,8 @@ async def serve(env: dict[str, Any]) -> int:
         follower=not lead,
         on_health=tell if lead else None,
         takeover=takeover,
+        sources=sources,
+        before=int(env.get("before", 0)),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -125,8 +130,8 @@ async def serve(env: dict[str, Any]) -> int:
         await server.start()
     except StartupError as exc:
         log.error("%s", exc)
-        if takeover is not None:  # its predecessor says why, and serves on
-            takeover.send({"t": "error", "why": str(exc)})
+        for pred in [takeover] if takeover is not None else [c for _, c in sources]:
+            pred.send({"t": "error", "why": str(exc)})  # its predecessors say why, serve on
         await server.shutdown(0)
         return 1
     settle_heap()
@@ -200,26 +205,33 @@ class Upgrading:
         self.channel = channel
         self.ident: object = None
         self.verdict: asyncio.Future[bool] | None = None
-        self.successor: Channel | None = None
+        self.successors: list[Channel] = []
         self.task: asyncio.Task[None] | None = None
 
     def handles(self, message: dict[str, Any], fds: list[int]) -> bool:
         op = message.get("op")
         if op == "upgrade":
-            if len(fds) != 1 or self.task is not None:
+            # One channel a new worker this one hands over to: its successor first (the
+            # connections go there), then, when the number of workers changes, the others
+            to = message.get("to", [0] * len(fds))
+            if not fds or len(to) != len(fds) or self.task is not None:
                 for fd in fds:
                     os.close(fd)
                 self.channel.send({"op": "upgraded", "ok": False, "why": "no channel, or twice"})
                 return True
             self.ident = message.get("id")
-            self.successor = successor = Channel(socket.socket(fileno=fds[0]))
-            self.task = asyncio.get_running_loop().create_task(self._run(successor))
+            self.successors = [Channel(socket.socket(fileno=fd)) for fd in fds]
+            workers = message.get("workers")
+            self.task = asyncio.get_running_loop().create_task(
+                self._run(self.successors, workers if isinstance(workers, int) else None)
+            )
             return True
         if op in ("upgrade-commit", "upgrade-abort"):
             if self.verdict is not None and not self.verdict.done():
                 self.verdict.set_result(op == "upgrade-commit")
-            elif op == "upgrade-abort" and self.successor is not None:
-                self.successor.close()  # (still handing over: it fails now, and thaws)
+            elif op == "upgrade-abort":
+                for successor in self.successors:
+                    successor.close()  # (still handing over: it fails now, and thaws)
             return True
         return False
 
@@ -235,12 +247,15 @@ class Upgrading:
         if not self.verdict.done() or not self.verdict.result():
             raise UpgradeError("the upgrade was called off (another worker could not hand over)")
 
-    async def _run(self, successor: Channel) -> None:
+    async def _run(self, successors: list[Channel], workers: int | None) -> None:
         try:
-            line = await self.server.upgrade(successor, self._barrier)
+            line = await self.server.upgrade(
+                successors[0], self._barrier, others=successors[1:], workers=workers
+            )
         except UpgradeError as exc:
             self.channel.send({"op": "upgraded", "id": self.ident, "ok": False, "why": str(exc)})
-            self.task = self.verdict = self.successor = None
+            self.task = self.verdict = None
+            self.successors = []
             return
         self.channel.send({"op": "upgraded", "id": self.ident, "ok": True, "line": line})
 

@@ -384,15 +384,15 @@ def test_an_upgrade_under_load_refuses_and_cuts_nothing(tmp_path: Path, to: str)
 @pytest.mark.parametrize(
     ("workers", "how"),
     [(1, "config"), (1, "import"), (1, "killed"), (1, "workers"), (2, "config"), (2, "killed"),
-     (2, "workers")],
+     (2, "workers"), (2, "killed resizing")],
 )  # fmt: skip
 def test_a_failed_upgrade_changes_nothing(tmp_path: Path, workers: int, how: str) -> None:
     """A broken configuration, an import error in the new code, the new process (a new worker,
-    with `workers: 2`) killed mid-hand-over, and a change of `workers` (it takes a restart):
+    with `workers: 2`) killed mid-hand-over, and one process to workers or back (a restart):
     the old process, or tree, serves every connection on, refuses nothing, says why."""
     with site(tmp_path, workers) as (s, procs):
         env = {"PYTHONPATH": str(s.code)}
-        if how == "killed":
+        if how.startswith("killed"):
             env["L4LB_TEST_HANDOVER_STOP"] = "adopted"
         lb = start_l4lb(s.cfg, env=env, cwd=tmp_path)
         procs.append(lb)
@@ -403,8 +403,12 @@ def test_a_failed_upgrade_changes_nothing(tmp_path: Path, workers: int, how: str
             text = s.cfg.read_text()
             if how == "config":
                 s.cfg.write_text(text.replace("scheduler: rr", "scheduler: nope"))
-            elif how == "workers":
-                s.cfg.write_text(f"workers: {workers + 1}\n" + text.replace("workers: 2\n", ""))
+            elif how == "workers":  # (one process to a tree, or back: a restart)
+                s.cfg.write_text(
+                    text.replace("workers: 2\n", "") if workers > 1 else "workers: 2\n" + text
+                )
+            elif how == "killed resizing":  # (to 3 workers: the group grows, then shrinks back)
+                s.cfg.write_text(text.replace("workers: 2\n", "workers: 3\n"))
             elif how == "import":
                 cli = s.code / "l4lb" / "cli.py"
                 text = cli.read_text().replace(
@@ -412,7 +416,7 @@ def test_a_failed_upgrade_changes_nothing(tmp_path: Path, workers: int, how: str
                 )
                 cli.write_text(text)
             load.upgraded_at = time.monotonic()
-            if how == "killed":
+            if how.startswith("killed"):
                 lb.send_signal(signal.SIGUSR2)
                 # (the new process itself; with workers, one of the new supervisor's workers)
                 os.kill(stopped_child(lb.pid, depth=workers), signal.SIGKILL)
@@ -428,16 +432,18 @@ def test_a_failed_upgrade_changes_nothing(tmp_path: Path, workers: int, how: str
         why = {
             "config": "scheduler",
             "import": "l4lb_no_such_module",
-            "workers": f"changing workers ({workers} -> {workers + 1})",
+            "workers": f"changing workers ({workers} -> {3 - workers})",
         }
         if how in why:
             status, body = answers[0]
             assert status == 503 and why[how] in str(body["error"]), body
-        said = wait_for_line(lb, "stderr", "upgrade failed; serving on", timeout=30)[-1]
-        if how == "killed":
+        who = "l4lb.supervisor: " if workers > 1 else ""  # (not a worker's own line)
+        said = wait_for_line(lb, "stderr", f"{who}upgrade failed; serving on", timeout=30)[-1]
+        if how.startswith("killed"):
             assert ("status -9" if workers == 1 else "worker") in said, said
         text = metrics(s.admin)
-        assert 'l4lb_upgrades_total{result="failed"} 1.0' in text
+        ups = [x for x in text.splitlines() if x.startswith("l4lb_upgrades")]
+        assert 'l4lb_upgrades_total{result="failed"} 1.0' in text, (ups, history(lb)[-30:])
         if workers > 1:
             assert f"l4lb_workers {workers}.0" in text
 
@@ -654,10 +660,16 @@ def test_a_new_process_killed_during_the_waves_leaves_the_old_one_serving(tmp_pa
         assert 'l4lb_upgrades_total{result="failed"} 1.0' in metrics(s.admin)
 
 
-def test_an_upgrade_of_two_workers_under_load_refuses_and_cuts_nothing(tmp_path: Path) -> None:
-    """`workers: 2`: the whole tree is replaced, each worker handing over to its successor on
-    the same sockets; nothing refused or cut, every /24 on its backend, one tree left."""
-    with site(tmp_path, workers=2) as (s, _procs):
+@pytest.mark.parametrize(("n", "m"), [(2, 2), (2, 3), (3, 2)])
+def test_an_upgrade_of_workers_under_load_refuses_and_cuts_nothing(
+    tmp_path: Path, n: int, m: int
+) -> None:
+    """`workers: N`: the whole tree is replaced, each worker handing over to its successor on
+    the same sockets; nothing refused or cut, every /24 on its backend, one tree left. The
+    same when the upgrade's configuration changes `workers` to M (the group grows, or its
+    last sockets retire, and every pin and flow goes to the worker the kernel now steers
+    its client to)."""
+    with site(tmp_path, workers=n) as (s, _procs):
         lb = start_l4lb(s.cfg, env={"PYTHONPATH": str(s.code)}, cwd=tmp_path)
         _procs.append(lb)
         load = Load()
@@ -666,6 +678,7 @@ def test_an_upgrade_of_two_workers_under_load_refuses_and_cuts_nothing(tmp_path:
         def upgrade() -> None:
             old_workers.extend(children(lb.pid))
             set_version(s.code, "0.1.0+upgraded")
+            s.cfg.write_text(s.cfg.read_text().replace(f"workers: {n}\n", f"workers: {m}\n"))
             load.upgraded_at = time.monotonic()
             lb.send_signal(signal.SIGUSR2)
             assert lb.wait(30) == 0  # the old supervisor is gone, its workers before it
@@ -673,19 +686,23 @@ def test_an_upgrade_of_two_workers_under_load_refuses_and_cuts_nothing(tmp_path:
         try:
             asyncio.run(run_load(s, load, upgrade))
             assert_nothing_lost(load, lb)
-            said = re.search(r"upgrade: handed over 2 workers .*", output(lb))
+            said = re.search(rf"upgrade: handed over {n} workers .*", output(lb))
             assert said is not None, output(lb)[-3000:]
-            assert said.group(0).count("in waves") == 2, said.group(0)
-            assert len(old_workers) == 2
+            assert said.group(0).count("in waves") == n, said.group(0)
+            assert len(old_workers) == n
             for pid in old_workers:
                 assert not Path(f"/proc/{pid}").exists() or "Z" in stat_of(pid), pid
             text = metrics(s.admin)
             assert 'version="0.1.0+upgraded"' in text
             assert 'l4lb_upgrades_total{result="ok"} 1.0' in text
-            assert "l4lb_workers 2.0" in text
+            assert f"l4lb_workers {m}.0" in text
+            # every UDP flow kept its socket (its datagrams queued on the old steering's
+            # socket sent on by it too): none opened anew, so its backend saw one source port
+            opened = [x for x in text.splitlines() if x.startswith("l4lb_udp_flows")]
+            assert counter(text, "l4lb_udp_flows_opened") == FLOWS, opened
             assert "Traceback" not in output(lb)
-            new = re.search(r"handed over 2 workers to process (\d+)", said.group(0))
-            assert new is not None and len(children(int(new.group(1)))) == 2  # its workers
+            new = re.search(rf"handed over {n} workers to process (\d+)", said.group(0))
+            assert new is not None and len(children(int(new.group(1)))) == m  # its workers
             for pid in [int(new.group(1)), *children(int(new.group(1)))]:
                 assert inheritable(pid) == [], pid
         finally:
