@@ -19,7 +19,7 @@ from .config import ConfigError, load_config, load_config_text
 from .core.spec import SCHEDULERS, Config
 from .runtime import sdnotify
 from .runtime.channel import Channel
-from .runtime.errors import ReloadError, StartupError, UpgradeError
+from .runtime.errors import AsTree, ReloadError, StartupError, UpgradeError
 from .runtime.heap import settle_heap
 from .runtime.successor import SuccessorSocket, connect_to
 from .version import __version__
@@ -101,7 +101,11 @@ async def _serve(
             from .demo import print_hints, start_demo_backends
 
             demo_servers = await start_demo_backends(config)
-        await balancer.start()
+        try:
+            await balancer.start()
+        except AsTree:  # (nothing served, bound or saved yet: the same channel, as a tree)
+            balancer = _balancer(config, log_level, channel, tree=True)
+            await balancer.start()
         settle_heap()
         if handover_socket is not None:  # (a successor that asks takes everything)
             doorway = _doorway(handover_socket, balancer)
@@ -124,9 +128,12 @@ async def _serve(
     return 0
 
 
-def _balancer(config: Config, log_level: str, takeover: Channel | None) -> Balancer:
-    """A single process, or a supervisor of workers (an upgrade's: with its `takeover`)."""
-    if config.workers > 1:
+def _balancer(
+    config: Config, log_level: str, takeover: Channel | None, tree: bool = False
+) -> Balancer:
+    """A single process, or a supervisor of workers (an upgrade's: with its `takeover`; `tree`:
+    of one worker, taking over from a tree)."""
+    if config.workers > 1 or tree:
         from .workers.supervisor import Supervisor
 
         return Supervisor(config, log_level, takeover=takeover)

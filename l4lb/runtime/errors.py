@@ -6,6 +6,14 @@ class StartupError(Exception):
     """The balancer cannot start (a port it cannot bind, say); the message is one line."""
 
 
+class AsTree(StartupError):
+    """An upgrade's new process with `workers: 1` taking over from a tree of workers: it runs
+    as a supervisor of one worker instead (cli.py), so that the tree's sockets stay a group."""
+
+    def __init__(self) -> None:
+        super().__init__("the previous l4lb runs workers: this one runs as a tree of one")
+
+
 class ReloadError(Exception):
     """A reload was refused and nothing changed; `lines` say why. `partial`: with workers, some
     applied it and some did not (stopped, say), and `lines` say which."""

@@ -28,6 +28,11 @@ FORMAT = 2  # the newest this release writes
 WRITES = (1, 2)  # (to a new process that reads only 1, everything moves before the commit)
 READS = (1, 2)
 WAVES = 2  # from this format on, the connections move after the commit, in waves
+# The supervisors' own format (workers/upgrade.py; a single process growing into workers speaks
+# it too: runtime/grow.py). 2: the number of workers may change; the steering switches at the
+# commit.
+TREE = 2
+TREE_READS = (1, 2)
 MAX_HELD = 64 << 20  # bytes a connection may hold between its sides (two write buffers, a pipe)
 MAX_KEY = 1 << 130
 

@@ -50,10 +50,10 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, cast
 
+from ..core.flowstats import UdpStats
 from ..core.reuseport import serving
 from ..core.routing import Router
 from ..dataplane.listeners import Where
@@ -61,12 +61,13 @@ from ..dataplane.relay import ClientSide
 from ..dataplane.transfer import FreezeError, Freezer, adopt_conn, export_conn, export_flow
 from ..dataplane.udp import UdpListener
 from ..version import __version__ as VERSION
-from . import carried, sdnotify
+from . import carried, grow, sdnotify
 from . import pins as pinfile
 from .channel import Channel
-from .errors import UpgradeError
+from .errors import AsTree, UpgradeError
 from .handform import READS, WAVES, WRITES, HandoverError, check_conn, check_flow
 from .listening import Listeners
+from .sharing import Share, each_or_first_error
 from .successor import (
     changing_workers,
     expect,
@@ -95,7 +96,6 @@ class Runtime(carried.Counted, Protocol):
 
 
 log = logging.getLogger("l4lb.upgrade")
-T = TypeVar("T")
 TIMEOUT = 30.0  # seconds for the new process to start and take everything
 FREEZE = 3.0  # seconds for every connection to flush what l4lb holds
 BATCH = 100  # records a message (two descriptors each: under SCM_MAX_FD)
@@ -138,6 +138,7 @@ class Upgrade:
         # With workers whose number changes: the other new workers, given the pins and flows
         # too (each keeps its own share); the connections and counters go to `channel` alone
         self.others = list(others)
+        self.tree: Channel | None = None  # a single process growing into workers: runtime/grow.py
         self.barrier = barrier
         self.freezer: Freezer | None = None
         self.stopped: list[tuple[Any, socket.socket]] = []  # TCP listeners stopped: (spec, dup)
@@ -224,6 +225,8 @@ class Upgrade:
                 f"{paused}; then the connections in waves over {over:.0f} ms, each paused"
                 f" {worst * 1000:.0f} ms at most"
             )
+        if self.tree is not None:  # (systemd's main process is the new supervisor from here)
+            await self._expect(self.tree, "serving")
         return (
             f"{len(listeners)} listeners, {n_conns:,} connections, {n_flows:,} flows,"
             f" {pins:,} pins to process {self.pid} ({paused})"
@@ -238,7 +241,12 @@ class Upgrade:
         channel = self.channel
         hellos = await self._expect_all("hello")
         hello = hellos[0]
-        self.pid = int_or(hello.get("pid"), 0)
+        self.pid = int_or(hello.get("pid"), 0)  # (growing into workers: the supervisor's)
+        if hello.get("tree") and self.barrier is None:  # a single process into workers
+            await self._grow(hello)
+            channel = self.channel
+            hellos = await self._expect_all("hello")
+            hello = hellos[0]
         theirs = int_or(hello.get("workers"), 1)
         if theirs != self.workers:
             self._send_all({"t": "refused"})
@@ -254,6 +262,24 @@ class Upgrade:
                 f" {hello.get('reads')}, this one writes {list(WRITES)}"
             )
         return channel, max(both)
+
+    async def _grow(self, hello: dict[str, Any]) -> None:
+        """Hand this process over as a tree of one worker (runtime/grow.py): from here on,
+        `channel` and `others` are the new workers', and the commit waits for the steering."""
+        assert self.channel is not None
+        self.tree = tree = self.channel
+        rt = self.runtime
+        said = {"reloads_ok": rt.reloads_ok, "reloads_failed": rt.reloads_failed,
+                "started_at": rt.started_at, "upgrades": dict(rt.upgrades)}  # fmt: skip
+        chans = await grow.into_tree(tree, hello, rt.listeners, rt.admin_plane(), said)
+        self.channel, self.others = chans[0], chans[1:]
+        self.workers = len(chans)
+
+        async def steer() -> None:
+            tree.send({"t": "steer"})
+            await self._expect(tree, "steered")
+
+        self.barrier = steer
 
     async def _pins_while_serving(self, channel: Channel, fmt: int) -> None:
         """The pins while serving (a million take seconds to walk): after the freeze, only what
@@ -295,7 +321,8 @@ class Upgrade:
         return moved, worst
 
     async def _expect(self, channel: Channel, kind: str) -> dict[str, Any]:
-        return await expect(channel, kind, self.proc, self.errors)
+        started = self.tree is None or channel is self.tree  # (else a new supervisor's worker)
+        return await expect(channel, kind, self.proc if started else None, self.errors)
 
     def _all(self) -> list[Channel]:
         assert self.channel is not None
@@ -333,7 +360,7 @@ class Upgrade:
         items = [{"group": s.group, "host": s.host, "port": s.port, "proto": s.proto}
                  for s, _ in listeners]  # fmt: skip
         fds = [sock.fileno() for _, sock in listeners]
-        admin = self.runtime.admin_plane()
+        admin = self.runtime.admin_plane() if self.tree is None else None  # (the supervisor's)
         admin_sock = admin.listening() if admin is not None else None
         if admin_sock is not None:
             items.append({"admin": True})
@@ -418,6 +445,8 @@ class Upgrade:
             self.channel.close()
         for other in self.others:
             other.close()
+        if self.tree is not None:
+            self.tree.close()
         if self.stopped:
             await self.runtime.listeners.serve(self.stopped)
             self.stopped = []
@@ -433,24 +462,6 @@ class Upgrade:
 
 
 # ---------------------------------------------------------------------- the new process
-
-
-@dataclass
-class Share:
-    """A new worker's part when an upgrade changes the number of workers (workers/upgrade.py):
-    every old worker hands it its pins and flows (`sources`: their indexes, in the channels'
-    order), and it keeps its own (`pins`; a flow whose key `steered` sends here, or, for a
-    group the kernel hashes, one from the old worker whose socket it takes over)."""
-
-    me: int
-    workers: int
-    sources: list[int]
-    pins: Callable[[str, int], bool]
-    steered: Callable[[str, int, int], int | None]
-
-    def keeps_flow(self, group: str, key: int, source: int) -> bool:
-        to = self.steered(group, key, self.workers)
-        return serving(source, self.workers) == self.me if to is None else to == self.me
 
 
 class Takeover:
@@ -484,8 +495,8 @@ class Takeover:
         """Everything the old process sends, checked, until `end`. HandoverError when anything
         is amiss (the old process serves on). `workers`: how many this process's tree runs."""
         hello = {"t": "hello", "pid": os.getpid(), "version": VERSION, "reads": list(READS)}
-        for channel in self.channels:
-            channel.send({**hello, "workers": workers})
+        for channel in self.channels:  # (`grows`: can run as a tree of one, for an old tree)
+            channel.send({**hello, "workers": workers, "grows": self.share is None})
         self.began = time.monotonic()
         got = await each_or_first_error(
             [self._receive_from(k, c, routers) for k, c in enumerate(self.channels)]
@@ -496,7 +507,9 @@ class Takeover:
     async def _receive_from(
         self, k: int, channel: Channel, routers: Mapping[str, Router]
     ) -> list[pinfile.StateFile]:
-        begin = await self._next(channel, "begin")
+        begin = await self._next(channel, "begin", "as-tree")
+        if begin.get("t") == "as-tree":  # (an old tree: cli.py starts a supervisor instead)
+            raise AsTree()
         if begin.get("format") not in READS:
             raise HandoverError(f"unknown hand-over format {str(begin.get('format'))[:20]}")
         self.waves = begin["format"] >= WAVES
@@ -556,14 +569,14 @@ class Takeover:
         return pinfile.parse(raw, "the previous process")
 
     @staticmethod
-    async def _next(channel: Channel, kind: str) -> dict[str, Any]:
+    async def _next(channel: Channel, kind: str, other: str = "") -> dict[str, Any]:
         got = await channel.recv()
         if got is None:
             raise HandoverError("the old process went away mid-hand-over")
         message, fds = got
         for fd in fds:
             os.close(fd)
-        if message.get("t") != kind:
+        if message.get("t") not in (kind, other or kind):
             raise HandoverError(f"expected {kind}, got {str(message.get('t'))[:40]!r}")
         return message
 
@@ -639,6 +652,40 @@ class Takeover:
         for raw, fd in zip(items, fds, strict=True):
             self.flows.append((check_flow(raw, routers), socket.socket(fileno=fd), source))
 
+    def _place(
+        self,
+        runtime: Runtime,
+        listener: UdpListener,
+        *,
+        binding: tuple[Router, int, UdpStats],
+        record: dict[str, Any],
+        sock: socket.socket,
+        source: int,
+    ) -> bool:
+        """A flow adopted here (True), or, when the number of workers changed, kept as an
+        alias where its client's datagrams may still queue (the socket of `source`, if this
+        worker serves it: see `UdpListener.aliases`), or closed (another worker's copy)."""
+        share = self.share
+        if share is None:
+            listener.adopt(binding, record, sock)
+            return True
+        where = (str(record["listener"][0]), int(record["listener"][1]), "udp")
+        retiring = runtime.listeners.retiring.get((where, source))
+        old = retiring if isinstance(retiring, UdpListener) else None
+        mine = serving(source, share.workers) == share.me  # (its client may queue here)
+        if not share.keeps_flow(binding[0].name, record["key"], source):
+            if mine:
+                (old or listener).alias(record, sock)
+                runtime.listeners.settling = True
+            else:
+                sock.close()
+            return False
+        listener.adopt(binding, record, sock)
+        if old is not None and mine:  # (kept here; its client may queue on the old socket)
+            old.alias(record, socket.socket(fileno=os.dup(sock.fileno())))
+            runtime.listeners.settling = True
+        return True
+
     async def adopt(self, runtime: Runtime) -> str:
         """After `commit`: the backends' states, the counters, every connection and flow
         adopted; `serving` said. What came, in one line."""
@@ -655,18 +702,10 @@ class Takeover:
             if listener is None or binding is None or record["backend"] not in binding[0].by_name:
                 sock.close()  # its port or backend is gone in this configuration
                 continue
-            share = self.share
-            if share is not None and not share.keeps_flow(binding[0].name, record["key"], source):
-                if serving(source, share.workers) == share.me:  # (its client may queue here)
-                    host, port = record["listener"][:2]
-                    old = runtime.listeners.retiring.get(((str(host), int(port), "udp"), source))
-                    (old if isinstance(old, UdpListener) else listener).alias(record, sock)
-                    runtime.listeners.settling = True
-                else:
-                    sock.close()  # another worker's (each was given every flow: a copy)
-                continue
-            listener.adopt(binding, record, sock)
-            n_flows += 1
+            if self._place(
+                runtime, listener, binding=binding, record=record, sock=sock, source=source
+            ):
+                n_flows += 1
         # systemd follows this process from here on (NotifyAccess=all): said before the old
         # one is told, so that it never sees its main process gone
         sdnotify.notify(f"MAINPID={os.getpid()}")
@@ -674,22 +713,6 @@ class Takeover:
             channel.send({"t": "serving"})
         took = (time.monotonic() - self.began) * 1000
         return f"took over {len(self.conns):,} connections and {n_flows:,} flows in {took:.0f} ms"
-
-
-async def each_or_first_error(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
-    """Every result, in order; or the first exception, the others cancelled at once (one
-    channel of several failing fails the hand-over: nobody waits for the rest)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        for t in tasks:
-            t.cancel()
-    for t in tasks:
-        exc = t.exception() if t.done() and not t.cancelled() else None
-        if exc is not None:
-            raise exc
-    return [t.result() for t in tasks]
 
 
 def _checked_conns(

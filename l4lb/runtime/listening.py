@@ -72,7 +72,11 @@ class Listeners:
                     close_all(s for _, s in bound)
                     raise StartupError(f"the supervisor passed no socket for {spec}")
             try:
-                bound.append((spec, bind(spec)))
+                # In a reuseport group of one, so that an upgrade to workers can append to it
+                # (workers/upgrade.py); a plain bind first fails where another process listens
+                # with SO_REUSEPORT (a second l4lb on the same file), as the supervisor's does.
+                bind(spec).close()
+                bound.append((spec, bind(spec, reuseport=True)))
             except OSError as exc:
                 close_all(s for _, s in bound)
                 raise StartupError(

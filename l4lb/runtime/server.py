@@ -39,10 +39,11 @@ from . import stats
 from .channel import Channel
 from .errors import ReloadError, StartupError, UpgradeError
 from .handform import HandoverError
-from .handover import Share, Takeover, Upgrade, handed_over
+from .handover import Takeover, Upgrade, handed_over
 from .listening import RETIRE, Listeners
 from .pins import Pins, steering
 from .resolver import lookup
+from .sharing import Share
 from .successor import upgrade_argv
 
 log = logging.getLogger("l4lb.server")
@@ -565,7 +566,9 @@ class Runtime:
             old, new, skip=("groups", "source", "warnings", "kernel_marks", "files")
         ):
             later = change.split(" ", 1)[0].split(".", 1)[0] in restart
-            changes.append(change + (" (takes effect at the next restart)" if later else ""))
+            changes.append(
+                change + (" (takes effect at the next upgrade or restart)" if later else "")
+            )
         if self.store is not None:
             self.store.routers_changed()
         self._wire_health()

@@ -185,9 +185,8 @@ async def kill_started(proc: asyncio.subprocess.Process | None) -> None:
 
 def changing_workers(ours: int, theirs: int) -> str:
     return (
-        f"changing workers ({ours} -> {theirs}) takes a restart: one process's listening"
-        " sockets are in no reuseport group that workers could share (an upgrade changes"
-        " the number of workers from 2 or more to 2 or more); set workers back, or restart"
+        f"changing workers ({ours} -> {theirs}) takes a restart with this new l4lb: it cannot"
+        " take one process over as workers, or workers as one process (an older release)"
     )
 
 

@@ -173,13 +173,14 @@ class Supervisor:
             if masks is not None:
                 attach(socks[0], program(masks[0], masks[1], self.n))
 
-    def hold_hashed(self, workers: int) -> None:
+    def hold_hashed(self, workers: int, every: bool = False) -> None:
         """While an upgrade changes the number of workers, the addresses that the kernel's
         own hash spreads (no persistence) are held to the first `workers` sockets (by the
         client's whole address): a socket appended before its worker serves, or one that
-        retires, is given nothing new. `unhold_hashed` gives the kernel its hash back."""
+        retires, is given nothing new. `unhold_hashed` gives the kernel its hash back.
+        `every`: all addresses (a single process's sockets had no program at all)."""
         for spec, socks in self.sockets.values():
-            if steering_masks(self.config, spec) is None:
+            if every or steering_masks(self.config, spec) is None:
                 attach(socks[0], program(0xFFFFFFFF, 128, workers))
 
     def unhold_hashed(self) -> None:
@@ -397,19 +398,19 @@ class Supervisor:
             for where in [k for k in self.sockets if k not in {s.where for s in specs}]:
                 close_all(self.sockets.pop(where)[1])
         try:
+            before = self.takeover.before if self.takeover is not None else self.n
+            if before != self.n:  # (before any socket is appended; one process's: no program)
+                self.hold_hashed(before, every=before == 1)
             self._bind(specs)
             if self.takeover is None or self.takeover.format < 2:
                 self.steer()
             else:  # at the commit, when the old supervisor says so
                 self._background(self.takeover.steer_when_told(self._steer_at_commit))
-                if self.takeover.before != self.n:
-                    self.hold_hashed(self.takeover.before)
             text, first = await self._snapshot_source()
         except ConfigError as exc:
             raise StartupError(exc.lines[0]) from None
         self._write_snapshot(text)
         self.files = dict(first.files)  # what a worker is given (a respawned one too)
-        before = self.takeover.before if self.takeover is not None else self.n
         for i in range(self.n):
             await self._spawn(i, chans[i] if chans is not None else None, before)
         try:
@@ -538,7 +539,9 @@ class Supervisor:
             raise ReloadError([f"{source}: cannot be loaded: {exc!r}"]) from None
         notes = []
         if new.workers != self.n:
-            notes.append(f"workers {self.n} -> {new.workers}: takes effect at the next restart")
+            notes.append(
+                f"workers {self.n} -> {new.workers}: takes effect at the next upgrade or restart"
+            )
             new = _with_workers(new, self.n)
         specs = listen_specs(new)
         for spec in specs:

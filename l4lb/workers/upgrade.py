@@ -63,6 +63,7 @@ from ..dataplane.listeners import ListenSpec, Where, close_all, listen_specs
 from ..runtime import sdnotify
 from ..runtime.channel import MAX_FDS, Channel, pair
 from ..runtime.errors import StartupError, UpgradeError
+from ..runtime.handform import TREE, TREE_READS
 from ..runtime.handover import TIMEOUT, HeldListener
 from ..runtime.successor import (
     changing_workers,
@@ -74,8 +75,6 @@ from ..runtime.successor import (
 from ..version import __version__ as VERSION
 
 log = logging.getLogger("l4lb.upgrade")
-TREE = 2  # the supervisors' own format (the workers speak runtime/handform.py's)
-TREE_READS = (1, 2)  # 2: the number of workers may change; the steering switches at the commit
 MAX_PAIRS = 1024  # channels from old workers to new ones (N x M when the number changes)
 SUPERVISOR_COUNTERS = ("restarts", "reloads_ok", "reloads_failed", "started_at")
 
@@ -166,6 +165,9 @@ class TreeUpgrade:
         if self.channel is None:
             self.proc, self.channel = await start_successor(upgrade_argv(), self.errors)
         hello = await self._expect("hello")
+        if not hello.get("tree") and hello.get("grows"):  # one process: it runs as a tree of one
+            self.channel.send({"t": "as-tree"})
+            hello = await self._expect("hello")
         pid = hello.get("pid")
         self.pid = pid if isinstance(pid, int) else 0
         fmt, m = self._agree(hello)

@@ -273,7 +273,7 @@ def test_reload_reaches_every_worker(tmp_path: Path) -> None:
         cfg.write_text(text.replace("workers: 2", "workers: 3"))
         lb.send_signal(signal.SIGHUP)
         reloaded = wait_for_line(lb, "stderr", "l4lb.supervisor: reloaded")[-1]
-        assert "workers 2 -> 3: takes effect at the next restart" in reloaded
+        assert "workers 2 -> 3: takes effect at the next upgrade or restart" in reloaded
         assert admin_get(aport, "/metrics").count("l4lb_workers 2.0") == 1
         for net in NETS:
             assert curl(f"http://127.0.0.1:{extra}/", f"127.0.{net}.6") == before[net]

@@ -53,6 +53,10 @@ def main() -> None:
             s.shutdown(socket.SHUT_WR)
 
     servers: list[socketserver.BaseServer] = []
+    # A real server's backlog (nginx 511, HAProxy's maxconn), not socketserver's 5: clients held
+    # back by an upgrade come at once, and a full backlog drops SYNs (a second's retry each)
+    for kind in (ThreadingHTTPServer, socketserver.ThreadingTCPServer):
+        kind.request_queue_size = 1024
     if args.http:
         servers.append(ThreadingHTTPServer(addr(args.http), Handler))
     if args.https:

@@ -13,8 +13,8 @@ from l4lb.core.keys import V6_TAG
 from l4lb.core.reuseport import serving, steer
 from l4lb.core.routing import Router
 from l4lb.core.spec import Config
-from l4lb.runtime.handover import Share
 from l4lb.runtime.pins import Pins, steering
+from l4lb.runtime.sharing import Share
 
 CHANGES = [(2, 3), (3, 2), (4, 2), (2, 5), (5, 3)]
 
