@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -175,6 +176,19 @@ class L4lb(Proxy):
         return len(self.tops())
 
 
+class Resized(L4lb):
+    """l4lb whose upgrade also changes `workers` (the configuration edited, then SIGUSR2)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], cfg: Path, name: str, to: int) -> None:
+        super().__init__(proc, cfg, name)
+        self.path, self.to = cfg, to
+
+    def upgrade(self) -> None:
+        text = re.sub(r"(?m)^workers: \d+$", f"workers: {self.to}", self.path.read_text())
+        self.path.write_text(text)
+        super().upgrade()
+
+
 class Haproxy(Proxy):
     """HAProxy's master (not counted as serving) and its workers."""
 
@@ -233,8 +247,8 @@ def wait_listening(port: int, within: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
-def l4lb(tmp: Path, http: int, echo: int, bp: list[int], workers: int = 1) -> Proxy:
-    cfg = tmp / f"l4lb{workers}.yaml"
+def l4lb(tmp: Path, http: int, echo: int, bp: list[int], workers: int = 1, to: int = 0) -> Proxy:
+    cfg = tmp / f"l4lb{workers}{to}.yaml"
     rows = "\n".join(
         f"      - {{name: b{i}, address: 127.0.0.1,"
         f" ports: {{{http}: {bp[2 * i]}, {echo}: {bp[2 * i + 1]}}}}}"
@@ -246,12 +260,20 @@ def l4lb(tmp: Path, http: int, echo: int, bp: list[int], workers: int = 1) -> Pr
         f"    persistence: {{timeout: 10m, netmask: /24}}\n    backends:\n{rows}\n"
     )
     name = "l4lb" if workers == 1 else f"l4lb {workers} workers"
-    return L4lb(start([sys.executable, "-m", "l4lb", "run", "-c", str(cfg)], cwd=ROOT), cfg, name)
+    proc = start([sys.executable, "-m", "l4lb", "run", "-c", str(cfg)], cwd=ROOT)
+    if to:
+        return Resized(proc, cfg, f"l4lb {workers} -> {to} workers", to)
+    return L4lb(proc, cfg, name)
 
 
 def l4lb_workers(tmp: Path, http: int, echo: int, bp: list[int]) -> Proxy:
     """The same with `workers: 2`: the whole tree replaced, worker by worker."""
     return l4lb(tmp, http, echo, bp, workers=2)
+
+
+def l4lb_resized(tmp: Path, http: int, echo: int, bp: list[int]) -> Proxy:
+    """`workers: 2` upgraded to 3: the group grows, every pin dealt out again."""
+    return l4lb(tmp, http, echo, bp, workers=2, to=3)
 
 
 def haproxy(tmp: Path, http: int, echo: int, bp: list[int]) -> Proxy:
@@ -279,7 +301,8 @@ def bench(tmp: Path) -> dict[str, Seen]:
     try:
         for b in backends:
             assert b.stdout is not None and b.stdout.readline().strip() == b"ready"
-        makers = [l4lb, l4lb_workers] + ([haproxy] if shutil.which("haproxy") else [])
+        makers = [l4lb, l4lb_workers, l4lb_resized]
+        makers += [haproxy] if shutil.which("haproxy") else []
         for make in makers:
             http, echo = free_ports(2)
             proxy = make(tmp, http, echo, bp)
@@ -301,13 +324,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="l4lb-upgrade-vs-") as tmp:
         out = bench(Path(tmp))
     print(
-        f"{'upgrade under load':28} {'new failed':>14} {'cut':>7} {'worst RTT':>10}"
+        f"{'upgrade under load':30} {'new failed':>14} {'cut':>7} {'worst RTT':>10}"
         f" {'one process':>12} {'RSS before/peak/after':>22}"
     )
     for name, s in out.items():
         one = f"{s.one_process_s:.1f} s" if s.one_process_s is not None else f"> {AFTER:.0f} s"
         print(
-            f"{name + ' (SIGUSR2)':28} {s.new_failed:>5} of {s.new_ok + s.new_failed:<6,}"
+            f"{name + ' (SIGUSR2)':30} {s.new_failed:>5} of {s.new_ok + s.new_failed:<6,}"
             f" {s.cut:>3} of {LONG} {s.worst_ms:>7.0f} ms {one:>12}"
             f" {s.rss_before_mib:>6.0f}/{s.rss_peak_mib:.0f}/{s.rss_after_mib:.0f} MiB"
         )
