@@ -30,10 +30,10 @@ The old supervisor (`TreeUpgrade.run`), on SIGUSR2, `l4lb ctl upgrade` or the AP
    moved: that one is told to stop accepting and drain (SIGTERM, up to shutdown_timeout), and
    the old supervisor waits for it before it goes.
 
-With M == N the pairs are i -> i. When the number changes (N -> M, both 2 or more), every old
-worker is paired with every new one: its connections and counters go to the new worker that
-serves its socket (`reuseport.serving`: i itself, or i mod M for a socket that retires), and
-every new worker is given all its pins and flows, keeping its share (`handover.Share`: the
+With M == N the pairs are i -> i. When the number changes (N -> M), every old worker is
+paired with every new one: its connections and counters go to the new worker that serves its
+socket (`reuseport.serving`: i itself, or i mod M for a socket that retires), and every new
+worker is given all its pins and flows, keeping its share (`sharing.Share`: the
 clients the new program steers to it, and for the pins also those queued on a socket it
 serves at the switch). The group grows by sockets appended at N..M-1, which the old program
 (mod N) never picks; it shrinks by the new workers serving sockets M..N-1 for `RETIRE`
@@ -42,6 +42,9 @@ the program (mod M) sending nothing new there. The switch itself is one setsocko
 while every old worker has stopped accepting and no new one has started: nobody serves by
 the wrong program. A group without persistence (the kernel's own hash) is held to the first
 sockets by the client's address while the number changes, and given its hash back after.
+One process growing into workers plays both old parts itself (runtime/grow.py); a new process
+whose configuration says `workers: 1` answers a single process's hello (`grows`), is told
+`as-tree`, and runs as a supervisor of one worker, so that the tree's sockets stay a group.
 """
 
 from __future__ import annotations
