@@ -489,6 +489,8 @@ def _check(path: str, config: Config) -> int:
                 " (systemd: AmbientCapabilities=CAP_NET_ADMIN)",
                 file=sys.stderr,
             )
+    if config.ha is not None:
+        _check_pair(path, config)
     n = sum(len(g.backends) for g in config.groups)
     extra = f", {config.workers} workers" if config.workers > 1 else ""
     if config.affinity_store is not None:
@@ -499,6 +501,27 @@ def _check(path: str, config: Config) -> int:
     groups = f"{g} group{'' if g == 1 else 's'}, {n} backend{'' if n == 1 else 's'}"
     print(f"{path}: ok ({groups}{extra})")
     return 0
+
+
+def _check_pair(path: str, config: Config) -> None:
+    """`ha`: what moving connections needs of this host (runtime/pair.py)."""
+    import shutil
+
+    from .dataplane.repair import may_repair
+
+    if not may_repair():
+        print(
+            f"{path}: warning: ha: moving open connections (TCP_REPAIR) and the network lock"
+            " need CAP_NET_ADMIN, which this process lacks: a hand-over will fail, pins still"
+            " survive a failover (systemd: AmbientCapabilities=CAP_NET_ADMIN)",
+            file=sys.stderr,
+        )
+    if shutil.which("nft", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
+        print(
+            f"{path}: warning: ha: nft (nftables) is not installed: a hand-over's network"
+            " lock needs it",
+            file=sys.stderr,
+        )
 
 
 def _version() -> str:

@@ -40,6 +40,7 @@ from .guard import MAX_BODY, Guard, reason_of, runner_options
 from .lifecycle import ApiError, Lifecycle
 from .metrics import make_registry
 from .paging import cursor_of, key_span
+from .pairapi import BIG_BODIES, HA_MAX_BODY, PAIR_ROUTES, PairRoutes
 
 if TYPE_CHECKING:
     from .view import Balancer
@@ -234,6 +235,7 @@ class ApiBase(Lifecycle):
     middleware that authorizes changes and counts refusals, and the static pages."""
 
     routes: tuple[tuple[str, str, str], ...] = ROUTES
+    max_body = MAX_BODY  # (an HA pair's peer sends more: its connections)
 
     def __init__(
         self,
@@ -258,7 +260,7 @@ class ApiBase(Lifecycle):
     async def start(self, sock: socket.socket | None = None, hold: bool = False) -> None:
         """Serve (on `sock`, an upgrade's inherited listener, when given; `hold`: accept only
         from `release` on)."""
-        app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY)
+        app = web.Application(middlewares=[self._errors], client_max_size=self.max_body)
         app.on_response_prepare.append(self._frame_headers)
         app.add_routes([web.route(m, path, getattr(self, name)) for m, path, name in self.routes])
         spec = self.spec
@@ -339,10 +341,9 @@ class ApiBase(Lifecycle):
                 "bad_host",
             )
         size = request.content_length
-        if size is not None and size > MAX_BODY:
-            raise ApiError(
-                413, f"a request body is at most {MAX_BODY} bytes, not {size}", "too_large"
-            )
+        limit = self.max_body if request.path in BIG_BODIES else MAX_BODY
+        if size is not None and size > limit:
+            raise ApiError(413, f"a request body is at most {limit} bytes, not {size}", "too_large")
         if request.method not in ("GET", "HEAD") or (
             self.spec.read_token and request.path not in OPEN_PATHS
         ):
@@ -370,13 +371,17 @@ class ApiBase(Lifecycle):
         return web.json_response({"status": "ok"})
 
 
-class AdminServer(ApiBase):
+class AdminServer(PairRoutes, ApiBase):
+    routes = ROUTES + PAIR_ROUTES
+
     def __init__(self, server: Balancer, spec: AdminSpec, unix_path: str | None = None) -> None:
         super().__init__(
             spec, server.admin_refused, unix_path, server.reload_from_file, server.upgrade
         )
         self.server = server
         self.registry = make_registry(server)
+        if server.pair is not None:
+            self.max_body = HA_MAX_BODY
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
         raw = await self._read_body(request)
@@ -450,6 +455,7 @@ class AdminServer(ApiBase):
                 "uptime": time.time() - self.server.started_at,
                 "started_at": self.server.started_at,
                 "last_upgrade": self.server.last_upgrade,
+                "ha": self.server.pair.status() if self.server.pair is not None else None,
             }
         )
 

@@ -35,7 +35,7 @@ def add_parser(sub: Any) -> None:
     )
     ctl.add_argument("--json", action="store_true", help="print the API's JSON answer")
     what = ctl.add_subparsers(
-        dest="what", required=True, metavar="{status,affinity,backend,reload,upgrade}"
+        dest="what", required=True, metavar="{status,affinity,backend,reload,upgrade,handover}"
     )
     what.add_parser("status", help="groups and backends, with their addresses and states")
     aff = what.add_parser("affinity", help="list, flush or show affinity entries")
@@ -65,6 +65,12 @@ def add_parser(sub: Any) -> None:
         "upgrade",
         help="hand everything to the l4lb installed now (new code, the configuration file as"
         " it is now): no connection refused or cut; exits 1 with why when it did not happen",
+    )
+    what.add_parser(
+        "handover",
+        help="an HA pair's active host: move every open connection, flow and the addresses to"
+        " the peer (TCP_REPAIR; keepalived moves the addresses); exits 1 with why, all still"
+        " served here, when it did not happen",
     )
 
 
@@ -245,7 +251,34 @@ def _status(base: str, token: str | None) -> tuple[Any, str]:
         ["GROUP", "BACKEND", "ADDRESS", "STATE", "WEIGHT", "OPEN", "CONNS", "LAST CHECK"],
     )
     text += "\n\n" + _process_line(groups)
+    if isinstance(groups.get("ha"), dict):
+        text += "\n" + _pair_lines(_call(base, "GET", "/api/v1/ha?peer=1", token))
     return {"groups": groups["groups"], "backends": backends["backends"]}, text
+
+
+def _pair_lines(ha: dict[str, Any]) -> str:
+    """An HA pair: this host's role, the peer's, what moved, the last hand-over."""
+    import time
+
+    since = time.strftime("%H:%M:%S", time.localtime(ha.get("since", 0)))
+    peer = ha.get("peer_state") or {}
+    peer_role = peer.get("role") or f"unreachable ({peer.get('error', '?')})"
+    c = ha.get("connections", {})
+    lines = [
+        f"ha: this host {ha.get('role')} since {since} ({', '.join(ha.get('addresses', []))});"
+        f" peer {ha.get('peer')} {peer_role}",
+        f"ha: connections moved {c.get('moved', 0)}, taken {c.get('taken', 0)}, kept on a"
+        f" failed hand-over {c.get('kept', 0)}, lost {c.get('lost', 0)}; failovers seen"
+        f" {ha.get('failovers', 0)}",
+    ]
+    last = ha.get("last_handover")
+    if isinstance(last, dict):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("at", 0)))
+        lines.append(
+            f"ha: last hand-over {when}: {last.get('direction')} {last.get('connections')}"
+            f" connections, {last.get('flows', 0)} flows, in {last.get('seconds')} s"
+        )
+    return "\n".join(lines)
 
 
 def _process_line(groups: dict[str, Any]) -> str:
@@ -330,5 +363,8 @@ def _do(args: argparse.Namespace, base: str, token: str | None) -> tuple[Any, st
     if args.what == "upgrade":
         answer = _call(base, "POST", "/api/v1/upgrade", token, {}, timeout=60)
         return answer, "upgraded: " + answer["upgrade"]
+    if args.what == "handover":
+        answer = _call(base, "POST", "/api/v1/handover", token, {}, timeout=120)
+        return answer, answer["handover"]
     answer = _call(base, "POST", "/api/v1/reload", token, {})
     return answer, "reloaded: " + ("; ".join(answer["changes"]) or "no changes")

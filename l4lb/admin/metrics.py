@@ -317,10 +317,37 @@ def _process(s: Balancer) -> Iterator[Metric]:
     for result in ("ok", "failed"):
         upgrades.add_metric([result], s.upgrades.get(result, 0))
     yield upgrades
+    yield from _pair_metrics(s)
     admin = CounterMetricFamily("l4lb_admin_requests_refused", REFUSED_HELP, labels=["reason"])
     for reason, n in sorted(s.admin_refused.items()):
         admin.add_metric([reason], n)
     yield admin
+
+
+HANDOVER_HELP = (
+    "An HA pair's hand-overs, connections by result: moved (given to the peer), taken (from"
+    " the peer), kept (a hand-over failed: served on here), lost (could not move: not"
+    " established), refused (a peer's hand-over this host dropped)"
+)
+
+
+def _pair_metrics(s: Balancer) -> Iterator[Metric]:
+    pair = s.pair
+    if pair is None:
+        return
+    moved = CounterMetricFamily("l4lb_handover_connections", HANDOVER_HELP, labels=["result"])
+    for result, n in pair.counts.items():
+        moved.add_metric([result], n)
+    yield moved
+    failovers = CounterMetricFamily(
+        "l4lb_ha_failovers",
+        "Times this host took the virtual addresses without a hand-over (the peer failed)",
+    )
+    failovers.add_metric([], pair.failovers)
+    yield failovers
+    active = GaugeMetricFamily("l4lb_ha_active", "1 while this host holds the virtual addresses")
+    active.add_metric([], int(pair.active))
+    yield active
 
 
 def _udp_metrics(s: Balancer) -> Iterator[Metric]:

@@ -11,6 +11,7 @@ from ..checks.monitor import HealthMonitor
 from ..core.flowstats import UdpStats
 from ..core.routing import Router
 from ..dataplane.store import StoreStats
+from ..runtime.pair import Pair
 
 
 class LogCounts(Protocol):
@@ -87,6 +88,9 @@ class Balancer(Protocol):
 
     @property
     def last_upgrade(self) -> Mapping[str, Any] | None: ...  # the one this process came from
+
+    @property
+    def pair(self) -> Pair | None: ...  # an HA pair's part (runtime/pair.py)
 
     def in_flight(self) -> Mapping[tuple[str, str], list[int]]: ...
 

@@ -13,6 +13,7 @@ import yaml
 from ..core.spec import MAX_WORKERS, AdminSpec, Config, GroupSpec, KernelMarksSpec, StoreSpec
 from .crosscheck import _check_loops, _listen_overlaps
 from .groups import _LOG_OFF, _access_log, _group
+from .pair import _ha
 from .validator import _list_of, _scalars, _Validator
 from .values import (
     _NAME_RE,
@@ -41,6 +42,7 @@ _TOP_KEYS = (
     "kernel_marks",
     "access_log",
     "resolve_interval",
+    "ha",
 )
 
 
@@ -250,6 +252,8 @@ def _document(v: _Validator, root: yaml.Node) -> Config | None:
         own = g.access_log
         if own is None or own is _LOG_OFF:
             groups[i] = replace(g, access_log=None if own is _LOG_OFF else default_log)
+    if "ha" in m:
+        kw["ha"] = _ha(v, m["ha"][1], kw, groups)
     if not v.errors:
         _check_loops(v, groups, kw.get("kernel_marks"))
     if v.errors:

@@ -199,6 +199,19 @@ class StoreSpec:
     cluster: bool = False  # a Redis Cluster (url names one of its nodes)
 
 
+@dataclass(frozen=True, slots=True)
+class HaSpec:
+    """An HA pair (runtime/pair.py): keepalived moves the addresses, l4lb the connections."""
+
+    peer_host: str  # the peer's admin API, which takes this host's admin token
+    peer_port: int
+    track_file: str  # this host's VRRP instance's track_file (negative weight): 0 hold, 1 give
+    addresses: tuple[str, ...]  # the virtual addresses: held here means this host is active
+    timeout: float = 10.0  # how long a hand-over waits for keepalived to move the addresses
+    idle_sync: bool = False  # stream the idle connections' state to the peer (crash: restored)
+    idle_after: float = 1.0  # seconds without a byte either way before a connection is synced
+
+
 MAX_WORKERS = 64
 
 
@@ -214,6 +227,7 @@ class Config:
     state_interval: float = 30.0
     access_log: AccessLogSpec | None = None  # the default of every group
     resolve_interval: float = 10.0  # how often backends given by DNS name are looked up again
+    ha: HaSpec | None = None  # an HA pair with a peer (off: a single host)
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()
     # The files the configuration named and the loader read (keys, the admin token), as read:

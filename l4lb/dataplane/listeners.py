@@ -81,7 +81,12 @@ def is_wildcard(host: str) -> bool:
     return host in ("0.0.0.0", "::")
 
 
-def bind(spec: ListenSpec, backlog: int = BACKLOG, reuseport: bool = False) -> socket.socket:
+IP_FREEBIND, IPV6_FREEBIND = 15, 78
+
+
+def bind(
+    spec: ListenSpec, backlog: int = BACKLOG, reuseport: bool = False, freebind: bool = False
+) -> socket.socket:
     family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
     udp = spec.proto == "udp"
     sock = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
@@ -91,6 +96,11 @@ def bind(spec: ListenSpec, backlog: int = BACKLOG, reuseport: bool = False) -> s
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(spec.v6only))
+        if freebind:  # (an HA pair's standby listens on the address before it holds it)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         if udp and is_wildcard(spec.host):
             sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             if family == socket.AF_INET6:

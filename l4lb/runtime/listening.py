@@ -54,6 +54,7 @@ class Listeners:
         self.serving: dict[Where, tuple[ListenSpec, Serving]] = {}
         self.bindings: dict[Where, tuple[Router, int]] = {}
         self.udp_stats: dict[str, UdpStats] = {}  # per group, kept across reloads
+        self.freebind = False  # an HA pair's: listen on addresses this host does not hold yet
         plane.host = self
 
     def bind_new(self, specs: list[ListenSpec]) -> list[tuple[ListenSpec, socket.socket]]:
@@ -75,8 +76,9 @@ class Listeners:
                 # In a reuseport group of one, so that an upgrade to workers can append to it
                 # (workers/upgrade.py); a plain bind first fails where another process listens
                 # with SO_REUSEPORT (a second l4lb on the same file), as the supervisor's does.
-                bind(spec).close()
-                bound.append((spec, bind(spec, reuseport=True)))
+                free = self.freebind
+                bind(spec, freebind=free).close()
+                bound.append((spec, bind(spec, reuseport=True, freebind=free)))
             except OSError as exc:
                 close_all(s for _, s in bound)
                 raise StartupError(

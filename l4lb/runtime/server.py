@@ -41,6 +41,7 @@ from .errors import ReloadError, StartupError, UpgradeError
 from .handform import HandoverError
 from .handover import Takeover, Upgrade, handed_over
 from .listening import RETIRE, Listeners
+from .pair import Pair
 from .pins import Pins, steering
 from .resolver import lookup
 from .sharing import Share
@@ -129,6 +130,11 @@ class Runtime:
         self.store = store
         self.plane = DataPlane(self.routers, store)
         self.listeners = Listeners(self.plane, self.routers, inherited)
+        self.listeners.freebind = config.ha is not None
+        ha, admin = config.ha, config.admin
+        self.pair: Pair | None = None  # an HA pair's part (runtime/pair.py), started by `start`
+        if ha is not None and admin is not None and admin.token_file is not None:
+            self.pair = Pair(self, ha, admin.token_file)
         self.udp_stats: Mapping[str, UdpStats] = self.listeners.udp_stats
         self.pins = Pins(self.routers, worker)
         # Workers: the leader checks and tells (`on_health`); followers take its verdicts.
@@ -233,6 +239,8 @@ class Runtime:
         if self.config.state_file:
             self._tasks.append(loop.create_task(self.pins.save_periodically(lambda: self.config)))
         await self._start_admin(hold=takeover is not None)  # (imports aiohttp: before a commit)
+        if self.pair is not None:
+            await self.pair.start()
         if takeover is not None:
             await self._commit(takeover)
             if self._admin is not None:
@@ -414,6 +422,8 @@ class Runtime:
         if grace is None:
             grace = self.config.shutdown_timeout
         self.ready = False
+        if self.pair is not None:
+            await self.pair.stop()
         self.listeners.close()
         for task in self._tasks:
             task.cancel()

@@ -1,0 +1,107 @@
+"""An HA pair with real keepalived, real nftables and a real redis-server, in network namespaces
+the test makes (tests/support/pairlab.py): a planned hand-over moves 20 open echo connections to
+the peer (TCP_REPAIR) and they echo on, in order; an unplanned failover (kill -9 of the active
+host's keepalived and l4lb) keeps every pin. `make test-ha` runs it; CI runs it as root."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.pairlab import NETS, VIP, PairLab, missing
+from tests.support.procs import wait_for_line
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(missing() is not None, reason=str(missing()))]
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[PairLab]:
+    lab = PairLab(tmp_path)
+    try:
+        lab.build()
+        lab.start_backends()
+        lab.start_keepalived(1)
+        lab.wait_holds(1)  # (host1 first: at equal priorities the other does not preempt it)
+        lab.start_keepalived(2)
+        lab.start_l4lb(1)
+        lab.start_l4lb(2)
+        yield lab
+    finally:
+        lab.close()
+
+
+def _json(proc: subprocess.Popen[str]) -> dict[str, object]:
+    """The client's JSON line (its stdout is read by a pump once `wait_for_line` looked)."""
+    line = wait_for_line(proc, "stdout", "{", 120)[-1]
+    answer = json.loads(line)
+    assert isinstance(answer, dict)
+    return answer
+
+
+def _who(lab: PairLab, nets: list[int]) -> dict[str, str]:
+    answer = _json(lab.client("who", VIP, "8000", ",".join(map(str, nets))))
+    return {k: str(v) for k, v in answer.items()}
+
+
+def test_planned_handover_moves_open_connections(pair: PairLab) -> None:
+    nets = list(range(20))
+    pins = _who(pair, list(range(NETS)))
+    echo = pair.client("echo", VIP, "7000", ",".join(map(str, nets)))
+    wait_for_line(echo, "stdout", "ready", 30)
+    time.sleep(0.5)  # (they echo meanwhile: the hand-over meets them mid-conversation)
+    done = pair.ctl(1, "handover")
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "handed over 20 connections" in done.stdout, done.stdout
+    print(f"planned hand-over: {done.stdout.strip()}")
+    assert pair.holds(2) and not pair.holds(1)
+    time.sleep(1.0)  # (they echo on through host2)
+    assert echo.stdin is not None
+    echo.stdin.write("stop\n")
+    echo.stdin.flush()
+    result = _json(echo)
+    conns = result["conns"]
+    assert isinstance(conns, list)
+    errors = [c["error"] for c in conns if c["error"]]
+    assert not errors, errors
+    assert all(int(c["echoes"]) >= 20 for c in conns), conns  # (on through the move)
+    worst = max(float(c["worst"]) for c in conns)
+    print(f"planned hand-over: 20 connections, longest echo pause {worst * 1000:.0f} ms")
+    status = pair.ctl(2, "status")
+    assert status.returncode == 0, status.stderr
+    assert "taken 20" in status.stdout, status.stdout
+    assert "this host active" in status.stdout, status.stdout
+    assert _who(pair, list(range(NETS))) == pins  # (new connections: the backends they had)
+
+
+def test_unplanned_failover_keeps_every_pin(pair: PairLab) -> None:
+    nets = list(range(NETS))
+    pins = _who(pair, nets)
+    stream = pair.client("stream", VIP, "8000", ",".join(map(str, nets)), "6")
+    wait_for_line(stream, "stdout", "ready", 30)
+    time.sleep(1.5)
+    killed = time.time()
+    pair.kill("keepalived1")
+    pair.kill("l4lb1")
+    pair.wait_holds(2)
+    takeover = time.time() - killed
+    tries = _json(stream)["tries"]
+    assert isinstance(tries, list)
+    after = [t for t in tries if t["began"] >= killed]
+    served = [t for t in after if t["backend"] is not None]
+    assert served, "nothing was served after the kill"
+    resumed = min(t["ended"] for t in served) - killed  # (the first new client served again)
+    moved = [t for t in tries if t["backend"] is not None and t["backend"] != pins[str(t["net"])]]
+    print(
+        f"unplanned failover: keepalived took over in {takeover * 1000:.0f} ms; new connections"
+        f" served again {resumed * 1000:.0f} ms after the kill; {len(after) - len(served)} of"
+        f" {len(after)} tries after the kill failed; {len(moved)} pins lost"
+    )
+    assert not moved, moved
+    assert resumed <= takeover + 0.5
+    status = pair.ctl(2, "status")
+    assert "failovers seen 1" in status.stdout, status.stdout
