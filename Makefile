@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 # compiler and headers (the only list: .ci/run uses it).
 DEBS := curl openssl make python3-venv util-linux iproute2 iptables chromium haproxy \
         redis-server docker.io docker-compose mmdebstrap systemd \
-        caddy dnsmasq-base bind9-dnsutils ngtcp2-client nginx gcc libc6-dev python3-dev
+        caddy dnsmasq-base bind9-dnsutils ngtcp2-client nginx gcc libc6-dev python3-dev \
+        keepalived nftables
 deps:
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -z "$$missing" ]; then echo "deps: all installed"; \

@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -195,7 +195,7 @@ class PairLab:
         conf.write_text(
             KEEPALIVED.format(
                 name=f"h{i}", track=self.track(i), me=i, other=3 - i, vip=VIP, back_vip=BACK_VIP
-            )  # fmt: skip
+            )
         )
         if not self.track(i).exists():
             self.track(i).write_text("0\n")
@@ -219,7 +219,7 @@ class PairLab:
                 vip=VIP,
                 back_vip=BACK_VIP,
                 backends=backends,
-            )  # fmt: skip
+            )
         )
         p = self._start(f"l4lb{i}", f"h{i}", PY, "-m", "l4lb", "run", "-c", str(conf))
         wait_for_line(p, "stderr", "ha: peer", 30)
