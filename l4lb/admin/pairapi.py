@@ -10,19 +10,21 @@ from aiohttp import web
 
 from ..runtime import pairtake
 from ..runtime.pair import Pair, PairError
+from ..runtime.pairsync import IdleSync
 from .lifecycle import ApiError
 
 if TYPE_CHECKING:
     from .view import Balancer
 
 HA_MAX_BODY = 256 << 20  # a prepare's body: every open connection's record and queues
-BIG_BODIES = frozenset({"/api/v1/ha/prepare"})
+BIG_BODIES = frozenset({"/api/v1/ha/prepare", "/api/v1/ha/idle"})
 PAIR_ROUTES = (
     ("GET", "/api/v1/ha", "ha_status"),
     ("POST", "/api/v1/handover", "handover"),
     ("POST", "/api/v1/ha/prepare", "ha_prepare"),
     ("POST", "/api/v1/ha/commit", "ha_commit"),
     ("POST", "/api/v1/ha/abort", "ha_abort"),
+    ("POST", "/api/v1/ha/idle", "ha_idle"),
 )
 
 
@@ -56,6 +58,14 @@ class PairRoutes:
 
     async def ha_abort(self, request: web.Request) -> web.Response:
         return await self._call(request, pairtake.abort)
+
+    async def ha_idle(self, request: web.Request) -> web.Response:
+        async def receive(pair: Pair, body: dict[str, Any]) -> dict[str, Any]:
+            if not isinstance(pair.idle, IdleSync):
+                raise PairError("this host keeps no idle connections")
+            return pair.idle.receive(body)
+
+        return await self._call(request, receive)
 
     async def _call(
         self,

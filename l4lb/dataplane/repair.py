@@ -33,7 +33,7 @@ import fcntl
 import ipaddress
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 TCP_REPAIR = 19
@@ -43,6 +43,7 @@ TCP_REPAIR_OPTIONS = 22
 TCP_TIMESTAMP = 24
 TCP_REPAIR_WINDOW = 29
 RECV_QUEUE, SEND_QUEUE, NO_QUEUE = 1, 2, 0
+REPAIR_OFF_NO_PROBE = 0xFFFFFFFF  # TCP_REPAIR -1: repair mode left without a window probe
 OPT_MSS, OPT_WINDOW, OPT_SACK, OPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 TCP_ESTABLISHED = 1
@@ -287,6 +288,21 @@ def _fill(sock: socket.socket, queue: int, data: bytes) -> None:
             chunk //= 2  # (a linear buffer of this size could not be had: smaller pieces)
             continue
         view = view[sent:]
+
+
+def snapshot(sock: socket.socket) -> TcpState:
+    """`sock`'s state now, the socket running on (repair mode for the read alone, left
+    without a window probe): for an idle connection, what a crash of this host would need."""
+    state = freeze(sock)
+    _opt(sock, TCP_REPAIR, REPAIR_OFF_NO_PROBE)
+    return state
+
+
+def aged(state: TcpState, seconds: float) -> TcpState:
+    """`state` with its timestamp clock moved on by `seconds` (the kernel's ticks are ms)."""
+    if state.timestamp < 0:
+        return state
+    return replace(state, timestamp=(state.timestamp + int(seconds * 1000)) % _U32)
 
 
 def thaw(sock: socket.socket) -> None:

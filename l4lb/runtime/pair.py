@@ -64,7 +64,7 @@ from .pairlink import LinkError, PeerLink
 log = logging.getLogger("l4lb.ha")
 WATCH = 0.1  # seconds between looks at whether this host holds the addresses
 FREEZE = 3.0  # seconds for the connections to flush what l4lb holds
-RESULTS = ("moved", "kept", "lost", "taken", "refused")
+RESULTS = ("moved", "kept", "lost", "taken", "refused", "restored")
 
 
 class PairError(Exception):
@@ -82,6 +82,16 @@ class Host(Protocol):
 
     @property
     def routers(self) -> Mapping[str, Router]: ...
+
+
+class IdleKeeper(Protocol):
+    """The idle connections' copies (runtime/pairsync.py), both hosts' halves."""
+
+    async def run(self) -> None: ...
+
+    async def restore(self) -> None: ...
+
+    def clear(self) -> None: ...
 
 
 def holds(address: str) -> bool:
@@ -159,7 +169,8 @@ class Pair:
         self.taking: Any = None  # pairtake.Taking while the peer hands over to this host
         self.expect_addresses = False  # a hand-over to this host: its taking them is no failover
         self.track_ok = True
-        self._task: asyncio.Task[None] | None = None
+        self.idle: IdleKeeper | None = None  # pairsync.IdleSync, attached by the runtime
+        self._tasks: list[asyncio.Task[None]] = []
 
     def holds(self) -> bool:
         return all(holds(a) for a in self.spec.addresses)
@@ -175,14 +186,17 @@ class Pair:
             "holds" if self.active else "does not hold",
             ", ".join(self.spec.addresses),
         )
-        self._task = asyncio.get_running_loop().create_task(self._watch())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch())]
+        if self.idle is not None and self.spec.idle_sync:
+            self._tasks.append(loop.create_task(self.idle.run()))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
 
     async def track(self, value: int) -> None:
         try:
@@ -206,6 +220,11 @@ class Pair:
             else:
                 self.failovers += 1
                 log.warning("ha: this host holds the addresses now: a failover (the peer's gone)")
+                if self.idle is not None:
+                    await self.idle.restore()
+            self.expect_addresses = False
+            if self.idle is not None:
+                self.idle.clear()
 
     def status(self) -> dict[str, Any]:
         return {
@@ -274,7 +293,7 @@ class Giving:
         self.freezer = Freezer(host.plane, self.udp)
         self.id = secrets.token_hex(8)
         self.repaired: list[socket.socket] = []  # in repair mode here, until the commit
-        self.copies: list[socket.socket] = []  # `_sockets`' copies, closed at the end
+        self.copies: list[socket.socket] = []  # `sockets_of`' copies, closed at the end
 
     async def run(self) -> tuple[int, int, int]:
         pair, host = self.pair, self.pair.host
@@ -295,9 +314,9 @@ class Giving:
                 "POST", "/api/v1/ha/commit", {"id": self.id}, within=pair.spec.timeout + 10.0
             )
         except (LinkError, FreezeError, netlock.LockError, PairError) as exc:
+            pair.counts["kept"] += len(self.freezer.frozen) + len(self.freezer.spliced)
             await self._undo()
             self._close_copies()
-            pair.counts["kept"] += len(self.freezer.frozen) + len(self.freezer.spliced)
             raise PairError(f"hand-over failed, everything still served here: {exc}") from None
         now = host.plane.loop.time()
         for cs in moving:
@@ -313,7 +332,12 @@ class Giving:
             await pair.track(0)  # (the standby now; equal priorities: the addresses stay)
         pair.counts["moved"] += len(moving)
         pair.counts["lost"] += len(lost)
-        return int(answer.get("took", len(moving))), len(lost), len(ending)
+        took, flows = answer.get("took"), answer.get("flows")
+        return (
+            took if isinstance(took, int) else len(moving),
+            len(lost),
+            flows if isinstance(flows, int) else len(ending),
+        )
 
     def _freeze_sockets(
         self, conns: list[ClientSide]
@@ -324,7 +348,7 @@ class Giving:
         moving: list[ClientSide] = []
         lost: list[ClientSide] = []
         for cs in conns:
-            socks = _sockets(cs)
+            socks = sockets_of(cs)
             if socks is None:
                 lost.append(cs)
                 continue
@@ -386,7 +410,7 @@ class Giving:
         self.freezer.thaw()
 
 
-def _sockets(cs: ClientSide) -> tuple[socket.socket, socket.socket] | None:
+def sockets_of(cs: ClientSide) -> tuple[socket.socket, socket.socket] | None:
     """Copies of the connection's two sockets (the loop's own are not full sockets: they cannot
     peek), client's first; the caller closes them (the connection's stay open)."""
     peer = cs.peer

@@ -42,6 +42,7 @@ from .handform import HandoverError
 from .handover import Takeover, Upgrade, handed_over
 from .listening import RETIRE, Listeners
 from .pair import Pair
+from .pairsync import IdleSync
 from .pins import Pins, steering
 from .resolver import lookup
 from .sharing import Share
@@ -135,6 +136,7 @@ class Runtime:
         self.pair: Pair | None = None  # an HA pair's part (runtime/pair.py), started by `start`
         if ha is not None and admin is not None and admin.token_file is not None:
             self.pair = Pair(self, ha, admin.token_file)
+            self.pair.idle = IdleSync(self.pair)
         self.udp_stats: Mapping[str, UdpStats] = self.listeners.udp_stats
         self.pins = Pins(self.routers, worker)
         # Workers: the leader checks and tells (`on_health`); followers take its verdicts.

@@ -53,17 +53,25 @@ def test_planned_handover_moves_open_connections(pair: PairLab) -> None:
     pins = _who(pair, list(range(NETS)))
     echo = pair.client("echo", VIP, "7000", ",".join(map(str, nets)))
     wait_for_line(echo, "stdout", "ready", 30)
+    datagrams = pair.client("udp", VIP, "5300", "20,21,22,23")
+    wait_for_line(datagrams, "stdout", "ready", 30)
     time.sleep(0.5)  # (they echo meanwhile: the hand-over meets them mid-conversation)
     done = pair.ctl(1, "handover")
     assert done.returncode == 0, done.stderr + done.stdout
-    assert "handed over 20 connections" in done.stdout, done.stdout
+    assert "handed over 20 connections and 4 flows" in done.stdout, done.stdout
     print(f"planned hand-over: {done.stdout.strip()}")
     assert pair.holds(2) and not pair.holds(1)
     time.sleep(1.0)  # (they echo on through host2)
-    assert echo.stdin is not None
-    echo.stdin.write("stop\n")
-    echo.stdin.flush()
+    for client in (echo, datagrams):
+        assert client.stdin is not None
+        client.stdin.write("stop\n")
+        client.stdin.flush()
     result = _json(echo)
+    flows = _json(datagrams)["flows"]
+    assert isinstance(flows, list)
+    for flow in flows:  # (each flow on one backend throughout, and answered after the move)
+        assert len(flow["names"]) == 1 and flow["answered"] >= 20, flows
+    print(f"planned hand-over: UDP datagrams unanswered {[f['unanswered'] for f in flows]}")
     conns = result["conns"]
     assert isinstance(conns, list)
     errors = [c["error"] for c in conns if c["error"]]
@@ -76,6 +84,29 @@ def test_planned_handover_moves_open_connections(pair: PairLab) -> None:
     assert "taken 20" in status.stdout, status.stdout
     assert "this host active" in status.stdout, status.stdout
     assert _who(pair, list(range(NETS))) == pins  # (new connections: the backends they had)
+
+
+def test_a_hand_over_that_cannot_finish_leaves_everything_serving(pair: PairLab) -> None:
+    """The peer's keepalived is stopped: the addresses cannot move, the peer gives up after
+    ha.timeout, and every connection goes on through host1 as if nothing happened."""
+    pair.stop("keepalived2")
+    echo = pair.client("echo", VIP, "7000", ",".join(map(str, range(20))))
+    wait_for_line(echo, "stdout", "ready", 30)
+    done = pair.ctl(1, "handover")
+    assert done.returncode == 1, done.stdout
+    assert "everything still served here" in done.stderr, done.stderr
+    assert "did not come to this host" in done.stderr, done.stderr
+    time.sleep(1.0)  # (they echo on through host1)
+    assert pair.holds(1) and not pair.holds(2)
+    assert echo.stdin is not None
+    echo.stdin.write("stop\n")
+    echo.stdin.flush()
+    conns = _json(echo)["conns"]
+    assert isinstance(conns, list)
+    assert not [c["error"] for c in conns if c["error"]], conns
+    assert all(int(c["echoes"]) >= 20 for c in conns), conns
+    status = pair.ctl(1, "status")
+    assert "kept on a failed hand-over 20" in status.stdout, status.stdout
 
 
 def test_unplanned_failover_keeps_every_pin(pair: PairLab) -> None:
@@ -105,3 +136,28 @@ def test_unplanned_failover_keeps_every_pin(pair: PairLab) -> None:
     assert resumed <= takeover + 0.5
     status = pair.ctl(2, "status")
     assert "failovers seen 1" in status.stdout, status.stdout
+
+
+def test_idle_connections_survive_the_active_host_dying(pair: PairLab) -> None:
+    """The stretch: 10 connections idle for 3 s, then the active host dies as a machine does
+    (its links down first, then its processes killed); the standby makes again the ones the
+    active host streamed to it (ha.idle_sync), and they answer."""
+    idle = pair.client("idle", VIP, "7000", ",".join(map(str, range(10))))
+    wait_for_line(idle, "stdout", "ready", 30)
+    time.sleep(3.0)
+    died = time.time()
+    pair.links_down(1)
+    pair.kill("keepalived1")
+    pair.kill("l4lb1")
+    pair.wait_holds(2)
+    wait_for_line(pair.procs["l4lb2"], "stderr", "idle connections the failed peer held", 15)
+    made = time.time() - died
+    assert idle.stdin is not None
+    idle.stdin.write("go\n")
+    idle.stdin.flush()
+    answer = _json(idle)
+    print(
+        f"idle connections through a crash: {answer['answered']} of 10 answered through the"
+        f" standby (made again {made * 1000:.0f} ms after the links went down); {answer['errors']}"
+    )
+    assert answer["answered"] == 10, answer

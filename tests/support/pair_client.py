@@ -116,6 +116,44 @@ def stream(vip: str, port: int, nets: list[int], seconds: float) -> dict[str, ob
     return {"tries": out}
 
 
+def udp(vip: str, port: int, nets: list[int]) -> dict[str, object]:
+    """A UDP client on each /24 (one source port each), a datagram every 50 ms until a line on
+    stdin: the backends that answered each, and how many went unanswered."""
+    stop = threading.Event()
+    results: list[dict[str, object]] = [{} for _ in nets]
+
+    def run(i: int, n: int) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((_src(n, 1), 0))
+        s.connect((vip, port))
+        s.settimeout(0.5)
+        names: set[str] = set()
+        answered = unanswered = seq = 0
+        deadline = time.monotonic() + 300
+        while not stop.is_set() and time.monotonic() < deadline:
+            s.send(f"{n}:{seq}".encode())
+            try:
+                name, _, _ = s.recv(200).decode().partition(" ")
+                names.add(name)
+                answered += 1
+            except OSError:
+                unanswered += 1
+            seq += 1
+            stop.wait(0.05)
+        s.close()
+        results[i] = {"names": sorted(names), "answered": answered, "unanswered": unanswered}
+
+    threads = [threading.Thread(target=run, args=(i, n)) for i, n in enumerate(nets)]
+    for t in threads:
+        t.start()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    return {"flows": results}
+
+
 def idle(vip: str, port: int, nets: list[int]) -> dict[str, object]:
     conns = []
     for n in nets:
@@ -146,6 +184,8 @@ def main() -> None:
         out: object = who(vip, port, ns)
     elif mode == "echo":
         out = echo(vip, port, ns)
+    elif mode == "udp":
+        out = udp(vip, port, ns)
     elif mode == "stream":
         out = stream(vip, port, ns, float(sys.argv[5]))
     else:

@@ -111,10 +111,12 @@ affinity_store:
 ha:
   peer: "10.2.0.{other}:9100"
   track_file: {track}
+  idle_sync: true
+  timeout: 3s
 groups:
   web:
     listen: [{vip}]
-    ports: [8000, 7000]
+    ports: [8000, 7000, "5300/udp"]
     source: {back_vip}
     persistence: {{timeout: 600, netmask: 255.255.255.0}}
     health_check: {{type: tcp, interval: 1, timeout: 0.5}}
@@ -184,7 +186,8 @@ class PairLab:
         wait_for_line(redis, "stdout", "Ready to accept connections", 20)
         for name, addr in BACKENDS.items():
             p = self._start(name, "b", PY, "-m", "tests.support.backend_server", "--name", name,
-                            "--http", f"{addr}:8000", "--echo", f"{addr}:7000")  # fmt: skip
+                            "--http", f"{addr}:8000", "--echo", f"{addr}:7000", "--udp",
+                            f"{addr}:5300")  # fmt: skip
             wait_for_line(p, "stdout", "ready", 20)
 
     def track(self, i: int) -> Path:
@@ -244,6 +247,14 @@ class PairLab:
         cmd = ["ip", "netns", "exec", self.ns[f"h{i}"], PY, "-m", "l4lb", "ctl", "--admin",
                f"10.2.0.{i}:9100", "--token-file", str(self.token), *argv]  # fmt: skip
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+    def stop(self, key: str) -> None:
+        procs.stop(self.procs[key])
+
+    def links_down(self, i: int) -> None:
+        """Host i stops talking, as a machine that dies does: nothing more leaves it."""
+        for dev in ("f0", "b0"):
+            sh("ip", "link", "set", dev, "down", ns=self.ns[f"h{i}"])
 
     def kill(self, key: str) -> None:
         """kill -9 of the process and of the children it forked (keepalived's VRRP process:
