@@ -318,7 +318,14 @@ class Giving:
             await self._undo()
             self._close_copies()
             raise PairError(f"hand-over failed, everything still served here: {exc}") from None
-        now = host.plane.loop.time()
+        # The peer relays them now. This host keeps its quiet sockets and its lock until the
+        # addresses have left it too (for a moment both hold them): a packet that still came
+        # here must meet neither a socket that answers nor none (a reset).
+        loop = host.plane.loop
+        end = loop.time() + pair.spec.timeout
+        while pair.holds() and loop.time() < end:
+            await asyncio.sleep(0.01)
+        now = loop.time()
         for cs in moving:
             cs.conn.termination = "handed over"
             cs.router.end(cs.conn, now=now)
@@ -332,11 +339,11 @@ class Giving:
             await pair.track(0)  # (the standby now; equal priorities: the addresses stay)
         pair.counts["moved"] += len(moving)
         pair.counts["lost"] += len(lost)
-        took, flows = answer.get("took"), answer.get("flows")
+        took, took_flows = answer.get("took"), answer.get("flows")
         return (
             took if isinstance(took, int) else len(moving),
             len(lost),
-            flows if isinstance(flows, int) else len(ending),
+            took_flows if isinstance(took_flows, int) else len(ending),
         )
 
     def _freeze_sockets(
