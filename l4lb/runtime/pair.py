@@ -46,7 +46,7 @@ import secrets
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ..core.routing import Router
@@ -136,6 +136,19 @@ def _listed(address: str, six: bool) -> bool:
     except OSError:
         return False
     return False
+
+
+async def until(cond: Callable[[], bool], seconds: float, poll: float = 0.01) -> bool:
+    """Whether `cond` came true within `seconds` (looked at every `poll`: an address that
+    comes or goes is no event the loop hears of)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while True:
+        if cond():
+            return True
+        if loop.time() >= end:
+            return False
+        await asyncio.sleep(poll)
 
 
 def write_track(path: str, value: int) -> None:
@@ -321,11 +334,8 @@ class Giving:
         # The peer relays them now. This host keeps its quiet sockets and its lock until the
         # addresses have left it too (for a moment both hold them): a packet that still came
         # here must meet neither a socket that answers nor none (a reset).
-        loop = host.plane.loop
-        end = loop.time() + pair.spec.timeout
-        while pair.holds() and loop.time() < end:
-            await asyncio.sleep(0.01)
-        now = loop.time()
+        await until(lambda: not pair.holds(), pair.spec.timeout)
+        now = host.plane.loop.time()
         for cs in moving:
             cs.conn.termination = "handed over"
             cs.router.end(cs.conn, now=now)

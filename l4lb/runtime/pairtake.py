@@ -28,13 +28,12 @@ from ..dataplane.repair import (
 from ..dataplane.transfer import adopt_conn
 from . import netlock
 from .handform import HandoverError, check_conn, check_flow
-from .pair import Pair, PairError, holds
+from .pair import Pair, PairError, until
 
 log = logging.getLogger("l4lb.ha")
 MAX_CONNS = 200_000  # connections one hand-over may bring
 MAX_FLOWS = 200_000
 ADOPT_AT_ONCE = 512
-POLL = 0.01  # seconds between looks at the addresses while a commit waits for them
 
 Conn = tuple[dict[str, Any], TcpState, TcpState]
 
@@ -185,16 +184,12 @@ async def commit(pair: Pair, body: dict[str, Any]) -> dict[str, Any]:
         raise PairError("no such hand-over prepared here")
     if taking.expiry is not None:
         taking.expiry.cancel()
-    loop = asyncio.get_running_loop()
-    end = loop.time() + pair.spec.timeout
-    while not all(holds(a) for a in pair.spec.addresses):
-        if loop.time() >= end:
-            await abort(pair, body)
-            raise PairError(
-                f"the addresses did not come to this host in {pair.spec.timeout:g} s"
-                " (is keepalived running, and tracking the track file?)"
-            )
-        await asyncio.sleep(POLL)
+    if not await until(pair.holds, pair.spec.timeout):
+        await abort(pair, body)
+        raise PairError(
+            f"the addresses did not come to this host in {pair.spec.timeout:g} s"
+            " (is keepalived running, and tracking the track file?)"
+        )
     waited = time.monotonic() - taking.began
     await netlock.unlock()
     for a, b in taking.socks:  # (a window probe each: the peers answer, and send again)
