@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +57,29 @@ async def test_a_connection_moves_to_a_new_socket_and_talks_on() -> None:
 def test_a_socket_that_is_not_established_is_refused() -> None:
     with socket.socket() as s, pytest.raises(repair.RepairError, match="not established"):
         repair.freeze(s)
+
+
+def test_check_says_when_the_pair_lacks_cap_net_admin(tmp_path: Path) -> None:
+    """`l4lb check` of an `ha` section, run without CAP_NET_ADMIN (dropped by setpriv from
+    the bounding set): one warning line naming the capability; with it, none."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    token = tmp_path / "token"
+    token.write_text("t" * 40)
+    conf = tmp_path / "l4lb.yaml"
+    conf.write_text(
+        f"admin: {{listen: '127.0.0.1:9100', token_file: {token}}}\n"
+        "ha: {peer: '127.0.0.2:9100', track_file: track}\n"
+        "groups:\n  web:\n    listen: [127.0.0.1]\n    ports: [80]\n"
+        "    backends: [{name: a, address: 127.0.0.2}]\n"
+    )
+    l4lb = [sys.executable, "-m", "l4lb", "check", "-c", str(conf)]
+    dropped = subprocess.run(
+        [setpriv, "--bounding-set=-net_admin", *l4lb], capture_output=True, text=True, timeout=60
+    )
+    assert dropped.returncode == 0, dropped.stderr
+    assert "ha: moving open connections (TCP_REPAIR)" in dropped.stderr
+    assert "need CAP_NET_ADMIN" in dropped.stderr
+    with_it = subprocess.run(l4lb, capture_output=True, text=True, timeout=60)
+    assert with_it.returncode == 0 and "CAP_NET_ADMIN" not in with_it.stderr, with_it.stderr

@@ -83,6 +83,10 @@ def test_planned_handover_moves_open_connections(pair: PairLab) -> None:
     assert status.returncode == 0, status.stderr
     assert "taken 20" in status.stdout, status.stdout
     assert "this host active" in status.stdout, status.stdout
+    _, metrics = pair.curl(1, 2, "/metrics")
+    assert 'l4lb_handover_connections_total{result="taken"} 20.0' in metrics
+    _, metrics = pair.curl(2, 1, "/metrics")
+    assert 'l4lb_handover_connections_total{result="moved"} 20.0' in metrics
     assert _who(pair, list(range(NETS))) == pins  # (new connections: the backends they had)
 
 
@@ -107,6 +111,27 @@ def test_a_hand_over_that_cannot_finish_leaves_everything_serving(pair: PairLab)
     assert all(int(c["echoes"]) >= 20 for c in conns), conns
     status = pair.ctl(1, "status")
     assert "kept on a failed hand-over 20" in status.stdout, status.stdout
+
+
+def test_the_peer_link_takes_the_token_and_checked_records_only(pair: PairLab) -> None:
+    prepare = "/api/v1/ha/prepare"
+    body = '{"id": "x", "conns": []}'
+    code, _ = pair.curl(1, 2, prepare, "-X", "POST", "-d", body, token=False)
+    assert code == 401
+    bad = '{"id": "x", "conns": [{"group": "web", "backend": "b1", "tcp": [1, 2]}]}'
+    code, answer = pair.curl(1, 2, prepare, "-X", "POST", "-d", bad)
+    assert code == 409 and "a record from the peer" in answer, answer
+    code, answer = pair.curl(1, 2, "/api/v1/ha/idle", "-X", "POST", "-d", '{"session": 5}')
+    assert code == 409 and "session" in answer, answer
+    code, answer = pair.curl(1, 2, "/api/v1/ha/commit", "-X", "POST", "-d", '{"id": "y"}')
+    assert code == 409 and "no such hand-over" in answer, answer
+    code, answer = pair.curl(1, 2, "/api/v1/ha")
+    assert code == 200 and '"busy": false' in answer and '"role": "standby"' in answer, answer
+    _, metrics = pair.curl(1, 2, "/metrics")
+    assert 'l4lb_admin_requests_refused_total{reason="unauthorized"} 1.0' in metrics
+    assert 'l4lb_admin_requests_refused_total{reason="ha_refused"} 3.0' in metrics
+    done = pair.ctl(1, "handover")  # (and the pair still works)
+    assert done.returncode == 0 and "handed over 0 connections" in done.stdout, done.stderr
 
 
 def test_unplanned_failover_keeps_every_pin(pair: PairLab) -> None:

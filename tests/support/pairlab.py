@@ -248,6 +248,14 @@ class PairLab:
                f"10.2.0.{i}:9100", "--token-file", str(self.token), *argv]  # fmt: skip
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
+    def curl(self, i: int, j: int, path: str, *argv: str, token: bool = True) -> tuple[int, str]:
+        """From host i to host j's admin API: the status code and the body."""
+        auth = ["-H", f"Authorization: Bearer {self.token.read_text().strip()}"] if token else []
+        out = sh("curl", "-s", "-m", "10", "-w", "\n%{http_code}", *auth, *argv,
+                 f"http://10.2.0.{j}:9100{path}", ns=self.ns[f"h{i}"])  # fmt: skip
+        body, _, code = out.rpartition("\n")
+        return int(code), body
+
     def stop(self, key: str) -> None:
         procs.stop(self.procs[key])
 
