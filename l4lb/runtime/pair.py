@@ -190,7 +190,10 @@ class Pair:
 
     async def start(self) -> None:
         await netlock.unlock()  # (a lock a process that died mid-hand-over left)
-        await self.track(0)
+        try:
+            await self.track(0)
+        except PairError as exc:  # (served all the same; a hand-over will say it too)
+            log.error("ha: %s: keepalived cannot be told", exc)
         self.active = self.holds()
         log.info(
             "ha: peer %s:%d; this host %s the addresses (%s)",
@@ -234,7 +237,10 @@ class Pair:
                 self.failovers += 1
                 log.warning("ha: this host holds the addresses now: a failover (the peer's gone)")
                 if self.idle is not None:
-                    await self.idle.restore()
+                    try:
+                        await self.idle.restore()
+                    except Exception as exc:  # (the watch must go on, whatever happened)
+                        log.error("ha: the idle connections could not be made again: %r", exc)
             self.expect_addresses = False
             if self.idle is not None:
                 self.idle.clear()
