@@ -142,13 +142,22 @@ def check_address(x: object, name: str) -> tuple[str, int]:
     return host, _int(x[1], name, 1, 65535)
 
 
-def _queue(x: object, name: str) -> bytes:
-    if not isinstance(x, str) or len(x) > MAX_QUEUE * 4 // 3 + 4:
-        raise RepairError(f"{name}: not base64 of at most {MAX_QUEUE} bytes")
+def b64_within(x: object, most: int) -> bytes:
+    """`x`, base64 of at most `most` bytes, decoded; ValueError saying why not (a record from
+    another process: an upgrade's, a peer's)."""
+    if not isinstance(x, str) or len(x) > most * 4 // 3 + 4:
+        raise ValueError(f"not base64 of {most} bytes at most")
     try:
         return base64.b64decode(x, validate=True)
-    except (binascii.Error, ValueError):
-        raise RepairError(f"{name}: not base64") from None
+    except binascii.Error:
+        raise ValueError("not base64") from None
+
+
+def _queue(x: object, name: str) -> bytes:
+    try:
+        return b64_within(x, MAX_QUEUE)
+    except ValueError as exc:
+        raise RepairError(f"{name}: {exc}") from None
 
 
 def _opt(sock: socket.socket, option: int, value: int | bytes) -> None:

@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import socket
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..core.connection import CLOSING, DIALING, ENDED, HALF_CLOSED, PAIRED, Conn, Routed
@@ -50,6 +52,7 @@ from .dialer import as_factory
 from .relay import AdoptedBackendSide, AdoptedClientSide, ClientSide, Half
 from .udp import Flow, UdpListener
 
+log = logging.getLogger("l4lb.upgrade")
 POLL = 0.005  # seconds between looks at the connections while they flush
 
 
@@ -323,6 +326,36 @@ async def adopt_conn(
         if src.eof:
             src.transport.pause_reading()
     return cs
+
+
+ADOPT_AT_ONCE = 512  # connections adopted in one turn of the loop, at most
+
+
+async def adopt_all(
+    plane: DataPlane,
+    routers: Mapping[str, Router],
+    conns: Sequence[tuple[dict[str, Any], tuple[socket.socket, socket.socket]]],
+    what: str,
+) -> int:
+    """Every connection adopted (`adopt_conn`), `ADOPT_AT_ONCE` a turn; how many could not be
+    (a socket the loop refused: closed and said, the rest adopted all the same). `what`: the
+    hand-over's kind, for the log."""
+    lost = 0
+
+    async def one(record: dict[str, Any], socks: tuple[socket.socket, socket.socket]) -> bool:
+        try:
+            await adopt_conn(plane, routers[record["group"]], record, socks)
+        except OSError as exc:
+            log.warning("%s: a connection could not be adopted (closed): %s", what, exc)
+            for sock in socks:
+                sock.close()
+            return False
+        return True
+
+    for i in range(0, len(conns), ADOPT_AT_ONCE):  # (many per turn of the loop)
+        done = await asyncio.gather(*(one(r, s) for r, s in conns[i : i + ADOPT_AT_ONCE]))
+        lost += done.count(False)
+    return lost
 
 
 def _fill(conn: Conn, record: dict[str, Any], now: float) -> None:

@@ -15,14 +15,13 @@ record that fails its check, ends the hand-over: the old process thaws and serve
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from ..core.connection import HALF_CLOSED, PAIRED
 from ..core.routing import Router
+from ..dataplane.repair import b64_within
 
 FORMAT = 2  # the newest this release writes
 WRITES = (1, 2)  # (to a new process that reads only 1, everything moves before the commit)
@@ -60,12 +59,10 @@ def _str(v: object, what: str, most: int = 256) -> str:
 
 
 def _bytes(v: object, what: str, most: int = MAX_HELD) -> bytes:
-    if not isinstance(v, str) or len(v) > most * 4 // 3 + 4:
-        raise HandoverError(f"{what}: not base64 of {most} bytes at most")
     try:
-        return base64.b64decode(v, validate=True)
-    except (binascii.Error, ValueError):
-        raise HandoverError(f"{what}: not base64") from None
+        return b64_within(v, most)
+    except ValueError as exc:
+        raise HandoverError(f"{what}: {exc}") from None
 
 
 def _addr(v: object, what: str) -> tuple[Any, ...] | None:

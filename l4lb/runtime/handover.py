@@ -58,7 +58,7 @@ from ..core.reuseport import serving
 from ..core.routing import Router
 from ..dataplane.listeners import Where
 from ..dataplane.relay import ClientSide
-from ..dataplane.transfer import FreezeError, Freezer, adopt_conn, export_conn, export_flow
+from ..dataplane.transfer import FreezeError, Freezer, adopt_all, export_conn, export_flow
 from ..dataplane.udp import UdpListener
 from ..version import __version__ as VERSION
 from . import carried, grow, sdnotify
@@ -101,7 +101,6 @@ FREEZE = 3.0  # seconds for every connection to flush what l4lb holds
 BATCH = 100  # records a message (two descriptors each: under SCM_MAX_FD)
 WAVE = BATCH  # connections frozen and moved at once, after the commit (one message)
 PINS_BYTES = 96 << 10  # pin lines a message, about
-ADOPT_AT_ONCE = 512  # connections the new process adopts in one turn of its loop, at most
 
 
 def handed_over() -> None:
@@ -629,7 +628,7 @@ class Takeover:
                 why = str(exc)
                 channel.send({"t": "error", "why": why})
                 break
-            await _adopt(runtime, conns)
+            await adopt_all(runtime.plane, runtime.routers, conns, "upgrade")
             n += len(conns)
             channel.send({"t": "took", "n": len(conns)})
         channel.close()
@@ -693,7 +692,7 @@ class Takeover:
         for i, counters in enumerate(self.counters):  # (several old workers': added up)
             carried.apply_counters(runtime, counters, add=i > 0)
         runtime.upgrades["ok"] += 1
-        await _adopt(runtime, self.conns)
+        await adopt_all(runtime.plane, runtime.routers, self.conns, "upgrade")
         by_where = {(x.spec.host, x.spec.port): x for x in runtime.listeners.udp_listeners()}
         n_flows = 0
         for record, sock, source in self.flows:
@@ -726,27 +725,3 @@ def _checked_conns(
     for i, raw in enumerate(items):
         out.append((check_conn(raw, routers), (socks[2 * i], socks[2 * i + 1])))
     return out
-
-
-async def _adopt(
-    runtime: Runtime, conns: list[tuple[dict[str, Any], tuple[socket.socket, socket.socket]]]
-) -> int:
-    """Every connection adopted, `ADOPT_AT_ONCE` a turn; how many could not be (a socket the
-    loop refused: closed, counted and said, the rest adopted all the same)."""
-    plane = runtime.plane
-    lost = 0
-
-    async def one(record: dict[str, Any], socks: tuple[socket.socket, socket.socket]) -> bool:
-        try:
-            await adopt_conn(plane, runtime.routers[record["group"]], record, socks)
-        except OSError as exc:
-            log.warning("upgrade: a connection could not be adopted (closed): %s", exc)
-            for sock in socks:
-                sock.close()
-            return False
-        return True
-
-    for i in range(0, len(conns), ADOPT_AT_ONCE):  # (many per turn of the loop)
-        done = await asyncio.gather(*(one(r, s) for r, s in conns[i : i + ADOPT_AT_ONCE]))
-        lost += done.count(False)
-    return lost

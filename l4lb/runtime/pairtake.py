@@ -25,7 +25,7 @@ from ..dataplane.repair import (
     restore,
     thaw,
 )
-from ..dataplane.transfer import adopt_conn
+from ..dataplane.transfer import adopt_all
 from . import netlock
 from .handform import HandoverError, check_conn, check_flow
 from .pair import Pair, PairError, until
@@ -33,7 +33,6 @@ from .pair import Pair, PairError, until
 log = logging.getLogger("l4lb.ha")
 MAX_CONNS = 200_000  # connections one hand-over may bring
 MAX_FLOWS = 200_000
-ADOPT_AT_ONCE = 512
 
 Conn = tuple[dict[str, Any], TcpState, TcpState]
 
@@ -216,23 +215,8 @@ async def commit(pair: Pair, body: dict[str, Any]) -> dict[str, Any]:
 
 async def _adopt(pair: Pair, taking: Taking) -> int:
     host = pair.host
-
-    async def one(record: dict[str, Any], socks: tuple[socket.socket, socket.socket]) -> bool:
-        try:
-            await adopt_conn(host.plane, host.routers[record["group"]], record, socks)
-        except OSError as exc:
-            log.warning("ha: a connection could not be adopted (closed): %s", exc)
-            for sock in socks:
-                sock.close()
-            return False
-        return True
-
-    pairs = [(c[0], s) for c, s in zip(taking.conns, taking.socks, strict=True)]
-    taken = 0
-    for i in range(0, len(pairs), ADOPT_AT_ONCE):
-        done = await asyncio.gather(*(one(r, s) for r, s in pairs[i : i + ADOPT_AT_ONCE]))
-        taken += done.count(True)
-    return taken
+    conns = [(c[0], s) for c, s in zip(taking.conns, taking.socks, strict=True)]
+    return len(conns) - await adopt_all(host.plane, host.routers, conns, "ha")
 
 
 def _adopt_flows(pair: Pair, taking: Taking) -> int:

@@ -36,6 +36,17 @@ def get_name(vip: str, port: int, src: str, timeout: float = 2.0) -> str:
     return data.split(b"\r\n\r\n", 1)[1].decode().strip()
 
 
+def _until_told(threads: list[threading.Thread], stop: threading.Event) -> None:
+    """Run `threads`, say "ready", and stop them at the first line on stdin."""
+    for t in threads:
+        t.start()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    stop.set()
+    for t in threads:
+        t.join(30)
+
+
 def who(vip: str, port: int, nets: list[int]) -> dict[str, str]:
     return {str(n): get_name(vip, port, _src(n, 2)) for n in nets}
 
@@ -72,14 +83,7 @@ def echo(vip: str, port: int, nets: list[int]) -> dict[str, object]:
             err = f"{type(exc).__name__}: {exc}"
         results[i] = {"echoes": seq, "worst": worst, "error": err}
 
-    threads = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate(conns)]
-    for t in threads:
-        t.start()
-    print("ready", flush=True)
-    sys.stdin.readline()
-    stop.set()
-    for t in threads:
-        t.join(30)
+    _until_told([threading.Thread(target=run, args=(i, s)) for i, s in enumerate(conns)], stop)
     for s in conns:
         s.close()
     return {"conns": results}
@@ -143,14 +147,7 @@ def udp(vip: str, port: int, nets: list[int]) -> dict[str, object]:
         s.close()
         results[i] = {"names": sorted(names), "answered": answered, "unanswered": unanswered}
 
-    threads = [threading.Thread(target=run, args=(i, n)) for i, n in enumerate(nets)]
-    for t in threads:
-        t.start()
-    print("ready", flush=True)
-    sys.stdin.readline()
-    stop.set()
-    for t in threads:
-        t.join(30)
+    _until_told([threading.Thread(target=run, args=(i, n)) for i, n in enumerate(nets)], stop)
     return {"flows": results}
 
 
