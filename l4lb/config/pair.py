@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,6 +13,10 @@ from .validator import _list_of, _scalars, _Validator
 from .values import _beside, _bool, _host_port, _ip, _positive_duration, _text
 
 _HA_KEYS = ("peer", "track_file", "addresses", "timeout", "idle_sync", "idle_after")
+
+
+def _loopback(host: str) -> bool:
+    return host == "localhost" or (is_ip(host) and ipaddress.ip_address(host).is_loopback)
 
 
 def _ha(
@@ -39,6 +44,14 @@ def _ha(
     if admin is None or admin.token_file is None:
         v.error(
             node, "ha", "needs admin.token_file: the peer link is the admin API, with its token"
+        )
+        return None
+    if _loopback(admin.host):
+        v.error(
+            node,
+            "ha",
+            f"admin.listen is {admin.host}: the peer cannot reach this host's admin API there"
+            " (listen on an address of the link between the two hosts)",
         )
         return None
     if kw.get("workers", 1) != 1:

@@ -69,8 +69,8 @@ def test_check_says_when_the_pair_lacks_cap_net_admin(tmp_path: Path) -> None:
     token.write_text("t" * 40)
     conf = tmp_path / "l4lb.yaml"
     conf.write_text(
-        f"admin: {{listen: '127.0.0.1:9100', token_file: {token}}}\n"
-        "ha: {peer: '127.0.0.2:9100', track_file: track}\n"
+        f"admin: {{listen: '10.9.9.1:9100', token_file: {token}, read_token: true}}\n"
+        "ha: {peer: '10.9.9.2:9100', track_file: track}\n"
         "groups:\n  web:\n    listen: [127.0.0.1]\n    ports: [80]\n"
         "    backends: [{name: a, address: 127.0.0.2}]\n"
     )

@@ -19,7 +19,7 @@ TOKEN = "t" * 40
 def pair_config(tmp_path: Path, ha: str, *, extra: str = "") -> str:
     (tmp_path / "token").write_text(TOKEN)
     return textwrap.dedent(f"""\
-        admin: {{listen: "127.0.0.1:9100", token_file: {tmp_path / "token"}}}
+        admin: {{listen: "10.2.0.1:9100", token_file: {tmp_path / "token"}, read_token: true}}
         {extra}
         ha: {ha}
         groups:
@@ -59,9 +59,16 @@ def test_ha_section_errors_are_one_line(tmp_path: Path, ha: str, extra: str, say
     )
 
 
+def test_ha_needs_an_admin_api_the_peer_reaches(tmp_path: Path) -> None:
+    text = pair_config(tmp_path, '{peer: "10.2.0.2:9100", track_file: x}')
+    with pytest.raises(ConfigError) as exc:
+        load_config_text(text.replace("10.2.0.1:9100", "127.0.0.1:9100"), "f.yaml")
+    assert any("the peer cannot reach this host's admin API" in line for line in exc.value.lines)
+
+
 def test_ha_needs_the_admin_token(tmp_path: Path) -> None:
     text = pair_config(tmp_path, '{peer: "10.2.0.2:9100", track_file: x}')
-    text = text.replace(f", token_file: {tmp_path / 'token'}", "")
+    text = text.replace(f", token_file: {tmp_path / 'token'}, read_token: true", "")
     with pytest.raises(ConfigError) as exc:
         load_config_text(text, "f.yaml")
     assert any("needs admin.token_file" in line for line in exc.value.lines)
