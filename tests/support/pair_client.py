@@ -2,8 +2,9 @@
 One JSON line out when done; bounded in count and time.
 
     python -m tests.support.pair_client who VIP PORT NETS        # each /24's backend (HTTP GET)
-    python -m tests.support.pair_client echo VIP PORT NETS       # long-lived echo connections:
-        prints "ready", echoes every 20 ms on each until a line on stdin, then its JSON
+    python -m tests.support.pair_client echo VIP PORT NETS [SECONDS]   # long-lived echo
+        connections: prints "ready", echoes every 20 ms (or SECONDS) on each until a line on
+        stdin, then its JSON
     python -m tests.support.pair_client stream VIP PORT NETS SECONDS   # new connections
     python -m tests.support.pair_client idle VIP PORT NETS       # open, "ready", wait for a line,
         then one echo on each: how many answer
@@ -51,7 +52,7 @@ def who(vip: str, port: int, nets: list[int]) -> dict[str, str]:
     return {str(n): get_name(vip, port, _src(n, 2)) for n in nets}
 
 
-def echo(vip: str, port: int, nets: list[int]) -> dict[str, object]:
+def echo(vip: str, port: int, nets: list[int], interval: float = INTERVAL) -> dict[str, object]:
     conns = []
     for n in nets:
         s = socket.create_connection((vip, port), timeout=10, source_address=(_src(n, 1), 0))
@@ -78,7 +79,7 @@ def echo(vip: str, port: int, nets: list[int]) -> dict[str, object]:
                 now = time.monotonic()
                 worst, last = max(worst, now - last), now
                 seq += 1
-                stop.wait(INTERVAL)
+                stop.wait(interval)
         except (OSError, ValueError) as exc:
             err = f"{type(exc).__name__}: {exc}"
         results[i] = {"echoes": seq, "worst": worst, "error": err}
@@ -180,7 +181,7 @@ def main() -> None:
     if mode == "who":
         out: object = who(vip, port, ns)
     elif mode == "echo":
-        out = echo(vip, port, ns)
+        out = echo(vip, port, ns, *(float(x) for x in sys.argv[5:6]))
     elif mode == "udp":
         out = udp(vip, port, ns)
     elif mode == "stream":
