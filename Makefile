@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test test-pure test-containers test-upgrade native deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers bench-upgrade reliability soak clean install
+.PHONY: run test test-pure test-containers test-upgrade native deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers bench-upgrade bench-ha reliability soak clean install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,11 @@ bench: $(STAMP) native bench-tools
 bench-upgrade: $(STAMP) native bench-tools
 	$(BIN)/python bench/upgrade_vs.py
 	$(BIN)/python bench/upgrade_bench.py
+
+# An HA pair's planned hand-over at 20, 200 and 1,000 open connections (as root: namespaces,
+# keepalived, nftables; docs/performance.md).
+bench-ha: $(STAMP) native deps
+	$(BIN)/python bench/ha_pair.py
 
 bench-quick: $(STAMP) native bench-tools
 	$(BIN)/python bench/bench.py --quick
