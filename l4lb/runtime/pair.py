@@ -83,6 +83,9 @@ class Host(Protocol):
     @property
     def routers(self) -> Mapping[str, Router]: ...
 
+    @property
+    def upgrading(self) -> bool: ...
+
 
 class IdleKeeper(Protocol):
     """The idle connections' copies (runtime/pairsync.py), both hosts' halves."""
@@ -272,6 +275,8 @@ class Pair:
         what moved. PairError (everything still served here) when it cannot."""
         if self.busy:
             raise PairError("a hand-over is running already")
+        if self.host.upgrading:
+            raise PairError("an upgrade is running: hand over once it is done")
         if not self.holds():
             raise PairError("this host does not hold the addresses: hand over from the active one")
         self.busy = True

@@ -130,8 +130,8 @@ def _checked(pair: Pair, body: dict[str, Any]) -> tuple[str, list[Conn], list[di
 async def prepare(pair: Pair, body: dict[str, Any]) -> dict[str, Any]:
     """The peer's connections made here, waiting for `commit` (within `ha.timeout` and then
     some: else dropped)."""
-    if pair.busy:
-        raise PairError("a hand-over is running here already")
+    if pair.busy or pair.host.upgrading:
+        raise PairError("a hand-over or an upgrade is running here already")
     if pair.holds():
         raise PairError("this host holds the addresses: it cannot take a hand-over")
     hid, conns, flows = _checked(pair, body)

@@ -348,6 +348,11 @@ class Runtime:
         if n:
             log.info("closed %d socket(s) that an upgrade's change of workers left here", n)
 
+    @property
+    def upgrading(self) -> bool:
+        """An upgrade runs, given or taken (its waves still coming)."""
+        return self._upgrading or (self._following is not None and not self._following.done())
+
     def admin_plane(self) -> AdminPlane | None:
         return self._admin
 
@@ -363,8 +368,10 @@ class Runtime:
         (the old process serves on) when it cannot, or while another upgrade runs. A worker
         is given its successor's `channel` and the supervisor's `barrier` (workers/upgrade.py),
         and, when the number of workers changes (to `workers`), the `others` new workers."""
-        if self._upgrading or (self._following is not None and not self._following.done()):
+        if self.upgrading:
             raise UpgradeError("an upgrade is running already")
+        if self.pair is not None and self.pair.busy:
+            raise UpgradeError("an HA hand-over is running: upgrade once it is done")
         if self.takeover is not None or not self.ready:
             raise UpgradeError("this process is not serving yet")
         if self.listeners.settling:  # (they would close with this process, resetting a queue)
