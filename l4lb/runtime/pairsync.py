@@ -65,7 +65,7 @@ class IdleSync:
             await asyncio.sleep(SYNC)
             try:
                 await self.tick()
-            except LinkError as exc:
+            except (LinkError, OSError) as exc:  # (said once, until the peer takes them again)
                 if self.link_ok:
                     log.warning("ha: idle connections not sent to the peer: %s", exc)
                 self.link_ok = False
