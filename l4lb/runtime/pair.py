@@ -25,15 +25,17 @@ A planned hand-over (`Pair.handover`, on the active host; the peer's side is pai
 5. the track file says `1`: keepalived lowers this host's priority and the peer takes the
    addresses (about three advertisement intervals).
 6. `commit`: the peer waits until it holds the addresses, removes its lock, leaves repair mode
-   (a window probe each) and relays; it answers with what it took. Only then does this host
-   close its sockets (in repair mode: no FIN, no reset), end the moved flows, remove its lock
-   and write `0` again: it is the standby now, serving nothing until the addresses come back.
+   (a window probe each) and relays; it answers with what it took. Only then, once the
+   addresses have left this host too (both hold them for a moment), does this host close its
+   sockets (in repair mode: no FIN, no reset), end the moved flows, remove its lock and write
+   `0` again: it is the standby now, serving nothing until the addresses come back.
    A peer that cannot take over in `ha.timeout` answers so, and 4's undoing follows here (the
    track file back to `0`: the addresses return).
 
 A crash keeps the pins (the shared store); new connections go to the standby once keepalived
 gives it the addresses. Whether this host became active so (`failovers`) or by a hand-over is
-counted and said.
+counted and said. With `ha.idle_sync`, the idle connections survive it too (runtime/pairsync.py:
+the active host streams their state; the standby makes them again at the failover).
 """
 
 from __future__ import annotations
