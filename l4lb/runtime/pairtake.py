@@ -56,7 +56,10 @@ class Taking:
         for _, *states in self.conns:
             for st in states:
                 tuples.append((st.remote[0], st.remote[1], st.local[0], st.local[1]))
-        await netlock.lock(tuples)
+        try:
+            await netlock.lock(tuples)
+        except netlock.LockError as exc:
+            raise PairError(f"the network lock: {exc}") from None
         try:
             for _, cstate, bstate in self.conns:
                 a = restore(cstate)
