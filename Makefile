@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test test-pure test-containers test-upgrade native deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers bench-upgrade bench-ha reliability soak clean install
+.PHONY: run test test-pure test-containers test-upgrade test-ha native deps lint typecheck bench bench-quick bench-tools bench-table sim bench-workers bench-upgrade bench-ha reliability soak clean install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,28 +43,34 @@ typecheck: $(STAMP)
 # The suite against the build `native` made; then the tests of the compiled modules once more
 # as pure Python, so that the two cannot drift (CI: `make test-pure` runs the whole suite so).
 # The container images (built with mmdebstrap and docker, two to three minutes) and the upgrades
-# under load (real processes, thousands of clients, about three minutes) have targets of their
-# own, `make test-containers` and `make test-upgrade`, which CI runs too: `make test` stays under
-# ten minutes.
+# under load (real processes, thousands of clients, about three minutes), and the HA pair (network
+# namespaces, keepalived, about a minute) have targets of their own, `make test-containers`,
+# `make test-upgrade` and `make test-ha`, which CI runs too: `make test` stays under ten minutes.
 CONTAINERS := tests/peers/test_containers.py
 UPGRADES := tests/integration/test_upgrade.py
+PAIR := tests/peers/test_pair.py
 PURE_TESTS := tests/unit tests/integration/test_e2e.py tests/integration/test_udp.py \
               tests/integration/test_relay_exact.py tests/integration/test_proxyproto.py \
               tests/integration/test_limits.py tests/integration/test_accesslog.py \
               tests/integration/test_quic_lb.py tests/integration/test_one_path.py
 test: lint typecheck native
-	$(BIN)/pytest --ignore=$(CONTAINERS) --ignore=$(UPGRADES)
+	$(BIN)/pytest --ignore=$(CONTAINERS) --ignore=$(UPGRADES) --ignore=$(PAIR)
 	@if $(BIN)/l4lb version | grep -q compiled; then \
 	  echo "make test: again as pure Python: $(PURE_TESTS)"; L4LB_PURE=1 $(BIN)/pytest $(PURE_TESTS); fi
 
 test-pure: $(STAMP)
-	L4LB_PURE=1 $(BIN)/pytest --ignore=$(CONTAINERS) --ignore=$(UPGRADES)
+	L4LB_PURE=1 $(BIN)/pytest --ignore=$(CONTAINERS) --ignore=$(UPGRADES) --ignore=$(PAIR)
 
 test-containers: $(STAMP) native
 	$(BIN)/pytest $(CONTAINERS)
 
 test-upgrade: $(STAMP) native
 	$(BIN)/pytest $(UPGRADES)
+
+# An HA pair in network namespaces: real keepalived, nftables, redis-server (as root; about a
+# minute: five pairs built and torn down).
+test-ha: $(STAMP) native
+	$(BIN)/pytest -s $(PAIR)
 
 # Faults, floods and hostile input at full load, one table (docs/reliability.md); `make test`
 # runs the fast ones at small loads. The soak: 10 minutes of churn, descriptors and RSS flat.
