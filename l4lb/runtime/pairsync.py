@@ -12,7 +12,8 @@ without disturbing them (`repair.snapshot`: repair mode for the read alone). It 
 what changed: the new or changed connections (`add`, records as a hand-over's) and the ones no
 longer idle or gone (`drop`), with its session id; the peer keeps them (`receive`, each record
 checked as a hand-over's) and answers how many it holds; a different count (the peer restarted,
-or holds another session's) makes the next tick send everything again.
+or holds another session's) makes the next tick send everything again. With nothing to send,
+the peer is asked its count every `CHECK` seconds all the same (an empty delta).
 
 While idle, a connection's sequence numbers do not move, so the copy stays true; a connection
 that moved bytes after the last tick the peer saw is stale there, and lost at a crash (a
@@ -43,6 +44,7 @@ from .pairlink import LinkError
 
 log = logging.getLogger("l4lb.ha")
 SYNC = 0.25  # seconds between looks at the idle connections
+CHECK = 2.0  # seconds without a change after which the peer is asked its count all the same
 MAX_IDLE = 100_000  # connections the standby keeps a copy of
 MAX_ID = 200
 
@@ -59,6 +61,7 @@ class IdleSync:
         self.kept: dict[str, Kept] = {}  # the peer's idle connections (on the standby)
         self.kept_session = ""
         self.link_ok = True
+        self.last_call = 0.0  # loop time of the last call to the peer
 
     async def run(self) -> None:
         while True:
@@ -110,8 +113,9 @@ class IdleSync:
             add.append(record)
             marks[ident] = mark
         drop = [i for i in self.sent if i not in current]
-        if not add and not drop:
+        if not add and not drop and now - self.last_call < CHECK:
             return
+        self.last_call = now
         body = {"session": self.session, "add": add, "drop": drop}
         answer = await pair.link.call("POST", "/api/v1/ha/idle", body, within=5.0)
         self.link_ok = True

@@ -166,9 +166,13 @@ def test_unplanned_failover_keeps_every_pin(pair: PairLab) -> None:
 def test_idle_connections_survive_the_active_host_dying(pair: PairLab) -> None:
     """The stretch: 10 connections idle for 3 s, then the active host dies as a machine does
     (its links down first, then its processes killed); the standby makes again the ones the
-    active host streamed to it (ha.idle_sync), and they answer."""
+    active host streamed to it (ha.idle_sync), and they answer; the standby restarted while
+    they were idle, so the copies it holds are the ones the active host sent it again."""
     idle = pair.client("idle", VIP, "7000", ",".join(map(str, range(10))))
     wait_for_line(idle, "stdout", "ready", 30)
+    time.sleep(1.5)
+    pair.stop("l4lb2")  # (a standby that restarts has lost its copies: they are sent again)
+    pair.start_l4lb(2)
     time.sleep(3.0)
     died = time.time()
     pair.links_down(1)

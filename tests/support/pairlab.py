@@ -169,6 +169,8 @@ class PairLab:
     # ------------------------------------------------------------------ processes
 
     def _start(self, key: str, ns: str, *argv: str, **kw: object) -> subprocess.Popen[str]:
+        if key in self.procs:  # (started again: the old one is kept for `close`)
+            self.procs[f"{key}.{len(self.procs)}"] = self.procs.pop(key)
         proc = subprocess.Popen(
             ["ip", "netns", "exec", self.ns[ns], *argv],
             stdin=subprocess.PIPE,
