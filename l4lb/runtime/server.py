@@ -580,7 +580,7 @@ class Runtime:
         await self.listeners.serve(bound)
         changes += self.listeners.close_unwanted(wanted)
         changes += [f"listening on {spec}" for spec, _ in bound]
-        restart = ("admin", "affinity_store", "workers")
+        restart = ("admin", "affinity_store", "workers", "ha")
         for change in config_changes(
             old, new, skip=("groups", "source", "warnings", "kernel_marks", "files")
         ):
