@@ -58,6 +58,7 @@ KEEPALIVED = """global_defs {{
 track_file l4lb {{
   file "{track}"
   weight -50
+  init_file 0
 }}
 vrrp_sync_group pair {{
   group {{
@@ -202,8 +203,6 @@ class PairLab:
                 name=f"h{i}", track=self.track(i), me=i, other=3 - i, vip=VIP, back_vip=BACK_VIP
             )
         )
-        if not self.track(i).exists():
-            self.track(i).write_text("0\n")
         run = self.tmp / f"run{i}"
         run.mkdir(exist_ok=True)
         return self._start(
